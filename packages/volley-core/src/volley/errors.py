@@ -1,0 +1,56 @@
+"""The exceptions Volley raises, grouped so that callers can catch by intent."""
+
+from __future__ import annotations
+
+
+class VolleyError(Exception):
+    """Base of every exception Volley raises on purpose."""
+
+
+class ConfigurationError(VolleyError, ValueError):
+    """The configuration cannot work. Raised at Engine construction or start-up, never mid-stream.
+
+    The message always says what to change.
+    """
+
+
+class UnknownComponentError(ConfigurationError, KeyError):
+    """A profile, connector, serializer or model handler name that no installed plugin provides."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MessageError(VolleyError):
+    """A message that cannot be processed because of its content. It goes to the dead-letter queue.
+
+    ``payload`` is the raw data as received, ``reason`` a one-line explanation
+    that ends up in the DLQ headers.
+    """
+
+    stage = "message"
+
+    def __init__(self, reason: str, payload: bytes | object = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.payload = payload
+
+
+class SerializationError(MessageError):
+    """The bytes could not be decoded (or a value could not be encoded) by the serializer."""
+
+    stage = "deserialize"
+
+
+class DataValidationError(MessageError):
+    """The decoded data does not fit the queue's data model."""
+
+    stage = "validate"
+
+
+class DeliveryError(VolleyError):
+    """A broker refused or lost an output for good (after its own retries)."""
+
+
+class HandlerFailedError(VolleyError):
+    """A message failed in the handler, exhausted its retries and had no dead-letter queue to go to."""

@@ -1,0 +1,392 @@
+"""The in-memory broker: a real connector, not a mock, and Volley's embedded default.
+
+A ``MemoryBroker`` holds named queues split into partitions by key. A message
+is delivered to one consumer at a time and stays owned by it until acked;
+a nack or a consumer that closes without acking puts it back (at the head of
+its partition, so order is kept) with its attempt count raised. Several
+engines in one process, even on different threads and event loops, can share
+a broker: it is guarded by a lock and wakes waiting consumers on their own
+loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from volley.errors import ConfigurationError
+from volley.message import Envelope, Headers, OutgoingMessage
+from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
+
+# (value, key, headers, partition, sequence, timestamp, attempt)
+_Stored = tuple[bytes, bytes | None, Headers | None, int, int, float, int]
+
+
+class _Queue:
+    __slots__ = ("name", "partitions", "owned", "log", "waiters", "delayed", "acked", "next_partition")
+
+    def __init__(self, name: str, partitions: int) -> None:
+        self.name = name
+        self.partitions: list[deque[_Stored]] = [deque() for _ in range(partitions)]
+        self.owned: dict[int, _Stored] = {}
+        self.log: list[_Stored] = []
+        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self.delayed = 0
+        self.acked = 0
+        self.next_partition = 0
+
+    def ready(self) -> int:
+        return sum(len(p) for p in self.partitions)
+
+
+class MemoryBroker:
+    """Named in-memory queues with partitions, acks, nacks and redelivery.
+
+    ``partitions`` is the number of partitions of every queue created on first
+    use; a message with a key always lands in the same partition; one without
+    a key goes round-robin. ``keep_log`` keeps every produced message for test
+    assertions (``produced``); turn it off for long benchmarks.
+    """
+
+    def __init__(self, partitions: int = 1, keep_log: bool = True) -> None:
+        if partitions < 1:
+            raise ConfigurationError("MemoryBroker needs at least one partition")
+        self._lock = threading.Lock()
+        self._queues: dict[str, _Queue] = {}
+        self._sequence = itertools.count()
+        self._partitions = partitions
+        self.keep_log = keep_log
+
+    # ---------------------------------------------------------------- queues
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = _Queue(name, self._partitions)
+        return queue
+
+    def create_queue(self, name: str, partitions: int | None = None) -> None:
+        """Create a queue with its own partition count (queues are otherwise created on first use)."""
+        with self._lock:
+            if name not in self._queues:
+                self._queues[name] = _Queue(name, partitions or self._partitions)
+
+    def queue_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._queues)
+
+    # ---------------------------------------------------------------- producing
+
+    def publish(
+        self,
+        queue: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Put one message on a queue: the plain API for tests and seeding."""
+        self.publish_many([OutgoingMessage(queue, value, key, headers, partition)])
+
+    def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        now = time.time()
+        woken: list[_Queue] = []
+        delayed: list[OutgoingMessage] = []
+        with self._lock:
+            for message in messages:
+                if message.delay:
+                    delayed.append(message)
+                    self._queue(message.topic).delayed += 1
+                    continue
+                queue = self._queue(message.topic)
+                stored = self._store(queue, message, now)
+                queue.partitions[stored[3]].append(stored)
+                if queue.waiters and (not woken or woken[-1] is not queue):
+                    woken.append(queue)
+        for queue in woken:
+            self._wake(queue)
+        for message in delayed:
+            self._publish_later(message)
+
+    def _store(self, queue: _Queue, message: OutgoingMessage, now: float) -> _Stored:
+        count = len(queue.partitions)
+        if message.partition is not None:
+            if not 0 <= message.partition < count:
+                raise ValueError(f"queue {queue.name!r} has {count} partition(s), not {message.partition}")
+            partition = message.partition
+        elif message.key is not None:
+            partition = zlib.crc32(message.key) % count
+        else:
+            partition = queue.next_partition
+            queue.next_partition = (partition + 1) % count
+        stored: _Stored = (message.value, message.key, message.headers, partition, next(self._sequence), now, 1)
+        if self.keep_log:
+            queue.log.append(stored)
+        return stored
+
+    def _publish_later(self, message: OutgoingMessage) -> None:
+        def release() -> None:
+            with self._lock:
+                self._queue(message.topic).delayed -= 1
+            self.publish_many([OutgoingMessage(message.topic, message.value, message.key, message.headers,
+                                               message.partition)])
+
+        timer = threading.Timer(float(message.delay or 0), release)
+        timer.daemon = True
+        timer.start()
+
+    def _wake(self, queue: _Queue) -> None:
+        with self._lock:
+            waiters, queue.waiters = queue.waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # that loop is closed; its consumer is gone
+                pass
+
+    # ---------------------------------------------------------------- consuming
+
+    def take(self, queue_name: str, max_messages: int) -> list[Envelope]:
+        """Hand out up to ``max_messages`` ready messages, round-robin over partitions, in order within each."""
+        out: list[Envelope] = []
+        with self._lock:
+            queue = self._queue(queue_name)
+            partitions = queue.partitions
+            owned = queue.owned
+            if len(partitions) == 1:
+                part = partitions[0]
+                for _ in range(min(max_messages, len(part))):
+                    stored = part.popleft()
+                    owned[stored[4]] = stored
+                    out.append(Envelope(stored[0], stored[1], stored[2], queue_name, 0, stored[4], stored[5],
+                                        stored[6]))
+                return out
+            while len(out) < max_messages:
+                progressed = False
+                for part in partitions:
+                    if part:
+                        stored = part.popleft()
+                        owned[stored[4]] = stored
+                        out.append(Envelope(stored[0], stored[1], stored[2], queue_name, stored[3], stored[4],
+                                            stored[5], stored[6]))
+                        progressed = True
+                        if len(out) >= max_messages:
+                            break
+                if not progressed:
+                    break
+        return out
+
+    async def wait(self, queue_name: str, timeout: float) -> None:
+        """Wait until the queue may have messages, or ``timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            queue = self._queue(queue_name)
+            if queue.ready():
+                return
+            queue.waiters.append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                queue.waiters = [w for w in queue.waiters if w[1] is not future]
+
+    def ack(self, queue_name: str, positions: Sequence[int]) -> None:
+        with self._lock:
+            queue = self._queue(queue_name)
+            owned = queue.owned
+            for position in positions:
+                if owned.pop(position, None) is not None:
+                    queue.acked += 1
+
+    def nack(self, queue_name: str, positions: Sequence[int], delay: float = 0.0) -> None:
+        """Give messages back; after ``delay`` they go to the head of their partitions, attempt count raised."""
+        with self._lock:
+            queue = self._queue(queue_name)
+            returned = [queue.owned.pop(p) for p in positions if p in queue.owned]
+            if delay > 0:
+                queue.delayed += len(returned)
+        if not returned:
+            return
+        if delay > 0:
+            timer = threading.Timer(delay, self._requeue, args=(queue_name, returned, True))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._requeue(queue_name, returned, False)
+
+    def _requeue(self, queue_name: str, returned: list[_Stored], was_delayed: bool) -> None:
+        with self._lock:
+            queue = self._queue(queue_name)
+            if was_delayed:
+                queue.delayed -= len(returned)
+            # Put back in reverse so that the earliest message ends up first in its partition.
+            for stored in sorted(returned, key=lambda s: s[4], reverse=True):
+                again = (stored[0], stored[1], stored[2], stored[3], stored[4], stored[5], stored[6] + 1)
+                queue.partitions[stored[3]].appendleft(again)
+        self._wake(queue)
+
+    # ---------------------------------------------------------------- inspection
+
+    def produced(self, queue_name: str) -> list[bytes]:
+        """Every value ever published to the queue, in publication order (needs ``keep_log``)."""
+        with self._lock:
+            return [s[0] for s in self._queue(queue_name).log]
+
+    def produced_records(self, queue_name: str) -> list[Envelope]:
+        """Every message ever published to the queue, with key, headers and partition."""
+        with self._lock:
+            return [Envelope(s[0], s[1], s[2], queue_name, s[3], s[4], s[5]) for s in self._queue(queue_name).log]
+
+    def depth(self, queue_name: str) -> int:
+        """Messages waiting to be consumed (not counting those handed out and not yet acked)."""
+        with self._lock:
+            return self._queue(queue_name).ready()
+
+    def unacked(self, queue_name: str) -> int:
+        with self._lock:
+            return len(self._queue(queue_name).owned)
+
+    def acked(self, queue_name: str) -> int:
+        with self._lock:
+            return self._queue(queue_name).acked
+
+    def is_idle(self, queue_name: str | None = None) -> bool:
+        """No message ready, handed out, or waiting for a delayed (re)delivery: nothing left to do."""
+        with self._lock:
+            queues = [self._queue(queue_name)] if queue_name else list(self._queues.values())
+            return all(q.ready() == 0 and not q.owned and q.delayed == 0 for q in queues)
+
+    def purge(self, queue_name: str) -> None:
+        with self._lock:
+            queue = self._queue(queue_name)
+            for part in queue.partitions:
+                part.clear()
+            queue.log.clear()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_default_broker: MemoryBroker | None = None
+_default_lock = threading.Lock()
+
+
+def default_broker() -> MemoryBroker:
+    """The process-wide broker that ``memory`` queues use unless their config names another."""
+    global _default_broker
+    with _default_lock:
+        if _default_broker is None:
+            _default_broker = MemoryBroker()
+        return _default_broker
+
+
+def reset_default_broker(broker: MemoryBroker | None = None) -> MemoryBroker:
+    """Start over with an empty (or the given) process-wide broker: for tests and demos."""
+    global _default_broker
+    with _default_lock:
+        _default_broker = broker or MemoryBroker()
+        return _default_broker
+
+
+class MemoryConsumer:
+    """Consumes one memory queue. Unacked messages go back to the queue on close, as after a crash."""
+
+    def __init__(self, broker: MemoryBroker, queue: str) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._held: set[int] = set()
+
+    async def start(self) -> None:
+        self._broker.create_queue(self._queue)
+
+    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        messages = self._broker.take(self._queue, max_messages)
+        if not messages and timeout > 0:
+            await self._broker.wait(self._queue, timeout)
+            messages = self._broker.take(self._queue, max_messages)
+        if messages:
+            self._held.update(m.position for m in messages)
+        return messages
+
+    async def ack(self, envelopes: Sequence[Envelope]) -> None:
+        positions = [e.position for e in envelopes]
+        self._held.difference_update(positions)
+        self._broker.ack(self._queue, positions)
+
+    async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
+        positions = [e.position for e in envelopes]
+        self._held.difference_update(positions)
+        self._broker.nack(self._queue, positions, delay)
+
+    async def close(self) -> None:
+        if self._held:
+            self._broker.nack(self._queue, sorted(self._held), 0.0)
+            self._held.clear()
+
+    def is_drained(self) -> bool:
+        """Nothing left for this consumer now or later (the engine's run-until-drained asks this)."""
+        return self._broker.is_idle(self._queue) or (
+            self._broker.depth(self._queue) == 0 and self._broker.unacked(self._queue) == len(self._held) == 0
+        )
+
+    async def depth(self) -> int:
+        return self._broker.depth(self._queue)
+
+
+class MemoryProducer:
+    """Publishes to memory queues; delivery is confirmed as soon as the message is stored."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self._broker = broker
+
+    async def start(self) -> None:
+        return None
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        failures: list[DeliveryFailure] = []
+        try:
+            self._broker.publish_many(messages)
+        except ValueError as exc:  # a partition out of range: report every message of the call as failed
+            failures = [(m, exc) for m in messages]
+            on_delivery((), failures)
+            return
+        on_delivery(messages, ())
+
+    async def flush(self, timeout: float) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def broker_from_config(config: Mapping[str, Any]) -> MemoryBroker:
+    broker = config.get("broker")
+    if broker is None:
+        return default_broker()
+    if isinstance(broker, MemoryBroker):
+        return broker
+    raise ConfigurationError(f"memory queue config 'broker' must be a MemoryBroker instance, got {broker!r}")
+
+
+class MemoryConnector:
+    """The ``memory`` connector: queues live in a ``MemoryBroker`` (``config={"broker": ...}`` or the default)."""
+
+    def create_consumer(self, queue: QueueSpec) -> MemoryConsumer:
+        return MemoryConsumer(broker_from_config(queue.config), queue.value)
+
+    def create_producer(self, queue: QueueSpec) -> MemoryProducer:
+        return MemoryProducer(broker_from_config(queue.config))
+
+
+Clock = Callable[[], float]

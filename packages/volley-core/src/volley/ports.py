@@ -1,0 +1,227 @@
+"""The ports: what the engine needs from a broker, a serializer and a model handler.
+
+Adapters satisfy these structurally; they import nothing from the engine and
+inherit nothing. Everything on the per-message path works on batches
+(``consume`` returns many envelopes, ``produce`` takes many records, ``ack``
+takes many envelopes) because a per-message await or callback is what keeps
+Python stream processors at a few thousand messages per second.
+
+Optional capabilities are separate, small ``runtime_checkable`` protocols that
+the engine detects with ``isinstance`` once at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from volley.message import Envelope, OutgoingMessage
+
+DeliveryFailure = tuple[OutgoingMessage, BaseException]
+DeliveryCallback = Callable[[Sequence[OutgoingMessage], Sequence[DeliveryFailure]], None]
+"""Called by a producer with the records it has confirmed and those that failed for good.
+
+A producer may call it from any thread, as often as it likes, but must report
+every record it accepted exactly once. The engine's implementation is
+thread-safe and cheap, so report in batches where the broker allows it.
+"""
+
+PartitionId = tuple[str, int]
+"""A (topic, partition) pair, as rebalance notifications name them."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """One queue as a connector sees it once configuration has been resolved.
+
+    ``name`` is the application's alias, ``value`` the broker's name for it (a
+    topic, an RSMQ queue name). ``config`` is the user's connector settings,
+    passed through untouched (librdkafka options, redis options, ...).
+    """
+
+    name: str
+    value: str
+    connector: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    app_name: str = "volley"
+    role: str = "input"  # "input" | "output" | "dlq"
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    """Pulls envelopes from one input queue and settles them."""
+
+    async def start(self) -> None:
+        """Connect and subscribe. Misconfiguration must raise here, at start-up, not on first poll."""
+
+    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        """Return up to ``max_messages`` envelopes, waiting at most ``timeout`` seconds for the first."""
+
+    async def ack(self, envelopes: Sequence[Envelope]) -> None:
+        """Mark envelopes as finished: their outputs are confirmed, they must never be redelivered.
+
+        Envelopes may be acknowledged in any order; a connector with ordered
+        positions (Kafka) must only ever commit the contiguous prefix of
+        finished positions.
+        """
+
+    async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
+        """Give envelopes back: they were not processed and must be delivered again, after ``delay`` if possible."""
+
+    async def close(self) -> None:
+        """Commit what is finished and release the connection. Called once, after the last ack."""
+
+
+@runtime_checkable
+class Producer(Protocol):
+    """Sends serialized records to one or more queues of one broker."""
+
+    async def start(self) -> None:
+        """Connect. Misconfiguration must raise here."""
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        """Accept records for sending without blocking the event loop; report each through ``on_delivery``."""
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until every accepted record has been reported; raise ``TimeoutError`` past ``timeout``."""
+
+    async def close(self) -> None:
+        """Flush and release the connection."""
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """A consumer that can stop fetching while staying a live member of its group (Kafka's pause/resume).
+
+    Without it the engine simply stops calling ``consume`` under backpressure.
+    """
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+RevokeHandler = Callable[[Sequence[PartitionId]], Awaitable[None]]
+
+
+@runtime_checkable
+class RebalanceAware(Protocol):
+    """A consumer whose partitions can be taken away (Kafka consumer groups).
+
+    Before giving partitions up, the consumer awaits the engine's handler, which
+    drops queued work of those partitions, waits (within the shutdown deadline)
+    for in-flight messages to finish and flushes the producers. The consumer then
+    commits synchronously and forgets the partitions.
+    """
+
+    def set_revoke_handler(self, handler: RevokeHandler) -> None: ...
+
+
+@runtime_checkable
+class Transactional(Protocol):
+    """A consumer that commits its inputs and the outputs they caused atomically (Kafka exactly-once).
+
+    The engine then works in barrier mode: ``begin`` before producing a batch's
+    outputs, ``commit`` once every output is confirmed, ``abort`` if anything in
+    the batch failed to deliver (the consumer rewinds to its last commit).
+    """
+
+    @property
+    def transactional(self) -> bool: ...
+
+    async def begin(self) -> None: ...
+
+    async def commit(self, envelopes: Sequence[Envelope]) -> None: ...
+
+    async def abort(self) -> None: ...
+
+
+@runtime_checkable
+class LagReporter(Protocol):
+    """A consumer that can tell how far behind it is, per partition, for metrics."""
+
+    def lag(self) -> Mapping[PartitionId, int]: ...
+
+
+@runtime_checkable
+class DepthReporter(Protocol):
+    """A consumer that can tell how many messages wait in its queue (RSMQ), for metrics."""
+
+    async def depth(self) -> int: ...
+
+
+@runtime_checkable
+class Instrumented(Protocol):
+    """A consumer or producer that reports its own metrics (commit latency, lag, queue depth).
+
+    The engine hands it the observer once, before ``start``; it then calls
+    ``on_commit``, ``on_lag`` or ``on_depth`` when it has something to say.
+    """
+
+    def instrument(self, observer: Observer, app_name: str) -> None: ...
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """Builds consumers and producers for one kind of broker. Registered by name through the plugin hooks."""
+
+    def create_consumer(self, queue: QueueSpec) -> Consumer: ...
+
+    def create_producer(self, queue: QueueSpec) -> Producer: ...
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Bytes to plain Python data and back (json, orjson, msgpack)."""
+
+    def serialize(self, message: Any) -> bytes: ...
+
+    def deserialize(self, message: bytes) -> Any: ...
+
+
+@runtime_checkable
+class ModelHandler(Protocol):
+    """Plain data (or raw bytes, when no serializer is configured) to the user's data model and back."""
+
+    def construct(self, message: Any, schema: Any) -> Any:
+        """Build an instance of ``schema`` from deserialized data; raise on invalid data."""
+
+    def deconstruct(self, model: Any) -> Any:
+        """Turn a model instance back into data the serializer (or the broker, as bytes) accepts."""
+
+
+@runtime_checkable
+class Observer(Protocol):
+    """Receives the engine's events, for metrics. Called on the event loop, mostly once per batch.
+
+    Names follow py-volley's metrics so that dashboards keep working:
+    ``status`` is "success" or "fail"; ``process_name`` is "component" (the
+    handler) or "cycle" (one message end to end).
+    """
+
+    def on_start(self, app_name: str) -> None: ...
+
+    def on_consumed(self, app_name: str, status: str, count: int) -> None: ...
+
+    def on_produced(self, app_name: str, source: str, destination: str, count: int) -> None: ...
+
+    def on_process_time(self, app_name: str, process_name: str, seconds: Sequence[float]) -> None: ...
+
+    def on_data_model_time(self, process: str, seconds: float, count: int) -> None: ...
+
+    def on_dead_letter(self, app_name: str, reason: str, count: int) -> None: ...
+
+    def on_retry(self, app_name: str, count: int) -> None: ...
+
+    def on_in_flight(self, app_name: str, count: int) -> None: ...
+
+    def on_heartbeat(self, app_name: str) -> None: ...
+
+    def on_lag(self, app_name: str, lag: Mapping[PartitionId, int]) -> None: ...
+
+    def on_commit(self, app_name: str, seconds: float) -> None: ...
+
+    def on_depth(self, app_name: str, queue: str, depth: int) -> None: ...
+
+    def on_stop(self, app_name: str) -> None: ...
