@@ -216,7 +216,11 @@ class Observer(Protocol):
 
     def on_in_flight(self, app_name: str, count: int) -> None: ...
 
-    def on_heartbeat(self, app_name: str) -> None: ...
+    def on_heartbeat(self, app_name: str) -> None:
+        """The engine's loop is alive and made progress; sent at most about once per second."""
+
+    def on_ready(self, app_name: str, ready: bool) -> None:
+        """Connected and consuming (True), or starting / stopping / partitions lost (False)."""
 
     def on_lag(self, app_name: str, lag: Mapping[PartitionId, int]) -> None: ...
 
