@@ -1,0 +1,303 @@
+"""The Prometheus observer: turns the engine's events into metrics and health.
+
+The engine calls these methods on its event loop, mostly once per batch, so
+each one is a dictionary look-up of a pre-bound labelled child and one or two
+increments: label values are resolved (``.labels(...)``) once per distinct
+value and cached, never per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from prometheus_client import Gauge, Summary
+
+from volley.errors import ConfigurationError
+from volley.ports import PartitionId
+from volley_prometheus.metrics import VolleyMetrics, default_metrics, multiprocess_dir
+from volley_prometheus.server import Clock, HealthState, MetricsServer, acquire_server, release_server
+
+log = logging.getLogger("volley_prometheus")
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_MAX_SILENCE = 30.0
+MAX_REASONS = 50
+"""Distinct dead-letter reasons kept per app; further ones are counted as "other" to bound cardinality."""
+
+ObserveMany = Callable[[Sequence[float]], None]
+ObserveTotal = Callable[[float, int], None]
+
+
+def observe_many(child: Summary) -> ObserveMany:
+    """A function recording many observations on a summary child at the cost of one.
+
+    A summary is a count and a sum, so a batch adds ``len(values)`` and
+    ``sum(values)``, exactly what as many ``observe`` calls would add, with two
+    locked increments instead of 2 x n. Relies on prometheus-client's value
+    objects (``_count``/``_sum``, also used in multiprocess mode); falls back to
+    one ``observe`` per value if they are not there.
+    """
+    count_inc, sum_inc = _value_incs(child)
+    if count_inc is None or sum_inc is None:
+        observe = child.observe
+
+        def each(values: Sequence[float]) -> None:
+            for value in values:
+                observe(value)
+
+        return each
+
+    def batch(values: Sequence[float]) -> None:
+        if values:
+            count_inc(len(values))
+            sum_inc(sum(values))
+
+    return batch
+
+
+def observe_total(child: Summary) -> ObserveTotal:
+    """A function recording ``count`` observations that took ``seconds`` together on a summary child."""
+    count_inc, sum_inc = _value_incs(child)
+    if count_inc is None or sum_inc is None:
+        observe = child.observe
+
+        def each(seconds: float, count: int) -> None:
+            if count > 0:
+                share = seconds / count
+                for _ in range(count):
+                    observe(share)
+
+        return each
+
+    def batch(seconds: float, count: int) -> None:
+        if count > 0:
+            count_inc(count)
+            sum_inc(seconds)
+
+    return batch
+
+
+def _value_incs(child: Summary) -> tuple[Callable[[float], None] | None, Callable[[float], None] | None]:
+    count: Any = getattr(child, "_count", None)
+    total: Any = getattr(child, "_sum", None)
+    count_inc = getattr(count, "inc", None)
+    sum_inc = getattr(total, "inc", None)
+    if callable(count_inc) and callable(sum_inc):
+        return count_inc, sum_inc
+    return None, None
+
+
+class _App:
+    """The children of one application, bound lazily per label value and then reused."""
+
+    __slots__ = ("commit", "consumed", "depth", "dlq", "in_flight", "lag", "m", "name", "process", "produced",
+                 "ready", "retries")
+
+    def __init__(self, m: VolleyMetrics, name: str) -> None:
+        self.m = m
+        self.name = name
+        self.consumed: dict[str, Callable[[float], None]] = {}
+        self.produced: dict[tuple[str, str], Callable[[float], None]] = {}
+        self.process: dict[str, ObserveMany] = {}
+        self.dlq: dict[str, Callable[[float], None]] = {}
+        self.lag: dict[PartitionId, Gauge] = {}
+        self.depth: dict[str, Gauge] = {}
+        self.in_flight = m.in_flight.labels(name).set
+        self.retries = m.retries.labels(name).inc
+        self.ready = m.ready.labels(name).set
+        self.commit = m.commit_time.labels(name).observe
+
+    def bind_consumed(self, status: str) -> Callable[[float], None]:
+        inc = self.consumed[status] = self.m.consumed.labels(self.name, status).inc
+        return inc
+
+    def bind_produced(self, source: str, destination: str) -> Callable[[float], None]:
+        inc = self.produced[source, destination] = self.m.produced.labels(self.name, source, destination).inc
+        return inc
+
+    def bind_process(self, process_name: str) -> ObserveMany:
+        fn = self.process[process_name] = observe_many(self.m.process_time.labels(self.name, process_name))
+        return fn
+
+    def bind_dlq(self, reason: str) -> Callable[[float], None]:
+        label = reason if len(self.dlq) < MAX_REASONS else "other"
+        inc = self.dlq[reason] = self.m.dead_letters.labels(self.name, label).inc
+        return inc
+
+
+class PrometheusObserver:
+    """Volley's ``Observer`` for Prometheus, plus the HTTP server for ``/metrics``, ``/healthz``, ``/readyz``.
+
+    ``metrics_port=None`` records metrics without serving them (another
+    exporter may serve the registry). ``port`` tells the bound port once
+    started, which is how ``metrics_port=0`` (any free port) is useful.
+    """
+
+    def __init__(
+        self,
+        app_name: str,
+        metrics_port: int | None = None,
+        *,
+        host: str = DEFAULT_HOST,
+        max_silence: float = DEFAULT_MAX_SILENCE,
+        metrics: VolleyMetrics | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if metrics_port is not None and not (isinstance(metrics_port, int) and 0 <= metrics_port <= 65535):
+            raise ConfigurationError(f"metrics_port must be an int from 0 to 65535 or None, got {metrics_port!r}")
+        if max_silence <= 0:
+            raise ConfigurationError(f"health_max_silence_seconds must be positive, got {max_silence!r}")
+        self.app_name = app_name
+        self.metrics_port = metrics_port
+        self.host = host
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self.health = HealthState(app_name, max_silence, clock)
+        self._apps: dict[str, _App] = {}
+        self._data_model: dict[str, ObserveTotal] = {}
+        self._heartbeat = self.metrics.heartbeats.inc
+        self._server: MetricsServer | None = None
+        self._multiprocess = multiprocess_dir()
+        self._app(app_name)
+
+    @classmethod
+    def from_settings(cls, app_name: str, metrics_port: int | None, settings: Mapping[str, Any]) -> PrometheusObserver:
+        """The plugin factory: ``settings`` may hold ``metrics_host`` and ``health_max_silence_seconds``."""
+        host = settings.get("metrics_host", DEFAULT_HOST)
+        if not isinstance(host, str) or not host:
+            raise ConfigurationError(f"metrics_host must be a host name or address, got {host!r}")
+        silence = settings.get("health_max_silence_seconds", DEFAULT_MAX_SILENCE)
+        if isinstance(silence, bool) or not isinstance(silence, int | float):
+            raise ConfigurationError(f"health_max_silence_seconds must be a number of seconds, got {silence!r}")
+        metrics = settings.get("prometheus_metrics")
+        if metrics is not None and not isinstance(metrics, VolleyMetrics):
+            raise ConfigurationError("prometheus_metrics must be a volley_prometheus.VolleyMetrics")
+        clock = settings.get("clock", time.monotonic)
+        return cls(app_name, metrics_port, host=host, max_silence=float(silence), metrics=metrics, clock=clock)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _app(self, app_name: str) -> _App:
+        app = self._apps.get(app_name)
+        if app is None:
+            app = self._apps[app_name] = _App(self.metrics, app_name)
+        return app
+
+    @property
+    def port(self) -> int | None:
+        """The port being served, or None when not serving."""
+        return self._server.port if self._server is not None else None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def on_start(self, app_name: str) -> None:
+        app = self._app(app_name)
+        app.ready(0)
+        app.in_flight(0)
+        self.health.stopped = False
+        self.health.ready = False
+        self.health.beat()
+        if self.metrics_port is None or self._server is not None:
+            return
+        if self._multiprocess is not None and not os.path.isdir(self._multiprocess):
+            raise ConfigurationError(
+                f"PROMETHEUS_MULTIPROC_DIR={self._multiprocess!r} is not a directory: create it (empty) before "
+                "starting the workers, or unset the variable for single-process metrics"
+            )
+        try:
+            self._server = acquire_server(self.host, self.metrics_port, self.metrics.registry, self._multiprocess,
+                                          self.health)
+        except OSError as exc:
+            if self._multiprocess is not None:
+                # Another worker process serves the aggregate of every process on that port.
+                log.warning("metrics port %s:%d not served by this process (%s); another worker serves the "
+                            "multiprocess metrics", self.host, self.metrics_port, exc)
+                return
+            raise ConfigurationError(
+                f"cannot serve metrics on {self.host}:{self.metrics_port}: {exc}. Choose a free metrics_port, "
+                "or metrics_port=None to turn the endpoint off"
+            ) from exc
+
+    def on_stop(self, app_name: str) -> None:
+        app = self._app(app_name)
+        app.ready(0)
+        app.in_flight(0)
+        self.health.ready = False
+        self.health.stopped = True
+        server, self._server = self._server, None
+        if server is not None:
+            release_server(server, self.health)
+
+    def on_heartbeat(self, app_name: str) -> None:
+        self._heartbeat()
+        self.health.beat()
+
+    def on_ready(self, app_name: str, ready: bool) -> None:
+        self._app(app_name).ready(1 if ready else 0)
+        self.health.ready = ready
+
+    # ------------------------------------------------------------------ per batch
+
+    def on_consumed(self, app_name: str, status: str, count: int) -> None:
+        app = self._apps.get(app_name) or self._app(app_name)
+        inc = app.consumed.get(status) or app.bind_consumed(status)
+        inc(count)
+
+    def on_produced(self, app_name: str, source: str, destination: str, count: int) -> None:
+        app = self._apps.get(app_name) or self._app(app_name)
+        inc = app.produced.get((source, destination)) or app.bind_produced(source, destination)
+        inc(count)
+
+    def on_process_time(self, app_name: str, process_name: str, seconds: Sequence[float]) -> None:
+        app = self._apps.get(app_name) or self._app(app_name)
+        observe = app.process.get(process_name) or app.bind_process(process_name)
+        observe(seconds)
+
+    def on_data_model_time(self, process: str, seconds: float, count: int) -> None:
+        """``seconds`` is the time ``count`` messages took together; each counts as one observation."""
+        observe = self._data_model.get(process)
+        if observe is None:
+            observe = self._data_model[process] = observe_total(self.metrics.data_model_time.labels(process))
+        observe(seconds, count)
+
+    def on_dead_letter(self, app_name: str, reason: str, count: int) -> None:
+        app = self._apps.get(app_name) or self._app(app_name)
+        inc = app.dlq.get(reason) or app.bind_dlq(reason)
+        inc(count)
+
+    def on_retry(self, app_name: str, count: int) -> None:
+        (self._apps.get(app_name) or self._app(app_name)).retries(count)
+
+    def on_in_flight(self, app_name: str, count: int) -> None:
+        (self._apps.get(app_name) or self._app(app_name)).in_flight(count)
+
+    # ------------------------------------------------------------------ connector reports
+
+    def on_lag(self, app_name: str, lag: Mapping[PartitionId, int]) -> None:
+        """The lag of every partition the consumer owns now; partitions no longer in it are dropped."""
+        app = self._app(app_name)
+        gauges = app.lag
+        for key, value in lag.items():
+            gauge = gauges.get(key)
+            if gauge is None:
+                gauge = gauges[key] = self.metrics.lag.labels(app_name, key[0], str(key[1]))
+            gauge.set(value)
+        for key in [k for k in gauges if k not in lag]:
+            gone = gauges.pop(key)
+            if self._multiprocess is not None:
+                gone.set(0)  # label removal is not supported in multiprocess mode
+            else:
+                self.metrics.lag.remove(app_name, key[0], str(key[1]))
+
+    def on_commit(self, app_name: str, seconds: float) -> None:
+        self._app(app_name).commit(seconds)
+
+    def on_depth(self, app_name: str, queue: str, depth: int) -> None:
+        app = self._app(app_name)
+        gauge = app.depth.get(queue)
+        if gauge is None:
+            gauge = app.depth[queue] = self.metrics.depth.labels(app_name, queue)
+        gauge.set(depth)
