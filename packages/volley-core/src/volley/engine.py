@@ -1,0 +1,280 @@
+"""The Engine and ``stream_app``: the py-volley compatible front door.
+
+The Engine resolves the configuration (so that every mistake fails at
+construction) and ``stream_app`` wraps the user's function into a
+``StreamApp`` that runs the pipeline (see ``volley.pipeline``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from volley.config import QueueConfig, load_yaml, normalize_queue_config
+from volley.errors import ConfigurationError
+from volley.observe import MultiObserver
+from volley.pipeline import Pipeline, RunReport
+from volley.plugins import Registry, get_registry
+from volley.ports import Observer
+from volley.queues import ResolvedQueue, resolve_queue
+
+logger = logging.getLogger("volley")
+
+FAILURE_POLICIES = ("stop", "continue")
+
+
+class Engine:
+    """A Volley application: one input queue, any number of output queues, an optional dead-letter queue.
+
+    The first eight arguments are py-volley's, with the same meaning; the rest
+    tune delivery, concurrency and failure handling. All configuration errors
+    are raised here, not when the app starts.
+    """
+
+    def __init__(
+        self,
+        app_name: str = "volley",
+        input_queue: str = "input-queue",
+        output_queues: Sequence[str] | None = None,
+        dead_letter_queue: str | None = None,
+        queue_config: Sequence[QueueConfig] | Mapping[str, Any] | None = None,
+        yaml_config_path: str | os.PathLike[str] = "./volley_config.yml",
+        metrics_port: int | None = 3000,
+        poll_interval_seconds: float = 1.0,
+        *,
+        max_in_flight: int = 100,
+        max_buffered: int | None = None,
+        consume_batch_size: int = 500,
+        max_retries: int = 3,
+        retry_backoff_seconds: float = 0.1,
+        retry_backoff_max_seconds: float = 30.0,
+        max_deliveries: int = 10,
+        redelivery_delay_seconds: float = 1.0,
+        on_failure: str = "stop",
+        shutdown_timeout_seconds: float = 30.0,
+        observers: Sequence[Observer] | None = None,
+        metrics_settings: Mapping[str, Any] | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.app_name = app_name
+        self.input_queue = input_queue
+        self.output_queues = list(output_queues or [])
+        self.dead_letter_queue = dead_letter_queue
+        self.metrics_port = metrics_port
+        self.poll_interval_seconds = _positive(poll_interval_seconds, "poll_interval_seconds", allow_zero=True)
+        self.max_in_flight = int(_positive(max_in_flight, "max_in_flight"))
+        self.consume_batch_size = int(_positive(consume_batch_size, "consume_batch_size"))
+        self.max_buffered = int(
+            _positive(max_buffered, "max_buffered")
+            if max_buffered is not None
+            else max(4 * self.consume_batch_size, 4 * self.max_in_flight)
+        )
+        if max_retries < 0:
+            raise ConfigurationError(f"max_retries must be 0 or more, got {max_retries}")
+        self.max_retries = max_retries
+        self.retry_backoff_seconds = _positive(retry_backoff_seconds, "retry_backoff_seconds", allow_zero=True)
+        self.retry_backoff_max_seconds = _positive(retry_backoff_max_seconds, "retry_backoff_max_seconds",
+                                                   allow_zero=True)
+        self.max_deliveries = int(_positive(max_deliveries, "max_deliveries"))
+        self.redelivery_delay_seconds = _positive(redelivery_delay_seconds, "redelivery_delay_seconds",
+                                                  allow_zero=True)
+        if on_failure not in FAILURE_POLICIES:
+            raise ConfigurationError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
+        self.on_failure = on_failure
+        self.shutdown_timeout_seconds = _positive(shutdown_timeout_seconds, "shutdown_timeout_seconds")
+        self.registry = registry or get_registry()
+
+        if isinstance(queue_config, (list, tuple, Mapping)):
+            config = normalize_queue_config(queue_config)
+        elif queue_config is None:
+            logger.info("loading queue configuration from %s", os.fspath(yaml_config_path))
+            config = load_yaml(yaml_config_path)
+        else:
+            raise ConfigurationError(
+                "queue_config must be a list of QueueConfig or a dict of queue name to settings "
+                f"(got {type(queue_config).__name__}); or leave it None and pass yaml_config_path="
+            )
+        self.queue_config = config
+
+        wanted = [input_queue, *self.output_queues]
+        if dead_letter_queue is not None:
+            wanted.append(dead_letter_queue)
+        missing = [q for q in wanted if q not in config]
+        if missing:
+            raise ConfigurationError(
+                f"queue(s) {missing} are not in the queue configuration; configured queues: {sorted(config)}"
+            )
+        if dead_letter_queue is not None and dead_letter_queue == input_queue:
+            raise ConfigurationError("the dead-letter queue cannot be the input queue: failures would loop forever")
+        if dead_letter_queue is None:
+            logger.warning(
+                "%s: no dead_letter_queue configured: a message that cannot be processed %s",
+                app_name,
+                "stops the app" if on_failure == "stop" else "is logged and given back to the broker",
+            )
+
+        self.queues: dict[str, ResolvedQueue] = {}
+        self.queues[input_queue] = resolve_queue(self.registry, input_queue, config[input_queue], app_name, "input")
+        for name in self.output_queues:
+            if name not in self.queues:
+                self.queues[name] = resolve_queue(self.registry, name, config[name], app_name, "output")
+        if dead_letter_queue is not None and dead_letter_queue not in self.queues:
+            self.queues[dead_letter_queue] = resolve_queue(
+                self.registry, dead_letter_queue, config[dead_letter_queue], app_name, "dlq"
+            )
+        # Fail now, not at start, on connector settings that cannot work.
+        self._check_connectors()
+
+        settings = dict(metrics_settings or {})
+        built: list[Observer] = list(observers or [])
+        for observer_name in self.registry.names("observer"):
+            factory = self.registry.get("observer", observer_name)
+            built.append(factory(app_name, metrics_port, settings))
+        if metrics_port is not None and not self.registry.names("observer") and not observers:
+            warnings.warn(
+                f"Engine(metrics_port={metrics_port}) but no metrics observer is installed, so no metrics "
+                "are served: pip install volley-prometheus (or pass metrics_port=None)",
+                stacklevel=2,
+            )
+        self.observer = MultiObserver(built)
+
+    def _check_connectors(self) -> None:
+        checked: set[int] = set()
+        for queue in self.queues.values():
+            check = getattr(queue.connector, "check", None)
+            if callable(check) and id(queue) not in checked:
+                checked.add(id(queue))
+                check(queue.spec)
+
+    @property
+    def input(self) -> ResolvedQueue:
+        return self.queues[self.input_queue]
+
+    def stream_app(self, func: Callable[..., Any]) -> StreamApp:
+        """Decorate the handler. Calling the result runs the app until SIGINT/SIGTERM (as in py-volley)."""
+        return StreamApp(self, func)
+
+
+class StreamApp:
+    """A handler bound to its Engine: run it forever, until drained, or inside your own event loop."""
+
+    def __init__(self, engine: Engine, func: Callable[..., Any]) -> None:
+        self.engine = engine
+        self.func = func
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.wants_context = _wants_context(func)
+        self._pipeline: Pipeline | None = None
+        self._stop_requested = threading.Event()
+        self.__wrapped__ = func
+        self.__name__ = getattr(func, "__name__", "stream_app")
+        self.__doc__ = func.__doc__
+
+    # ------------------------------------------------------------------ running
+
+    def __call__(self) -> RunReport:
+        """Run until SIGINT or SIGTERM, then shut down gracefully (py-volley's behaviour)."""
+        return asyncio.run(self._run_with_signals())
+
+    async def _run_with_signals(self) -> RunReport:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self._on_signal, sig)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
+                    pass
+        try:
+            return await self.run_async()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stop_requested.is_set():
+            logger.warning("%s: second %s: exiting without waiting", self.engine.app_name, signal.Signals(sig).name)
+            os._exit(130)
+        logger.info("%s: %s received: shutting down gracefully", self.engine.app_name, signal.Signals(sig).name)
+        self.stop()
+
+    async def run_async(self, *, stop_when_drained: bool = False, drain_idle_seconds: float = 0.5,
+                        max_messages: int | None = None) -> RunReport:
+        """Run on the current event loop; return when stopped (or drained, or after ``max_messages`` inputs)."""
+        pipeline = Pipeline(self, stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
+                            max_messages=max_messages)
+        self._pipeline = pipeline
+        if self._stop_requested.is_set():
+            pipeline.request_stop()
+        try:
+            return await pipeline.run()
+        finally:
+            self._pipeline = None
+            self._stop_requested.clear()
+
+    def run_until_drained(self, timeout: float | None = 60.0, drain_idle_seconds: float = 0.5,
+                          max_messages: int | None = None) -> RunReport:
+        """Run until the input has been empty for ``drain_idle_seconds`` and nothing is in flight.
+
+        For tests, batch jobs and the demo. ``timeout`` bounds the whole run: past
+        it the app shuts down gracefully and ``TimeoutError`` is raised.
+        """
+
+        async def bounded() -> RunReport:
+            task = asyncio.ensure_future(
+                self.run_async(stop_when_drained=True, drain_idle_seconds=drain_idle_seconds,
+                               max_messages=max_messages)
+            )
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                self.stop()
+                await task
+                raise TimeoutError(f"{self.engine.app_name} did not drain its input within {timeout} s") from None
+
+        return asyncio.run(bounded())
+
+    def stop(self) -> None:
+        """Ask the app to shut down gracefully; safe to call from any thread or a signal handler."""
+        self._stop_requested.set()
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.request_stop_threadsafe()
+
+    @property
+    def report(self) -> RunReport | None:
+        """Counters of the run in progress, if any."""
+        return self._pipeline.report if self._pipeline is not None else None
+
+
+def _wants_context(func: Callable[..., Any]) -> bool:
+    try:
+        parameters = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    if any(p.name == "msg_ctx" for p in parameters):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return True
+    if len(positional) >= 2:
+        return True
+    if not positional:
+        raise ConfigurationError(
+            f"handler {getattr(func, '__qualname__', func)!r} must take the message as its first argument "
+            "(and optionally msg_ctx)"
+        )
+    return False
+
+
+def _positive(value: float | None, name: str, *, allow_zero: bool = False) -> float:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigurationError(f"{name} must be {'0 or more' if allow_zero else 'positive'}, got {value!r}")
+    return float(value)

@@ -1,0 +1,1091 @@
+"""One run of a stream app: fetch, decode, handle, produce, settle, shut down.
+
+How the work is split, and why:
+
+* A fetch task pulls batches from the consumer while earlier batches are being
+  processed, and stops pulling (pausing the consumer when it can) once
+  ``max_buffered`` inputs are unsettled: memory stays bounded whatever the
+  input rate.
+* Sync handlers run batch-wise on one dedicated thread: a single thread hop per
+  batch, the event loop stays free for I/O, and inputs are handled in the
+  order they were consumed. A failing message is retried in place (with
+  backoff) so nothing behind it in the same partition can overtake it.
+* Async handlers run as lanes: one lane per ordering key (partition, message
+  key, or each message when ordering is "none"), each handling its messages in
+  order, at most ``max_in_flight`` lanes at a time.
+* An input is settled (acked) only once every output it produced is confirmed
+  by its broker. Producers report deliveries in batches, from any thread.
+* Inputs that cannot be decoded or validated, and handler failures that
+  exhausted their retries, go to the dead-letter queue raw with the reason in
+  headers; without one, they are given back to the broker and the app stops
+  (or goes on, per ``on_failure``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from volley.errors import DeliveryError, HandlerFailedError, MessageError, VolleyError
+from volley.message import Envelope, Headers, MessageContext, OutgoingMessage, to_bytes
+from volley.ports import (
+    Consumer,
+    DeliveryFailure,
+    Instrumented,
+    PartitionId,
+    Pausable,
+    Producer,
+    RebalanceAware,
+    Transactional,
+)
+from volley.queues import ResolvedQueue, classify
+
+if TYPE_CHECKING:
+    from volley.engine import StreamApp
+
+logger = logging.getLogger("volley")
+
+OUTPUT_KWARGS = frozenset({"key", "headers", "partition", "delay"})
+HEADER_PREFIX = "volley-"
+
+
+@dataclass
+class RunReport:
+    """What a run did. Every consumed input ends in exactly one of acked, nacked, dead_lettered, failed, abandoned."""
+
+    consumed: int = 0
+    acked: int = 0
+    nacked: int = 0
+    dead_lettered: int = 0
+    failed: int = 0
+    abandoned: int = 0
+    retries: int = 0
+    produced: int = 0
+    elapsed_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def settled(self) -> int:
+        return self.acked + self.nacked + self.dead_lettered + self.failed + self.abandoned
+
+
+class _Group:
+    """The token of a batch handled as one (batch profiles): settles all its members together."""
+
+    __slots__ = ("members", "pending")
+
+    def __init__(self, members: list[Envelope]) -> None:
+        self.members = members
+        self.pending = 0
+
+
+Token = Envelope | _Group
+_FAILED = object()
+
+
+class _SyncWorker:
+    """A daemon thread that runs submitted calls in order and resolves futures on the loop.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a
+    handler stuck past the shutdown deadline would hang the process.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: deque[tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = deque()
+        self._ready = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls.append((call, future, loop))
+        self._ready.release()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            self._ready.acquire()
+            item = self._calls.popleft()
+            if item is None:
+                return
+            call, future, loop = item
+            try:
+                result = call()
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_set_result, future, result)
+
+    def close(self) -> None:
+        self._calls.append(None)
+        self._ready.release()
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class _Outcome:
+    """What handling a batch produced, to be applied on the loop."""
+
+    __slots__ = ("acks", "nacks", "failures", "outs", "retries", "component", "cycle", "construct", "deconstruct",
+                 "handled")
+
+    def __init__(self, slots: int, handled: int = 1) -> None:
+        self.handled = handled
+        self.acks: list[Token] = []
+        self.nacks: list[Token] = []
+        self.failures: list[tuple[Token, str, BaseException]] = []
+        self.outs: list[list[OutgoingMessage]] = [[] for _ in range(slots)]
+        self.retries = 0
+        self.component: list[float] = []
+        self.cycle: list[float] = []
+        self.construct = 0.0
+        self.deconstruct = 0.0
+
+
+class Pipeline:
+    def __init__(self, app: StreamApp, *, stop_when_drained: bool, drain_idle_seconds: float,
+                 max_messages: int | None) -> None:
+        engine = app.engine
+        self.app = app
+        self.engine = engine
+        self.name = engine.app_name
+        self.report = RunReport()
+        self.observer = engine.observer
+        self.timed = engine.observer.enabled
+        self.stop_when_drained = stop_when_drained
+        self.drain_idle_seconds = drain_idle_seconds
+        self.max_messages = max_messages
+        self.input: ResolvedQueue = engine.input
+        self.batch_size = self.input.batch_size
+        self.ordering = self.input.ordering
+
+        # Output routes: handler queue name -> (queue, producer slot).
+        self.producers: list[Producer] = []
+        self.routes: dict[str, tuple[ResolvedQueue, int]] = {}
+        self.dlq: tuple[ResolvedQueue, int] | None = None
+        route_names = list(engine.output_queues)
+        if engine.dead_letter_queue is not None:
+            route_names.append(engine.dead_letter_queue)
+        by_identity: dict[int, int] = {}
+        for name in route_names:
+            queue = engine.queues[name]
+            producer = queue.make_producer()
+            slot = by_identity.get(id(producer))
+            if slot is None:
+                slot = len(self.producers)
+                by_identity[id(producer)] = slot
+                self.producers.append(producer)
+            self.routes[name] = (queue, slot)
+        if engine.dead_letter_queue is not None:
+            self.dlq = self.routes[engine.dead_letter_queue]
+        self.consumer: Consumer = self.input.make_consumer()
+        self.transactional = isinstance(self.consumer, Transactional) and bool(self.consumer.transactional)
+
+        self.in_flight = 0
+        self.inbox: deque[list[Envelope]] = deque()
+        self._acks: list[Envelope] = []
+        self._nacks: list[Envelope] = []
+        self._out_buffer: list[list[OutgoingMessage]] = [[] for _ in self.producers]
+        self._out_scheduled = False
+        self._reports: deque[tuple[Sequence[OutgoingMessage], Sequence[DeliveryFailure]]] = deque()
+        self._reports_scheduled = False
+        self._delivery_attempts: dict[int, int] = {}
+        self._revoked: set[PartitionId] = set()
+        self._lanes: dict[Any, deque[tuple[Token, Any]]] = {}
+        self._waiting_lanes: deque[Any] = deque()
+        self._active_lanes = 0
+        self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._transaction_failed = False
+        self._stop_error: BaseException | None = None
+        self._thread_stop = threading.Event()
+        self._last_activity = time.monotonic()
+        self._worker: _SyncWorker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._wake: asyncio.Event | None = None
+        self._settled: asyncio.Event | None = None
+        self._acked_event: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+
+    # ================================================================== lifecycle
+
+    async def run(self) -> RunReport:
+        started = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._acked_event = asyncio.Event()
+        self._stopped = asyncio.Event()
+        if self._stopping:
+            self._stopped.set()
+        if not self.app.is_async or (self.batch_size and not self.app.is_async):
+            self._worker = _SyncWorker(f"volley-{self.name}-handler")
+        for part in (self.consumer, *self.producers):
+            if isinstance(part, Instrumented) and self.observer.enabled:
+                part.instrument(self.observer, self.name)
+        if isinstance(self.consumer, RebalanceAware):
+            self.consumer.set_revoke_handler(self._on_revoke)
+        started_parts: list[Consumer | Producer] = []
+        try:
+            for producer in self.producers:
+                await producer.start()
+                started_parts.append(producer)
+            await self.consumer.start()
+            started_parts.append(self.consumer)
+        except BaseException:
+            for part in reversed(started_parts):
+                with contextlib.suppress(Exception):
+                    await part.close()
+            if self._worker is not None:
+                self._worker.close()
+            raise
+        self.observer.on_start(self.name)
+        self.observer.on_ready(self.name, True)
+        logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
+        fetcher = asyncio.create_task(self._fetch_loop(), name=f"volley-{self.name}-fetch")
+        processor = asyncio.create_task(self._process_loop(), name=f"volley-{self.name}-process")
+        acker = asyncio.create_task(self._ack_loop(), name=f"volley-{self.name}-ack")
+        monitor = asyncio.create_task(self._monitor_loop(), name=f"volley-{self.name}-monitor")
+        crashed: BaseException | None = None
+        try:
+            waiter = asyncio.create_task(self._stopped.wait())
+            done, _ = await asyncio.wait({waiter, fetcher, processor, acker}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not waiter and not task.cancelled() and task.exception() is not None:
+                    crashed = task.exception()
+            waiter.cancel()
+        except asyncio.CancelledError:
+            crashed = None
+            self._stopping = True
+        finally:
+            self._stopping = True
+            self._thread_stop.set()
+            await self._shutdown(fetcher, processor, acker, monitor)
+            self.report.elapsed_seconds = time.monotonic() - started
+        error = crashed or self._stop_error
+        if error is not None:
+            raise error
+        return self.report
+
+    async def _shutdown(self, *tasks: asyncio.Task[None]) -> None:
+        fetcher, processor, acker, monitor = tasks
+        deadline = time.monotonic() + self.engine.shutdown_timeout_seconds
+        self.observer.on_ready(self.name, False)
+        # 1. Stop consuming. Cancelling a poll is safe: what it would have returned was never
+        #    acknowledged, so the broker delivers it again.
+        await _wait_task(fetcher, 0.0)
+        # 2. Finish in-flight work within the deadline.
+        await self._wait_settled(deadline)
+        processor.cancel()
+        for task in list(self._lane_tasks):
+            task.cancel()
+        await _wait_task(processor, 1.0)
+        if self._lane_tasks:
+            await asyncio.wait(self._lane_tasks, timeout=1.0)
+        # 3. Flush producers so that outputs in flight are confirmed (and their inputs acked).
+        self._flush_outputs()
+        for producer in self.producers:
+            try:
+                await producer.flush(max(0.1, deadline - time.monotonic()))
+            except Exception as exc:
+                logger.error("%s: flushing a producer at shutdown failed: %s", self.name, exc)
+        self._drain_reports()
+        if self.in_flight:
+            logger.warning("%s: shutting down with %d input(s) unfinished; they stay unacknowledged and will be "
+                           "delivered again", self.name, self.in_flight)
+            self.report.abandoned += self.in_flight
+        # 4. Commit what is finished.
+        acker.cancel()
+        await _wait_task(acker, 1.0)
+        await self._flush_acks()
+        monitor.cancel()
+        await _wait_task(monitor, 1.0)
+        for part in (self.consumer, *self.producers):
+            try:
+                await part.close()
+            except Exception as exc:
+                logger.error("%s: closing %r failed: %s", self.name, part, exc)
+        if self._worker is not None:
+            self._worker.close()
+        self.observer.on_stop(self.name)
+        logger.info("%s: stopped (%s)", self.name, self.report)
+
+    def request_stop(self, error: BaseException | None = None) -> None:
+        if error is not None and self._stop_error is None:
+            self._stop_error = error
+        self._stopping = True
+        self._thread_stop.set()
+        if self._stopped is not None:
+            self._stopped.set()
+        if self._wake is not None:
+            self._wake.set()
+
+    def request_stop_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            self.request_stop()
+            return
+        self._stopping = True
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self.request_stop)
+
+    async def _wait_settled(self, deadline: float) -> None:
+        assert self._settled is not None
+        while (self.in_flight or self.inbox) and time.monotonic() < deadline:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), max(0.0, min(0.5, deadline - time.monotonic())))
+            self._drain_reports()
+
+    # ================================================================== fetching
+
+    async def _fetch_loop(self) -> None:
+        consumer = self.consumer
+        pausable = isinstance(consumer, Pausable)
+        paused = False
+        engine = self.engine
+        batch_size = engine.consume_batch_size
+        bound = engine.max_buffered
+        if self.transactional:
+            bound = batch_size  # barrier mode: one batch at a time
+        failures = 0
+        assert self._settled is not None and self._wake is not None
+        while not self._stopping:
+            room = bound - self.in_flight
+            if self.transactional and self.in_flight:
+                room = 0
+            if self.max_messages is not None:
+                room = min(room, self.max_messages - self.report.consumed)
+                if room <= 0 and self.in_flight == 0 and not self.inbox:
+                    self.request_stop()
+                    return
+            if room <= 0:
+                if pausable and not paused:
+                    consumer.pause()  # type: ignore[attr-defined]
+                    paused = True
+                self._settled.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._settled.wait(), max(engine.poll_interval_seconds, 0.05))
+                if paused:  # keep a group member alive: librdkafka needs polls to serve the group protocol
+                    room = 0
+                else:
+                    continue
+            elif paused:
+                consumer.resume()  # type: ignore[attr-defined]
+                paused = False
+            try:
+                batch = await consumer.consume(min(batch_size, room) if room > 0 else 1,
+                                               engine.poll_interval_seconds)
+                failures = 0
+            except VolleyError as exc:
+                self.request_stop(exc)
+                return
+            except Exception as exc:
+                failures += 1
+                delay = min(engine.retry_backoff_max_seconds, engine.retry_backoff_seconds * 2 ** min(failures, 10))
+                logger.error("%s: consuming from %s failed (%s: %s); retrying in %.1f s", self.name,
+                             self.input.value, type(exc).__name__, exc, delay)
+                self.report.errors.append(f"consume: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(delay)
+                continue
+            if not batch:
+                continue
+            if not isinstance(batch, list):
+                batch = list(batch)
+            self.in_flight += len(batch)
+            self.report.consumed += len(batch)
+            self._last_activity = time.monotonic()
+            self.inbox.append(batch)
+            self._wake.set()
+
+    # ================================================================== processing
+
+    async def _process_loop(self) -> None:
+        assert self._wake is not None and self._settled is not None
+        wake = self._wake
+        while True:
+            if not self.inbox:
+                if self._stopping and self.in_flight == 0:
+                    return
+                wake.clear()
+                await wake.wait()
+                continue
+            batch = self.inbox.popleft()
+            # Merge small batches so that a slow consumer does not cost one thread hop per message.
+            while self.inbox and len(batch) < self.engine.consume_batch_size:
+                batch = batch + self.inbox.popleft()
+            if self._revoked:
+                batch = self._drop_revoked(batch)
+                if not batch:
+                    continue
+            if self.transactional:
+                await self.consumer.begin()  # type: ignore[attr-defined]
+            if self.app.is_async:
+                self._dispatch_async(batch)
+            else:
+                assert self._worker is not None
+                if self.batch_size:
+                    outcome = await self._worker.submit(lambda b=batch: self._handle_batches_sync(b))  # type: ignore[misc]
+                else:
+                    outcome = await self._worker.submit(lambda b=batch: self._handle_sync(b))  # type: ignore[misc]
+                self._apply(outcome)
+            if self.transactional:
+                await self._finish_transaction()
+
+    def _drop_revoked(self, batch: list[Envelope]) -> list[Envelope]:
+        kept = [e for e in batch if (e.source, e.partition) not in self._revoked]
+        dropped = len(batch) - len(kept)
+        if dropped:
+            self.in_flight -= dropped
+            self.report.abandoned += dropped
+            self._notify_settled()
+        return kept
+
+    # ------------------------------------------------------------------ sync handlers (worker thread)
+
+    def _handle_sync(self, batch: list[Envelope]) -> _Outcome:
+        """Decode, handle and encode a batch on the worker thread. Touches no loop state."""
+        out = _Outcome(len(self.producers), len(batch))
+        deserialize = self.input.deserialize
+        validate = self.input.validate
+        func = self.app.func
+        wants_context = self.app.wants_context
+        max_deliveries = self.engine.max_deliveries
+        max_retries = self.engine.max_retries
+        timed = self.timed
+        perf = time.perf_counter
+        queue_name = self.input.name
+        failures = out.failures
+        acks = out.acks
+        route = self._route
+        t0 = t1 = t2 = 0.0
+        for env in batch:
+            if env.attempt > max_deliveries:
+                failures.append((env, "redelivery", _redelivered(env, max_deliveries)))
+                continue
+            if timed:
+                t0 = perf()
+            try:
+                data = deserialize(env.value)
+            except Exception as exc:
+                failures.append((env, "deserialize", exc))
+                continue
+            try:
+                message = validate(data)
+            except Exception as exc:
+                failures.append((env, "validate", exc))
+                continue
+            if timed:
+                t1 = perf()
+                out.construct += t1 - t0
+            attempt = 0
+            while True:
+                try:
+                    if wants_context:
+                        result = func(message, MessageContext(env, queue_name, self.name))
+                    else:
+                        result = func(message)
+                    break
+                except Exception as exc:
+                    if attempt < max_retries and not self._thread_stop.is_set():
+                        attempt += 1
+                        out.retries += 1
+                        self._log_retry(env, attempt, exc)
+                        self._thread_stop.wait(self._backoff(attempt))
+                        continue
+                    failures.append((env, "handler", exc))
+                    result = _FAILED
+                    break
+            if result is _FAILED:
+                continue
+            if timed:
+                t2 = perf()
+                out.component.append(t2 - t1)
+            if result is True or result is None:
+                acks.append(env)
+            elif result is False:
+                out.nacks.append(env)
+            else:
+                route(env, result, out)
+            if timed:
+                t3 = perf()
+                out.deconstruct += t3 - t2
+                out.cycle.append(t3 - t0)
+        return out
+
+    def _handle_batches_sync(self, batch: list[Envelope]) -> _Outcome:
+        """Batch profiles: decode every record (bad ones fail alone), then call the handler per chunk."""
+        out = _Outcome(len(self.producers), len(batch))
+        good: list[Envelope] = []
+        messages: list[Any] = []
+        for env in batch:
+            if env.attempt > self.engine.max_deliveries:
+                out.failures.append((env, "redelivery", _redelivered(env, self.engine.max_deliveries)))
+                continue
+            try:
+                data = self.input.deserialize(env.value)
+            except Exception as exc:
+                out.failures.append((env, "deserialize", exc))
+                continue
+            try:
+                messages.append(self.input.validate(data))
+            except Exception as exc:
+                out.failures.append((env, "validate", exc))
+                continue
+            good.append(env)
+        size = self.batch_size or len(good)
+        for start in range(0, len(good), size):
+            group = _Group(good[start:start + size])
+            chunk = messages[start:start + size]
+            result = self._call_with_retries_sync(group, chunk, out)
+            if result is _FAILED:
+                continue
+            self._interpret(group, result, out)
+        return out
+
+    def _call_with_retries_sync(self, token: Token, message: Any, out: _Outcome) -> Any:
+        attempt = 0
+        while True:
+            try:
+                started = time.perf_counter()
+                if self.app.wants_context:
+                    first = token.members[0] if isinstance(token, _Group) else token
+                    result = self.app.func(message, MessageContext(first, self.input.name, self.name))
+                else:
+                    result = self.app.func(message)
+                if self.timed:
+                    out.component.append(time.perf_counter() - started)
+                return result
+            except Exception as exc:
+                if attempt < self.engine.max_retries and not self._thread_stop.is_set():
+                    attempt += 1
+                    out.retries += 1
+                    self._log_retry(token, attempt, exc)
+                    self._thread_stop.wait(self._backoff(attempt))
+                    continue
+                out.failures.append((token, "handler", exc))
+                return _FAILED
+
+    def _interpret(self, token: Token, result: Any, out: _Outcome) -> None:
+        if result is True or result is None:
+            out.acks.append(token)
+        elif result is False:
+            out.nacks.append(token)
+        else:
+            self._route(token, result, out)
+
+    def _route(self, token: Token, result: Any, out: _Outcome) -> None:
+        """Encode a handler's list of outputs; all or nothing, so a bad second output never sends the first."""
+        if not isinstance(result, (list, tuple)):
+            out.failures.append((token, "output", TypeError(
+                f"handler returned {type(result).__qualname__}; it must return True, False, or a list of "
+                "(queue_name, message) / (queue_name, message, kwargs) tuples")))
+            return
+        staged: list[tuple[int, OutgoingMessage]] = []
+        routes = self.routes
+        for item in result:
+            try:
+                if not isinstance(item, tuple) or len(item) not in (2, 3):
+                    raise TypeError(
+                        f"each output must be a (queue_name, message) or (queue_name, message, kwargs) tuple, "
+                        f"got {item!r:.200}")
+                name = item[0]
+                target = routes.get(name)
+                if target is None:
+                    raise TypeError(
+                        f"output queue {name!r} is not one of this app's output_queues {list(self.routes)}; "
+                        "add it to Engine(output_queues=[...])")
+                queue, slot = target
+                value = queue.encode(item[1])
+                if len(item) == 3 and item[2]:
+                    kwargs = item[2]
+                    unknown = set(kwargs) - OUTPUT_KWARGS
+                    if unknown:
+                        raise TypeError(f"unknown output option(s) {sorted(unknown)} for queue {name!r}; "
+                                        f"allowed: {sorted(OUTPUT_KWARGS)}")
+                    headers = kwargs.get("headers")
+                    if headers is not None:
+                        headers = {str(k): to_bytes(v) or b"" for k, v in dict(headers).items()}
+                    staged.append((slot, OutgoingMessage(queue.value, value, to_bytes(kwargs.get("key")), headers,
+                                                         kwargs.get("partition"), kwargs.get("delay"), token)))
+                else:
+                    staged.append((slot, OutgoingMessage(queue.value, value, None, None, None, None, token)))
+            except Exception as exc:
+                out.failures.append((token, "output", exc))
+                return
+        if not staged:
+            out.acks.append(token)
+            return
+        token.pending = len(staged)
+        outs = out.outs
+        for slot, message in staged:
+            outs[slot].append(message)
+
+    # ------------------------------------------------------------------ async handlers (event loop)
+
+    def _dispatch_async(self, batch: list[Envelope]) -> None:
+        deserialize = self.input.deserialize
+        validate = self.input.validate
+        ordering = self.ordering
+        max_deliveries = self.engine.max_deliveries
+        lanes = self._lanes
+        if self.batch_size:
+            good: list[Envelope] = []
+            messages: list[Any] = []
+            for env in batch:
+                message = self._decode_or_fail(env, deserialize, validate, max_deliveries)
+                if message is not _FAILED:
+                    good.append(env)
+                    messages.append(message)
+            for start in range(0, len(good), self.batch_size):
+                self._enqueue_lane("batch", _Group(good[start:start + self.batch_size]),
+                                   messages[start:start + self.batch_size])
+            return
+        for env in batch:
+            message = self._decode_or_fail(env, deserialize, validate, max_deliveries)
+            if message is _FAILED:
+                continue
+            if ordering == "partition":
+                lane: Any = (env.source, env.partition)
+            elif ordering == "key":
+                lane = (env.source, env.key)
+            else:
+                lane = object()
+            queue = lanes.get(lane)
+            if queue is None:
+                self._enqueue_lane(lane, env, message)
+            else:
+                queue.append((env, message))
+
+    def _decode_or_fail(self, env: Envelope, deserialize: Callable[[bytes], Any], validate: Callable[[Any], Any],
+                        max_deliveries: int) -> Any:
+        if env.attempt > max_deliveries:
+            self._fail(env, "redelivery", _redelivered(env, max_deliveries))
+            return _FAILED
+        try:
+            data = deserialize(env.value)
+        except Exception as exc:
+            self._fail(env, "deserialize", exc)
+            return _FAILED
+        try:
+            return validate(data)
+        except Exception as exc:
+            self._fail(env, "validate", exc)
+            return _FAILED
+
+    def _enqueue_lane(self, lane: Any, token: Token, message: Any) -> None:
+        queue = self._lanes.get(lane)
+        if queue is not None:
+            queue.append((token, message))
+            return
+        self._lanes[lane] = deque([(token, message)])
+        if self._active_lanes < self.engine.max_in_flight:
+            self._start_lane(lane)
+        else:
+            self._waiting_lanes.append(lane)
+
+    def _start_lane(self, lane: Any) -> None:
+        self._active_lanes += 1
+        task = asyncio.ensure_future(self._run_lane(lane))
+        self._lane_tasks.add(task)
+        task.add_done_callback(self._lane_tasks.discard)
+
+    async def _run_lane(self, lane: Any) -> None:
+        queue = self._lanes[lane]
+        try:
+            while queue:
+                token, message = queue[0]
+                if self._revoked and isinstance(token, Envelope) and (token.source, token.partition) in self._revoked:
+                    queue.popleft()
+                    self.in_flight -= 1
+                    self.report.abandoned += 1
+                    self._notify_settled()
+                    continue
+                await self._handle_async(token, message)
+                queue.popleft()
+        finally:
+            if self._lanes.get(lane) is queue and not queue:
+                del self._lanes[lane]
+            self._active_lanes -= 1
+            while self._waiting_lanes and self._active_lanes < self.engine.max_in_flight:
+                waiting = self._waiting_lanes.popleft()
+                if waiting in self._lanes:
+                    self._start_lane(waiting)
+
+    async def _handle_async(self, token: Token, message: Any) -> None:
+        func = self.app.func
+        attempt = 0
+        out = _Outcome(len(self.producers))
+        while True:
+            started = time.perf_counter()
+            try:
+                if self.app.wants_context:
+                    env = token.members[0] if isinstance(token, _Group) else token
+                    result = await func(message, MessageContext(env, self.input.name, self.name))
+                else:
+                    result = await func(message)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if attempt < self.engine.max_retries and not self._stopping:
+                    attempt += 1
+                    out.retries += 1
+                    self._log_retry(token, attempt, exc)
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                out.failures.append((token, "handler", exc))
+                self._apply(out)
+                return
+        if self.timed:
+            elapsed = time.perf_counter() - started
+            out.component.append(elapsed)
+            out.cycle.append(elapsed)
+        self._interpret(token, result, out)
+        self._apply(out)
+
+    # ------------------------------------------------------------------ applying outcomes (event loop)
+
+    def _apply(self, out: _Outcome) -> None:
+        if out.retries:
+            self.report.retries += out.retries
+            self.observer.on_retry(self.name, out.retries)
+        for slot, messages in enumerate(out.outs):
+            if messages:
+                self._out_buffer[slot].extend(messages)
+                self._schedule_output_flush()
+        if out.acks:
+            for token in out.acks:
+                self._settle_ok(token)
+        if out.nacks:
+            for token in out.nacks:
+                self._settle_nack(token)
+        for token, stage, exc in out.failures:
+            self._fail(token, stage, exc)
+        if self.timed:
+            ok = out.handled - len(out.failures)
+            if ok > 0:
+                self.observer.on_consumed(self.name, "success", ok)
+            if out.failures:
+                self.observer.on_consumed(self.name, "fail", len(out.failures))
+            if out.component:
+                self.observer.on_process_time(self.name, "component", out.component)
+            if out.cycle:
+                self.observer.on_process_time(self.name, "cycle", out.cycle)
+            if out.construct:
+                self.observer.on_data_model_time("construct", out.construct, len(out.cycle))
+            if out.deconstruct:
+                self.observer.on_data_model_time("deconstruct", out.deconstruct, len(out.cycle))
+        if self._out_buffer and any(self._out_buffer):
+            self._flush_outputs()
+
+    def _schedule_output_flush(self) -> None:
+        if not self._out_scheduled and self._loop is not None:
+            self._out_scheduled = True
+            self._loop.call_soon(self._flush_outputs)
+
+    def _flush_outputs(self) -> None:
+        self._out_scheduled = False
+        for slot, messages in enumerate(self._out_buffer):
+            if not messages:
+                continue
+            self._out_buffer[slot] = []
+            self._produce(slot, messages)
+
+    def _produce(self, slot: int, messages: list[OutgoingMessage]) -> None:
+        producer = self.producers[slot]
+        try:
+            producer.produce(messages, self._on_delivery)
+        except Exception as exc:  # the producer refused the whole call: every record failed
+            self._handle_reports((), [(m, exc) for m in messages])
+            return
+        self.report.produced += len(messages)
+        if self.timed:
+            counts: dict[str, int] = {}
+            for m in messages:
+                counts[m.topic] = counts.get(m.topic, 0) + 1
+            for topic, count in counts.items():
+                self.observer.on_produced(self.name, self.input.value, topic, count)
+
+    def _on_delivery(self, delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
+        """The producers' callback: any thread, any batching."""
+        if threading.get_ident() == self._loop_thread:
+            self._handle_reports(delivered, failed)
+            return
+        self._reports.append((delivered, failed))
+        if not self._reports_scheduled and self._loop is not None:
+            self._reports_scheduled = True
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._drain_reports)
+
+    def _drain_reports(self) -> None:
+        self._reports_scheduled = False
+        reports = self._reports
+        while reports:
+            delivered, failed = reports.popleft()
+            self._handle_reports(delivered, failed)
+
+    def _handle_reports(self, delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
+        settle = self._settle_ok
+        for message in delivered:
+            token = message.token
+            if token is None:
+                continue
+            token.pending -= 1
+            if token.pending == 0:
+                settle(token)
+        for message, exc in failed:
+            self._delivery_failed(message, exc)
+
+    def _delivery_failed(self, message: OutgoingMessage, exc: BaseException) -> None:
+        token = message.token
+        if token is None or token.pending < 0:
+            return
+        key = id(message)
+        attempts = self._delivery_attempts.get(key, 0) + 1
+        if attempts <= self.engine.max_retries and not self._stopping:
+            self._delivery_attempts[key] = attempts
+            delay = self._backoff(attempts)
+            logger.warning("%s: delivery to %s failed (%s); retrying in %.2f s (attempt %d of %d)", self.name,
+                           message.topic, exc, delay, attempts, self.engine.max_retries)
+            self.report.retries += 1
+            assert self._loop is not None
+            self._loop.call_later(delay, self._reproduce, message)
+            return
+        self._delivery_attempts.pop(key, None)
+        token.pending = -1  # later reports of its other outputs must not ack it
+        where = _describe(token)
+        error = DeliveryError(f"output to {message.topic!r} of input {where} could not be delivered: {exc}")
+        logger.error("%s: %s; the input is not acknowledged and will be delivered again", self.name, error)
+        self.report.errors.append(str(error))
+        self._give_back(token)
+        self.report.failed += _size(token)
+        self.report.nacked -= _size(token)
+        self._transaction_failed = True
+        if self.engine.on_failure == "stop":
+            self.request_stop(error)
+
+    def _reproduce(self, message: OutgoingMessage) -> None:
+        token = message.token
+        if token is None or token.pending < 0:
+            return
+        slot = next(s for q, s in self.routes.values() if q.value == message.topic) if len(self.producers) > 1 else 0
+        self._produce(slot, [message])
+
+    # ------------------------------------------------------------------ settling
+
+    def _settle_ok(self, token: Token) -> None:
+        if isinstance(token, _Group):
+            self._acks.extend(token.members)
+            count = len(token.members)
+        else:
+            self._acks.append(token)
+            count = 1
+        self.in_flight -= count
+        self.report.acked += count
+        self._notify_settled()
+
+    def _settle_nack(self, token: Token) -> None:
+        self._give_back(token)
+
+    def _give_back(self, token: Token) -> None:
+        members = token.members if isinstance(token, _Group) else [token]
+        self._nacks.extend(members)
+        self.in_flight -= len(members)
+        self.report.nacked += len(members)
+        self._notify_settled()
+
+    def _notify_settled(self) -> None:
+        self._last_activity = time.monotonic()
+        if self._settled is not None:
+            self._settled.set()
+        if self._acked_event is not None:
+            self._acked_event.set()
+
+    def _fail(self, token: Token, stage: str, exc: BaseException) -> None:
+        """A message that cannot be processed: to the DLQ, or given back and reported."""
+        members = token.members if isinstance(token, _Group) else [token]
+        if isinstance(exc, MessageError) or stage in ("deserialize", "validate"):
+            exc = classify(stage, exc, members[0].value if len(members) == 1 else b"")
+        reason = _reason(exc)
+        if self.dlq is not None:
+            queue, slot = self.dlq
+            for env in members:
+                headers: Headers = dict(env.headers) if env.headers else {}
+                headers[HEADER_PREFIX + "error-stage"] = stage.encode()
+                headers[HEADER_PREFIX + "error-type"] = type(exc).__qualname__.encode()
+                headers[HEADER_PREFIX + "error-reason"] = reason.encode(errors="replace")
+                headers[HEADER_PREFIX + "source-queue"] = env.source.encode()
+                headers[HEADER_PREFIX + "source-position"] = str(env.position).encode()
+                if env.partition is not None:
+                    headers[HEADER_PREFIX + "source-partition"] = str(env.partition).encode()
+                headers[HEADER_PREFIX + "attempts"] = str(env.attempt).encode()
+                env.pending = 1
+                self._out_buffer[slot].append(OutgoingMessage(queue.value, env.value, env.key, headers, None, None,
+                                                              env))
+            self.report.dead_lettered += len(members)
+            # dead_lettered inputs are settled (acked) once the DLQ confirms them; count them once.
+            self.report.acked -= len(members)
+            self.observer.on_dead_letter(self.name, stage, len(members))
+            log = logger.warning if stage in ("deserialize", "validate", "redelivery") else logger.error
+            log("%s: %s to the dead-letter queue %s (%s failed: %s)", self.name, _describe(token), queue.value,
+                stage, reason)
+            self._schedule_output_flush()
+            return
+        logger.error("%s: %s failed at %s and there is no dead-letter queue: %s\n%s", self.name, _describe(token),
+                     stage, reason, "".join(traceback.format_exception(exc)) if stage == "handler" else "")
+        self.report.errors.append(f"{_describe(token)}: {stage}: {reason}")
+        self._give_back(token)
+        self.report.nacked -= len(members)
+        self.report.failed += len(members)
+        if self.engine.on_failure == "stop":
+            self.request_stop(HandlerFailedError(
+                f"{self.name}: {_describe(token)} failed at {stage} ({reason}) and no dead_letter_queue is "
+                "configured; configure one, or pass on_failure='continue' to log and keep going"))
+
+    # ------------------------------------------------------------------ acks, transactions, monitoring
+
+    async def _ack_loop(self) -> None:
+        assert self._acked_event is not None
+        event = self._acked_event
+        while True:
+            await event.wait()
+            event.clear()
+            if not self.transactional:
+                await self._flush_acks()
+            await asyncio.sleep(0)  # let more acks accumulate within this loop iteration
+
+    async def _flush_acks(self) -> None:
+        if self._acks and not self.transactional:
+            acks, self._acks = self._acks, []
+            try:
+                await self.consumer.ack(acks)
+            except Exception as exc:
+                logger.error("%s: acknowledging %d message(s) failed: %s; they will be delivered again",
+                             self.name, len(acks), exc)
+                self.report.errors.append(f"ack: {exc}")
+        if self._nacks:
+            nacks, self._nacks = self._nacks, []
+            try:
+                await self.consumer.nack(nacks, self.engine.redelivery_delay_seconds)
+            except Exception as exc:
+                logger.error("%s: giving back %d message(s) failed: %s", self.name, len(nacks), exc)
+
+    async def _finish_transaction(self) -> None:
+        """Barrier mode: wait for the batch to settle, then commit inputs and outputs atomically."""
+        deadline = time.monotonic() + self.engine.shutdown_timeout_seconds
+        self._flush_outputs()
+        await self._wait_settled(deadline)
+        consumer = self.consumer
+        failed, self._transaction_failed = self._transaction_failed, False
+        acks, self._acks = self._acks, []
+        if self.in_flight or failed:
+            logger.error("%s: aborting the transaction (%d unsettled)", self.name, self.in_flight)
+            await consumer.abort()  # type: ignore[attr-defined]
+            self.report.abandoned += self.in_flight
+            self.in_flight = 0
+            self._nacks.clear()
+            return
+        await consumer.commit(acks)  # type: ignore[attr-defined]
+        await self._flush_acks()
+
+    async def _monitor_loop(self) -> None:
+        tick = min(0.05, max(self.drain_idle_seconds / 5, 0.005))
+        last_beat = 0.0
+        depth_reporter = getattr(self.consumer, "depth", None) if self.observer.enabled else None
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            self._drain_reports()
+            if now - last_beat >= 1.0:
+                last_beat = now
+                self.observer.on_heartbeat(self.name)
+                self.observer.on_in_flight(self.name, self.in_flight)
+                if depth_reporter is not None:
+                    with contextlib.suppress(Exception):
+                        self.observer.on_depth(self.name, self.input.value, await depth_reporter())
+            if (self.stop_when_drained and not self._stopping and self.in_flight == 0 and not self.inbox
+                    and not self._acks and now - self._last_activity >= self.drain_idle_seconds):
+                logger.info("%s: input drained", self.name)
+                self.request_stop()
+
+    # ------------------------------------------------------------------ rebalance
+
+    async def _on_revoke(self, partitions: Sequence[PartitionId]) -> None:
+        """Before partitions are taken away: abandon their queued work, finish the rest, flush outputs."""
+        self._revoked.update(partitions)
+        try:
+            self.inbox = deque(kept for kept in (self._drop_revoked(b) for b in self.inbox) if kept)
+            deadline = time.monotonic() + self.engine.shutdown_timeout_seconds
+            self._flush_outputs()
+            await self._wait_settled(deadline)
+            for producer in self.producers:
+                await producer.flush(max(0.1, deadline - time.monotonic()))
+            self._drain_reports()
+            await self._flush_acks()
+        finally:
+            self._revoked.difference_update(partitions)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _backoff(self, attempt: int) -> float:
+        return float(min(self.engine.retry_backoff_max_seconds, self.engine.retry_backoff_seconds * 2 ** (attempt - 1)))
+
+    def _log_retry(self, token: Token, attempt: int, exc: BaseException) -> None:
+        logger.warning("%s: handler failed on %s (%s: %s); retry %d of %d", self.name, _describe(token),
+                       type(exc).__name__, exc, attempt, self.engine.max_retries)
+
+
+def _redelivered(env: Envelope, limit: int) -> MessageError:
+    return MessageError(f"delivered {env.attempt} times (max_deliveries={limit}); giving up on it", env.value)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, MessageError):
+        return exc.reason
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _describe(token: Token) -> str:
+    if isinstance(token, _Group):
+        first, last = token.members[0], token.members[-1]
+        return f"batch of {len(token.members)} ({first.describe()} .. {last.describe()})"
+    return token.describe()
+
+
+def _size(token: Token) -> int:
+    return len(token.members) if isinstance(token, _Group) else 1
+
+
+async def _wait_task(task: asyncio.Task[None], timeout: float) -> None:
+    if task.done():
+        return
+    done: set[asyncio.Task[None]] = set()
+    if timeout > 0:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,237 @@
+"""Resolving a queue's configuration into the parts that serve it: connector, codec, data model.
+
+This runs once per queue at Engine construction, so every unknown name or
+impossible combination fails there, with a message that says what to change,
+and the per-message path only calls pre-bound functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from volley.codecs import PassThroughModelHandler, RawSerializer
+from volley.config import ORDERINGS, import_dotted, is_none_name, resolve_env
+from volley.errors import ConfigurationError, DataValidationError, MessageError, SerializationError
+from volley.plugins import Registry
+from volley.ports import Connector, Consumer, ModelHandler, Producer, QueueSpec, Serializer
+
+logger = logging.getLogger("volley")
+
+Decoder = Callable[[bytes], Any]
+Encoder = Callable[[Any], bytes]
+
+
+@dataclass
+class ResolvedQueue:
+    """A queue ready for use: names, connector, and pre-bound decode / encode functions."""
+
+    name: str
+    value: str
+    spec: QueueSpec
+    connector: Connector
+    consumer_factory: Callable[[QueueSpec], Consumer] | None
+    producer_factory: Callable[[QueueSpec], Producer] | None
+    serializer: Serializer
+    model_handler: ModelHandler
+    data_model: Any
+    batch_size: int | None
+    batch_timeout_seconds: float
+    ordering: str
+    deserialize: Decoder
+    validate: Callable[[Any], Any]
+    encode: Encoder
+
+    def describe_model(self) -> str:
+        model = self.data_model
+        return "no data model (raw bytes)" if model is None else getattr(model, "__qualname__", repr(model))
+
+    def make_consumer(self) -> Consumer:
+        if self.consumer_factory is not None:
+            return self.consumer_factory(self.spec)
+        return self.connector.create_consumer(self.spec)
+
+    def make_producer(self) -> Producer:
+        if self.producer_factory is not None:
+            return self.producer_factory(self.spec)
+        return self.connector.create_producer(self.spec)
+
+
+def _component(registry: Registry, kind: str, value: Any, none_factory: Callable[[], Any], queue: str) -> Any:
+    """A serializer or model handler from a registered name, a dotted path, a class or an instance."""
+    if is_none_name(value):
+        return none_factory()
+    if isinstance(value, str):
+        if (kind, value) in registry:
+            factory = registry.get(kind, value)
+        elif "." in value:
+            factory = import_dotted(value, f"{kind.replace('_', ' ')} of queue {queue!r}")
+        else:
+            factory = registry.get(kind, value)  # raises UnknownComponentError with the known names
+        value = factory
+    if isinstance(value, type) or _is_factory(value):
+        return value()
+    return value
+
+
+def _is_factory(obj: Any) -> bool:
+    """A zero-argument callable that builds the component, as opposed to a component instance."""
+    return callable(obj) and not (hasattr(obj, "serialize") or hasattr(obj, "construct"))
+
+
+def _data_model(value: Any, queue: str) -> Any:
+    if is_none_name(value):
+        return None
+    if isinstance(value, str):
+        return import_dotted(value, f"data_model of queue {queue!r}")
+    return value
+
+
+def _connector_part(registry: Registry, value: Any, queue: str, role: str) -> Any:
+    """py-volley let ``consumer:`` / ``producer:`` name a class; Volley also accepts a connector name."""
+    if isinstance(value, str):
+        if ("connector", value) in registry:
+            return registry.get("connector", value)
+        return import_dotted(value, f"{role} of queue {queue!r}")
+    return value
+
+
+def _bind_validate(handler: ModelHandler, model: Any) -> Callable[[Any], Any]:
+    bind = getattr(handler, "bind", None)
+    if callable(bind):
+        bound = bind(model)
+        if callable(bound):
+            return bound  # type: ignore[no-any-return]
+    construct = handler.construct
+
+    def validate(data: Any) -> Any:
+        return construct(data, model)
+
+    return validate
+
+
+def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, model: Any) -> Encoder:
+    serialize = serializer.serialize
+    deconstruct = handler.deconstruct
+    check_output = getattr(handler, "check_output", None)
+    model_name = getattr(model, "__qualname__", repr(model))
+    passthrough = isinstance(handler, PassThroughModelHandler)
+    check_type = model is not None and isinstance(model, type) and model is not Any
+
+    def encode(message: Any) -> bytes:
+        if check_output is not None:
+            check_output(message, model)
+        elif check_type and not isinstance(message, model):
+            raise TypeError(
+                f"queue {queue!r} expects {model_name} messages, but the handler returned "
+                f"{type(message).__qualname__}: construct a {model_name} (or change the queue's data_model)"
+            )
+        return serialize(message if passthrough else deconstruct(message))
+
+    return encode
+
+
+def resolve_queue(
+    registry: Registry, name: str, settings: Mapping[str, Any], app_name: str, role: str
+) -> ResolvedQueue:
+    """Merge profile defaults with the queue's own settings and build every part it needs."""
+    merged: dict[str, Any] = {}
+    profile = settings.get("profile")
+    if profile is not None:
+        merged.update(registry.get("profile", str(profile)))
+    merged.update({k: v for k, v in settings.items() if k != "profile" and v is not None})
+    config = dict(registry.get("profile", str(profile)).get("config") or {}) if profile is not None else {}
+    config.update(settings.get("config") or {})
+    config = resolve_env(config)
+
+    connector_name = merged.get("connector")
+    consumer_part = _connector_part(registry, merged["consumer"], name, "consumer") if merged.get("consumer") else None
+    producer_part = _connector_part(registry, merged["producer"], name, "producer") if merged.get("producer") else None
+    if connector_name is None and consumer_part is None and producer_part is None:
+        raise ConfigurationError(
+            f"queue {name!r} names no profile and no connector: set profile= (one of "
+            f"{', '.join(registry.names('profile'))}) or connector="
+        )
+    connector: Any = registry.get("connector", str(connector_name)) if connector_name is not None else None
+    consumer_factory = None
+    producer_factory = None
+    for part, attr in ((consumer_part, "create_consumer"), (producer_part, "create_producer")):
+        if part is None:
+            continue
+        if hasattr(part, attr):  # a connector object
+            factory = getattr(part, attr)
+        else:  # a class taking the queue spec
+            factory = part
+        if attr == "create_consumer":
+            consumer_factory = factory
+        else:
+            producer_factory = factory
+    if connector is None:
+        connector = _OnlyFactories(name)
+
+    serializer: Serializer = _component(registry, "serializer", merged.get("serializer"), RawSerializer, name)
+    handler: ModelHandler = _component(
+        registry, "model_handler", merged.get("model_handler"), PassThroughModelHandler, name
+    )
+    data_model = _data_model(merged.get("data_model"), name)
+    if data_model is None and not isinstance(handler, PassThroughModelHandler):
+        handler = PassThroughModelHandler()
+    for part_name, part, methods in (
+        ("serializer", serializer, ("serialize", "deserialize")),
+        ("model_handler", handler, ("construct", "deconstruct")),
+    ):
+        missing = [m for m in methods if not callable(getattr(part, m, None))]
+        if missing:
+            raise ConfigurationError(f"{part_name} {part!r} of queue {name!r} lacks {', '.join(missing)}()")
+
+    batch_size = merged.get("batch_size")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigurationError(f"batch_size of queue {name!r} must be a positive integer, got {batch_size!r}")
+    ordering = str(merged.get("ordering") or "partition")
+    if ordering not in ORDERINGS:
+        raise ConfigurationError(f"ordering of queue {name!r} must be one of {ORDERINGS}, got {ordering!r}")
+    value = resolve_env(str(merged["value"]))
+    spec = QueueSpec(
+        name=name, value=value, connector=str(connector_name or "custom"), config=config, app_name=app_name, role=role
+    )
+    return ResolvedQueue(
+        name=name,
+        value=value,
+        spec=spec,
+        connector=connector,
+        consumer_factory=consumer_factory,
+        producer_factory=producer_factory,
+        serializer=serializer,
+        model_handler=handler,
+        data_model=data_model,
+        batch_size=batch_size,
+        batch_timeout_seconds=float(merged.get("batch_timeout_seconds") or 0.0),
+        ordering=ordering,
+        deserialize=serializer.deserialize,
+        validate=_bind_validate(handler, data_model),
+        encode=_bind_encode(name, serializer, handler, data_model),
+    )
+
+
+class _OnlyFactories:
+    """Stands for the connector of a queue configured only through explicit consumer / producer classes."""
+
+    def __init__(self, queue: str) -> None:
+        self._queue = queue
+
+    def create_consumer(self, queue: QueueSpec) -> Consumer:
+        raise ConfigurationError(f"queue {self._queue!r} is used as an input but has no consumer or connector")
+
+    def create_producer(self, queue: QueueSpec) -> Producer:
+        raise ConfigurationError(f"queue {self._queue!r} is used as an output but has no producer or connector")
+
+
+def classify(stage: str, exc: BaseException, payload: bytes) -> MessageError:
+    """Normalize any exception from a codec into Volley's documented message errors."""
+    if isinstance(exc, MessageError):
+        return exc
+    if stage == "deserialize":
+        return SerializationError(f"{type(exc).__name__}: {exc}", payload)
+    return DataValidationError(f"{type(exc).__name__}: {exc}", payload)
