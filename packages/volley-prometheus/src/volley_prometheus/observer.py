@@ -151,6 +151,13 @@ class PrometheusObserver:
             raise ConfigurationError(f"metrics_port must be an int from 0 to 65535 or None, got {metrics_port!r}")
         if max_silence <= 0:
             raise ConfigurationError(f"health_max_silence_seconds must be positive, got {max_silence!r}")
+        self._multiprocess = multiprocess_dir()
+        if self._multiprocess is not None and not os.path.isdir(self._multiprocess):
+            # prometheus-client would fail on the first metric with a bare FileNotFoundError.
+            raise ConfigurationError(
+                f"PROMETHEUS_MULTIPROC_DIR={self._multiprocess!r} is not a directory: create it (empty) before "
+                "starting the workers, or unset the variable for single-process metrics"
+            )
         self.app_name = app_name
         self.metrics_port = metrics_port
         self.host = host
@@ -160,7 +167,6 @@ class PrometheusObserver:
         self._data_model: dict[str, ObserveTotal] = {}
         self._heartbeat = self.metrics.heartbeats.inc
         self._server: MetricsServer | None = None
-        self._multiprocess = multiprocess_dir()
         self._app(app_name)
 
     @classmethod
@@ -202,11 +208,6 @@ class PrometheusObserver:
         self.health.beat()
         if self.metrics_port is None or self._server is not None:
             return
-        if self._multiprocess is not None and not os.path.isdir(self._multiprocess):
-            raise ConfigurationError(
-                f"PROMETHEUS_MULTIPROC_DIR={self._multiprocess!r} is not a directory: create it (empty) before "
-                "starting the workers, or unset the variable for single-process metrics"
-            )
         try:
             self._server = acquire_server(self.host, self.metrics_port, self.metrics.registry, self._multiprocess,
                                           self.health)

@@ -1,0 +1,84 @@
+"""Multiprocess mode: with PROMETHEUS_MULTIPROC_DIR set, /metrics aggregates every worker process.
+
+prometheus-client chooses its value storage when it is imported, so each
+process here is a fresh interpreter started with the variable already set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+WRITER = textwrap.dedent("""
+    import sys
+    from volley_prometheus import PrometheusObserver
+
+    consumed, in_flight, lag = (int(a) for a in sys.argv[1:4])
+    observer = PrometheusObserver("mp")          # no port: this worker only writes
+    observer.on_start("mp")
+    observer.on_consumed("mp", "success", consumed)
+    observer.on_process_time("mp", "cycle", [0.5] * consumed)
+    observer.on_in_flight("mp", in_flight)
+    observer.on_ready("mp", True)
+    observer.on_lag("mp", {("orders", 0): lag})
+    observer.on_commit("mp", 0.02)
+    observer.on_heartbeat("mp")
+    # The process exits without on_stop, as a live worker would look to the reader.
+""")
+
+READER = textwrap.dedent("""
+    import urllib.request
+    from volley_prometheus import PrometheusObserver
+
+    observer = PrometheusObserver("reader", 0, host="127.0.0.1")
+    observer.on_start("reader")
+    with urllib.request.urlopen(f"http://127.0.0.1:{observer.port}/metrics", timeout=5) as reply:
+        print(reply.read().decode())
+    observer.on_stop("reader")
+""")
+
+
+def run(code: str, env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def sample_lines(body: str) -> set[str]:
+    return {line for line in body.splitlines() if line and not line.startswith("#")}
+
+
+def test_two_writers_one_reader_aggregate(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run(WRITER, env, "10", "3", "100")
+    run(WRITER, env, "5", "4", "50")
+    assert len(list(tmp_path.glob("*.db"))) >= 2  # the writers kept their values in the shared directory
+
+    lines = sample_lines(run(READER, env))
+    # Counters and summaries add up over processes.
+    assert 'messages_consumed_count_total{status="success",volley_app="mp"} 15.0' in lines
+    assert 'process_time_seconds_count{process_name="cycle",volley_app="mp"} 15.0' in lines
+    assert 'process_time_seconds_sum{process_name="cycle",volley_app="mp"} 7.5' in lines
+    assert "heartbeats_total 2.0" in lines
+    assert 'volley_commit_seconds_count{volley_app="mp"} 2.0' in lines
+    # In-flight and readiness add up over live workers; lag is the most recent report.
+    assert 'volley_messages_in_flight{volley_app="mp"} 7.0' in lines
+    assert 'volley_ready{volley_app="mp"} 2.0' in lines
+    assert 'volley_consumer_lag{partition="0",topic="orders",volley_app="mp"} 50.0' in lines
+
+
+def test_missing_multiprocess_directory_is_a_configuration_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "absent")}
+    code = textwrap.dedent("""
+        from volley.errors import ConfigurationError
+        from volley_prometheus import PrometheusObserver
+        try:
+            PrometheusObserver("x", 0, host="127.0.0.1")
+        except ConfigurationError as exc:
+            print(exc)
+    """)
+    assert "is not a directory" in run(code, env)
