@@ -63,6 +63,9 @@ class Engine:
         metrics_settings: Mapping[str, Any] | None = None,
         registry: Registry | None = None,
     ) -> None:
+        self._init_kwargs: dict[str, Any] = {
+            k: v for k, v in locals().items() if k not in ("self", "queue_config", "yaml_config_path", "registry")
+        }
         self.app_name = app_name
         self.input_queue = input_queue
         self.output_queues = list(output_queues or [])
@@ -144,6 +147,11 @@ class Engine:
                 stacklevel=2,
             )
         self.observer = MultiObserver(built)
+
+    def with_queue_config(self, queue_config: Mapping[str, Any], **overrides: Any) -> Engine:
+        """A copy of this Engine with other queue settings (``volley.testing`` swaps in memory queues this way)."""
+        kwargs = {**self._init_kwargs, **overrides}
+        return Engine(queue_config=queue_config, registry=self.registry, **kwargs)
 
     def _check_connectors(self) -> None:
         checked: set[int] = set()

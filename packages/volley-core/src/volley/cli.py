@@ -1,0 +1,118 @@
+"""The ``volley`` command: run apps, list plugins, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from volley.engine import StreamApp
+from volley.errors import ConfigurationError
+from volley.plugins import KINDS, get_registry
+
+
+def load_app(target: str) -> StreamApp:
+    """``package.module:attribute`` to the StreamApp it names."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"app {target!r} must be given as module:attribute, e.g. myproject.worker:app")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r} for app {target!r}: {exc}") from exc
+    app = getattr(module, attribute, None)
+    if not isinstance(app, StreamApp):
+        raise ConfigurationError(
+            f"{target!r} is {type(app).__name__}, not a function decorated with @engine.stream_app"
+        )
+    return app
+
+
+async def _run_all(apps: Sequence[StreamApp]) -> None:
+    loop = asyncio.get_running_loop()
+    import signal
+
+    stopping = False
+
+    def stop_all(sig: int) -> None:
+        nonlocal stopping
+        if stopping:
+            os._exit(130)
+        stopping = True
+        logging.getLogger("volley").info("%s received: stopping %d app(s)", signal.Signals(sig).name, len(apps))
+        for app in apps:
+            app.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_all, sig)
+    tasks = [asyncio.ensure_future(app.run_async()) for app in apps]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                for app in apps:
+                    app.stop()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        from volley.workers import supervise
+
+        return supervise(args.apps, args.workers)
+    apps = [load_app(target) for target in args.apps]
+    asyncio.run(_run_all(apps))
+    return 0
+
+
+def cmd_plugins(_: argparse.Namespace) -> int:
+    registry = get_registry()
+    for kind in KINDS:
+        names = registry.names(kind)
+        print(f"{kind}s:")
+        if not names:
+            print("  (none)")
+        for name in names:
+            print(f"  {name:<28} {registry.entries[kind][name].distribution}")
+    return 0
+
+
+def cmd_demo(_: argparse.Namespace) -> int:
+    from volley.demo import main as demo_main
+
+    return demo_main()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="volley", description="Run Volley stream apps.")
+    parser.add_argument("--log-level", default=os.environ.get("VOLLEY_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run one or more apps (module:attribute) until SIGINT/SIGTERM")
+    run.add_argument("apps", nargs="+", metavar="module:app")
+    run.add_argument("--workers", type=int, default=1, help="worker processes (each a consumer-group member)")
+    run.set_defaults(func=cmd_run)
+    commands.add_parser("plugins", help="list installed connectors, serializers, handlers, profiles").set_defaults(
+        func=cmd_plugins)
+    commands.add_parser("demo", help="run the two-node demo on in-memory queues").set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except ConfigurationError as exc:
+        print(f"volley: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
