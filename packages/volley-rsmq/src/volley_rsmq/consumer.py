@@ -1,0 +1,372 @@
+"""The RSMQ consumer: batched receives, deletes and visibility changes, all off the event loop.
+
+How a message moves:
+
+- ``consume`` receives up to ``max_messages`` visible messages with one Lua
+  script on a worker thread, hiding them for the visibility timeout (``vt``),
+  and hands them out as envelopes (``attempt`` = RSMQ's receive count);
+- ``ack`` queues the ids for deletion; a settler thread deletes everything
+  queued in one transaction (PyRSMQ's deleteMessage layout), so a burst of
+  acks costs one round trip;
+- ``nack`` (and ``nack_with_reason``) make the messages visible again after
+  the engine's backoff, instead of after the whole ``vt``; the reason is kept
+  in Redis and comes back with the next delivery as the ``volley-last-error``
+  header, so a message that ends in the dead-letter queue after too many
+  deliveries carries its last error;
+- ``close`` makes every message still held visible at once and waits (up to
+  ``close_timeout_seconds``) for queued deletes.
+
+Visibility-timeout policy (``heartbeat: true``, the default): a message whose
+handler still runs when half its ``vt`` has passed gets its visibility
+extended by another ``vt``, for at most ``max_extension_seconds`` of holding
+in all; past that a warning is logged and the message is left to expire (it
+will then be delivered again: at-least-once). With ``heartbeat: false`` no
+extension happens and a warning is logged when a held message's ``vt``
+expires, since it may then be processed twice.
+
+Redis errors never stop the consumer: a failed receive returns nothing (with
+a throttled warning) and is retried on the next call; failed deletes and
+visibility changes are retried with backoff until they succeed or
+``close`` gives up on them (those messages are then delivered again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+
+from volley.message import Envelope
+from volley_rsmq import envelope as envelope_codec
+from volley_rsmq._util import ThrottledLog, connect
+from volley_rsmq.client import RETRIABLE_ERRORS, ReceiveResult, RsmqClient, sent_time
+from volley_rsmq.settings import RsmqSettings
+
+logger = logging.getLogger("volley.rsmq")
+
+LAST_ERROR_HEADER = "volley-last-error"
+_CHUNK = 1000  # ids per delete transaction / visibility script
+
+
+class _Held:
+    """A message this consumer received and has not settled yet."""
+
+    __slots__ = ("deadline", "lost", "rc", "since", "warned")
+
+    def __init__(self, rc: int, deadline: float, since: float) -> None:
+        self.rc = rc
+        self.deadline = deadline  # monotonic time at which its visibility timeout expires
+        self.since = since  # monotonic time of receipt
+        self.lost = False  # received again by someone else: nothing left to extend
+        self.warned = False
+
+
+_Release = tuple[int, str, list[tuple[str, int]]]  # (visible again in ms, reason, [(id, rc)])
+
+
+class RsmqConsumer:
+    """Consumes one RSMQ queue. Thread-safe settling; every Redis call runs on a worker thread."""
+
+    def __init__(self, qname: str, settings: RsmqSettings) -> None:
+        self.qname = qname
+        self.settings = settings
+        self._client: RsmqClient | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._settler: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._held: dict[str, _Held] = {}
+        self._to_delete: list[str] = []
+        self._to_release: list[_Release] = []
+        self._busy = 0  # settles taken by the settler and not finished yet
+        self._stopping = False
+        self._stop_deadline = float("inf")
+        self._closed = False
+        self._vt_ms = 0
+        self._last_receive_empty = False
+        self._last_remaining = -1
+        self._unwrap = settings.headers == "envelope"
+        self._trouble = ThrottledLog()
+        self.extended = 0  # visibility extensions done (for tests and metrics)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"volley-rsmq-recv-{self.qname}")
+        self._client = RsmqClient(self.settings)
+        await loop.run_in_executor(self._executor, self._start_blocking)
+        self._settler = threading.Thread(target=self._settle_loop, name=f"volley-rsmq-settle-{self.qname}",
+                                         daemon=True)
+        self._settler.start()
+
+    def _start_blocking(self) -> None:
+        client = self._require_client()
+        connect(client, self.settings.connect_timeout_seconds)
+        if client.create_queue(self.qname):
+            logger.info("created RSMQ queue %r", self.qname)
+        vt = self.settings.vt if self.settings.vt is not None else client.queue_vt(self.qname)
+        self._vt_ms = round((vt or 30.0) * 1000)
+
+    def _require_client(self) -> RsmqClient:
+        if self._client is None:
+            raise RuntimeError("RsmqConsumer.start() was not called")
+        return self._client
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            self._stopping = True
+            self._stop_deadline = time.monotonic() + self.settings.close_timeout_seconds
+            abandoned = [(mid, held.rc) for mid, held in self._held.items() if not held.lost]
+            self._held.clear()
+            if abandoned:
+                # Not finished by the engine: let another consumer have them now rather than after their vt.
+                self._to_release.append((0, "", abandoned))
+            self._cond.notify_all()
+        settler = self._settler
+        if settler is not None:
+            await asyncio.get_running_loop().run_in_executor(None, settler.join)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        if self._client is not None:
+            self._client.close()
+
+    # ------------------------------------------------------------------ consuming
+
+    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError("RsmqConsumer.start() was not called")
+        deadline = loop.time() + max(timeout, 0.0)
+        poll = self.settings.poll_interval_seconds
+        pause = min(0.002, poll)
+        while True:
+            envelopes = await loop.run_in_executor(executor, self._receive, max(1, max_messages))
+            if envelopes is None:  # Redis trouble: back off harder than for an empty queue
+                pause = max(pause, self.settings.retry_backoff_seconds)
+                envelopes = []
+            if envelopes or self._stopping:
+                return envelopes
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return envelopes
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, max(poll, pause))
+
+    def _receive(self, max_messages: int) -> list[Envelope] | None:
+        client = self._require_client()
+        try:
+            result = client.receive(self.qname, max_messages, self._vt_ms)
+            if result.queue_missing:  # deleted, or a server restarted without persistence
+                client.create_queue(self.qname)
+                logger.warning("RSMQ queue %r had vanished from Redis and was created again", self.qname)
+                result = client.receive(self.qname, max_messages, self._vt_ms)
+        except RETRIABLE_ERRORS as exc:
+            self._last_receive_empty = False
+            self._trouble.warning("receiving from RSMQ queue %r failed, will retry: %s", self.qname, exc)
+            return None
+        return self._envelopes(result)
+
+    def _envelopes(self, result: ReceiveResult) -> list[Envelope]:
+        now = time.monotonic()
+        deadline = now + result.vt_ms / 1000
+        qname = self.qname
+        unwrap = self._unwrap
+        envelopes: list[Envelope] = []
+        held: list[tuple[str, _Held]] = []
+        for message in result.messages:
+            value, key, headers = message.body, None, None
+            if unwrap:
+                value, key, headers = envelope_codec.unwrap(value)
+            if message.last_error is not None:
+                headers = dict(headers or {})
+                headers[LAST_ERROR_HEADER] = message.last_error
+            envelopes.append(
+                Envelope(value, key, headers, qname, None, message.id, sent_time(message.id), message.rc, message.id)
+            )
+            held.append((message.id, _Held(message.rc, deadline, now)))
+        with self._cond:
+            self._held.update(held)
+            self._last_receive_empty = not envelopes
+            self._last_remaining = result.remaining
+        return envelopes
+
+    # ------------------------------------------------------------------ settling
+
+    async def ack(self, envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            return
+        with self._cond:
+            held = self._held
+            for env in envelopes:
+                held.pop(env.position, None)
+                self._to_delete.append(env.position)
+            self._cond.notify()
+
+    async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
+        await self.nack_with_reason(envelopes, delay, "")
+
+    async def nack_with_reason(self, envelopes: Sequence[Envelope], delay: float, reason: str) -> None:
+        """Like ``nack``, and remember ``reason`` (the handler's error) for the next delivery's headers."""
+        if not envelopes:
+            return
+        with self._cond:
+            pairs = []
+            for env in envelopes:
+                held = self._held.pop(env.position, None)
+                if held is not None and not held.lost:
+                    pairs.append((str(env.position), held.rc))
+            if pairs:
+                self._to_release.append((max(0, round(delay * 1000)), reason, pairs))
+                self._cond.notify()
+
+    def _settle_loop(self) -> None:
+        client = self._require_client()
+        heartbeat = min(max(self._vt_ms / 4000, 0.05), 10.0)
+        next_beat = time.monotonic() + heartbeat
+        backoff = self.settings.retry_backoff_seconds
+        while True:
+            with self._cond:
+                while not (self._to_delete or self._to_release or self._stopping):
+                    wait = next_beat - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                deletes, self._to_delete = self._to_delete, []
+                releases, self._to_release = self._to_release, []
+                self._busy = len(deletes) + len(releases)
+                stopping = self._stopping
+            try:
+                while deletes:
+                    client.delete(self.qname, deletes[:_CHUNK])
+                    del deletes[:_CHUNK]
+                while releases:
+                    vt_ms, reason, pairs = releases[0]
+                    for start in range(0, len(pairs), _CHUNK):
+                        client.change_visibility(self.qname, vt_ms, pairs[start:start + _CHUNK], reason)
+                    releases.pop(0)
+                if time.monotonic() >= next_beat and not stopping:
+                    self._watch_visibility(client)
+                    next_beat = time.monotonic() + heartbeat
+                backoff = self.settings.retry_backoff_seconds
+            except RETRIABLE_ERRORS as exc:
+                with self._cond:  # put back what was not done, in front of anything newer
+                    self._to_delete[:0] = deletes
+                    self._to_release[:0] = releases
+                if time.monotonic() >= self._stop_deadline:
+                    self._give_up()
+                    return
+                self._trouble.warning("settling messages of RSMQ queue %r failed, will retry: %s", self.qname, exc)
+                with self._cond:
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+            except redis.RedisError:
+                logger.exception(
+                    "settling messages of RSMQ queue %r failed for good; %d message(s) will be delivered again "
+                    "when their visibility timeout expires", self.qname, len(deletes) + len(releases))
+            finally:
+                with self._cond:
+                    self._busy = 0
+                    self._cond.notify_all()
+            with self._cond:
+                if self._stopping and not (self._to_delete or self._to_release):
+                    return
+
+    def _give_up(self) -> None:
+        with self._cond:
+            left = len(self._to_delete) + sum(len(p) for _, _, p in self._to_release)
+            self._to_delete.clear()
+            self._to_release.clear()
+        logger.error(
+            "closing RSMQ consumer of %r with %d message(s) not settled (Redis unreachable); they will be "
+            "delivered again when their visibility timeout expires", self.qname, left)
+
+    def _watch_visibility(self, client: RsmqClient) -> None:
+        """Extend the visibility of messages still being processed past half their vt, or warn (see module doc)."""
+        now = time.monotonic()
+        vt = self._vt_ms / 1000
+        extend: list[tuple[str, int]] = []
+        with self._cond:
+            for message_id, held in self._held.items():
+                if held.lost or held.deadline - now > vt / 2:
+                    continue
+                if not self.settings.heartbeat:
+                    if held.deadline <= now and not held.warned:
+                        held.warned = True
+                        logger.warning(
+                            "message %s of RSMQ queue %r is still being processed after its visibility timeout "
+                            "(%g s); it may be delivered again and processed twice (raise 'vt', or enable "
+                            "'heartbeat')", message_id, self.qname, vt)
+                    continue
+                if now - held.since >= self.settings.max_extension_seconds:
+                    if not held.warned:
+                        held.warned = True
+                        logger.warning(
+                            "message %s of RSMQ queue %r has been processed for %.0f s, more than "
+                            "max_extension_seconds; its visibility is no longer extended and it will be delivered "
+                            "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
+                    continue
+                extend.append((message_id, held.rc))
+        if not extend:
+            return
+        lost: set[str] = set()
+        for start in range(0, len(extend), _CHUNK):
+            lost.update(client.change_visibility(self.qname, self._vt_ms, extend[start:start + _CHUNK]))
+        deadline = time.monotonic() + vt
+        with self._cond:
+            for message_id, _ in extend:
+                current = self._held.get(message_id)
+                if current is None:
+                    continue
+                if message_id in lost:
+                    current.lost = True
+                    logger.warning(
+                        "message %s of RSMQ queue %r was delivered again elsewhere before its visibility could be "
+                        "extended; it may be processed twice", message_id, self.qname)
+                else:
+                    current.deadline = deadline
+                    self.extended += 1
+
+    # ------------------------------------------------------------------ introspection
+
+    def is_drained(self) -> bool:
+        """Nothing left now or later: the last receive found nothing, the queue is empty, nothing is unsettled."""
+        with self._cond:
+            return (
+                self._last_receive_empty
+                and self._last_remaining == 0
+                and not self._held
+                and not self._to_delete
+                and not self._to_release
+                and not self._busy
+            )
+
+    def held_count(self) -> int:
+        with self._cond:
+            return len(self._held)
+
+    async def depth(self) -> int:
+        """Messages visible in the queue now (not counting those held by consumers or delayed)."""
+        loop = asyncio.get_running_loop()
+        client = self._require_client()
+        _, visible = await loop.run_in_executor(self._executor, client.depth, self.qname)
+        return visible
+
+    async def settled(self, timeout: float) -> None:
+        """Wait until every queued delete and visibility change reached Redis (tests, graceful hand-over)."""
+
+        def wait() -> bool:
+            with self._cond:
+                return self._cond.wait_for(
+                    lambda: not (self._to_delete or self._to_release or self._busy), timeout)
+
+        if not await asyncio.get_running_loop().run_in_executor(None, wait):
+            raise TimeoutError(f"RSMQ consumer of {self.qname!r} did not settle within {timeout} s")
