@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from volley.errors import ConfigurationError
@@ -34,7 +34,8 @@ class _Queue:
     def __init__(self, name: str, partitions: int) -> None:
         self.name = name
         self.partitions: list[deque[_Stored]] = [deque() for _ in range(partitions)]
-        self.owned: dict[int, _Stored] = {}
+        # consumer id -> {position: message}: what each consumer holds unacknowledged
+        self.owned: dict[int, dict[int, _Stored]] = {}
         self.log: list[_Stored] = []
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.delayed = 0
@@ -43,6 +44,9 @@ class _Queue:
 
     def ready(self) -> int:
         return sum(len(p) for p in self.partitions)
+
+    def held(self) -> int:
+        return sum(len(o) for o in self.owned.values())
 
 
 class MemoryBroker:
@@ -98,17 +102,29 @@ class MemoryBroker:
         now = time.time()
         woken: list[_Queue] = []
         delayed: list[OutgoingMessage] = []
+        sequence = self._sequence
+        keep_log = self.keep_log
         with self._lock:
+            topic = None
+            queue = None
             for message in messages:
                 if message.delay:
                     delayed.append(message)
                     self._queue(message.topic).delayed += 1
                     continue
-                queue = self._queue(message.topic)
-                stored = self._store(queue, message, now)
+                if message.topic != topic:
+                    topic = message.topic
+                    queue = self._queue(topic)
+                    if queue.waiters and queue not in woken:
+                        woken.append(queue)
+                assert queue is not None
+                if message.partition is None and message.key is None and len(queue.partitions) == 1:
+                    stored: _Stored = (message.value, None, message.headers, 0, next(sequence), now, 1)
+                else:
+                    stored = self._store(queue, message, now)
+                if keep_log:
+                    queue.log.append(stored)
                 queue.partitions[stored[3]].append(stored)
-                if queue.waiters and (not woken or woken[-1] is not queue):
-                    woken.append(queue)
         for queue in woken:
             self._wake(queue)
         for message in delayed:
@@ -125,10 +141,7 @@ class MemoryBroker:
         else:
             partition = queue.next_partition
             queue.next_partition = (partition + 1) % count
-        stored: _Stored = (message.value, message.key, message.headers, partition, next(self._sequence), now, 1)
-        if self.keep_log:
-            queue.log.append(stored)
-        return stored
+        return (message.value, message.key, message.headers, partition, next(self._sequence), now, 1)
 
     def _publish_later(self, message: OutgoingMessage) -> None:
         def release() -> None:
@@ -152,13 +165,18 @@ class MemoryBroker:
 
     # ---------------------------------------------------------------- consuming
 
-    def take(self, queue_name: str, max_messages: int) -> list[Envelope]:
-        """Hand out up to ``max_messages`` ready messages, round-robin over partitions, in order within each."""
+    def take(self, queue_name: str, max_messages: int, owner: int = 0) -> list[Envelope]:
+        """Hand out up to ``max_messages`` ready messages, round-robin over partitions, in order within each.
+
+        ``owner`` identifies the consumer that holds them until ack or nack.
+        """
         out: list[Envelope] = []
         with self._lock:
             queue = self._queue(queue_name)
             partitions = queue.partitions
-            owned = queue.owned
+            owned = queue.owned.get(owner)
+            if owned is None:
+                owned = queue.owned[owner] = {}
             if len(partitions) == 1:
                 part = partitions[0]
                 for _ in range(min(max_messages, len(part))):
@@ -199,19 +217,25 @@ class MemoryBroker:
             with self._lock:
                 queue.waiters = [w for w in queue.waiters if w[1] is not future]
 
-    def ack(self, queue_name: str, positions: Sequence[int]) -> None:
+    def ack(self, queue_name: str, positions: Sequence[int], owner: int = 0) -> None:
         with self._lock:
             queue = self._queue(queue_name)
-            owned = queue.owned
+            owned = queue.owned.get(owner, {})
+            before = len(owned)
+            pop = owned.pop
             for position in positions:
-                if owned.pop(position, None) is not None:
-                    queue.acked += 1
+                pop(position, None)
+            queue.acked += before - len(owned)
 
-    def nack(self, queue_name: str, positions: Sequence[int], delay: float = 0.0) -> None:
-        """Give messages back; after ``delay`` they go to the head of their partitions, attempt count raised."""
+    def nack(self, queue_name: str, positions: Sequence[int] | None, delay: float = 0.0, owner: int = 0) -> None:
+        """Give messages back (all the owner's, when ``positions`` is None); after ``delay`` they go to the
+        head of their partitions, attempt count raised."""
         with self._lock:
             queue = self._queue(queue_name)
-            returned = [queue.owned.pop(p) for p in positions if p in queue.owned]
+            owned = queue.owned.get(owner, {})
+            if positions is None:
+                positions = list(owned)
+            returned = [owned.pop(p) for p in positions if p in owned]
             if delay > 0:
                 queue.delayed += len(returned)
         if not returned:
@@ -253,7 +277,7 @@ class MemoryBroker:
 
     def unacked(self, queue_name: str) -> int:
         with self._lock:
-            return len(self._queue(queue_name).owned)
+            return self._queue(queue_name).held()
 
     def acked(self, queue_name: str) -> int:
         with self._lock:
@@ -263,7 +287,7 @@ class MemoryBroker:
         """No message ready, handed out, or waiting for a delayed (re)delivery: nothing left to do."""
         with self._lock:
             queues = [self._queue(queue_name)] if queue_name else list(self._queues.values())
-            return all(q.ready() == 0 and not q.owned and q.delayed == 0 for q in queues)
+            return all(q.ready() == 0 and q.held() == 0 and q.delayed == 0 for q in queues)
 
     def purge(self, queue_name: str) -> None:
         with self._lock:
@@ -305,40 +329,27 @@ class MemoryConsumer:
     def __init__(self, broker: MemoryBroker, queue: str) -> None:
         self._broker = broker
         self._queue = queue
-        self._held: set[int] = set()
+        self._owner = id(self)
 
     async def start(self) -> None:
         self._broker.create_queue(self._queue)
 
     async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
-        messages = self._broker.take(self._queue, max_messages)
+        messages = self._broker.take(self._queue, max_messages, self._owner)
         if not messages and timeout > 0:
             await self._broker.wait(self._queue, timeout)
-            messages = self._broker.take(self._queue, max_messages)
-        if messages:
-            self._held.update(m.position for m in messages)
+            messages = self._broker.take(self._queue, max_messages, self._owner)
         return messages
 
     async def ack(self, envelopes: Sequence[Envelope]) -> None:
-        positions = [e.position for e in envelopes]
-        self._held.difference_update(positions)
-        self._broker.ack(self._queue, positions)
+        self._broker.ack(self._queue, [e.position for e in envelopes], self._owner)
 
     async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
-        positions = [e.position for e in envelopes]
-        self._held.difference_update(positions)
-        self._broker.nack(self._queue, positions, delay)
+        self._broker.nack(self._queue, [e.position for e in envelopes], delay, self._owner)
 
     async def close(self) -> None:
-        if self._held:
-            self._broker.nack(self._queue, sorted(self._held), 0.0)
-            self._held.clear()
-
-    def is_drained(self) -> bool:
-        """Nothing left for this consumer now or later (the engine's run-until-drained asks this)."""
-        return self._broker.is_idle(self._queue) or (
-            self._broker.depth(self._queue) == 0 and self._broker.unacked(self._queue) == len(self._held) == 0
-        )
+        """Whatever this consumer still holds goes back to the queue, as when a worker dies."""
+        self._broker.nack(self._queue, None, 0.0, self._owner)
 
     async def depth(self) -> int:
         return self._broker.depth(self._queue)
@@ -388,5 +399,3 @@ class MemoryConnector:
     def create_producer(self, queue: QueueSpec) -> MemoryProducer:
         return MemoryProducer(broker_from_config(queue.config))
 
-
-Clock = Callable[[], float]

@@ -597,6 +597,21 @@ class Pipeline:
 
     def _route(self, token: Token, result: Any, out: _Outcome) -> None:
         """Encode a handler's list of outputs; all or nothing, so a bad second output never sends the first."""
+        if type(result) is list and len(result) == 1:
+            # The common case, one (queue, message) output, without the general path's checks.
+            item = result[0]
+            if type(item) is tuple and len(item) == 2:
+                target = self.routes.get(item[0])
+                if target is not None:
+                    queue, slot = target
+                    try:
+                        value = queue.encode(item[1])
+                    except Exception as exc:
+                        out.failures.append((token, "output", exc))
+                        return
+                    token.pending = 1
+                    out.outs[slot].append(OutgoingMessage(queue.value, value, None, None, None, None, token))
+                    return
         if not isinstance(result, (list, tuple)):
             out.failures.append((token, "output", TypeError(
                 f"handler returned {type(result).__qualname__}; it must return True, False, or a list of "
@@ -847,14 +862,23 @@ class Pipeline:
             self._handle_reports(delivered, failed)
 
     def _handle_reports(self, delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
-        settle = self._settle_ok
+        acks = self._acks
+        settled = 0
         for message in delivered:
             token = message.token
             if token is None:
                 continue
             token.pending -= 1
             if token.pending == 0:
-                settle(token)
+                if type(token) is Envelope:
+                    acks.append(token)
+                    settled += 1
+                else:
+                    self._settle_ok(token)
+        if settled:
+            self.in_flight -= settled
+            self.report.acked += settled
+            self._notify_settled()
         for message, exc in failed:
             self._delivery_failed(message, exc)
 

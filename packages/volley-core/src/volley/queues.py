@@ -120,15 +120,32 @@ def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, mode
     passthrough = isinstance(handler, PassThroughModelHandler)
     check_type = model is not None and isinstance(model, type) and model is not Any
 
-    def encode(message: Any) -> bytes:
-        if check_output is not None:
+    def wrong_type(message: Any) -> TypeError:
+        return TypeError(
+            f"queue {queue!r} expects {model_name} messages, but the handler returned "
+            f"{type(message).__qualname__}: construct a {model_name} (or change the queue's data_model)"
+        )
+
+    if check_output is not None:
+
+        def encode_checked(message: Any) -> bytes:
             check_output(message, model)
-        elif check_type and not isinstance(message, model):
-            raise TypeError(
-                f"queue {queue!r} expects {model_name} messages, but the handler returned "
-                f"{type(message).__qualname__}: construct a {model_name} (or change the queue's data_model)"
-            )
-        return serialize(message if passthrough else deconstruct(message))
+            return serialize(message if passthrough else deconstruct(message))
+
+        return encode_checked
+    if passthrough:
+        return serialize
+    if check_type:
+
+        def encode_typed(message: Any) -> bytes:
+            if not isinstance(message, model):
+                raise wrong_type(message)
+            return serialize(deconstruct(message))
+
+        return encode_typed
+
+    def encode(message: Any) -> bytes:
+        return serialize(deconstruct(message))
 
     return encode
 
