@@ -6,8 +6,9 @@ destination queue in one round trip (creating the queue on first use), and
 reports the whole batch through ``on_delivery`` once Redis has applied it.
 
 A per-message ``delay`` (the handler's ``{"delay": seconds}``) hides the
-message for that long, as RSMQ's sendMessage does; without one the queue's
-own delay applies. Redis errors are retried with exponential backoff (the
+message for that long, as RSMQ's sendMessage does; without one the
+producer's configured ``delay`` applies, and without that the queue's own.
+Redis errors are retried with exponential backoff (the
 connection is re-established by redis-py) for up to
 ``delivery_timeout_seconds`` after the record was accepted; only then is it
 reported as failed. A retry after a lost reply may store a message twice,
@@ -146,7 +147,7 @@ class RsmqProducer:
                         f"message of {len(body)} bytes is larger than the RSMQ config 'maxsize' ({maxsize}) of "
                         f"queue {topic!r}")))
                     continue
-                delay = item[0].delay
+                delay = item[0].delay if item[0].delay is not None else self.settings.delay
                 bodies.append((None if delay is None else max(0, round(delay * 1000)), body))
                 sendable.append(item)
             if not sendable:

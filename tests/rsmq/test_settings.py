@@ -1,0 +1,105 @@
+"""RSMQ queue configuration is checked at create_* time, with messages that say what to change (no server needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from volley.errors import ConfigurationError
+from volley.plugins import build_registry
+from volley.ports import QueueSpec
+from volley_rsmq import RsmqConnector, parse_settings
+from volley_rsmq.envelope import unwrap, wrap
+
+HOST = {"host": "127.0.0.1"}
+
+
+def test_defaults_follow_pyrsmq_and_py_volley() -> None:
+    settings = parse_settings(HOST, "q", "input")
+    assert (settings.host, settings.port, settings.db, settings.namespace) == ("127.0.0.1", 6379, 0, "rsmq")
+    assert (settings.create_vt, settings.create_delay, settings.create_maxsize) == (30.0, 0.0, 65565)
+    assert settings.headers == "drop"
+    assert settings.heartbeat is True
+    assert parse_settings(HOST, "q", "dlq").headers == "envelope"
+
+
+def test_redis_host_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_HOST", "redis.internal:6380")
+    settings = parse_settings({}, "q", "input")
+    assert (settings.host, settings.port) == ("redis.internal", 6380)
+    monkeypatch.setenv("REDIS_HOST", "redis.internal")
+    assert parse_settings({}, "q", "input").port == 6379
+    assert parse_settings({"host": "other", "port": "7000"}, "q", "input").port == 7000  # config wins
+
+
+def test_missing_host_says_how_to_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_HOST", raising=False)
+    with pytest.raises(ConfigurationError, match="REDIS_HOST"):
+        RsmqConnector().create_consumer(QueueSpec("in", "q", "rsmq", {}))
+
+
+@pytest.mark.parametrize(
+    ("config", "value", "match"),
+    [
+        ({"vt": 0}, "q", "'vt' must be greater than 0"),
+        ({"vt": "soon"}, "q", "'vt' must be a number"),
+        ({"delay": -1}, "q", "'delay' must be at least 0"),
+        ({"maxsize": 0}, "q", "'maxsize' must be a positive byte count or -1"),
+        ({"port": "http"}, "q", "'port' must be an integer"),
+        ({"port": 70000}, "q", "between 1 and 65535"),
+        ({"options": {"decode_responses": True}}, "q", "decode_responses must be false"),
+        ({"options": "fast"}, "q", "'options' must be a mapping"),
+        ({"headers": "keep"}, "q", "'headers' must be one of"),
+        ({"heartbeat": "yes"}, "q", "'heartbeat' must be true or false"),
+        ({"ns": "a:b"}, "q", "'ns' must not contain ':'"),
+        ({"visibility_timeout": 5}, "q", r"unknown config key\(s\) \['visibility_timeout'\]"),
+        ({}, "bad:name", "not a valid RSMQ queue name"),
+        ({}, "x" * 65, "not a valid RSMQ queue name"),
+        ({"send_batch_size": 0}, "q", "'send_batch_size' must be a positive integer"),
+    ],
+)
+def test_invalid_config_is_refused_at_create_time(config: dict[str, Any], value: str, match: str) -> None:
+    connector = RsmqConnector()
+    with pytest.raises(ConfigurationError, match=match):
+        connector.create_consumer(QueueSpec("in", value, "rsmq", {**HOST, **config}))
+    with pytest.raises(ConfigurationError, match=match):
+        connector.create_producer(QueueSpec("out", value, "rsmq", {**HOST, **config}))
+
+
+def test_py_volley_pyrsmq_flags_are_accepted() -> None:
+    settings = parse_settings({**HOST, "exceptions": False, "quiet": True, "options": {"decode_responses": False,
+                                                                                       "socket_timeout": 3}}, "q",
+                              "input")
+    assert settings.redis_kwargs()["socket_timeout"] == 3
+    assert settings.redis_kwargs()["decode_responses"] is False
+
+
+def test_plugin_registers_the_connector_and_py_volley_profiles() -> None:
+    registry = build_registry()
+    assert isinstance(registry.get("connector", "rsmq"), RsmqConnector)
+    for name in ("rsmq", "rsmq-pydantic", "rsmq-orjson-pydantic", "rsmq-msgpack-pydantic", "rsmq-dlq"):
+        assert registry.get("profile", name)["connector"] == "rsmq"
+    assert registry.get("profile", "rsmq")["serializer"] == "orjson"
+    assert registry.get("profile", "rsmq-pydantic")["model_handler"] == "pydantic-parser"
+    assert registry.get("profile", "rsmq-msgpack-pydantic")["serializer"] == "msgpack"
+    dlq = registry.get("profile", "rsmq-dlq")
+    assert (dlq["serializer"], dlq["model_handler"], dlq["data_model"]) == ("none", "none", None)
+    assert dlq["config"] == {"headers": "envelope"}
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "headers"),
+    [
+        (b"plain", None, None),
+        (b"\xff\xfe", b"\x00k", {"a": b"1", "b": b"\xc3"}),
+        ('{"x": "é"}'.encode(), b"key", {"volley-error-reason": b"boom"}),
+    ],
+)
+def test_envelope_round_trip(value: bytes, key: bytes | None, headers: dict[str, bytes] | None) -> None:
+    assert unwrap(wrap(value, key, headers)) == (value, key, headers)
+
+
+@pytest.mark.parametrize("body", [b"plain text", b'{"volley-envelope": 1}', b'{"volley-envelope":1, "payload"', b""])
+def test_bodies_that_are_not_envelopes_pass_through(body: bytes) -> None:
+    assert unwrap(body) == (body, None, None)
