@@ -1,0 +1,366 @@
+"""The pipeline's guarantees on the in-memory broker: acks, DLQ, retries, order, backpressure, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from volley import Engine, HandlerFailedError, MemoryBroker, MessageContext
+from volley.testing import harness
+
+
+@dataclass
+class Item:
+    n: int
+    key: str = "a"
+
+
+@dataclass
+class Doubled:
+    n: int
+
+
+def make_engine(broker: MemoryBroker, *, dlq: bool = True, batch_size: int | None = None,
+                ordering: str | None = None, **kwargs: Any) -> Engine:
+    queues: dict[str, Any] = {
+        "in": {"value": "in", "profile": "memory", "data_model": Item, "config": {"broker": broker}},
+        "out": {"value": "out", "profile": "memory", "data_model": Doubled, "config": {"broker": broker}},
+        "other": {"value": "other", "profile": "memory", "data_model": Doubled, "config": {"broker": broker}},
+        "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}},
+    }
+    if batch_size:
+        queues["in"]["batch_size"] = batch_size
+    if ordering:
+        queues["in"]["ordering"] = ordering
+    settings: dict[str, Any] = {"metrics_port": None, "poll_interval_seconds": 0.02, "retry_backoff_seconds": 0.0}
+    settings.update(kwargs)
+    return Engine(app_name="t", input_queue="in", output_queues=["out", "other"],
+                  dead_letter_queue="dlq" if dlq else None, queue_config=queues, **settings)
+
+
+def seed(broker: MemoryBroker, engine: Engine, items: list[Item]) -> None:
+    for item in items:
+        broker.publish("in", engine.input.encode(item), key=item.key.encode())
+
+
+def test_outputs_are_produced_and_inputs_acked() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker)
+    seed(broker, engine, [Item(n) for n in range(50)])
+
+    @engine.stream_app
+    def double(item: Item) -> list[tuple[str, Doubled]]:
+        return [("out", Doubled(item.n * 2))]
+
+    report = double.run_until_drained(timeout=10)
+    assert report.acked == 50 and report.consumed == 50
+    assert broker.produced("out") == [b'{"n":%d}' % (2 * n) for n in range(50)]
+    assert broker.is_idle("in") and broker.acked("in") == 50
+
+
+def test_harness_round_trips_through_the_queue_codecs() -> None:
+    engine = make_engine(MemoryBroker())
+
+    @engine.stream_app
+    def fan_out(item: Item, msg_ctx: MessageContext) -> list[tuple[str, Doubled, dict[str, Any]]]:
+        assert msg_ctx.queue_name == "in"
+        return [("out", Doubled(item.n), {"key": item.key, "headers": {"origin": "test"}}),
+                ("other", Doubled(-item.n))]
+
+    h = harness(fan_out)
+    h.send_many([Item(1, "x"), Item(2, "y")])
+    result = h.run()
+    assert result.outputs("out") == [Doubled(1), Doubled(2)]
+    assert result.outputs("other") == [Doubled(-1), Doubled(-2)]
+    assert [e.key for e in result.raw("out")] == [b"x", b"y"]
+    assert result.raw("out")[0].headers == {"origin": b"test"}
+    assert result.report.acked == 2
+
+
+def test_undecodable_and_invalid_messages_go_to_the_dlq_raw_with_reasons() -> None:
+    engine = make_engine(MemoryBroker())
+
+    @engine.stream_app
+    def ok(item: Item) -> bool:
+        return True
+
+    h = harness(ok)
+    h.send(b"\xff not json", raw=True, key="k1", headers={"trace": "abc"})
+    h.send(b'{"wrong": 1}', raw=True)
+    h.send(Item(3))
+    result = h.run()
+    dead = result.dead_letters
+    assert [d.value for d in dead] == [b"\xff not json", b'{"wrong": 1}']
+    assert dead[0].key == b"k1" and dead[0].headers is not None and dead[0].headers["trace"] == b"abc"
+    assert dead[0].headers["volley-error-stage"] == b"deserialize"
+    assert dead[0].headers["volley-error-type"] == b"SerializationError"
+    assert dead[1].headers is not None and dead[1].headers["volley-error-stage"] == b"validate"
+    assert b"wrong" in dead[1].headers["volley-error-reason"]
+    assert result.report.dead_lettered == 2 and result.report.acked == 1
+
+
+def test_handler_exceptions_are_retried_then_dead_lettered() -> None:
+    calls: dict[int, int] = {}
+    engine = make_engine(MemoryBroker(), max_retries=2)
+
+    @engine.stream_app
+    def flaky(item: Item) -> list[tuple[str, Doubled]]:
+        calls[item.n] = calls.get(item.n, 0) + 1
+        if item.n == 1 or (item.n == 2 and calls[2] < 3):
+            raise RuntimeError(f"boom {item.n}")
+        return [("out", Doubled(item.n))]
+
+    h = harness(flaky)
+    h.send_many([Item(0), Item(1), Item(2)])
+    result = h.run()
+    assert calls == {0: 1, 1: 3, 2: 3}
+    assert result.outputs("out") == [Doubled(0), Doubled(2)]
+    [dead] = result.dead_letters
+    assert dead.headers is not None
+    assert dead.headers["volley-error-stage"] == b"handler"
+    assert dead.headers["volley-error-type"] == b"RuntimeError"
+    assert dead.headers["volley-error-reason"] == b"RuntimeError: boom 1"
+    assert result.report.retries == 4
+
+
+def test_without_dlq_a_failure_stops_the_app_and_leaves_the_message_unacked() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker, dlq=False, max_retries=0)
+    seed(broker, engine, [Item(1)])
+
+    @engine.stream_app
+    def broken(item: Item) -> bool:
+        raise ValueError("cannot")
+
+    with pytest.raises(HandlerFailedError, match=r"in\[0\]@\d+ failed at handler .*ValueError: cannot"):
+        broken.run_until_drained(timeout=10)
+    assert broker.acked("in") == 0
+    deadline = time.monotonic() + 5  # given back after redelivery_delay_seconds, not lost
+    while broker.depth("in") != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert broker.depth("in") == 1
+
+
+def test_without_dlq_continue_policy_reports_and_keeps_going() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker, dlq=False, max_retries=0, on_failure="continue", max_deliveries=1,
+                         redelivery_delay_seconds=0.0)
+    seed(broker, engine, [Item(1), Item(2)])
+
+    @engine.stream_app
+    def half(item: Item) -> list[tuple[str, Doubled]]:
+        if item.n == 1:
+            raise ValueError("no ones")
+        return [("out", Doubled(item.n))]
+
+    report = half.run_until_drained(timeout=10, max_messages=3)
+    assert report.failed >= 1 and report.acked == 1
+    assert broker.produced("out") == [b'{"n":2}']
+    assert broker.acked("in") == 1
+
+
+def test_returning_false_gives_the_message_back_until_max_deliveries_then_dlq() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker, max_deliveries=3, redelivery_delay_seconds=0.0)
+    seed(broker, engine, [Item(7)])
+    seen: list[int] = []
+
+    @engine.stream_app
+    def refuse(item: Item, msg_ctx: MessageContext) -> bool:
+        seen.append(msg_ctx.attempt)
+        return False
+
+    report = refuse.run_until_drained(timeout=10)
+    assert seen == [1, 2, 3]
+    [dead] = broker.produced_records("dlq")
+    assert dead.headers is not None and dead.headers["volley-error-stage"] == b"redelivery"
+    assert report.nacked == 3 and report.dead_lettered == 1
+
+
+def test_output_of_the_wrong_type_is_a_clear_type_error_in_the_dlq() -> None:
+    engine = make_engine(MemoryBroker())
+
+    @engine.stream_app
+    def wrong(item: Item) -> list[tuple[str, Any]]:
+        return [("out", {"n": item.n})]
+
+    h = harness(wrong)
+    h.send(Item(1))
+    result = h.run()
+    [dead] = result.dead_letters
+    assert dead.headers is not None
+    assert dead.headers["volley-error-type"] == b"TypeError"
+    reason = dead.headers["volley-error-reason"].decode()
+    assert "expects Doubled" in reason and "returned dict" in reason
+    assert result.outputs("out") == []
+
+
+def test_unknown_output_queue_is_reported_with_the_known_ones() -> None:
+    engine = make_engine(MemoryBroker())
+
+    @engine.stream_app
+    def misrouted(item: Item) -> list[tuple[str, Doubled]]:
+        return [("nowhere", Doubled(1))]
+
+    h = harness(misrouted)
+    h.send(Item(1))
+    [dead] = h.run().dead_letters
+    assert dead.headers is not None and b"'nowhere' is not one of this app's output_queues" in \
+        dead.headers["volley-error-reason"]
+
+
+def test_a_bad_second_output_sends_nothing() -> None:
+    engine = make_engine(MemoryBroker())
+
+    @engine.stream_app
+    def half_bad(item: Item) -> list[tuple[str, Any]]:
+        return [("out", Doubled(1)), ("other", "not a Doubled")]
+
+    h = harness(half_bad)
+    h.send(Item(1))
+    result = h.run()
+    assert result.outputs("out") == [] and len(result.dead_letters) == 1
+
+
+def test_batch_handler_gets_lists_and_a_bad_record_fails_alone() -> None:
+    batches: list[list[int]] = []
+    engine = make_engine(MemoryBroker(), batch_size=4)
+
+    @engine.stream_app
+    def batch(items: list[Item]) -> list[tuple[str, Doubled]]:
+        batches.append([i.n for i in items])
+        return [("out", Doubled(sum(i.n for i in items)))]
+
+    h = harness(batch)
+    h.send_many([Item(n) for n in range(5)])
+    h.send(b"garbage", raw=True)
+    h.send_many([Item(n) for n in range(5, 8)])
+    result = h.run()
+    assert sorted(n for b in batches for n in b) == list(range(8))
+    assert all(len(b) <= 4 for b in batches)
+    assert len(result.dead_letters) == 1 and result.dead_letters[0].value == b"garbage"
+    assert result.report.acked == 8
+
+
+def test_async_handlers_run_concurrently_and_keep_per_key_order() -> None:
+    broker = MemoryBroker(partitions=4)
+    engine = make_engine(broker, ordering="key", max_in_flight=20)
+    keys = [f"k{i}" for i in range(20)]
+    seed(broker, engine, [Item(n, keys[n % 20]) for n in range(200)])
+    seen: dict[str, list[int]] = {}
+    running = 0
+    peak = 0
+
+    @engine.stream_app
+    async def slow(item: Item) -> list[tuple[str, Doubled]]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.005)
+        seen.setdefault(item.key, []).append(item.n)
+        running -= 1
+        return [("out", Doubled(item.n))]
+
+    report = slow.run_until_drained(timeout=20)
+    assert report.acked == 200
+    assert peak > 5  # concurrency actually happened
+    assert peak <= 20  # and was bounded by max_in_flight
+    for key, ns in seen.items():
+        assert ns == sorted(ns), key
+
+
+def test_sync_handler_does_not_block_the_event_loop() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker)
+    seed(broker, engine, [Item(1)])
+    release = threading.Event()
+    ticks = 0
+
+    @engine.stream_app
+    def blocking(item: Item) -> bool:
+        release.wait(5)
+        return True
+
+    async def main() -> None:
+        nonlocal ticks
+        task = asyncio.ensure_future(blocking.run_async(stop_when_drained=True, drain_idle_seconds=0.05))
+        deadline = time.monotonic() + 5
+        while ticks < 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+            ticks += 1
+        release.set()
+        report = await task
+        assert report.acked == 1
+
+    asyncio.run(main())
+    assert ticks >= 20
+
+
+def test_backpressure_bounds_unsettled_inputs() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker, max_buffered=30, consume_batch_size=10)
+    seed(broker, engine, [Item(n) for n in range(300)])
+    peak_held = 0
+
+    @engine.stream_app
+    def watch(item: Item) -> bool:
+        nonlocal peak_held
+        peak_held = max(peak_held, broker.unacked("in"))
+        return True
+
+    report = watch.run_until_drained(timeout=20)
+    assert report.acked == 300
+    assert 0 < peak_held <= 30
+
+
+def test_stop_from_another_thread_shuts_down_gracefully() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker)
+    seed(broker, engine, [Item(n) for n in range(5)])
+    handled = threading.Event()
+
+    @engine.stream_app
+    def handler(item: Item) -> bool:
+        handled.set()
+        return True
+
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(asyncio.run(handler.run_async())))
+    worker.start()
+    assert handled.wait(5)
+    handler.stop()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert result[0].acked == 5 and broker.acked("in") == 5
+
+
+def test_shutdown_gives_back_unfinished_work() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker, shutdown_timeout_seconds=0.2)
+    seed(broker, engine, [Item(n) for n in range(3)])
+    started = threading.Event()
+    release = threading.Event()
+
+    @engine.stream_app
+    def stuck(item: Item) -> bool:
+        started.set()
+        release.wait(5)
+        return True
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(stuck.run_async())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        stuck.stop()
+        report = await task
+        release.set()
+        return report
+
+    report = asyncio.run(main())
+    assert report.abandoned == 3
+    assert broker.depth("in") == 3  # nothing lost: all three are back on the queue
