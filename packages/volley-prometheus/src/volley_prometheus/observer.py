@@ -109,7 +109,7 @@ class _App:
         self.in_flight = m.in_flight.labels(name).set
         self.retries = m.retries.labels(name).inc
         self.ready = m.ready.labels(name).set
-        self.commit = m.commit_time.labels(name).observe
+        self.commit: Callable[[float], None] | None = None  # bound on first use: only Kafka commits
 
     def bind_consumed(self, status: str) -> Callable[[float], None]:
         inc = self.consumed[status] = self.m.consumed.labels(self.name, status).inc
@@ -294,7 +294,10 @@ class PrometheusObserver:
                 self.metrics.lag.remove(app_name, key[0], str(key[1]))
 
     def on_commit(self, app_name: str, seconds: float) -> None:
-        self._app(app_name).commit(seconds)
+        app = self._app(app_name)
+        if app.commit is None:
+            app.commit = self.metrics.commit_time.labels(app_name).observe
+        app.commit(seconds)
 
     def on_depth(self, app_name: str, queue: str, depth: int) -> None:
         app = self._app(app_name)
