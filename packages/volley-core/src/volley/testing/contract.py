@@ -16,6 +16,7 @@ Needs ``pytest`` and ``pytest-asyncio`` (``asyncio_mode = "auto"``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import uuid
@@ -136,11 +137,13 @@ class DeliveryRecorder:
         got = Counter(self.delivered_tokens())
         missing = sorted((t for t in expected if got[t] < expected[t]), key=repr)
         extra = sorted((t for t in got if got[t] > expected[t]), key=repr)
-        assert not missing and not extra, (
+        summary = (
             f"delivery reports must name every record exactly once (by its token): "
             f"{len(missing)} never or too rarely reported (first: {missing[:5]}), "
             f"{len(extra)} reported too often or unknown (first: {extra[:5]})"
         )
+        assert not missing, summary
+        assert not extra, summary
 
 
 async def _bounded(awaitable: Awaitable[T], seconds: float, what: str) -> T:
@@ -342,6 +345,19 @@ class ConnectorContract:
     large_batch_size: ClassVar[int] = 2000
     """Messages in the large-batch test."""
 
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """The flags :func:`volley.testing.statemachine.connector_state_machine` takes, as keyword arguments."""
+        return {
+            "ordering": cls.ordering,
+            "supports_keys": cls.supports_keys,
+            "supports_headers": cls.supports_headers,
+            "redelivers_nacked_in_session": cls.redelivers_nacked_in_session,
+            "acks_individually": cls.acks_individually,
+            "counts_attempts": cls.counts_attempts,
+            "max_wait_seconds": cls.max_wait_seconds,
+        }
+
     # ------------------------------------------------------------------ to provide
 
     def make_connector(self) -> Connector:
@@ -358,10 +374,18 @@ class ConnectorContract:
     @pytest.fixture(autouse=True)
     async def _contract_resources(self) -> AsyncIterator[None]:
         """Per-test state; closes whatever a test left open, even when it failed."""
+        self.contract_setup()
+        yield
+        await self.contract_teardown()
+
+    def contract_setup(self) -> None:
+        """Reset the per-test state (the autouse fixture calls it; call it yourself to run a test by hand)."""
         self._open: list[Consumer | Producer] = []
         self._specs: dict[tuple[str, str], QueueSpec] = {}
         self._connector: Connector | None = None
-        yield
+
+    async def contract_teardown(self) -> None:
+        """Close every consumer and producer the test left open; raise the first error closing them gave."""
         errors: list[BaseException] = []
         for resource in reversed(self._open):
             try:
@@ -720,7 +744,7 @@ class ConnectorContract:
                 )
         finally:
             ticking.cancel()
-        gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
         assert gaps, "the event loop never ran while consume() waited"
         assert max(gaps) <= self.loop_block_tolerance_seconds, (
             f"consume() blocked the event loop for {max(gaps):.2f} s: it must await, not block"

@@ -1,0 +1,367 @@
+"""A Hypothesis state machine that checks a connector against a plain model of what it holds.
+
+Hypothesis interleaves produce, consume, ack, nack and consumer restarts in
+random orders and shrinks any failure to the shortest sequence of steps that
+shows it. The model is deliberately simple: every message produced is in
+exactly one state (pending in a deque, optional, held by the consumer, nacked
+and waiting for a restart, or acked), and each delivery the connector makes is
+checked against it the moment it happens:
+
+- a delivered message was produced, is intact (value, key, headers), and is
+  not acked (nor held by the live consumer already);
+- first deliveries keep production order within each ordering unit;
+- ``attempt`` counts deliveries where the connector says it does;
+- at the end every pending message does arrive: nothing is lost.
+
+The connector's coroutines run on a private event loop that each example
+creates and closes, so the machine itself is an ordinary synchronous
+Hypothesis ``RuleBasedStateMachine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from typing import TypeVar
+
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from volley.message import Envelope, Headers, OutgoingMessage
+from volley.ports import Connector, Consumer, Producer, QueueSpec
+from volley.testing.contract import DeliveryRecorder
+
+__all__ = ["DEFAULT_SETTINGS", "connector_state_machine"]
+
+T = TypeVar("T")
+
+DEFAULT_SETTINGS = hypothesis.settings(
+    max_examples=50,
+    stateful_step_count=30,
+    deadline=None,  # brokers have latency; a step's duration says nothing about correctness
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+"""Modest defaults; pass ``settings=`` (e.g. ``max_examples=5`` for a real broker) to change them."""
+
+_ID_BYTES = 8
+
+
+def _encode(message_id: int, payload: bytes) -> bytes:
+    return message_id.to_bytes(_ID_BYTES, "big") + payload
+
+
+def _decode(value: bytes) -> int | None:
+    return int.from_bytes(value[:_ID_BYTES], "big") if len(value) >= _ID_BYTES else None
+
+
+def connector_state_machine(
+    make_connector: Callable[[], Connector],
+    make_spec: Callable[[str, str], QueueSpec],
+    *,
+    create_queue: Callable[[str], Awaitable[None]] | None = None,
+    ordering: str = "partition",
+    supports_keys: bool = True,
+    supports_headers: bool = True,
+    redelivers_nacked_in_session: bool = True,
+    acks_individually: bool = True,
+    counts_attempts: bool = False,
+    max_wait_seconds: float = 10.0,
+    poll_timeout: float = 0.05,
+    settings: hypothesis.settings | None = None,
+    name: str = "Connector",
+) -> type[RuleBasedStateMachine]:
+    """Build a state machine class for one connector; use its ``.TestCase`` or ``run_state_machine_as_test``.
+
+    Per example, ``make_connector()`` is called first, then ``make_spec(name,
+    "input")`` and ``make_spec(name, "output")`` for one fresh queue name
+    (``create_queue(name)`` is awaited before, when given). The flags mean
+    what :class:`volley.testing.contract.ConnectorContract`'s do, and
+    ``ConnectorContract.capabilities()`` returns them for a contract subclass.
+    ``poll_timeout`` is the ``timeout`` of each consume step (0 is fine for an
+    in-process broker; a network broker wants a fraction of a second).
+
+    With a server that a pytest fixture provides::
+
+        def test_kafka_machine(kafka_bootstrap):
+            machine = connector_state_machine(KafkaConnector, lambda n, r: spec(kafka_bootstrap, n, r), ...)
+            run_state_machine_as_test(machine, settings=hypothesis.settings(DEFAULT_SETTINGS, max_examples=5))
+    """
+    if ordering not in ("partition", "key", "none"):
+        raise ValueError(f"ordering must be 'partition', 'key' or 'none', not {ordering!r}")
+
+    keys = st.none() | st.sampled_from([b"a", b"b", b"c", b"\x00\xff"]) if supports_keys else st.none()
+    headers = (
+        st.none()
+        | st.dictionaries(st.sampled_from(["h", "trace-id", "ünï"]), st.binary(min_size=1, max_size=8),
+                          min_size=1, max_size=2)
+        if supports_headers
+        else st.none()
+    )
+    records = st.lists(st.tuples(keys, headers, st.binary(max_size=24)), min_size=1, max_size=8)
+
+    class ConnectorMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self._loop = asyncio.new_event_loop()
+            self._failed = False
+            self._consumer: Consumer | None = None
+            self._producer: Producer | None = None
+            # the model
+            self.produced: dict[int, tuple[bytes, bytes | None, Headers | None]] = {}
+            self.pending: deque[int] = deque()  # must still be delivered
+            self.optional: set[int] = set()  # may be delivered again once (acked after a gap, Kafka-style)
+            self.held: dict[int, Envelope] = {}  # delivered to the live consumer, not settled
+            self.nacked: set[int] = set()  # nacked; comes back after a restart (no in-session redelivery)
+            self.acked: set[int] = set()
+            self.deliveries: Counter[int] = Counter()
+            self.unit_of: dict[int, Hashable] = {}
+            self.last_first_delivery: dict[Hashable, int] = {}
+            self.partition_of_key: dict[bytes, int | None] = {}
+            self.next_id = 0
+            try:
+                self.queue = f"statemachine-{uuid.uuid4().hex[:12]}"
+                self.connector = make_connector()
+                if create_queue is not None:
+                    self._run(create_queue(self.queue), "create_queue()")
+                self.input_spec = make_spec(self.queue, "input")
+                self.output_spec = make_spec(self.queue, "output")
+                self._producer = self.connector.create_producer(self.output_spec)
+                self._run(self._producer.start(), "Producer.start()")
+                self._consumer = self._open_consumer()
+            except BaseException:
+                self._close_all()
+                raise
+
+        # ------------------------------------------------------------ plumbing
+
+        def _run(self, coroutine: Awaitable[T], what: str, seconds: float | None = None) -> T:
+            limit = max_wait_seconds if seconds is None else seconds
+
+            async def bounded() -> T:
+                try:
+                    return await asyncio.wait_for(coroutine, limit)
+                except TimeoutError:
+                    raise AssertionError(f"{what} did not return within {limit:.1f} s") from None
+
+            return self._loop.run_until_complete(bounded())
+
+        @contextlib.contextmanager
+        def _step(self) -> Iterator[None]:
+            """Remember that a step failed, so that teardown does not pile a second failure on top."""
+            try:
+                yield
+            except BaseException:
+                self._failed = True
+                raise
+
+        @property
+        def consumer(self) -> Consumer:
+            assert self._consumer is not None
+            return self._consumer
+
+        @property
+        def producer(self) -> Producer:
+            assert self._producer is not None
+            return self._producer
+
+        def _open_consumer(self) -> Consumer:
+            consumer = self.connector.create_consumer(self.input_spec)
+            self._consumer = consumer
+            self._run(consumer.start(), "Consumer.start()")
+            return consumer
+
+        def _close_all(self) -> None:
+            try:
+                for resource in (self._consumer, self._producer):
+                    if resource is not None:
+                        with contextlib.suppress(Exception):
+                            self._run(resource.close(), f"{type(resource).__name__}.close()")
+                self._consumer = self._producer = None
+                with contextlib.suppress(Exception):
+                    self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+                    self._loop.run_until_complete(self._loop.shutdown_default_executor())
+            finally:
+                self._loop.close()
+
+        def _unit(self, envelope: Envelope) -> Hashable | None:
+            if ordering == "partition":
+                return ("partition", envelope.partition)
+            if ordering == "key" and envelope.key is not None:
+                return ("key", envelope.key)
+            return None
+
+        def _delivered(self, envelope: Envelope) -> int:
+            """Check one delivery against the model and move the message to ``held``."""
+            message_id = _decode(envelope.value)
+            assert message_id is not None, f"delivered a message that was never produced: {envelope!r}"
+            assert message_id in self.produced, f"delivered a message that was never produced: {envelope!r}"
+            assert message_id not in self.acked, f"message {message_id} was acked and is delivered again: {envelope!r}"
+            assert message_id not in self.held, f"message {message_id} is delivered while still held: {envelope!r}"
+            if message_id in self.optional:
+                self.optional.discard(message_id)
+            elif message_id in self.nacked:  # a connector may redeliver in session even if it need not
+                self.nacked.discard(message_id)
+            else:
+                assert message_id in self.pending, f"message {message_id} delivered in an impossible state"
+                self.pending.remove(message_id)
+            value, key, sent_headers = self.produced[message_id]
+            assert envelope.value == value, f"value changed: {value!r} -> {envelope.value!r}"
+            if supports_keys:
+                assert envelope.key == key, f"key changed: {key!r} -> {envelope.key!r}"
+            if supports_headers:
+                assert dict(envelope.headers or {}) == (sent_headers or {}), (
+                    f"headers changed: {sent_headers!r} -> {envelope.headers!r}"
+                )
+            previous = self.deliveries[message_id]
+            if counts_attempts:
+                assert envelope.attempt == previous + 1, f"delivery {previous + 1} has attempt {envelope.attempt}"
+            else:
+                assert envelope.attempt >= 1, f"attempt must start at 1: {envelope!r}"
+            unit = self._unit(envelope)
+            if previous == 0:
+                if unit is not None:
+                    last = self.last_first_delivery.get(unit)
+                    assert last is None or last < message_id, (
+                        f"order broken in {unit!r}: message {message_id} first delivered after {last}"
+                    )
+                    self.last_first_delivery[unit] = message_id
+                self.unit_of[message_id] = unit
+            else:
+                assert self.unit_of[message_id] == unit, (
+                    f"message {message_id} moved from {self.unit_of[message_id]!r} to {unit!r} on redelivery"
+                )
+            if ordering == "partition" and supports_keys and envelope.key is not None:
+                seen = self.partition_of_key.setdefault(envelope.key, envelope.partition)
+                assert seen == envelope.partition, f"key {envelope.key!r} in partitions {seen} and {envelope.partition}"
+            self.deliveries[message_id] += 1
+            self.held[message_id] = envelope
+            return message_id
+
+        def _consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+            batch = self._run(self.consumer.consume(max_messages, timeout), f"consume(timeout={timeout})",
+                              timeout + max_wait_seconds)
+            assert len(batch) <= max_messages, f"consume(max_messages={max_messages}) returned {len(batch)}"
+            for envelope in batch:
+                self._delivered(envelope)
+            return batch
+
+        def _produce(self, batch: Sequence[tuple[bytes | None, Headers | None, bytes]]) -> None:
+            messages = []
+            for key, message_headers, payload in batch:
+                message_id = self.next_id
+                self.next_id += 1
+                value = _encode(message_id, payload)
+                self.produced[message_id] = (value, key, message_headers)
+                messages.append(OutgoingMessage(self.queue, value, key, message_headers, token=message_id))
+            recorder = DeliveryRecorder()
+            self.producer.produce(messages, recorder)
+            self._run(self.producer.flush(max_wait_seconds), "Producer.flush()", max_wait_seconds + 1.0)
+            recorder.assert_all_delivered(messages)
+            self.pending.extend(m.token for m in messages)
+
+        # ------------------------------------------------------------ rules
+
+        @rule(batch=records)
+        def produce(self, batch: list[tuple[bytes | None, Headers | None, bytes]]) -> None:
+            with self._step():
+                self._produce(batch)
+
+        @rule(max_messages=st.integers(min_value=1, max_value=10))
+        def consume(self, max_messages: int) -> None:
+            with self._step():
+                self._consume(max_messages, poll_timeout)
+
+        @precondition(lambda self: bool(self.held))
+        @rule(data=st.data())
+        def ack(self, data: st.DataObject) -> None:
+            with self._step():
+                chosen = data.draw(st.lists(st.sampled_from(sorted(self.held)), min_size=1, unique=True), label="ack")
+                self._run(self.consumer.ack([self.held[i] for i in chosen]), "ack()")
+                for message_id in chosen:
+                    del self.held[message_id]
+                    self.acked.add(message_id)
+
+        @precondition(lambda self: bool(self.held))
+        @rule(data=st.data())
+        def nack(self, data: st.DataObject) -> None:
+            with self._step():
+                chosen = data.draw(st.lists(st.sampled_from(sorted(self.held)), min_size=1, unique=True), label="nack")
+                self._run(self.consumer.nack([self.held[i] for i in chosen], 0.0), "nack()")
+                for message_id in chosen:
+                    del self.held[message_id]
+                    if redelivers_nacked_in_session:
+                        self.pending.append(message_id)
+                    else:
+                        self.nacked.add(message_id)
+
+        @rule()
+        def restart_consumer(self) -> None:
+            with self._step():
+                self._restart()
+
+        def _restart(self) -> None:
+            """Close the consumer (unacked messages go back) and start a new one in its place."""
+            self._run(self.consumer.close(), "Consumer.close()")
+            self._consumer = None
+            unsettled = set(self.held) | self.nacked
+            if not acks_individually:
+                # Only the contiguous acked prefix of each unit is committed: acked messages after the first
+                # unsettled one of their unit may come back once.
+                gap: dict[Hashable, int] = {}
+                for message_id in unsettled:
+                    unit = self.unit_of[message_id]
+                    gap[unit] = min(gap.get(unit, message_id), message_id)
+                reopened = {i for i in self.acked if self.unit_of[i] in gap and i > gap[self.unit_of[i]]}
+                self.acked -= reopened
+                self.optional |= reopened
+            self.pending.extend(sorted(unsettled))
+            self.held.clear()
+            self.nacked.clear()
+            self._open_consumer()
+
+        # ------------------------------------------------------------ invariants
+
+        @invariant()
+        def every_message_is_in_exactly_one_state(self) -> None:
+            states = [set(self.pending), self.optional, set(self.held), self.nacked, self.acked]
+            assert sum(len(s) for s in states) == len(self.produced) == len(set().union(*states)), (
+                "model bookkeeping lost track of a message"
+            )
+            assert len(self.pending) == len(set(self.pending))
+
+        # ------------------------------------------------------------ end of an example
+
+        def teardown(self) -> None:
+            try:
+                if not self._failed and self._consumer is not None and self._producer is not None:
+                    self._nothing_is_lost()
+            finally:
+                self._close_all()
+
+        def _nothing_is_lost(self) -> None:
+            """Restart, add a marker, and consume until everything still owed (and the marker) has arrived."""
+            self._restart()
+            self._produce([(None, None, b"final-marker")])
+            deadline = time.monotonic() + max_wait_seconds
+            while self.pending and time.monotonic() < deadline:
+                batch = self._consume(100, min(0.25, max(0.0, deadline - time.monotonic())))
+                if batch:
+                    self._run(self.consumer.ack(batch), "ack()")
+                    for envelope in batch:
+                        message_id = _decode(envelope.value)
+                        assert message_id is not None
+                        del self.held[message_id]
+                        self.acked.add(message_id)
+            assert not self.pending, (
+                f"{len(self.pending)} message(s) never came back within {max_wait_seconds} s: "
+                f"{sorted(self.pending)[:10]}"
+            )
+
+    ConnectorMachine.__name__ = ConnectorMachine.__qualname__ = f"{name}StateMachine"
+    ConnectorMachine.TestCase.settings = settings or DEFAULT_SETTINGS
+    return ConnectorMachine
