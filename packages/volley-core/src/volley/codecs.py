@@ -67,7 +67,7 @@ class DataclassModelHandler:
             raise DataValidationError(
                 f"{getattr(schema, '__name__', schema)} needs a JSON object, got {type(message).__name__}", message
             )
-        if dataclasses.is_dataclass(schema):
+        if isinstance(schema, type) and dataclasses.is_dataclass(schema):
             names = {f.name for f in dataclasses.fields(schema)}
             unknown = set(message) - names
             if unknown:

@@ -141,9 +141,8 @@ def normalize_queue_config(config: Any) -> dict[str, dict[str, Any]]:
             f"queue_config must be a list of QueueConfig, a dict of queue name to settings, or None; got "
             f"{type(config).__name__}"
         )
-    for name, settings in items:
-        if isinstance(settings, QueueConfig):
-            settings = settings.to_dict()
+    for name, given in items:
+        settings = given.to_dict() if isinstance(given, QueueConfig) else given
         if not isinstance(settings, Mapping):
             raise ConfigurationError(f"settings of queue {name!r} must be a mapping, got {settings!r}")
         unknown = set(settings) - set(QUEUE_FIELDS)

@@ -196,15 +196,15 @@ class StreamApp:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
-                    loop.add_signal_handler(sig, self._on_signal, sig)
-                    installed.append(sig)
+                    loop.add_signal_handler(sig, self._on_signal, int(sig))
+                    installed.append(int(sig))
                 except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
                     pass
         try:
             return await self.run_async()
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+            for signum in installed:
+                loop.remove_signal_handler(signum)
 
     def _on_signal(self, sig: int) -> None:
         if self._stop_requested.is_set():

@@ -12,6 +12,7 @@ loops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -158,10 +159,8 @@ class MemoryBroker:
         with self._lock:
             waiters, queue.waiters = queue.waiters, []
         for loop, future in waiters:
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop is closed; its consumer is gone
                 loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:  # that loop is closed; its consumer is gone
-                pass
 
     # ---------------------------------------------------------------- consuming
 

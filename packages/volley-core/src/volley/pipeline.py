@@ -246,7 +246,7 @@ class Pipeline:
                 part.instrument(self.observer, self.name)
         if isinstance(self.consumer, RebalanceAware):
             self.consumer.set_revoke_handler(self._on_revoke)
-        started_parts: list[Consumer | Producer] = []
+        started_parts: list[Any] = []
         try:
             for producer in self.producers:
                 await producer.start()
@@ -321,7 +321,8 @@ class Pipeline:
         await self._flush_acks()
         monitor.cancel()
         await _wait_task(monitor, 1.0)
-        for part in (self.consumer, *self.producers):
+        parts: list[Consumer | Producer] = [self.consumer, *self.producers]
+        for part in parts:
             try:
                 await part.close()
             except Exception as exc:

@@ -8,7 +8,6 @@ is a first-class citizen. Installing a distribution that declares
 
 from __future__ import annotations
 
-import importlib.metadata
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field

@@ -177,10 +177,8 @@ def resolve_queue(
     for part, attr in ((consumer_part, "create_consumer"), (producer_part, "create_producer")):
         if part is None:
             continue
-        if hasattr(part, attr):  # a connector object
-            factory = getattr(part, attr)
-        else:  # a class taking the queue spec
-            factory = part
+        # a connector object, or a class taking the queue spec
+        factory = getattr(part, attr) if hasattr(part, attr) else part
         if attr == "create_consumer":
             consumer_factory = factory
         else:

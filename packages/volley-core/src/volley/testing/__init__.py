@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from volley.engine import Engine, StreamApp
+from volley.engine import StreamApp
 from volley.memory import MemoryBroker
 from volley.message import Envelope, to_bytes
 from volley.pipeline import RunReport

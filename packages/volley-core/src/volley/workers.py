@@ -1,0 +1,115 @@
+"""``volley run --workers N``: a small supervisor of N worker processes.
+
+Each worker is a plain ``volley run`` process, so each is its own Kafka
+consumer-group member or RSMQ receiver. The supervisor restarts a worker that
+dies (with a growing delay, so a worker that cannot start does not spin),
+forwards SIGINT/SIGTERM to every worker and waits for their graceful shutdown
+within a deadline before killing what is left.
+
+For metrics across processes it sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh
+directory, unless already set) and ``VOLLEY_WORKER_INDEX``; the metrics plugin
+serves the aggregate from worker 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+logger = logging.getLogger("volley.workers")
+
+RESTART_DELAY_MAX = 30.0
+SHUTDOWN_DEADLINE = float(os.environ.get("VOLLEY_SHUTDOWN_DEADLINE", "45"))
+
+
+class Supervisor:
+    def __init__(self, apps: Sequence[str], workers: int) -> None:
+        self.apps = list(apps)
+        self.workers = workers
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[int, int] = {}
+        self.next_start: dict[int, float] = {}
+        self.stopping = False
+        self.own_metrics_dir: str | None = None
+
+    def _spawn(self, index: int) -> None:
+        env = dict(os.environ)
+        env["VOLLEY_WORKER_INDEX"] = str(index)
+        env["VOLLEY_WORKERS"] = str(self.workers)
+        command = [sys.executable, "-m", "volley.cli", "run", *self.apps]
+        self.processes[index] = subprocess.Popen(command, env=env)
+        logger.info("worker %d started (pid %d)", index, self.processes[index].pid)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            logger.warning("second %s: killing all workers", signal.Signals(signum).name)
+            for process in self.processes.values():
+                if process.poll() is None:
+                    process.kill()
+            return
+        logger.info("%s received: stopping %d worker(s)", signal.Signals(signum).name, len(self.processes))
+        self.stopping = True
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        if self.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.own_metrics_dir = tempfile.mkdtemp(prefix="volley-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.own_metrics_dir
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for index in range(self.workers):
+                self._spawn(index)
+            while not self.stopping:
+                self._watch()
+                time.sleep(0.2)
+            return self._wait_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.own_metrics_dir:
+                shutil.rmtree(self.own_metrics_dir, ignore_errors=True)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for index, process in list(self.processes.items()):
+            code = process.poll()
+            if code is None or self.stopping:
+                continue
+            if index not in self.next_start:
+                count = self.restarts.get(index, 0)
+                delay = min(RESTART_DELAY_MAX, 0.5 * 2**count)
+                self.next_start[index] = now + delay
+                logger.error("worker %d (pid %d) exited with %d; restarting in %.1f s", index, process.pid, code,
+                             delay)
+            elif now >= self.next_start[index]:
+                del self.next_start[index]
+                self.restarts[index] = self.restarts.get(index, 0) + 1
+                self._spawn(index)
+
+    def _wait_all(self) -> int:
+        deadline = time.monotonic() + SHUTDOWN_DEADLINE
+        worst = 0
+        for index, process in self.processes.items():
+            try:
+                code = process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error("worker %d did not stop within the deadline; killing it", index)
+                process.kill()
+                code = process.wait()
+            if code not in (0, -signal.SIGTERM):
+                worst = worst or code
+        return worst if worst > 0 else 0
+
+
+def supervise(apps: Sequence[str], workers: int) -> int:
+    return Supervisor(apps, workers).run()
