@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 from prometheus_client import CollectorRegistry
+
 from volley_prometheus import PrometheusObserver, VolleyMetrics
 
 

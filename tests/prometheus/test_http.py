@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+
 from volley.errors import ConfigurationError
 from volley_prometheus import PrometheusObserver, VolleyMetrics
 

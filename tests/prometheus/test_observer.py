@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry, Summary
+
 from volley.errors import ConfigurationError
 from volley.plugins import build_registry
 from volley.ports import Observer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import selectors
 import socket
 import threading
 import time
@@ -141,19 +142,36 @@ class MetricsServer:
         httpd = server_class((self.host, self.requested_port), _Handler)
         httpd.volley = self
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, args=(httpd, self._wake_read),
                                         name=f"volley-metrics-{self.port}", daemon=True)
         self._thread.start()
         log.info("serving /metrics, /healthz and /readyz on %s:%d", self.host, self.port)
 
+    @staticmethod
+    def _serve(httpd: _Server, wake: socket.socket) -> None:
+        # Not serve_forever: its shutdown() waits for a poll interval, and engines stop often in test suites.
+        # This loop sleeps until a connection or the wake-up socket is readable, so stop() returns at once.
+        with selectors.DefaultSelector() as selector:
+            selector.register(httpd, selectors.EVENT_READ)
+            selector.register(wake, selectors.EVENT_READ)
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj is wake:
+                        return
+                    httpd.handle_request()  # readable: accepts without blocking, handles on its own thread
+
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        if httpd is None:
+            return
+        self._wake_write.send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             self._thread = None
+        httpd.server_close()
+        self._wake_read.close()
+        self._wake_write.close()
 
     @property
     def port(self) -> int:
