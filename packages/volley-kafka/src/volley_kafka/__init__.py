@@ -1,0 +1,20 @@
+"""volley-kafka: Apache Kafka for Volley, through confluent-kafka (librdkafka).
+
+Installing the distribution registers the ``confluent`` connector (alias
+``kafka``) and the ``confluent*`` profiles; nothing needs importing.
+"""
+
+from volley_kafka.connector import KafkaConnector
+from volley_kafka.consumer import KafkaConsumer, TransactionalKafkaConsumer
+from volley_kafka.offsets import OffsetTracker, PartitionOffsets
+from volley_kafka.producer import KafkaProducer, ProducerClient
+
+__all__ = [
+    "KafkaConnector",
+    "KafkaConsumer",
+    "KafkaProducer",
+    "OffsetTracker",
+    "PartitionOffsets",
+    "ProducerClient",
+    "TransactionalKafkaConsumer",
+]

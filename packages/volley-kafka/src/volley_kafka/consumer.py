@@ -1,0 +1,749 @@
+"""The Kafka consumer: batched fetching off the event loop, watermark commits, rebalance and pause handling.
+
+Threads, and who touches what:
+
+* librdkafka calls (``consume``, ``poll``, ``close``) that can block run on one
+  dedicated thread. Rebalance callbacks fire inside them, on that thread; they
+  hand the work that touches Volley's state to the event loop and wait for it.
+* The offset tracker is only touched on the event loop: building envelopes,
+  acks, nacks, commits, and the loop half of a rebalance.
+* Asynchronous commits are issued from the loop (librdkafka only queues them);
+  their results come back on the fetch thread and are handed to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from volley.errors import ConfigurationError, DeliveryError, VolleyError
+from volley.message import Envelope
+from volley.ports import Observer, PartitionId, QueueSpec, RevokeHandler
+from volley_kafka.offsets import OffsetTracker, TopicPartitionKey
+from volley_kafka.producer import ProducerClient, make_client, rdkafka_logger
+from volley_kafka.settings import ConsumerSettings
+from volley_kafka.worker import BlockingWorker
+
+logger = logging.getLogger("volley_kafka")
+
+POLL_SLICE = 0.2
+"""Longest single wait inside librdkafka, so that close and cancellation are served promptly."""
+ERROR_LOG_INTERVAL = 30.0
+LAG_INTERVAL = 5.0
+SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
+
+Fetched = tuple[int, list[Any]]
+
+
+class KafkaConsumer:
+    """Consumes one topic (or a comma-separated list) as a member of a consumer group. See the module docstring."""
+
+    def __init__(self, queue: QueueSpec, settings: ConsumerSettings) -> None:
+        self._queue = queue
+        self._settings = settings
+        self._what = f"Kafka consumer of queue {queue.name!r} ({queue.value})"
+        config = dict(settings.librdkafka)
+        config["on_commit"] = self._on_commit_result
+        config["error_cb"] = self._on_error
+        config["logger"] = rdkafka_logger
+        self._consumer: Any = make_client(config, self._what, confluent_kafka.Consumer)
+        self._tracker = OffsetTracker()
+        self._worker: BlockingWorker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._revoke_handler: RevokeHandler | None = None
+        self._observer: Observer | None = None
+        self._app_name = queue.app_name
+        self._assigned: frozenset[TopicPartitionKey] = frozenset()
+        self._ever_assigned = False
+        self._paused = False
+        self._reapply_pause = False
+        self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
+        self._attempts: dict[tuple[str, int, int], int] = {}
+        self._seek_epoch = 0
+        self._seeks: dict[TopicPartitionKey, tuple[int, int]] = {}  # partition -> (epoch, offset sought)
+        self._pending_seeks: list[TopicPartition] = []
+        self._gone_in_fetch: set[TopicPartitionKey] = set()
+        self._commit_started: deque[float] = deque()
+        self._next_commit = 0.0
+        self._next_lag = 0.0
+        self._error_logged: dict[int, float] = {}
+        self._fatal: KafkaError | None = None
+        self._committed_cache: dict[TopicPartitionKey, int] = {}
+        self._closing = False
+        self._closed = False
+
+    # ================================================================== capabilities
+
+    @property
+    def transactional(self) -> bool:
+        return False
+
+    def set_revoke_handler(self, handler: RevokeHandler) -> None:
+        self._revoke_handler = handler
+
+    def instrument(self, observer: Observer, app_name: str) -> None:
+        self._observer = observer
+        self._app_name = app_name
+
+    # ================================================================== lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._worker = BlockingWorker(f"volley-kafka-fetch-{self._queue.name}")
+        timeout = self._settings.startup_timeout
+        if timeout > 0:
+            metadata = await self._worker.submit(functools.partial(self._metadata, timeout))
+            topics = getattr(metadata, "topics", {})
+            missing = [t for t in self._settings.topics if t not in topics or topics[t].error is not None]
+            if missing:
+                logger.warning("%s: topic(s) %s do not exist (yet); consuming will start once they are created",
+                               self._what, ", ".join(missing))
+        try:
+            self._consumer.subscribe(list(self._settings.topics), on_assign=self._on_assign,
+                                     on_revoke=self._on_revoke, on_lost=self._on_lost)
+        except KafkaException as exc:
+            raise ConfigurationError(f"{self._what}: cannot subscribe: {exc}") from None
+        self._next_commit = time.monotonic() + self._settings.commit_interval
+        logger.info("%s: subscribed to %s as group %r", self._what, ", ".join(self._settings.topics),
+                    self._settings.group_id)
+
+    def _metadata(self, timeout: float) -> Any:
+        try:
+            return self._consumer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            brokers = self._settings.librdkafka.get("bootstrap.servers")
+            raise ConfigurationError(
+                f"{self._what}: no Kafka broker of {brokers} answered within {timeout:.0f} s "
+                f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
+                "volley.startup.timeout.seconds"
+            ) from None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._delayed.values():
+            handle.cancel()
+        self._delayed.clear()
+        worker = self._worker
+        if worker is None:  # never started
+            self._closing = True
+            self._consumer.close()
+            return
+        try:
+            await self._before_close()
+            if not self.transactional:
+                offsets = self._tracker.committable(self._assigned)
+                if offsets:
+                    await worker.submit(functools.partial(self._commit_sync, offsets, "at close"))
+        finally:
+            self._closing = True
+            try:
+                await worker.submit(self._consumer.close)
+            except (KafkaException, RuntimeError) as exc:
+                logger.warning("%s: closing: %s", self._what, exc)
+            worker.stop()
+
+    async def _before_close(self) -> None:
+        return None
+
+    # ================================================================== consuming
+
+    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        if self._fatal is not None:
+            raise VolleyError(f"{self._what}: fatal Kafka error: {self._fatal.str()}")
+        worker = self._worker
+        if worker is None:
+            raise RuntimeError(f"{self._what} is not started")
+        now = time.monotonic()
+        if now >= self._next_commit:
+            self._commit_async(now)
+        if self._paused:
+            timeout = 0.0  # only serve the group protocol; the engine resumes us as soon as there is room
+        epoch, messages = await worker.submit(functools.partial(self._fetch, max(1, max_messages), timeout))
+        if not messages:
+            return []
+        return self._envelopes(messages, epoch)
+
+    def _fetch(self, count: int, timeout: float) -> Fetched:
+        """On the fetch thread: what is ready now, else wait for the first message and take what followed it."""
+        consumer = self._consumer
+        epoch = self._seek_epoch
+        if self._pending_seeks:
+            self._retry_seeks()
+        messages: list[Any] = consumer.consume(count, 0)
+        if not messages and timeout > 0:
+            deadline = time.monotonic() + timeout
+            while not self._closing:
+                self._gone_in_fetch.clear()
+                first = consumer.poll(min(POLL_SLICE, timeout))
+                if first is not None:
+                    messages = consumer.consume(count - 1, 0) if count > 1 else []
+                    # A rebalance served by the second call purged what it had collected of revoked
+                    # partitions, but not the message the first call already returned.
+                    if not self._gone_in_fetch or (first.topic(), first.partition()) not in self._gone_in_fetch:
+                        messages.insert(0, first)
+                    break
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+        if self._reapply_pause:
+            self._reapply_pause = False
+            self._apply_pauses()
+        return epoch, messages
+
+    def _envelopes(self, messages: list[Any], epoch: int) -> list[Envelope]:
+        """On the loop: envelopes for the engine, and every offset registered with the tracker."""
+        out: list[Envelope] = []
+        append = out.append
+        tracker = self._tracker
+        attempts = self._attempts
+        stale = self._seeks if epoch != self._seek_epoch else None
+        last_topic: str | None = None
+        last_partition = -1
+        state: Any = None
+        for m in messages:
+            error = m.error()
+            if error is not None:
+                self._message_error(m, error)
+                continue
+            topic = m.topic()
+            partition = m.partition()
+            offset = m.offset()
+            if stale is not None and self._is_stale(topic, partition, offset, epoch):
+                continue
+            if partition != last_partition or topic != last_topic:
+                last_topic = topic
+                last_partition = partition
+                state = tracker.partition(topic, partition)
+            # Inline of PartitionOffsets.consumed: this runs once per message.
+            if offset < state.next:
+                state.rewind(offset)
+            elif state.first < 0:
+                state.first = offset
+            state.outstanding.append(offset)
+            state.next = offset + 1
+            kind, stamp = m.timestamp()
+            headers = m.headers()
+            append(Envelope(
+                m.value() or b"",
+                m.key(),
+                dict(headers) if headers else None,
+                topic,
+                partition,
+                offset,
+                stamp / 1000.0 if kind else None,
+                attempts.get((topic, partition, offset), 1) if attempts else 1,
+                m,
+            ))
+        return out
+
+    def _is_stale(self, topic: str, partition: int, offset: int, epoch: int) -> bool:
+        """A message fetched before a seek of its partition (nack, abort) that librdkafka could not purge.
+
+        After a seek to X the partition restarts at X, and everything fetched before the seek has offsets
+        above X: drop those until X itself comes back.
+        """
+        key = (topic, partition)
+        sought = self._seeks.get(key)
+        if sought is None or sought[0] <= epoch:
+            return False
+        if offset == sought[1]:
+            del self._seeks[key]
+            return False
+        return offset > sought[1]
+
+    def _message_error(self, message: Any, error: KafkaError) -> None:
+        code = error.code()
+        if code in SILENT_ERRORS:
+            return
+        if error.fatal():
+            self._fatal = error
+            logger.error("%s: fatal error: %s", self._what, error.str())
+            return
+        now = time.monotonic()
+        if now - self._error_logged.get(code, -ERROR_LOG_INTERVAL) < ERROR_LOG_INTERVAL:
+            return
+        self._error_logged[code] = now
+        where = message.topic() or ",".join(self._settings.topics)
+        if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION):
+            logger.warning("%s: %s: %s (waiting for it to be created)", self._what, where, error.str())
+        else:
+            logger.error("%s: %s: %s", self._what, where, error.str())
+
+    # ================================================================== settling
+
+    async def ack(self, envelopes: Sequence[Envelope]) -> None:
+        self._finish(envelopes)
+        now = time.monotonic()
+        if now >= self._next_commit:
+            self._commit_async(now)
+
+    def _finish(self, envelopes: Sequence[Envelope]) -> None:
+        partitions = self._tracker.partitions
+        last_topic: str | None = None
+        last_partition: int | None = -1
+        state: Any = None
+        for e in envelopes:
+            if e.partition != last_partition or e.source != last_topic:
+                last_topic = e.source
+                last_partition = e.partition
+                state = partitions.get((last_topic, last_partition))  # type: ignore[arg-type]  # always an int here
+            if state is not None:
+                state.finished(e.position)
+        if self._attempts:
+            for e in envelopes:
+                self._attempts.pop((e.source, e.partition, e.position), None)  # type: ignore[arg-type]
+
+    async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
+        """Kafka cannot redeliver one message: rewind each partition to its earliest nacked offset."""
+        lowest: dict[TopicPartitionKey, int] = {}
+        for e in envelopes:
+            key = (e.source, int(e.partition or 0))
+            offset = int(e.position)
+            if key not in lowest or offset < lowest[key]:
+                lowest[key] = offset
+            self._attempts[(key[0], key[1], offset)] = e.attempt + 1
+        self._rewind(lowest, delay)
+
+    def _rewind(self, targets: Mapping[TopicPartitionKey, int], delay: float = 0.0) -> None:
+        """Forget the tracked offsets from each target on and seek there, so that they are consumed again."""
+        if not targets:
+            return
+        self._seek_epoch += 1
+        for key, offset in targets.items():
+            state = self._tracker.partitions.get(key)
+            if state is None or key not in self._assigned:
+                continue  # no longer ours: its new owner starts from the last commit
+            state.rewind(offset)
+            if self._closing:
+                continue
+            partition = TopicPartition(key[0], key[1], offset)
+            self._seeks[key] = (self._seek_epoch, offset)
+            if delay > 0:
+                self._pause_for(key, delay)
+            try:
+                self._consumer.seek(partition)
+            except KafkaException as exc:
+                logger.debug("%s: seek %s[%d] to %d deferred: %s", self._what, key[0], key[1], offset, exc)
+                self._pending_seeks.append(partition)
+
+    def _retry_seeks(self) -> None:
+        pending, self._pending_seeks = self._pending_seeks, []
+        for partition in pending:
+            if (partition.topic, partition.partition) not in self._assigned:
+                continue
+            try:
+                self._consumer.seek(partition)
+            except KafkaException:
+                self._pending_seeks.append(partition)
+
+    # ================================================================== commits
+
+    def _commit_async(self, now: float) -> None:
+        self._next_commit = now + self._settings.commit_interval
+        if now >= self._next_lag and self._observer is not None:
+            self._next_lag = now + LAG_INTERVAL
+            self._observer.on_lag(self._app_name, self.lag())
+        if self.transactional or self._closing:
+            return
+        offsets = self._tracker.committable(self._assigned)
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o) for t, p, o in offsets], asynchronous=True)
+        except KafkaException as exc:
+            logger.warning("%s: commit not sent: %s; retrying in %.1f s", self._what, exc,
+                           self._settings.commit_interval)
+            return
+        self._tracker.mark_committed(offsets)
+        self._commit_started.append(now)
+
+    def _on_commit_result(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's commit callback (fetch thread, or whichever thread committed)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        failed = [(tp.topic, tp.partition, tp.offset) for tp in partitions if tp.error is not None]
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            failed = [(tp.topic, tp.partition, tp.offset) for tp in partitions]
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(self._commit_settled, error, failed)
+
+    def _commit_settled(self, error: KafkaError | None, failed: list[tuple[str, int, int]]) -> None:
+        now = time.monotonic()
+        if self._commit_started:
+            started = self._commit_started.popleft()
+            if self._observer is not None:
+                self._observer.on_commit(self._app_name, now - started)
+        if failed:
+            self._tracker.commit_failed(failed)
+            logger.warning("%s: commit failed (%s); it is retried with the next one", self._what,
+                           error.str() if error is not None else "partition errors")
+
+    def _commit_sync(self, offsets: list[tuple[str, int, int]], why: str) -> bool:
+        """Commit and wait (fetch thread): on revoke and at close."""
+        started = time.monotonic()
+        try:
+            result = self._consumer.commit(offsets=[TopicPartition(t, p, o) for t, p, o in offsets],
+                                           asynchronous=False)
+        except KafkaException as exc:
+            logger.warning("%s: commit %s failed: %s; messages finished since the last commit will be delivered "
+                           "again", self._what, why, exc)
+            return False
+        errors = [tp for tp in result or () if tp.error is not None]
+        if errors:
+            logger.warning("%s: commit %s failed for %s", self._what, why, errors)
+            return False
+        logger.debug("%s: committed %s %s in %.3f s", self._what, why, offsets, time.monotonic() - started)
+        return True
+
+    # ================================================================== rebalance (fetch thread)
+
+    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._assigned = self._assigned | keys
+        self._ever_assigned = True
+        self._committed_cache.clear()
+        if self._paused or self._delayed:
+            self._reapply_pause = True
+        loop = self._loop
+        if keys and loop is not None and not loop.is_closed():
+            # Runs on the loop before this fetch's messages are registered (call_soon is FIFO).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._tracker.forget, keys)
+        logger.info("%s: assigned %s", self._what, _describe(keys))
+
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._partitions_gone(partitions, lost=False)
+
+    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._partitions_gone(partitions, lost=True)
+
+    def _partitions_gone(self, partitions: list[TopicPartition], *, lost: bool) -> None:
+        """Let the engine finish (or abandon) the partitions' work, commit what is finished, forget them.
+
+        Runs inside librdkafka's poll on the fetch thread; the partitions stay ours until it returns.
+        Never raises: an exception here would surface from consume() in the middle of a rebalance.
+        """
+        try:
+            keys = [(tp.topic, tp.partition) for tp in partitions]
+            self._gone_in_fetch.update(keys)
+            self._committed_cache.clear()
+            if not keys:
+                return
+            logger.info("%s: partitions %s %s", self._what, _describe(keys), "lost" if lost else "revoked")
+            loop = self._loop
+            if self._closing or loop is None or loop.is_closed():
+                return
+            # The partitions stay in self._assigned until released: an exactly-once commit made while the
+            # engine finishes their work must still carry their offsets.
+            future = asyncio.run_coroutine_threadsafe(self._release(keys, lost), loop)
+            try:
+                offsets = future.result(self._settings.revoke_timeout + 5.0)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                logger.error("%s: releasing %s took longer than %.0f s; giving them up uncommitted", self._what,
+                             _describe(keys), self._settings.revoke_timeout)
+                return
+            if offsets:
+                self._commit_sync(offsets, "on revoke")
+        except Exception:
+            logger.exception("%s: handling the rebalance failed", self._what)
+        finally:
+            self._assigned = self._assigned - {(tp.topic, tp.partition) for tp in partitions}
+
+    async def _release(self, keys: list[TopicPartitionKey], lost: bool) -> list[tuple[str, int, int]]:
+        """The loop half of a revoke: run the engine's handler, then collect the final offsets and forget."""
+        handler = self._revoke_handler
+        deadline = time.monotonic() + self._settings.revoke_timeout
+        if handler is not None:
+            try:
+                await asyncio.wait_for(handler(keys), self._settings.revoke_timeout)
+            except TimeoutError:
+                logger.warning("%s: in-flight work of %s did not finish within %.0f s; committing what did",
+                               self._what, _describe(keys), self._settings.revoke_timeout)
+            except Exception:
+                logger.exception("%s: the engine's revoke handler failed", self._what)
+        await self._before_release(max(0.0, deadline - time.monotonic()))
+        offsets = [] if lost or self.transactional else self._tracker.committable(keys)
+        self._tracker.forget(keys)
+        gone = set(keys)
+        for key in keys:
+            handle = self._delayed.pop(key, None)
+            if handle is not None:
+                handle.cancel()
+            self._seeks.pop(key, None)
+        if self._attempts:
+            self._attempts = {k: v for k, v in self._attempts.items() if (k[0], k[1]) not in gone}
+        return offsets
+
+    async def _before_release(self, timeout: float) -> None:
+        return None
+
+    # ================================================================== flow control
+
+    def pause(self) -> None:
+        if self._paused:
+            return
+        self._paused = True
+        self._apply_pauses()
+
+    def resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        partitions = [TopicPartition(t, p) for t, p in self._assigned if (t, p) not in self._delayed]
+        if partitions:
+            try:
+                self._consumer.resume(partitions)
+            except KafkaException as exc:
+                logger.warning("%s: resume: %s", self._what, exc)
+
+    def _apply_pauses(self) -> None:
+        keys = self._assigned if self._paused else self._delayed.keys() & self._assigned
+        if keys:
+            try:
+                self._consumer.pause([TopicPartition(t, p) for t, p in keys])
+            except KafkaException as exc:
+                logger.warning("%s: pause: %s", self._what, exc)
+
+    def _pause_for(self, key: TopicPartitionKey, delay: float) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        previous = self._delayed.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+        self._delayed[key] = loop.call_later(delay, self._end_delay, key)
+        try:
+            self._consumer.pause([TopicPartition(*key)])
+        except KafkaException as exc:
+            logger.debug("%s: pause for redelivery delay: %s", self._what, exc)
+
+    def _end_delay(self, key: TopicPartitionKey) -> None:
+        self._delayed.pop(key, None)
+        if self._paused or key not in self._assigned or self._closing:
+            return
+        try:
+            self._consumer.resume([TopicPartition(*key)])
+        except KafkaException as exc:
+            logger.debug("%s: resume after redelivery delay: %s", self._what, exc)
+
+    # ================================================================== reporting
+
+    def lag(self) -> Mapping[PartitionId, int]:
+        """Messages behind the end of each assigned partition, from librdkafka's cached watermarks."""
+        out: dict[PartitionId, int] = {}
+        for topic, partition in self._assigned:
+            try:
+                _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            state = self._tracker.partitions.get((topic, partition))
+            if high < 0 or state is None or state.next < 0:
+                continue
+            out[(topic, partition)] = max(0, high - state.next)
+        return out
+
+    def is_drained(self) -> bool:
+        """Assigned, nothing outstanding, and every assigned partition read to its end (asks the broker)."""
+        if not self._ever_assigned or not self._assigned or self._tracker.pending() or self._delayed:
+            return False
+        for topic, partition in self._assigned:
+            tp = TopicPartition(topic, partition)
+            try:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            except KafkaException:
+                return False
+            state = self._tracker.partitions.get((topic, partition))
+            known = state is not None and state.next >= 0
+            position = state.next if known and state is not None else self._committed_position(tp, low)
+            if position < high:
+                return False
+        return True
+
+    def _committed_position(self, tp: TopicPartition, low: int) -> int:
+        key = (tp.topic, tp.partition)
+        cached = self._committed_cache.get(key)
+        if cached is not None:
+            return max(cached, low)
+        try:
+            committed = int(self._consumer.committed([tp], timeout=5.0)[0].offset)
+        except KafkaException:
+            return -1
+        if committed < 0:
+            return low  # nothing committed: auto.offset.reset decides; 'earliest' starts at the low watermark
+        self._committed_cache[key] = committed
+        return max(committed, low)
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error
+            logger.error("%s: fatal error: %s", self._what, error.str())
+        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            logger.warning("%s: %s", self._what, error.str())
+        else:
+            logger.info("%s: %s", self._what, error.str())
+
+    def __repr__(self) -> str:
+        return f"KafkaConsumer({self._queue.name!r} <- {self._queue.value!r}, group={self._settings.group_id!r})"
+
+
+class TransactionalKafkaConsumer(KafkaConsumer):
+    """Exactly-once: inputs' offsets are committed in the same transaction as the outputs they caused.
+
+    The transactional producer is the one every Kafka output of the app uses (the connector hands it to
+    them). Expected call sequence, per batch: ``begin()``, produce the batch's outputs (and dead letters),
+    wait for their delivery reports, then ``commit(envelopes)``, or ``abort()`` if any output failed.
+    """
+
+    def __init__(self, queue: QueueSpec, settings: ConsumerSettings, client: ProducerClient) -> None:
+        super().__init__(queue, settings)
+        self._client = client
+        self._txn_worker: BlockingWorker | None = None
+        self._open = False
+        self._idle: asyncio.Event | None = None
+        self._acquired = False
+
+    @property
+    def transactional(self) -> bool:
+        return True
+
+    @property
+    def client(self) -> ProducerClient:
+        return self._client
+
+    async def start(self) -> None:
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if not self._client.acquire():
+            raise VolleyError(f"{self._what}: the transactional producer was closed before the consumer started")
+        self._acquired = True
+        self._txn_worker = BlockingWorker(f"volley-kafka-txn-{self._queue.name}")
+        timeout = max(self._settings.startup_timeout, 10.0)
+        if not self._client.transactions_ready:
+            try:
+                await self._txn_worker.submit(functools.partial(self._client.producer.init_transactions, timeout))
+            except KafkaException as exc:
+                raise ConfigurationError(
+                    f"{self._what}: cannot start transactions ({exc.args[0] if exc.args else exc}); exactly-once "
+                    "needs a reachable Kafka cluster with transactions enabled"
+                ) from None
+            self._client.transactions_ready = True
+        await super().start()
+
+    async def begin(self) -> None:
+        if self._open:
+            return
+        try:
+            self._client.producer.begin_transaction()
+        except KafkaException as exc:
+            raise VolleyError(f"{self._what}: cannot begin a transaction: {exc}") from exc
+        self._open = True
+        assert self._idle is not None
+        self._idle.clear()
+
+    async def commit(self, envelopes: Sequence[Envelope]) -> None:
+        """Send the finished inputs' watermarks with the transaction and commit it."""
+        assert self._txn_worker is not None
+        if not self._open:
+            await self.begin()
+        self._finish(envelopes)
+        offsets = self._tracker.committable(self._assigned)
+        producer = self._client.producer
+        consumer = self._consumer
+        timeout = self._settings.revoke_timeout
+
+        def work() -> None:
+            if offsets:
+                producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets],
+                                                     consumer.consumer_group_metadata(), timeout)
+            for attempt in range(5):
+                try:
+                    producer.commit_transaction(timeout)
+                    return
+                except KafkaException as exc:
+                    error = exc.args[0] if exc.args else None
+                    if isinstance(error, KafkaError) and error.retriable() and attempt < 4:
+                        continue
+                    raise
+
+        started = time.monotonic()
+        try:
+            await self._txn_worker.submit(work)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                self._fatal = error
+                self._closed_transaction()
+                raise VolleyError(f"{self._what}: fatal error committing a transaction: {error.str()}") from exc
+            logger.warning("%s: committing the transaction failed (%s); aborting it", self._what, exc)
+            await self.abort()
+            raise DeliveryError(f"{self._what}: the transaction was aborted: {exc}; its inputs will be consumed "
+                                "again") from exc
+        self._tracker.mark_committed(offsets)
+        self._closed_transaction()
+        if self._observer is not None:
+            self._observer.on_commit(self._app_name, time.monotonic() - started)
+
+    async def abort(self) -> None:
+        """Abort the open transaction and rewind every partition to its last committed offset."""
+        assert self._txn_worker is not None
+        producer = self._client.producer
+        timeout = self._settings.revoke_timeout
+        try:
+            if self._open:
+                await self._txn_worker.submit(functools.partial(producer.abort_transaction, timeout))
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                self._fatal = error
+            logger.error("%s: aborting the transaction failed: %s", self._what, exc)
+        finally:
+            targets = {key: state.restart for key, state in self._tracker.partitions.items() if state.restart >= 0}
+            self._rewind(targets)
+            self._closed_transaction()
+
+    def _closed_transaction(self) -> None:
+        self._open = False
+        if self._idle is not None:
+            self._idle.set()
+
+    async def _before_release(self, timeout: float) -> None:
+        """On revoke: the batch in progress must commit (or abort) while the partitions are still ours."""
+        if self._idle is None or self._idle.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            logger.warning("%s: the open transaction did not finish before the revoke deadline", self._what)
+
+    async def _before_close(self) -> None:
+        if self._open:
+            logger.info("%s: aborting the unfinished transaction at close", self._what)
+            await self.abort()
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            if self._txn_worker is not None:
+                self._txn_worker.stop()
+            if self._acquired:
+                self._acquired = False
+                await asyncio.to_thread(self._client.release, 30.0)
+
+
+def _describe(keys: Any) -> str:
+    return ", ".join(f"{t}[{p}]" for t, p in sorted(keys)) or "none"

@@ -1,0 +1,156 @@
+"""Per-partition offset bookkeeping: what may be committed is the contiguous prefix of finished messages.
+
+Messages of one partition are consumed in offset order but may finish in any
+order (concurrent handlers, outputs confirmed out of order, a slow second
+output). Committing the offset of the latest finished message would skip an
+earlier one that is still running, and a crash would lose it. So each
+partition keeps the offsets it handed out, in order, and the set of those that
+finished ahead of their turn; the committable position (the "watermark") is
+the lowest unfinished offset, or one past the last consumed offset when
+nothing is outstanding. Offsets need not be contiguous (compaction and
+transaction markers leave gaps): only consumed offsets are tracked.
+
+Pure Python, no Kafka: the consumer feeds it and asks it what to commit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+TopicPartitionKey = tuple[str, int]
+
+
+class PartitionOffsets:
+    """One partition: offsets handed out and not yet passed by the watermark."""
+
+    __slots__ = ("committed", "done", "first", "next", "outstanding")
+
+    def __init__(self) -> None:
+        self.outstanding: deque[int] = deque()  # consumed, in order; the head is the lowest unfinished one
+        self.done: set[int] = set()  # finished, but behind an unfinished one
+        self.next = -1  # one past the last consumed offset; -1 before the first
+        self.first = -1  # the first offset consumed since the partition was assigned
+        self.committed = -1  # the last watermark committed (or sent in a transaction)
+
+    def consumed(self, offset: int) -> None:
+        if offset < self.next:
+            # The broker went back (a seek, an offset reset): what was outstanding from here on is redelivered.
+            self.rewind(offset)
+        elif self.first < 0:
+            self.first = offset
+        self.outstanding.append(offset)
+        self.next = offset + 1
+
+    @property
+    def restart(self) -> int:
+        """Where reading must start again to redo everything not committed: -1 when nothing was consumed."""
+        return self.committed if self.committed >= 0 else self.first
+
+    def finished(self, offset: int) -> None:
+        outstanding = self.outstanding
+        if not outstanding:
+            return
+        head = outstanding[0]
+        if offset == head:
+            outstanding.popleft()
+            done = self.done
+            if done:
+                while outstanding and outstanding[0] in done:
+                    done.remove(outstanding.popleft())
+                if not outstanding:
+                    done.clear()
+        elif head < offset < self.next:
+            self.done.add(offset)
+        # Anything else was already passed, or belongs to an earlier assignment: nothing to do.
+
+    def rewind(self, offset: int) -> None:
+        """Forget everything from ``offset`` on: it will be consumed again (a nack, an aborted transaction)."""
+        outstanding = self.outstanding
+        while outstanding and outstanding[-1] >= offset:
+            outstanding.pop()
+        if self.done:
+            self.done = {o for o in self.done if o < offset}
+        if self.next == -1 or offset < self.next:
+            self.next = offset
+
+    @property
+    def watermark(self) -> int:
+        """The offset to commit: the next message to read after a restart. -1 when nothing was consumed."""
+        if self.outstanding:
+            return self.outstanding[0]
+        return self.next
+
+    @property
+    def pending(self) -> int:
+        return len(self.outstanding) - len(self.done)
+
+
+class OffsetTracker:
+    """All partitions of one consumer. Not thread-safe: the consumer calls it from the event loop only."""
+
+    __slots__ = ("partitions",)
+
+    def __init__(self) -> None:
+        self.partitions: dict[TopicPartitionKey, PartitionOffsets] = {}
+
+    def partition(self, topic: str, partition: int) -> PartitionOffsets:
+        key = (topic, partition)
+        state = self.partitions.get(key)
+        if state is None:
+            state = self.partitions[key] = PartitionOffsets()
+        return state
+
+    def consumed(self, topic: str, partition: int, offset: int) -> None:
+        self.partition(topic, partition).consumed(offset)
+
+    def finished(self, topic: str, partition: int, offset: int) -> None:
+        state = self.partitions.get((topic, partition))
+        if state is not None:
+            state.finished(offset)
+
+    def watermark(self, topic: str, partition: int) -> int:
+        state = self.partitions.get((topic, partition))
+        return -1 if state is None else state.watermark
+
+    def committable(self, only: Iterable[TopicPartitionKey] | None = None) -> list[tuple[str, int, int]]:
+        """(topic, partition, watermark) for every partition whose watermark moved past its last commit."""
+        out: list[tuple[str, int, int]] = []
+        keys = self.partitions.keys() if only is None else only
+        for key in keys:
+            state = self.partitions.get(key)
+            if state is None:
+                continue
+            mark = state.watermark
+            if mark > state.committed:
+                out.append((key[0], key[1], mark))
+        return out
+
+    def mark_committed(self, offsets: Iterable[tuple[str, int, int]]) -> None:
+        for topic, partition, offset in offsets:
+            state = self.partitions.get((topic, partition))
+            if state is not None and offset > state.committed:
+                state.committed = offset
+
+    def commit_failed(self, offsets: Iterable[tuple[str, int, int]]) -> None:
+        """A commit did not go through: make those partitions committable again."""
+        for topic, partition, offset in offsets:
+            state = self.partitions.get((topic, partition))
+            if state is not None and state.committed >= offset:
+                state.committed = -1
+
+    def rewind(self, topic: str, partition: int, offset: int) -> None:
+        state = self.partitions.get((topic, partition))
+        if state is not None:
+            state.rewind(offset)
+
+    def forget(self, keys: Iterable[TopicPartitionKey]) -> None:
+        for key in keys:
+            self.partitions.pop(key, None)
+
+    def clear(self) -> None:
+        self.partitions.clear()
+
+    def pending(self) -> int:
+        """Messages consumed and not finished, over all partitions."""
+        return sum(state.pending for state in self.partitions.values())

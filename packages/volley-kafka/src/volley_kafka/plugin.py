@@ -1,0 +1,39 @@
+"""volley-kafka's plugin: the ``confluent`` connector (alias ``kafka``) and the ``confluent*`` profiles.
+
+The profiles mirror py-volley's, so that existing configurations keep working;
+``confluent-eos`` adds exactly-once processing (Kafka to Kafka).
+"""
+
+from __future__ import annotations
+
+from volley.plugins import Register, hookimpl
+from volley_kafka.connector import KafkaConnector
+from volley_kafka.settings import EXACTLY_ONCE
+
+GENERIC_MESSAGE = "volley_serializers.models.GenericMessage"
+
+_connector = KafkaConnector()
+
+
+@hookimpl
+def volley_register_connectors(register: Register) -> None:
+    register("confluent", _connector)
+    register("kafka", _connector)
+
+
+@hookimpl
+def volley_register_profiles(register: Register) -> None:
+    json_pydantic = {"connector": "confluent", "serializer": "orjson", "model_handler": "pydantic",
+                     "data_model": GENERIC_MESSAGE}
+    register("confluent", dict(json_pydantic))
+    register("confluent-orjson-pydantic", dict(json_pydantic))
+    register("confluent-batch-json", {"connector": "confluent", "serializer": "orjson",
+                                      "model_handler": "pydantic-list", "data_model": GENERIC_MESSAGE,
+                                      "batch_size": 100})
+    register("confluent-pydantic", {"connector": "confluent", "serializer": "none", "model_handler": "pydantic-parser",
+                                    "data_model": GENERIC_MESSAGE})
+    register("confluent-msgpack-pydantic", {"connector": "confluent", "serializer": "msgpack",
+                                            "model_handler": "pydantic", "data_model": GENERIC_MESSAGE})
+    register("confluent-dlq", {"connector": "confluent", "serializer": "none", "model_handler": "none",
+                               "data_model": None})
+    register("confluent-eos", {**json_pydantic, "config": {EXACTLY_ONCE: True}})

@@ -1,0 +1,333 @@
+"""The Kafka producer: one librdkafka client per distinct configuration, shared by every output that uses it.
+
+``produce`` is called on the event loop and only hands records to librdkafka
+(a C call each, no I/O). Delivery reports are collected by a per-record
+closure and passed to the engine in batches by a poller thread, which also
+takes over when librdkafka's local queue is full, so that the loop never
+blocks on a slow broker. A record is reported exactly once: delivered,
+failed, or purged at close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import KafkaError, KafkaException
+
+from volley.errors import ConfigurationError, DeliveryError
+from volley.message import OutgoingMessage
+from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
+from volley_kafka.settings import ProducerSettings, brokers_of
+
+logger = logging.getLogger("volley_kafka")
+rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
+
+POLL_SLICE = 0.05
+"""How long the poller thread waits in librdkafka for delivery reports before checking its backlog again."""
+
+
+def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, Any]], Any]) -> Any:
+    """Build a librdkafka client, turning a rejected setting into a ConfigurationError that names it."""
+    try:
+        return factory(config)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else exc
+        text = error.str() if isinstance(error, KafkaError) else str(error)
+        raise ConfigurationError(
+            f"{what}: librdkafka rejected the configuration: {text}. Settings in the queue's config are passed to "
+            "librdkafka as they are (see librdkafka's CONFIGURATION.md); Volley's own ones start with 'volley.'"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{what}: invalid Kafka configuration: {exc}") from None
+
+
+class _Bucket:
+    """Delivery reports waiting to be handed to one engine callback."""
+
+    __slots__ = ("callback", "failed", "ok")
+
+    def __init__(self, callback: DeliveryCallback) -> None:
+        self.callback = callback
+        self.ok: list[OutgoingMessage] = []
+        self.failed: list[DeliveryFailure] = []
+
+
+def _failure(message: OutgoingMessage, error: Any) -> DeliveryFailure:
+    if isinstance(error, BaseException):
+        return (message, error)
+    return (message, DeliveryError(f"Kafka refused the record for {message.topic!r}: {error}"))
+
+
+def _reporter(bucket: _Bucket, message: OutgoingMessage) -> Callable[[Any, Any], None]:
+    ok_append = bucket.ok.append
+    failed_append = bucket.failed.append
+
+    def report(err: Any, _msg: Any) -> None:
+        if err is None:
+            ok_append(message)
+        else:
+            failed_append(_failure(message, err))
+
+    return report
+
+
+class ProducerClient:
+    """A librdkafka producer with its poller thread, shared (reference-counted) by producer ports."""
+
+    def __init__(self, config: dict[str, Any], name: str) -> None:
+        self.config = dict(config)
+        self.name = name
+        self.brokers = brokers_of(config)
+        self.transactional = "transactional.id" in config
+        rd_config = dict(config)
+        rd_config["error_cb"] = self._on_error
+        rd_config["logger"] = rdkafka_logger
+        self.producer: Any = make_client(rd_config, name, confluent_kafka.Producer)
+        self._buckets: dict[DeliveryCallback, _Bucket] = {}
+        self._backlog: deque[tuple[OutgoingMessage, _Bucket]] = deque()
+        self._backlog_lock = threading.Lock()
+        self._dispatch_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._refs = 0
+        self._ref_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.closed = False
+        self.fatal: KafkaError | None = None
+        self.transactions_ready = False
+        self._delay_warned = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def acquire(self) -> bool:
+        """Take a reference; start the poller on the first. False if the client was already closed."""
+        with self._ref_lock:
+            if self.closed:
+                return False
+            self._refs += 1
+            if self._thread is None:
+                self._running = True
+                self._thread = threading.Thread(target=self._poll_loop, name=f"volley-kafka-poll-{self.name}",
+                                                daemon=True)
+                self._thread.start()
+            return True
+
+    def release(self, timeout: float) -> bool:
+        """Drop a reference; the last one flushes and closes. Returns True if this call closed the client."""
+        with self._ref_lock:
+            self._refs -= 1
+            if self._refs > 0 or self.closed:
+                return False
+            self.closed = True
+        try:
+            self.flush_blocking(timeout)
+        except TimeoutError as exc:
+            logger.error("%s: %s; purging what is left", self.name, exc)
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(max(1.0, POLL_SLICE * 4))
+        with self._backlog_lock:
+            left, self._backlog = list(self._backlog), deque()
+        for message, bucket in left:
+            bucket.failed.append(_failure(message, DeliveryError("the producer was closed before sending it")))
+        try:
+            self.producer.purge()
+            self.producer.flush(0)  # serves the purge reports
+        except (KafkaException, RuntimeError) as exc:
+            logger.debug("%s: purge at close: %s", self.name, exc)
+        self.dispatch()
+        return True
+
+    # ------------------------------------------------------------------ producing (event loop)
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        bucket = self._buckets.get(on_delivery)
+        if bucket is None:
+            bucket = self._buckets.setdefault(on_delivery, _Bucket(on_delivery))
+        if self.fatal is not None:
+            error = DeliveryError(f"the Kafka producer hit a fatal error and must be restarted: {self.fatal.str()}")
+            bucket.failed.extend((m, error) for m in messages)
+            self._wake.set()
+            return
+        if self._backlog:
+            self._to_backlog(messages, 0, bucket)
+            return
+        produce = self.producer.produce
+        ok_append = bucket.ok.append
+        failed_append = bucket.failed.append
+        refused = False
+        index = 0
+        count = len(messages)
+        while index < count:
+            m = messages[index]
+            partition = m.partition
+            try:
+                produce(m.topic, m.value, m.key, -1 if partition is None else partition,
+                        lambda err, _msg, m=m: ok_append(m) if err is None else failed_append(_failure(m, err)),
+                        None, 0, m.headers)
+            except BufferError:
+                # librdkafka's queue is full: serve delivery reports to make room, once; then let the
+                # poller thread, which may block, send the rest in order.
+                if not refused:
+                    refused = True
+                    self.producer.poll(0)
+                    continue
+                self._to_backlog(messages, index, bucket)
+                break
+            except (KafkaException, TypeError, ValueError) as exc:
+                failed_append(_failure(m, exc))
+                self._wake.set()
+            if m.delay and not self._delay_warned:
+                self._delay_warned = True
+                logger.warning("%s: Kafka cannot delay a message; the 'delay' output option is ignored", self.name)
+            index += 1
+
+    def _to_backlog(self, messages: Sequence[OutgoingMessage], start: int, bucket: _Bucket) -> None:
+        with self._backlog_lock:
+            self._backlog.extend((messages[i], bucket) for i in range(start, len(messages)))
+        self._wake.set()
+
+    def _send_backlog(self, deadline: float | None) -> bool:
+        """Produce the backlog in order (poller or flushing thread). False if the deadline passed first."""
+        while self._backlog:
+            message, bucket = self._backlog[0]
+            partition = message.partition
+            try:
+                self.producer.produce(message.topic, message.value, message.key,
+                                      -1 if partition is None else partition, _reporter(bucket, message), None, 0,
+                                      message.headers)
+            except BufferError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                self.producer.poll(POLL_SLICE)
+                self.dispatch()
+                continue
+            except (KafkaException, TypeError, ValueError) as exc:
+                bucket.failed.append(_failure(message, exc))
+            with self._backlog_lock:
+                self._backlog.popleft()
+        return True
+
+    # ------------------------------------------------------------------ delivery reports (any thread)
+
+    def dispatch(self) -> None:
+        """Hand collected delivery reports to the engine callbacks, each report exactly once."""
+        for bucket in list(self._buckets.values()):
+            ok = bucket.ok
+            failed = bucket.failed
+            if not ok and not failed:
+                continue
+            with self._dispatch_lock:
+                n, f = len(ok), len(failed)
+                delivered = ok[:n]
+                del ok[:n]
+                failures = failed[:f]
+                del failed[:f]
+            if delivered or failures:
+                try:
+                    bucket.callback(delivered, failures)
+                except Exception:
+                    logger.exception("%s: the delivery callback failed", self.name)
+
+    def _poll_loop(self) -> None:
+        producer = self.producer
+        while self._running:
+            try:
+                if self._backlog:
+                    self._send_backlog(None)
+                producer.poll(POLL_SLICE)
+                self.dispatch()
+                if self._wake.is_set():
+                    self._wake.clear()
+                    self.dispatch()
+            except Exception:
+                logger.exception("%s: polling for delivery reports failed", self.name)
+                time.sleep(POLL_SLICE)
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self.fatal = error
+            logger.error("%s: fatal Kafka producer error: %s", self.name, error.str())
+        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            logger.warning("%s: %s", self.name, error.str())
+        else:
+            logger.info("%s: %s", self.name, error.str())
+
+    # ------------------------------------------------------------------ flushing (worker thread)
+
+    def flush_blocking(self, timeout: float) -> None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        if self._backlog and not self._send_backlog(deadline):
+            raise TimeoutError(f"{self.name}: {len(self._backlog)} record(s) still waiting for room after "
+                               f"{timeout:.1f} s")
+        left = self.producer.flush(max(0.0, deadline - time.monotonic()))
+        self.dispatch()
+        if left:
+            raise TimeoutError(f"{self.name}: {left} record(s) not confirmed by Kafka within {timeout:.1f} s")
+
+    def pending(self) -> int:
+        return len(self.producer) + len(self._backlog)
+
+
+class KafkaProducer:
+    """The producer port of one output queue; the librdkafka client underneath is shared (see KafkaConnector)."""
+
+    def __init__(self, queue: QueueSpec, settings: ProducerSettings, resolve: Callable[[], ProducerClient]) -> None:
+        self._queue = queue
+        self._settings = settings
+        self._resolve = resolve
+        self._client: ProducerClient | None = None
+
+    @property
+    def client(self) -> ProducerClient:
+        if self._client is None:
+            raise RuntimeError(f"the Kafka producer of queue {self._queue.name!r} is not started")
+        return self._client
+
+    async def start(self) -> None:
+        client = self._resolve()
+        self._client = client
+        timeout = self._settings.startup_timeout
+        if timeout > 0:
+            await asyncio.to_thread(_check_reachable, client.producer, client.brokers, timeout, self._queue)
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"the Kafka producer of queue {self._queue.name!r} is not started")
+        client.produce(messages, on_delivery)
+
+    async def flush(self, timeout: float) -> None:
+        client = self.client
+        if client.pending() or client.transactional:
+            await asyncio.to_thread(client.flush_blocking, timeout)
+        else:
+            client.dispatch()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await asyncio.to_thread(client.release, 30.0)
+
+    def __repr__(self) -> str:
+        return f"KafkaProducer({self._queue.name!r} -> {self._queue.value!r})"
+
+
+def _check_reachable(client: Any, brokers: frozenset[str], timeout: float, queue: QueueSpec) -> None:
+    """Fail at start-up, not on the first message, when no broker answers."""
+    try:
+        client.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise ConfigurationError(
+            f"queue {queue.name!r}: no Kafka broker of {', '.join(sorted(brokers))} answered within {timeout:.0f} s "
+            f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
+            "volley.startup.timeout.seconds"
+        ) from None
