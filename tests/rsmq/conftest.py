@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,3 +46,57 @@ async def _eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0
 def eventually() -> Callable[..., Awaitable[None]]:
     """``await eventually(async_check, timeout, what)``: poll until true; fail after the deadline."""
     return _eventually
+
+
+class PrivateRedis:
+    """A redis-server of one test's own, with appendonly persistence, to stop, kill and start at will."""
+
+    def __init__(self, directory: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port: int = sock.getsockname()[1]
+        self.host = "127.0.0.1"
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL)
+        client = redis.Redis(host=self.host, port=self.port)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.BusyLoadingError:
+                    pass
+                except redis.ConnectionError:
+                    if self.process.poll() is not None:
+                        raise RuntimeError("redis-server exited at start") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not answer within 10 s")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """SIGTERM: Redis writes its append-only file and exits, as in an orderly restart."""
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

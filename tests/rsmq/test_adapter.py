@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -370,48 +369,6 @@ async def test_maxsize_fails_oversized_records_only(parts: Parts, qname: str) ->
 
 
 # ---------------------------------------------------------------------- Redis trouble
-
-
-@pytest.fixture
-def private_redis(tmp_path: Any) -> Any:
-    """A redis-server of this test's own, to stop and start at will."""
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-
-    class Server:
-        def __init__(self) -> None:
-            self.port = port
-            self.process: subprocess.Popen[bytes] | None = None
-
-        def start(self) -> None:
-            self.process = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                 "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-            client = redis.Redis(port=port)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline, "private redis-server did not start"
-                    time.sleep(0.02)
-            client.close()
-
-        def stop(self) -> None:
-            if self.process is not None:
-                self.process.terminate()
-                self.process.wait(10)
-                self.process = None
-
-    server = Server()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_producer_retries_until_redis_is_back(private_redis: Any, qname: str) -> None:
