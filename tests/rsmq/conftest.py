@@ -49,7 +49,11 @@ def eventually() -> Callable[..., Awaitable[None]]:
 
 
 class PrivateRedis:
-    """A redis-server of one test's own, with appendonly persistence, to stop, kill and start at will."""
+    """A redis-server of one test's own, with appendonly persistence, to stop and start again at will.
+
+    ``services.redis.RedisServer`` only restarts in one step; outage tests need the server to stay down
+    until the client under test has noticed.
+    """
 
     def __init__(self, directory: Path) -> None:
         with socket.socket() as sock:
@@ -60,9 +64,11 @@ class PrivateRedis:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        from services.redis import ensure_redis_server
+
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "everysec", "--dir", str(self.directory)],
+            [ensure_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL)
         client = redis.Redis(host=self.host, port=self.port)
         deadline = time.monotonic() + 10
