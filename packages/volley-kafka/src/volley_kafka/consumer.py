@@ -228,11 +228,15 @@ class KafkaConsumer:
                 state = tracker.partition(topic, partition)
             # Inline of PartitionOffsets.consumed: this runs once per message.
             if offset < state.next:
-                state.rewind(offset)
-            elif state.first < 0:
-                state.first = offset
-            state.outstanding.append(offset)
-            state.next = offset + 1
+                # Read again after a seek for a nacked message: only what was nacked goes out again.
+                if offset not in state.redeliver:
+                    continue
+                state.redeliver.discard(offset)
+            else:
+                if state.first < 0:
+                    state.first = offset
+                state.outstanding.append(offset)
+                state.next = offset + 1
             kind, stamp = m.timestamp()
             headers = m.headers()
             append(Envelope(
@@ -249,7 +253,7 @@ class KafkaConsumer:
         return out
 
     def _is_stale(self, topic: str, partition: int, offset: int, epoch: int) -> bool:
-        """A message fetched before a seek of its partition (nack, abort) that librdkafka could not purge.
+        """A message fetched before its partition was rewound (an abort) that librdkafka could not purge.
 
         After a seek to X the partition restarts at X, and everything fetched before the seek has offsets
         above X: drop those until X itself comes back.
@@ -306,18 +310,39 @@ class KafkaConsumer:
                 self._attempts.pop((e.source, e.partition, e.position), None)  # type: ignore[arg-type]
 
     async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
-        """Kafka cannot redeliver one message: rewind each partition to its earliest nacked offset."""
-        lowest: dict[TopicPartitionKey, int] = {}
+        """Give messages back: seek each partition to its earliest nacked offset and hand out only those again.
+
+        Messages after it that finished or are still running are read again by the seek but skipped.
+        """
+        partitions = self._tracker.partitions
+        targets: dict[TopicPartitionKey, int] = {}
         for e in envelopes:
             key = (e.source, int(e.partition or 0))
+            state = partitions.get(key)
             offset = int(e.position)
-            if key not in lowest or offset < lowest[key]:
-                lowest[key] = offset
+            if state is None or not state.nacked(offset):
+                continue
             self._attempts[(key[0], key[1], offset)] = e.attempt + 1
-        self._rewind(lowest, delay)
+            targets[key] = min(state.redeliver)  # an earlier nack still waiting must not be skipped
+        if self._closing:
+            return  # close commits below the nacked offsets; the next owner reads them again
+        for key, offset in targets.items():
+            if key not in self._assigned:
+                continue
+            if delay > 0:
+                self._pause_for(key, delay)
+            self._seek(TopicPartition(key[0], key[1], offset))
 
-    def _rewind(self, targets: Mapping[TopicPartitionKey, int], delay: float = 0.0) -> None:
-        """Forget the tracked offsets from each target on and seek there, so that they are consumed again."""
+    def _seek(self, partition: TopicPartition) -> None:
+        try:
+            self._consumer.seek(partition)
+        except KafkaException as exc:
+            logger.debug("%s: seek %s[%d] to %d deferred: %s", self._what, partition.topic, partition.partition,
+                         partition.offset, exc)
+            self._pending_seeks.append(partition)
+
+    def _rewind(self, targets: Mapping[TopicPartitionKey, int]) -> None:
+        """Forget everything from each target on, finished or not, and seek there (an aborted transaction)."""
         if not targets:
             return
         self._seek_epoch += 1
@@ -326,17 +351,8 @@ class KafkaConsumer:
             if state is None or key not in self._assigned:
                 continue  # no longer ours: its new owner starts from the last commit
             state.rewind(offset)
-            if self._closing:
-                continue
-            partition = TopicPartition(key[0], key[1], offset)
             self._seeks[key] = (self._seek_epoch, offset)
-            if delay > 0:
-                self._pause_for(key, delay)
-            try:
-                self._consumer.seek(partition)
-            except KafkaException as exc:
-                logger.debug("%s: seek %s[%d] to %d deferred: %s", self._what, key[0], key[1], offset, exc)
-                self._pending_seeks.append(partition)
+            self._seek(TopicPartition(key[0], key[1], offset))
 
     def _retry_seeks(self) -> None:
         pending, self._pending_seeks = self._pending_seeks, []

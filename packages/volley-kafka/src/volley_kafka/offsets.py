@@ -24,28 +24,32 @@ TopicPartitionKey = tuple[str, int]
 class PartitionOffsets:
     """One partition: offsets handed out and not yet passed by the watermark."""
 
-    __slots__ = ("committed", "done", "first", "next", "outstanding")
+    __slots__ = ("committed", "done", "first", "next", "outstanding", "redeliver")
 
     def __init__(self) -> None:
         self.outstanding: deque[int] = deque()  # consumed, in order; the head is the lowest unfinished one
         self.done: set[int] = set()  # finished, but behind an unfinished one
+        self.redeliver: set[int] = set()  # nacked, to be handed out again when the partition is read again
         self.next = -1  # one past the last consumed offset; -1 before the first
         self.first = -1  # the first offset consumed since the partition was assigned
         self.committed = -1  # the last watermark committed (or sent in a transaction)
 
-    def consumed(self, offset: int) -> None:
+    def consumed(self, offset: int) -> bool:
+        """Register a message read from the broker; False if it must not be handed out again.
+
+        Reading an offset below ``next`` means the partition was sought back to redeliver a nacked
+        message: only the nacked ones go out again; finished or still running ones are skipped.
+        """
         if offset < self.next:
-            # The broker went back (a seek, an offset reset): what was outstanding from here on is redelivered.
-            self.rewind(offset)
-        elif self.first < 0:
+            if offset in self.redeliver:
+                self.redeliver.discard(offset)
+                return True
+            return False
+        if self.first < 0:
             self.first = offset
         self.outstanding.append(offset)
         self.next = offset + 1
-
-    @property
-    def restart(self) -> int:
-        """Where reading must start again to redo everything not committed: -1 when nothing was consumed."""
-        return self.committed if self.committed >= 0 else self.first
+        return True
 
     def finished(self, offset: int) -> None:
         outstanding = self.outstanding
@@ -62,17 +66,37 @@ class PartitionOffsets:
                     done.clear()
         elif head < offset < self.next:
             self.done.add(offset)
-        # Anything else was already passed, or belongs to an earlier assignment: nothing to do.
+        else:
+            return  # already passed, or from an earlier assignment
+        if self.redeliver:
+            self.redeliver.discard(offset)
+
+    def nacked(self, offset: int) -> bool:
+        """Mark an unfinished offset for redelivery; False if it is not one (already finished, or unknown)."""
+        if not self.outstanding or not self.outstanding[0] <= offset < self.next or offset in self.done:
+            return False
+        self.redeliver.add(offset)
+        return True
 
     def rewind(self, offset: int) -> None:
-        """Forget everything from ``offset`` on: it will be consumed again (a nack, an aborted transaction)."""
+        """Forget everything from ``offset`` on, finished or not: all of it is consumed and handled again.
+
+        For an aborted transaction, whose finished messages' outputs were thrown away.
+        """
         outstanding = self.outstanding
         while outstanding and outstanding[-1] >= offset:
             outstanding.pop()
         if self.done:
             self.done = {o for o in self.done if o < offset}
+        if self.redeliver:
+            self.redeliver = {o for o in self.redeliver if o < offset}
         if self.next == -1 or offset < self.next:
             self.next = offset
+
+    @property
+    def restart(self) -> int:
+        """Where reading must start again to redo everything not committed: -1 when nothing was consumed."""
+        return self.committed if self.committed >= 0 else self.first
 
     @property
     def watermark(self) -> int:
@@ -101,8 +125,8 @@ class OffsetTracker:
             state = self.partitions[key] = PartitionOffsets()
         return state
 
-    def consumed(self, topic: str, partition: int, offset: int) -> None:
-        self.partition(topic, partition).consumed(offset)
+    def consumed(self, topic: str, partition: int, offset: int) -> bool:
+        return self.partition(topic, partition).consumed(offset)
 
     def finished(self, topic: str, partition: int, offset: int) -> None:
         state = self.partitions.get((topic, partition))
@@ -122,7 +146,7 @@ class OffsetTracker:
             if state is None:
                 continue
             mark = state.watermark
-            if mark > state.committed:
+            if mark > state.committed and mark > state.first:  # at `first`, nothing finished since assignment
                 out.append((key[0], key[1], mark))
         return out
 

@@ -1,0 +1,51 @@
+"""volley-kafka against the connector contract, on a real Apache Kafka broker."""
+
+from __future__ import annotations
+
+import uuid
+from typing import ClassVar
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from volley.ports import Connector, QueueSpec
+from volley.testing.contract import ConnectorContract
+from volley_kafka import KafkaConnector
+
+pytestmark = pytest.mark.kafka
+
+
+class TestKafkaContract(ConnectorContract):
+    partitions: ClassVar[int] = 3
+    ordering: ClassVar[str] = "partition"
+    supports_keys: ClassVar[bool] = True
+    supports_headers: ClassVar[bool] = True
+    supports_partitions: ClassVar[bool] = True
+    supports_delay: ClassVar[bool] = False  # Kafka has no per-message delay
+    # A nack seeks the partition back, so the message comes again to the same consumer, after the delay.
+    redelivers_nacked_in_session: ClassVar[bool] = True
+    supports_nack_delay: ClassVar[bool] = True
+    acks_individually: ClassVar[bool] = False  # only the contiguous finished prefix is committed
+    counts_attempts: ClassVar[bool] = False  # in-session redeliveries are counted; a new consumer starts at 1
+    creates_queues_on_produce: ClassVar[bool] = True  # the test broker auto-creates topics
+    max_wait_seconds: ClassVar[float] = 15.0
+
+    @pytest.fixture(autouse=True)
+    def _bootstrap(self, kafka_bootstrap: str) -> None:
+        self.bootstrap = kafka_bootstrap
+
+    def make_connector(self) -> Connector:
+        return KafkaConnector()
+
+    def queue_spec(self, name: str, role: str) -> QueueSpec:
+        config: dict[str, object] = {"bootstrap.servers": self.bootstrap}
+        if role == "input":
+            config["group.id"] = f"{name}-group-{uuid.uuid4().hex[:6]}"
+            config["auto.offset.reset"] = "earliest"
+        return QueueSpec(name=name, value=name, connector="confluent", config=config, app_name="contract", role=role)
+
+    async def create_queue(self, name: str) -> None:
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        futures = admin.create_topics([NewTopic(name, num_partitions=self.partitions, replication_factor=1)])
+        for future in futures.values():
+            future.result(30)
