@@ -75,6 +75,20 @@ def _release(service: _Stoppable) -> None:
     service.stop()
 
 
+class _Startable(_Stoppable, Protocol):
+    def start(self) -> object: ...
+
+
+def _start(service: _Startable) -> ServiceError | None:
+    """Start, or return why not; failing outside the ``except`` keeps the report free of a chained traceback."""
+    try:
+        service.start()
+    except ServiceError as exc:
+        _release(service)
+        return exc
+    return None
+
+
 def _stop_all() -> None:
     with _owned_lock:
         services = list(reversed(_owned))
@@ -145,12 +159,10 @@ def kafka_bootstrap() -> Iterator[str]:
         return
     broker = KafkaBroker()
     _adopt(broker)
-    try:
-        broker.start()
-    except ServiceError as exc:
-        _release(broker)
+    error = _start(broker)
+    if error is not None:
         pytest.fail(
-            f"could not start a Kafka broker for the tests: {exc}\n"
+            f"could not start a Kafka broker for the tests: {error}\n"
             "(set KAFKA_BROKERS=host:port to use a running broker instead)",
             pytrace=False,
         )
@@ -211,22 +223,21 @@ def redis_server() -> Iterator[RedisHandle]:
     external = os.environ.get("REDIS_HOST", "").strip()
     if external:
         host, port = parse_redis_host(external)
+        problem = "answered PING with something other than +PONG"
         try:
             answered = ping(host, port)
         except OSError as exc:
-            pytest.fail(f"REDIS_HOST={external} does not answer: {exc!r}", pytrace=False)
+            answered, problem = False, f"does not answer: {exc!r}"
         if not answered:
-            pytest.fail(f"REDIS_HOST={external} answered PING with something other than +PONG", pytrace=False)
+            pytest.fail(f"REDIS_HOST={external} {problem}", pytrace=False)
         yield ExternalRedis(host, port)
         return
     server = RedisServer(appendonly=_appendonly())
     _adopt(server)
-    try:
-        server.start()
-    except ServiceError as exc:
-        _release(server)
+    error = _start(server)
+    if error is not None:
         pytest.fail(
-            f"could not start redis-server for the tests: {exc}\n"
+            f"could not start redis-server for the tests: {error}\n"
             "(set REDIS_HOST=host[:port] to use a running server instead)",
             pytrace=False,
         )
