@@ -1,0 +1,273 @@
+"""The engine on a real broker, Kafka to Kafka: outputs, commits with two outputs, the DLQ, batches."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from volley import Engine
+from volley.errors import DeliveryError
+from volley.message import OutgoingMessage
+from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
+from volley_kafka import KafkaConnector
+
+pytestmark = pytest.mark.kafka
+
+JSON_DICT = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+"""Core's codecs, so that these tests exercise the connector and the engine, not the serializers."""
+
+
+@dataclasses.dataclass
+class Order:
+    id: int
+    amount: float
+
+
+def queues(kit: Any, group: str, inputs: str, outputs: dict[str, str], dlq: str | None = None,
+           codec: dict[str, Any] | None = None, input_config: dict[str, Any] | None = None,
+           **input_extra: Any) -> dict[str, Any]:
+    codec = JSON_DICT if codec is None else codec
+    config: dict[str, Any] = {
+        "input": {"value": inputs, "profile": "confluent", **codec, **input_extra,
+                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group,
+                             "volley.commit.interval.seconds": 0.1, **(input_config or {})}},
+    }
+    for name, topic in outputs.items():
+        config[name] = {"value": topic, "profile": "confluent", **codec,
+                        "config": {"bootstrap.servers": kit.bootstrap}}
+    if dlq is not None:
+        config["dlq"] = {"value": dlq, "profile": "confluent-dlq", "config": {"bootstrap.servers": kit.bootstrap}}
+    return config
+
+
+async def run(app: Any, max_messages: int, timeout: float = 60.0) -> Any:
+    return await asyncio.wait_for(app.run_async(max_messages=max_messages), timeout)
+
+
+async def test_kafka_to_kafka_with_keys_and_headers(kit: Any) -> None:
+    source = kit.topic("e2e-in", partitions=3)
+    sink = kit.topic("e2e-out", partitions=3)
+    group = kit.unique("g")
+    count = 600
+    kit.produce(source, [json.dumps({"n": i}).encode() for i in range(count)],
+                keys=[f"k{i % 7}".encode() for i in range(count)])
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"],
+                    queue_config=queues(kit, group, source, {"out": sink}), metrics_port=None,
+                    poll_interval_seconds=0.2)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, Any, dict[str, Any]]]:
+        raw = msg_ctx.raw  # py-volley handed over the confluent Message
+        assert raw.offset() == msg_ctx.position
+        return [("out", {"n": message["n"], "double": 2 * message["n"]},
+                 {"key": msg_ctx.key, "headers": {"source-offset": str(msg_ctx.position)}})]
+
+    report = await run(handler, count)
+    assert report.acked == count and report.failed == 0
+    stored = kit.read_topic(sink)
+    assert sorted(json.loads(m.value())["n"] for m in stored) == list(range(count)), "every output exactly once"
+    for message in stored:
+        n = json.loads(message.value())["n"]
+        assert message.key() == f"k{n % 7}".encode(), "the key came from the handler's kwargs"
+        assert dict(message.headers())["source-offset"].isdigit()
+    ends = kit.end_offsets(source, 3)
+    assert kit.committed(group, source, 3) == ends, "everything handled is committed"
+    per_key = [json.loads(m.value())["n"] for m in stored if m.key() == b"k3"]
+    assert per_key == sorted(per_key), "one key keeps its order end to end"
+
+
+class HoldingProducer:
+    """A real Kafka producer whose delivery reports for chosen records are held back until released.
+
+    Stands for an output that is slow to confirm: the records really go to Kafka, only the
+    confirmation waits, exactly like a slow broker acknowledgment.
+    """
+
+    hold: set[bytes] = set()
+    release = threading.Event()
+
+    def __init__(self, spec: QueueSpec) -> None:
+        self._inner = KafkaConnector().create_producer(spec)
+        self._held: list[tuple[DeliveryCallback, OutgoingMessage]] = []
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        def filtered(delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
+            now = [m for m in delivered if json.loads(m.value)["n"] not in self.hold]
+            later = [m for m in delivered if json.loads(m.value)["n"] in self.hold]
+            with self._lock:
+                if later and not self.release.is_set():
+                    self._held.extend((on_delivery, m) for m in later)
+                    later = []
+            on_delivery(now + later, failed)
+
+        self._inner.produce(messages, filtered)
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._release_when_told, daemon=True)
+            self._watcher.start()
+
+    def _release_when_told(self) -> None:
+        self.release.wait(120)
+        with self._lock:
+            held, self._held = self._held, []
+        for callback, message in held:
+            callback([message], [])
+
+    async def flush(self, timeout: float) -> None:
+        await self._inner.flush(timeout)
+
+    async def close(self) -> None:
+        self.release.set()
+        await self._inner.close()
+
+
+async def test_an_input_is_committed_only_when_both_outputs_are_confirmed(kit: Any) -> None:
+    """Message 3's second output is slow: nothing at or after offset 3 is committed until it confirms, although
+    every later message finished long before."""
+    source = kit.topic("two-in")
+    out_a = kit.topic("two-a")
+    out_b = kit.topic("two-b")
+    group = kit.unique("g")
+    count = 40
+    kit.produce(source, [json.dumps({"n": i}).encode() for i in range(count)])
+    HoldingProducer.hold = {3}
+    HoldingProducer.release = threading.Event()
+    config = queues(kit, group, source, {"a": out_a, "b": out_b})
+    config["b"]["producer"] = HoldingProducer
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["a", "b"], queue_config=config,
+                    metrics_port=None, poll_interval_seconds=0.2)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, Any]]:
+        return [("a", message), ("b", message)]
+
+    task = asyncio.ensure_future(run(handler, count))
+    try:
+        await kit.eventually(lambda: len(kit.read_topic(out_b, isolation="read_uncommitted")) == count,
+                             what="every output stored")
+        await kit.eventually(lambda: kit.committed(group, source)[0] == 3, what="commit up to the held message")
+        await asyncio.sleep(0.5)  # several commit intervals: the commit must stay where it is
+        assert kit.committed(group, source)[0] == 3, "a later message finishing first moved the commit past 3"
+        assert not task.done()
+        HoldingProducer.release.set()
+        report = await task
+    finally:
+        HoldingProducer.release.set()
+        if not task.done():
+            task.cancel()
+    assert report.acked == count
+    assert kit.committed(group, source)[0] == count
+
+
+async def test_a_failing_output_stops_the_worker_without_committing_past_it(kit: Any) -> None:
+    """Message 5's second output is too large for the broker: it fails for real after retries; the worker stops
+    and the commit stays below message 5, so a restart handles it again."""
+    source = kit.topic("fail-in")
+    out_a = kit.topic("fail-a")
+    out_b = kit.topic("fail-b")
+    group = kit.unique("g")
+    count = 20
+    kit.produce(source, [json.dumps({"n": i}).encode() for i in range(count)])
+    config = queues(kit, group, source, {"a": out_a, "b": out_b})
+    config["b"]["config"]["message.max.bytes"] = 10_000
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["a", "b"], queue_config=config,
+                    metrics_port=None, poll_interval_seconds=0.2, max_retries=1, retry_backoff_seconds=0.05)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, Any]]:
+        big = {"n": message["n"], "pad": "x" * 20_000} if message["n"] == 5 else message
+        return [("a", message), ("b", big)]
+
+    with pytest.raises(DeliveryError, match="could not be delivered"):
+        await run(handler, count)
+    committed = kit.committed(group, source)[0]
+    assert 0 <= committed <= 5, f"the commit moved past the failed input (committed {committed})"
+    stored_a = {json.loads(m.value())["n"] for m in kit.read_topic(out_a)}
+    assert 5 in stored_a, "the first output of the failed input was delivered: it will be produced again"
+
+
+async def test_bad_input_goes_to_the_dlq_and_the_worker_keeps_going(kit: Any) -> None:
+    source = kit.topic("bad-in", partitions=2)
+    sink = kit.topic("bad-out", partitions=2)
+    dlq = kit.topic("bad-dlq")
+    group = kit.unique("g")
+    rng = random.Random(7)
+    values: list[bytes] = []
+    expected_bad: list[bytes] = []
+    for i in range(300):
+        kind = rng.random()
+        if kind < 0.1:
+            value = os.urandom(rng.randint(1, 40)) + b"\xff"  # never valid UTF-8 JSON
+            expected_bad.append(value)
+        elif kind < 0.2:
+            value = json.dumps(rng.choice([[1, 2], {"id": i}, {"nope": True}, "text", 42])).encode()
+            expected_bad.append(value)
+        else:
+            value = json.dumps({"id": i, "amount": i / 2}).encode()
+        values.append(value)
+    kit.produce(source, values, keys=[f"key-{i}".encode() for i in range(300)],
+                headers={"origin": b"test"})
+    codec = {"serializer": "json", "model_handler": "dataclass", "data_model": Order}
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    queue_config=queues(kit, group, source, {"out": sink}, dlq=dlq, codec=codec),
+                    metrics_port=None, poll_interval_seconds=0.2)
+
+    @engine.stream_app
+    def handler(order: Order) -> list[tuple[str, Order]]:
+        return [("out", order)]
+
+    report = await run(handler, len(values))
+    assert report.dead_lettered == len(expected_bad)
+    dead = kit.read_topic(dlq)
+    assert Counter(m.value() for m in dead) == Counter(expected_bad), "bad inputs land in the DLQ raw, all of them"
+    for message in dead:
+        headers = dict(message.headers())
+        assert headers["origin"] == b"test", "original headers kept"
+        assert message.key().startswith(b"key-"), "original key kept"
+        assert headers["volley-error-stage"] in (b"deserialize", b"validate")
+        assert headers["volley-source-queue"] == source.encode()
+        assert int(headers["volley-source-position"]) >= 0
+    good = {json.loads(m.value())["id"] for m in kit.read_topic(sink)}
+    assert len(good) == len(values) - len(expected_bad), "the worker kept going past every bad input"
+    assert kit.committed(group, source, 2) == kit.end_offsets(source, 2)
+
+
+async def test_a_batch_handler_sends_one_bad_record_to_the_dlq_alone(kit: Any) -> None:
+    source = kit.topic("batch-in")
+    sink = kit.topic("batch-out")
+    dlq = kit.topic("batch-dlq")
+    group = kit.unique("g")
+    values = [json.dumps({"n": i}).encode() for i in range(50)]
+    values[17] = b"{not json"
+    kit.produce(source, values)
+    batches: list[int] = []
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    queue_config=queues(kit, group, source, {"out": sink}, dlq=dlq, batch_size=10),
+                    metrics_port=None, poll_interval_seconds=0.2)
+
+    @engine.stream_app
+    def handler(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+        batches.append(len(messages))
+        return [("out", {"sum": sum(m["n"] for m in messages), "size": len(messages)})]
+
+    report = await run(handler, len(values))
+    assert report.dead_lettered == 1
+    assert [m.value() for m in kit.read_topic(dlq)] == [b"{not json"]
+    assert sum(batches) == 49, "every other record reached the handler, in lists"
+    assert max(batches) <= 10
+    total = sum(json.loads(m.value())["sum"] for m in kit.read_topic(sink))
+    assert total == sum(range(50)) - 17
+    assert kit.committed(group, source)[0] == 50
