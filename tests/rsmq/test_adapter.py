@@ -446,3 +446,22 @@ async def test_start_fails_with_a_configuration_error_when_redis_is_unreachable(
     with pytest.raises(ConfigurationError, match=f"cannot reach Redis at 127.0.0.1:{port}"):
         await consumer.start()
     await consumer.close()
+
+
+async def test_instrumented_consumer_reports_queue_depth(parts: Parts, qname: str) -> None:
+    class DepthObserver:
+        def __init__(self) -> None:
+            self.depths: list[tuple[str, str, int]] = []
+
+        def on_depth(self, app_name: str, queue: str, depth: int) -> None:
+            self.depths.append((app_name, queue, depth))
+
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname)
+    observer = DepthObserver()
+    consumer.instrument(observer, "app")  # type: ignore[arg-type]  # only on_depth is called
+    await parts.send(producer, [OutgoingMessage(qname, b"m")] * 10 + [OutgoingMessage(qname, b"later", delay=60)])
+    got = await consumer.consume(3, 1.0)
+    assert len(got) == 3
+    assert observer.depths == [("app", qname, 7)]  # visible ones only, not the delayed one
+    assert await consumer.depth() == 7

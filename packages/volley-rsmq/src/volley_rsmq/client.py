@@ -63,6 +63,7 @@ class ReceiveResult:
     messages: list[Received]
     vt_ms: int
     remaining: int  # messages left in the queue (visible or not) after this receive
+    visible: int = 0  # of which visible, waiting to be received
     queue_missing: bool = False
 
 
@@ -155,9 +156,9 @@ class RsmqClient:
                 int(reply[i + 3]),
                 reply[i + 4],
             )
-            for i in range(3, len(reply), 5)
+            for i in range(4, len(reply), 5)
         ]
-        return ReceiveResult(messages, int(reply[1]), int(reply[2]))
+        return ReceiveResult(messages, int(reply[1]), int(reply[2]), int(reply[3]))
 
     def delete(self, qname: str, ids: Sequence[str]) -> None:
         """Delete messages the way PyRSMQ's deleteMessage does, all in one transaction."""

@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 
 from volley.message import Envelope
+from volley.ports import Observer
 from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
 from volley_rsmq.client import RETRIABLE_ERRORS, ReceiveResult, RsmqClient, sent_time
@@ -91,9 +92,18 @@ class RsmqConsumer:
         self._last_remaining = -1
         self._unwrap = settings.headers == "envelope"
         self._trouble = ThrottledLog()
+        self._observer: Observer | None = None
+        self._app_name = ""
+        self._last_visible = 0
+        self._next_depth_report = 0.0
         self.extended = 0  # visibility extensions done (for tests and metrics)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def instrument(self, observer: Observer, app_name: str) -> None:
+        """Report the queue's depth (visible messages, as counted by each receive) at most once a second."""
+        self._observer = observer
+        self._app_name = app_name
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -153,6 +163,9 @@ class RsmqConsumer:
             if envelopes is None:  # Redis trouble: back off harder than for an empty queue
                 pause = max(pause, self.settings.retry_backoff_seconds)
                 envelopes = []
+            elif self._observer is not None and loop.time() >= self._next_depth_report:
+                self._next_depth_report = loop.time() + 1.0
+                self._observer.on_depth(self._app_name, self.qname, self._last_visible)
             if envelopes or self._stopping:
                 return envelopes
             remaining = deadline - loop.time()
@@ -197,6 +210,7 @@ class RsmqConsumer:
             self._held.update(held)
             self._last_receive_empty = not envelopes
             self._last_remaining = result.remaining
+            self._last_visible = result.visible
         return envelopes
 
     # ------------------------------------------------------------------ settling

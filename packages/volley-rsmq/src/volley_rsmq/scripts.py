@@ -49,7 +49,7 @@ else
 end
 if redis.call("HEXISTS", KEYS[2], "vt") == 0 then return {-1} end
 local ids = redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", now, "LIMIT", 0, tonumber(ARGV[1]))
-local out = {now, vt, 0}
+local out = {now, vt, 0, 0}
 local deadline = now + vt
 local received = 0
 for _, id in ipairs(ids) do
@@ -79,12 +79,13 @@ for _, id in ipairs(ids) do
 end
 if received > 0 then redis.call("HINCRBY", KEYS[2], "totalrecv", received) end
 out[3] = redis.call("ZCARD", KEYS[1])
+out[4] = redis.call("ZCOUNT", KEYS[1], "-inf", now)
 return out
 """
 )
 """Receive up to ARGV[1] visible messages and hide them for the visibility timeout, like RSMQ's receiveMessage.
 
-Returns ``{now_ms, vt_ms, zcard, id, body, rc, first_receive_ms, last_error_or_nil, ...}``,
+Returns ``{now_ms, vt_ms, all_left, visible_left, id, body, rc, first_receive_ms, last_error_or_nil, ...}``,
 or ``{-1}`` when the queue does not exist.
 """
 
