@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from volley.ports import QueueSpec
 from volley_rsmq.consumer import RsmqConsumer
 from volley_rsmq.producer import RsmqProducer
@@ -20,3 +22,13 @@ class RsmqConnector:
 
     def create_producer(self, queue: QueueSpec) -> RsmqProducer:
         return RsmqProducer(parse_settings(queue.config, queue.value, queue.role))
+
+
+if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: nothing is inherited)
+
+    from volley.ports import Connector, Consumer, DepthReporter, Instrumented, Producer
+
+    def _satisfies_ports(
+        consumer: RsmqConsumer, producer: RsmqProducer, connector: RsmqConnector
+    ) -> tuple[Consumer, Producer, Connector, Instrumented, DepthReporter]:
+        return consumer, producer, connector, consumer, consumer
