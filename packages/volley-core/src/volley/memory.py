@@ -106,6 +106,13 @@ class MemoryBroker:
         sequence = self._sequence
         keep_log = self.keep_log
         with self._lock:
+            # All or nothing: check explicit partitions first, so a bad record never leaves its
+            # call half-stored (the producer reports the whole call as failed).
+            for message in messages:
+                if message.partition is not None:
+                    count = len(self._queue(message.topic).partitions)
+                    if not 0 <= message.partition < count:
+                        raise ValueError(f"queue {message.topic!r} has {count} partition(s), not {message.partition}")
             topic = None
             queue = None
             for message in messages:

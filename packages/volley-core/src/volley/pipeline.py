@@ -220,6 +220,7 @@ class Pipeline:
         self._thread_stop = threading.Event()
         self._last_activity = time.monotonic()
         self._worker: _SyncWorker | None = None
+        self._started = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._wake: asyncio.Event | None = None
@@ -230,7 +231,7 @@ class Pipeline:
     # ================================================================== lifecycle
 
     async def run(self) -> RunReport:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
@@ -330,6 +331,7 @@ class Pipeline:
         if self._worker is not None:
             self._worker.close()
         self.observer.on_stop(self.name)
+        self.report.elapsed_seconds = time.monotonic() - self._started
         logger.info("%s: stopped (%s)", self.name, self.report)
 
     def request_stop(self, error: BaseException | None = None) -> None:
