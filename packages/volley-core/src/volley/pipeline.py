@@ -216,6 +216,7 @@ class Pipeline:
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._transaction_failed = False
+        self._transaction_open = False
         self._stop_error: BaseException | None = None
         self._thread_stop = threading.Event()
         self._last_activity = time.monotonic()
@@ -353,9 +354,9 @@ class Pipeline:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self.request_stop)
 
-    async def _wait_settled(self, deadline: float) -> None:
+    async def _wait_settled(self, deadline: float, *, include_inbox: bool = True) -> None:
         assert self._settled is not None
-        while (self.in_flight or self.inbox) and time.monotonic() < deadline:
+        while (self.in_flight or (include_inbox and self.inbox)) and time.monotonic() < deadline:
             self._settled.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), max(0.0, min(0.5, deadline - time.monotonic())))
@@ -376,8 +377,8 @@ class Pipeline:
         assert self._settled is not None and self._wake is not None
         while not self._stopping:
             room = bound - self.in_flight
-            if self.transactional and self.in_flight:
-                room = 0
+            if self.transactional and (self.in_flight or self._transaction_open):
+                room = 0  # barrier mode: the next batch waits for this one's commit
             if self.max_messages is not None:
                 room = min(room, self.max_messages - self.report.consumed)
                 if room <= 0 and self.in_flight == 0 and not self.inbox:
@@ -443,6 +444,7 @@ class Pipeline:
                 if not batch:
                     continue
             if self.transactional:
+                self._transaction_open = True
                 await self.consumer.begin()  # type: ignore[attr-defined]
             if self.app.is_async:
                 self._dispatch_async(batch)
@@ -1023,7 +1025,8 @@ class Pipeline:
         """Barrier mode: wait for the batch to settle, then commit inputs and outputs atomically."""
         deadline = time.monotonic() + self.engine.shutdown_timeout_seconds
         self._flush_outputs()
-        await self._wait_settled(deadline)
+        await self._wait_settled(deadline, include_inbox=False)
+        self._transaction_open = False
         consumer = self.consumer
         failed, self._transaction_failed = self._transaction_failed, False
         acks, self._acks = self._acks, []
@@ -1033,9 +1036,11 @@ class Pipeline:
             self.report.abandoned += self.in_flight
             self.in_flight = 0
             self._nacks.clear()
+            self._notify_settled()
             return
         await consumer.commit(acks)  # type: ignore[attr-defined]
         await self._flush_acks()
+        self._notify_settled()  # wakes the fetcher for the next transaction
 
     async def _monitor_loop(self) -> None:
         tick = min(0.05, max(self.drain_idle_seconds / 5, 0.005))
