@@ -14,7 +14,7 @@ import secrets
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
@@ -47,8 +47,7 @@ _SEND = _Script(scripts.SEND)
 _DEPTH = _Script(scripts.DEPTH)
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
+class Received(NamedTuple):
     """One received message: RSMQ's id, body, receive count, first-receive time (ms) and last recorded error."""
 
     id: str
@@ -148,16 +147,10 @@ class RsmqClient:
         reply = self._evalsha(_RECEIVE, self.keys(qname), (count, "" if vt_ms is None else vt_ms))
         if reply[0] == -1:
             return ReceiveResult([], 0, 0, queue_missing=True)
-        messages = [
-            Received(
-                reply[i].decode("ascii"),
-                reply[i + 1],
-                int(reply[i + 2]),
-                int(reply[i + 3]),
-                reply[i + 4],
-            )
-            for i in range(4, len(reply), 5)
-        ]
+        # Slicing the flat reply column by column is several times faster than indexing it per message.
+        messages = list(map(Received._make, zip(
+            [raw.decode("ascii") for raw in reply[4::5]], reply[5::5], reply[6::5], reply[7::5], reply[8::5],
+            strict=True)))
         return ReceiveResult(messages, int(reply[1]), int(reply[2]), int(reply[3]))
 
     def delete(self, qname: str, ids: Sequence[str]) -> None:
