@@ -264,6 +264,13 @@ class MemoryBroker:
                 queue.partitions[stored[3]].appendleft(again)
         self._wake(queue)
 
+    def forget_owner(self, queue_name: str, owner: int) -> None:
+        """Drop a closed consumer's (empty) bookkeeping."""
+        with self._lock:
+            queue = self._queue(queue_name)
+            if not queue.owned.get(owner, True):
+                del queue.owned[owner]
+
     # ---------------------------------------------------------------- inspection
 
     def produced(self, queue_name: str) -> list[bytes]:
@@ -329,13 +336,16 @@ def reset_default_broker(broker: MemoryBroker | None = None) -> MemoryBroker:
         return _default_broker
 
 
+_consumer_ids = itertools.count(1)
+
+
 class MemoryConsumer:
     """Consumes one memory queue. Unacked messages go back to the queue on close, as after a crash."""
 
     def __init__(self, broker: MemoryBroker, queue: str) -> None:
         self._broker = broker
         self._queue = queue
-        self._owner = id(self)
+        self._owner = next(_consumer_ids)  # never reused, unlike id(self)
 
     async def start(self) -> None:
         self._broker.create_queue(self._queue)
@@ -356,6 +366,7 @@ class MemoryConsumer:
     async def close(self) -> None:
         """Whatever this consumer still holds goes back to the queue, as when a worker dies."""
         self._broker.nack(self._queue, None, 0.0, self._owner)
+        self._broker.forget_owner(self._queue, self._owner)
 
     async def depth(self) -> int:
         return self._broker.depth(self._queue)
