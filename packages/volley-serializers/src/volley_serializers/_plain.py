@@ -1,0 +1,38 @@
+"""The ``default=`` hook of the orjson and msgpack serializers: common Python values they cannot encode natively.
+
+It only runs for values the library does not know, so it costs nothing on the
+usual path. It converts the way Pydantic's JSON mode does for the same types
+(so a raw dict holding a ``Decimal`` and a model holding one look alike on the
+wire) and refuses anything else: an unknown object must fail loudly, not turn
+into ``"<object at 0x...>"`` as a ``default=str`` would make it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import PurePath
+from typing import Any
+from uuid import UUID
+
+
+def to_plain(value: Any) -> Any:
+    """Turn ``value`` into something JSON and msgpack can hold; raise ``TypeError`` for anything unknown."""
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, (Decimal, UUID, PurePath)):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):  # a Pydantic model inside a plain dict
+        return model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"Type is not serializable: {type(value).__qualname__}")

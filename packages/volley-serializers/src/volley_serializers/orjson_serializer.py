@@ -1,0 +1,65 @@
+"""The ``orjson`` serializer: JSON through orjson, several times faster than the standard library.
+
+Behaviour worth knowing:
+
+- Output is compact UTF-8 JSON. ``datetime``, ``date``, ``time``, ``UUID``,
+  enums and dataclasses are encoded natively by orjson (RFC 3339 datetimes);
+  ``Decimal``, sets and ``timedelta`` through :func:`volley_serializers.to_plain`.
+  Naive datetimes stay naive (py-volley added ``+00:00``; that changes the value,
+  so Volley does not).
+- Dict keys must be strings; integers must fit in 64 bits (signed or unsigned);
+  NaN and infinities are written as ``null`` (orjson's rule; JSON has no NaN).
+- On input, integers beyond 64 bits are read as floats (orjson's rule) and
+  numbers beyond the range of a double are rejected.
+- Nesting deeper than 1024 levels is rejected on both sides.
+
+Every failure is a :class:`volley.errors.SerializationError` carrying the payload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from volley.errors import SerializationError
+from volley_serializers._plain import to_plain
+
+
+class OrjsonSerializer:
+    """orjson ``loads`` / ``dumps`` with errors turned into ``SerializationError`` and nothing else in between.
+
+    ``serialize`` and ``deserialize`` are plain functions bound at construction
+    (no ``self`` lookups, no per-call allocation beyond the library's own).
+    """
+
+    __slots__ = ("deserialize", "serialize")
+
+    serialize: Callable[[Any], bytes]
+    deserialize: Callable[[bytes], Any]
+
+    def __init__(self) -> None:
+        dumps = orjson.dumps
+        loads = orjson.loads
+        default = to_plain
+
+        def serialize(message: Any) -> bytes:
+            try:
+                return dumps(message, default=default)
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot encode {type(message).__qualname__} as JSON (orjson): {exc}", message
+                ) from exc
+
+        def deserialize(message: bytes) -> Any:
+            try:
+                return loads(message)
+            except Exception as exc:
+                raise SerializationError(f"invalid JSON (orjson): {exc}", message) from exc
+
+        self.serialize = serialize
+        self.deserialize = deserialize
+
+    def __repr__(self) -> str:
+        return "OrjsonSerializer()"

@@ -1,0 +1,343 @@
+"""The Pydantic model handlers: ``pydantic``, ``pydantic-parser`` and ``pydantic-list``.
+
+Each works with any Pydantic model class (and, through a ``TypeAdapter`` built
+once per data model, with any type Pydantic can validate: dataclasses,
+``TypedDict``, ``list[Model]``...). Nothing is built per message: a handler
+instance belongs to one queue and caches, per data model, the pre-bound
+validate and dump functions.
+
+What goes on the wire: models are dumped in Pydantic's **JSON mode**
+(``model_dump(mode="json")``): datetimes as ISO 8601 strings, ``UUID`` and
+``Decimal`` as strings, enums as their values. That dict is plain JSON data,
+so every serializer (stdlib ``json``, ``orjson``, ``msgpack``) encodes it and
+the model validates back equal, whichever serializer sits in between. It costs
+about the same as Python mode followed by orjson (orjson then has no
+datetimes to format) and less with msgpack, which would otherwise need a
+conversion hook per datetime. ``bytes`` fields follow the model's
+``ser_json_bytes`` setting (UTF-8 by default; set ``"base64"`` for binary).
+
+Errors: data that does not fit the model raises
+:class:`volley.errors.DataValidationError`; bytes that are not JSON at all
+(``pydantic-parser`` only) raise :class:`volley.errors.SerializationError`;
+both carry the input and a one-line reason for the DLQ headers. A model that
+cannot be dumped raises ``SerializationError``.
+
+Fast paths for the engine (all optional, built once per queue):
+
+- ``bind(schema) -> Callable[[data], model]``: validate into ``schema``.
+- ``bind_deconstruct(schema) -> Callable[[model], data]``: check that the
+  output is a ``schema`` instance (``TypeError`` otherwise) and dump it.
+- ``check_output(message, schema)``: only the type check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import to_json, to_jsonable_python
+
+from volley.errors import ConfigurationError, DataValidationError, SerializationError
+
+Validate = Callable[[Any], Any]
+Dump = Callable[[Any], Any]
+
+MAX_REASON_CHARS = 500
+MAX_REASON_ERRORS = 3
+
+
+def model_name(schema: Any) -> str:
+    """How error messages name a data model: the class name, or the type expression."""
+    return schema.__qualname__ if isinstance(schema, type) else repr(schema)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
+def validation_reason(exc: BaseException, schema: Any) -> str:
+    """A one-line reason for the DLQ headers: which fields failed and why, never the (possibly huge) input."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:MAX_REASON_ERRORS]]
+        if len(errors) > MAX_REASON_ERRORS:
+            parts.append(f"and {len(errors) - MAX_REASON_ERRORS} more")
+        count = f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}"
+        return _one_line(f"{count} for {exc.title}: {'; '.join(parts)}")
+    return _one_line(f"{model_name(schema)}: {type(exc).__name__}: {exc}")
+
+
+def wrong_output(schema: Any, message: Any) -> TypeError:
+    name = model_name(schema)
+    return TypeError(
+        f"the queue's data model is {name}, but the handler produced {type(message).__qualname__}: "
+        f"return {name} instances (or change the queue's data_model)"
+    )
+
+
+def _is_model_class(schema: Any) -> bool:
+    return isinstance(schema, type) and issubclass(schema, BaseModel)
+
+
+def _complete(schema: type[BaseModel]) -> type[BaseModel]:
+    """A model with forward references still unresolved fails here, at Engine construction, not per message."""
+    if not schema.__pydantic_complete__:
+        try:
+            schema.model_rebuild(raise_errors=True)
+        except Exception as exc:
+            name = model_name(schema)
+            raise ConfigurationError(
+                f"data model {name} is not fully defined ({exc}); define every type it refers to and call "
+                f"{name}.model_rebuild() before building the Engine"
+            ) from exc
+    return schema
+
+
+def _adapter(schema: Any) -> TypeAdapter[Any]:
+    try:
+        return TypeAdapter(schema)
+    except Exception as exc:
+        raise ConfigurationError(f"data model {schema!r} is not a type Pydantic can validate: {exc}") from exc
+
+
+def _identity(message: Any) -> Any:
+    return message
+
+
+class PydanticModelHandler:
+    """``pydantic``: deserialized data to a model (what ``model_validate`` does) and a model to JSON-mode data.
+
+    It calls the model's validator and serializer directly, skipping the
+    keyword handling of ``model_validate`` / ``model_dump``, which makes it
+    faster than calling those per message. A data model of ``None`` means no
+    model: data passes through unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._validators: dict[Any, Validate] = {}
+        self._dumpers: dict[Any, Dump] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # ------------------------------------------------------------------ fast paths, built once per data model
+
+    def bind(self, schema: Any) -> Validate:
+        """The function that validates one message into ``schema``: call it per message, build it once."""
+        validate = self._validators.get(schema)
+        if validate is None:
+            validate = self._validators[schema] = _identity if schema is None else self._make_validate(schema)
+        return validate
+
+    def bind_deconstruct(self, schema: Any) -> Dump:
+        """The function that checks one output is a ``schema`` (``TypeError`` if not) and dumps it."""
+        dump = self._dumpers.get(schema)
+        if dump is None:
+            dump = self._dumpers[schema] = self.deconstruct if schema is None else self._make_deconstruct(schema)
+        return dump
+
+    def check_output(self, message: Any, schema: Any) -> None:
+        """Raise ``TypeError`` unless ``message`` is an instance of the queue's data model (when that is a class)."""
+        if isinstance(schema, type) and not isinstance(message, schema):
+            raise wrong_output(schema, message)
+
+    # ------------------------------------------------------------------ the ModelHandler protocol
+
+    def construct(self, message: Any, schema: Any) -> Any:
+        validate = self._validators.get(schema)
+        if validate is None:
+            validate = self.bind(schema)
+        return validate(message)
+
+    def deconstruct(self, model: Any) -> Any:
+        try:
+            serializer = type(model).__pydantic_serializer__
+        except AttributeError:
+            return self._dump_other(model)
+        try:
+            return serializer.to_python(model, mode="json")
+        except Exception as exc:
+            raise _dump_failed(model, exc) from exc
+
+    # ------------------------------------------------------------------ building the bound functions
+
+    def _validator(self, schema: Any) -> Any:
+        """The pydantic-core validator of ``schema`` (a model's own, or a TypeAdapter's)."""
+        if _is_model_class(schema):
+            return _complete(schema).__pydantic_validator__
+        return _adapter(schema).validator
+
+    def _make_validate(self, schema: Any) -> Validate:
+        validate_python = self._validator(schema).validate_python
+
+        def validate(message: Any) -> Any:
+            try:
+                return validate_python(message)
+            except Exception as exc:
+                raise DataValidationError(validation_reason(exc, schema), message) from exc
+
+        return validate
+
+    def _make_deconstruct(self, schema: Any) -> Dump:
+        if not _is_model_class(schema):
+            to_python = _adapter(schema).serializer.to_python
+
+            def dump_typed(model: Any) -> Any:
+                try:
+                    return to_python(model, mode="json", warnings="error")
+                except Exception as exc:
+                    raise _dump_failed(model, exc, schema) from exc
+
+            return dump_typed
+        to_python = _complete(schema).__pydantic_serializer__.to_python
+        generic = self.deconstruct
+
+        def dump(model: Any) -> Any:
+            if type(model) is schema:
+                try:
+                    return to_python(model, mode="json")
+                except Exception as exc:
+                    raise _dump_failed(model, exc) from exc
+            if isinstance(model, schema):  # a subclass: dump it as its own class, as model_dump would
+                return generic(model)
+            raise wrong_output(schema, model)
+
+        return dump
+
+    def _dump_other(self, model: Any) -> Any:
+        """Anything that is not a Pydantic model or dataclass: dicts, lists of models, plain values."""
+        try:
+            return to_jsonable_python(model)
+        except Exception as exc:
+            raise _dump_failed(model, exc) from exc
+
+
+def _dump_failed(model: Any, exc: BaseException, schema: Any = None) -> SerializationError:
+    what = type(model).__qualname__ if schema is None else f"{type(model).__qualname__} as {model_name(schema)}"
+    return SerializationError(_one_line(f"cannot dump {what}: {type(exc).__name__}: {exc}"), model)
+
+
+class PydanticParserModelHandler(PydanticModelHandler):
+    """``pydantic-parser``: raw bytes straight to the model with Pydantic's JSON parser, and a model to JSON bytes.
+
+    Use it without a serializer (``serializer: none``): Pydantic's own parser
+    reads the bytes (``model_validate_json``) and writes them
+    (``model_dump_json``), with no intermediate dict. Bytes that are not JSON
+    raise ``SerializationError``; JSON that does not fit the model raises
+    ``DataValidationError``.
+    """
+
+    def deconstruct(self, model: Any) -> bytes:
+        try:
+            serializer = type(model).__pydantic_serializer__
+        except AttributeError:
+            try:
+                return to_json(model)
+            except Exception as exc:
+                raise _dump_failed(model, exc) from exc
+        try:
+            return serializer.to_json(model)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise _dump_failed(model, exc) from exc
+
+    def _make_validate(self, schema: Any) -> Validate:
+        validate_json = self._validator(schema).validate_json
+
+        def validate(message: Any) -> Any:
+            try:
+                return validate_json(message)
+            except Exception as exc:
+                raise _parse_failed(exc, schema, message) from exc
+
+        return validate
+
+    def _make_deconstruct(self, schema: Any) -> Dump:
+        if not _is_model_class(schema):
+            to_json_typed = _adapter(schema).serializer.to_json
+
+            def dump_typed(model: Any) -> Any:
+                try:
+                    return to_json_typed(model, warnings="error")
+                except Exception as exc:
+                    raise _dump_failed(model, exc, schema) from exc
+
+            return dump_typed
+        dump_json = _complete(schema).__pydantic_serializer__.to_json
+        generic = self.deconstruct
+
+        def dump(model: Any) -> Any:
+            if type(model) is schema:
+                try:
+                    return dump_json(model)
+                except Exception as exc:
+                    raise _dump_failed(model, exc) from exc
+            if isinstance(model, schema):
+                return generic(model)
+            raise wrong_output(schema, model)
+
+        return dump
+
+
+def _parse_failed(exc: BaseException, schema: Any, message: Any) -> DataValidationError | SerializationError:
+    reason = validation_reason(exc, schema)
+    if isinstance(exc, ValidationError):
+        kinds = {e["type"] for e in exc.errors(include_url=False, include_context=False, include_input=False)}
+        if "json_invalid" in kinds:
+            return SerializationError(reason, message)
+        if "json_type" in kinds:
+            reason = _one_line(
+                f"{reason} (pydantic-parser reads raw bytes: configure this queue with serializer 'none', "
+                "or use model_handler 'pydantic' after a serializer)"
+            )
+    return DataValidationError(reason, message)
+
+
+class PydanticListModelHandler(PydanticModelHandler):
+    """``pydantic-list``: a batch of messages to a list of models, and a list of models back to a list of data.
+
+    The engine validates a batch **per record** (through ``bind``), so one bad
+    record goes to the DLQ alone while the rest of the batch reaches the
+    handler as a list. ``construct`` also accepts a whole list (the py-volley
+    shape) and then names the index of the first bad item. An output may be
+    one model or a list of models.
+    """
+
+    def construct(self, message: Any, schema: Any) -> Any:
+        validate = self.bind(schema)
+        if not isinstance(message, list):
+            return validate(message)
+        models = []
+        for index, item in enumerate(message):
+            try:
+                models.append(validate(item))
+            except DataValidationError as exc:
+                raise DataValidationError(_one_line(f"item {index}: {exc.reason}"), message) from exc
+        return models
+
+    def deconstruct(self, model: Any) -> Any:
+        if isinstance(model, (list, tuple)):
+            single = super().deconstruct
+            return [single(m) for m in model]
+        return super().deconstruct(model)
+
+    def check_output(self, message: Any, schema: Any) -> None:
+        if not isinstance(schema, type):
+            return
+        if isinstance(message, (list, tuple)):
+            for item in message:
+                if not isinstance(item, schema):
+                    raise wrong_output(schema, item)
+        elif not isinstance(message, schema):
+            raise wrong_output(schema, message)
+
+    def _make_deconstruct(self, schema: Any) -> Dump:
+        single = super()._make_deconstruct(schema)
+
+        def dump(model: Any) -> Any:
+            if isinstance(model, (list, tuple)):
+                return [single(m) for m in model]
+            return single(model)
+
+        return dump
