@@ -149,3 +149,34 @@ def test_delay_from_the_handler_hides_the_output(
 def test_bad_rsmq_settings_fail_when_the_engine_is_built(rsmq_config: dict[str, Any], qname: str) -> None:
     with pytest.raises(ConfigurationError, match="unknown config key"):
         engine({**rsmq_config, "visibilty": 3}, qname + "-in", qname + "-out", qname + "-dlq")
+
+
+@pytest.mark.parametrize("profile", ["rsmq", "rsmq-pydantic", "rsmq-orjson-pydantic", "rsmq-msgpack-pydantic"])
+def test_py_volley_profiles_round_trip_a_generic_message(
+    profile: str, rsmq_config: dict[str, Any], qname: str, raw_redis: redis.Redis
+) -> None:
+    import msgpack
+
+    document = {"order": 7, "items": ["a", "b"]}
+    encode = msgpack.packb if "msgpack" in profile else lambda d: json.dumps(d).encode()
+    decode = msgpack.unpackb if "msgpack" in profile else json.loads
+    seed(raw_redis, rsmq_config, qname + "-in", [encode(document)])
+    queues = {
+        "in": {"value": qname + "-in", "profile": profile, "config": rsmq_config},
+        "out": {"value": qname + "-out", "profile": profile, "config": rsmq_config},
+    }
+    app = Engine(app_name="profiles", input_queue="in", output_queues=["out"], queue_config=queues,
+                 metrics_port=None, poll_interval_seconds=0.05)
+    received: list[Any] = []
+
+    @app.stream_app
+    def handler(message: Any) -> list[tuple[str, Any]]:
+        received.append(message)
+        return [("out", message)]
+
+    report = handler.run_until_drained(timeout=30, drain_idle_seconds=0.3)
+    assert report.acked == 1
+    assert type(received[0]).__name__ == "GenericMessage"
+    assert received[0].model_dump() == document
+    [body] = drain(raw_redis, qname + "-out")
+    assert decode(body) == document
