@@ -35,4 +35,6 @@ def to_plain(value: Any) -> Any:
         return model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
+    if isinstance(value, int):  # msgpack asks about the integers it cannot pack
+        raise OverflowError(f"integer out of range ({value.bit_length()} bits): at most 64 bits are supported")
     raise TypeError(f"Type is not serializable: {type(value).__qualname__}")

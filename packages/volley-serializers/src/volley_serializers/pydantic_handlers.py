@@ -89,8 +89,8 @@ def _complete(schema: type[BaseModel]) -> type[BaseModel]:
         except Exception as exc:
             name = model_name(schema)
             raise ConfigurationError(
-                f"data model {name} is not fully defined ({exc}); define every type it refers to and call "
-                f"{name}.model_rebuild() before building the Engine"
+                f"data model {name} is not fully defined ({_one_line(str(exc))}); define every type it refers to "
+                f"and call {name}.model_rebuild() before building the Engine"
             ) from exc
     return schema
 
@@ -99,7 +99,9 @@ def _adapter(schema: Any) -> TypeAdapter[Any]:
     try:
         return TypeAdapter(schema)
     except Exception as exc:
-        raise ConfigurationError(f"data model {schema!r} is not a type Pydantic can validate: {exc}") from exc
+        raise ConfigurationError(
+            f"data model {schema!r} is not a type Pydantic can validate: {_one_line(str(exc))}"
+        ) from exc
 
 
 def _identity(message: Any) -> Any:
