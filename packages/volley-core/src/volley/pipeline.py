@@ -43,6 +43,7 @@ from volley.ports import (
     PartitionId,
     Pausable,
     Producer,
+    ReasonedNack,
     RebalanceAware,
     Transactional,
 )
@@ -203,7 +204,7 @@ class Pipeline:
         self.in_flight = 0
         self.inbox: deque[list[Envelope]] = deque()
         self._acks: list[Envelope] = []
-        self._nacks: list[Envelope] = []
+        self._nacks: list[tuple[Envelope, str]] = []
         self._out_buffer: list[list[OutgoingMessage]] = [[] for _ in self.producers]
         self._out_scheduled = False
         self._reports: deque[tuple[Sequence[OutgoingMessage], Sequence[DeliveryFailure]]] = deque()
@@ -908,7 +909,7 @@ class Pipeline:
         error = DeliveryError(f"output to {message.topic!r} of input {where} could not be delivered: {exc}")
         logger.error("%s: %s; the input is not acknowledged and will be delivered again", self.name, error)
         self.report.errors.append(str(error))
-        self._give_back(token)
+        self._give_back(token, f"output: DeliveryError: {exc}")
         self.report.failed += _size(token)
         self.report.nacked -= _size(token)
         self._transaction_failed = True
@@ -936,11 +937,11 @@ class Pipeline:
         self._notify_settled()
 
     def _settle_nack(self, token: Token) -> None:
-        self._give_back(token)
+        self._give_back(token, "the handler returned False")
 
-    def _give_back(self, token: Token) -> None:
+    def _give_back(self, token: Token, reason: str) -> None:
         members = token.members if isinstance(token, _Group) else [token]
-        self._nacks.extend(members)
+        self._nacks.extend((env, reason) for env in members)
         self.in_flight -= len(members)
         self.report.nacked += len(members)
         self._notify_settled()
@@ -985,7 +986,7 @@ class Pipeline:
         logger.error("%s: %s failed at %s and there is no dead-letter queue: %s\n%s", self.name, _describe(token),
                      stage, reason, "".join(traceback.format_exception(exc)) if stage == "handler" else "")
         self.report.errors.append(f"{_describe(token)}: {stage}: {reason}")
-        self._give_back(token)
+        self._give_back(token, f"{stage}: {type(exc).__qualname__}: {reason}")
         self.report.nacked -= len(members)
         self.report.failed += len(members)
         if self.engine.on_failure == "stop":
@@ -1016,10 +1017,24 @@ class Pipeline:
                 self.report.errors.append(f"ack: {exc}")
         if self._nacks:
             nacks, self._nacks = self._nacks, []
-            try:
-                await self.consumer.nack(nacks, self.engine.redelivery_delay_seconds)
-            except Exception as exc:
-                logger.error("%s: giving back %d message(s) failed: %s", self.name, len(nacks), exc)
+            # Redelivery backs off with the delivery count, so a message that keeps failing
+            # costs less and less until max_deliveries sends it to the DLQ.
+            groups: dict[tuple[float, str], list[Envelope]] = {}
+            for env, reason in nacks:
+                groups.setdefault((self._redelivery_delay(env), reason), []).append(env)
+            reasoned = isinstance(self.consumer, ReasonedNack)
+            for (delay, reason), envelopes in groups.items():
+                try:
+                    if reasoned:
+                        await self.consumer.nack_with_reason(envelopes, delay, reason)  # type: ignore[attr-defined]
+                    else:
+                        await self.consumer.nack(envelopes, delay)
+                except Exception as exc:
+                    logger.error("%s: giving back %d message(s) failed: %s", self.name, len(envelopes), exc)
+
+    def _redelivery_delay(self, env: Envelope) -> float:
+        base = self.engine.redelivery_delay_seconds
+        return float(min(self.engine.retry_backoff_max_seconds, base * 2 ** max(0, min(env.attempt - 1, 16))))
 
     async def _finish_transaction(self) -> None:
         """Barrier mode: wait for the batch to settle, then commit inputs and outputs atomically."""

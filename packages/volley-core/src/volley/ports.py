@@ -138,6 +138,18 @@ class Transactional(Protocol):
 
 
 @runtime_checkable
+class ReasonedNack(Protocol):
+    """A consumer that can remember why a message was given back (RSMQ keeps it for the next delivery).
+
+    The engine calls this instead of ``nack`` when the consumer has it, grouping
+    envelopes by reason, so that a message that finally goes to the DLQ for
+    being redelivered too often carries its last error.
+    """
+
+    async def nack_with_reason(self, envelopes: Sequence[Envelope], delay: float, reason: str) -> None: ...
+
+
+@runtime_checkable
 class LagReporter(Protocol):
     """A consumer that can tell how far behind it is, per partition, for metrics."""
 
