@@ -120,6 +120,8 @@ class PydanticModelHandler:
     def __init__(self) -> None:
         self._validators: dict[Any, Validate] = {}
         self._dumpers: dict[Any, Dump] = {}
+        self._to_python: dict[type, Callable[..., Any]] = {}
+        self._to_json: dict[type, Callable[..., bytes]] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -154,14 +156,22 @@ class PydanticModelHandler:
         return validate(message)
 
     def deconstruct(self, model: Any) -> Any:
+        to_python = self._to_python.get(type(model))
+        if to_python is None:
+            return self._deconstruct_new_type(model)
         try:
-            serializer = type(model).__pydantic_serializer__
-        except AttributeError:
-            return self._dump_other(model)
-        try:
-            return serializer.to_python(model, mode="json")
+            return to_python(model, mode="json")
         except Exception as exc:
             raise _dump_failed(model, exc) from exc
+
+    def _deconstruct_new_type(self, model: Any) -> Any:
+        """First output of a type: remember its serializer (a class attribute lookup through Pydantic's metaclass
+        costs more than the dict lookup that replaces it)."""
+        serializer = getattr(type(model), "__pydantic_serializer__", None)
+        if serializer is None:
+            return self._dump_other(model)
+        self._to_python[type(model)] = serializer.to_python
+        return self.deconstruct(model)
 
     # ------------------------------------------------------------------ building the bound functions
 
@@ -232,17 +242,23 @@ class PydanticParserModelHandler(PydanticModelHandler):
     """
 
     def deconstruct(self, model: Any) -> bytes:
+        dump_json = self._to_json.get(type(model))
+        if dump_json is None:
+            return self._deconstruct_new_type(model)  # type: ignore[no-any-return]
         try:
-            serializer = type(model).__pydantic_serializer__
-        except AttributeError:
+            return dump_json(model)
+        except Exception as exc:
+            raise _dump_failed(model, exc) from exc
+
+    def _deconstruct_new_type(self, model: Any) -> Any:
+        serializer = getattr(type(model), "__pydantic_serializer__", None)
+        if serializer is None:
             try:
                 return to_json(model)
             except Exception as exc:
                 raise _dump_failed(model, exc) from exc
-        try:
-            return serializer.to_json(model)  # type: ignore[no-any-return]
-        except Exception as exc:
-            raise _dump_failed(model, exc) from exc
+        self._to_json[type(model)] = serializer.to_json
+        return self.deconstruct(model)
 
     def _make_validate(self, schema: Any) -> Validate:
         validate_json = self._validator(schema).validate_json
@@ -319,20 +335,25 @@ class PydanticListModelHandler(PydanticModelHandler):
         return models
 
     def deconstruct(self, model: Any) -> Any:
+        to_python = self._to_python.get(type(model))  # one model: the common case first, without super()
+        if to_python is not None:
+            try:
+                return to_python(model, mode="json")
+            except Exception as exc:
+                raise _dump_failed(model, exc) from exc
         if isinstance(model, (list, tuple)):
-            single = super().deconstruct
-            return [single(m) for m in model]
-        return super().deconstruct(model)
+            single = PydanticModelHandler.deconstruct
+            return [single(self, m) for m in model]
+        return self._deconstruct_new_type(model)
 
     def check_output(self, message: Any, schema: Any) -> None:
-        if not isinstance(schema, type):
+        if not isinstance(schema, type) or isinstance(message, schema):
             return
-        if isinstance(message, (list, tuple)):
-            for item in message:
-                if not isinstance(item, schema):
-                    raise wrong_output(schema, item)
-        elif not isinstance(message, schema):
+        if not isinstance(message, (list, tuple)):
             raise wrong_output(schema, message)
+        for item in message:
+            if not isinstance(item, schema):
+                raise wrong_output(schema, item)
 
     def _make_deconstruct(self, schema: Any) -> Dump:
         single = super()._make_deconstruct(schema)
