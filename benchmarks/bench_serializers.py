@@ -10,6 +10,9 @@ For each pair, one message round trip (bytes -> model -> bytes) is timed three w
 - ``floor_ns``: the same low-level library calls the adapters make (the model's pydantic-core validator and
   serializer), with no wrapper at all: what the adapters could cost at best.
 
+``bound_adapter_ns`` is the adapter path with the output side through the handlers' ``bind_deconstruct``
+fast path (one call for type check and dump), for when the engine adopts it.
+
 ``overhead`` is adapter / direct - 1 (target <= 0.10 for every pair; negative means faster than the
 direct call), ``wrapper_overhead`` is adapter / floor - 1 (the price of error handling and type checks).
 Each figure is the minimum over several repeats of a batch of distinct ~200-byte messages, with the three
@@ -107,6 +110,15 @@ def adapter_round_trip(serializer: str, handler: str) -> Callable[[Any], bytes]:
     return lambda raw: encode(validate(deserialize(raw)))
 
 
+def bound_round_trip(serializer: str, handler: str) -> Callable[[Any], bytes]:
+    """As ``adapter_round_trip``, with the output side through the handler's ``bind_deconstruct`` fast path
+    (type check and dump in one call), which the engine does not use yet."""
+    source, target = resolve(serializer, handler, Order, "input"), resolve(serializer, handler, Order, "output")
+    deserialize, validate = source.deserialize, source.validate
+    serialize, dump = target.serializer.serialize, target.model_handler.bind_deconstruct(Order, "q")
+    return lambda raw: serialize(dump(validate(deserialize(raw))))
+
+
 def timed(round_trip: Callable[[Any], bytes], payloads: list[bytes]) -> float:
     """Nanoseconds per message for one pass over the batch."""
     started = time.perf_counter_ns()
@@ -142,6 +154,8 @@ def bench_pair(serializer: str, handler: str, orders: list[Order]) -> dict[str, 
         "direct": direct_round_trip(serializer, handler),
         "floor": floor_round_trip(serializer, handler),
     }
+    if handler != "none":
+        variants["bound"] = bound_round_trip(serializer, handler)
     expected = variants["direct"](payloads[0])
     for name, round_trip in variants.items():  # all three do the same work and write the same bytes
         assert round_trip(payloads[0]) == expected, (serializer, handler, name)
@@ -170,6 +184,8 @@ def main() -> None:
             print(f"{prefix}.adapter_ns: {best['adapter']:.0f}")
             print(f"{prefix}.direct_ns: {best['direct']:.0f}")
             print(f"{prefix}.floor_ns: {best['floor']:.0f}")
+            if "bound" in best:
+                print(f"{prefix}.bound_adapter_ns: {best['bound']:.0f}")
             print(f"{prefix}.overhead: {overhead:.3f}")
             print(f"{prefix}.wrapper_overhead: {best['adapter'] / best['floor'] - 1:.3f}")
     finally:

@@ -347,6 +347,9 @@ def test_handlers_check_output_and_bind_deconstruct_name_both_types() -> None:
             h.check_output({"quantity": 1}, Order)
         with pytest.raises(TypeError, match=r"data model is Order, but the handler produced Address"):
             h.bind_deconstruct(Order)(Address(street="x"))
+        with pytest.raises(TypeError, match=r"queue 'out''s data model is Order, but the handler produced dict"):
+            h.bind_deconstruct(Order, queue="out")({"quantity": 1})
+        assert h.bind_deconstruct(Order, queue="out") is h.bind_deconstruct(Order, queue="out")
     lists = resolve("orjson", "pydantic-list", Order).model_handler
     lists.check_output([EXAMPLE, EXAMPLE], Order)
     with pytest.raises(TypeError, match="produced Address"):

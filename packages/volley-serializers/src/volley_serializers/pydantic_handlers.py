@@ -69,10 +69,11 @@ def validation_reason(exc: BaseException, schema: Any) -> str:
     return _one_line(f"{model_name(schema)}: {type(exc).__name__}: {exc}")
 
 
-def wrong_output(schema: Any, message: Any) -> TypeError:
+def wrong_output(schema: Any, message: Any, queue: str | None = None) -> TypeError:
     name = model_name(schema)
+    where = "the queue's" if queue is None else f"queue {queue!r}'s"
     return TypeError(
-        f"the queue's data model is {name}, but the handler produced {type(message).__qualname__}: "
+        f"{where} data model is {name}, but the handler produced {type(message).__qualname__}: "
         f"return {name} instances (or change the queue's data_model)"
     )
 
@@ -135,11 +136,16 @@ class PydanticModelHandler:
             validate = self._validators[schema] = _identity if schema is None else self._make_validate(schema)
         return validate
 
-    def bind_deconstruct(self, schema: Any) -> Dump:
-        """The function that checks one output is a ``schema`` (``TypeError`` if not) and dumps it."""
-        dump = self._dumpers.get(schema)
+    def bind_deconstruct(self, schema: Any, queue: str | None = None) -> Dump:
+        """The function that checks one output is a ``schema`` (``TypeError`` naming ``queue`` if not) and dumps it.
+
+        It replaces ``check_output`` followed by ``deconstruct``: one call per
+        output instead of two, and no per-output lookup of the model's serializer.
+        """
+        key = (schema, queue)
+        dump = self._dumpers.get(key)
         if dump is None:
-            dump = self._dumpers[schema] = self.deconstruct if schema is None else self._make_deconstruct(schema)
+            dump = self._dumpers[key] = self.deconstruct if schema is None else self._make_deconstruct(schema, queue)
         return dump
 
     def check_output(self, message: Any, schema: Any) -> None:
@@ -192,7 +198,7 @@ class PydanticModelHandler:
 
         return validate
 
-    def _make_deconstruct(self, schema: Any) -> Dump:
+    def _make_deconstruct(self, schema: Any, queue: str | None) -> Dump:
         if not _is_model_class(schema):
             to_python = _adapter(schema).serializer.to_python
 
@@ -214,7 +220,7 @@ class PydanticModelHandler:
                     raise _dump_failed(model, exc) from exc
             if isinstance(model, schema):  # a subclass: dump it as its own class, as model_dump would
                 return generic(model)
-            raise wrong_output(schema, model)
+            raise wrong_output(schema, model, queue)
 
         return dump
 
@@ -271,7 +277,7 @@ class PydanticParserModelHandler(PydanticModelHandler):
 
         return validate
 
-    def _make_deconstruct(self, schema: Any) -> Dump:
+    def _make_deconstruct(self, schema: Any, queue: str | None) -> Dump:
         if not _is_model_class(schema):
             to_json_typed = _adapter(schema).serializer.to_json
 
@@ -293,7 +299,7 @@ class PydanticParserModelHandler(PydanticModelHandler):
                     raise _dump_failed(model, exc) from exc
             if isinstance(model, schema):
                 return generic(model)
-            raise wrong_output(schema, model)
+            raise wrong_output(schema, model, queue)
 
         return dump
 
@@ -355,8 +361,8 @@ class PydanticListModelHandler(PydanticModelHandler):
             if not isinstance(item, schema):
                 raise wrong_output(schema, item)
 
-    def _make_deconstruct(self, schema: Any) -> Dump:
-        single = super()._make_deconstruct(schema)
+    def _make_deconstruct(self, schema: Any, queue: str | None) -> Dump:
+        single = super()._make_deconstruct(schema, queue)
 
         def dump(model: Any) -> Any:
             if isinstance(model, (list, tuple)):
