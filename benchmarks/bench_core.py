@@ -16,7 +16,7 @@ import gc
 import logging
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -50,7 +50,7 @@ class Enriched(BaseModel):
 
 
 def make_payloads(n: int) -> list[bytes]:
-    now = datetime(2026, 11, 28, 8, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
     return [
         orjson.dumps({"order_id": i, "customer": f"customer-{i % 997:04d}", "amount": (i % 10_000) / 7,
                       "currency": "EUR", "created_at": now.isoformat(), "tags": ["web", "eu", f"t{i % 13}"],

@@ -17,7 +17,7 @@ class JsonSerializer:
     """Standard-library JSON, compact, UTF-8."""
 
     def __init__(self) -> None:
-        self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+        self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         self._decode = json.loads
 
     def serialize(self, message: Any) -> bytes:

@@ -98,7 +98,13 @@ def _connector_part(registry: Registry, value: Any, queue: str, role: str) -> An
     return value
 
 
+def _identity(data: Any) -> Any:
+    return data
+
+
 def _bind_validate(handler: ModelHandler, model: Any) -> Callable[[Any], Any]:
+    if isinstance(handler, PassThroughModelHandler):
+        return _identity
     bind = getattr(handler, "bind", None)
     if callable(bind):
         bound = bind(model)
@@ -126,6 +132,14 @@ def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, mode
             f"{type(message).__qualname__}: construct a {model_name} (or change the queue's data_model)"
         )
 
+    bind_deconstruct = getattr(handler, "bind_deconstruct", None)
+    if callable(bind_deconstruct) and model is not None and not passthrough:
+        dump = bind_deconstruct(model, queue)  # type check and dump in one call
+
+        def encode_bound(message: Any) -> bytes:
+            return serialize(dump(message))
+
+        return encode_bound
     if check_output is not None:
 
         def encode_checked(message: Any) -> bytes:
