@@ -55,6 +55,13 @@ def output_spec(bootstrap: str, topic: str, **extra: Any) -> QueueSpec:
                      app_name="adapter-test", role="output")
 
 
+async def committed_offset(kit: Any, consumer: Any, group: str, topic: str) -> int:
+    """The group's committed offset of partition 0, after one more fetch: the consumer sends commits from
+    its fetch thread, as the engine fetches continuously."""
+    assert not await consumer.consume(1, 0.05)
+    return int(kit.committed(group, topic)[0])
+
+
 async def take(consumer: Any, count: int, within: float = 20.0) -> list[Envelope]:
     got: list[Envelope] = []
     deadline = time.monotonic() + within
@@ -77,15 +84,21 @@ async def test_commit_is_the_contiguous_low_watermark(kit: Any, opened: list[Any
         "Envelope.handle is the confluent Message (msg_ctx.raw)"
 
     await consumer.ack(received[3:10])  # later messages finish first
-    await asyncio.sleep(0)  # nothing to wait for: the point is that no commit may have been made
-    assert kit.committed(group, topic)[0] < 0, "nothing may be committed while offset 0 is unfinished"
+    assert await committed_offset(kit, consumer, group, topic) < 0, "nothing committed while 0 is unfinished"
     await consumer.ack([received[0]])
-    await kit.eventually(lambda: kit.committed(group, topic)[0] == 1, what="commit of offset 1")
+
+    async def first() -> bool:
+        return await committed_offset(kit, consumer, group, topic) == 1
+
+    await kit.eventually(first, what="the commit of offset 1")
     await consumer.ack([received[2]])
-    await consumer.consume(1, 0.05)  # a consume also commits when due
-    assert kit.committed(group, topic)[0] == 1, "offset 1 is unfinished: the commit stays at 1"
+    assert await committed_offset(kit, consumer, group, topic) == 1, "offset 1 is unfinished: the commit stays"
     await consumer.ack([received[1]])
-    await kit.eventually(lambda: kit.committed(group, topic)[0] == 10, what="commit of everything")
+
+    async def everything() -> bool:
+        return await committed_offset(kit, consumer, group, topic) == 10
+
+    await kit.eventually(everything, what="commit of everything")
 
 
 async def test_close_commits_finished_work_only(kit: Any, opened: list[Any]) -> None:
@@ -137,9 +150,13 @@ async def test_nack_redelivers_in_session_with_attempt_count(kit: Any, opened: l
     await consumer.nack([first[1], first[3]], 0.0)
     again = await take(consumer, 2)
     assert [(e.position, e.attempt) for e in again] == [(1, 2), (3, 2)]
-    assert kit.committed(group, topic)[0] <= 1
+    assert await committed_offset(kit, consumer, group, topic) <= 1
     await consumer.ack(again)
-    await kit.eventually(lambda: kit.committed(group, topic)[0] == 5, what="commit after the redeliveries")
+
+    async def everything() -> bool:
+        return await committed_offset(kit, consumer, group, topic) == 5
+
+    await kit.eventually(everything, what="commit after the redeliveries")
 
 
 async def test_revoke_lets_the_engine_finish_then_commits_before_moving(kit: Any, opened: list[Any]) -> None:

@@ -2,13 +2,17 @@
 
 Threads, and who touches what:
 
-* librdkafka calls (``consume``, ``poll``, ``close``) that can block run on one
-  dedicated thread. Rebalance callbacks fire inside them, on that thread; they
+* Every call into the librdkafka consumer happens on one dedicated fetch thread.
+  Some of them block while another thread polls (``assignment()``), and some
+  block while a rebalance callback runs (``commit()``), and rebalance callbacks
+  wait for the event loop: so the loop never calls the consumer itself. It
+  leaves requests (commits, seeks, pause state) that the fetch thread carries
+  out at the start and end of each fetch; the engine fetches continuously, also
+  while paused, so requests are served within one poll interval.
+* Rebalance callbacks fire inside librdkafka's poll, on the fetch thread; they
   hand the work that touches Volley's state to the event loop and wait for it.
 * The offset tracker is only touched on the event loop: building envelopes,
-  acks, nacks, commits, and the loop half of a rebalance.
-* Asynchronous commits are issued from the loop (librdkafka only queues them);
-  their results come back on the fetch thread and are handed to the loop.
+  acks, nacks, the commit decisions, and the loop half of a rebalance.
 """
 
 from __future__ import annotations
@@ -66,13 +70,17 @@ class KafkaConsumer:
         self._assigned: frozenset[TopicPartitionKey] = frozenset()
         self._ever_assigned = False
         self._paused = False
-        self._reapply_pause = False
         self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
         self._attempts: dict[tuple[str, int, int], int] = {}
         self._seek_epoch = 0
         self._seeks: dict[TopicPartitionKey, tuple[int, int]] = {}  # partition -> (epoch, offset sought)
-        self._pending_seeks: list[TopicPartition] = []
-        self._gone_in_fetch: set[TopicPartitionKey] = set()
+        self._seek_requests: deque[TopicPartition] = deque()  # loop -> fetch thread
+        self._commit_requests: deque[tuple[list[tuple[str, int, int]], float]] = deque()  # loop -> fetch thread
+        self._pause_dirty = False  # the wanted pause state changed; the fetch thread applies it
+        self._group_metadata: Any = None  # for transactions; refreshed by the fetch thread after an assignment
+        self._metadata_dirty = False
+        self._gone_in_fetch: set[TopicPartitionKey] = set()  # revoked or lost during the current fetch
+        self._assigned_in_fetch: set[TopicPartitionKey] = set()
         self._commit_started: deque[float] = deque()
         self._next_commit = 0.0
         self._next_lag = 0.0
@@ -143,7 +151,7 @@ class KafkaConsumer:
         try:
             await self._before_close()
             if not self.transactional:
-                offsets = self._tracker.committable(self._assigned)
+                offsets = self._tracker.final(self._assigned)
                 if offsets:
                     await worker.submit(functools.partial(self._commit_sync, offsets, "at close"))
         finally:
@@ -179,28 +187,69 @@ class KafkaConsumer:
         """On the fetch thread: what is ready now, else wait for the first message and take what followed it."""
         consumer = self._consumer
         epoch = self._seek_epoch
-        if self._pending_seeks:
-            self._retry_seeks()
+        self._gone_in_fetch.clear()
+        self._assigned_in_fetch.clear()
+        self._serve_requests()
         messages: list[Any] = consumer.consume(count, 0)
         if not messages and timeout > 0:
             deadline = time.monotonic() + timeout
             while not self._closing:
-                self._gone_in_fetch.clear()
                 first = consumer.poll(min(POLL_SLICE, timeout))
                 if first is not None:
                     messages = consumer.consume(count - 1, 0) if count > 1 else []
-                    # A rebalance served by the second call purged what it had collected of revoked
-                    # partitions, but not the message the first call already returned.
-                    if not self._gone_in_fetch or (first.topic(), first.partition()) not in self._gone_in_fetch:
-                        messages.insert(0, first)
+                    messages.insert(0, first)
                     break
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     break
-        if self._reapply_pause:
-            self._reapply_pause = False
-            self._apply_pauses()
+                self._serve_requests()  # e.g. a resume while waiting
+        if self._gone_in_fetch and messages:
+            # A rebalance callback ran inside this call: librdkafka returns what it had collected before it,
+            # and those messages belong to partitions we no longer own. Their new owner reads them again.
+            gone = self._gone_in_fetch - self._assigned_in_fetch
+            messages = [m for m in messages if (m.topic(), m.partition()) not in gone]
+        self._serve_requests()
         return epoch, messages
+
+    def _serve_requests(self) -> None:
+        """On the fetch thread: carry out what the loop asked for (commits, seeks, pause state)."""
+        self._send_commits()
+        consumer = self._consumer
+        if self._seek_requests:
+            failed: list[TopicPartition] = []
+            while self._seek_requests:
+                partition = self._seek_requests.popleft()
+                if (partition.topic, partition.partition) not in self._assigned:
+                    continue
+                try:
+                    consumer.seek(partition)
+                except KafkaException as exc:  # e.g. not yet fetching after an assignment: try again
+                    logger.debug("%s: seek %s deferred: %s", self._what, partition, exc)
+                    failed.append(partition)
+            self._seek_requests.extend(failed)
+        if self._pause_dirty:
+            self._pause_dirty = False
+            self._apply_pauses()
+        if self._metadata_dirty:
+            self._metadata_dirty = False
+            if self.transactional:
+                self._group_metadata = consumer.consumer_group_metadata()
+
+    def _send_commits(self) -> None:
+        while self._commit_requests:
+            offsets, started = self._commit_requests.popleft()
+            try:
+                self._consumer.commit(offsets=[TopicPartition(t, p, o) for t, p, o in offsets], asynchronous=True)
+            except KafkaException as exc:
+                self._to_loop(self._commit_settled, exc.args[0] if exc.args else None, offsets, None)
+            else:
+                self._commit_started.append(started)
+
+    def _to_loop(self, callback: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(callback, *args)
 
     def _envelopes(self, messages: list[Any], epoch: int) -> list[Envelope]:
         """On the loop: envelopes for the engine, and every offset registered with the tracker."""
@@ -334,12 +383,7 @@ class KafkaConsumer:
             self._seek(TopicPartition(key[0], key[1], offset))
 
     def _seek(self, partition: TopicPartition) -> None:
-        try:
-            self._consumer.seek(partition)
-        except KafkaException as exc:
-            logger.debug("%s: seek %s[%d] to %d deferred: %s", self._what, partition.topic, partition.partition,
-                         partition.offset, exc)
-            self._pending_seeks.append(partition)
+        self._seek_requests.append(partition)
 
     def _rewind(self, targets: Mapping[TopicPartitionKey, int]) -> None:
         """Forget everything from each target on, finished or not, and seek there (an aborted transaction)."""
@@ -354,19 +398,10 @@ class KafkaConsumer:
             self._seeks[key] = (self._seek_epoch, offset)
             self._seek(TopicPartition(key[0], key[1], offset))
 
-    def _retry_seeks(self) -> None:
-        pending, self._pending_seeks = self._pending_seeks, []
-        for partition in pending:
-            if (partition.topic, partition.partition) not in self._assigned:
-                continue
-            try:
-                self._consumer.seek(partition)
-            except KafkaException:
-                self._pending_seeks.append(partition)
-
     # ================================================================== commits
 
     def _commit_async(self, now: float) -> None:
+        """On the loop: decide what to commit; the fetch thread sends it (asynchronously) on its next round."""
         self._next_commit = now + self._settings.commit_interval
         if now >= self._next_lag and self._observer is not None:
             self._next_lag = now + LAG_INTERVAL
@@ -376,36 +411,27 @@ class KafkaConsumer:
         offsets = self._tracker.committable(self._assigned)
         if not offsets:
             return
-        try:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o) for t, p, o in offsets], asynchronous=True)
-        except KafkaException as exc:
-            logger.warning("%s: commit not sent: %s; retrying in %.1f s", self._what, exc,
-                           self._settings.commit_interval)
-            return
         self._tracker.mark_committed(offsets)
-        self._commit_started.append(now)
+        self._commit_requests.append((offsets, now))
 
     def _on_commit_result(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """librdkafka's commit callback (fetch thread, or whichever thread committed)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
+        """librdkafka's commit callback (fetch thread)."""
+        # None: a synchronous commit (revoke, close), which is not timed.
+        started = self._commit_started.popleft() if self._commit_started else None
         failed = [(tp.topic, tp.partition, tp.offset) for tp in partitions if tp.error is not None]
         if error is not None and error.code() != KafkaError._NO_OFFSET:
             failed = [(tp.topic, tp.partition, tp.offset) for tp in partitions]
-        with contextlib.suppress(RuntimeError):  # the loop is closed
-            loop.call_soon_threadsafe(self._commit_settled, error, failed)
+        if started is not None or failed:
+            self._to_loop(self._commit_settled, error, failed, started)
 
-    def _commit_settled(self, error: KafkaError | None, failed: list[tuple[str, int, int]]) -> None:
-        now = time.monotonic()
-        if self._commit_started:
-            started = self._commit_started.popleft()
-            if self._observer is not None:
-                self._observer.on_commit(self._app_name, now - started)
+    def _commit_settled(self, error: KafkaError | None, failed: list[tuple[str, int, int]],
+                        started: float | None) -> None:
+        if started is not None and self._observer is not None and not failed:
+            self._observer.on_commit(self._app_name, time.monotonic() - started)
         if failed:
             self._tracker.commit_failed(failed)
             logger.warning("%s: commit failed (%s); it is retried with the next one", self._what,
-                           error.str() if error is not None else "partition errors")
+                           error.str() if isinstance(error, KafkaError) else "partition errors")
 
     def _commit_sync(self, offsets: list[tuple[str, int, int]], why: str) -> bool:
         """Commit and wait (fetch thread): on revoke and at close."""
@@ -429,15 +455,14 @@ class KafkaConsumer:
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned = self._assigned | keys
+        self._assigned_in_fetch.update(keys)
         self._ever_assigned = True
         self._committed_cache.clear()
+        self._metadata_dirty = True
         if self._paused or self._delayed:
-            self._reapply_pause = True
-        loop = self._loop
-        if keys and loop is not None and not loop.is_closed():
-            # Runs on the loop before this fetch's messages are registered (call_soon is FIFO).
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._tracker.forget, keys)
+            self._pause_dirty = True  # a new assignment starts unpaused
+        # Runs on the loop before this fetch's messages are registered (call_soon is FIFO).
+        self._to_loop(self._tracker.forget, keys)
         logger.info("%s: assigned %s", self._what, _describe(keys))
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -459,6 +484,8 @@ class KafkaConsumer:
             if not keys:
                 return
             logger.info("%s: partitions %s %s", self._what, _describe(keys), "lost" if lost else "revoked")
+            if not lost:
+                self._send_commits()  # older than the final commit below, so they must go first
             loop = self._loop
             if self._closing or loop is None or loop.is_closed():
                 return
@@ -492,9 +519,15 @@ class KafkaConsumer:
             except Exception:
                 logger.exception("%s: the engine's revoke handler failed", self._what)
         await self._before_release(max(0.0, deadline - time.monotonic()))
-        offsets = [] if lost or self.transactional else self._tracker.committable(keys)
+        offsets = [] if lost or self.transactional else self._tracker.final(keys)
         self._tracker.forget(keys)
         gone = set(keys)
+        # Commits the engine's acks queued meanwhile are older than the final one: drop them. (The fetch thread,
+        # the only other user of the queue, is waiting for this coroutine.)
+        queued = [(kept, started) for offsets_, started in self._commit_requests
+                  if (kept := [o for o in offsets_ if (o[0], o[1]) not in gone])]
+        self._commit_requests.clear()
+        self._commit_requests.extend(queued)
         for key in keys:
             handle = self._delayed.pop(key, None)
             if handle is not None:
@@ -510,29 +543,28 @@ class KafkaConsumer:
     # ================================================================== flow control
 
     def pause(self) -> None:
-        if self._paused:
-            return
-        self._paused = True
-        self._apply_pauses()
+        if not self._paused:
+            self._paused = True
+            self._pause_dirty = True
 
     def resume(self) -> None:
-        if not self._paused:
-            return
-        self._paused = False
-        partitions = [TopicPartition(t, p) for t, p in self._assigned if (t, p) not in self._delayed]
-        if partitions:
-            try:
-                self._consumer.resume(partitions)
-            except KafkaException as exc:
-                logger.warning("%s: resume: %s", self._what, exc)
+        if self._paused:
+            self._paused = False
+            self._pause_dirty = True
 
     def _apply_pauses(self) -> None:
-        keys = self._assigned if self._paused else self._delayed.keys() & self._assigned
-        if keys:
-            try:
-                self._consumer.pause([TopicPartition(t, p) for t, p in keys])
-            except KafkaException as exc:
-                logger.warning("%s: pause: %s", self._what, exc)
+        """On the fetch thread: make librdkafka's pause state what the loop wants."""
+        assigned = self._assigned
+        delayed = self._delayed.keys() & assigned
+        paused = assigned if self._paused else delayed
+        running = assigned - paused
+        try:
+            if paused:
+                self._consumer.pause([TopicPartition(t, p) for t, p in paused])
+            if running:
+                self._consumer.resume([TopicPartition(t, p) for t, p in running])
+        except KafkaException as exc:
+            logger.warning("%s: pause/resume: %s", self._what, exc)
 
     def _pause_for(self, key: TopicPartitionKey, delay: float) -> None:
         loop = self._loop
@@ -542,19 +574,11 @@ class KafkaConsumer:
         if previous is not None:
             previous.cancel()
         self._delayed[key] = loop.call_later(delay, self._end_delay, key)
-        try:
-            self._consumer.pause([TopicPartition(*key)])
-        except KafkaException as exc:
-            logger.debug("%s: pause for redelivery delay: %s", self._what, exc)
+        self._pause_dirty = True
 
     def _end_delay(self, key: TopicPartitionKey) -> None:
-        self._delayed.pop(key, None)
-        if self._paused or key not in self._assigned or self._closing:
-            return
-        try:
-            self._consumer.resume([TopicPartition(*key)])
-        except KafkaException as exc:
-            logger.debug("%s: resume after redelivery delay: %s", self._what, exc)
+        if self._delayed.pop(key, None) is not None:
+            self._pause_dirty = True
 
     # ================================================================== reporting
 
@@ -678,13 +702,13 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         self._finish(envelopes)
         offsets = self._tracker.committable(self._assigned)
         producer = self._client.producer
-        consumer = self._consumer
+        metadata = self._group_metadata  # the generation of the assignment these offsets belong to
         timeout = self._settings.revoke_timeout
 
         def work() -> None:
             if offsets:
-                producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets],
-                                                     consumer.consumer_group_metadata(), timeout)
+                producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets], metadata,
+                                                     timeout)
             for attempt in range(5):
                 try:
                     producer.commit_transaction(timeout)

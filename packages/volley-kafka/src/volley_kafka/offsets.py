@@ -150,6 +150,18 @@ class OffsetTracker:
                 out.append((key[0], key[1], mark))
         return out
 
+    def final(self, keys: Iterable[TopicPartitionKey]) -> list[tuple[str, int, int]]:
+        """What to commit before giving partitions up: every watermark that moved since the assignment.
+
+        Unlike ``committable`` it ignores earlier asynchronous commits, which may not have gone through.
+        """
+        out: list[tuple[str, int, int]] = []
+        for key in keys:
+            state = self.partitions.get(key)
+            if state is not None and state.watermark > max(state.first, -1):
+                out.append((key[0], key[1], state.watermark))
+        return out
+
     def mark_committed(self, offsets: Iterable[tuple[str, int, int]]) -> None:
         for topic, partition, offset in offsets:
             state = self.partitions.get((topic, partition))
