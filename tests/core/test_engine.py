@@ -274,16 +274,21 @@ def test_async_handlers_run_concurrently_and_keep_per_key_order() -> None:
         assert ns == sorted(ns), key
 
 
-def test_sync_handler_does_not_block_the_event_loop() -> None:
+@pytest.mark.parametrize("mode", ["thread", "auto"])
+def test_sync_handler_does_not_block_the_event_loop(mode: str) -> None:
     broker = MemoryBroker()
-    engine = make_engine(broker)
-    seed(broker, engine, [Item(1)])
+    engine = make_engine(broker, sync_handler_mode=mode)
+    # In auto mode the first slow call (here: item 0, 50 ms) runs inline and moves the app to the thread.
+    seed(broker, engine, [Item(0), Item(1)])
     release = threading.Event()
     ticks = 0
 
     @engine.stream_app
     def blocking(item: Item) -> bool:
-        release.wait(5)
+        if item.n == 0:
+            time.sleep(0.05)
+        else:
+            release.wait(5)
         return True
 
     async def main() -> None:
@@ -295,7 +300,7 @@ def test_sync_handler_does_not_block_the_event_loop() -> None:
             ticks += 1
         release.set()
         report = await task
-        assert report.acked == 1
+        assert report.acked == 2
 
     asyncio.run(main())
     assert ticks >= 20

@@ -59,6 +59,7 @@ class Engine:
         redelivery_delay_seconds: float = 1.0,
         on_failure: str = "stop",
         shutdown_timeout_seconds: float = 30.0,
+        sync_handler_mode: str = "auto",
         observers: Sequence[Observer] | None = None,
         metrics_settings: Mapping[str, Any] | None = None,
         registry: Registry | None = None,
@@ -91,6 +92,9 @@ class Engine:
         if on_failure not in FAILURE_POLICIES:
             raise ConfigurationError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
         self.on_failure = on_failure
+        if sync_handler_mode not in ("auto", "thread"):
+            raise ConfigurationError(f"sync_handler_mode must be 'auto' or 'thread', got {sync_handler_mode!r}")
+        self.sync_handler_mode = sync_handler_mode
         self.shutdown_timeout_seconds = _positive(shutdown_timeout_seconds, "shutdown_timeout_seconds")
         self.registry = registry or get_registry()
 

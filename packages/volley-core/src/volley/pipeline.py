@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("volley")
 
+INLINE_SLICE_SECONDS = 0.005  # longest stretch the loop spends in sync handler calls before it serves I/O
+FAST_CALL_SECONDS = 0.002  # slowest call, during calibration, that still lets handlers run inline
+SLOW_CALL_SECONDS = 0.02  # an inline call this slow moves the handler to the thread for good
+CALIBRATION_BATCHES = 2
 OUTPUT_KWARGS = frozenset({"key", "headers", "partition", "delay"})
 HEADER_PREFIX = "volley-"
 
@@ -147,10 +151,11 @@ class _Outcome:
     """What handling a batch produced, to be applied on the loop."""
 
     __slots__ = ("acks", "nacks", "failures", "outs", "retries", "component", "cycle", "construct", "deconstruct",
-                 "handled")
+                 "handled", "slowest")
 
     def __init__(self, slots: int, handled: int = 1) -> None:
         self.handled = handled
+        self.slowest = 0.0
         self.acks: list[Token] = []
         self.nacks: list[Token] = []
         self.failures: list[tuple[Token, str, BaseException]] = []
@@ -222,6 +227,9 @@ class Pipeline:
         self._thread_stop = threading.Event()
         self._last_activity = time.monotonic()
         self._worker: _SyncWorker | None = None
+        self._inline = engine.sync_handler_mode == "auto"
+        self._calibrating = CALIBRATION_BATCHES if self._inline else 0
+        self._inline_failed = False
         self._started = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -450,12 +458,7 @@ class Pipeline:
             if self.app.is_async:
                 self._dispatch_async(batch)
             else:
-                assert self._worker is not None
-                if self.batch_size:
-                    outcome = await self._worker.submit(lambda b=batch: self._handle_batches_sync(b))  # type: ignore[misc]
-                else:
-                    outcome = await self._worker.submit(lambda b=batch: self._handle_sync(b))  # type: ignore[misc]
-                self._apply(outcome)
+                await self._run_sync(batch)
             if self.transactional:
                 await self._finish_transaction()
 
@@ -468,11 +471,66 @@ class Pipeline:
             self._notify_settled()
         return kept
 
-    # ------------------------------------------------------------------ sync handlers (worker thread)
+    # ------------------------------------------------------------------ sync handlers
 
-    def _handle_sync(self, batch: list[Envelope]) -> _Outcome:
-        """Decode, handle and encode a batch on the worker thread. Touches no loop state."""
-        out = _Outcome(len(self.producers), len(batch))
+    async def _run_sync(self, batch: list[Envelope]) -> None:
+        """Run a batch through a sync handler: inline in short slices while the handler is fast, else on the thread.
+
+        In "auto" mode (the default) the first ``CALIBRATION_BATCHES`` batches run on
+        the thread with every call timed; if no call was slower than
+        ``FAST_CALL_SECONDS``, later batches run inline. Inline slices of at most
+        ``INLINE_SLICE_SECONDS`` keep the loop responsive
+        and cost no thread hop at all, which matters because a thread hop per
+        batch still makes the loop and the worker fight over the GIL. The first
+        handler call that takes longer than ``SLOW_CALL_SECONDS``, or that
+        raises (retries sleep), moves the rest of the batch, and every later
+        batch, to the dedicated thread, where a slow or blocking handler cannot
+        stall the loop's I/O.
+        """
+        assert self._worker is not None
+        if self.batch_size:
+            outcome = await self._worker.submit(lambda: self._handle_batches_sync(batch))
+            self._apply(outcome)
+            return
+        if self._calibrating:
+            # The first batches run on the thread, timing every call: only a handler that proved
+            # fast is run inline, so a handler that blocks from the start never touches the loop.
+            self._calibrating -= 1
+            outcome = await self._worker.submit(lambda: self._handle_sync(batch, None, 0, None, 0, True))
+            self._apply(outcome)
+            if outcome.slowest > FAST_CALL_SECONDS:
+                self._calibrating = 0
+                self._go_threaded(f"a handler call took {outcome.slowest:.4f} s")
+            elif not self._calibrating and self._inline:
+                logger.debug("%s: sync handler calls are fast (%.6f s at most): running them inline",
+                             self.name, outcome.slowest)
+            return
+        start = 0
+        while start < len(batch) and self._inline:
+            out = _Outcome(len(self.producers), 0)
+            start = self._handle_sync(batch, out, start, time.perf_counter() + INLINE_SLICE_SECONDS)
+            self._apply(out)
+            if start < len(batch):
+                await asyncio.sleep(0)  # let I/O, acks and delivery reports through between slices
+        if start < len(batch):
+            rest = batch[start:] if start else batch
+            # The first message of the rest may have spent its first attempt inline (it raised).
+            spent = 1 if self._inline_failed else 0
+            self._inline_failed = False
+            outcome = await self._worker.submit(lambda: self._handle_sync(rest, None, 0, None, spent))
+            self._apply(outcome)
+
+    def _handle_sync(self, batch: list[Envelope], out: _Outcome | None, start: int,
+                     slice_deadline: float | None, spent: int = 0, measure: bool = False) -> Any:
+        """Decode, handle and encode messages of a batch. Touches no loop state, so it may run on the thread.
+
+        With ``slice_deadline`` (inline mode) it returns the index to resume at:
+        past the deadline, or at a message whose handler call raised or was
+        slow (handled again, on the thread). Without it, it returns the outcome.
+        """
+        inline = slice_deadline is not None
+        if out is None:
+            out = _Outcome(len(self.producers), 0)
         deserialize = self.input.deserialize
         validate = self.input.validate
         func = self.app.func
@@ -486,7 +544,14 @@ class Pipeline:
         acks = out.acks
         route = self._route
         t0 = t1 = t2 = 0.0
-        for env in batch:
+        called = 0.0
+        for index in range(start, len(batch)):
+            env = batch[index]
+            if inline:
+                now = perf()
+                if now > slice_deadline:  # type: ignore[operator]
+                    out.handled = index - start
+                    return index
             if env.attempt > max_deliveries:
                 failures.append((env, "redelivery", _redelivered(env, max_deliveries)))
                 continue
@@ -506,14 +571,32 @@ class Pipeline:
                 t1 = perf()
                 out.construct += t1 - t0
             attempt = 0
+            if spent and index == start:  # its first attempt failed inline: this call is retry 1
+                attempt = spent
+                out.retries += 1
+                self._thread_stop.wait(self._backoff(attempt))
             while True:
                 try:
+                    if inline or measure:
+                        called = perf()
                     if wants_context:
                         result = func(message, MessageContext(env, queue_name, self.name))
                     else:
                         result = func(message)
+                    if inline or measure:
+                        took = perf() - called
+                        if took > out.slowest:
+                            out.slowest = took
+                        if inline and took > SLOW_CALL_SECONDS:
+                            self._go_threaded(f"a handler call took {took:.3f} s")
                     break
                 except Exception as exc:
+                    if inline and max_retries:  # retries sleep: hand it (first attempt spent) to the thread
+                        self._go_threaded(f"the handler raised {type(exc).__name__}")
+                        self._inline_failed = True
+                        self._log_retry(env, 1, exc)
+                        out.handled = index - start
+                        return index
                     if attempt < max_retries and not self._thread_stop.is_set():
                         attempt += 1
                         out.retries += 1
@@ -538,7 +621,14 @@ class Pipeline:
                 t3 = perf()
                 out.deconstruct += t3 - t2
                 out.cycle.append(t3 - t0)
-        return out
+        out.handled = len(batch) - start
+        return len(batch) if inline else out
+
+    def _go_threaded(self, why: str) -> None:
+        if self._inline:
+            self._inline = False
+            logger.info("%s: %s: sync handler calls now run on their own thread, off the event loop",
+                        self.name, why)
 
     def _handle_batches_sync(self, batch: list[Envelope]) -> _Outcome:
         """Batch profiles: decode every record (bad ones fail alone), then call the handler per chunk."""
