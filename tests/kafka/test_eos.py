@@ -1,0 +1,68 @@
+"""Exactly-once, Kafka to Kafka, through the engine: an aborted transaction mid-stream leaves no trace for
+read_committed readers, and every input's outputs are seen exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from volley import Engine
+
+pytestmark = pytest.mark.kafka
+
+
+async def test_an_aborted_transaction_mid_stream_is_invisible_to_read_committed_readers(kit: Any) -> None:
+    source = kit.topic("eos-in", partitions=2)
+    sink = kit.topic("eos-out", partitions=2)
+    audit = kit.topic("eos-audit")
+    group = kit.unique("g")
+    count = 400
+    kit.produce(source, [json.dumps({"n": i}).encode() for i in range(count)],
+                keys=[str(i).encode() for i in range(count)])
+    codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+    config = {
+        "input": {"value": source, "profile": "confluent-eos", **codec,
+                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group}},
+        "out": {"value": sink, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
+        "audit": {"value": audit, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
+    }
+    engine = Engine(app_name=kit.unique("eos"), input_queue="input", output_queues=["out", "audit"],
+                    queue_config=config, metrics_port=None, poll_interval_seconds=0.2, consume_batch_size=50,
+                    max_retries=1, retry_backoff_seconds=0.05, on_failure="continue")
+    poisoned = {137, 290}
+    failed_once: set[int] = set()
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
+        n = message["n"]
+        outputs: list[tuple[str, Any, dict[str, Any]]] = [("out", {"n": n}, {"key": str(n)})]
+        if n in poisoned and n not in failed_once:
+            # The first time, its audit record goes to a partition that does not exist: the delivery fails,
+            # so the whole batch's transaction is aborted, with the other records of the batch already sent.
+            failed_once.add(n)
+            outputs.append(("audit", {"n": n}, {"partition": 5}))
+        else:
+            outputs.append(("audit", {"n": n}, {}))
+        return outputs
+
+    task = asyncio.ensure_future(handler.run_async())
+    try:
+        await kit.eventually(lambda: kit.committed(group, source, 2) == kit.end_offsets(source, 2), within=90,
+                             what="every input committed")
+    finally:
+        handler.stop()
+        await asyncio.wait_for(task, 60)
+    assert failed_once == poisoned, "both poisoned inputs were handled (and failed) once"
+
+    committed_view = Counter(json.loads(m.value())["n"] for m in kit.read_topic(sink))
+    assert sorted(committed_view) == list(range(count)), "every input's output is visible"
+    assert max(committed_view.values()) == 1, "and exactly once"
+    audit_view = Counter(json.loads(m.value())["n"] for m in kit.read_topic(audit))
+    assert sorted(audit_view) == list(range(count)) and max(audit_view.values()) == 1
+    uncommitted = Counter(json.loads(m.value())["n"] for m in kit.read_topic(sink, isolation="read_uncommitted"))
+    aborted = {n for n, c in uncommitted.items() if c > 1}
+    assert poisoned <= aborted, "the aborted batches' records are in the log, hidden from read_committed readers"
