@@ -585,8 +585,7 @@ class Pipeline:
                         result = func(message)
                     if inline or measure:
                         took = perf() - called
-                        if took > out.slowest:
-                            out.slowest = took
+                        out.slowest = max(out.slowest, took)
                         if inline and took > SLOW_CALL_SECONDS:
                             self._go_threaded(f"a handler call took {took:.3f} s")
                     break
