@@ -23,7 +23,8 @@ WRITER = textwrap.dedent("""
     observer.on_process_time("mp", "cycle", [0.5] * consumed)
     observer.on_in_flight("mp", in_flight)
     observer.on_ready("mp", True)
-    observer.on_lag("mp", {("orders", 0): lag})
+    observer.on_lag("mp", {("orders", 0): lag, ("orders", 1): 9})
+    observer.on_lag("mp", {("orders", 0): lag})  # partition 1 revoked: zeroed (label removal would warn)
     observer.on_commit("mp", 0.02)
     observer.on_heartbeat("mp")
     # The process exits without on_stop, as a live worker would look to the reader.
@@ -42,7 +43,7 @@ READER = textwrap.dedent("""
 
 
 def run(code: str, env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code, *args], env=env, capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -69,6 +70,31 @@ def test_two_writers_one_reader_aggregate(tmp_path: Path) -> None:
     assert 'volley_messages_in_flight{volley_app="mp"} 7.0' in lines
     assert 'volley_ready{volley_app="mp"} 2.0' in lines
     assert 'volley_consumer_lag{partition="0",topic="orders",volley_app="mp"} 50.0' in lines
+    assert 'volley_consumer_lag{partition="1",topic="orders",volley_app="mp"} 0.0' in lines
+
+
+def test_a_second_worker_on_the_same_port_leaves_serving_to_the_first(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    code = textwrap.dedent("""
+        import logging, socket
+        from volley_prometheus import PrometheusObserver
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        with socket.socket() as first_worker:
+            first_worker.bind(("127.0.0.1", 0))
+            first_worker.listen()
+            port = first_worker.getsockname()[1]
+            observer = PrometheusObserver("mp", port, host="127.0.0.1")
+            observer.on_start("mp")                     # no exception: the port's owner serves the aggregate
+            observer.on_consumed("mp", "success", 1)
+            print("serving:", observer.port)
+            observer.on_stop("mp")
+    """)
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "serving: None" in done.stdout
+    assert "another worker serves the multiprocess metrics" in done.stderr
 
 
 def test_missing_multiprocess_directory_is_a_configuration_error(tmp_path: Path) -> None:
