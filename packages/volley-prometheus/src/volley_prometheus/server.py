@@ -72,6 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "volley-prometheus"
     protocol_version = "HTTP/1.0"
+    timeout = 10.0  # a client that connects and says nothing does not keep its thread forever
 
     def do_GET(self) -> None:
         self._respond(send_body=True)
