@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from volley.errors import ConfigurationError
 from volley.ports import Observer, PartitionId
 
 logger = logging.getLogger("volley")
@@ -26,6 +27,10 @@ class MultiObserver:
                 continue
             try:
                 method(*args)
+            except ConfigurationError:
+                if event == "on_start":  # e.g. the metrics port is taken: fail at start-up, as py-volley did
+                    raise
+                logger.exception("observer %r failed in %s", observer, event)
             except Exception:
                 key = (id(observer), event)
                 if key not in self._complained:

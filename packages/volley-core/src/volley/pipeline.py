@@ -226,6 +226,7 @@ class Pipeline:
         self._stop_error: BaseException | None = None
         self._thread_stop = threading.Event()
         self._last_activity = time.monotonic()
+        self._last_poll = 0.0
         self._worker: _SyncWorker | None = None
         self._inline = engine.sync_handler_mode == "auto"
         self._calibrating = CALIBRATION_BATCHES if self._inline else 0
@@ -264,6 +265,7 @@ class Pipeline:
                 started_parts.append(producer)
             await self.consumer.start()
             started_parts.append(self.consumer)
+            self.observer.on_start(self.name)  # may refuse to start (a taken metrics port)
         except BaseException:
             for part in reversed(started_parts):
                 with contextlib.suppress(Exception):
@@ -271,7 +273,6 @@ class Pipeline:
             if self._worker is not None:
                 self._worker.close()
             raise
-        self.observer.on_start(self.name)
         self.observer.on_ready(self.name, True)
         logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
         fetcher = asyncio.create_task(self._fetch_loop(), name=f"volley-{self.name}-fetch")
@@ -410,6 +411,7 @@ class Pipeline:
             try:
                 batch = await consumer.consume(min(batch_size, room) if room > 0 else 1,
                                                engine.poll_interval_seconds)
+                self._last_poll = time.monotonic()
                 failures = 0
             except VolleyError as exc:
                 self.request_stop(exc)
@@ -1149,6 +1151,7 @@ class Pipeline:
     async def _monitor_loop(self) -> None:
         tick = min(0.05, max(self.drain_idle_seconds / 5, 0.005))
         last_beat = 0.0
+        last_beat_progress = -1.0
         depth_reporter = getattr(self.consumer, "depth", None) if self.observer.enabled else None
         while True:
             await asyncio.sleep(tick)
@@ -1156,7 +1159,12 @@ class Pipeline:
             self._drain_reports()
             if now - last_beat >= 1.0:
                 last_beat = now
-                self.observer.on_heartbeat(self.name)
+                # A heartbeat means progress, not just a live loop: an idle app that keeps polling, or a
+                # busy one that keeps settling. A stuck handler or a hung poll stops the heartbeats.
+                if self._last_activity > last_beat_progress or (self.in_flight == 0 and self._last_poll
+                                                                 > last_beat_progress):
+                    self.observer.on_heartbeat(self.name)
+                last_beat_progress = now
                 self.observer.on_in_flight(self.name, self.in_flight)
                 if depth_reporter is not None:
                     with contextlib.suppress(Exception):
