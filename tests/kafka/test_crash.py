@@ -13,8 +13,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -25,6 +26,8 @@ PARTITIONS = 4
 
 
 class Worker:
+    started: ClassVar[list[Worker]] = []
+
     def __init__(self, kit: Any, source: str, sink: str, group: str, instance: str, log: Path,
                  seconds: float) -> None:
         self.log = log
@@ -33,6 +36,7 @@ class Worker:
             [sys.executable, str(WORKER), kit.bootstrap, source, sink, group, instance, str(seconds)],
             stdout=self._file, stderr=subprocess.STDOUT,
         )
+        Worker.started.append(self)
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -57,6 +61,17 @@ class Worker:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left_behind() -> Iterator[None]:
+    """A failing test must not leave worker processes running."""
+    yield
+    while Worker.started:
+        worker = Worker.started.pop()
+        if worker.alive():
+            worker.process.kill()
+            worker.process.wait(30)
 
 
 def produced(kit: Any, topic: str) -> int:

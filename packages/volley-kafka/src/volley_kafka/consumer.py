@@ -42,6 +42,13 @@ logger = logging.getLogger("volley_kafka")
 
 POLL_SLICE = 0.2
 """Longest single wait inside librdkafka, so that close and cancellation are served promptly."""
+HARD_PAUSE_AFTER = 1.0
+"""A pause shorter than this only stops handing out messages; a longer one pauses the partitions in librdkafka.
+
+librdkafka's pause throws away everything it prefetched for the partitions, and a resume starts fetching
+again from the broker: for the short stalls of ordinary backpressure that costs far more than it saves.
+Memory stays bounded meanwhile by librdkafka's own prefetch limits (queued.max.messages.kbytes).
+"""
 ERROR_LOG_INTERVAL = 30.0
 LAG_INTERVAL = 5.0
 SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
@@ -62,6 +69,7 @@ class KafkaConsumer:
         config["logger"] = rdkafka_logger
         self._consumer: Any = make_client(config, self._what, confluent_kafka.Consumer)
         self._tracker = OffsetTracker()
+        self._only_topic = settings.topics[0] if len(settings.topics) == 1 else None
         self._worker: BlockingWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._revoke_handler: RevokeHandler | None = None
@@ -69,7 +77,9 @@ class KafkaConsumer:
         self._app_name = queue.app_name
         self._assigned: frozenset[TopicPartitionKey] = frozenset()
         self._ever_assigned = False
-        self._paused = False
+        self._paused = False  # the engine asked for a pause
+        self._paused_at = 0.0
+        self._hard_paused = False  # ... and it lasted long enough to pause the partitions in librdkafka
         self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
         self._attempts: dict[tuple[str, int, int], int] = {}
         self._seek_epoch = 0
@@ -150,6 +160,7 @@ class KafkaConsumer:
             return
         try:
             await self._before_close()
+            self._commit_requests.clear()  # superseded by the final commit
             if not self.transactional:
                 offsets = self._tracker.final(self._assigned)
                 if offsets:
@@ -177,6 +188,11 @@ class KafkaConsumer:
         if now >= self._next_commit:
             self._commit_async(now)
         if self._paused:
+            if not self._hard_paused:
+                if now - self._paused_at < HARD_PAUSE_AFTER:
+                    return []
+                self._hard_paused = True
+                self._pause_dirty = True
             timeout = 0.0  # only serve the group protocol; the engine resumes us as soon as there is room
         epoch, messages = await worker.submit(functools.partial(self._fetch, max(1, max_messages), timeout))
         if not messages:
@@ -252,40 +268,48 @@ class KafkaConsumer:
                 loop.call_soon_threadsafe(callback, *args)
 
     def _envelopes(self, messages: list[Any], epoch: int) -> list[Envelope]:
-        """On the loop: envelopes for the engine, and every offset registered with the tracker."""
+        """On the loop: envelopes for the engine, and every offset registered with the tracker.
+
+        This is the per-message hot path: the offset bookkeeping of PartitionOffsets.consumed is inlined,
+        and offsets are registered once per run of messages of the same partition.
+        """
         out: list[Envelope] = []
         append = out.append
         tracker = self._tracker
         attempts = self._attempts
         stale = self._seeks if epoch != self._seek_epoch else None
+        only_topic = self._only_topic
         last_topic: str | None = None
         last_partition = -1
         state: Any = None
+        expected = 0  # the next new offset of the current partition
+        run: list[int] = []  # offsets seen for the first time, in the current run of one partition
         for m in messages:
             error = m.error()
             if error is not None:
                 self._message_error(m, error)
                 continue
-            topic = m.topic()
+            topic = only_topic or m.topic()
             partition = m.partition()
             offset = m.offset()
             if stale is not None and self._is_stale(topic, partition, offset, epoch):
                 continue
             if partition != last_partition or topic != last_topic:
+                if run:
+                    _register(state, run)
+                    run = []
                 last_topic = topic
                 last_partition = partition
                 state = tracker.partition(topic, partition)
-            # Inline of PartitionOffsets.consumed: this runs once per message.
-            if offset < state.next:
+                expected = state.next
+            if offset < expected:
                 # Read again after a seek for a nacked message: only what was nacked goes out again.
                 if offset not in state.redeliver:
                     continue
                 state.redeliver.discard(offset)
             else:
-                if state.first < 0:
-                    state.first = offset
-                state.outstanding.append(offset)
-                state.next = offset + 1
+                run.append(offset)
+                expected = offset + 1
             kind, stamp = m.timestamp()
             headers = m.headers()
             append(Envelope(
@@ -299,6 +323,8 @@ class KafkaConsumer:
                 attempts.get((topic, partition, offset), 1) if attempts else 1,
                 m,
             ))
+        if run:
+            _register(state, run)
         return out
 
     def _is_stale(self, topic: str, partition: int, offset: int, epoch: int) -> bool:
@@ -459,7 +485,7 @@ class KafkaConsumer:
         self._ever_assigned = True
         self._committed_cache.clear()
         self._metadata_dirty = True
-        if self._paused or self._delayed:
+        if self._hard_paused or self._delayed:
             self._pause_dirty = True  # a new assignment starts unpaused
         # Runs on the loop before this fetch's messages are registered (call_soon is FIFO).
         self._to_loop(self._tracker.forget, keys)
@@ -484,11 +510,11 @@ class KafkaConsumer:
             if not keys:
                 return
             logger.info("%s: partitions %s %s", self._what, _describe(keys), "lost" if lost else "revoked")
-            if not lost:
-                self._send_commits()  # older than the final commit below, so they must go first
             loop = self._loop
             if self._closing or loop is None or loop.is_closed():
-                return
+                return  # close() made the final commit
+            if not lost:
+                self._send_commits()  # older than the final commit below, so they must go first
             # The partitions stay in self._assigned until released: an exactly-once commit made while the
             # engine finishes their work must still carry their offsets.
             future = asyncio.run_coroutine_threadsafe(self._release(keys, lost), loop)
@@ -545,18 +571,20 @@ class KafkaConsumer:
     def pause(self) -> None:
         if not self._paused:
             self._paused = True
-            self._pause_dirty = True
+            self._paused_at = time.monotonic()
 
     def resume(self) -> None:
         if self._paused:
             self._paused = False
-            self._pause_dirty = True
+            if self._hard_paused:
+                self._hard_paused = False
+                self._pause_dirty = True
 
     def _apply_pauses(self) -> None:
         """On the fetch thread: make librdkafka's pause state what the loop wants."""
         assigned = self._assigned
         delayed = self._delayed.keys() & assigned
-        paused = assigned if self._paused else delayed
+        paused = assigned if self._hard_paused else delayed
         running = assigned - paused
         try:
             if paused:
@@ -783,6 +811,14 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             if self._acquired:
                 self._acquired = False
                 await asyncio.to_thread(self._client.release, 30.0)
+
+
+def _register(state: Any, offsets: list[int]) -> None:
+    """Offsets consumed for the first time, in order, into a partition's state (PartitionOffsets.consumed)."""
+    if state.first < 0:
+        state.first = offsets[0]
+    state.outstanding.extend(offsets)
+    state.next = offsets[-1] + 1
 
 
 def _describe(keys: Any) -> str:
