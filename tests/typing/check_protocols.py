@@ -1,0 +1,63 @@
+"""Checked by mypy (the `typecheck` session), not run: every adapter satisfies the ports it claims.
+
+Assigning an instance to a variable typed with a Protocol makes mypy prove,
+structurally, that the adapter has every method with compatible signatures;
+adapters inherit nothing from volley-core, so this is where a drift shows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from volley.codecs import DataclassModelHandler, JsonSerializer, PassThroughModelHandler, RawSerializer
+    from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
+    from volley.observe import MultiObserver
+    from volley.ports import (
+        Connector,
+        Consumer,
+        ModelHandler,
+        Observer,
+        Producer,
+        RebalanceAware,
+        Serializer,
+        Transactional,
+    )
+    from volley_kafka.connector import KafkaConnector
+    from volley_kafka.consumer import KafkaConsumer, TransactionalKafkaConsumer
+    from volley_kafka.producer import KafkaProducer
+    from volley_prometheus.observer import PrometheusObserver
+    from volley_rsmq.connector import RsmqConnector
+    from volley_rsmq.consumer import RsmqConsumer
+    from volley_rsmq.producer import RsmqProducer
+    from volley_serializers.msgpack_serializer import MsgpackSerializer
+    from volley_serializers.orjson_serializer import OrjsonSerializer
+    from volley_serializers.pydantic_handlers import (
+        PydanticListModelHandler,
+        PydanticModelHandler,
+        PydanticParserModelHandler,
+    )
+
+    def connectors(memory: MemoryConnector, kafka: KafkaConnector, rsmq: RsmqConnector) -> list[Connector]:
+        return [memory, kafka, rsmq]
+
+    def consumers(memory: MemoryConsumer, kafka: KafkaConsumer, rsmq: RsmqConsumer) -> list[Consumer]:
+        return [memory, kafka, rsmq]
+
+    def producers(memory: MemoryProducer, kafka: KafkaProducer, rsmq: RsmqProducer) -> list[Producer]:
+        return [memory, kafka, rsmq]
+
+    def kafka_capabilities(kafka: KafkaConsumer, eos: TransactionalKafkaConsumer) -> tuple[RebalanceAware,
+                                                                                            Transactional]:
+        return kafka, eos
+
+    def serializers(json: JsonSerializer, raw: RawSerializer, orjson: OrjsonSerializer,
+                    msgpack: MsgpackSerializer) -> list[Serializer]:
+        return [json, raw, orjson, msgpack]
+
+    def model_handlers(dataclass: DataclassModelHandler, none: PassThroughModelHandler, pydantic: PydanticModelHandler,
+                       parser: PydanticParserModelHandler, many: PydanticListModelHandler) -> list[ModelHandler]:
+        return [dataclass, none, pydantic, parser, many]
+
+    def observers(prometheus: PrometheusObserver, multi: MultiObserver) -> list[Observer]:
+        return [prometheus, multi]
