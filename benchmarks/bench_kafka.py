@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -118,6 +117,36 @@ PYVOLLEY_WORKER = textwrap.dedent('''
 ''')
 
 
+GENERATOR = textwrap.dedent('''
+    """Produce RATE orders per second for SECONDS, each stamped with its send time (a process of its own, so
+    that it competes with the measured worker for no lock)."""
+    import sys
+    import time
+
+    import orjson
+    from confluent_kafka import Producer
+
+    brokers, topic, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 0, "enable.idempotence": True})
+    # Connect, learn the topic and get a producer id first: not part of what is measured.
+    producer.produce(topic, orjson.dumps({"order_id": -2, "customer": "warm-up", "amount": 0, "currency": "EUR",
+                                          "created_at": "2026-11-28T08:00:00+00:00", "tags": []}))
+    producer.flush(30)
+    count = int(rate * seconds)
+    start = time.perf_counter()
+    for i in range(count):
+        pause = start + i / rate - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        body = {"order_id": i, "customer": f"customer-{i % 997:04d}", "amount": (i % 10_000) / 7,
+                "currency": "EUR", "created_at": "2026-11-28T08:00:00+00:00", "tags": ["web", "eu", f"t{i % 13}"],
+                "note": "deliver to the back door, please" if i % 3 else None, "sent_at": time.time()}
+        producer.produce(topic, orjson.dumps(body), str(i).encode())
+        producer.poll(0)
+    producer.flush(30)
+''')
+
+
 @contextlib.contextmanager
 def kafka_address() -> Iterator[str]:
     external = os.environ.get("KAFKA_BROKERS", "").strip()
@@ -134,6 +163,7 @@ def kafka_address() -> Iterator[str]:
 def write_model(directory: Path) -> None:
     (directory / "bench_kafka_model.py").write_text(MODEL_SOURCE)
     (directory / "bench_pyvolley_kafka_worker.py").write_text(PYVOLLEY_WORKER)
+    (directory / "bench_kafka_generator.py").write_text(GENERATOR)
 
 
 def payload(i: int, sent_at: float | None = None) -> bytes:
@@ -157,6 +187,7 @@ class Cluster:
 
         self.brokers = brokers
         self.admin = AdminClient({"bootstrap.servers": brokers})
+        self._counter: Any = None
 
     def topic(self, label: str, config: dict[str, str] | None = None) -> str:
         from confluent_kafka.admin import NewTopic
@@ -190,14 +221,20 @@ class Cluster:
             raise SystemExit(f"seeding {topic} did not finish")
 
     def count(self, topic: str) -> int:
-        from confluent_kafka import Consumer, TopicPartition
+        """Records in the topic (the sum of its partitions' end offsets), asking again on transient errors."""
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-        consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": "bench-counter"})
-        try:
-            return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                       for p in range(PARTITIONS))
-        finally:
-            consumer.close()
+        if self._counter is None:
+            self._counter = Consumer({"bootstrap.servers": self.brokers, "group.id": "bench-counter"})
+        for attempt in range(50):
+            try:
+                return sum(self._counter.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                           for p in range(PARTITIONS))
+            except KafkaException:  # a new topic's leader not known yet, and the like
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
 
     def lag(self, group: str, topic: str) -> int:
         from confluent_kafka import Consumer, TopicPartition
@@ -332,8 +369,9 @@ def pyvolley_run(cluster: Cluster, source: str, workdir: Path) -> float:
     return (produced - base) / elapsed
 
 
-def latency(cluster: Cluster) -> tuple[float, float, int]:
+def latency(cluster: Cluster, workdir: Path) -> tuple[float, float, int]:
     """End-to-end latency through Volley at a steady LATENCY_RATE msg/s: (p50 ms, p99 ms, samples)."""
+    import orjson
     from bench_kafka_model import Enriched, Order, handle
     from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -359,44 +397,27 @@ def latency(cluster: Cluster) -> tuple[float, float, int]:
     def handler(order: Order) -> list[tuple[str, Enriched]]:
         return [("out", handle(order))]
 
-    ready = threading.Event()
-
-    def generate() -> None:
-        producer = Producer({"bootstrap.servers": cluster.brokers, "linger.ms": 0, "enable.idempotence": True})
-        producer.produce(source, payload(-1, time.time()))  # warm-up record, not measured
-        producer.flush(10)
-        ready.wait(60)
-        interval = 1.0 / LATENCY_RATE
-        start = time.perf_counter()
-        for i in range(count):
-            target = start + i * interval
-            pause = target - time.perf_counter()
-            if pause > 0:
-                time.sleep(pause)
-            producer.produce(source, payload(i, time.time()), str(i).encode())
-            producer.poll(0)
-        producer.flush(30)
+    warmup = Producer({"bootstrap.servers": cluster.brokers})
+    warmup.produce(source, payload(-1, time.time()))  # goes through first: the group is joined when it is out
+    warmup.flush(10)
 
     async def run() -> None:
-        task = asyncio.ensure_future(handler.run_async(max_messages=count + 1))
+        task = asyncio.ensure_future(handler.run_async(max_messages=count + 2))  # and two warm-up records
         deadline = time.monotonic() + 60
-        while cluster.count(output) == 0:  # the warm-up record went through: the group is joined
-            if time.monotonic() > deadline:
+        while await asyncio.to_thread(cluster.count, output) == 0:
+            if time.monotonic() > deadline or task.done():
                 raise SystemExit("latency run: the warm-up record never came out")
-            await asyncio.sleep(0.05)
-        ready.set()
-        await asyncio.wait_for(task, LATENCY_SECONDS + 120)
+        generator = await asyncio.create_subprocess_exec(
+            sys.executable, str(workdir / "bench_kafka_generator.py"), cluster.brokers, source, str(LATENCY_RATE),
+            str(LATENCY_SECONDS))
+        if await generator.wait() != 0:
+            raise SystemExit("latency run: the generator failed")
+        await asyncio.wait_for(task, 120)
 
-    generator = threading.Thread(target=generate, daemon=True)
-    generator.start()
     asyncio.run(run())
-    generator.join(60)
-
     reader = Consumer({"bootstrap.servers": cluster.brokers, "group.id": f"latency-reader-{uuid.uuid4().hex[:6]}",
                        "enable.auto.commit": False})
     reader.assign([TopicPartition(output, p, 0) for p in range(PARTITIONS)])
-    import orjson
-
     samples: list[float] = []
     deadline = time.monotonic() + 60
     while len(samples) < count and time.monotonic() < deadline:
@@ -428,21 +449,21 @@ def main() -> None:
         top = ceiling(cluster, source)
         runs = [volley_run(cluster, source) for _ in range(VOLLEY_REPEATS)]
         old = pyvolley_run(cluster, source, workdir)
-        p50, p99, samples = latency(cluster)
-    best = max(runs)
-    print(f"kafka.messages: {N}")
-    print(f"kafka.partitions: {PARTITIONS}")
-    print(f"kafka.ceiling_msgs_per_s: {top:.0f}")
-    print(f"kafka.volley_msgs_per_s: {best:.0f}")
-    print(f"kafka.volley_msgs_per_s_median: {statistics.median(runs):.0f}")
-    print(f"kafka.pyvolley_messages: {PYVOLLEY_N}")
-    print(f"kafka.pyvolley_msgs_per_s: {old:.0f}")
-    print(f"kafka.efficiency: {best / top:.2f}")
-    print(f"kafka.vs_pyvolley: {best / old:.2f}")
-    print(f"kafka.latency_rate_msgs_per_s: {LATENCY_RATE}")
-    print(f"kafka.latency_samples: {samples}")
-    print(f"kafka.latency_p50_ms: {p50:.1f}")
-    print(f"kafka.latency_p99_ms: {p99:.1f}")
+        best = max(runs)
+        print(f"kafka.messages: {N}")
+        print(f"kafka.partitions: {PARTITIONS}")
+        print(f"kafka.ceiling_msgs_per_s: {top:.0f}")
+        print(f"kafka.volley_msgs_per_s: {best:.0f}")
+        print(f"kafka.volley_msgs_per_s_median: {statistics.median(runs):.0f}")
+        print(f"kafka.pyvolley_messages: {PYVOLLEY_N}")
+        print(f"kafka.pyvolley_msgs_per_s: {old:.0f}")
+        print(f"kafka.efficiency: {best / top:.2f}")
+        print(f"kafka.vs_pyvolley: {best / old:.2f}", flush=True)
+        p50, p99, samples = latency(cluster, workdir)
+        print(f"kafka.latency_rate_msgs_per_s: {LATENCY_RATE}")
+        print(f"kafka.latency_samples: {samples}")
+        print(f"kafka.latency_p50_ms: {p50:.1f}")
+        print(f"kafka.latency_p99_ms: {p99:.1f}")
 
 
 if __name__ == "__main__":
