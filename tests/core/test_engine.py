@@ -369,3 +369,15 @@ def test_shutdown_gives_back_unfinished_work() -> None:
     report = asyncio.run(main())
     assert report.abandoned == 3
     assert broker.depth("in") == 3  # nothing lost: all three are back on the queue
+
+
+def test_msg_ctx_may_be_keyword_only_and_async() -> None:
+    engine = make_engine(MemoryBroker())
+
+    @engine.stream_app
+    async def handler(item: Item, *, msg_ctx: MessageContext) -> list[tuple[str, Doubled]]:
+        return [("out", Doubled(msg_ctx.attempt + item.n))]
+
+    h = harness(handler)
+    h.send(Item(10), key="k")
+    assert h.run().outputs("out") == [Doubled(11)]

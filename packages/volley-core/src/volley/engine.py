@@ -182,6 +182,20 @@ class StreamApp:
         self.func = func
         self.is_async = inspect.iscoroutinefunction(func)
         self.wants_context = _wants_context(func)
+        # What the pipeline calls: func itself, or an adapter passing msg_ctx by keyword when the handler
+        # declares it keyword-only (``def handler(msg, *, msg_ctx)``).
+        self.call: Callable[..., Any] = func
+        if self.wants_context and _context_is_keyword_only(func):
+            if self.is_async:
+                async def call_async(message: Any, context: Any) -> Any:
+                    return await func(message, msg_ctx=context)
+
+                self.call = call_async
+            else:
+                def call_sync(message: Any, context: Any) -> Any:
+                    return func(message, msg_ctx=context)
+
+                self.call = call_sync
         self._pipeline: Pipeline | None = None
         self._stop_requested = threading.Event()
         self.__wrapped__ = func
@@ -284,6 +298,11 @@ def _wants_context(func: Callable[..., Any]) -> bool:
             "(and optionally msg_ctx)"
         )
     return False
+
+
+def _context_is_keyword_only(func: Callable[..., Any]) -> bool:
+    parameter = inspect.signature(func).parameters.get("msg_ctx")
+    return parameter is not None and parameter.kind == parameter.KEYWORD_ONLY
 
 
 def _positive(value: float | None, name: str, *, allow_zero: bool = False) -> float:

@@ -535,7 +535,7 @@ class Pipeline:
             out = _Outcome(len(self.producers), 0)
         deserialize = self.input.deserialize
         validate = self.input.validate
-        func = self.app.func
+        func = self.app.call
         wants_context = self.app.wants_context
         max_deliveries = self.engine.max_deliveries
         max_retries = self.engine.max_retries
@@ -668,9 +668,9 @@ class Pipeline:
                 started = time.perf_counter()
                 if self.app.wants_context:
                     first = token.members[0] if isinstance(token, _Group) else token
-                    result = self.app.func(message, MessageContext(first, self.input.name, self.name))
+                    result = self.app.call(message, MessageContext(first, self.input.name, self.name))
                 else:
-                    result = self.app.func(message)
+                    result = self.app.call(message)
                 if self.timed:
                     out.component.append(time.perf_counter() - started)
                 return result
@@ -846,7 +846,7 @@ class Pipeline:
                     self._start_lane(waiting)
 
     async def _handle_async(self, token: Token, message: Any) -> None:
-        func = self.app.func
+        func = self.app.call
         attempt = 0
         out = _Outcome(len(self.producers))
         while True:
