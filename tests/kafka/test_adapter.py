@@ -13,7 +13,13 @@ import pytest
 
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryFailure, PartitionId, QueueSpec
-from volley_kafka import KafkaConnector, KafkaConsumer, KafkaProducer, TransactionalKafkaConsumer
+from volley_kafka import (
+    KafkaConnector,
+    KafkaConsumer,
+    KafkaProducer,
+    TransactionAbortedError,
+    TransactionalKafkaConsumer,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -297,6 +303,12 @@ async def test_transaction_commit_and_abort(kit: Any, opened: list[Any]) -> None
     assert committed_view == sorted(b"out-m%d" % i for i in range(10)), "each input's output exactly once"
     uncommitted_view = [m.value() for m in kit.read_topic(sink, isolation="read_uncommitted")]
     assert len(uncommitted_view) == 16, "the aborted records are in the log, only hidden"
+
+    late = Deliveries()  # e.g. an engine's retry of a record whose batch was aborted
+    producer.produce([OutgoingMessage(sink, b"late", token="late")], late)
+    await producer.flush(5)
+    await kit.eventually(lambda: late.count() == 1, what="the late record's report")
+    assert isinstance(late.failed[0][1], TransactionAbortedError), "outside a transaction nothing is sent"
 
 
 async def test_consumer_is_typed_as_the_ports(kit: Any) -> None:

@@ -7,7 +7,7 @@ Installing the distribution registers the ``confluent`` connector (alias
 from volley_kafka.connector import KafkaConnector
 from volley_kafka.consumer import KafkaConsumer, TransactionalKafkaConsumer
 from volley_kafka.offsets import OffsetTracker, PartitionOffsets
-from volley_kafka.producer import KafkaProducer, ProducerClient
+from volley_kafka.producer import KafkaProducer, ProducerClient, TransactionAbortedError
 
 __all__ = [
     "KafkaConnector",
@@ -16,5 +16,6 @@ __all__ = [
     "OffsetTracker",
     "PartitionOffsets",
     "ProducerClient",
+    "TransactionAbortedError",
     "TransactionalKafkaConsumer",
 ]

@@ -373,13 +373,20 @@ class KafkaConsumer:
         last_topic: str | None = None
         last_partition: int | None = -1
         state: Any = None
+        outstanding: Any = None
         for e in envelopes:
             if e.partition != last_partition or e.source != last_topic:
                 last_topic = e.source
                 last_partition = e.partition
                 state = partitions.get((last_topic, last_partition))  # type: ignore[arg-type]  # always an int here
-            if state is not None:
-                state.finished(e.position)
+                outstanding = None if state is None else state.outstanding
+            if outstanding is None:
+                continue
+            position = e.position
+            if outstanding and outstanding[0] == position and not state.done and not state.redeliver:
+                outstanding.popleft()  # the common case, in order: PartitionOffsets.finished inlined
+            else:
+                state.finished(position)
         if self._attempts:
             for e in envelopes:
                 self._attempts.pop((e.source, e.partition, e.position), None)  # type: ignore[arg-type]
@@ -719,6 +726,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         except KafkaException as exc:
             raise VolleyError(f"{self._what}: cannot begin a transaction: {exc}") from exc
         self._open = True
+        self._client.in_transaction = True
         assert self._idle is not None
         self._idle.clear()
 
@@ -770,9 +778,21 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         assert self._txn_worker is not None
         producer = self._client.producer
         timeout = self._settings.revoke_timeout
+        client = self._client
+        client.in_transaction = False  # from now on, records of this batch are refused, not sent
+
+        def abort() -> None:
+            # Let what was accepted be delivered first (into the doomed transaction): purged records would
+            # be reported as failures, and a failure is what an engine retries.
+            try:
+                client.flush_blocking(min(timeout, 10.0))
+            except TimeoutError as exc:
+                logger.warning("%s: %s; aborting anyway", self._what, exc)
+            producer.abort_transaction(timeout)
+
         try:
             if self._open:
-                await self._txn_worker.submit(functools.partial(producer.abort_transaction, timeout))
+                await self._txn_worker.submit(abort)
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.fatal():
@@ -785,6 +805,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
 
     def _closed_transaction(self) -> None:
         self._open = False
+        self._client.in_transaction = False
         if self._idle is not None:
             self._idle.set()
 

@@ -48,6 +48,13 @@ def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, 
         raise ConfigurationError(f"{what}: invalid Kafka configuration: {exc}") from None
 
 
+class TransactionAbortedError(DeliveryError):
+    """A record of an exactly-once app that was not sent: its transaction was aborted, or none was open.
+
+    Its input is consumed again from the last committed offset, so the record must not be retried.
+    """
+
+
 class _Bucket:
     """Delivery reports waiting to be handed to one engine callback."""
 
@@ -59,9 +66,15 @@ class _Bucket:
         self.failed: list[DeliveryFailure] = []
 
 
+PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
+
 def _failure(message: OutgoingMessage, error: Any) -> DeliveryFailure:
     if isinstance(error, BaseException):
         return (message, error)
+    if isinstance(error, KafkaError) and error.code() in PURGED:
+        return (message, TransactionAbortedError(f"the record for {message.topic!r} was purged before it was sent "
+                                                 f"(transaction aborted, or producer closed): {error.str()}"))
     return (message, DeliveryError(f"Kafka refused the record for {message.topic!r}: {error}"))
 
 
@@ -110,6 +123,7 @@ class ProducerClient:
         self.closed = False
         self.fatal: KafkaError | None = None
         self.transactions_ready = False
+        self.in_transaction = False  # set by the exactly-once consumer around begin / commit / abort
         self._delay_warned = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -165,13 +179,39 @@ class ProducerClient:
             bucket.failed.extend((m, error) for m in messages)
             self._wake.set()
             return
+        if self.transactional and not self.in_transaction:
+            error = TransactionAbortedError("the transaction of this record's batch is over (aborted, or never "
+                                            "begun); its input is consumed again")
+            bucket.failed.extend((m, error) for m in messages)
+            self._wake.set()
+            return
         if self._backlog:
             self._to_backlog(messages, 0, bucket)
             return
+        if not self._delay_warned and messages and messages[0].delay:
+            self._delay_warned = True
+            logger.warning("%s: Kafka cannot delay a message; the 'delay' output option is ignored", self.name)
         produce = self.producer.produce
-        failed_append = bucket.failed.append
+        report = _Report
+        sent = 0
+        try:
+            for m in messages:  # the fast path: no checks that a C call makes anyway
+                partition = m.partition
+                produce(m.topic, m.value, m.key, -1 if partition is None else partition, report(bucket, m), None, 0,
+                        m.headers)
+                sent += 1
+        except BufferError:
+            self._produce_carefully(messages, sent, bucket)
+        except (KafkaException, TypeError, ValueError) as exc:
+            bucket.failed.append(_failure(messages[sent], exc))
+            self._wake.set()
+            self._produce_carefully(messages, sent + 1, bucket)
+
+    def _produce_carefully(self, messages: Sequence[OutgoingMessage], start: int, bucket: _Bucket) -> None:
+        """The rest of a batch after a refusal: one record at a time, handing over to the poller when full."""
+        produce = self.producer.produce
         refused = False
-        index = 0
+        index = start
         count = len(messages)
         while index < count:
             m = messages[index]
@@ -187,13 +227,10 @@ class ProducerClient:
                     self.producer.poll(0)
                     continue
                 self._to_backlog(messages, index, bucket)
-                break
+                return
             except (KafkaException, TypeError, ValueError) as exc:
-                failed_append(_failure(m, exc))
+                bucket.failed.append(_failure(m, exc))
                 self._wake.set()
-            if m.delay and not self._delay_warned:
-                self._delay_warned = True
-                logger.warning("%s: Kafka cannot delay a message; the 'delay' output option is ignored", self.name)
             index += 1
 
     def _to_backlog(self, messages: Sequence[OutgoingMessage], start: int, bucket: _Bucket) -> None:
