@@ -56,7 +56,8 @@ logger = logging.getLogger("volley")
 
 INLINE_SLICE_SECONDS = 0.005  # longest stretch the loop spends in sync handler calls before it serves I/O
 FAST_CALL_SECONDS = 0.002  # slowest call, during calibration, that still lets handlers run inline
-SLOW_CALL_SECONDS = 0.02  # an inline call this slow moves the handler to the thread for good
+SLOW_CALL_SECONDS = 0.02  # two inline messages this slow within a second move the handler to the thread
+VERY_SLOW_CALL_SECONDS = 0.2  # one inline message this slow does it at once (longer than a GC pause)
 CALIBRATION_BATCHES = 2
 OUTPUT_KWARGS = frozenset({"key", "headers", "partition", "delay"})
 HEADER_PREFIX = "volley-"
@@ -232,6 +233,7 @@ class Pipeline:
         self._inline = engine.sync_handler_mode == "auto"
         self._calibrating = CALIBRATION_BATCHES if self._inline else 0
         self._inline_failed = False
+        self._last_slow_inline = -1e9
         self._started = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -560,7 +562,7 @@ class Pipeline:
                 # took end to end, which bounds its handler call from above.
                 now = perf()
                 if now - previous > SLOW_CALL_SECONDS:
-                    self._go_threaded(f"handling one message took {now - previous:.3f} s")
+                    self._slow_inline(now, now - previous)
                 if now > slice_deadline or not self._inline:  # type: ignore[operator]
                     out.handled = index - start
                     return index
@@ -637,6 +639,12 @@ class Pipeline:
                 out.cycle.append(t3 - t0)
         out.handled = len(batch) - start
         return len(batch) if inline else out
+
+    def _slow_inline(self, now: float, took: float) -> None:
+        """One slow message may be a garbage-collection pause; a handler that is slow again, or very slow, is not."""
+        if took > VERY_SLOW_CALL_SECONDS or now - self._last_slow_inline < 1.0:
+            self._go_threaded(f"handling one message took {took:.3f} s")
+        self._last_slow_inline = now
 
     def _go_threaded(self, why: str) -> None:
         if self._inline:
