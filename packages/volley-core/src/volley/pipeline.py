@@ -48,6 +48,7 @@ from volley.ports import (
     Transactional,
 )
 from volley.queues import ResolvedQueue, classify
+from volley.threads import SerialThread
 
 if TYPE_CHECKING:
     from volley.engine import StreamApp
@@ -95,57 +96,6 @@ class _Group:
 
 Token = Envelope | _Group
 _FAILED = object()
-
-
-class _SyncWorker:
-    """A daemon thread that runs submitted calls in order and resolves futures on the loop.
-
-    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a
-    handler stuck past the shutdown deadline would hang the process.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._calls: deque[tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = deque()
-        self._ready = threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, call: Callable[[], Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._calls.append((call, future, loop))
-        self._ready.release()
-        return future
-
-    def _run(self) -> None:
-        while True:
-            self._ready.acquire()
-            item = self._calls.popleft()
-            if item is None:
-                return
-            call, future, loop = item
-            try:
-                result = call()
-            except BaseException as exc:  # delivered to the awaiting coroutine
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_set_exception, future, exc)
-            else:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_set_result, future, result)
-
-    def close(self) -> None:
-        self._calls.append(None)
-        self._ready.release()
-
-
-def _set_result(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
 
 
 class _Outcome:
@@ -229,7 +179,7 @@ class Pipeline:
         self._thread_stop = threading.Event()
         self._last_activity = time.monotonic()
         self._last_poll = 0.0
-        self._worker: _SyncWorker | None = None
+        self._worker: SerialThread | None = None
         self._inline = engine.sync_handler_mode == "auto"
         self._calibrating = CALIBRATION_BATCHES if self._inline else 0
         self._inline_failed = False
@@ -255,7 +205,7 @@ class Pipeline:
         if self._stopping:
             self._stopped.set()
         if not self.app.is_async or (self.batch_size and not self.app.is_async):
-            self._worker = _SyncWorker(f"volley-{self.name}-handler")
+            self._worker = SerialThread(f"volley-{self.name}-handler")
         for part in (self.consumer, *self.producers):
             if isinstance(part, Instrumented) and self.observer.enabled:
                 part.instrument(self.observer, self.name)
@@ -274,7 +224,7 @@ class Pipeline:
                 with contextlib.suppress(Exception):
                     await part.close()
             if self._worker is not None:
-                self._worker.close()
+                self._worker.stop()
             raise
         self.observer.on_ready(self.name, True)
         logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
@@ -343,7 +293,7 @@ class Pipeline:
             except Exception as exc:
                 logger.error("%s: closing %r failed: %s", self.name, part, exc)
         if self._worker is not None:
-            self._worker.close()
+            self._worker.stop()
         self.observer.on_stop(self.name)
         self.report.elapsed_seconds = time.monotonic() - self._started
         logger.info("%s: stopped (%s)", self.name, self.report)
