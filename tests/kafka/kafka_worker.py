@@ -22,8 +22,11 @@ def main(argv: list[str]) -> None:
 
     bootstrap, source, output, group, instance, pause = argv
     codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+    # Small fetches interleave the partitions, so that every partition is still mid-stream when a second
+    # member joins (librdkafka otherwise drains one partition's large prefetch after another).
     consumer_config: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": group,
-                                       "volley.commit.interval.seconds": 0.2}
+                                       "volley.commit.interval.seconds": 0.2, "max.partition.fetch.bytes": 8192,
+                                       "queued.max.messages.kbytes": 256}
     if instance != "-":
         consumer_config["group.instance.id"] = instance
         consumer_config["session.timeout.ms"] = 10_000

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -132,31 +133,59 @@ def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, record_prope
 
 
 def test_members_join_and_leave_mid_stream_without_loss(kit: Any, tmp_path: Path) -> None:
-    """Two workers in one group: the second joins at a quarter, leaves gracefully at two thirds. Nothing is
-    lost, and since every rebalance finishes in-flight work and commits it, nothing is done twice either."""
-    count = 8000
-    source, sink = seed(kit, count)
-    ends = kit.end_offsets(source, PARTITIONS)
+    """Two workers in one group while input keeps arriving: the second joins after a quarter, leaves gracefully
+    after two thirds. Nothing is lost, and since every rebalance finishes in-flight work and commits it, nothing
+    is done twice either."""
+    count = 12_000
+    source = kit.topic("rebalance-in", PARTITIONS)
+    sink = kit.topic("rebalance-out", PARTITIONS)
     group = kit.unique("rebalance")
-    first = Worker(kit, source, sink, group, "-", tmp_path / "first.log", seconds=0.0008)
+    # The input arrives over about six seconds, so every partition has fresh work whoever owns it.
+    feeder = threading.Thread(target=feed, args=(kit, source, count, 2000.0), daemon=True)
+    feeder.start()
+    first = Worker(kit, source, sink, group, "-", tmp_path / "first.log", seconds=0.0002)
     workers = [first]
-    wait_until(lambda: produced(kit, sink) >= count / 4, 90, "a quarter of the outputs", workers)
-    second = Worker(kit, source, sink, group, "-", tmp_path / "second.log", seconds=0.0008)
-    workers.append(second)
-    wait_until(lambda: produced(kit, sink) >= 2 * count / 3, 90, "two thirds of the outputs", workers)
-    assert second.terminate() == 0, second.tail()
-    workers.remove(second)
+    try:
+        wait_until(lambda: produced(kit, sink) >= count / 4, 90, "a quarter of the outputs", workers)
+        second = Worker(kit, source, sink, group, "-", tmp_path / "second.log", seconds=0.0002)
+        workers.append(second)
+        wait_until(lambda: "assigned" in second.log.read_text(errors="replace"), 60,
+                   "the second worker's partitions", workers)
+        wait_until(lambda: produced(kit, sink) >= 2 * count / 3, 90, "two thirds of the outputs", workers)
+        assert second.terminate() == 0, second.tail()
+        workers.remove(second)
+    finally:
+        feeder.join(60)
+    ends = kit.end_offsets(source, PARTITIONS)
+    assert sum(ends.values()) == count
     wait_until(lambda: all_committed(kit, group, source, ends), 120, "every input committed", workers)
     assert first.terminate() == 0, first.tail()
 
-    ids = output_ids(kit, sink)
-    pids = Counter(json.loads(m.value())["pid"] for m in kit.read_topic(sink, timeout=60))
-    assert second.process.pid in pids, "the second worker never got partitions: no rebalance happened"
-    assert pids[first.process.pid] > pids[second.process.pid] > 0
+    copies = [json.loads(m.value()) for m in kit.read_topic(sink, timeout=60)]
+    ids = Counter(c["id"] for c in copies)
+    pids = Counter(c["pid"] for c in copies)
+    assert pids[second.process.pid] > 0, (
+        f"the second worker never produced: no rebalance happened?\nfirst: {first.tail()}\nsecond: {second.tail()}")
+    assert pids[first.process.pid] > 0
     missing = sorted(set(range(count)) - set(ids))
     duplicated = sorted(i for i, n in ids.items() if n > 1)
     assert not missing, f"{len(missing)} ids lost, first {missing[:10]}"
     if duplicated:
-        copies = [json.loads(m.value()) for m in kit.read_topic(sink, timeout=60)]
         detail = sorted((c["id"], c["pid"], c["p"], c["o"]) for c in copies if c["id"] in set(duplicated[:5]))
         raise AssertionError(f"{len(duplicated)} ids produced twice across graceful rebalances: {detail}")
+
+
+def feed(kit: Any, topic: str, count: int, rate: float) -> None:
+    """Produce ids 0..count-1 at about ``rate`` per second."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": kit.bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    started = time.monotonic()
+    for i in range(count):
+        producer.produce(topic, json.dumps({"id": i}).encode(), str(i).encode())
+        if i % 100 == 99:
+            producer.poll(0)
+            ahead = started + (i + 1) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)  # pacing the feed, not waiting for a condition
+    assert producer.flush(60) == 0
