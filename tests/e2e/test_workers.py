@@ -252,11 +252,6 @@ def test_two_workers_split_partitions_survive_kill_and_stop_on_sigterm(
         supervisor.cleanup()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: the workers share the supervisor's process group, so a terminal's Ctrl-C (SIGINT to the group) "
-    "reaches each worker directly and the supervisor's forwarded SIGTERM is then a second signal, on which "
-    "volley.cli exits at once (os._exit(130)) without a graceful shutdown. Fix: start workers in their own process "
-    "group (Popen(..., process_group=0) in volley/workers.py Supervisor._spawn)"))
 def test_ctrl_c_in_a_terminal_stops_workers_gracefully(
     kafka_bootstrap: str, names: dict[str, str], outputs: Outputs, tmp_path: Path
 ) -> None:

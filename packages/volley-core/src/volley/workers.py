@@ -27,6 +27,7 @@ from types import FrameType
 logger = logging.getLogger("volley.workers")
 
 RESTART_DELAY_MAX = 30.0
+CONFIGURATION_ERROR_EXIT = 2  # what `volley run` exits with on a ConfigurationError: restarting cannot help
 SHUTDOWN_DEADLINE = float(os.environ.get("VOLLEY_SHUTDOWN_DEADLINE", "45"))
 
 
@@ -38,14 +39,18 @@ class Supervisor:
         self.restarts: dict[int, int] = {}
         self.next_start: dict[int, float] = {}
         self.stopping = False
+        self.failed = False
         self.own_metrics_dir: str | None = None
 
     def _spawn(self, index: int) -> None:
         env = dict(os.environ)
         env["VOLLEY_WORKER_INDEX"] = str(index)
         env["VOLLEY_WORKERS"] = str(self.workers)
+        env["VOLLEY_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         command = [sys.executable, "-m", "volley.cli", "run", *self.apps]
-        self.processes[index] = subprocess.Popen(command, env=env)
+        # Own process group: a terminal's Ctrl-C reaches the supervisor only, which then stops
+        # every worker once, gracefully (a second signal would make a worker exit at once).
+        self.processes[index] = subprocess.Popen(command, env=env, process_group=0)
         logger.info("worker %d started (pid %d)", index, self.processes[index].pid)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -85,6 +90,11 @@ class Supervisor:
             code = process.poll()
             if code is None or self.stopping:
                 continue
+            if code == CONFIGURATION_ERROR_EXIT:
+                logger.error("worker %d exited with a configuration error; not restarting it, stopping all", index)
+                self.failed = True
+                self._on_signal(signal.SIGTERM, None)
+                return
             if index not in self.next_start:
                 count = self.restarts.get(index, 0)
                 delay = min(RESTART_DELAY_MAX, 0.5 * 2**count)
@@ -107,9 +117,15 @@ class Supervisor:
                 process.kill()
                 code = process.wait()
             if code not in (0, -signal.SIGTERM):
-                worst = worst or code
-        return worst if worst > 0 else 0
+                worst = worst or (code if code > 0 else 1)
+        if self.failed:
+            return CONFIGURATION_ERROR_EXIT
+        return worst
 
 
 def supervise(apps: Sequence[str], workers: int) -> int:
+    from volley.cli import load_app
+
+    for target in apps:  # fail here, once, on a bad module:app, rather than in N restarting workers
+        load_app(target)
     return Supervisor(apps, workers).run()
