@@ -963,7 +963,9 @@ class Pipeline:
             return
         key = id(message)
         attempts = self._delivery_attempts.get(key, 0) + 1
-        if attempts <= self.engine.max_retries and not self._stopping:
+        # In a transaction a failed record cannot be sent again on its own: the whole batch is aborted
+        # (the consumer rewinds) and processed again, so no retry here and no stop.
+        if attempts <= self.engine.max_retries and not self._stopping and not self.transactional:
             self._delivery_attempts[key] = attempts
             delay = self._backoff(attempts)
             logger.warning("%s: delivery to %s failed (%s); retrying in %.2f s (attempt %d of %d)", self.name,
@@ -982,7 +984,7 @@ class Pipeline:
         self.report.failed += _size(token)
         self.report.nacked -= _size(token)
         self._transaction_failed = True
-        if self.engine.on_failure == "stop":
+        if self.engine.on_failure == "stop" and not self.transactional:
             self.request_stop(error)
 
     def _reproduce(self, message: OutgoingMessage) -> None:
