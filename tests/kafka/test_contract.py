@@ -5,11 +5,14 @@ from __future__ import annotations
 import uuid
 from typing import ClassVar
 
+import hypothesis
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
+from hypothesis.stateful import run_state_machine_as_test
 
 from volley.ports import Connector, QueueSpec
 from volley.testing.contract import ConnectorContract
+from volley.testing.statemachine import DEFAULT_SETTINGS, connector_state_machine
 from volley_kafka import KafkaConnector
 
 pytestmark = pytest.mark.kafka
@@ -49,3 +52,21 @@ class TestKafkaContract(ConnectorContract):
         futures = admin.create_topics([NewTopic(name, num_partitions=self.partitions, replication_factor=1)])
         for future in futures.values():
             future.result(30)
+
+
+@pytest.mark.slow
+def test_kafka_state_machine(kafka_bootstrap: str) -> None:
+    """Random interleavings of produce, consume, ack, nack and reconnect, checked against a plain model."""
+    suite = TestKafkaContract()
+    suite.bootstrap = kafka_bootstrap
+    capabilities = TestKafkaContract.capabilities()
+    capabilities["max_wait_seconds"] = 15.0
+    machine = connector_state_machine(
+        KafkaConnector,
+        suite.queue_spec,
+        create_queue=suite.create_queue,
+        **capabilities,
+        poll_timeout=0.2,
+        name="Kafka",
+    )
+    run_state_machine_as_test(machine, settings=hypothesis.settings(DEFAULT_SETTINGS, max_examples=5))
