@@ -106,7 +106,7 @@ def floor_round_trip(serializer: str, handler: str) -> Callable[[Any], bytes]:
 def adapter_round_trip(serializer: str, handler: str) -> Callable[[Any], bytes]:
     model = None if handler == "none" else Order
     source, target = resolve(serializer, handler, model, "input"), resolve(serializer, handler, model, "output")
-    deserialize, validate, encode = source.deserialize, source.validate, target.encode
+    deserialize, validate, encode = source.fast_deserialize, source.validate, target.encode
     return lambda raw: encode(validate(deserialize(raw)))
 
 
@@ -114,7 +114,7 @@ def bound_round_trip(serializer: str, handler: str) -> Callable[[Any], bytes]:
     """As ``adapter_round_trip``, with the output side through the handler's ``bind_deconstruct`` fast path
     (type check and dump in one call), which the engine does not use yet."""
     source, target = resolve(serializer, handler, Order, "input"), resolve(serializer, handler, Order, "output")
-    deserialize, validate = source.deserialize, source.validate
+    deserialize, validate = source.fast_deserialize, source.validate
     serialize, dump = target.serializer.serialize, target.model_handler.bind_deconstruct(Order, "q")
     return lambda raw: serialize(dump(validate(deserialize(raw))))
 

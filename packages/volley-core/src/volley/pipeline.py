@@ -489,7 +489,7 @@ class Pipeline:
         inline = slice_deadline is not None
         if out is None:
             out = _Outcome(len(self.producers), 0)
-        deserialize = self.input.deserialize
+        deserialize = self.input.fast_deserialize
         validate = self.input.validate
         func = self.app.call
         wants_context = self.app.wants_context
@@ -612,7 +612,7 @@ class Pipeline:
                 out.failures.append((env, "redelivery", _redelivered(env, self.engine.max_deliveries)))
                 continue
             try:
-                data = self.input.deserialize(env.value)
+                data = self.input.fast_deserialize(env.value)
             except Exception as exc:
                 out.failures.append((env, "deserialize", exc))
                 continue
@@ -728,7 +728,7 @@ class Pipeline:
     # ------------------------------------------------------------------ async handlers (event loop)
 
     def _dispatch_async(self, batch: list[Envelope]) -> None:
-        deserialize = self.input.deserialize
+        deserialize = self.input.fast_deserialize
         validate = self.input.validate
         ordering = self.ordering
         max_deliveries = self.engine.max_deliveries

@@ -41,6 +41,7 @@ class ResolvedQueue:
     batch_timeout_seconds: float
     ordering: str
     deserialize: Decoder
+    fast_deserialize: Decoder
     validate: Callable[[Any], Any]
     encode: Encoder
 
@@ -239,6 +240,9 @@ def resolve_queue(
         batch_timeout_seconds=float(merged.get("batch_timeout_seconds") or 0.0),
         ordering=ordering,
         deserialize=serializer.deserialize,
+        # A serializer may offer its library's raw decode: the pipeline turns whatever it raises into a
+        # SerializationError (volley.queues.classify), so the adapter's own wrapper is not needed there.
+        fast_deserialize=getattr(serializer, "unchecked_deserialize", None) or serializer.deserialize,
         validate=_bind_validate(handler, data_model),
         encode=_bind_encode(name, serializer, handler, data_model),
     )

@@ -50,10 +50,13 @@ def _describe(exc: BaseException) -> str:
 class MsgpackSerializer:
     """msgpack pack / unpack with errors turned into ``SerializationError``."""
 
-    __slots__ = ("deserialize", "serialize")
+    __slots__ = ("deserialize", "serialize", "unchecked_deserialize")
 
     serialize: Callable[[Any], bytes]
     deserialize: Callable[[bytes], Any]
+    # The library's own function, for the engine: it classifies whatever this raises as a
+    # SerializationError itself, so the wrapper's try/except would be paid twice per message.
+    unchecked_deserialize: Callable[[bytes], Any]
 
     def __init__(self) -> None:
         unpackb = msgpack.unpackb
@@ -75,6 +78,7 @@ class MsgpackSerializer:
 
         self.serialize = serialize
         self.deserialize = deserialize
+        self.unchecked_deserialize = unpackb
 
     def __repr__(self) -> str:
         return "MsgpackSerializer()"

@@ -34,10 +34,13 @@ class OrjsonSerializer:
     (no ``self`` lookups, no per-call allocation beyond the library's own).
     """
 
-    __slots__ = ("deserialize", "serialize")
+    __slots__ = ("deserialize", "serialize", "unchecked_deserialize")
 
     serialize: Callable[[Any], bytes]
     deserialize: Callable[[bytes], Any]
+    # The library's own function, for the engine: it classifies whatever this raises as a
+    # SerializationError itself, so the wrapper's try/except would be paid twice per message.
+    unchecked_deserialize: Callable[[bytes], Any]
 
     def __init__(self) -> None:
         dumps = orjson.dumps
@@ -60,6 +63,7 @@ class OrjsonSerializer:
 
         self.serialize = serialize
         self.deserialize = deserialize
+        self.unchecked_deserialize = loads
 
     def __repr__(self) -> str:
         return "OrjsonSerializer()"
