@@ -166,6 +166,12 @@ class ProducerClient:
         except (KafkaException, RuntimeError) as exc:
             logger.debug("%s: purge at close: %s", self.name, exc)
         self.dispatch()
+        close = getattr(self.producer, "close", None)  # confluent-kafka >= 2.13: release threads and sockets now
+        if close is not None:
+            try:
+                close()
+            except (KafkaException, RuntimeError) as exc:
+                logger.debug("%s: close: %s", self.name, exc)
         return True
 
     # ------------------------------------------------------------------ producing (event loop)
@@ -174,6 +180,11 @@ class ProducerClient:
         bucket = self._buckets.get(on_delivery)
         if bucket is None:
             bucket = self._buckets.setdefault(on_delivery, _Bucket(on_delivery))
+        if self.closed and self._thread is not None and not self._running:
+            error = DeliveryError("the Kafka producer is closed")
+            bucket.failed.extend((m, error) for m in messages)
+            self.dispatch()
+            return
         if self.fatal is not None:
             error = DeliveryError(f"the Kafka producer hit a fatal error and must be restarted: {self.fatal.str()}")
             bucket.failed.extend((m, error) for m in messages)
