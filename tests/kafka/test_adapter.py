@@ -327,3 +327,21 @@ async def test_consumer_is_typed_as_the_ports(kit: Any) -> None:
     finally:
         await consumer.close()
         await producer.close()
+
+
+async def test_lag_and_drained(kit: Any, opened: list[Any]) -> None:
+    topic = kit.topic("lag", partitions=2)
+    kit.produce(topic, [f"m{i}".encode() for i in range(40)], keys=[b"a", b"b"] * 20)
+    consumer = KafkaConnector().create_consumer(input_spec(kit.bootstrap, topic, kit.unique("g")))
+    opened.append(consumer)
+    await consumer.start()
+    assert not consumer.is_drained(), "not even assigned yet"
+    first = await consumer.consume(10, 10.0)
+    assert first
+    assert sum(consumer.lag().values()) > 0, "behind the end of the partitions"
+    assert not consumer.is_drained()
+    rest = await take(consumer, 40 - len(first))
+    assert not consumer.is_drained(), "everything read, but not finished"
+    await consumer.ack(first + rest)
+    assert consumer.is_drained()
+    assert sum(consumer.lag().values()) == 0

@@ -99,6 +99,7 @@ class KafkaConsumer:
         self._committed_cache: dict[TopicPartitionKey, int] = {}
         self._closing = False
         self._closed = False
+        self._rebalancing = False  # a rebalance callback is waiting for the loop: no consumer calls from there
 
     # ================================================================== capabilities
 
@@ -524,6 +525,7 @@ class KafkaConsumer:
                 self._send_commits()  # older than the final commit below, so they must go first
             # The partitions stay in self._assigned until released: an exactly-once commit made while the
             # engine finishes their work must still carry their offsets.
+            self._rebalancing = True
             future = asyncio.run_coroutine_threadsafe(self._release(keys, lost), loop)
             try:
                 offsets = future.result(self._settings.revoke_timeout + 5.0)
@@ -537,6 +539,7 @@ class KafkaConsumer:
         except Exception:
             logger.exception("%s: handling the rebalance failed", self._what)
         finally:
+            self._rebalancing = False
             self._assigned = self._assigned - {(tp.topic, tp.partition) for tp in partitions}
 
     async def _release(self, keys: list[TopicPartitionKey], lost: bool) -> list[tuple[str, int, int]]:
@@ -620,6 +623,8 @@ class KafkaConsumer:
     def lag(self) -> Mapping[PartitionId, int]:
         """Messages behind the end of each assigned partition, from librdkafka's cached watermarks."""
         out: dict[PartitionId, int] = {}
+        if self._rebalancing:
+            return out
         for topic, partition in self._assigned:
             try:
                 _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
@@ -633,7 +638,8 @@ class KafkaConsumer:
 
     def is_drained(self) -> bool:
         """Assigned, nothing outstanding, and every assigned partition read to its end (asks the broker)."""
-        if not self._ever_assigned or not self._assigned or self._tracker.pending() or self._delayed:
+        if (not self._ever_assigned or not self._assigned or self._tracker.pending() or self._delayed
+                or self._rebalancing):
             return False
         for topic, partition in self._assigned:
             tp = TopicPartition(topic, partition)
