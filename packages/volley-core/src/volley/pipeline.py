@@ -175,6 +175,7 @@ class Pipeline:
         self._stopping = False
         self._transaction_failed = False
         self._transaction_open = False
+        self._transaction_batch: list[Envelope] = []
         self._stop_error: BaseException | None = None
         self._thread_stop = threading.Event()
         self._last_activity = time.monotonic()
@@ -409,6 +410,7 @@ class Pipeline:
                     continue
             if self.transactional:
                 self._transaction_open = True
+                self._transaction_batch = batch
                 await self.consumer.begin()  # type: ignore[attr-defined]
             if self.app.is_async:
                 self._dispatch_async(batch)
@@ -998,8 +1000,9 @@ class Pipeline:
 
     def _settle_ok(self, token: Token) -> None:
         if isinstance(token, _Group):
-            self._acks.extend(token.members)
-            count = len(token.members)
+            members = [m for m in token.members if m.pending != -1]  # -1: abandoned with an aborted transaction
+            self._acks.extend(members)
+            count = len(members)
         else:
             self._acks.append(token)
             count = 1
@@ -1117,16 +1120,33 @@ class Pipeline:
         failed, self._transaction_failed = self._transaction_failed, False
         acks, self._acks = self._acks, []
         if self.in_flight or failed:
-            logger.error("%s: aborting the transaction (%d unsettled)", self.name, self.in_flight)
+            logger.error("%s: aborting the transaction (%d unsettled); the batch will be processed again",
+                         self.name, self.in_flight)
             await consumer.abort()  # type: ignore[attr-defined]
-            self.report.abandoned += self.in_flight
-            self.in_flight = 0
-            self._nacks.clear()
-            self._notify_settled()
+            self._forget_transaction_batch()
             return
-        await consumer.commit(acks)  # type: ignore[attr-defined]
+        try:
+            await consumer.commit(acks)  # type: ignore[attr-defined]
+        except DeliveryError as exc:  # the consumer aborted and rewound: the batch comes again
+            logger.error("%s: committing the transaction failed (%s); the batch will be processed again",
+                         self.name, exc)
+            self._forget_transaction_batch()
+            return
+        self._transaction_batch = []
         await self._flush_acks()
         self._notify_settled()  # wakes the fetcher for the next transaction
+
+    def _forget_transaction_batch(self) -> None:
+        """After an abort, nothing of the batch may settle later: late reports and retries would leak into the
+        next transaction."""
+        for env in self._transaction_batch:
+            env.pending = -1
+        self._transaction_batch = []
+        self.report.abandoned += self.in_flight
+        self.in_flight = 0
+        self._acks.clear()
+        self._nacks.clear()
+        self._notify_settled()
 
     async def _monitor_loop(self) -> None:
         tick = min(0.05, max(self.drain_idle_seconds / 5, 0.005))
