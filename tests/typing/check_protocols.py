@@ -16,8 +16,11 @@ if TYPE_CHECKING:
     from volley.ports import (
         Connector,
         Consumer,
+        Instrumented,
+        LagReporter,
         ModelHandler,
         Observer,
+        Pausable,
         Producer,
         RebalanceAware,
         Serializer,
@@ -47,9 +50,10 @@ if TYPE_CHECKING:
     def producers(memory: MemoryProducer, kafka: KafkaProducer, rsmq: RsmqProducer) -> list[Producer]:
         return [memory, kafka, rsmq]
 
-    def kafka_capabilities(kafka: KafkaConsumer, eos: TransactionalKafkaConsumer) -> tuple[RebalanceAware,
-                                                                                            Transactional]:
-        return kafka, eos
+    def kafka_capabilities(
+        kafka: KafkaConsumer, eos: TransactionalKafkaConsumer
+    ) -> tuple[Pausable, RebalanceAware, LagReporter, Instrumented, Consumer, Transactional]:
+        return kafka, kafka, kafka, kafka, eos, eos
 
     def serializers(json: JsonSerializer, raw: RawSerializer, orjson: OrjsonSerializer,
                     msgpack: MsgpackSerializer) -> list[Serializer]:
