@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -85,7 +85,7 @@ class KafkaKit:
         try:
             metadata = consumer.list_topics(topic, timeout=10)
             partitions = sorted(metadata.topics[topic].partitions)
-            ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+            ends = {p: high_watermark(consumer, topic, p) for p in partitions}
             consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
             positions = dict.fromkeys(partitions, 0)
             out: list[Any] = []
@@ -116,8 +116,7 @@ class KafkaKit:
     def end_offsets(self, topic: str, partitions: int = 1) -> dict[int, int]:
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": unique("ends")})
         try:
-            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                    for p in range(partitions)}
+            return {p: high_watermark(consumer, topic, p) for p in range(partitions)}
         finally:
             consumer.close()
 
@@ -139,3 +138,15 @@ class KafkaKit:
 @pytest.fixture
 def kit(kafka_bootstrap: str) -> KafkaKit:
     return KafkaKit(kafka_bootstrap)
+
+
+def high_watermark(consumer: Consumer, topic: str, partition: int, within: float = 30.0) -> int:
+    """The partition's end offset, retried while leadership settles (a new topic, a broker under load)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1])
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -73,6 +73,7 @@ def _no_worker_left_behind() -> Iterator[None]:
         if worker.alive():
             worker.process.kill()
             worker.process.wait(30)
+        worker._file.close()  # an unclosed log would surface later as an unraisable-exception warning
 
 
 def produced(kit: Any, topic: str) -> int:
