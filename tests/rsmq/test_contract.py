@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import hypothesis
@@ -10,7 +11,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from volley.ports import Connector, QueueSpec
 from volley.testing.contract import ConnectorContract
-from volley.testing.statemachine import DEFAULT_SETTINGS, connector_state_machine
+from volley.testing.statemachine import SERVER_SETTINGS, connector_state_machine
 from volley_rsmq import RsmqConnector
 
 pytestmark = pytest.mark.redis
@@ -53,6 +54,9 @@ class TestRsmqEnvelopeContract(TestRsmqContract):
     extra_config: ClassVar[dict[str, Any]] = {"headers": "envelope"}
 
 
+# The thread method is the backstop here: Hypothesis would catch pytest-timeout's signal-raised failure like
+# any other and go on running examples against the server.
+@pytest.mark.timeout(420, method="thread")
 def test_rsmq_state_machine(redis_server: Any) -> None:
     machine = connector_state_machine(
         RsmqConnector,
@@ -61,4 +65,5 @@ def test_rsmq_state_machine(redis_server: Any) -> None:
         poll_timeout=0.05,
         name="Rsmq",
     )
-    run_state_machine_as_test(machine, settings=hypothesis.settings(DEFAULT_SETTINGS, max_examples=10))
+    examples = int(os.environ.get("VOLLEY_MACHINE_EXAMPLES", "10"))
+    run_state_machine_as_test(machine, settings=hypothesis.settings(SERVER_SETTINGS, max_examples=examples))
