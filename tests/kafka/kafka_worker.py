@@ -44,9 +44,13 @@ def main(argv: list[str]) -> None:
     )
     seconds = float(pause)
     pid = os.getpid()
+    handled = [False]
 
     @app.stream_app
     def handler(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        if not handled[0]:
+            handled[0] = True
+            print("worker handled its first message", flush=True)  # the tests wait for this line
         if seconds:
             time.sleep(seconds)
         return [("out", {"id": message["id"], "pid": pid, "p": msg_ctx.partition, "o": msg_ctx.position})]

@@ -141,8 +141,10 @@ def test_members_join_and_leave_mid_stream_without_loss(kit: Any, tmp_path: Path
     source = kit.topic("rebalance-in", PARTITIONS)
     sink = kit.topic("rebalance-out", PARTITIONS)
     group = kit.unique("rebalance")
-    # The input arrives over about six seconds, so every partition has fresh work whoever owns it.
-    feeder = threading.Thread(target=feed, args=(kit, source, count, 2000.0), daemon=True)
+    # The first half arrives over about three seconds; the second half only once the second member has its
+    # partitions, so that it has work to do however long it took to start.
+    both_members = threading.Event()
+    feeder = threading.Thread(target=feed, args=(kit, source, count, 2000.0, both_members), daemon=True)
     feeder.start()
     first = Worker(kit, source, sink, group, "-", tmp_path / "first.log", seconds=0.0002)
     workers = [first]
@@ -152,10 +154,14 @@ def test_members_join_and_leave_mid_stream_without_loss(kit: Any, tmp_path: Path
         workers.append(second)
         wait_until(lambda: "assigned" in second.log.read_text(errors="replace"), 60,
                    "the second worker's partitions", workers)
+        both_members.set()
+        wait_until(lambda: "handled its first message" in second.log.read_text(errors="replace"), 60,
+                   "the second worker's first message", workers)
         wait_until(lambda: produced(kit, sink) >= 2 * count / 3, 90, "two thirds of the outputs", workers)
         assert second.terminate() == 0, second.tail()
         workers.remove(second)
     finally:
+        both_members.set()
         feeder.join(60)
     ends = kit.end_offsets(source, PARTITIONS)
     assert sum(ends.values()) == count
@@ -176,13 +182,17 @@ def test_members_join_and_leave_mid_stream_without_loss(kit: Any, tmp_path: Path
         raise AssertionError(f"{len(duplicated)} ids produced twice across graceful rebalances: {detail}")
 
 
-def feed(kit: Any, topic: str, count: int, rate: float) -> None:
-    """Produce ids 0..count-1 at about ``rate`` per second."""
+def feed(kit: Any, topic: str, count: int, rate: float, halfway: threading.Event) -> None:
+    """Produce ids 0..count-1 at about ``rate`` per second; the second half once ``halfway`` is set."""
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": kit.bootstrap, "linger.ms": 5, "enable.idempotence": True})
     started = time.monotonic()
     for i in range(count):
+        if i == count // 2:
+            producer.flush(60)
+            assert halfway.wait(120), "the test never let the second half go"
+            started = time.monotonic() - i / rate
         producer.produce(topic, json.dumps({"id": i}).encode(), str(i).encode())
         if i % 100 == 99:
             producer.poll(0)
