@@ -182,6 +182,45 @@ def test_returning_false_gives_the_message_back_until_max_deliveries_then_dlq() 
     assert report.nacked == 3 and report.dead_lettered == 1
 
 
+@pytest.mark.parametrize("use_async", [False, True])
+def test_drained_means_drained_even_without_an_idle_wait(use_async: bool) -> None:
+    """Between two batches, with everything settled, an app only looks idle: run_until_drained must not stop
+    there (drain_idle_seconds=0 takes away the grace period that used to hide this)."""
+    for _ in range(5):
+        broker = MemoryBroker()
+        engine = make_engine(broker, max_buffered=20, consume_batch_size=10)
+        seed(broker, engine, [Item(n, key=str(n % 7)) for n in range(2_000)])
+
+        if use_async:
+            @engine.stream_app
+            async def double(item: Item) -> list[tuple[str, Doubled]]:
+                return [("out", Doubled(item.n * 2))]
+        else:
+            @engine.stream_app
+            def double(item: Item) -> list[tuple[str, Doubled]]:
+                return [("out", Doubled(item.n * 2))]
+
+        report = double.run_until_drained(timeout=30, drain_idle_seconds=0.0)
+        assert report.acked == 2_000, report
+        assert broker.depth("in") == 0
+
+
+def test_drained_waits_for_a_delayed_redelivery() -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker, redelivery_delay_seconds=0.3)
+    seed(broker, engine, [Item(1)])
+    seen: list[int] = []
+
+    @engine.stream_app
+    def refuse_once(item: Item, msg_ctx: MessageContext) -> bool:
+        seen.append(msg_ctx.attempt)
+        return msg_ctx.attempt > 1
+
+    report = refuse_once.run_until_drained(timeout=10, drain_idle_seconds=0.0)
+    assert seen == [1, 2]
+    assert report.acked == 1 and report.nacked == 1
+
+
 def test_output_of_the_wrong_type_is_a_clear_type_error_in_the_dlq() -> None:
     engine = make_engine(MemoryBroker())
 

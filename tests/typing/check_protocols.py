@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from volley.ports import (
         Connector,
         Consumer,
+        Drainable,
         Instrumented,
         LagReporter,
         ModelHandler,
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
         kafka: KafkaConsumer, eos: TransactionalKafkaConsumer
     ) -> tuple[Pausable, RebalanceAware, LagReporter, Instrumented, Consumer, Transactional]:
         return kafka, kafka, kafka, kafka, eos, eos
+
+    def drainables(memory: MemoryConsumer, kafka: KafkaConsumer, rsmq: RsmqConsumer) -> list[Drainable]:
+        return [memory, kafka, rsmq]
 
     def serializers(json: JsonSerializer, raw: RawSerializer, orjson: OrjsonSerializer,
                     msgpack: MsgpackSerializer) -> list[Serializer]:

@@ -302,6 +302,12 @@ class MemoryBroker:
             queues = [self._queue(queue_name)] if queue_name else list(self._queues.values())
             return all(q.ready() == 0 and q.held() == 0 and q.delayed == 0 for q in queues)
 
+    def is_drained_for(self, queue_name: str, owner: int) -> bool:
+        """One consumer's view: nothing ready or delayed in the queue, and nothing handed to that consumer."""
+        with self._lock:
+            queue = self._queue(queue_name)
+            return queue.ready() == 0 and queue.delayed == 0 and not queue.owned.get(owner)
+
     def purge(self, queue_name: str) -> None:
         with self._lock:
             queue = self._queue(queue_name)
@@ -370,6 +376,10 @@ class MemoryConsumer:
 
     async def depth(self) -> int:
         return self._broker.depth(self._queue)
+
+    def is_drained(self) -> bool:
+        """Nothing ready, nothing waiting for a delayed (re)delivery, nothing held by this consumer."""
+        return self._broker.is_drained_for(self._queue, self._owner)
 
 
 class MemoryProducer:

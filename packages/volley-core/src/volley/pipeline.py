@@ -180,6 +180,11 @@ class Pipeline:
         self._thread_stop = threading.Event()
         self._last_activity = time.monotonic()
         self._last_poll = 0.0
+        # For stop_when_drained: the input is only drained once a poll came back empty after the last batch
+        # (between two batches, with everything settled, an app merely looks idle).
+        self._last_received = 0.0
+        self._last_empty_poll = -1.0
+        self._next_drain_check = 0.0
         self._worker: SerialThread | None = None
         self._inline = engine.sync_handler_mode == "auto"
         self._calibrating = CALIBRATION_BATCHES if self._inline else 0
@@ -379,12 +384,13 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 continue
             if not batch:
+                self._last_empty_poll = self._last_poll
                 continue
             if not isinstance(batch, list):
                 batch = list(batch)
             self.in_flight += len(batch)
             self.report.consumed += len(batch)
-            self._last_activity = time.monotonic()
+            self._last_activity = self._last_received = time.monotonic()
             self.inbox.append(batch)
             self._wake.set()
 
@@ -1169,10 +1175,32 @@ class Pipeline:
                 if depth_reporter is not None:
                     with contextlib.suppress(Exception):
                         self.observer.on_depth(self.name, self.input.value, await depth_reporter())
-            if (self.stop_when_drained and not self._stopping and self.in_flight == 0 and not self.inbox
-                    and not self._acks and now - self._last_activity >= self.drain_idle_seconds):
+            if self.stop_when_drained and self._looks_drained(now) and await self._consumer_drained(now):
                 logger.info("%s: input drained", self.name)
                 self.request_stop()
+
+    def _looks_drained(self, now: float) -> bool:
+        """Everything received is settled, a poll came back empty since, and nothing happened for a while."""
+        return (not self._stopping and self.in_flight == 0 and not self.inbox and not self._acks
+                and not self._nacks and self._last_empty_poll > self._last_received
+                and now - self._last_activity >= self.drain_idle_seconds)
+
+    async def _consumer_drained(self, now: float) -> bool:
+        """The consumer's own word, when it can give one (``is_drained()``: e.g. a delayed redelivery is still
+        due, or Kafka has not assigned partitions yet). Asked off the loop (it may query the broker), at most
+        ten times a second."""
+        check = getattr(self.consumer, "is_drained", None)
+        if check is None:
+            return True
+        if now < self._next_drain_check:
+            return False
+        self._next_drain_check = now + 0.1
+        try:
+            drained = await asyncio.to_thread(check)
+        except Exception as exc:  # a broker query that failed: not drained, ask again later
+            logger.debug("%s: is_drained() failed: %s", self.name, exc)
+            return False
+        return bool(drained) and self._looks_drained(time.monotonic())
 
     # ------------------------------------------------------------------ rebalance
 

@@ -164,6 +164,17 @@ class DepthReporter(Protocol):
 
 
 @runtime_checkable
+class Drainable(Protocol):
+    """A consumer that can tell that nothing more is due now or later (nothing ready, held or delayed).
+
+    ``run_until_drained`` asks it, off the event loop (it may query the broker), once the engine itself
+    looks idle. Without it, an empty poll after the last batch is taken as drained.
+    """
+
+    def is_drained(self) -> bool: ...
+
+
+@runtime_checkable
 class Instrumented(Protocol):
     """A consumer or producer that reports its own metrics (commit latency, lag, queue depth).
 
