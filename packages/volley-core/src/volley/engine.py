@@ -60,6 +60,7 @@ class Engine:
         on_failure: str = "stop",
         shutdown_timeout_seconds: float = 30.0,
         sync_handler_mode: str = "auto",
+        tune_gc: bool = True,
         observers: Sequence[Observer] | None = None,
         metrics_settings: Mapping[str, Any] | None = None,
         registry: Registry | None = None,
@@ -95,6 +96,7 @@ class Engine:
         if sync_handler_mode not in ("auto", "thread"):
             raise ConfigurationError(f"sync_handler_mode must be 'auto' or 'thread', got {sync_handler_mode!r}")
         self.sync_handler_mode = sync_handler_mode
+        self.tune_gc = bool(tune_gc)
         self.shutdown_timeout_seconds = _positive(shutdown_timeout_seconds, "shutdown_timeout_seconds")
         self.registry = registry or get_registry()
 

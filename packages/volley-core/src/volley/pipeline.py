@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from volley import gctune
 from volley.errors import DeliveryError, HandlerFailedError, MessageError, VolleyError
 from volley.message import Envelope, Headers, MessageContext, OutgoingMessage, to_bytes
 from volley.ports import (
@@ -234,6 +235,8 @@ class Pipeline:
             raise
         self.observer.on_ready(self.name, True)
         logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
+        if self.engine.tune_gc:
+            gctune.acquire()
         fetcher = asyncio.create_task(self._fetch_loop(), name=f"volley-{self.name}-fetch")
         processor = asyncio.create_task(self._process_loop(), name=f"volley-{self.name}-process")
         acker = asyncio.create_task(self._ack_loop(), name=f"volley-{self.name}-ack")
@@ -252,7 +255,11 @@ class Pipeline:
         finally:
             self._stopping = True
             self._thread_stop.set()
-            await self._shutdown(fetcher, processor, acker, monitor)
+            try:
+                await self._shutdown(fetcher, processor, acker, monitor)
+            finally:
+                if self.engine.tune_gc:
+                    gctune.release()
             self.report.elapsed_seconds = time.monotonic() - started
         error = crashed or self._stop_error
         if error is not None:
