@@ -271,3 +271,39 @@ async def test_a_batch_handler_sends_one_bad_record_to_the_dlq_alone(kit: Any) -
     total = sum(json.loads(m.value())["sum"] for m in kit.read_topic(sink))
     assert total == sum(range(50)) - 17
     assert kit.committed(group, source)[0] == 50
+
+
+class ReadinessRecorder:
+    """An observer that notes each on_ready, with the consumer's assignment at that moment."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, frozenset[Any]]] = []
+        self.assignment: Any = frozenset
+
+    def on_ready(self, app_name: str, ready: bool) -> None:
+        self.calls.append((ready, self.assignment()))
+
+
+async def test_ready_only_once_the_group_assigned_partitions(kit: Any) -> None:
+    source = kit.topic("ready-in", partitions=2)
+    sink = kit.topic("ready-out")
+    kit.produce(source, [json.dumps({"n": i}).encode() for i in range(20)])
+    recorder = ReadinessRecorder()
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"],
+                    queue_config=queues(kit, kit.unique("g"), source, {"out": sink}), metrics_port=None,
+                    poll_interval_seconds=0.2, observers=[recorder])
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, Any]]:
+        return [("out", message)]
+
+    def assignment() -> frozenset[Any]:
+        pipeline = handler._pipeline
+        return frozenset(pipeline.consumer._assigned) if pipeline is not None else frozenset()
+
+    recorder.assignment = assignment
+    report = await run(handler, 20)
+    assert report.acked == 20
+    assert recorder.calls[0] == (True, frozenset({(source, 0), (source, 1)})), (
+        f"the first readiness report must come with the assignment, not on subscribe: {recorder.calls}")
+    assert recorder.calls[-1][0] is False, "not ready once shutdown begins"

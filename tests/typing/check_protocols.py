@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Observer,
         Pausable,
         Producer,
+        ReadinessReporter,
         RebalanceAware,
         Serializer,
         Transactional,
@@ -53,8 +54,8 @@ if TYPE_CHECKING:
 
     def kafka_capabilities(
         kafka: KafkaConsumer, eos: TransactionalKafkaConsumer
-    ) -> tuple[Pausable, RebalanceAware, LagReporter, Instrumented, Consumer, Transactional]:
-        return kafka, kafka, kafka, kafka, eos, eos
+    ) -> tuple[Pausable, RebalanceAware, LagReporter, Instrumented, ReadinessReporter, Consumer, Transactional]:
+        return kafka, kafka, kafka, kafka, kafka, eos, eos
 
     def drainables(memory: MemoryConsumer, kafka: KafkaConsumer, rsmq: RsmqConsumer) -> list[Drainable]:
         return [memory, kafka, rsmq]

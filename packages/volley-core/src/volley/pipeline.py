@@ -233,7 +233,8 @@ class Pipeline:
             if self._worker is not None:
                 self._worker.stop()
             raise
-        self.observer.on_ready(self.name, True)
+        if not getattr(self.consumer, "reports_readiness", False):
+            self.observer.on_ready(self.name, True)  # else the consumer says when (Kafka: once assigned)
         logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
         if self.engine.tune_gc:
             gctune.acquire()

@@ -175,6 +175,16 @@ class Drainable(Protocol):
 
 
 @runtime_checkable
+class ReadinessReporter(Protocol):
+    """An instrumented consumer that reports readiness itself (``observer.on_ready``), for instance only once
+    a consumer group has assigned it partitions, and no longer after it lost them. With
+    ``reports_readiness`` true, the engine does not report the app ready when the consumer has started; it
+    still reports it not ready when shutdown begins."""
+
+    reports_readiness: bool
+
+
+@runtime_checkable
 class Instrumented(Protocol):
     """A consumer or producer that reports its own metrics (commit latency, lag, queue depth).
 

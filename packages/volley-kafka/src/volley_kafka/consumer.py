@@ -103,6 +103,10 @@ class KafkaConsumer:
 
     # ================================================================== capabilities
 
+    # Ready (``/readyz``) once the group has given this member its assignment, not merely on subscribe;
+    # withdrawn when partitions are lost (session timeout, fenced) until the next assignment.
+    reports_readiness = True
+
     @property
     def transactional(self) -> bool:
         return False
@@ -498,11 +502,21 @@ class KafkaConsumer:
         # Runs on the loop before this fetch's messages are registered (call_soon is FIFO).
         self._to_loop(self._tracker.forget, keys)
         logger.info("%s: assigned %s", self._what, _describe(keys))
+        self._report_ready(True)
+
+    def _report_ready(self, ready: bool) -> None:
+        """Tell the observer (fetch thread; observers only set a flag and a gauge)."""
+        if self._observer is not None and not self._closing:
+            try:
+                self._observer.on_ready(self._app_name, ready)
+            except Exception:
+                logger.exception("%s: the observer failed in on_ready", self._what)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._partitions_gone(partitions, lost=False)
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._report_ready(False)  # until the group assigns partitions again
         self._partitions_gone(partitions, lost=True)
 
     def _partitions_gone(self, partitions: list[TopicPartition], *, lost: bool) -> None:
