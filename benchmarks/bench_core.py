@@ -7,7 +7,7 @@ confirmed. Prints `name: value` lines:
 
     core.bare_msgs_per_s, core.engine_msgs_per_s, core.efficiency (engine / bare, target >= 0.80),
     core.efficiency_median, core.efficiency_cpu (the same on CPU time), core.efficiency_untuned_gc
-    (Engine(tune_gc=False)),
+    (Engine(tune_gc=False)), core.efficiency_with_metrics (volley-prometheus recording),
     core.async_msgs_per_s (async handler awaiting 10 ms, 100 keys, max_in_flight=100; target >= 5000)
 """
 
@@ -25,10 +25,10 @@ import orjson
 from pydantic import BaseModel
 
 from volley import Engine, MemoryBroker
-from volley.plugins import get_registry
+from volley.plugins import build_registry, get_registry
 
-N = 100_000
-REPEATS = 5
+N = 50_000
+REPEATS = 9
 
 
 class Order(BaseModel):
@@ -86,9 +86,16 @@ def profiles() -> tuple[str, dict[str, Any]]:
     raise SystemExit("bench_core needs volley-serializers[orjson,pydantic] installed (profile memory-orjson-pydantic)")
 
 
-def engine_run(payloads: list[bytes], tune_gc: bool = True) -> tuple[float, float]:
-    """(messages per second of wall-clock time, CPU seconds), both from start to drained (seeding excluded)."""
+def engine_run(payloads: list[bytes], *, tune_gc: bool = True, metrics: bool = False) -> tuple[float, float]:
+    """(messages per second of wall-clock time, CPU seconds), both from start to drained (seeding excluded).
+
+    ``metrics``: with the observers installed in this environment (volley-prometheus records the py-volley
+    metrics even with metrics_port=None); without, the engine alone, doing what the bare loop does.
+    """
     profile, _ = profiles()
+    registry = build_registry()
+    if not metrics:
+        registry.entries["observer"] = {}
     broker = MemoryBroker(keep_log=False)
     for raw in payloads:
         broker.publish("orders", raw)
@@ -97,7 +104,8 @@ def engine_run(payloads: list[bytes], tune_gc: bool = True) -> tuple[float, floa
         "enriched": {"value": "enriched", "profile": profile, "data_model": Enriched, "config": {"broker": broker}},
     }
     app = Engine(app_name="bench", input_queue="orders", output_queues=["enriched"], queue_config=config,
-                 metrics_port=None, poll_interval_seconds=0.01, consume_batch_size=1000, tune_gc=tune_gc)
+                 metrics_port=None, poll_interval_seconds=0.01, consume_batch_size=1000, tune_gc=tune_gc,
+                 registry=registry)
 
     @app.stream_app
     def handler(order: Order) -> list[tuple[str, Enriched]]:
@@ -138,7 +146,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     payloads = make_payloads(N)
     gc.collect()
-    bare, engine, bare_cpu, engine_cpu, untuned = [], [], [], [], []
+    bare, engine, bare_cpu, engine_cpu, untuned, metered = [], [], [], [], [], []
     for _ in range(REPEATS):  # interleaved so that machine noise hits all alike
         started = time.process_time()
         bare.append(bare_loop(payloads))
@@ -147,8 +155,10 @@ def main() -> None:
         engine.append(rate)
         engine_cpu.append(cpu)
         untuned.append(engine_run(payloads, tune_gc=False)[0])
+        metered.append(engine_run(payloads, metrics=True)[0])
     best_bare, best_engine = max(bare), max(engine)
     print(f"core.messages: {N}")
+    print(f"core.runs: {REPEATS}")
     print(f"core.bare_msgs_per_s: {best_bare:.0f}")
     print(f"core.engine_msgs_per_s: {best_engine:.0f}")
     print(f"core.efficiency: {best_engine / best_bare:.3f}")
@@ -157,6 +167,8 @@ def main() -> None:
     print(f"core.efficiency_cpu: {min(bare_cpu) / min(engine_cpu):.3f}")
     # The same engine with Engine(tune_gc=False): CPython's default collector thresholds.
     print(f"core.efficiency_untuned_gc: {max(untuned) / best_bare:.3f}")
+    # With the installed observers recording (volley-prometheus: py-volley's metrics, per-message timings).
+    print(f"core.efficiency_with_metrics: {max(metered) / best_bare:.3f}")
     print(f"core.async_msgs_per_s: {async_run():.0f}")
 
 

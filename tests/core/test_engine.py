@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from volley import Engine, HandlerFailedError, MemoryBroker, MessageContext
+from volley.plugins import build_registry
 from volley.testing import harness
 
 
@@ -420,3 +423,52 @@ def test_msg_ctx_may_be_keyword_only_and_async() -> None:
     h = harness(handler)
     h.send(Item(10), key="k")
     assert h.run().outputs("out") == [Doubled(11)]
+
+
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_every_outcome_after_calibration_when_the_handler_runs_inline(
+        max_retries: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The inline loop (after the calibration batches) makes the same decisions as the threaded one: bad input
+    and a raising handler to the DLQ, False given back, one output, two outputs, an output of the wrong type."""
+    broker = MemoryBroker()
+    registry = build_registry()
+    registry.entries["observer"] = {}  # metrics timing takes the general loop; this is about the plain one
+    engine = make_engine(broker, consume_batch_size=5, max_buffered=5, max_retries=max_retries,
+                         max_deliveries=2, redelivery_delay_seconds=0.0, registry=registry)
+    calls: dict[int, int] = {}
+    for n in range(200):
+        if n >= 100 and n % 10 == 1:
+            broker.publish("in", b"\xff not json")
+        elif n >= 100 and n % 10 == 2:
+            broker.publish("in", b'{"wrong": 1}')
+        else:
+            seed(broker, engine, [Item(n)])
+
+    @engine.stream_app
+    def handler(item: Item) -> Any:
+        calls[item.n] = calls.get(item.n, 0) + 1
+        if item.n < 100 or item.n % 10 == 0:
+            return [("out", Doubled(item.n))]
+        if item.n % 10 == 3:
+            raise RuntimeError(f"boom {item.n}")
+        if item.n % 10 == 4:
+            return False
+        if item.n % 10 == 5:
+            return [("out", Doubled(item.n)), ("other", Doubled(-item.n))]
+        if item.n % 10 == 6:
+            return [("out", Item(item.n))]  # the wrong type for "out"
+        return True
+
+    with caplog.at_level("DEBUG", logger="volley"):
+        report = handler.run_until_drained(timeout=30, drain_idle_seconds=0.0)
+    assert "running them inline" in caplog.text, "the calibration batches did not hand over to the inline loop"
+    outputs = sorted(json.loads(v)["n"] for v in broker.produced("out"))
+    assert outputs == [*range(100), *(n for n in range(100, 200) if n % 10 in (0, 5))]
+    assert sorted(json.loads(v)["n"] for v in broker.produced("other")) == sorted(
+        -n for n in range(100, 200) if n % 10 == 5)
+    stages = Counter(d.headers["volley-error-stage"] for d in broker.produced_records("dlq") if d.headers)
+    assert stages == {b"deserialize": 10, b"validate": 10, b"handler": 10, b"redelivery": 10, b"output": 10}
+    assert all(calls[n] == 1 + max_retries for n in range(100, 200) if n % 10 == 3)
+    assert all(calls[n] == 2 for n in range(100, 200) if n % 10 == 4), "False: given back until max_deliveries"
+    assert report.dead_lettered == 50
+    assert broker.depth("in") == 0 and broker.unacked("in") == 0

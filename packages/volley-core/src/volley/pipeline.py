@@ -154,6 +154,10 @@ class Pipeline:
                 by_identity[id(producer)] = slot
                 self.producers.append(producer)
             self.routes[name] = (queue, slot)
+        # The same, pre-bound for the common single-output case: name -> (encode, topic, producer slot).
+        self._single_outputs: dict[str, tuple[Callable[[Any], bytes], str, int]] = {
+            name: (queue.encode, queue.value, slot) for name, (queue, slot) in self.routes.items()
+        }
         if engine.dead_letter_queue is not None:
             self.dlq = self.routes[engine.dead_letter_queue]
         self.consumer: Consumer = self.input.make_consumer()
@@ -505,6 +509,8 @@ class Pipeline:
         inline = slice_deadline is not None
         if out is None:
             out = _Outcome(len(self.producers), 0)
+        if inline and not (self.timed or measure or spent or self.app.wants_context):
+            return self._handle_inline_plain(batch, out, start, slice_deadline)  # type: ignore[arg-type]
         deserialize = self.input.fast_deserialize
         validate = self.input.validate
         func = self.app.call
@@ -574,11 +580,7 @@ class Pipeline:
                     break
                 except Exception as exc:
                     if inline and max_retries:  # retries sleep: hand it (first attempt spent) to the thread
-                        self._go_threaded(f"the handler raised {type(exc).__name__}")
-                        self._inline_failed = True
-                        self._log_retry(env, 1, exc)
-                        out.handled = index - start
-                        return index
+                        return self._inline_call_raised(env, exc, out, index - start, index)
                     if attempt < max_retries and not self._thread_stop.is_set():
                         attempt += 1
                         out.retries += 1
@@ -605,6 +607,76 @@ class Pipeline:
                 out.cycle.append(t3 - t0)
         out.handled = len(batch) - start
         return len(batch) if inline else out
+
+    def _handle_inline_plain(self, batch: list[Envelope], out: _Outcome, start: int, slice_deadline: float) -> int:
+        """``_handle_sync``'s inline loop for the common case: no metrics timing, no ``msg_ctx``, no attempt
+        spent yet. The same decisions with fewer checks per message, and a single ``(queue, message)`` output
+        encoded right here; anything else goes through ``_route``."""
+        deserialize = self.input.fast_deserialize
+        validate = self.input.validate
+        func = self.app.call
+        max_deliveries = self.engine.max_deliveries
+        max_retries = self.engine.max_retries
+        failures, acks, nacks, outs = out.failures, out.acks, out.nacks, out.outs
+        single = self._single_outputs.get
+        route = self._route
+        perf = time.perf_counter
+        previous = perf()
+        for index in range(start, len(batch)):
+            env = batch[index]
+            now = perf()  # one clock read: the slice deadline, and (bounding it) the previous message's time
+            if now - previous > SLOW_CALL_SECONDS:
+                self._slow_inline(now, now - previous)
+            if now > slice_deadline or not self._inline:
+                out.handled = index - start
+                return index
+            previous = now
+            if env.attempt > max_deliveries:
+                failures.append((env, "redelivery", _redelivered(env, max_deliveries)))
+                continue
+            try:
+                data = deserialize(env.value)
+            except Exception as exc:
+                failures.append((env, "deserialize", exc))
+                continue
+            try:
+                message = validate(data)
+            except Exception as exc:
+                failures.append((env, "validate", exc))
+                continue
+            try:
+                result = func(message)
+            except Exception as exc:
+                if max_retries:
+                    return self._inline_call_raised(env, exc, out, index - start, index)
+                failures.append((env, "handler", exc))
+                continue
+            if result is True or result is None:
+                acks.append(env)
+            elif result is False:
+                nacks.append(env)
+            elif type(result) is list and len(result) == 1 and type(result[0]) is tuple and len(result[0]) == 2 \
+                    and (bound := single(result[0][0])) is not None:
+                encode, topic, slot = bound
+                try:
+                    value = encode(result[0][1])
+                except Exception as exc:
+                    failures.append((env, "output", exc))
+                    continue
+                env.pending = 1
+                outs[slot].append(OutgoingMessage(topic, value, None, None, None, None, env))
+            else:
+                route(env, result, out)
+        out.handled = len(batch) - start
+        return len(batch)
+
+    def _inline_call_raised(self, env: Envelope, exc: Exception, out: _Outcome, handled: int, index: int) -> int:
+        """Retries sleep, so a handler that raised inline moves to the thread, its first attempt spent."""
+        self._go_threaded(f"the handler raised {type(exc).__name__}")
+        self._inline_failed = True
+        self._log_retry(env, 1, exc)
+        out.handled = handled
+        return index
 
     def _slow_inline(self, now: float, took: float) -> None:
         """One slow message may be a garbage-collection pause; a handler that is slow again, or very slow, is not."""
@@ -685,16 +757,16 @@ class Pipeline:
             # The common case, one (queue, message) output, without the general path's checks.
             item = result[0]
             if type(item) is tuple and len(item) == 2:
-                target = self.routes.get(item[0])
-                if target is not None:
-                    queue, slot = target
+                bound = self._single_outputs.get(item[0])
+                if bound is not None:
+                    encode, topic, slot = bound
                     try:
-                        value = queue.encode(item[1])
+                        value = encode(item[1])
                     except Exception as exc:
                         out.failures.append((token, "output", exc))
                         return
                     token.pending = 1
-                    out.outs[slot].append(OutgoingMessage(queue.value, value, None, None, None, None, token))
+                    out.outs[slot].append(OutgoingMessage(topic, value, None, None, None, None, token))
                     return
         if not isinstance(result, (list, tuple)):
             out.failures.append((token, "output", TypeError(
