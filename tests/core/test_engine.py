@@ -425,16 +425,30 @@ def test_msg_ctx_may_be_keyword_only_and_async() -> None:
     assert h.run().outputs("out") == [Doubled(11)]
 
 
+class TimingRecorder:
+    """An observer counting the per-message timings the engine reports."""
+
+    def __init__(self) -> None:
+        self.timings: Counter[str] = Counter()
+
+    def on_process_time(self, app_name: str, process_name: str, seconds: list[float]) -> None:
+        assert all(s >= 0 for s in seconds)
+        self.timings[process_name] += len(seconds)
+
+
+@pytest.mark.parametrize("observed", [False, True])
 @pytest.mark.parametrize("max_retries", [0, 2])
 def test_every_outcome_after_calibration_when_the_handler_runs_inline(
-        max_retries: int, caplog: pytest.LogCaptureFixture) -> None:
+        max_retries: int, observed: bool, caplog: pytest.LogCaptureFixture) -> None:
     """The inline loop (after the calibration batches) makes the same decisions as the threaded one: bad input
     and a raising handler to the DLQ, False given back, one output, two outputs, an output of the wrong type."""
     broker = MemoryBroker()
     registry = build_registry()
-    registry.entries["observer"] = {}  # metrics timing takes the general loop; this is about the plain one
+    registry.entries["observer"] = {}  # only the recorder below, when observed
+    recorder = TimingRecorder()
     engine = make_engine(broker, consume_batch_size=5, max_buffered=5, max_retries=max_retries,
-                         max_deliveries=2, redelivery_delay_seconds=0.0, registry=registry)
+                         max_deliveries=2, redelivery_delay_seconds=0.0, registry=registry,
+                         observers=[recorder] if observed else None)
     calls: dict[int, int] = {}
     for n in range(200):
         if n >= 100 and n % 10 == 1:
@@ -472,3 +486,5 @@ def test_every_outcome_after_calibration_when_the_handler_runs_inline(
     assert all(calls[n] == 2 for n in range(100, 200) if n % 10 == 4), "False: given back until max_deliveries"
     assert report.dead_lettered == 50
     assert broker.depth("in") == 0 and broker.unacked("in") == 0
+    if observed:  # one timing per handler call that returned: 200 - 20 bad inputs - 10 raising + 10 second calls
+        assert recorder.timings == {"component": 180, "cycle": 180}
