@@ -108,3 +108,26 @@ def test_missing_multiprocess_directory_is_a_configuration_error(tmp_path: Path)
             print(exc)
     """)
     assert "is not a directory" in run(code, env)
+
+
+def test_a_worker_starting_under_the_supervisor_forgets_the_live_gauges_of_dead_workers(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run(WRITER, env, "10", "3", "100")  # a worker that died without on_stop (kill -9)
+    run(WRITER, env, "5", "4", "50")
+    def live_pids() -> set[str]:
+        return {p.stem.rsplit("_", 1)[-1] for p in tmp_path.glob("gauge_live*.db")}
+
+    dead = live_pids()
+    assert len(dead) == 2, dead
+    # A reader outside the supervisor leaves them alone (above, they stand in for live workers) ...
+    assert 'volley_ready{volley_app="mp"} 2.0' in sample_lines(run(READER, env))
+    # ... a (re)started worker of `volley run --workers N` removes them.
+    restarted = textwrap.dedent("""
+        from volley_prometheus import PrometheusObserver
+        PrometheusObserver("mp")
+    """)
+    run(restarted, {**env, "VOLLEY_WORKER_INDEX": "1"})
+    assert not dead & live_pids(), "the dead workers' live gauges are gone (the new worker's own remain)"
+    lines = sample_lines(run(READER, env))
+    assert 'volley_messages_in_flight{volley_app="mp"} 7.0' not in lines
+    assert 'messages_consumed_count_total{status="success",volley_app="mp"} 15.0' in lines, "counters stay"

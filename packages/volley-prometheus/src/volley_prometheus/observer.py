@@ -8,6 +8,7 @@ value and cached, never per call.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import Gauge, Summary
+from prometheus_client.multiprocess import mark_process_dead
 
 from volley.errors import ConfigurationError
 from volley.ports import PartitionId
@@ -30,6 +32,35 @@ MAX_REASONS = 50
 
 ObserveMany = Callable[[Sequence[float]], None]
 ObserveTotal = Callable[[float, int], None]
+
+
+def forget_dead_workers(directory: str) -> list[int]:
+    """Remove the live gauges (in flight, ready, lag) that dead worker processes left in the multiprocess directory.
+
+    A worker killed by ``kill -9`` or the OOM killer never says goodbye: its ``live*`` gauge files would count
+    forever in the aggregate (``volley_ready`` 2 with one worker left). Called when a worker of ``volley run
+    --workers N`` starts, which is also when the supervisor restarts one that died; counters and summaries of
+    dead workers stay, as they should. Returns the process ids cleaned up.
+    """
+    dead: set[int] = set()
+    for path in glob.glob(os.path.join(glob.escape(directory), "gauge_live*_*.db")):
+        pid_text = os.path.basename(path)[: -len(".db")].rsplit("_", 1)[-1]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+            dead.add(int(pid_text))
+    for pid in sorted(dead):
+        mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        log.info("removed the live gauges of worker process %d, which is gone", pid)
+    return sorted(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def observe_many(child: Summary) -> ObserveMany:
@@ -158,6 +189,8 @@ class PrometheusObserver:
                 f"PROMETHEUS_MULTIPROC_DIR={self._multiprocess!r} is not a directory: create it (empty) before "
                 "starting the workers, or unset the variable for single-process metrics"
             )
+        if self._multiprocess is not None and os.environ.get("VOLLEY_WORKER_INDEX"):
+            forget_dead_workers(self._multiprocess)
         self.app_name = app_name
         self.metrics_port = metrics_port
         self.host = host
