@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import operator
 import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from volley.errors import ConfigurationError
@@ -114,7 +115,8 @@ class MemoryBroker:
                     if not 0 <= message.partition < count:
                         raise ValueError(f"queue {message.topic!r} has {count} partition(s), not {message.partition}")
             topic = None
-            queue = None
+            queue: _Queue | None = None
+            single: Callable[[_Stored], None] | None = None  # the append of a one-partition queue
             for message in messages:
                 if message.delay:
                     delayed.append(message)
@@ -123,16 +125,19 @@ class MemoryBroker:
                 if message.topic != topic:
                     topic = message.topic
                     queue = self._queue(topic)
+                    single = queue.partitions[0].append if len(queue.partitions) == 1 else None
                     if queue.waiters and queue not in woken:
                         woken.append(queue)
-                assert queue is not None
-                if message.partition is None and message.key is None and len(queue.partitions) == 1:
+                if single is not None and message.partition is None and message.key is None:
                     stored: _Stored = (message.value, None, message.headers, 0, next(sequence), now, 1)
+                    single(stored)
                 else:
+                    assert queue is not None
                     stored = self._store(queue, message, now)
+                    queue.partitions[stored[3]].append(stored)
                 if keep_log:
+                    assert queue is not None
                     queue.log.append(stored)
-                queue.partitions[stored[3]].append(stored)
         for queue in woken:
             self._wake(queue)
         for message in delayed:
@@ -185,11 +190,11 @@ class MemoryBroker:
                 owned = queue.owned[owner] = {}
             if len(partitions) == 1:
                 part = partitions[0]
+                popleft, append = part.popleft, out.append
                 for _ in range(min(max_messages, len(part))):
-                    stored = part.popleft()
+                    stored = popleft()
                     owned[stored[4]] = stored
-                    out.append(Envelope(stored[0], stored[1], stored[2], queue_name, 0, stored[4], stored[5],
-                                        stored[6]))
+                    append(Envelope(stored[0], stored[1], stored[2], queue_name, 0, stored[4], stored[5], stored[6]))
                 return out
             while len(out) < max_messages:
                 progressed = False
@@ -223,7 +228,7 @@ class MemoryBroker:
             with self._lock:
                 queue.waiters = [w for w in queue.waiters if w[1] is not future]
 
-    def ack(self, queue_name: str, positions: Sequence[int], owner: int = 0) -> None:
+    def ack(self, queue_name: str, positions: Iterable[int], owner: int = 0) -> None:
         with self._lock:
             queue = self._queue(queue_name)
             owned = queue.owned.get(owner, {})
@@ -345,6 +350,9 @@ def reset_default_broker(broker: MemoryBroker | None = None) -> MemoryBroker:
 _consumer_ids = itertools.count(1)
 
 
+_position = operator.attrgetter("position")
+
+
 class MemoryConsumer:
     """Consumes one memory queue. Unacked messages go back to the queue on close, as after a crash."""
 
@@ -364,7 +372,7 @@ class MemoryConsumer:
         return messages
 
     async def ack(self, envelopes: Sequence[Envelope]) -> None:
-        self._broker.ack(self._queue, [e.position for e in envelopes], self._owner)
+        self._broker.ack(self._queue, map(_position, envelopes), self._owner)
 
     async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
         self._broker.nack(self._queue, [e.position for e in envelopes], delay, self._owner)

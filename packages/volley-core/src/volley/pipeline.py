@@ -625,13 +625,13 @@ class Pipeline:
         component, cycle = out.component, out.cycle
         t1 = t2 = 0.0
         perf = time.perf_counter
+        slow = SLOW_CALL_SECONDS
         previous = perf()
         for index in range(start, len(batch)):
             env = batch[index]
             now = perf()  # one clock read: the slice deadline, and (bounding it) the previous message's time
-            if now - previous > SLOW_CALL_SECONDS:
-                self._slow_inline(now, now - previous)
-            if now > slice_deadline or not self._inline:
+            # Only _slow_inline can move the handler to the thread while this loop runs.
+            if now > slice_deadline or (now - previous > slow and not self._slow_inline(now, now - previous)):
                 out.handled = index - start
                 return index
             previous = now
@@ -692,11 +692,14 @@ class Pipeline:
         out.handled = handled
         return index
 
-    def _slow_inline(self, now: float, took: float) -> None:
-        """One slow message may be a garbage-collection pause; a handler that is slow again, or very slow, is not."""
+    def _slow_inline(self, now: float, took: float) -> bool:
+        """One slow message may be a garbage-collection pause; a handler that is slow again, or very slow, is not.
+
+        Returns whether the handler still runs inline."""
         if took > VERY_SLOW_CALL_SECONDS or now - self._last_slow_inline < 1.0:
             self._go_threaded(f"handling one message took {took:.3f} s")
         self._last_slow_inline = now
+        return self._inline
 
     def _go_threaded(self, why: str) -> None:
         if self._inline:
