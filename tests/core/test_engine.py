@@ -348,6 +348,42 @@ def test_sync_handler_does_not_block_the_event_loop(mode: str) -> None:
     assert ticks >= 20
 
 
+@pytest.mark.parametrize("observed", [False, True])
+def test_a_handler_that_turns_slow_after_calibration_moves_off_the_loop(observed: bool) -> None:
+    """Fast through the calibration batches, so it runs inline; then one very slow call must move it to the
+    thread, so that the next (blocking) calls leave the event loop free."""
+    broker = MemoryBroker()
+    registry = build_registry()
+    registry.entries["observer"] = {}
+    engine = make_engine(broker, consume_batch_size=5, max_buffered=5, registry=registry,
+                         observers=[TimingRecorder()] if observed else None)
+    seed(broker, engine, [Item(n) for n in range(30)])
+    release = threading.Event()
+    ticks = 0
+
+    @engine.stream_app
+    def turns_slow(item: Item) -> bool:
+        if item.n == 20:
+            time.sleep(0.3)  # very slow: moves the handler to the thread at once
+        elif item.n > 20:
+            release.wait(5)  # would block the loop if it still ran inline
+        return True
+
+    async def main() -> None:
+        nonlocal ticks
+        task = asyncio.ensure_future(turns_slow.run_async(stop_when_drained=True, drain_idle_seconds=0.05))
+        deadline = time.monotonic() + 4
+        while ticks < 40 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            ticks += 1
+        release.set()
+        report = await task
+        assert report.acked == 30
+
+    asyncio.run(main())
+    assert ticks >= 40, f"the event loop was blocked: {ticks} ticks"
+
+
 def test_backpressure_bounds_unsettled_inputs() -> None:
     broker = MemoryBroker()
     engine = make_engine(broker, max_buffered=30, consume_batch_size=10)

@@ -307,3 +307,27 @@ async def test_ready_only_once_the_group_assigned_partitions(kit: Any) -> None:
     assert recorder.calls[0] == (True, frozenset({(source, 0), (source, 1)})), (
         f"the first readiness report must come with the assignment, not on subscribe: {recorder.calls}")
     assert recorder.calls[-1][0] is False, "not ready once shutdown begins"
+
+
+def test_run_until_drained_ends_on_a_topic_written_in_transactions(kit: Any) -> None:
+    """A transaction's commit marker takes an offset no consumer ever receives: read to the end must allow for it."""
+    from confluent_kafka import Producer
+
+    source = kit.topic("txn-in")
+    sink = kit.topic("txn-out")
+    producer = Producer({"bootstrap.servers": kit.bootstrap, "transactional.id": kit.unique("txn")})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for i in range(10):
+        producer.produce(source, json.dumps({"n": i}).encode())
+    producer.commit_transaction(30)
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"],
+                    queue_config=queues(kit, kit.unique("g"), source, {"out": sink}), metrics_port=None,
+                    poll_interval_seconds=0.2)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, Any]]:
+        return [("out", message)]
+
+    report = handler.run_until_drained(timeout=60, drain_idle_seconds=0.2)
+    assert report.acked == 10

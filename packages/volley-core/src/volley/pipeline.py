@@ -190,6 +190,8 @@ class Pipeline:
         self._last_received = 0.0
         self._last_empty_poll = -1.0
         self._next_drain_check = 0.0
+        self._drain_check_idle = threading.Event()  # clear while is_drained() runs on a worker thread
+        self._drain_check_idle.set()
         self._worker: SerialThread | None = None
         self._inline = engine.sync_handler_mode == "auto"
         self._calibrating = CALIBRATION_BATCHES if self._inline else 0
@@ -240,7 +242,8 @@ class Pipeline:
         if not getattr(self.consumer, "reports_readiness", False):
             self.observer.on_ready(self.name, True)  # else the consumer says when (Kafka: once assigned)
         logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
-        if self.engine.tune_gc:
+        tune_gc = self.engine.tune_gc
+        if tune_gc:
             gctune.acquire()
         fetcher = asyncio.create_task(self._fetch_loop(), name=f"volley-{self.name}-fetch")
         processor = asyncio.create_task(self._process_loop(), name=f"volley-{self.name}-process")
@@ -263,7 +266,7 @@ class Pipeline:
             try:
                 await self._shutdown(fetcher, processor, acker, monitor)
             finally:
-                if self.engine.tune_gc:
+                if tune_gc:
                     gctune.release()
             self.report.elapsed_seconds = time.monotonic() - started
         error = crashed or self._stop_error
@@ -304,6 +307,8 @@ class Pipeline:
         await self._flush_acks()
         monitor.cancel()
         await _wait_task(monitor, 1.0)
+        if not self._drain_check_idle.is_set():  # a cancelled is_drained() may still be querying the broker
+            await asyncio.to_thread(self._drain_check_idle.wait, 15.0)
         parts: list[Consumer | Producer] = [self.consumer, *self.producers]
         for part in parts:
             try:
@@ -312,6 +317,7 @@ class Pipeline:
                 logger.error("%s: closing %r failed: %s", self.name, part, exc)
         if self._worker is not None:
             self._worker.stop()
+        self.observer.on_ready(self.name, False)  # again: a consumer may have reported ready while it closed
         self.observer.on_stop(self.name)
         self.report.elapsed_seconds = time.monotonic() - self._started
         logger.info("%s: stopped (%s)", self.name, self.report)
@@ -630,8 +636,9 @@ class Pipeline:
         for index in range(start, len(batch)):
             env = batch[index]
             now = perf()  # one clock read: the slice deadline, and (bounding it) the previous message's time
-            # Only _slow_inline can move the handler to the thread while this loop runs.
-            if now > slice_deadline or (now - previous > slow and not self._slow_inline(now, now - previous)):
+            # Only _slow_inline can move the handler to the thread while this loop runs. It must see every slow
+            # message, so it comes first: a message slower than SLOW_CALL_SECONDS is always past the deadline too.
+            if (now - previous > slow and not self._slow_inline(now, now - previous)) or now > slice_deadline:
                 out.handled = index - start
                 return index
             previous = now
@@ -1218,26 +1225,30 @@ class Pipeline:
         deadline = time.monotonic() + self.engine.shutdown_timeout_seconds
         self._flush_outputs()
         await self._wait_settled(deadline, include_inbox=False)
-        self._transaction_open = False
-        consumer = self.consumer
-        failed, self._transaction_failed = self._transaction_failed, False
-        acks, self._acks = self._acks, []
-        if self.in_flight or failed:
-            logger.error("%s: aborting the transaction (%d unsettled); the batch will be processed again",
-                         self.name, self.in_flight)
-            await consumer.abort()  # type: ignore[attr-defined]
-            self._forget_transaction_batch()
-            return
+        # The transaction stays open until its commit or abort has returned: no next batch is fetched, and
+        # run_until_drained does not take the app for drained, while the broker is still committing.
         try:
-            await consumer.commit(acks)  # type: ignore[attr-defined]
-        except DeliveryError as exc:  # the consumer aborted and rewound: the batch comes again
-            logger.error("%s: committing the transaction failed (%s); the batch will be processed again",
-                         self.name, exc)
-            self._forget_transaction_batch()
-            return
-        self._transaction_batch = []
-        await self._flush_acks()
-        self._notify_settled()  # wakes the fetcher for the next transaction
+            consumer = self.consumer
+            failed, self._transaction_failed = self._transaction_failed, False
+            acks, self._acks = self._acks, []
+            if self.in_flight or failed:
+                logger.error("%s: aborting the transaction (%d unsettled); the batch will be processed again",
+                             self.name, self.in_flight)
+                await consumer.abort()  # type: ignore[attr-defined]
+                self._forget_transaction_batch()
+                return
+            try:
+                await consumer.commit(acks)  # type: ignore[attr-defined]
+            except DeliveryError as exc:  # the consumer aborted and rewound: the batch comes again
+                logger.error("%s: committing the transaction failed (%s); the batch will be processed again",
+                             self.name, exc)
+                self._forget_transaction_batch()
+                return
+            self._transaction_batch = []
+            await self._flush_acks()
+            self._notify_settled()  # wakes the fetcher for the next transaction
+        finally:
+            self._transaction_open = False
 
     def _forget_transaction_batch(self) -> None:
         """After an abort, nothing of the batch may settle later: late reports and retries would leak into the
@@ -1279,7 +1290,7 @@ class Pipeline:
     def _looks_drained(self, now: float) -> bool:
         """Everything received is settled, a poll came back empty since, and nothing happened for a while."""
         return (not self._stopping and self.in_flight == 0 and not self.inbox and not self._acks
-                and not self._nacks and self._last_empty_poll > self._last_received
+                and not self._nacks and not self._transaction_open and self._last_empty_poll > self._last_received
                 and now - self._last_activity >= self.drain_idle_seconds)
 
     async def _consumer_drained(self, now: float) -> bool:
@@ -1292,8 +1303,17 @@ class Pipeline:
         if now < self._next_drain_check:
             return False
         self._next_drain_check = now + 0.1
+        idle = self._drain_check_idle
+
+        def ask() -> bool:
+            try:
+                return bool(check())
+            finally:
+                idle.set()
+
+        idle.clear()
         try:
-            drained = await asyncio.to_thread(check)
+            drained = await asyncio.to_thread(ask)
         except Exception as exc:  # a broker query that failed: not drained, ask again later
             logger.debug("%s: is_drained() failed: %s", self.name, exc)
             return False

@@ -665,7 +665,14 @@ class KafkaConsumer:
             known = state is not None and state.next >= 0
             position = state.next if known and state is not None else self._committed_position(tp, low)
             if position < high:
-                return False
+                # A transaction's commit or abort marker takes an offset that is never delivered: librdkafka's
+                # own position moves past it (and past aborted records, for read_committed).
+                try:
+                    fetched = int(self._consumer.position([tp])[0].offset)
+                except KafkaException:
+                    return False
+                if fetched < high:
+                    return False
         return True
 
     def _committed_position(self, tp: TopicPartition, low: int) -> int:

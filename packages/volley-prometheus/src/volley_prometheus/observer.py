@@ -48,7 +48,10 @@ def forget_dead_workers(directory: str) -> list[int]:
         if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
             dead.add(int(pid_text))
     for pid in sorted(dead):
-        mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        try:
+            mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except OSError:  # a sibling worker restarting at the same moment removed them first
+            continue
         log.info("removed the live gauges of worker process %d, which is gone", pid)
     return sorted(dead)
 

@@ -194,7 +194,7 @@ def connector_state_machine(
                 self._consumer = self._producer = None
                 with contextlib.suppress(Exception):
                     self._run(self._loop.shutdown_asyncgens(), "shutdown_asyncgens()")
-                    # bounded: a connector thread that never returns must fail the example, not hang the run
+                    # bounded: a connector thread that never returns must not hang the run
                     self._run(self._loop.shutdown_default_executor(), "shutdown_default_executor()")
             finally:
                 self._loop.close()
