@@ -316,6 +316,28 @@ def test_async_handlers_run_concurrently_and_keep_per_key_order() -> None:
         assert ns == sorted(ns), key
 
 
+def ticks_while_blocked(app: Any, release: threading.Event, acked: int, wanted: int = 20) -> int:
+    """Run the app while a coroutine ticks every 5 ms; release the blocked handler after ``wanted`` ticks (or 5 s).
+
+    A handler blocking on ``release`` off the loop leaves the ticks running: ``wanted`` of them come quickly.
+    On the loop, it stalls them until its wait times out, and fewer than ``wanted`` fit in the 5 s."""
+    ticks = 0
+
+    async def main() -> None:
+        nonlocal ticks
+        task = asyncio.ensure_future(app.run_async(stop_when_drained=True, drain_idle_seconds=0.05))
+        deadline = time.monotonic() + 5
+        while ticks < wanted and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+            ticks += 1
+        release.set()
+        report = await task
+        assert report.acked == acked
+
+    asyncio.run(main())
+    return ticks
+
+
 @pytest.mark.parametrize("mode", ["thread", "auto"])
 def test_sync_handler_does_not_block_the_event_loop(mode: str) -> None:
     broker = MemoryBroker()
@@ -323,7 +345,6 @@ def test_sync_handler_does_not_block_the_event_loop(mode: str) -> None:
     # In auto mode the first slow call (here: item 0, 50 ms) runs inline and moves the app to the thread.
     seed(broker, engine, [Item(0), Item(1)])
     release = threading.Event()
-    ticks = 0
 
     @engine.stream_app
     def blocking(item: Item) -> bool:
@@ -333,19 +354,7 @@ def test_sync_handler_does_not_block_the_event_loop(mode: str) -> None:
             release.wait(5)
         return True
 
-    async def main() -> None:
-        nonlocal ticks
-        task = asyncio.ensure_future(blocking.run_async(stop_when_drained=True, drain_idle_seconds=0.05))
-        deadline = time.monotonic() + 5
-        while ticks < 20 and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-            ticks += 1
-        release.set()
-        report = await task
-        assert report.acked == 2
-
-    asyncio.run(main())
-    assert ticks >= 20
+    assert ticks_while_blocked(blocking, release, acked=2) >= 20
 
 
 @pytest.mark.parametrize("observed", [False, True])
@@ -359,7 +368,6 @@ def test_a_handler_that_turns_slow_after_calibration_moves_off_the_loop(observed
                          observers=[TimingRecorder()] if observed else None)
     seed(broker, engine, [Item(n) for n in range(30)])
     release = threading.Event()
-    ticks = 0
 
     @engine.stream_app
     def turns_slow(item: Item) -> bool:
@@ -369,19 +377,8 @@ def test_a_handler_that_turns_slow_after_calibration_moves_off_the_loop(observed
             release.wait(5)  # would block the loop if it still ran inline
         return True
 
-    async def main() -> None:
-        nonlocal ticks
-        task = asyncio.ensure_future(turns_slow.run_async(stop_when_drained=True, drain_idle_seconds=0.05))
-        deadline = time.monotonic() + 4
-        while ticks < 40 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-            ticks += 1
-        release.set()
-        report = await task
-        assert report.acked == 30
-
-    asyncio.run(main())
-    assert ticks >= 40, f"the event loop was blocked: {ticks} ticks"
+    ticks = ticks_while_blocked(turns_slow, release, acked=30)
+    assert ticks >= 20, f"the event loop was blocked: {ticks} ticks"
 
 
 def test_backpressure_bounds_unsettled_inputs() -> None:
