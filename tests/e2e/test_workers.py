@@ -265,3 +265,20 @@ def test_ctrl_c_in_a_terminal_stops_workers_gracefully(
         assert code == 0
     finally:
         supervisor.cleanup()
+
+
+def test_workers_stop_gracefully_when_the_supervisor_is_killed(
+    kafka_bootstrap: str, names: dict[str, str], outputs: Outputs, tmp_path: Path
+) -> None:
+    """kill -9 of the supervisor: its workers get SIGTERM from the kernel (PR_SET_PDEATHSIG) and stop gracefully."""
+    supervisor = Supervised.start(kafka_bootstrap, names, tmp_path / "supervisor.log")
+    try:
+        eventually(lambda: supervisor.log().count("e2e-workers: consuming in") == 2, 30, "two workers consuming",
+                   supervisor.log_tail)
+        workers = list(supervisor.started())
+        os.kill(supervisor.process.pid, signal.SIGKILL)  # the supervisor alone, not its workers
+        supervisor.process.wait(10)
+        eventually(lambda: not any(alive(pid) for pid in workers), 40, "both workers gone", supervisor.log_tail)
+        assert supervisor.log().count("e2e-workers: stopped (RunReport(") == 2, supervisor.log_tail()
+    finally:
+        supervisor.cleanup()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -35,8 +37,6 @@ def load_app(target: str) -> StreamApp:
 
 async def _run_all(apps: Sequence[StreamApp]) -> None:
     loop = asyncio.get_running_loop()
-    import signal
-
     stopping = False
 
     def stop_all(sig: int) -> None:
@@ -71,9 +71,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         from volley.workers import supervise
 
         return supervise(args.apps, args.workers)
+    supervisor = os.environ.get("VOLLEY_SUPERVISOR_PID")
+    if supervisor:
+        stop_with_supervisor(int(supervisor))
     apps = [load_app(target) for target in args.apps]
     asyncio.run(_run_all(apps))
     return 0
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_supervisor(supervisor: int) -> None:
+    """A worker of ``volley run --workers N``: get SIGTERM (a graceful stop) when the supervisor dies, even by
+    ``kill -9``, so that no orphan keeps consuming (Linux; elsewhere the supervisor's own signals must do)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError) as exc:
+            logging.getLogger("volley").warning("cannot ask to be stopped with the supervisor: %s", exc)
+    if os.getppid() != supervisor:  # it died before we could ask
+        raise SystemExit(f"volley: the supervisor (pid {supervisor}) is gone; not starting")
 
 
 def cmd_plugins(_: argparse.Namespace) -> int:

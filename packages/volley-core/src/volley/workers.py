@@ -4,7 +4,9 @@ Each worker is a plain ``volley run`` process, so each is its own Kafka
 consumer-group member or RSMQ receiver. The supervisor restarts a worker that
 dies (with a growing delay, so a worker that cannot start does not spin),
 forwards SIGINT/SIGTERM to every worker and waits for their graceful shutdown
-within a deadline before killing what is left.
+within a deadline before killing what is left. On Linux, workers also get
+SIGTERM when the supervisor itself dies (``PR_SET_PDEATHSIG``, set by the
+worker at start), so a ``kill -9`` of the supervisor leaves no orphans.
 
 For metrics across processes it sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh
 directory, unless already set) and ``VOLLEY_WORKER_INDEX``; the metrics plugin
@@ -47,6 +49,7 @@ class Supervisor:
         env["VOLLEY_WORKER_INDEX"] = str(index)
         env["VOLLEY_WORKERS"] = str(self.workers)
         env["VOLLEY_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        env["VOLLEY_SUPERVISOR_PID"] = str(os.getpid())  # the worker stops when this process dies
         command = [sys.executable, "-m", "volley.cli", "run", *self.apps]
         # Own process group: a terminal's Ctrl-C reaches the supervisor only, which then stops
         # every worker once, gracefully (a second signal would make a worker exit at once).
