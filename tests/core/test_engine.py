@@ -521,3 +521,21 @@ def test_every_outcome_after_calibration_when_the_handler_runs_inline(
     assert broker.depth("in") == 0 and broker.unacked("in") == 0
     if observed:  # one timing per handler call that returned: 200 - 20 bad inputs - 10 raising + 10 second calls
         assert recorder.timings == {"component": 180, "cycle": 180}
+
+
+def test_msg_ctx_reaches_a_sync_handler_running_inline(caplog: pytest.LogCaptureFixture) -> None:
+    broker = MemoryBroker()
+    engine = make_engine(broker, consume_batch_size=5, max_buffered=5)
+    seed(broker, engine, [Item(n) for n in range(50)])
+    seen: list[tuple[int, str, int]] = []
+
+    @engine.stream_app
+    def handler(item: Item, msg_ctx: MessageContext) -> bool:
+        seen.append((item.n, msg_ctx.queue_name, msg_ctx.attempt))
+        return True
+
+    with caplog.at_level("DEBUG", logger="volley"):
+        report = handler.run_until_drained(timeout=30, drain_idle_seconds=0.0)
+    assert "running them inline" in caplog.text
+    assert seen == [(n, "in", 1) for n in range(50)]
+    assert report.acked == 50

@@ -477,7 +477,7 @@ class Pipeline:
             # The first batches run on the thread, timing every call: only a handler that proved
             # fast is run inline, so a handler that blocks from the start never touches the loop.
             self._calibrating -= 1
-            outcome = await self._worker.submit(lambda: self._handle_sync(batch, None, 0, None, 0, True))
+            outcome = await self._worker.submit(lambda: self._handle_sync(batch, measure=True))
             self._apply(outcome)
             # A few slow calls are expected (the first call warms caches, a GC pause lands in one);
             # a handler that is often slow, or blocks, stays on the thread.
@@ -492,7 +492,7 @@ class Pipeline:
         start = 0
         while start < len(batch) and self._inline:
             out = _Outcome(len(self.producers), 0)
-            start = self._handle_sync(batch, out, start, time.perf_counter() + INLINE_SLICE_SECONDS)
+            start = self._handle_inline(batch, out, start, time.perf_counter() + INLINE_SLICE_SECONDS)
             self._apply(out)
             if start < len(batch):
                 await asyncio.sleep(0)  # let I/O, acks and delivery reports through between slices
@@ -501,22 +501,16 @@ class Pipeline:
             # The first message of the rest may have spent its first attempt inline (it raised).
             spent = 1 if self._inline_failed else 0
             self._inline_failed = False
-            outcome = await self._worker.submit(lambda: self._handle_sync(rest, None, 0, None, spent))
+            outcome = await self._worker.submit(lambda: self._handle_sync(rest, spent))
             self._apply(outcome)
 
-    def _handle_sync(self, batch: list[Envelope], out: _Outcome | None, start: int,
-                     slice_deadline: float | None, spent: int = 0, measure: bool = False) -> Any:
-        """Decode, handle and encode messages of a batch. Touches no loop state, so it may run on the thread.
+    def _handle_sync(self, batch: list[Envelope], spent: int = 0, measure: bool = False) -> _Outcome:
+        """On the handler thread: decode, handle (with retries) and encode a batch. Touches no loop state.
 
-        With ``slice_deadline`` (inline mode) it returns the index to resume at:
-        past the deadline, or at a message whose handler call raised or was
-        slow (handled again, on the thread). Without it, it returns the outcome.
+        ``spent``: the first message's first attempt already failed inline. ``measure``: time every handler
+        call (the calibration batches).
         """
-        inline = slice_deadline is not None
-        if out is None:
-            out = _Outcome(len(self.producers), 0)
-        if inline and not (measure or spent or self.app.wants_context):
-            return self._handle_inline_plain(batch, out, start, slice_deadline)  # type: ignore[arg-type]
+        out = _Outcome(len(self.producers), 0)
         deserialize = self.input.fast_deserialize
         validate = self.input.validate
         func = self.app.call
@@ -531,22 +525,9 @@ class Pipeline:
         route = self._route
         t0 = t1 = t2 = 0.0
         called = 0.0
-        previous = perf() if inline else 0.0
         monotonic = time.monotonic
-        for index in range(start, len(batch)):
-            env = batch[index]
-            if inline:
-                # One clock read per message: the slice deadline, and the time the previous message
-                # took end to end, which bounds its handler call from above.
-                now = perf()
-                if now - previous > SLOW_CALL_SECONDS:
-                    self._slow_inline(now, now - previous)
-                if now > slice_deadline or not self._inline:  # type: ignore[operator]
-                    out.handled = index - start
-                    return index
-                previous = now
-            else:
-                self._last_activity = monotonic()  # progress for the health probe, even mid-batch
+        for index, env in enumerate(batch):
+            self._last_activity = monotonic()  # progress for the health probe, even mid-batch
             if env.attempt > max_deliveries:
                 failures.append((env, "redelivery", _redelivered(env, max_deliveries)))
                 continue
@@ -566,7 +547,7 @@ class Pipeline:
                 t1 = perf()
                 out.construct += t1 - t0
             attempt = 0
-            if spent and index == start:  # its first attempt failed inline: this call is retry 1
+            if spent and index == 0:  # its first attempt failed inline: this call is retry 1
                 attempt = spent
                 out.retries += 1
                 self._thread_stop.wait(self._backoff(attempt))
@@ -585,8 +566,6 @@ class Pipeline:
                             out.slow_calls += 1
                     break
                 except Exception as exc:
-                    if inline and max_retries:  # retries sleep: hand it (first attempt spent) to the thread
-                        return self._inline_call_raised(env, exc, out, index - start, index)
                     if attempt < max_retries and not self._thread_stop.is_set():
                         attempt += 1
                         out.retries += 1
@@ -611,17 +590,22 @@ class Pipeline:
                 t3 = perf()
                 out.deconstruct += t3 - t2
                 out.cycle.append(t3 - t0)
-        out.handled = len(batch) - start
-        return len(batch) if inline else out
+        out.handled = len(batch)
+        return out
 
-    def _handle_inline_plain(self, batch: list[Envelope], out: _Outcome, start: int, slice_deadline: float) -> int:
-        """``_handle_sync``'s inline loop for the common case: no ``msg_ctx``, no attempt spent yet. The same
-        decisions with fewer checks per message, and a single ``(queue, message)`` output encoded right here;
-        anything else goes through ``_route``. With metrics (``timed``), the clock read that bounds the slice
-        doubles as the start of the message's cycle."""
+    def _handle_inline(self, batch: list[Envelope], out: _Outcome, start: int, slice_deadline: float) -> int:
+        """On the loop: handle messages from ``start`` until ``slice_deadline``; return the index to resume at.
+
+        It stops early at a handler call that raised with retries configured (retries sleep) or after a slow
+        one: both move the rest to the thread (``_handle_sync``). A single ``(queue, message)`` output is
+        encoded right here, anything else goes through ``_route``. With metrics (``timed``), the clock read that
+        bounds the slice doubles as the start of the message's cycle.
+        """
         deserialize = self.input.fast_deserialize
         validate = self.input.validate
         func = self.app.call
+        wants_context = self.app.wants_context
+        queue_name = self.input.name
         max_deliveries = self.engine.max_deliveries
         max_retries = self.engine.max_retries
         failures, acks, nacks, outs = out.failures, out.acks, out.nacks, out.outs
@@ -658,10 +642,14 @@ class Pipeline:
             if timed:
                 t1 = perf()
             try:
-                result = func(message)
+                result = func(message, MessageContext(env, queue_name, self.name)) if wants_context else func(message)
             except Exception as exc:
-                if max_retries:
-                    return self._inline_call_raised(env, exc, out, index - start, index)
+                if max_retries:  # retries sleep: hand it to the thread, its first attempt spent
+                    self._go_threaded(f"the handler raised {type(exc).__name__}")
+                    self._inline_failed = True
+                    self._log_retry(env, 1, exc)
+                    out.handled = index - start
+                    return index
                 failures.append((env, "handler", exc))
                 continue
             if timed:
@@ -690,14 +678,6 @@ class Pipeline:
                 cycle.append(t3 - now)
         out.handled = len(batch) - start
         return len(batch)
-
-    def _inline_call_raised(self, env: Envelope, exc: Exception, out: _Outcome, handled: int, index: int) -> int:
-        """Retries sleep, so a handler that raised inline moves to the thread, its first attempt spent."""
-        self._go_threaded(f"the handler raised {type(exc).__name__}")
-        self._inline_failed = True
-        self._log_retry(env, 1, exc)
-        out.handled = handled
-        return index
 
     def _slow_inline(self, now: float, took: float) -> bool:
         """One slow message may be a garbage-collection pause; a handler that is slow again, or very slow, is not.
