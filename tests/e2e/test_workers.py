@@ -252,33 +252,34 @@ def test_two_workers_split_partitions_survive_kill_and_stop_on_sigterm(
         supervisor.cleanup()
 
 
-def test_ctrl_c_in_a_terminal_stops_workers_gracefully(
-    kafka_bootstrap: str, names: dict[str, str], outputs: Outputs, tmp_path: Path
-) -> None:
+@pytest.fixture
+def two_consuming(kafka_bootstrap: str, names: dict[str, str], outputs: Outputs,
+                  tmp_path: Path) -> Iterator[Supervised]:
+    """The supervisor with both workers consuming; cleaned up whatever the test did to it."""
     supervisor = Supervised.start(kafka_bootstrap, names, tmp_path / "supervisor.log")
     try:
         eventually(lambda: supervisor.log().count("e2e-workers: consuming in") == 2, 30, "two workers consuming",
                    supervisor.log_tail)
-        os.killpg(supervisor.process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
-        code = supervisor.process.wait(40)
-        assert supervisor.log().count("e2e-workers: stopped (RunReport(") == 2, supervisor.log_tail()
-        assert code == 0
+        yield supervisor
     finally:
         supervisor.cleanup()
 
 
-def test_workers_stop_gracefully_when_the_supervisor_is_killed(
-    kafka_bootstrap: str, names: dict[str, str], outputs: Outputs, tmp_path: Path
-) -> None:
+def both_stopped_gracefully(supervisor: Supervised) -> bool:
+    return supervisor.log().count("e2e-workers: stopped (RunReport(") == 2
+
+
+def test_ctrl_c_in_a_terminal_stops_workers_gracefully(two_consuming: Supervised) -> None:
+    os.killpg(two_consuming.process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+    code = two_consuming.process.wait(40)
+    assert both_stopped_gracefully(two_consuming), two_consuming.log_tail()
+    assert code == 0
+
+
+def test_workers_stop_gracefully_when_the_supervisor_is_killed(two_consuming: Supervised) -> None:
     """kill -9 of the supervisor: its workers get SIGTERM from the kernel (PR_SET_PDEATHSIG) and stop gracefully."""
-    supervisor = Supervised.start(kafka_bootstrap, names, tmp_path / "supervisor.log")
-    try:
-        eventually(lambda: supervisor.log().count("e2e-workers: consuming in") == 2, 30, "two workers consuming",
-                   supervisor.log_tail)
-        workers = list(supervisor.started())
-        os.kill(supervisor.process.pid, signal.SIGKILL)  # the supervisor alone, not its workers
-        supervisor.process.wait(10)
-        eventually(lambda: not any(alive(pid) for pid in workers), 40, "both workers gone", supervisor.log_tail)
-        assert supervisor.log().count("e2e-workers: stopped (RunReport(") == 2, supervisor.log_tail()
-    finally:
-        supervisor.cleanup()
+    workers = list(two_consuming.started())
+    os.kill(two_consuming.process.pid, signal.SIGKILL)  # the supervisor alone, not its workers
+    two_consuming.process.wait(10)
+    eventually(lambda: not any(alive(pid) for pid in workers), 40, "both workers gone", two_consuming.log_tail)
+    assert both_stopped_gracefully(two_consuming), two_consuming.log_tail()

@@ -119,6 +119,9 @@ class _Outcome:
         self.construct = 0.0
         self.deconstruct = 0.0
 
+    def failure(self, token: Token, stage: str, exc: BaseException) -> None:
+        self.failures.append((token, stage, exc))
+
 
 class Pipeline:
     def __init__(self, app: StreamApp, *, stop_when_drained: bool, drain_idle_seconds: float,
@@ -528,20 +531,10 @@ class Pipeline:
         monotonic = time.monotonic
         for index, env in enumerate(batch):
             self._last_activity = monotonic()  # progress for the health probe, even mid-batch
-            if env.attempt > max_deliveries:
-                failures.append((env, "redelivery", _redelivered(env, max_deliveries)))
-                continue
             if timed:
                 t0 = perf()
-            try:
-                data = deserialize(env.value)
-            except Exception as exc:
-                failures.append((env, "deserialize", exc))
-                continue
-            try:
-                message = validate(data)
-            except Exception as exc:
-                failures.append((env, "validate", exc))
+            message = _decode(env, deserialize, validate, max_deliveries, out.failure)
+            if message is _FAILED:
                 continue
             if timed:
                 t1 = perf()
@@ -699,21 +692,12 @@ class Pipeline:
         out = _Outcome(len(self.producers), len(batch))
         good: list[Envelope] = []
         messages: list[Any] = []
+        deserialize, validate = self.input.fast_deserialize, self.input.validate
         for env in batch:
-            if env.attempt > self.engine.max_deliveries:
-                out.failures.append((env, "redelivery", _redelivered(env, self.engine.max_deliveries)))
-                continue
-            try:
-                data = self.input.fast_deserialize(env.value)
-            except Exception as exc:
-                out.failures.append((env, "deserialize", exc))
-                continue
-            try:
-                messages.append(self.input.validate(data))
-            except Exception as exc:
-                out.failures.append((env, "validate", exc))
-                continue
-            good.append(env)
+            message = _decode(env, deserialize, validate, self.engine.max_deliveries, out.failure)
+            if message is not _FAILED:
+                messages.append(message)
+                good.append(env)
         size = self.batch_size or len(good)
         for start in range(0, len(good), size):
             group = _Group(good[start:start + size])
@@ -855,26 +839,10 @@ class Pipeline:
 
     def _decode_or_fail(self, env: Envelope, deserialize: Callable[[bytes], Any], validate: Callable[[Any], Any],
                         max_deliveries: int) -> Any:
-        message = self._decode(env, deserialize, validate, max_deliveries)
+        message = _decode(env, deserialize, validate, max_deliveries, self._fail)
         if message is _FAILED and self.timed:
             self.observer.on_consumed(self.name, "fail", 1)
         return message
-
-    def _decode(self, env: Envelope, deserialize: Callable[[bytes], Any], validate: Callable[[Any], Any],
-                max_deliveries: int) -> Any:
-        if env.attempt > max_deliveries:
-            self._fail(env, "redelivery", _redelivered(env, max_deliveries))
-            return _FAILED
-        try:
-            data = deserialize(env.value)
-        except Exception as exc:
-            self._fail(env, "deserialize", exc)
-            return _FAILED
-        try:
-            return validate(data)
-        except Exception as exc:
-            self._fail(env, "validate", exc)
-            return _FAILED
 
     def _enqueue_lane(self, lane: Any, token: Token, message: Any) -> None:
         queue = self._lanes.get(lane)
@@ -1324,6 +1292,25 @@ class Pipeline:
     def _log_retry(self, token: Token, attempt: int, exc: BaseException) -> None:
         logger.warning("%s: handler failed on %s (%s: %s); retry %d of %d", self.name, _describe(token),
                        type(exc).__name__, exc, attempt, self.engine.max_retries)
+
+
+def _decode(env: Envelope, deserialize: Callable[[bytes], Any], validate: Callable[[Any], Any], max_deliveries: int,
+            fail: Callable[[Envelope, str, BaseException], None]) -> Any:
+    """The message of an envelope, or ``_FAILED`` after ``fail(env, stage, exc)`` (redelivery, deserialize or
+    validate). The inline loop does the same unrolled, to save this call per message."""
+    if env.attempt > max_deliveries:
+        fail(env, "redelivery", _redelivered(env, max_deliveries))
+        return _FAILED
+    try:
+        data = deserialize(env.value)
+    except Exception as exc:
+        fail(env, "deserialize", exc)
+        return _FAILED
+    try:
+        return validate(data)
+    except Exception as exc:
+        fail(env, "validate", exc)
+        return _FAILED
 
 
 def _redelivered(env: Envelope, limit: int) -> MessageError:
