@@ -505,12 +505,9 @@ class KafkaConsumer:
         self._report_ready(True)
 
     def _report_ready(self, ready: bool) -> None:
-        """Tell the observer (fetch thread; observers only set a flag and a gauge)."""
+        """Tell the observer (fetch thread; the engine's MultiObserver isolates observer failures)."""
         if self._observer is not None and not self._closing:
-            try:
-                self._observer.on_ready(self._app_name, ready)
-            except Exception:
-                logger.exception("%s: the observer failed in on_ready", self._what)
+            self._observer.on_ready(self._app_name, ready)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._partitions_gone(partitions, lost=False)
