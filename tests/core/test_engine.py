@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from volley import Engine, HandlerFailedError, MemoryBroker, MessageContext
+from volley.memory import MemoryConsumer
 from volley.plugins import build_registry
 from volley.testing import harness
 
@@ -185,8 +186,17 @@ def test_returning_false_gives_the_message_back_until_max_deliveries_then_dlq() 
     assert report.nacked == 3 and report.dead_lettered == 1
 
 
+@pytest.fixture(params=[True, False], ids=["instant-drain-check", "empty-poll"])
+def drain_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways of deciding that the input is drained: the memory consumer's instant, exact is_drained()
+    asked on the loop, and (as for Kafka or RSMQ) an empty poll after the last batch, then is_drained()."""
+    instant: bool = request.param
+    monkeypatch.setattr(MemoryConsumer, "instant_drain_check", instant)
+    return instant
+
+
 @pytest.mark.parametrize("use_async", [False, True])
-def test_drained_means_drained_even_without_an_idle_wait(use_async: bool) -> None:
+def test_drained_means_drained_even_without_an_idle_wait(use_async: bool, drain_check: bool) -> None:
     """Between two batches, with everything settled, an app only looks idle: run_until_drained must not stop
     there (drain_idle_seconds=0 takes away the grace period that used to hide this)."""
     for _ in range(5):
@@ -208,7 +218,22 @@ def test_drained_means_drained_even_without_an_idle_wait(use_async: bool) -> Non
         assert broker.depth("in") == 0
 
 
-def test_drained_waits_for_a_delayed_redelivery() -> None:
+def test_an_instant_drain_check_needs_no_empty_poll() -> None:
+    """With the memory consumer, run_until_drained stops once the last ack is through: it does not wait for
+    a poll to come back empty (here that poll would wait a minute)."""
+    broker = MemoryBroker()
+    engine = make_engine(broker, poll_interval_seconds=60.0)
+    seed(broker, engine, [Item(n) for n in range(100)])
+
+    @engine.stream_app
+    def double(item: Item) -> list[tuple[str, Doubled]]:
+        return [("out", Doubled(item.n * 2))]
+
+    report = double.run_until_drained(timeout=30, drain_idle_seconds=0.0)
+    assert report.acked == 100 and broker.depth("out") == 100
+
+
+def test_drained_waits_for_a_delayed_redelivery(drain_check: bool) -> None:
     broker = MemoryBroker()
     engine = make_engine(broker, redelivery_delay_seconds=0.3)
     seed(broker, engine, [Item(1)])

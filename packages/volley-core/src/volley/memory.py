@@ -356,6 +356,9 @@ _position = operator.attrgetter("position")
 class MemoryConsumer:
     """Consumes one memory queue. Unacked messages go back to the queue on close, as after a crash."""
 
+    # is_drained() reads the broker under its lock, and take() hands a message out and marks it held in one step.
+    instant_drain_check = True
+
     def __init__(self, broker: MemoryBroker, queue: str) -> None:
         self._broker = broker
         self._queue = queue

@@ -193,6 +193,10 @@ class Pipeline:
         self._last_received = 0.0
         self._last_empty_poll = -1.0
         self._next_drain_check = 0.0
+        # A consumer whose is_drained() is exact and instant (memory) is asked on the loop, as soon as the last
+        # ack is through, and no empty poll is needed: see Drainable.instant_drain_check.
+        self._instant_drain = bool(getattr(self.consumer, "instant_drain_check", False)) and callable(
+            getattr(self.consumer, "is_drained", None))
         self._drain_check_idle = threading.Event()  # clear while is_drained() runs on a worker thread
         self._drain_check_idle.set()
         self._worker: SerialThread | None = None
@@ -1136,6 +1140,8 @@ class Pipeline:
             event.clear()
             if not self.transactional:
                 await self._flush_acks()
+            if self._instant_drain and self.stop_when_drained and not self.in_flight:
+                self._stop_if_drained()
             await asyncio.sleep(0)  # let more acks accumulate within this loop iteration
 
     async def _flush_acks(self) -> None:
@@ -1231,14 +1237,25 @@ class Pipeline:
                 if depth_reporter is not None:
                     with contextlib.suppress(Exception):
                         self.observer.on_depth(self.name, self.input.value, await depth_reporter())
-            if self.stop_when_drained and self._looks_drained(now) and await self._consumer_drained(now):
-                logger.info("%s: input drained", self.name)
-                self.request_stop()
+            if self.stop_when_drained:
+                if self._instant_drain:
+                    self._stop_if_drained()
+                elif self._looks_drained(now) and await self._consumer_drained(now):
+                    logger.info("%s: input drained", self.name)
+                    self.request_stop()
+
+    def _stop_if_drained(self) -> None:
+        """On the loop, for a consumer with an instant, exact ``is_drained()``."""
+        if self._looks_drained(time.monotonic()) and self.consumer.is_drained():  # type: ignore[attr-defined]
+            logger.info("%s: input drained", self.name)
+            self.request_stop()
 
     def _looks_drained(self, now: float) -> bool:
-        """Everything received is settled, a poll came back empty since, and nothing happened for a while."""
+        """Everything received is settled, a poll came back empty since (unless the consumer's drain check is
+        exact), and nothing happened for a while."""
         return (not self._stopping and self.in_flight == 0 and not self.inbox and not self._acks
-                and not self._nacks and not self._transaction_open and self._last_empty_poll > self._last_received
+                and not self._nacks and not self._transaction_open
+                and (self._instant_drain or self._last_empty_poll > self._last_received)
                 and now - self._last_activity >= self.drain_idle_seconds)
 
     async def _consumer_drained(self, now: float) -> bool:

@@ -168,7 +168,12 @@ class Drainable(Protocol):
     """A consumer that can tell that nothing more is due now or later (nothing ready, held or delayed).
 
     ``run_until_drained`` asks it, off the event loop (it may query the broker), once the engine itself
-    looks idle. Without it, an empty poll after the last batch is taken as drained.
+    looks idle and a poll came back empty after the last batch. Without it, that empty poll is taken as drained.
+
+    A consumer whose answer is instant (local state, no I/O) and exact (it counts what a poll in progress would
+    hand out, as when taking a message and marking it held is one step) sets ``instant_drain_check = True``:
+    the engine then asks it on the event loop as soon as the last ack is through, without waiting for an empty
+    poll (the in-memory consumer does).
     """
 
     def is_drained(self) -> bool: ...
