@@ -26,8 +26,9 @@ from volley.errors import ConfigurationError
 from volley.message import Envelope, Headers, OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 
-# (value, key, headers, partition, sequence, timestamp, attempt)
-_Stored = tuple[bytes, bytes | None, Headers | None, int, int, float, int]
+# (value, key, headers, queue name, partition, sequence, timestamp, attempt): Envelope's positional arguments,
+# so that handing a message out is Envelope(*stored).
+_Stored = tuple[bytes, bytes | None, Headers | None, str, int, int, float, int]
 
 
 class _Queue:
@@ -129,12 +130,12 @@ class MemoryBroker:
                     if queue.waiters and queue not in woken:
                         woken.append(queue)
                 if single is not None and message.partition is None and message.key is None:
-                    stored: _Stored = (message.value, None, message.headers, 0, next(sequence), now, 1)
+                    stored: _Stored = (message.value, None, message.headers, topic, 0, next(sequence), now, 1)
                     single(stored)
                 else:
                     assert queue is not None
                     stored = self._store(queue, message, now)
-                    queue.partitions[stored[3]].append(stored)
+                    queue.partitions[stored[4]].append(stored)
                 if keep_log:
                     assert queue is not None
                     queue.log.append(stored)
@@ -154,7 +155,7 @@ class MemoryBroker:
         else:
             partition = queue.next_partition
             queue.next_partition = (partition + 1) % count
-        return (message.value, message.key, message.headers, partition, next(self._sequence), now, 1)
+        return (message.value, message.key, message.headers, queue.name, partition, next(self._sequence), now, 1)
 
     def _publish_later(self, message: OutgoingMessage) -> None:
         def release() -> None:
@@ -193,17 +194,16 @@ class MemoryBroker:
                 popleft, append = part.popleft, out.append
                 for _ in range(min(max_messages, len(part))):
                     stored = popleft()
-                    owned[stored[4]] = stored
-                    append(Envelope(stored[0], stored[1], stored[2], queue_name, 0, stored[4], stored[5], stored[6]))
+                    owned[stored[5]] = stored
+                    append(Envelope(*stored))
                 return out
             while len(out) < max_messages:
                 progressed = False
                 for part in partitions:
                     if part:
                         stored = part.popleft()
-                        owned[stored[4]] = stored
-                        out.append(Envelope(stored[0], stored[1], stored[2], queue_name, stored[3], stored[4],
-                                            stored[5], stored[6]))
+                        owned[stored[5]] = stored
+                        out.append(Envelope(*stored))
                         progressed = True
                         if len(out) >= max_messages:
                             break
@@ -264,9 +264,9 @@ class MemoryBroker:
             if was_delayed:
                 queue.delayed -= len(returned)
             # Put back in reverse so that the earliest message ends up first in its partition.
-            for stored in sorted(returned, key=lambda s: s[4], reverse=True):
-                again = (stored[0], stored[1], stored[2], stored[3], stored[4], stored[5], stored[6] + 1)
-                queue.partitions[stored[3]].appendleft(again)
+            for stored in sorted(returned, key=lambda s: s[5], reverse=True):
+                again = (*stored[:7], stored[7] + 1)
+                queue.partitions[stored[4]].appendleft(again)
         self._wake(queue)
 
     def forget_owner(self, queue_name: str, owner: int) -> None:
@@ -286,7 +286,7 @@ class MemoryBroker:
     def produced_records(self, queue_name: str) -> list[Envelope]:
         """Every message ever published to the queue, with key, headers and partition."""
         with self._lock:
-            return [Envelope(s[0], s[1], s[2], queue_name, s[3], s[4], s[5]) for s in self._queue(queue_name).log]
+            return [Envelope(*s[:7]) for s in self._queue(queue_name).log]
 
     def depth(self, queue_name: str) -> int:
         """Messages waiting to be consumed (not counting those handed out and not yet acked)."""
