@@ -17,7 +17,7 @@ from uuid import UUID
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from volley.errors import DataValidationError, SerializationError
 from volley.plugins import get_registry
@@ -372,3 +372,46 @@ def test_unencodable_values_are_serialization_errors(serializer: str) -> None:
     with pytest.raises(SerializationError) as caught:
         queue.encode({"x": object()})
     assert caught.value.reason and "\n" not in caught.value.reason
+
+
+# ------------------------------------------------------------------ the engine's fast paths
+
+
+@pytest.mark.parametrize("handler", ["pydantic", "pydantic-list"])
+def test_the_fused_orjson_encoder_writes_what_the_checked_one_writes(handler: str) -> None:
+    queue = resolve("orjson", handler, Order, role="output")
+    assert "bind_fast_encode" in queue.encode.__qualname__, "orjson + pydantic should get the fused encoder"
+    checked = queue.serializer.serialize(queue.model_handler.bind_deconstruct(Order, "q")(EXAMPLE))
+    assert queue.encode(EXAMPLE) == checked
+    # no unchecked serializer: no fusion, the plain chain
+    assert "bind_fast_encode" not in resolve("json", handler, Order, role="output").encode.__qualname__
+
+
+def test_the_fused_encoder_explains_failures_through_the_checked_path() -> None:
+    class Opaque:
+        pass
+
+    class Holder(BaseModel, arbitrary_types_allowed=True):
+        thing: Opaque
+
+    queue = resolve("orjson", "pydantic", Holder, role="output")
+    assert "bind_fast_encode" in queue.encode.__qualname__
+    with pytest.raises(SerializationError) as caught:
+        queue.encode(Holder(thing=Opaque()))
+    assert "Holder" in caught.value.reason and "\n" not in caught.value.reason
+    with pytest.raises(TypeError, match=r"Holder.*Address|Address.*Holder"):
+        queue.encode(Address(street="x"))
+
+
+@pytest.mark.parametrize(("serializer", "handler"), PAIRS, ids=PAIR_IDS)
+def test_unchecked_validation_agrees_with_the_checked_one(serializer: str, handler: str) -> None:
+    queue = resolve(serializer, handler, Order)
+    assert queue.fast_validate is not queue.validate, "the Pydantic handlers offer bind_unchecked"
+    data = queue.deserialize(resolve(serializer, handler, Order, role="output").encode(EXAMPLE))
+    assert queue.fast_validate(data) == queue.validate(data) == EXAMPLE
+    bad = queue.deserialize(resolve(serializer, "none", None, role="output").encode({"quantity": "many"})) \
+        if serializer != "none" else b'{"quantity": "many"}'
+    with pytest.raises(ValidationError):  # Pydantic's own error: the engine then asks validate() for the reason
+        queue.fast_validate(bad)
+    with pytest.raises((DataValidationError, SerializationError)):
+        queue.validate(bad)

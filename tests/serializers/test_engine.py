@@ -135,3 +135,42 @@ def test_pydantic_list_batches_are_validated_per_record() -> None:
     assert meta["volley-error-type"] == "DataValidationError" and "value:" in meta["volley-error-reason"]
     assert broker.produced_records("dlq")[0].value == orjson.dumps(
         {"sensor": "s3", "value": "not a number", "at": "2026-01-01T00:00:00Z"})
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_inline_handling_explains_bad_inputs_and_outputs_like_the_thread(
+        profile: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Once calibrated, a fast sync handler runs inline, where validation and encoding take unchecked fast
+    paths: their failures must still reach the DLQ with the checked path's explanation."""
+    broker = MemoryBroker()
+    config = {
+        "in": {"value": "in", "profile": profile, "data_model": Reading, "config": {"broker": broker}},
+        "out": {"value": "out", "profile": profile, "data_model": Alert, "config": {"broker": broker}},
+        "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}},
+    }
+    engine = Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+                    queue_config=config, metrics_port=None, poll_interval_seconds=0.02, retry_backoff_seconds=0.0,
+                    consume_batch_size=5, max_buffered=5)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    wrong_shape = engine.queues["out"].encode(Alert(sensor="s", level=2, at=at))  # valid data, not a Reading
+    for n in range(30):
+        broker.publish("in", wrong_shape if n == 22 else engine.input.encode(Reading(sensor=f"s{n}", value=n, at=at)))
+
+    @engine.stream_app
+    def alert(reading: Reading) -> list[tuple[str, Any]]:
+        if reading.sensor == "s25":
+            return [("out", reading)]  # a Reading where the queue wants an Alert
+        return [("out", Alert(sensor=reading.sensor, level=int(reading.value), at=reading.at))]
+
+    with caplog.at_level("DEBUG", logger="volley"):
+        report = alert.run_until_drained(timeout=20, drain_idle_seconds=0.0)
+    assert "running them inline" in caplog.text
+    assert report.acked == 28 and report.dead_lettered == 2
+    bad_input, bad_output = headers(broker)
+    assert bad_input["volley-error-stage"] == "validate"
+    assert bad_input["volley-error-type"] == "DataValidationError"
+    assert "value: Field required" in bad_input["volley-error-reason"]
+    assert bad_output["volley-error-stage"] == "output" and bad_output["volley-error-type"] == "TypeError"
+    assert "Alert" in bad_output["volley-error-reason"] and "Reading" in bad_output["volley-error-reason"]
+    alerts = [engine.queues["out"].validate(engine.queues["out"].deserialize(raw)) for raw in broker.produced("out")]
+    assert [a.sensor for a in alerts] == [f"s{n}" for n in range(30) if n not in (22, 25)]

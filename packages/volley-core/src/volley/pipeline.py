@@ -600,6 +600,7 @@ class Pipeline:
         """
         deserialize = self.input.fast_deserialize
         validate = self.input.validate
+        fast_validate = self.input.fast_validate
         func = self.app.call
         wants_context = self.app.wants_context
         queue_name = self.input.name
@@ -632,10 +633,15 @@ class Pipeline:
                 failures.append((env, "deserialize", exc))
                 continue
             try:
-                message = validate(data)
-            except Exception as exc:
-                failures.append((env, "validate", exc))
-                continue
+                message = fast_validate(data)
+            except Exception:
+                try:  # the checked validation says what is wrong
+                    if fast_validate is validate:
+                        raise
+                    message = validate(data)
+                except Exception as exc:
+                    failures.append((env, "validate", exc))
+                    continue
             if timed:
                 t1 = perf()
             try:

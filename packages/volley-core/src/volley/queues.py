@@ -43,6 +43,8 @@ class ResolvedQueue:
     deserialize: Decoder
     fast_deserialize: Decoder
     validate: Callable[[Any], Any]
+    # The handler's unchecked validation (or ``validate``): when it raises, ``validate`` explains the failure.
+    fast_validate: Callable[[Any], Any]
     encode: Encoder
 
     def describe_model(self) -> str:
@@ -119,6 +121,15 @@ def _bind_validate(handler: ModelHandler, model: Any) -> Callable[[Any], Any]:
     return validate
 
 
+def _bind_unchecked(handler: ModelHandler, model: Any, validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A handler's unchecked validation (``bind_unchecked``), for the engine's hot loop; else ``validate``."""
+    bind_unchecked = getattr(handler, "bind_unchecked", None)
+    if validate is _identity or not callable(bind_unchecked):
+        return validate
+    unchecked = bind_unchecked(model)
+    return unchecked if callable(unchecked) else validate
+
+
 def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, model: Any) -> Encoder:
     serialize = serializer.serialize
     deconstruct = handler.deconstruct
@@ -140,6 +151,14 @@ def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, mode
         def encode_bound(message: Any) -> bytes:
             return serialize(dump(message))
 
+        # Optionally, the handler fuses dump and the serializer's unchecked function into one call, falling
+        # back to encode_bound (which explains failures) for anything unusual.
+        unchecked_serialize = getattr(serializer, "unchecked_serialize", None)
+        bind_fast_encode = getattr(handler, "bind_fast_encode", None)
+        if callable(unchecked_serialize) and callable(bind_fast_encode):
+            fused = bind_fast_encode(model, unchecked_serialize, encode_bound)
+            if callable(fused):
+                return fused  # type: ignore[no-any-return]
         return encode_bound
     if check_output is not None:
 
@@ -243,7 +262,8 @@ def resolve_queue(
         # A serializer may offer its library's raw decode: the pipeline turns whatever it raises into a
         # SerializationError (volley.queues.classify), so the adapter's own wrapper is not needed there.
         fast_deserialize=getattr(serializer, "unchecked_deserialize", None) or serializer.deserialize,
-        validate=_bind_validate(handler, data_model),
+        validate=(validate := _bind_validate(handler, data_model)),
+        fast_validate=_bind_unchecked(handler, data_model, validate),
         encode=_bind_encode(name, serializer, handler, data_model),
     )
 

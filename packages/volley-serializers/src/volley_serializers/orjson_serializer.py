@@ -34,13 +34,16 @@ class OrjsonSerializer:
     (no ``self`` lookups, no per-call allocation beyond the library's own).
     """
 
-    __slots__ = ("deserialize", "serialize", "unchecked_deserialize")
+    __slots__ = ("deserialize", "serialize", "unchecked_deserialize", "unchecked_serialize")
 
     serialize: Callable[[Any], bytes]
     deserialize: Callable[[bytes], Any]
     # The library's own function, for the engine: it classifies whatever this raises as a
     # SerializationError itself, so the wrapper's try/except would be paid twice per message.
     unchecked_deserialize: Callable[[bytes], Any]
+    # orjson.dumps itself, without the hook for types orjson does not know: for data already in JSON form
+    # (a model handler's fused dump, volley.queues), which falls back to ``serialize`` if it raises.
+    unchecked_serialize: Callable[[Any], bytes]
 
     def __init__(self) -> None:
         dumps = orjson.dumps
@@ -64,6 +67,7 @@ class OrjsonSerializer:
         self.serialize = serialize
         self.deserialize = deserialize
         self.unchecked_deserialize = loads
+        self.unchecked_serialize = dumps
 
     def __repr__(self) -> str:
         return "OrjsonSerializer()"

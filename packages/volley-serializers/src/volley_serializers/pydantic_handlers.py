@@ -148,6 +148,39 @@ class PydanticModelHandler:
             dump = self._dumpers[key] = self.deconstruct if schema is None else self._make_deconstruct(schema, queue)
         return dump
 
+    def bind_unchecked(self, schema: Any) -> Validate:
+        """Pydantic's own validation into ``schema``, without Volley's error wrapping.
+
+        For the engine's hot loop: when it raises, the engine calls ``bind(schema)``'s function on the same
+        data, which raises the error that says what is wrong. Validation has no side effects, so that is safe.
+        """
+        if schema is None:
+            return _identity
+        return self._validator(schema).validate_python  # type: ignore[no-any-return]
+
+    def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
+                         fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
+        """One call that dumps an output of exactly ``schema`` (JSON mode) and serializes it with ``serialize``.
+
+        ``serialize`` is a serializer's unchecked function (the library's own); anything but an instance of
+        ``schema`` itself (a subclass, a list), and any failure, goes to ``fallback``: the checked encoder,
+        which handles those and raises the error that says what is wrong. None when ``schema`` is not a model
+        class.
+        """
+        if not _is_model_class(schema):
+            return None
+        to_python = _complete(schema).__pydantic_serializer__.to_python
+
+        def encode(message: Any) -> bytes:
+            if type(message) is schema:
+                try:
+                    return serialize(to_python(message, mode="json"))
+                except Exception:  # noqa: S110 - the checked path below explains it
+                    pass
+            return fallback(message)
+
+        return encode
+
     def check_output(self, message: Any, schema: Any) -> None:
         """Raise ``TypeError`` unless ``message`` is an instance of the queue's data model (when that is a class)."""
         if isinstance(schema, type) and not isinstance(message, schema):
@@ -265,6 +298,15 @@ class PydanticParserModelHandler(PydanticModelHandler):
                 raise _dump_failed(model, exc) from exc
         self._to_json[type(model)] = serializer.to_json
         return self.deconstruct(model)
+
+    def bind_unchecked(self, schema: Any) -> Validate:
+        if schema is None:
+            return _identity
+        return self._validator(schema).validate_json  # type: ignore[no-any-return]
+
+    def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
+                         fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
+        return None  # the model writes its own JSON bytes: nothing to fuse
 
     def _make_validate(self, schema: Any) -> Validate:
         validate_json = self._validator(schema).validate_json
