@@ -661,11 +661,11 @@ class Pipeline:
                 acks.append(env)
             elif result is False:
                 nacks.append(env)
-            elif type(result) is list and len(result) == 1 and type(result[0]) is tuple and len(result[0]) == 2 \
-                    and (bound := single(result[0][0])) is not None:
+            elif type(result) is list and len(result) == 1 and type(item := result[0]) is tuple and len(item) == 2 \
+                    and (bound := single(item[0])) is not None:
                 encode, topic, slot = bound
                 try:
-                    value = encode(result[0][1])
+                    value = encode(item[1])
                 except Exception as exc:
                     failures.append((env, "output", exc))
                 else:
