@@ -15,7 +15,10 @@ from one second to the next. Prints `name: value` lines:
     core.engine_msgs_per_s_start_to_drained, core.efficiency_start_to_drained,
     core.efficiency_cpu (best CPU times), core.efficiency_untuned_gc
     (Engine(tune_gc=False)), core.efficiency_with_metrics (volley-prometheus recording),
-    core.async_msgs_per_s (async handler awaiting 10 ms, 100 keys, max_in_flight=100; target >= 5000)
+    core.async_msgs_per_s (async handler awaiting 10 ms, 100 keys, max_in_flight=100; target >= 5000),
+    and, where valgrind is installed (CORE_INSTRUCTIONS=0 skips it, ~3 minutes), core.bare_instructions_per_msg,
+    core.engine_instructions_per_msg and core.efficiency_instructions (bare / engine instructions per message:
+    what core.efficiency would be if time followed instructions, free of this machine's noise)
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ import asyncio
 import gc
 import logging
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -38,6 +45,7 @@ from volley.plugins import build_registry, get_registry
 
 N = 30_000
 REPEATS = int(os.environ.get("CORE_RUNS", "15"))
+COUNT_LOW, COUNT_HIGH = 2_000, 8_000  # messages per process of the instruction count (valgrind: ~50x slower)
 
 
 class Order(BaseModel):
@@ -112,9 +120,10 @@ class TimedBroker(MemoryBroker):
         self.last_ack = time.perf_counter()
 
 
-def engine_run(payloads: list[bytes], *, tune_gc: bool = True, metrics: bool = False) -> tuple[float, float, float]:
+def engine_run(payloads: list[bytes], *, tune_gc: bool = True, metrics: bool = False,
+               max_messages: int | None = None) -> tuple[float, float, float]:
     """(messages per second from the first message taken to the last one acknowledged, the same from start to
-    drained, CPU seconds from start to drained); seeding is excluded.
+    drained, CPU seconds from start to drained); seeding is excluded. ``max_messages``: stop after that many.
 
     ``metrics``: with the observers installed in this environment (volley-prometheus records the py-volley
     metrics even with metrics_port=None); without, the engine alone, doing what the bare loop does.
@@ -138,13 +147,14 @@ def engine_run(payloads: list[bytes], *, tune_gc: bool = True, metrics: bool = F
     def handler(order: Order) -> list[tuple[str, Enriched]]:
         return [("enriched", handle(order))]
 
+    count = len(payloads) if max_messages is None else max_messages
     started, cpu_started = time.perf_counter(), time.process_time()
-    report = handler.run_until_drained(timeout=600, drain_idle_seconds=0.0)
+    report = handler.run_until_drained(timeout=600, drain_idle_seconds=0.0, max_messages=max_messages)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    assert report.acked == len(payloads), report
-    assert broker.depth("enriched") == len(payloads)
+    assert report.acked == count, report
+    assert broker.depth("enriched") == count
     assert started < broker.first_take < broker.last_ack < started + elapsed
-    return len(payloads) / (broker.last_ack - broker.first_take), len(payloads) / elapsed, cpu
+    return count / (broker.last_ack - broker.first_take), count / elapsed, cpu
 
 
 def async_run(n: int = 20_000, keys: int = 100) -> float:
@@ -170,7 +180,52 @@ def async_run(n: int = 20_000, keys: int = 100) -> float:
     return n / elapsed
 
 
+def counted_work(mode: str, count: int, total: int) -> None:
+    """One process's share of the instruction count: warm both paths up, then handle ``count`` messages of
+    ``total`` generated (and, for the engine, seeded), so that only ``count`` varies between processes."""
+    payloads = make_payloads(total)
+    warm = make_payloads(2_000)
+    bare_loop(warm)
+    engine_run(warm)
+    if mode == "bare":
+        bare_loop(payloads[:count])
+    else:
+        engine_run(payloads, max_messages=count)
+
+
+def instructions_per_message() -> dict[str, float] | None:
+    """CPU instructions per message of the bare loop and of the engine, counted by valgrind (cachegrind) as the
+    difference between a process handling COUNT_HIGH and one handling COUNT_LOW messages: start-up, imports and
+    warm-up cancel out. Unlike times, counts do not move with the machine's load. None without valgrind."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None or os.environ.get("CORE_INSTRUCTIONS", "1") == "0":
+        return None
+
+    def launch(mode: str, count: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", sys.executable,
+             __file__, "--count", mode, str(count), str(COUNT_HIGH)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def refs(process: subprocess.Popen[str]) -> int:
+        _, err = process.communicate(timeout=1800)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", err)
+        if process.returncode != 0 or found is None:
+            raise SystemExit(f"bench_core: counting instructions failed ({process.returncode}):\n{err[-2000:]}")
+        return int(found.group(1).replace(",", ""))
+
+    per: dict[str, float] = {}
+    for mode in ("bare", "engine"):
+        low, high = launch(mode, COUNT_LOW), launch(mode, COUNT_HIGH)  # the two run side by side
+        per[mode] = (refs(high) - refs(low)) / (COUNT_HIGH - COUNT_LOW)
+    return per
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--count"]:
+        logging.basicConfig(level=logging.ERROR)
+        counted_work(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
     logging.basicConfig(level=logging.WARNING)
     payloads = make_payloads(N)
     gc.collect()
@@ -205,7 +260,13 @@ def main() -> None:
     print(f"core.efficiency_untuned_gc: {max(untuned) / best_bare:.3f}")
     # With the installed observers recording (volley-prometheus: py-volley's metrics, per-message timings).
     print(f"core.efficiency_with_metrics: {max(metered) / best_bare:.3f}")
-    print(f"core.async_msgs_per_s: {async_run():.0f}")
+    print(f"core.async_msgs_per_s: {async_run():.0f}", flush=True)
+    counted = instructions_per_message()
+    if counted is not None:
+        print(f"core.bare_instructions_per_msg: {counted['bare']:.0f}")
+        print(f"core.engine_instructions_per_msg: {counted['engine']:.0f}")
+        # engine / bare in throughput terms, from instructions: a noise-free stand-in for core.efficiency
+        print(f"core.efficiency_instructions: {counted['bare'] / counted['engine']:.3f}")
 
 
 if __name__ == "__main__":
