@@ -1252,7 +1252,14 @@ class Pipeline:
 
     def _stop_if_drained(self) -> None:
         """On the loop, for a consumer with an instant, exact ``is_drained()``."""
-        if self._looks_drained(time.monotonic()) and self.consumer.is_drained():  # type: ignore[attr-defined]
+        if not self._looks_drained(time.monotonic()):
+            return
+        try:
+            drained = self.consumer.is_drained()  # type: ignore[attr-defined]
+        except Exception as exc:  # not drained: the monitor asks again on its next tick
+            logger.debug("%s: is_drained() failed: %s", self.name, exc)
+            return
+        if drained:
             logger.info("%s: input drained", self.name)
             self.request_stop()
 

@@ -42,7 +42,8 @@ class OrjsonSerializer:
     # SerializationError itself, so the wrapper's try/except would be paid twice per message.
     unchecked_deserialize: Callable[[bytes], Any]
     # orjson.dumps itself, without the hook for types orjson does not know: for data already in JSON form
-    # (a model handler's fused dump, volley.queues), which falls back to ``serialize`` if it raises.
+    # (a model handler's fused dump, volley.queues), which falls back to ``serialize`` if it raises. A subclass
+    # that changes what ``serialize`` writes (orjson options) must change this one alike.
     unchecked_serialize: Callable[[Any], bytes]
 
     def __init__(self) -> None:
