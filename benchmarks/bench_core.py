@@ -18,7 +18,8 @@ from one second to the next. Prints `name: value` lines:
     core.async_msgs_per_s (async handler awaiting 10 ms, 100 keys, max_in_flight=100; target >= 5000),
     and, where valgrind is installed (CORE_INSTRUCTIONS=0 skips it, ~3 minutes), core.bare_instructions_per_msg,
     core.engine_instructions_per_msg and core.efficiency_instructions (bare / engine instructions per message:
-    what core.efficiency would be if time followed instructions, free of this machine's noise)
+    what core.efficiency would be if time followed instructions; steadier than times on a shared machine, though
+    not exact: slices, thread switches and collections still depend on timing, so it moves by a few percent)
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def counted_work(mode: str, count: int, total: int) -> None:
 def instructions_per_message() -> dict[str, float] | None:
     """CPU instructions per message of the bare loop and of the engine, counted by valgrind (cachegrind) as the
     difference between a process handling COUNT_HIGH and one handling COUNT_LOW messages: start-up, imports and
-    warm-up cancel out. Unlike times, counts do not move with the machine's load. None without valgrind."""
+    warm-up cancel out. Counts move far less than times with the machine's load. None without valgrind."""
     valgrind = shutil.which("valgrind")
     if valgrind is None or os.environ.get("CORE_INSTRUCTIONS", "1") == "0":
         return None
@@ -265,7 +266,7 @@ def main() -> None:
     if counted is not None:
         print(f"core.bare_instructions_per_msg: {counted['bare']:.0f}")
         print(f"core.engine_instructions_per_msg: {counted['engine']:.0f}")
-        # engine / bare in throughput terms, from instructions: a noise-free stand-in for core.efficiency
+        # engine / bare in throughput terms, from instructions: a steadier stand-in for core.efficiency
         print(f"core.efficiency_instructions: {counted['bare'] / counted['engine']:.3f}")
 
 
