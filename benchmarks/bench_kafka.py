@@ -17,9 +17,9 @@ they run three times each, alternating, and the best of each is compared (the me
 Then end-to-end latency at a steady 2,000 msg/s through Volley, from the broker's append time of each input to
 that of its output (``LogAppendTime`` on both topics): ``kafka.latency_p50_ms`` / ``kafka.latency_p99_ms`` over
 10 s, after 3 s at the same rate that are not counted (``kafka.latency_p99_with_warmup_ms`` counts them). The
-generator runs in a process of its own with librdkafka's default settings; ``kafka.latency_from_send_*`` also
-count its own produce delay (from the send timestamp in the payload), which on a busy two-core machine carries
-most of the tail.
+generator runs in a process of its own with librdkafka's default batching (linger.ms=5) and an idempotent
+producer; ``kafka.latency_from_send_*`` also count its own produce delay (from the send timestamp in the
+payload: up to the 5 ms linger, so these figures are not comparable with runs before that setting).
 
 Broker: ``KAFKA_BROKERS`` when set, otherwise a private one from ``tools/services/kafka.py``. Prints
 ``name: value`` lines, among them ``kafka.volley_msgs_per_s``, ``kafka.ceiling_msgs_per_s``,
@@ -135,7 +135,7 @@ GENERATOR = textwrap.dedent('''
     import orjson
     from confluent_kafka import Producer
 
-    brokers, topic, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    brokers, topic, rate, count = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     # librdkafka's defaults (linger.ms=5), as an upstream service would have them. With linger.ms=0 each record
     # is a request of its own, and at 2,000 requests/s the broker alone takes a whole core of this machine.
     producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True})
@@ -143,7 +143,6 @@ GENERATOR = textwrap.dedent('''
     producer.produce(topic, orjson.dumps({"order_id": -2, "customer": "warm-up", "amount": 0, "currency": "EUR",
                                           "created_at": "2026-11-28T08:00:00+00:00", "tags": []}))
     producer.flush(30)
-    count = int(rate * seconds)
     start = time.perf_counter()
     for i in range(count):
         pause = start + i / rate - time.perf_counter()
@@ -424,7 +423,7 @@ def latency(cluster: Cluster, workdir: Path) -> dict[str, float]:
                 raise SystemExit("latency run: the warm-up record never came out")
         generator = await asyncio.create_subprocess_exec(
             sys.executable, str(workdir / "bench_kafka_generator.py"), cluster.brokers, source, str(LATENCY_RATE),
-            str(LATENCY_WARMUP_SECONDS + LATENCY_SECONDS))
+            str(warmup + count))  # exactly the records the app waits for
         if await generator.wait() != 0:
             raise SystemExit("latency run: the generator failed")
         await asyncio.wait_for(task, 120)

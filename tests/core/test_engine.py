@@ -14,6 +14,7 @@ import pytest
 
 from volley import Engine, HandlerFailedError, MemoryBroker, MessageContext
 from volley.memory import MemoryConsumer
+from volley.message import OutgoingMessage
 from volley.plugins import build_registry
 from volley.testing import harness
 
@@ -231,6 +232,54 @@ def test_an_instant_drain_check_needs_no_empty_poll() -> None:
 
     report = double.run_until_drained(timeout=30, drain_idle_seconds=0.0)
     assert report.acked == 100 and broker.depth("out") == 100
+
+
+def test_without_the_instant_check_the_drain_waits_for_an_empty_poll() -> None:
+    """The counterpart of the test above: with instant_drain_check off, the engine decides on the path Kafka
+    and RSMQ take, which needs a poll to come back empty; with a one-minute poll that cannot happen in 1 s."""
+    broker = MemoryBroker()
+    engine = make_engine(broker, poll_interval_seconds=60.0)
+    seed(broker, engine, [Item(n) for n in range(10)])
+
+    @engine.stream_app
+    def double(item: Item) -> list[tuple[str, Doubled]]:
+        return [("out", Doubled(item.n * 2))]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MemoryConsumer, "instant_drain_check", False)
+        with pytest.raises(TimeoutError, match="did not drain its input within 1"):
+            double.run_until_drained(timeout=1.0, drain_idle_seconds=0.0)
+    assert broker.depth("out") == 10  # the work itself was done; only the decision waited
+
+
+def test_a_delayed_message_is_never_out_of_sight_of_the_drain_check() -> None:
+    """A delayed publish is counted as pending until the moment it is stored as ready, in one locked
+    section: at no point between can is_drained() see an empty queue and stop an app early."""
+    broker = MemoryBroker()
+    lock = broker._lock
+    seen: list[tuple[int, int]] = []
+
+    class Watching:
+        def __enter__(self) -> None:
+            lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            try:
+                queue = broker._queues.get("later")
+                if queue is not None:
+                    seen.append((queue.delayed, queue.ready()))
+            finally:
+                lock.release()
+
+    broker._lock = Watching()  # type: ignore[assignment]
+    broker.publish_many([OutgoingMessage("later", b"x", delay=0.05)])
+    deadline = time.monotonic() + 5
+    while broker.depth("later") == 0:
+        assert time.monotonic() < deadline, "the delayed message never arrived"
+        time.sleep(0.005)
+    assert seen, "the broker never took its lock"
+    assert all(delayed + ready >= 1 for delayed, ready in seen), seen
+    assert seen[-1] == (0, 1)
 
 
 def test_drained_waits_for_a_delayed_redelivery(drain_check: bool) -> None:

@@ -102,12 +102,19 @@ class MemoryBroker:
         self.publish_many([OutgoingMessage(queue, value, key, headers, partition)])
 
     def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        self._publish(messages, None)
+
+    def _publish(self, messages: Sequence[OutgoingMessage], released: str | None) -> None:
+        """Store ``messages``; ``released`` names the queue of a delayed message now due, whose pending
+        count drops in the same locked section that stores it, so no drain check sees it in neither place."""
         now = time.time()
         woken: list[_Queue] = []
         delayed: list[OutgoingMessage] = []
         sequence = self._sequence
         keep_log = self.keep_log
         with self._lock:
+            if released is not None:
+                self._queue(released).delayed -= 1
             # All or nothing: check explicit partitions first, so a bad record never leaves its
             # call half-stored (the producer reports the whole call as failed).
             for message in messages:
@@ -159,10 +166,8 @@ class MemoryBroker:
 
     def _publish_later(self, message: OutgoingMessage) -> None:
         def release() -> None:
-            with self._lock:
-                self._queue(message.topic).delayed -= 1
-            self.publish_many([OutgoingMessage(message.topic, message.value, message.key, message.headers,
-                                               message.partition)])
+            due = OutgoingMessage(message.topic, message.value, message.key, message.headers, message.partition)
+            self._publish([due], message.topic)
 
         timer = threading.Timer(float(message.delay or 0), release)
         timer.daemon = True
