@@ -219,6 +219,39 @@ def test_drained_means_drained_even_without_an_idle_wait(use_async: bool, drain_
         assert broker.depth("in") == 0
 
 
+@pytest.mark.parametrize("case", ["batch-handler", "idle-wait", "async-nacks"])
+def test_drained_after_batches_idle_waits_and_redeliveries(case: str, drain_check: bool) -> None:
+    """run_until_drained stops only once every input is done, whichever drain path decides, also with a batch
+    handler, with an idle wait, and while an async handler keeps refusing first deliveries."""
+    broker = MemoryBroker()
+    engine = make_engine(broker, max_buffered=20, consume_batch_size=10,
+                         batch_size=10 if case == "batch-handler" else None, redelivery_delay_seconds=0.01)
+    seed(broker, engine, [Item(n, key=str(n % 7)) for n in range(300)])
+    refused: list[int] = []
+
+    if case == "batch-handler":
+        @engine.stream_app
+        def double_all(items: list[Item]) -> list[tuple[str, Doubled]]:
+            return [("out", Doubled(item.n * 2)) for item in items]
+        app = double_all
+    else:
+        @engine.stream_app
+        async def double(item: Item, msg_ctx: MessageContext) -> bool | list[tuple[str, Doubled]]:
+            await asyncio.sleep(0)
+            if case == "async-nacks" and item.n % 10 == 0 and msg_ctx.attempt == 1:
+                refused.append(item.n)
+                return False
+            return [("out", Doubled(item.n * 2))]
+        app = double
+
+    report = app.run_until_drained(timeout=30, drain_idle_seconds=0.2 if case == "idle-wait" else 0.0)
+    assert report.acked == 300, report
+    assert broker.depth("in") == 0 and broker.unacked("in") == 0
+    assert sorted(json.loads(v)["n"] for v in broker.produced("out")) == [n * 2 for n in range(300)]
+    if case == "async-nacks":
+        assert sorted(refused) == list(range(0, 300, 10)) and report.nacked == 30
+
+
 def test_an_instant_drain_check_needs_no_empty_poll() -> None:
     """With the memory consumer, run_until_drained stops once the last ack is through: it does not wait for
     a poll to come back empty (here that poll would wait a minute)."""
