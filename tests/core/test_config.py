@@ -10,6 +10,7 @@ import pytest
 
 from volley import ConfigurationError, Engine, MemoryBroker, QueueConfig, UnknownComponentError
 from volley.config import resolve_env
+from volley.plugins import Registry, build_registry
 
 
 @dataclass
@@ -57,16 +58,48 @@ def test_missing_yaml_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_unknown_profile_lists_known_names_and_the_install_hint() -> None:
     with pytest.raises(UnknownComponentError) as caught:
-        Engine(input_queue="in", metrics_port=None, queue_config={"in": {"value": "t", "profile": "memroy"}})
-    assert "memory" in str(caught.value) and "misspelled or not installed" in str(caught.value)
-    with pytest.raises(UnknownComponentError, match=r"pip install volley-rsmq"):
-        Engine(input_queue="in", metrics_port=None, queue_config={"in": {"value": "t", "profile": "rsmq-nope"}})
+        Engine(input_queue="in", metrics_port=None, registry=core_only_registry(),
+               queue_config={"in": {"value": "t", "profile": "memroy"}})
+    message = str(caught.value)
+    assert "Known profiles: memory, memory-batch-json, memory-dlq" in message
+    assert "misspelled or not installed" in message and "pip install" not in message
 
 
-def test_unknown_serializer_names_the_distribution_that_provides_it() -> None:
-    with pytest.raises(UnknownComponentError, match=r"volley-serializers\[msgpack\]|Known serializers"):
-        Engine(input_queue="in", metrics_port=None,
-               queue_config={"in": {"value": "t", "profile": "memory", "serializer": "msgpackk"}})
+def core_only_registry() -> Registry:
+    """What volley-core alone registers, whatever else this environment has installed."""
+    registry = build_registry()
+    registry.entries = {kind: {name: entry for name, entry in entries.items() if entry.distribution == "volley-core"}
+                        for kind, entries in registry.entries.items()}
+    return registry
+
+
+@pytest.mark.parametrize(("setting", "name", "label", "command"), [
+    ("profile", "rsmq-dlq", "profile", "pip install volley-rsmq"),
+    ("profile", "confluent-eos", "profile", "pip install volley-kafka"),
+    ("profile", "memory-orjson-pydantic", "profile", "pip install 'volley-serializers[orjson,pydantic]'"),
+    ("profile", "memory-pydantic", "profile", "pip install 'volley-serializers[pydantic]'"),
+    ("connector", "kafka", "connector", "pip install volley-kafka"),
+    ("serializer", "msgpack", "serializer", "pip install 'volley-serializers[msgpack]'"),
+    ("model_handler", "pydantic", "model handler", "pip install 'volley-serializers[pydantic]'"),
+])
+def test_a_name_from_a_missing_distribution_comes_with_its_install_command(
+        setting: str, name: str, label: str, command: str) -> None:
+    queue = {"value": "t", "profile": "memory", setting: name}
+    with pytest.raises(UnknownComponentError) as caught:
+        Engine(input_queue="in", metrics_port=None, registry=core_only_registry(), queue_config={"in": queue})
+    message = str(caught.value)
+    assert message.startswith(f"Unknown {label} {name!r}: it is misspelled or not installed. Known {label}s: ")
+    assert message.endswith(f"({command})"), message
+
+
+def test_a_misspelled_name_of_an_installed_distribution_gets_no_install_command() -> None:
+    registry = core_only_registry()
+    registry.add("profile", "rsmq", {"connector": "rsmq"}, "volley-rsmq")  # as if volley-rsmq were installed
+    with pytest.raises(UnknownComponentError) as caught:
+        Engine(input_queue="in", metrics_port=None, registry=registry,
+               queue_config={"in": {"value": "t", "profile": "rsmq-dlqq"}})
+    assert "Known profiles: memory, memory-batch-json, memory-dlq, rsmq." in str(caught.value)
+    assert "pip install" not in str(caught.value)
 
 
 def test_queue_missing_from_config() -> None:
@@ -128,8 +161,6 @@ def test_handler_without_a_message_parameter_is_rejected() -> None:
 
 
 def test_metrics_port_without_observer_warns_naming_the_package() -> None:
-    from volley.plugins import build_registry
-
     registry = build_registry()
     registry.entries["observer"].clear()
     with pytest.warns(UserWarning, match="pip install volley-prometheus"):

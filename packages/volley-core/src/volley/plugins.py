@@ -61,6 +61,11 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "pydantic-parser": "volley-serializers[pydantic]",
     "pydantic-list": "volley-serializers[pydantic]",
     "prometheus": "volley-prometheus",
+    # volley-serializers' profiles on the memory connector (the prefix alone would name volley-core)
+    "memory-pydantic": "volley-serializers[pydantic]",
+    "memory-json-pydantic": "volley-serializers[pydantic]",
+    "memory-orjson-pydantic": "volley-serializers[orjson,pydantic]",
+    "memory-msgpack-pydantic": "volley-serializers[msgpack,pydantic]",
 }
 
 
@@ -70,6 +75,11 @@ def provider_hint(name: str) -> str | None:
         return KNOWN_PROVIDERS[name]
     head = name.split("-", 1)[0]
     return KNOWN_PROVIDERS.get(head)
+
+
+def install_hint(requirement: str) -> str:
+    """The pip command for ``requirement``, quoted when it has extras (``[`` is a glob in zsh)."""
+    return f"pip install '{requirement}'" if "[" in requirement else f"pip install {requirement}"
 
 
 @dataclass(frozen=True)
@@ -108,9 +118,14 @@ class Registry:
         known = ", ".join(self.names(kind)) or "none"
         message = f"Unknown {label} {name!r}: it is misspelled or not installed. Known {label}s: {known}."
         hint = provider_hint(name)
-        if hint is not None:
-            message += f" (pip install {hint})"
+        # No install hint when that distribution is installed (it registered something): the name is a typo.
+        if hint is not None and hint.split("[", 1)[0] not in self.distributions():
+            message += f" ({install_hint(hint)})"
         return message
+
+    def distributions(self) -> set[str]:
+        """The distributions that registered anything."""
+        return {entry.distribution for entries in self.entries.values() for entry in entries.values()}
 
     def __contains__(self, item: tuple[str, str]) -> bool:
         kind, name = item
