@@ -7,6 +7,7 @@ and dataclass models, no servers, no third-party packages.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -71,10 +72,25 @@ async def run_demo(seed: list[float] | None = None, timeout: float = 30.0) -> Me
     return broker
 
 
-def main() -> int:
+def expected_maxima(seed: list[float]) -> list[float]:
+    """What the two nodes must publish for ``seed``: its maximum, then two more each round, until past 10."""
+    maxima = [float(max(seed))]
+    while maxima[-1] <= 10:
+        maxima.append(maxima[-1] + 2)
+    return maxima
+
+
+def main(seed: list[float] | None = None) -> int:
+    """Run the demo; exit status 0 only if the nodes published exactly the expected maxima and nothing was
+    dead-lettered, so that a broken engine cannot pass for a working demo."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    broker = asyncio.run(run_demo())
-    maxima = broker.produced(MAXIMA)
-    logger.info("demo finished: %d maxima published, dead letters: %d", len(maxima),
-                len(broker.produced("volley.demo.dlq")))
+    seed = list(seed or [1, 2, 3])
+    broker = asyncio.run(run_demo(seed))
+    maxima = [float(json.loads(value)["max_value"]) for value in broker.produced(MAXIMA)]
+    dead = broker.produced("volley.demo.dlq")
+    logger.info("demo finished: %d maxima published, dead letters: %d", len(maxima), len(dead))
+    if maxima != expected_maxima(seed) or dead:
+        logger.error("the demo went wrong: maxima %s (expected %s), %d dead letter(s)", maxima,
+                     expected_maxima(seed), len(dead))
+        return 1
     return 0
