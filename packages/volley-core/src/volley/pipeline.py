@@ -60,6 +60,7 @@ INLINE_SLICE_SECONDS = 0.005  # longest stretch the loop spends in sync handler 
 FAST_CALL_SECONDS = 0.002  # slowest call, during calibration, that still lets handlers run inline
 SLOW_CALL_SECONDS = 0.02  # two inline messages this slow within a second move the handler to the thread
 VERY_SLOW_CALL_SECONDS = 0.2  # one inline message this slow does it at once (longer than a GC pause)
+THREAD_REPORT_SECONDS = 0.01  # the handler thread hands what it finished to the loop at least this often
 CALIBRATION_BATCHES = 2
 OUTPUT_KWARGS = frozenset({"key", "headers", "partition", "delay"})
 HEADER_PREFIX = "volley-"
@@ -206,6 +207,7 @@ class Pipeline:
         self._last_slow_inline = -1e9
         self._started = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._parts_closing = False  # shutdown is past its last flush: results from the handler thread are late
         self._loop_thread = 0
         self._wake: asyncio.Event | None = None
         self._settled: asyncio.Event | None = None
@@ -309,6 +311,7 @@ class Pipeline:
                            "delivered again", self.name, self.in_flight)
             self.report.abandoned += self.in_flight
         # 4. Commit what is finished.
+        self._parts_closing = True
         acker.cancel()
         await _wait_task(acker, 1.0)
         await self._flush_acks()
@@ -533,8 +536,18 @@ class Pipeline:
         t0 = t1 = t2 = 0.0
         called = 0.0
         monotonic = time.monotonic
+        reported = 0  # messages of the batch already handed to the loop
+        posted = monotonic()
         for index, env in enumerate(batch):
-            self._last_activity = monotonic()  # progress for the health probe, even mid-batch
+            now = self._last_activity = monotonic()  # progress for the health probe, even mid-batch
+            if now - posted >= THREAD_REPORT_SECONDS and index > reported:
+                # Hand over what is finished so far: its outputs go out and its inputs are acked while this
+                # batch goes on, so a slow handler's results flow steadily and a handler that blocks (until
+                # shutdown gives up on it) holds back only its own message and those after it.
+                out.handled = index - reported
+                reported, posted = index, now
+                out = self._post_partial(out)
+                failures, acks = out.failures, out.acks
             if timed:
                 t0 = perf()
             message = _decode(env, deserialize, validate, max_deliveries, out.failure)
@@ -587,8 +600,19 @@ class Pipeline:
                 t3 = perf()
                 out.deconstruct += t3 - t2
                 out.cycle.append(t3 - t0)
-        out.handled = len(batch)
+        out.handled = len(batch) - reported
         return out
+
+    def _post_partial(self, out: _Outcome) -> _Outcome:
+        """From the handler thread: have the loop apply ``out`` (before the batch's final outcome: the loop runs
+        callbacks in order); return a fresh outcome that carries on the calibration figures."""
+        loop = self._loop
+        assert loop is not None
+        following = _Outcome(len(self.producers), 0)
+        following.slowest, following.slow_calls = out.slowest, out.slow_calls
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing can be acked, all comes again
+            loop.call_soon_threadsafe(self._apply_partial, out)
+        return following
 
     def _handle_inline(self, batch: list[Envelope], out: _Outcome, start: int, slice_deadline: float) -> int:
         """On the loop: handle messages from ``start`` until ``slice_deadline``; return the index to resume at.
@@ -959,6 +983,12 @@ class Pipeline:
                 self.observer.on_data_model_time("deconstruct", out.deconstruct, len(out.cycle))
         if self._out_buffer and any(self._out_buffer):
             self._flush_outputs()
+
+    def _apply_partial(self, out: _Outcome) -> None:
+        """A part of a batch that the handler thread finished. Once shutdown has flushed the producers and moved
+        on to commit and close, it comes too late: it is dropped, and those inputs are delivered again."""
+        if not self._parts_closing:
+            self._apply(out)
 
     def _schedule_output_flush(self) -> None:
         if not self._out_scheduled and self._loop is not None:
