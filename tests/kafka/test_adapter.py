@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -258,6 +259,28 @@ async def test_delivery_failure_is_reported_not_dropped(kit: Any, opened: list[A
     assert [m.token for m in deliveries.ok] == ["ok"]
     assert [m.token for m, _ in deliveries.failed] == ["big"]
     assert "big" not in {m.value() for m in kit.read_topic(topic)}
+
+
+async def test_a_delay_on_any_message_of_a_batch_is_warned_about(kit: Any, opened: list[Any],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Kafka cannot delay: the producer sends at once and warns once, whichever message of a batch asked for it."""
+    topic = kit.topic("delay")
+    producer = KafkaConnector().create_producer(output_spec(kit.bootstrap, topic))
+    opened.append(producer)
+    await producer.start()
+    deliveries = Deliveries()
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "cannot delay" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="volley_kafka"):
+        producer.produce([OutgoingMessage(topic, b"now"), OutgoingMessage(topic, b"later", delay=30.0)], deliveries)
+        assert len(warnings()) == 1, "the delay of the batch's second message was ignored silently"
+        producer.produce([OutgoingMessage(topic, b"again", delay=5.0)], deliveries)
+        await producer.flush(30)
+    assert len(warnings()) == 1, f"one warning per producer: {warnings()}"
+    assert not deliveries.failed
+    assert sorted(m.value for m in deliveries.ok) == [b"again", b"later", b"now"], "sent at once, delay ignored"
 
 
 async def test_transaction_commit_and_abort(kit: Any, opened: list[Any]) -> None:

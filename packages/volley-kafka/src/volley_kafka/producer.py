@@ -196,12 +196,18 @@ class ProducerClient:
             bucket.failed.extend((m, error) for m in messages)
             self._wake.set()
             return
+        if not self._delay_warned:
+            # Any message of the batch, not only the first; a plain loop is the cheapest scan (about 20 ns a
+            # message, against over a microsecond for the produce call), and it stops once the warning is out.
+            for m in messages:
+                if m.delay:
+                    self._delay_warned = True
+                    logger.warning("%s: Kafka cannot delay a message; the 'delay' output option is ignored",
+                                   self.name)
+                    break
         if self._backlog:
             self._to_backlog(messages, 0, bucket)
             return
-        if not self._delay_warned and messages and messages[0].delay:
-            self._delay_warned = True
-            logger.warning("%s: Kafka cannot delay a message; the 'delay' output option is ignored", self.name)
         produce = self.producer.produce
         report = _Report
         sent = 0
