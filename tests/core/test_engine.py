@@ -15,6 +15,7 @@ import pytest
 from volley import Engine, HandlerFailedError, MemoryBroker, MessageContext
 from volley.memory import MemoryConsumer
 from volley.message import OutgoingMessage
+from volley.ports import InstantlyDrainable
 from volley.plugins import build_registry
 from volley.testing import harness
 
@@ -187,12 +188,28 @@ def test_returning_false_gives_the_message_back_until_max_deliveries_then_dlq() 
     assert report.nacked == 3 and report.dead_lettered == 1
 
 
+def without_instant_drain_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take away the memory consumer's is_drained_now (ports.InstantlyDrainable), as Kafka and RSMQ lack it.
+
+    isinstance() against a runtime-checkable protocol caches its answer per class (abc), so the cache is
+    cleared now and again when the attribute comes back."""
+    monkeypatch.delattr(MemoryConsumer, "is_drained_now")
+    InstantlyDrainable._abc_caches_clear()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_protocol_caches() -> Any:
+    yield
+    InstantlyDrainable._abc_caches_clear()  # type: ignore[attr-defined]
+
+
 @pytest.fixture(params=[True, False], ids=["instant-drain-check", "empty-poll"])
 def drain_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Both ways of deciding that the input is drained: the memory consumer's instant, exact is_drained()
     asked on the loop, and (as for Kafka or RSMQ) an empty poll after the last batch, then is_drained()."""
     instant: bool = request.param
-    monkeypatch.setattr(MemoryConsumer, "instant_drain_check", instant)
+    if not instant:
+        without_instant_drain_check(monkeypatch)
     return instant
 
 
@@ -268,7 +285,7 @@ def test_an_instant_drain_check_needs_no_empty_poll() -> None:
 
 
 def test_without_the_instant_check_the_drain_waits_for_an_empty_poll() -> None:
-    """The counterpart of the test above: with instant_drain_check off, the engine decides on the path Kafka
+    """The counterpart of the test above: without is_drained_now (InstantlyDrainable), the engine decides on the path Kafka
     and RSMQ take, which needs a poll to come back empty; with a one-minute poll that cannot happen in 1 s."""
     broker = MemoryBroker()
     engine = make_engine(broker, poll_interval_seconds=60.0)
@@ -279,7 +296,7 @@ def test_without_the_instant_check_the_drain_waits_for_an_empty_poll() -> None:
         return [("out", Doubled(item.n * 2))]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(MemoryConsumer, "instant_drain_check", False)
+        without_instant_drain_check(patch)
         with pytest.raises(TimeoutError, match="did not drain its input within 1"):
             double.run_until_drained(timeout=1.0, drain_idle_seconds=0.0)
     assert broker.depth("out") == 10  # the work itself was done; only the decision waited

@@ -25,7 +25,7 @@ from volley.errors import (
 )
 from volley.memory import MemoryBroker
 from volley.message import Envelope, MessageContext, OutgoingMessage
-from volley.pipeline import RunReport
+from volley.run import RunReport
 
 __version__ = "0.1.0"
 

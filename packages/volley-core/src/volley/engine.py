@@ -2,7 +2,7 @@
 
 The Engine resolves the configuration (so that every mistake fails at
 construction) and ``stream_app`` wraps the user's function into a
-``StreamApp`` that runs the pipeline (see ``volley.pipeline``).
+``StreamApp`` that runs it (see ``volley.run``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 from volley.config import QueueConfig, load_yaml, normalize_queue_config
 from volley.errors import ConfigurationError
 from volley.observe import MultiObserver
-from volley.pipeline import Pipeline, RunReport
 from volley.plugins import Registry, get_registry
-from volley.ports import Observer
+from volley.ports import CheckedConnector, Observer
 from volley.queues import ResolvedQueue, resolve_queue
+from volley.run import BLOCKED_EXIT_CODE, Run, RunReport
 
 logger = logging.getLogger("volley")
 
@@ -162,10 +162,9 @@ class Engine:
     def _check_connectors(self) -> None:
         checked: set[int] = set()
         for queue in self.queues.values():
-            check = getattr(queue.connector, "check", None)
-            if callable(check) and id(queue) not in checked:
+            if isinstance(queue.connector, CheckedConnector) and id(queue) not in checked:
                 checked.add(id(queue))
-                check(queue.spec)
+                queue.connector.check(queue.spec)
 
     @property
     def input(self) -> ResolvedQueue:
@@ -198,8 +197,9 @@ class StreamApp:
                     return func(message, msg_ctx=context)
 
                 self.call = call_sync
-        self._pipeline: Pipeline | None = None
+        self._run: Run | None = None
         self._stop_requested = threading.Event()
+        self._still_running: str | None = None
         self.__wrapped__ = func
         self.__name__ = getattr(func, "__name__", "stream_app")
         self.__doc__ = func.__doc__
@@ -207,26 +207,31 @@ class StreamApp:
     # ------------------------------------------------------------------ running
 
     def __call__(self) -> RunReport:
-        """Run until SIGINT or SIGTERM, then shut down gracefully (py-volley's behaviour)."""
-        return asyncio.run(self._run_with_signals())
+        """Run until SIGINT or SIGTERM, then shut down gracefully (py-volley's behaviour).
+
+        The shutdown deadline holds here even for a handler that never returns: a call still blocking the event
+        loop past it ends the process with exit code 70, and a call still running on the handler thread when
+        the run has shut down makes this raise ``SystemExit(70)``, each with a log line naming the handler;
+        nothing unfinished is acknowledged. A second signal exits at once (130)."""
+        report = asyncio.run(self._run_with_signals())
+        if self._still_running is not None:
+            raise SystemExit(BLOCKED_EXIT_CODE)
+        return report
 
     async def _run_with_signals(self) -> RunReport:
-        loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        # Python-level handlers, not the loop's: they run in the main thread between bytecodes even while a
+        # handler call blocks the loop, so a stop request (and a second signal) always gets through.
+        installed: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    loop.add_signal_handler(sig, self._on_signal, int(sig))
-                    installed.append(int(sig))
-                except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
-                    pass
+                installed[int(sig)] = signal.signal(sig, self._on_signal)
         try:
-            return await self.run_async()
+            return await self.run_async(_hard_deadline=True)
         finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
+            for signum, previous in installed.items():
+                signal.signal(signum, previous)
 
-    def _on_signal(self, sig: int) -> None:
+    def _on_signal(self, sig: int, _frame: Any = None) -> None:
         if self._stop_requested.is_set():
             logger.warning("%s: second %s: exiting without waiting", self.engine.app_name, signal.Signals(sig).name)
             os._exit(130)
@@ -234,17 +239,22 @@ class StreamApp:
         self.stop()
 
     async def run_async(self, *, stop_when_drained: bool = False, drain_idle_seconds: float = 0.5,
-                        max_messages: int | None = None) -> RunReport:
-        """Run on the current event loop; return when stopped (or drained, or after ``max_messages`` inputs)."""
-        pipeline = Pipeline(self, stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
-                            max_messages=max_messages)
-        self._pipeline = pipeline
+                        max_messages: int | None = None, _hard_deadline: bool = False) -> RunReport:
+        """Run on the current event loop; return when stopped (or drained, or after ``max_messages`` inputs).
+
+        Cancelling it (``asyncio.timeout``, ``asyncio.wait_for``) shuts the app down gracefully and then raises
+        ``CancelledError`` as usual (so ``TimeoutError`` from those)."""
+        run = Run(self, stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
+                  max_messages=max_messages, hard_deadline=_hard_deadline)
+        self._run = run
+        self._still_running = None
         if self._stop_requested.is_set():
-            pipeline.request_stop()
+            run.request_stop()
         try:
-            return await pipeline.run()
+            return await run.run()
         finally:
-            self._pipeline = None
+            self._still_running = run.still_running
+            self._run = None
             self._stop_requested.clear()
 
     def run_until_drained(self, timeout: float | None = 60.0, drain_idle_seconds: float = 0.5,
@@ -272,14 +282,14 @@ class StreamApp:
     def stop(self) -> None:
         """Ask the app to shut down gracefully; safe to call from any thread or a signal handler."""
         self._stop_requested.set()
-        pipeline = self._pipeline
-        if pipeline is not None:
-            pipeline.request_stop_threadsafe()
+        run = self._run
+        if run is not None:
+            run.request_stop_threadsafe()
 
     @property
     def report(self) -> RunReport | None:
         """Counters of the run in progress, if any."""
-        return self._pipeline.report if self._pipeline is not None else None
+        return self._run.report if self._run is not None else None
 
 
 def _wants_context(func: Callable[..., Any]) -> bool:

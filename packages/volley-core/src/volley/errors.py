@@ -52,5 +52,11 @@ class DeliveryError(VolleyError):
     """A broker refused or lost an output for good (after its own retries)."""
 
 
+class InvalidRecordError(DeliveryError):
+    """A producer refused a record because of the record itself (a partition its topic lacks, an option the
+    broker cannot honour): producing it again cannot help. The engine sends the input to the dead-letter queue
+    at stage ``output``, as for any other malformed output."""
+
+
 class HandlerFailedError(VolleyError):
     """A message failed in the handler, exhausted its retries and had no dead-letter queue to go to."""

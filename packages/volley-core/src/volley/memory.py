@@ -397,6 +397,11 @@ class MemoryConsumer:
         """Nothing ready, nothing waiting for a delayed (re)delivery, nothing held by this consumer."""
         return self._broker.is_drained_for(self._queue, self._owner)
 
+    def is_drained_now(self) -> bool:
+        """The same, exact and instant: it reads the broker under its lock, and take() hands a message out and
+        marks it held in one step (``ports.InstantlyDrainable``)."""
+        return self._broker.is_drained_for(self._queue, self._owner)
+
 
 class MemoryProducer:
     """Publishes to memory queues; delivery is confirmed as soon as the message is stored."""

@@ -169,14 +169,21 @@ class Drainable(Protocol):
 
     ``run_until_drained`` asks it, off the event loop (it may query the broker), once the engine itself
     looks idle and a poll came back empty after the last batch. Without it, that empty poll is taken as drained.
-
-    A consumer whose answer is instant (local state, no I/O) and exact (it counts what a poll in progress would
-    hand out, as when taking a message and marking it held is one step) sets ``instant_drain_check = True``:
-    the engine then asks it on the event loop as soon as the last ack is through, without waiting for an empty
-    poll (the in-memory consumer does).
     """
 
     def is_drained(self) -> bool: ...
+
+
+@runtime_checkable
+class InstantlyDrainable(Protocol):
+    """A consumer whose drain check is instant (local state, no I/O) and exact (it counts what a poll in progress
+    would hand out, as when taking a message and marking it held is one step).
+
+    The engine asks it on the event loop as soon as the last ack is through, without waiting for an empty poll
+    (the in-memory consumer is one).
+    """
+
+    def is_drained_now(self) -> bool: ...
 
 
 @runtime_checkable
@@ -210,6 +217,14 @@ class Connector(Protocol):
 
 
 @runtime_checkable
+class CheckedConnector(Protocol):
+    """A connector that can refuse a queue's settings at Engine construction, before anything starts."""
+
+    def check(self, queue: QueueSpec) -> None:
+        """Raise ``ConfigurationError`` (saying what to change) for settings that cannot work."""
+
+
+@runtime_checkable
 class Serializer(Protocol):
     """Bytes to plain Python data and back (json, orjson, msgpack)."""
 
@@ -227,6 +242,61 @@ class ModelHandler(Protocol):
 
     def deconstruct(self, model: Any) -> Any:
         """Turn a model instance back into data the serializer (or the broker, as bytes) accepts."""
+
+
+# Optional codec abilities: faster bound functions for the per-message path. The engine binds them once per
+# queue (volley.queues) and falls back to the plain methods above.
+
+
+@runtime_checkable
+class UncheckedDeserializer(Protocol):
+    """A serializer exposing its library's raw decode: whatever it raises becomes a ``SerializationError``."""
+
+    def unchecked_deserialize(self, message: bytes) -> Any: ...
+
+
+@runtime_checkable
+class UncheckedSerializer(Protocol):
+    """A serializer exposing its library's raw encode, for ``FastEncodeBinder`` to fuse with a model dump."""
+
+    def unchecked_serialize(self, message: Any) -> bytes: ...
+
+
+@runtime_checkable
+class ValidatorBinder(Protocol):
+    """A model handler that binds a checked validator for one data model once (``construct`` pre-bound)."""
+
+    def bind(self, model: Any) -> Callable[[Any], Any]: ...
+
+
+@runtime_checkable
+class UncheckedValidatorBinder(Protocol):
+    """A model handler with an unchecked validator: when it raises, the checked one explains the failure."""
+
+    def bind_unchecked(self, model: Any) -> Callable[[Any], Any]: ...
+
+
+@runtime_checkable
+class DeconstructBinder(Protocol):
+    """A model handler that binds type check and dump of one data model into one call."""
+
+    def bind_deconstruct(self, model: Any, queue: str) -> Callable[[Any], Any]: ...
+
+
+@runtime_checkable
+class FastEncodeBinder(Protocol):
+    """A model handler that fuses dump and a serializer's unchecked encode, falling back to ``checked`` for
+    anything unusual (which explains failures)."""
+
+    def bind_fast_encode(self, model: Any, unchecked_serialize: Callable[[Any], bytes],
+                         checked: Callable[[Any], bytes]) -> Callable[[Any], bytes]: ...
+
+
+@runtime_checkable
+class OutputChecker(Protocol):
+    """A model handler that checks an output message against the queue's data model before it is encoded."""
+
+    def check_output(self, message: Any, model: Any) -> None: ...
 
 
 @runtime_checkable

@@ -16,7 +16,21 @@ from volley.codecs import PassThroughModelHandler, RawSerializer
 from volley.config import ORDERINGS, import_dotted, is_none_name, resolve_env
 from volley.errors import ConfigurationError, DataValidationError, MessageError, SerializationError
 from volley.plugins import Registry
-from volley.ports import Connector, Consumer, ModelHandler, Producer, QueueSpec, Serializer
+from volley.ports import (
+    Connector,
+    Consumer,
+    DeconstructBinder,
+    FastEncodeBinder,
+    ModelHandler,
+    OutputChecker,
+    Producer,
+    QueueSpec,
+    Serializer,
+    UncheckedDeserializer,
+    UncheckedSerializer,
+    UncheckedValidatorBinder,
+    ValidatorBinder,
+)
 
 logger = logging.getLogger("volley")
 
@@ -108,11 +122,10 @@ def _identity(data: Any) -> Any:
 def _bind_validate(handler: ModelHandler, model: Any) -> Callable[[Any], Any]:
     if isinstance(handler, PassThroughModelHandler):
         return _identity
-    bind = getattr(handler, "bind", None)
-    if callable(bind):
-        bound = bind(model)
+    if isinstance(handler, ValidatorBinder):
+        bound = handler.bind(model)
         if callable(bound):
-            return bound  # type: ignore[no-any-return]
+            return bound
     construct = handler.construct
 
     def validate(data: Any) -> Any:
@@ -123,17 +136,16 @@ def _bind_validate(handler: ModelHandler, model: Any) -> Callable[[Any], Any]:
 
 def _bind_unchecked(handler: ModelHandler, model: Any, validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """A handler's unchecked validation (``bind_unchecked``), for the engine's hot loop; else ``validate``."""
-    bind_unchecked = getattr(handler, "bind_unchecked", None)
-    if validate is _identity or not callable(bind_unchecked):
+    if validate is _identity or not isinstance(handler, UncheckedValidatorBinder):
         return validate
-    unchecked = bind_unchecked(model)
+    unchecked = handler.bind_unchecked(model)
     return unchecked if callable(unchecked) else validate
 
 
 def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, model: Any) -> Encoder:
     serialize = serializer.serialize
     deconstruct = handler.deconstruct
-    check_output = getattr(handler, "check_output", None)
+    check_output = handler.check_output if isinstance(handler, OutputChecker) else None
     model_name = getattr(model, "__qualname__", repr(model))
     passthrough = isinstance(handler, PassThroughModelHandler)
     check_type = model is not None and isinstance(model, type) and model is not Any
@@ -144,21 +156,18 @@ def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, mode
             f"{type(message).__qualname__}: construct a {model_name} (or change the queue's data_model)"
         )
 
-    bind_deconstruct = getattr(handler, "bind_deconstruct", None)
-    if callable(bind_deconstruct) and model is not None and not passthrough:
-        dump = bind_deconstruct(model, queue)  # type check and dump in one call
+    if isinstance(handler, DeconstructBinder) and model is not None and not passthrough:
+        dump = handler.bind_deconstruct(model, queue)  # type check and dump in one call
 
         def encode_bound(message: Any) -> bytes:
             return serialize(dump(message))
 
         # Optionally, the handler fuses dump and the serializer's unchecked function into one call, falling
         # back to encode_bound (which explains failures) for anything unusual.
-        unchecked_serialize = getattr(serializer, "unchecked_serialize", None)
-        bind_fast_encode = getattr(handler, "bind_fast_encode", None)
-        if callable(unchecked_serialize) and callable(bind_fast_encode):
-            fused = bind_fast_encode(model, unchecked_serialize, encode_bound)
+        if isinstance(serializer, UncheckedSerializer) and isinstance(handler, FastEncodeBinder):
+            fused = handler.bind_fast_encode(model, serializer.unchecked_serialize, encode_bound)
             if callable(fused):
-                return fused  # type: ignore[no-any-return]
+                return fused
         return encode_bound
     if check_output is not None:
 
@@ -261,7 +270,8 @@ def resolve_queue(
         deserialize=serializer.deserialize,
         # A serializer may offer its library's raw decode: the pipeline turns whatever it raises into a
         # SerializationError (volley.queues.classify), so the adapter's own wrapper is not needed there.
-        fast_deserialize=getattr(serializer, "unchecked_deserialize", None) or serializer.deserialize,
+        fast_deserialize=(serializer.unchecked_deserialize if isinstance(serializer, UncheckedDeserializer)
+                          else serializer.deserialize),
         validate=(validate := _bind_validate(handler, data_model)),
         fast_validate=_bind_unchecked(handler, data_model, validate),
         encode=_bind_encode(name, serializer, handler, data_model),

@@ -26,7 +26,7 @@ from typing import Any
 from volley.engine import StreamApp
 from volley.memory import MemoryBroker
 from volley.message import Envelope, to_bytes
-from volley.pipeline import RunReport
+from volley.run import RunReport
 
 __all__ = ["AppResult", "Harness", "harness", "run_until_idle"]
 

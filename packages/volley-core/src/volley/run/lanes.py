@@ -1,0 +1,129 @@
+"""Where an async handler runs: lanes on the event loop, one per ordering key, at most ``max_in_flight`` at once.
+
+A lane handles its messages in order (a partition's, a key's, or a single message's when ordering is "none");
+lanes beyond the limit wait their turn. Closing cancels every running lane and starts no waiting one, so no
+handler call begins once shutdown has given up on the work that is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from volley.message import Envelope
+from volley.ports import PartitionId
+from volley.run.handling import Handling
+from volley.run.settlement import Settlement
+from volley.run.tokens import FAILED, Outcome, Token, members_of
+
+logger = logging.getLogger("volley")
+
+
+class AsyncLanes:
+    def __init__(self, handling: Handling, settlement: Settlement, *, ordering: str, max_in_flight: int,
+                 revoked: set[PartitionId], crash: Callable[[BaseException], None]) -> None:
+        self.handling = handling
+        self.settlement = settlement
+        self.ordering = ordering
+        self.max_in_flight = max_in_flight
+        self.revoked = revoked
+        self.crash = crash
+        self.slots = len(settlement.producers)
+        self.lanes: dict[Any, deque[tuple[Token, Any]]] = {}
+        self.waiting: deque[Any] = deque()
+        self.active = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    async def run(self, batch: Sequence[Envelope]) -> None:
+        """Decode the batch and queue each message on its lane (the lanes run on their own)."""
+        out = Outcome(self.slots)
+        if self.handling.batch_size:
+            for group, chunk in self.handling.decode_groups(batch, out.failure):
+                self._enqueue("batch", group, chunk)
+        else:
+            decode, ordering, lanes = self.handling.decode, self.ordering, self.lanes
+            for env in batch:
+                message = decode(env, out.failure)
+                if message is FAILED:
+                    continue
+                if ordering == "partition":
+                    lane: Any = (env.source, env.partition)
+                elif ordering == "key":
+                    lane = (env.source, env.key)
+                else:
+                    lane = object()
+                queue = lanes.get(lane)
+                if queue is None:
+                    self._enqueue(lane, env, message)
+                else:
+                    queue.append((env, message))
+        if out.failures:
+            out.handled = len(out.failures)
+            self.settlement.apply(out)
+
+    def _enqueue(self, lane: Any, token: Token, message: Any) -> None:
+        queue = self.lanes.get(lane)
+        if queue is not None:
+            queue.append((token, message))
+            return
+        self.lanes[lane] = deque([(token, message)])
+        if self.active < self.max_in_flight:
+            self._start(lane)
+        else:
+            self.waiting.append(lane)
+
+    def _start(self, lane: Any) -> None:
+        self.active += 1
+        task = asyncio.ensure_future(self._run_lane(lane))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_lane(self, lane: Any) -> None:
+        queue = self.lanes[lane]
+        handling, settlement = self.handling, self.settlement
+        perf = time.perf_counter
+        try:
+            while queue and not self.closed:
+                token, message = queue[0]
+                if self.revoked and type(token) is Envelope and (token.source, token.partition) in self.revoked:
+                    queue.popleft()
+                    settlement.abandon(1)
+                    continue
+                out = Outcome(self.slots, len(members_of(token)))
+                started = perf()
+                result = await handling.call_async(token, message, out)
+                if result is not FAILED:
+                    if handling.timed:
+                        elapsed = perf() - started
+                        out.component.append(elapsed)
+                        out.cycle.append(elapsed)
+                    handling.interpret(token, result, out)
+                queue.popleft()
+                settlement.apply(out)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: stop loudly rather than stall the lane
+            logger.exception("volley: an async lane failed")
+            self.crash(exc)
+        finally:
+            if self.lanes.get(lane) is queue and not queue:
+                del self.lanes[lane]
+            self.active -= 1
+            while self.waiting and self.active < self.max_in_flight and not self.closed:
+                waiting = self.waiting.popleft()
+                if waiting in self.lanes:
+                    self._start(waiting)
+
+    async def close(self, timeout: float) -> None:
+        """Cancel every lane; no waiting lane starts after this."""
+        self.closed = True
+        self.waiting.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)

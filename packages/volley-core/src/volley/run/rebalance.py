@@ -1,0 +1,48 @@
+"""Rebalance: before partitions are taken away, abandon their queued work, finish the rest, flush outputs.
+
+The consumer awaits ``on_revoke`` before it commits and forgets the partitions (``RebalanceAware``). While the
+partitions are being revoked, lanes and the processor skip their queued messages (``revoked``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+from volley.message import Envelope
+from volley.ports import PartitionId
+from volley.run.settlement import Settlement
+
+
+def drop_revoked(batch: list[Envelope], revoked: set[PartitionId], settlement: Settlement) -> list[Envelope]:
+    kept = [e for e in batch if (e.source, e.partition) not in revoked]
+    settlement.abandon(len(batch) - len(kept))
+    return kept
+
+
+class Rebalance:
+    def __init__(self, settlement: Settlement, inbox: deque[list[Envelope]], *, timeout_seconds: float,
+                 wait_settled: Callable[[float], Awaitable[None]]) -> None:
+        self.settlement = settlement
+        self.inbox = inbox
+        self.timeout_seconds = timeout_seconds
+        self.wait_settled = wait_settled
+        self.revoked: set[PartitionId] = set()
+
+    async def on_revoke(self, partitions: Sequence[PartitionId]) -> None:
+        settlement = self.settlement
+        self.revoked.update(partitions)
+        try:
+            kept = [batch for batch in (drop_revoked(b, self.revoked, settlement) for b in self.inbox) if batch]
+            self.inbox.clear()
+            self.inbox.extend(kept)
+            deadline = time.monotonic() + self.timeout_seconds
+            settlement.flush_outputs()
+            await self.wait_settled(deadline)
+            for producer in settlement.producers:
+                await producer.flush(max(0.1, deadline - time.monotonic()))
+            settlement.drain_reports()
+            await settlement.acker.flush()
+        finally:
+            self.revoked.difference_update(partitions)

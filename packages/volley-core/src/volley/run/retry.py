@@ -1,0 +1,45 @@
+"""The one retry policy of handler calls: how long to wait before the n-th retry, and whether to retry at all.
+
+Used by every way a handler runs (inline, on the handler thread, in async lanes); only the way of waiting
+differs (blocking on the thread, awaiting on the loop). Once the run is stopping, a failing call is not retried:
+neither before the backoff wait nor after a wait that the stop cut short.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from volley.run.stopping import StopSignal
+from volley.run.tokens import Token, describe, reason_of
+
+logger = logging.getLogger("volley")
+
+
+class RetryPolicy:
+    def __init__(self, app_name: str, max_retries: int, backoff_seconds: float, backoff_max_seconds: float,
+                 stop: StopSignal) -> None:
+        self.app_name = app_name
+        self.max_retries = max_retries
+        self.backoff_seconds = backoff_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.stop = stop
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        return float(min(self.backoff_max_seconds, self.backoff_seconds * 2 ** min(attempt - 1, 30)))
+
+    def should_retry(self, token: Token, failures: int, exc: BaseException) -> bool:
+        """After the ``failures``-th failed call of ``token``: retry? Logs the retry when it says yes."""
+        if failures > self.max_retries or self.stop.is_stopping:
+            return False
+        logger.warning("%s: handler failed on %s (%s); retry %d of %d", self.app_name, describe(token),
+                       reason_of(exc), failures, self.max_retries)
+        return True
+
+    def wait_blocking(self, attempt: int) -> bool:
+        """On the handler thread: wait before retry ``attempt``; False if the run began stopping meanwhile."""
+        return not self.stop.wait_blocking(self.delay(attempt))
+
+    async def wait(self, attempt: int) -> bool:
+        """On the loop: the same, awaiting."""
+        return not await self.stop.wait(self.delay(attempt))

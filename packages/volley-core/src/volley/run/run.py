@@ -1,0 +1,425 @@
+"""One run of a stream app: start the parts, fetch with backpressure, hand batches to the executor, shut down.
+
+The run owns every task and thread it starts, and its shutdown is the only one: stop fetching, let in-flight
+work finish within ``shutdown_timeout_seconds``, then give up on the rest (no handler call starts after that),
+flush the producers, acknowledge what is finished, close the parts. A run cancelled from outside
+(``asyncio.wait_for``, ``asyncio.timeout``) shuts down the same way and then raises ``CancelledError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from volley import gctune
+from volley.errors import VolleyError
+from volley.message import Envelope
+from volley.ports import (
+    Consumer,
+    Instrumented,
+    Pausable,
+    Producer,
+    ReadinessReporter,
+    RebalanceAware,
+    Transactional,
+)
+from volley.queues import ResolvedQueue
+from volley.run.acking import Acker
+from volley.run.drain import DrainMonitor
+from volley.run.handling import Handling
+from volley.run.lanes import AsyncLanes
+from volley.run.rebalance import Rebalance, drop_revoked
+from volley.run.report import RunReport
+from volley.run.retry import RetryPolicy
+from volley.run.routing import Router
+from volley.run.settlement import Settlement
+from volley.run.stopping import StopSignal
+from volley.run.sync_executor import SyncExecutor
+from volley.run.transactions import TransactionBarrier
+
+if TYPE_CHECKING:
+    from volley.engine import StreamApp
+
+logger = logging.getLogger("volley")
+
+BLOCKED_EXIT_CODE = 70  # app() / volley run: a handler call blocked the loop past the shutdown deadline
+
+
+class Run:
+    def __init__(self, app: StreamApp, *, stop_when_drained: bool, drain_idle_seconds: float,
+                 max_messages: int | None, hard_deadline: bool = False) -> None:
+        engine = app.engine
+        self.app = app
+        self.engine = engine
+        self.name = engine.app_name
+        self.max_messages = max_messages
+        self.hard_deadline = hard_deadline
+        self.stop = StopSignal()
+        self.report = RunReport()
+        self.input: ResolvedQueue = engine.input
+        self.observer = engine.observer
+        timed = engine.observer.enabled
+
+        producers, routes, dlq = _output_slots(engine)
+        self.producers = producers
+        self.consumer: Consumer = self.input.make_consumer()
+        self.transactional = isinstance(self.consumer, Transactional) and bool(self.consumer.transactional)
+        self.acker = Acker(self.consumer, self.name, self.report,
+                           redelivery_delay_seconds=engine.redelivery_delay_seconds,
+                           backoff_max_seconds=engine.retry_backoff_max_seconds, transactional=self.transactional)
+        retry = RetryPolicy(self.name, engine.max_retries, engine.retry_backoff_seconds,
+                            engine.retry_backoff_max_seconds, self.stop)
+        self.settlement = Settlement(
+            app_name=self.name, source=self.input.value, producers=producers, dlq=dlq, acker=self.acker,
+            observer=self.observer, timed=timed, max_retries=engine.max_retries, backoff=retry.delay,
+            on_failure=engine.on_failure, transactional=self.transactional, stop=self.stop,
+            request_stop=self.request_stop)
+        self.handling = Handling(app, self.input, Router(routes), retry, max_deliveries=engine.max_deliveries,
+                                 timed=timed)
+        self.inbox: deque[list[Envelope]] = deque()
+        self.rebalance = Rebalance(self.settlement, self.inbox, timeout_seconds=engine.shutdown_timeout_seconds,
+                                   wait_settled=self.wait_settled)
+        self.barrier: TransactionBarrier | None = None
+        if self.transactional:
+            assert isinstance(self.consumer, Transactional)
+            self.barrier = TransactionBarrier(
+                self.consumer, self.settlement, app_name=self.name,
+                timeout_seconds=engine.shutdown_timeout_seconds,
+                wait_settled=lambda deadline: self.wait_settled(deadline, include_inbox=False))
+        self.drain = DrainMonitor(self, self.consumer, self.observer, app_name=self.name, source=self.input.value,
+                                  stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
+                                  observed=timed)
+        self.executor: SyncExecutor | AsyncLanes | None = None
+        self.last_received = 0.0
+        self.last_empty_poll = -1.0
+        self.last_poll = 0.0
+        self.still_running: str | None = None  # a handler call that outlived shutdown, named for app()
+        self._stop_error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+        self._finished = threading.Event()
+
+    # ------------------------------------------------------------------ what drain detection reads
+
+    @property
+    def in_flight(self) -> int:
+        return self.settlement.in_flight
+
+    @property
+    def last_activity(self) -> float:
+        return self.settlement.last_activity
+
+    @property
+    def idle(self) -> bool:
+        return (not self.stop.is_stopping and self.settlement.in_flight == 0 and not self.inbox
+                and not self.acker.pending() and not (self.barrier is not None and self.barrier.open))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> RunReport:
+        started = time.monotonic()
+        loop = self._loop = asyncio.get_running_loop()
+        self.stop.bind(loop)
+        self.settlement.bind(loop)
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        if self.stop.is_stopping:
+            self._stopped.set()
+        await self._start_parts()
+        if self.app.is_async:
+            self.executor = AsyncLanes(self.handling, self.settlement, ordering=self.input.ordering,
+                                       max_in_flight=self.engine.max_in_flight, revoked=self.rebalance.revoked,
+                                       crash=self.request_stop)
+        else:
+            self.executor = SyncExecutor(self.handling, self.settlement, self.stop, self.name,
+                                         auto=self.engine.sync_handler_mode == "auto")
+        if self.hard_deadline:
+            threading.Thread(target=self._watchdog, name=f"volley-{self.name}-watchdog", daemon=True).start()
+        logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
+        tune_gc = self.engine.tune_gc
+        if tune_gc:
+            gctune.acquire()
+        tasks = {
+            "fetch": asyncio.create_task(self._fetch_loop(), name=f"volley-{self.name}-fetch"),
+            "process": asyncio.create_task(self._process_loop(), name=f"volley-{self.name}-process"),
+            "ack": asyncio.create_task(self.acker.run(self.drain.after_ack), name=f"volley-{self.name}-ack"),
+            "monitor": asyncio.create_task(self.drain.run(), name=f"volley-{self.name}-monitor"),
+        }
+        crashed: BaseException | None = None
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            waiter = asyncio.create_task(self._stopped.wait())
+            watched = {waiter, tasks["fetch"], tasks["process"], tasks["ack"]}
+            try:
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            for name, task in tasks.items():
+                if task in done:
+                    crashed = crashed or _unexpected_end(self.name, name, task)
+        except asyncio.CancelledError as exc:  # cancelled from outside: shut down, then say so
+            cancelled = exc
+        finally:
+            self.stop.stop()
+            try:
+                await self._shutdown(tasks)
+            finally:
+                if tune_gc:
+                    gctune.release()
+                self.report.elapsed_seconds = time.monotonic() - started
+                self._finished.set()
+        if cancelled is not None:
+            raise cancelled
+        error = crashed or self._stop_error
+        if error is not None:
+            raise error
+        return self.report
+
+    async def _start_parts(self) -> None:
+        for part in (self.consumer, *self.producers):
+            if isinstance(part, Instrumented) and self.observer.enabled:
+                part.instrument(self.observer, self.name)
+        if isinstance(self.consumer, RebalanceAware):
+            self.consumer.set_revoke_handler(self.rebalance.on_revoke)
+        started: list[Consumer | Producer] = []
+        try:
+            for producer in self.producers:
+                await producer.start()
+                started.append(producer)
+            await self.consumer.start()
+            started.append(self.consumer)
+            self.observer.on_start(self.name)  # may refuse to start (a taken metrics port)
+        except BaseException:
+            for part in reversed(started):
+                with contextlib.suppress(Exception):
+                    await part.close()
+            self._finished.set()
+            raise
+        if not (isinstance(self.consumer, ReadinessReporter) and self.consumer.reports_readiness):
+            self.observer.on_ready(self.name, True)  # else the consumer says when (Kafka: once assigned)
+
+    async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        settlement = self.settlement
+        deadline = time.monotonic() + self.engine.shutdown_timeout_seconds
+        self.observer.on_ready(self.name, False)
+        # 1. Stop consuming. Cancelling a poll is safe: what it would have returned was never acknowledged.
+        await _cancel(tasks["fetch"])
+        # 2. Finish in-flight work within the deadline.
+        await self.wait_settled(deadline)
+        # 3. Give up on what is left: no handler call starts after this, no record is produced again.
+        self.stop.abandon()
+        await _cancel(tasks["process"])
+        if isinstance(self.executor, AsyncLanes):
+            await self.executor.close(1.0)
+        settlement.cancel_retries()
+        # 4. Flush the producers so that outputs in flight are confirmed (and their inputs acked).
+        settlement.flush_outputs()
+        for producer in self.producers:
+            try:
+                await producer.flush(max(0.1, deadline - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - logged; unconfirmed inputs are delivered again
+                logger.error("%s: flushing a producer at shutdown failed: %s", self.name, exc)
+        settlement.drain_reports()
+        if settlement.in_flight:
+            logger.warning("%s: shutting down with %d input(s) unfinished; they stay unacknowledged and will be "
+                           "delivered again", self.name, settlement.in_flight)
+            settlement.abandon(settlement.in_flight)
+        settlement.closed = True  # late results of a hung handler call and late reports change nothing now
+        # 5. Acknowledge what is finished (an ack in progress completes).
+        await self.acker.close(tasks["ack"], max(1.0, deadline - time.monotonic()))
+        await self.drain.close(tasks["monitor"])
+        # 6. Close the parts.
+        for part in (self.consumer, *self.producers):
+            try:
+                await part.close()
+            except Exception as exc:  # noqa: BLE001 - logged; closing the others matters more
+                logger.error("%s: closing %r failed: %s", self.name, part, exc)
+        if isinstance(self.executor, SyncExecutor):
+            if self.executor.thread_call_since:
+                self.still_running = getattr(self.app.func, "__qualname__", repr(self.app.func))
+                logger.error("%s: the handler %s is still running a call past the shutdown deadline (%.1f s); "
+                             "its message was not acknowledged and will be delivered again", self.name,
+                             self.still_running, self.engine.shutdown_timeout_seconds)
+            self.executor.close()
+        self.observer.on_ready(self.name, False)  # again: a consumer may have reported ready while it closed
+        self.observer.on_stop(self.name)
+        logger.info("%s: stopped (%s)", self.name, self.report)
+
+    def request_stop(self, error: BaseException | None = None) -> None:
+        """On the loop. ``error``: the run ends by raising it (the first one wins)."""
+        if error is not None and self._stop_error is None:
+            self._stop_error = error
+        self.stop.stop()
+        if self._stopped is not None:
+            self._stopped.set()
+        if self._wake is not None:
+            self._wake.set()
+
+    def request_stop_threadsafe(self) -> None:
+        """From any thread, or a signal handler: threads see the stop at once, the loop when it next runs."""
+        self.stop.stopping.set()
+        loop = self._loop
+        if loop is None:
+            self.request_stop()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over
+            loop.call_soon_threadsafe(self.request_stop)
+
+    def _watchdog(self) -> None:
+        """app() / volley run: once stop was requested, a handler call that blocks the event loop past the
+        shutdown deadline ends the process, so that a deadline holds even for a handler that never returns.
+        Nothing unfinished is acknowledged: the process ends before any ack of it."""
+        self.stop.stopping.wait()
+        grace = self.engine.shutdown_timeout_seconds + 1.0
+        if self._finished.wait(grace):
+            return
+        executor = self.executor
+        if isinstance(executor, SyncExecutor) and executor.inline_since:
+            name = getattr(self.app.func, "__qualname__", repr(self.app.func))
+            logger.critical("%s: the handler %s has blocked the event loop for %.1f s, past the shutdown deadline "
+                            "(%.1f s); exiting with code %d without acknowledging unfinished messages", self.name,
+                            name, time.perf_counter() - executor.inline_since, self.engine.shutdown_timeout_seconds,
+                            BLOCKED_EXIT_CODE)
+            logging.shutdown()
+            os._exit(BLOCKED_EXIT_CODE)
+
+    async def wait_settled(self, deadline: float, include_inbox: bool = True) -> None:
+        settlement = self.settlement
+        while (settlement.in_flight or (include_inbox and self.inbox)) and time.monotonic() < deadline:
+            settlement.settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settlement.settled.wait(), max(0.0, min(0.5, deadline - time.monotonic())))
+            settlement.drain_reports()
+
+    # ------------------------------------------------------------------ fetching
+
+    async def _fetch_loop(self) -> None:
+        consumer = self.consumer
+        pausable = consumer if isinstance(consumer, Pausable) else None
+        paused = False
+        engine = self.engine
+        settlement = self.settlement
+        batch_size = engine.consume_batch_size
+        bound = batch_size if self.transactional else engine.max_buffered  # barrier: one batch at a time
+        poll = engine.poll_interval_seconds
+        failures = 0
+        assert self._wake is not None
+        while not self.stop.is_stopping:
+            room = bound - settlement.in_flight
+            if self.barrier is not None and (settlement.in_flight or self.barrier.open):
+                room = 0  # the next batch waits for this one's commit
+            if self.max_messages is not None:
+                room = min(room, self.max_messages - self.report.consumed)
+                if room <= 0 and settlement.in_flight == 0 and not self.inbox:
+                    self.request_stop()
+                    return
+            if room <= 0:
+                if pausable is not None and not paused:
+                    pausable.pause()
+                    paused = True
+                settlement.settled.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settlement.settled.wait(), max(poll, 0.05))
+                if not paused:
+                    continue
+                room = 0  # keep a group member alive: librdkafka needs polls to serve the group protocol
+            elif paused and pausable is not None:
+                pausable.resume()
+                paused = False
+            try:
+                batch = await consumer.consume(min(batch_size, room) if room > 0 else 1, poll)
+                self.last_poll = time.monotonic()
+                failures = 0
+            except VolleyError as exc:
+                self.request_stop(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - a broker outage: retried with backoff, and reported
+                failures += 1
+                delay = min(engine.retry_backoff_max_seconds, engine.retry_backoff_seconds * 2 ** min(failures, 10))
+                logger.error("%s: consuming from %s failed (%s: %s); retrying in %.1f s", self.name,
+                             self.input.value, type(exc).__name__, exc, delay)
+                self.report.add_error(f"consume: {type(exc).__name__}: {exc}")
+                await self.stop.wait(delay)
+                continue
+            if not batch:
+                self.last_empty_poll = self.last_poll
+                await asyncio.sleep(0)  # a consumer that returns at once (timeout 0) must not starve the loop
+                continue
+            if not isinstance(batch, list):
+                batch = list(batch)
+            settlement.in_flight += len(batch)
+            self.report.consumed += len(batch)
+            settlement.last_activity = self.last_received = time.monotonic()
+            self.inbox.append(batch)
+            self._wake.set()
+
+    # ------------------------------------------------------------------ processing
+
+    async def _process_loop(self) -> None:
+        assert self._wake is not None and self.executor is not None
+        wake, inbox, executor, barrier = self._wake, self.inbox, self.executor, self.barrier
+        settlement, revoked = self.settlement, self.rebalance.revoked
+        batch_size = self.engine.consume_batch_size
+        while True:
+            if not inbox:
+                if self.stop.is_stopping and settlement.in_flight == 0:
+                    return
+                wake.clear()
+                await wake.wait()
+                continue
+            batch = inbox.popleft()
+            # Merge small batches so that a slow consumer does not cost one thread hop per message.
+            while inbox and len(batch) < batch_size:
+                batch = batch + inbox.popleft()
+            if revoked:
+                batch = drop_revoked(batch, revoked, settlement)
+                if not batch:
+                    continue
+            if barrier is not None:
+                await barrier.begin(batch)
+            await executor.run(batch)
+            if barrier is not None:
+                await barrier.finish()
+
+
+def _output_slots(engine: Any) -> tuple[list[Producer], dict[str, tuple[ResolvedQueue, int]],
+                                        tuple[ResolvedQueue, int] | None]:
+    """One producer per distinct producer object (queues of one connector may share one), and each output
+    queue's (queue, producer slot)."""
+    producers: list[Producer] = []
+    routes: dict[str, tuple[ResolvedQueue, int]] = {}
+    names = list(engine.output_queues)
+    if engine.dead_letter_queue is not None:
+        names.append(engine.dead_letter_queue)
+    slots: dict[int, int] = {}
+    for name in names:
+        queue = engine.queues[name]
+        producer = queue.make_producer()
+        slot = slots.get(id(producer))
+        if slot is None:
+            slot = slots[id(producer)] = len(producers)
+            producers.append(producer)
+        routes[name] = (queue, slot)
+    dlq = routes[engine.dead_letter_queue] if engine.dead_letter_queue is not None else None
+    return producers, routes, dlq
+
+
+def _unexpected_end(app_name: str, name: str, task: asyncio.Task[Any]) -> BaseException | None:
+    """Why a task of the run ended before it was asked to: its exception, or its cancellation by someone else."""
+    if task.cancelled():
+        return VolleyError(f"{app_name}: the {name} task was cancelled by something outside the engine "
+                           "(a handler or a library raising CancelledError?); stopping")
+    return task.exception()
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

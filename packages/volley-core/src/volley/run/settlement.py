@@ -1,0 +1,325 @@
+"""Settlement: outputs go to their producers, delivery reports come back, inputs end in exactly one state.
+
+An input is acknowledged only once every record it caused is confirmed by its broker. Each input is counted
+once, at its final state: acked, nacked (the handler returned False), dead_lettered (once the DLQ confirmed
+it), failed (given back after a failure) or abandoned (at shutdown). Delivery reports arrive from any thread,
+in any batching; they are handled on the loop, through the callback of the producer slot that sent the record,
+so a failed record is produced again through that same producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from volley.errors import DeliveryError, HandlerFailedError, InvalidRecordError, MessageError
+from volley.message import Envelope, OutgoingMessage
+from volley.ports import DeliveryCallback, DeliveryFailure, Observer, Producer
+from volley.queues import ResolvedQueue, classify
+from volley.run.acking import Acker
+from volley.run.deadletters import announce, letters
+from volley.run.report import RunReport
+from volley.run.stopping import StopSignal
+from volley.run.tokens import AnyToken, DeadLetter, Group, Outcome, Token, describe, members_of, reason_of
+
+logger = logging.getLogger("volley")
+
+Reports = tuple[int, Sequence[OutgoingMessage], Sequence[DeliveryFailure]]
+
+
+class Settlement:
+    def __init__(self, *, app_name: str, source: str, producers: Sequence[Producer],
+                 dlq: tuple[ResolvedQueue, int] | None, acker: Acker, observer: Observer, timed: bool,
+                 max_retries: int, backoff: Callable[[int], float], on_failure: str, transactional: bool,
+                 stop: StopSignal, request_stop: Callable[[BaseException], None]) -> None:
+        self.app_name = app_name
+        self.source = source
+        self.producers = list(producers)
+        self.dlq = dlq
+        self.acker = acker
+        self.report: RunReport = acker.report
+        self.observer = observer
+        self.timed = timed
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.on_failure = on_failure
+        self.transactional = transactional
+        self.stop = stop
+        self.request_stop = request_stop
+        self.in_flight = 0
+        self.last_activity = time.monotonic()
+        self.transaction_failed = False
+        self.closed = False  # past shutdown's last flush: late results and reports change nothing
+        self.settled = asyncio.Event()
+        self._out: list[list[OutgoingMessage]] = [[] for _ in self.producers]
+        self._out_scheduled = False
+        self._reports: deque[Reports] = deque()
+        self._reports_scheduled = False
+        # A record being produced again: record -> (failed attempts, its timer). Keyed by the record itself (the
+        # dict holds it, so no other record can share its key) and cleared when it is delivered or given up.
+        self._retrying: dict[OutgoingMessage, tuple[int, asyncio.TimerHandle | None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self.open_letters: list[DeadLetter] = []  # of the open transaction: dropped with it when it aborts
+        self.callbacks: list[DeliveryCallback] = [self._callback(slot) for slot in range(len(self.producers))]
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    # ------------------------------------------------------------------ outcomes of handling (on the loop)
+
+    def apply(self, out: Outcome) -> None:
+        if self.closed:
+            return
+        if out.retries:
+            self.report.retries += out.retries
+            self.observer.on_retry(self.app_name, out.retries)
+        buffers = self._out
+        for slot, messages in enumerate(out.outs):
+            if messages:
+                buffers[slot].extend(messages)
+        for token in out.acks:
+            self.settle_ok(token)
+        for token in out.nacks:
+            self.give_back(token, "the handler returned False")
+        for token, stage, exc in out.failures:
+            self.fail(token, stage, exc)
+        if self.timed:
+            self._observe(out)
+        self.flush_outputs()
+
+    def _observe(self, out: Outcome) -> None:
+        observer, name = self.observer, self.app_name
+        ok = out.handled - len(out.failures)
+        if ok > 0:
+            observer.on_consumed(name, "success", ok)
+        if out.failures:
+            observer.on_consumed(name, "fail", len(out.failures))
+        if out.component:
+            observer.on_process_time(name, "component", out.component)
+        if out.cycle:
+            observer.on_process_time(name, "cycle", out.cycle)
+        if out.construct:
+            observer.on_data_model_time("construct", out.construct, len(out.cycle))
+        if out.deconstruct:
+            observer.on_data_model_time("deconstruct", out.deconstruct, len(out.cycle))
+
+    def apply_threadsafe(self, out: Outcome) -> None:
+        """From the handler thread: apply ``out`` on the loop, in order with everything else it was sent."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is acked, all comes again
+                loop.call_soon_threadsafe(self.apply, out)
+
+    # ------------------------------------------------------------------ producing
+
+    def schedule_flush(self) -> None:
+        if not self._out_scheduled and self._loop is not None:
+            self._out_scheduled = True
+            self._loop.call_soon(self.flush_outputs)
+
+    def flush_outputs(self) -> None:
+        self._out_scheduled = False
+        for slot, messages in enumerate(self._out):
+            if messages:
+                self._out[slot] = []
+                self._produce(slot, messages, first=True)
+
+    def _produce(self, slot: int, messages: list[OutgoingMessage], *, first: bool) -> None:
+        try:
+            self.producers[slot].produce(messages, self.callbacks[slot])
+        except Exception as exc:  # noqa: BLE001 - the producer refused the whole call: every record failed
+            self.handle_reports(slot, (), [(m, exc) for m in messages])
+            return
+        if not first:  # a record produced again is counted once, when first produced
+            return
+        self.report.produced += len(messages)
+        if self.timed:
+            counts: dict[str, int] = {}
+            for m in messages:
+                counts[m.topic] = counts.get(m.topic, 0) + 1
+            for topic, count in counts.items():
+                self.observer.on_produced(self.app_name, self.source, topic, count)
+
+    def _callback(self, slot: int) -> DeliveryCallback:
+        """The delivery callback of one producer slot: any thread, any batching."""
+        reports = self._reports
+
+        def on_delivery(delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
+            if threading.get_ident() == self._loop_thread:
+                self.handle_reports(slot, delivered, failed)
+                return
+            reports.append((slot, delivered, failed))
+            if not self._reports_scheduled and self._loop is not None:
+                self._reports_scheduled = True
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self.drain_reports)
+
+        return on_delivery
+
+    def drain_reports(self) -> None:
+        self._reports_scheduled = False
+        reports = self._reports
+        while reports:
+            self.handle_reports(*reports.popleft())
+
+    def handle_reports(self, slot: int, delivered: Sequence[OutgoingMessage],
+                       failed: Sequence[DeliveryFailure]) -> None:
+        if self.closed:
+            return
+        acks = self.acker.acks
+        retrying = self._retrying
+        settled = 0
+        for message in delivered:
+            token = message.token
+            if token is None:
+                continue
+            if retrying:
+                retrying.pop(message, None)
+            token.pending -= 1
+            if token.pending == 0:
+                if type(token) is Envelope:
+                    acks.append(token)
+                    settled += 1
+                elif type(token) is DeadLetter:
+                    self._dead_letter_landed(token)
+                else:
+                    self.settle_ok(token)
+        if settled:
+            self.in_flight -= settled
+            self.report.acked += settled
+            self.notify()
+        for message, exc in failed:
+            self._delivery_failed(slot, message, exc)
+
+    def _delivery_failed(self, slot: int, message: OutgoingMessage, exc: BaseException) -> None:
+        token: AnyToken | None = message.token
+        attempts = self._retrying.pop(message, (0, None))[0] + 1
+        if token is None or token.pending < 0:
+            return
+        if isinstance(exc, InvalidRecordError) and type(token) is not DeadLetter:
+            token.pending = -1  # the record itself is wrong (a partition the topic lacks): the message's fault
+            self.fail(token, "output", exc)  # type: ignore[arg-type]
+            return
+        # In a transaction a failed record cannot be sent again on its own: the whole batch is aborted (the
+        # consumer rewinds) and processed again, so no retry here and no stop.
+        if attempts <= self.max_retries and not self.stop.is_stopping and not self.transactional:
+            delay = self.backoff(attempts)
+            logger.warning("%s: delivery to %s failed (%s); retrying in %.2f s (attempt %d of %d)", self.app_name,
+                           message.topic, reason_of(exc), delay, attempts, self.max_retries)
+            self.report.retries += 1
+            assert self._loop is not None
+            timer = self._loop.call_later(delay, self._produce_again, slot, message)
+            self._retrying[message] = (attempts, timer)
+            return
+        token.pending = -1  # later reports of its other records must not settle it
+        if type(token) is DeadLetter:
+            error = DeliveryError(f"the dead letter of {describe(token.failed)} could not be written to "
+                                  f"{message.topic!r}: {reason_of(exc)}")
+            self._failed_for_good(token.failed, error)
+        else:
+            error = DeliveryError(f"output to {message.topic!r} of input {describe(token)} could not be delivered: "
+                                  f"{reason_of(exc)}")
+            self._failed_for_good(token, error)  # type: ignore[arg-type]
+
+    def _produce_again(self, slot: int, message: OutgoingMessage) -> None:
+        attempts, _ = self._retrying.get(message, (0, None))
+        token = message.token
+        if token is None or token.pending < 0 or self.closed:
+            self._retrying.pop(message, None)
+            return
+        self._retrying[message] = (attempts, None)
+        self._produce(slot, [message], first=False)
+
+    def _failed_for_good(self, token: Token, error: DeliveryError) -> None:
+        logger.error("%s: %s; the input is not acknowledged and will be delivered again", self.app_name, error)
+        self.report.add_error(str(error))
+        self.give_back(token, f"output: DeliveryError: {error}", failed=True)
+        self.transaction_failed = True
+        if self.on_failure == "stop" and not self.transactional:
+            self.request_stop(error)
+
+    def cancel_retries(self) -> None:
+        """Shutdown: records waiting to be produced again stay unsent; their inputs are abandoned."""
+        for _, timer in self._retrying.values():
+            if timer is not None:
+                timer.cancel()
+        self._retrying.clear()
+
+    # ------------------------------------------------------------------ settling inputs
+
+    def notify(self) -> None:
+        self.last_activity = time.monotonic()
+        self.settled.set()
+        self.acker.wake.set()
+
+    def settle_ok(self, token: Token) -> None:
+        if type(token) is Envelope:
+            self.acker.acks.append(token)
+            count = 1
+        else:
+            # -1: dropped with an aborted transaction
+            members = [m for m in token.members if m.pending != -1]  # type: ignore[union-attr]
+            self.acker.acks.extend(members)
+            count = len(members)
+        self.in_flight -= count
+        self.report.acked += count
+        self.notify()
+
+    def give_back(self, token: Token, reason: str, *, failed: bool = False) -> None:
+        members = members_of(token)
+        self.acker.nacks.extend((env, reason) for env in members)
+        self.in_flight -= len(members)
+        if failed:
+            self.report.failed += len(members)
+        else:
+            self.report.nacked += len(members)
+        self.notify()
+
+    def fail(self, token: Token, stage: str, exc: BaseException) -> None:
+        """A message that cannot be processed: to the DLQ, or given back and reported."""
+        members = members_of(token)
+        if isinstance(exc, MessageError) or stage in ("deserialize", "validate"):
+            exc = classify(stage, exc, members[0].value if len(members) == 1 else b"")
+        reason = reason_of(exc)
+        if self.dlq is not None:
+            queue, slot = self.dlq
+            token.pending = -1
+            letter = DeadLetter(token, stage, reason)
+            if self.transactional:
+                self.open_letters.append(letter)
+            self._out[slot].extend(letters(letter, type(exc).__qualname__, queue.value))
+            self.schedule_flush()
+            return
+        trace = "".join(traceback.format_exception(exc)) if stage == "handler" else ""
+        logger.error("%s: %s failed at %s and there is no dead-letter queue: %s\n%s", self.app_name,
+                     describe(token), stage, reason, trace)
+        self.report.add_error(f"{describe(token)}: {stage}: {reason}")
+        self.give_back(token, f"{stage}: {type(exc).__qualname__}: {reason}", failed=True)
+        if self.on_failure == "stop":
+            self.request_stop(HandlerFailedError(
+                f"{self.app_name}: {describe(token)} failed at {stage} ({reason}) and no dead_letter_queue is "
+                "configured; configure one, or pass on_failure='continue' to log and keep going"))
+
+    def _dead_letter_landed(self, letter: DeadLetter) -> None:
+        members = letter.members
+        self.acker.acks.extend(members)
+        self.in_flight -= len(members)
+        self.report.dead_lettered += len(members)
+        assert self.dlq is not None
+        announce(letter, self.app_name, self.dlq[0].value, self.observer)
+        self.notify()
+
+    def abandon(self, count: int) -> None:
+        """Inputs that will not be handled (revoked, or left at shutdown): they are delivered again."""
+        if count:
+            self.in_flight -= count
+            self.report.abandoned += count
+            self.notify()

@@ -1,0 +1,166 @@
+"""Where a sync handler runs: inline slices on the event loop while it is fast, else the handler thread.
+
+In "auto" mode (the default) the first ``CALIBRATION_BATCHES`` batches run on the thread with every call
+timed; if calls proved fast, later batches run inline, in slices of at most ``INLINE_SLICE_SECONDS`` between
+which the loop serves I/O, acks and delivery reports: no thread hop at all, which matters because a hop per
+batch makes the loop and the worker fight over the GIL. A call that takes longer than ``SLOW_CALL_SECONDS``
+twice within a second (or ``VERY_SLOW_CALL_SECONDS`` once), or that raises with retries left (retries wait),
+moves the rest of the batch, and every later batch, to the thread. "thread" mode skips the inline stage.
+
+On the thread, finished messages are handed to the loop every ``THREAD_REPORT_SECONDS`` (so a slow handler's
+outputs and acks flow steadily), and the thread checks between messages whether the run gave up on its work:
+after a hung call finally returns at shutdown, nothing more is handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from volley.message import Envelope
+from volley.run.handling import Handling
+from volley.run.settlement import Settlement
+from volley.run.stopping import StopSignal
+from volley.run.tokens import Outcome
+from volley.threads import SerialThread
+
+logger = logging.getLogger("volley")
+
+INLINE_SLICE_SECONDS = 0.005
+FAST_CALL_SECONDS = 0.002
+SLOW_CALL_SECONDS = 0.02
+VERY_SLOW_CALL_SECONDS = 0.2
+THREAD_REPORT_SECONDS = 0.01
+CALIBRATION_BATCHES = 2
+
+
+class SyncExecutor:
+    def __init__(self, handling: Handling, settlement: Settlement, stop: StopSignal, app_name: str, *,
+                 auto: bool) -> None:
+        self.handling = handling
+        self.settlement = settlement
+        self.stop = stop
+        self.app_name = app_name
+        self.slots = len(settlement.producers)
+        self.inline = auto
+        self.calibrating = CALIBRATION_BATCHES if auto else 0
+        self.inline_since = 0.0  # while an inline slice runs: when it began (the watchdog reads it), else 0
+        self.thread_call_since = 0.0  # while the thread is inside a handler call: when it began, else 0
+        self._last_slow = -1e9
+        self.worker = SerialThread(f"volley-{app_name}-handler")
+
+    def close(self) -> None:
+        self.worker.stop()
+
+    async def run(self, batch: Sequence[Envelope]) -> None:
+        apply = self.settlement.apply
+        if self.handling.batch_size:
+            apply(await self.worker.submit(lambda: self._batches(batch)))
+            return
+        if self.calibrating:
+            # Only a handler that proved fast runs inline: one that blocks from the start never touches the loop.
+            self.calibrating -= 1
+            out = await self.worker.submit(lambda: self._on_thread(batch, None, measure=True))
+            apply(out)
+            # A few slow calls are expected (the first call warms caches, a GC pause lands in one).
+            if out.slow_calls > max(1, len(batch) // 50):
+                self.calibrating = 0
+                self._go_threaded(f"{out.slow_calls} of {len(batch)} handler calls took over {FAST_CALL_SECONDS} s "
+                                  f"(slowest {out.slowest:.4f} s)")
+            return
+        start = 0
+        moved: BaseException | None = None
+        while start < len(batch) and self.inline and moved is None and not self.stop.abandoned.is_set():
+            out = Outcome(self.slots)
+            start, moved = self._slice(batch, start, out)
+            apply(out)
+            if start < len(batch):
+                await asyncio.sleep(0)  # let I/O, acks and delivery reports through between slices
+        if start < len(batch) and not self.stop.abandoned.is_set():
+            rest = batch[start:] if start else batch
+            first_failure = moved
+            apply(await self.worker.submit(lambda: self._on_thread(rest, first_failure, measure=False)))
+
+    def _slice(self, batch: Sequence[Envelope], start: int, out: Outcome) -> tuple[int, BaseException | None]:
+        """On the loop: handle from ``start`` until the slice ends; return where to resume and, when a call
+        failed and must be retried on the thread, its first failure."""
+        handle = self.handling.handle_one
+        perf = time.perf_counter
+        previous = self.inline_since = perf()
+        deadline = previous + INLINE_SLICE_SECONDS
+        try:
+            for index in range(start, len(batch)):
+                now = perf()  # one clock read: the slice deadline, and the previous message's time
+                # Only _slow_inline can move the handler to the thread while this loop runs, so it sees every
+                # slow message first (a message slower than SLOW_CALL_SECONDS is past the deadline too).
+                if (now - previous > SLOW_CALL_SECONDS and not self._slow_inline(now, now - previous)) \
+                        or now > deadline:
+                    out.handled = index - start
+                    return index, None
+                previous = now
+                moved = handle(batch[index], out, None, False)
+                if moved is not None:
+                    self._go_threaded(f"the handler raised {type(moved.error).__name__}")
+                    out.handled = index - start
+                    return index, moved.error
+        finally:
+            self.inline_since = 0.0
+        out.handled = len(batch) - start
+        return len(batch), None
+
+    def _slow_inline(self, now: float, took: float) -> bool:
+        """One slow message may be a garbage-collection pause; a handler slow again, or very slow, is not.
+        Returns whether the handler still runs inline."""
+        if took > VERY_SLOW_CALL_SECONDS or now - self._last_slow < 1.0:
+            self._go_threaded(f"handling one message took {took:.3f} s")
+        self._last_slow = now
+        return self.inline
+
+    def _go_threaded(self, why: str) -> None:
+        if self.inline:
+            self.inline = False
+            logger.info("%s: %s: sync handler calls now run on their own thread, off the event loop",
+                        self.app_name, why)
+
+    def _on_thread(self, batch: Sequence[Envelope], first_failure: BaseException | None, *,
+                   measure: bool) -> Outcome:
+        """On the handler thread: handle a batch; hand over what is finished every THREAD_REPORT_SECONDS."""
+        settlement = self.settlement
+        handle = self.handling.handle_one
+        abandoned = self.stop.abandoned.is_set
+        monotonic, perf = time.monotonic, time.perf_counter
+        out = Outcome(self.slots)
+        reported = 0  # messages of the batch already handed to the loop
+        posted = monotonic()
+        index = 0
+        for index, env in enumerate(batch):  # noqa: B007 - index is read after the loop
+            if abandoned():  # shutdown gave up on this work: the rest is delivered again
+                out.handled = index - reported
+                return out
+            now = settlement.last_activity = monotonic()  # progress for the health probe, even mid-batch
+            if now - posted >= THREAD_REPORT_SECONDS and index > reported:
+                out.handled = index - reported
+                reported, posted = index, now
+                settlement.apply_threadsafe(out)
+                following = Outcome(self.slots)
+                following.slowest, following.slow_calls = out.slowest, out.slow_calls
+                out = following
+            called = self.thread_call_since = perf()
+            handle(env, out, first_failure if index == 0 else None, True)
+            self.thread_call_since = 0.0
+            if measure:
+                took = perf() - called
+                out.slowest = max(out.slowest, took)
+                if took > FAST_CALL_SECONDS:
+                    out.slow_calls += 1
+        out.handled = len(batch) - reported
+        return out
+
+    def _batches(self, batch: Sequence[Envelope]) -> Outcome:
+        out = Outcome(self.slots, len(batch))
+        self.thread_call_since = time.perf_counter()
+        self.handling.handle_batch(batch, out)
+        self.thread_call_since = 0.0
+        return out

@@ -1,0 +1,106 @@
+"""What flows between the steps of a run: the settlement tokens and the outcome of handling some messages.
+
+A token is what an output (or a dead letter) carries back in its delivery report, so that settlement knows
+which input it belongs to: the input's ``Envelope`` itself (the common case, no allocation), a ``Group`` (a
+batch handled as one), or a ``DeadLetter`` (the records of failed inputs on their way to the DLQ).
+``pending`` counts unconfirmed records; -1 marks a token that is settled already (given back, or dropped with
+an aborted transaction), whose late reports are ignored.
+"""
+
+from __future__ import annotations
+
+from volley.errors import MessageError
+from volley.message import Envelope, OutgoingMessage
+
+
+class Group:
+    """A batch handled as one (batch profiles): all its members settle together."""
+
+    __slots__ = ("members", "pending")
+
+    def __init__(self, members: list[Envelope]) -> None:
+        self.members = members
+        self.pending = 0
+
+
+class DeadLetter:
+    """The dead letters of one failed token: its inputs settle (as dead-lettered) once every letter is confirmed."""
+
+    __slots__ = ("failed", "members", "pending", "reason", "stage")
+
+    def __init__(self, failed: Envelope | Group, stage: str, reason: str) -> None:
+        self.failed = failed
+        self.members = members_of(failed)
+        self.stage = stage
+        self.reason = reason
+        self.pending = len(self.members)
+
+
+Token = Envelope | Group
+AnyToken = Envelope | Group | DeadLetter
+
+
+class Failed:
+    """The marker returned where a step failed and has already reported why (``FAILED``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+FAILED = Failed()
+
+
+class Outcome:
+    """What handling some messages produced, applied by settlement on the event loop.
+
+    ``handled`` counts the inputs it covers (for the consumed metric); the timing lists are filled only when
+    an observer is installed; ``slowest`` and ``slow_calls`` serve the sync executor's calibration.
+    """
+
+    __slots__ = ("acks", "component", "construct", "cycle", "deconstruct", "failures", "handled", "nacks", "outs",
+                 "retries", "slow_calls", "slowest")
+
+    def __init__(self, slots: int, handled: int = 0) -> None:
+        self.handled = handled
+        self.slowest = 0.0
+        self.slow_calls = 0
+        self.acks: list[Token] = []
+        self.nacks: list[Token] = []
+        self.failures: list[tuple[Token, str, BaseException]] = []
+        self.outs: list[list[OutgoingMessage]] = [[] for _ in range(slots)]
+        self.retries = 0
+        self.component: list[float] = []
+        self.cycle: list[float] = []
+        self.construct = 0.0
+        self.deconstruct = 0.0
+
+    def failure(self, token: Token, stage: str, exc: BaseException) -> None:
+        self.failures.append((token, stage, exc))
+
+
+def members_of(token: AnyToken) -> list[Envelope]:
+    return [token] if type(token) is Envelope else token.members  # type: ignore[union-attr]
+
+
+def describe(token: AnyToken) -> str:
+    """Where to find the input(s) of a token, for logs and errors."""
+    if type(token) is Envelope:
+        return token.describe()  # type: ignore[union-attr]
+    members = members_of(token)
+    if len(members) == 1:
+        return members[0].describe()
+    return f"batch of {len(members)} ({members[0].describe()} .. {members[-1].describe()})"
+
+
+def reason_of(exc: BaseException) -> str:
+    """A one-line reason; never raises, even for an exception whose ``__str__`` does."""
+    try:
+        if isinstance(exc, MessageError):
+            return str(exc.reason)
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the message
+        text = "<the exception's str() raised>"
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
