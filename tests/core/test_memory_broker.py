@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 
 from volley import Engine, MemoryBroker
 from volley.memory import MemoryConsumer
+from volley.message import OutgoingMessage
 
 
 async def test_an_empty_poll_without_timeout_still_yields_to_the_event_loop() -> None:
@@ -62,3 +65,70 @@ async def test_the_memory_consumer_declares_an_instant_exact_drain_check() -> No
     assert consumer.is_drained_now() is False  # held by this consumer until acked
     await consumer.ack(batch)
     assert consumer.is_drained_now() is True
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def _scheduler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("volley-memory-scheduler")]
+
+
+def test_a_thousand_delayed_records_need_one_thread_and_arrive_after_their_delay() -> None:
+    broker = MemoryBroker()
+    before = threading.active_count()
+    peak = before
+    sent: list[float] = []
+    delay = 0.2
+    for n in range(1000):
+        sent.append(time.time())
+        broker.publish_many([OutgoingMessage("later", str(n).encode(), delay=delay)])
+        peak = max(peak, threading.active_count())
+    assert peak <= before + 1, f"{peak - before} threads started for 1000 delayed records"
+    assert not broker.is_idle("later")  # pending while delayed
+    _wait_until(lambda: broker.depth("later") == 1000, 10, "the delayed records never all arrived")
+    records = broker.produced_records("later")
+    assert [r.value for r in records] == [str(n).encode() for n in range(1000)]
+    late = [r.timestamp - sent[n] for n, r in enumerate(records) if r.timestamp is not None]
+    assert len(late) == 1000 and min(late) >= delay - 0.005, min(late)  # time.time() vs monotonic: 5 ms slack
+
+
+def test_a_thousand_delayed_nacks_need_one_thread_and_come_back_after_their_delay() -> None:
+    broker = MemoryBroker()
+    for n in range(1000):
+        broker.publish("q", str(n).encode())
+    taken = broker.take("q", 1000, owner=1)
+    before = threading.active_count()
+    peak = before
+    nacked = time.monotonic()
+    for envelope in taken:
+        broker.nack("q", [envelope.position], delay=0.2, owner=1)
+        peak = max(peak, threading.active_count())
+    assert peak <= before + 1, f"{peak - before} threads started for 1000 delayed nacks"
+    assert broker.depth("q") == 0 or time.monotonic() - nacked >= 0.2
+    assert not broker.is_idle("q")
+    _wait_until(lambda: broker.depth("q") == 1000, 10, "the nacked records never all came back")
+    assert time.monotonic() - nacked >= 0.2
+    again = broker.take("q", 1000, owner=2)
+    assert sorted(int(e.value) for e in again) == list(range(1000))
+    assert {e.attempt for e in again} == {2}
+
+
+def test_the_scheduler_thread_ends_when_idle_and_on_close() -> None:
+    broker = MemoryBroker()
+    broker.publish_many([OutgoingMessage("later", b"x", delay=0.01)])
+    assert len(_scheduler_threads()) >= 1
+    _wait_until(lambda: broker.depth("later") == 1, 5, "the delayed record never arrived")
+    _wait_until(lambda: broker._scheduler.thread() is None, 5, "the idle scheduler thread never ended")
+
+    broker.publish_many([OutgoingMessage("later", b"y", delay=60)])
+    thread = broker._scheduler.thread()
+    assert thread is not None and thread.daemon
+    broker.close()
+    assert not thread.is_alive()
+    assert broker.depth("later") == 2  # not lost: made ready at close
+    assert broker.is_idle("later") is False and broker.take("later", 10)  # the queue is still usable
