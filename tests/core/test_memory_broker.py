@@ -8,7 +8,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from volley import Engine, MemoryBroker
+import pytest
+
+from volley import ConfigurationError, Engine, MemoryBroker, memory
 from volley.memory import MemoryConsumer
 from volley.message import OutgoingMessage
 
@@ -132,3 +134,29 @@ def test_the_scheduler_thread_ends_when_idle_and_on_close() -> None:
     assert not thread.is_alive()
     assert broker.depth("later") == 2  # not lost: made ready at close
     assert broker.is_idle("later") is False and broker.take("later", 10)  # the queue is still usable
+
+
+def test_the_log_of_published_messages_is_bounded() -> None:
+    broker = MemoryBroker(log_limit=3)
+    for n in range(5):
+        broker.publish("q", str(n).encode())
+    assert broker.produced("q") == [b"2", b"3", b"4"]
+    assert [r.value for r in broker.produced_records("q")] == [b"2", b"3", b"4"]
+    assert broker.depth("q") == 5  # the bound is on the log, never on the messages themselves
+    assert MemoryBroker().log_limit == 100_000
+    assert MemoryBroker(log_limit=None).log_limit is None
+    with pytest.raises(ConfigurationError, match="log_limit"):
+        MemoryBroker(log_limit=-1)
+
+
+def test_the_process_wide_broker_keeps_a_short_log() -> None:
+    previous = memory.default_broker()
+    try:
+        broker = memory.reset_default_broker()
+        assert broker.log_limit == memory.DEFAULT_BROKER_LOG_LIMIT <= 10_000
+        for n in range(memory.DEFAULT_BROKER_LOG_LIMIT + 10):
+            broker.publish("q", str(n).encode())
+        assert len(broker.produced("q")) == memory.DEFAULT_BROKER_LOG_LIMIT
+        assert broker.produced("q")[-1] == str(memory.DEFAULT_BROKER_LOG_LIMIT + 9).encode()
+    finally:
+        memory.reset_default_broker(previous)

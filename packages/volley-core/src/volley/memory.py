@@ -31,6 +31,11 @@ from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 
 logger = logging.getLogger("volley.memory")
 
+# The messages per queue that a broker keeps for produced() / produced_records(); the process-wide default
+# broker, which lives as long as the process, keeps fewer.
+DEFAULT_LOG_LIMIT = 100_000
+DEFAULT_BROKER_LOG_LIMIT = 1_000
+
 # How long the scheduler thread stays alive with nothing scheduled before it ends (a new delay starts it again).
 SCHEDULER_IDLE_SECONDS = 1.0
 
@@ -111,12 +116,12 @@ _Stored = tuple[bytes, bytes | None, Headers | None, str, int, int, float, int]
 class _Queue:
     __slots__ = ("name", "partitions", "owned", "log", "waiters", "delayed", "acked", "next_partition")
 
-    def __init__(self, name: str, partitions: int) -> None:
+    def __init__(self, name: str, partitions: int, log_limit: int | None) -> None:
         self.name = name
         self.partitions: list[deque[_Stored]] = [deque() for _ in range(partitions)]
         # consumer id -> {position: message}: what each consumer holds unacknowledged
         self.owned: dict[int, dict[int, _Stored]] = {}
-        self.log: list[_Stored] = []
+        self.log: deque[_Stored] = deque(maxlen=log_limit)  # the latest log_limit published messages
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.delayed = 0
         self.acked = 0
@@ -134,13 +139,22 @@ class MemoryBroker:
 
     ``partitions`` is the number of partitions of every queue created on first
     use; a message with a key always lands in the same partition; one without
-    a key goes round-robin. ``keep_log`` keeps every produced message for test
-    assertions (``produced``); turn it off for long benchmarks.
+    a key goes round-robin. ``keep_log`` keeps the messages published to each
+    queue for test assertions (``produced``, ``produced_records``): the latest
+    ``log_limit`` of them per queue (``DEFAULT_LOG_LIMIT``, 100,000; ``None``
+    for no bound), older ones are forgotten, so a long run holds bounded
+    memory. The process-wide ``default_broker()`` keeps only the latest
+    ``DEFAULT_BROKER_LOG_LIMIT`` (1,000). Turn ``keep_log`` off for long
+    benchmarks.
     """
 
-    def __init__(self, partitions: int = 1, keep_log: bool = True) -> None:
+    def __init__(self, partitions: int = 1, keep_log: bool = True, log_limit: int | None = DEFAULT_LOG_LIMIT) -> None:
         if partitions < 1:
             raise ConfigurationError("MemoryBroker needs at least one partition")
+        if log_limit is not None and (isinstance(log_limit, bool) or not isinstance(log_limit, int)
+                                      or log_limit < 0):
+            raise ConfigurationError(f"MemoryBroker log_limit must be a non-negative integer, got {log_limit!r}")
+        self.log_limit = log_limit
         self._lock = threading.Lock()
         # Delayed publishes and delayed nacks: one thread for the whole broker, started when first needed.
         self._scheduler = _Scheduler(f"volley-memory-scheduler-{id(self):x}")
@@ -154,14 +168,14 @@ class MemoryBroker:
     def _queue(self, name: str) -> _Queue:
         queue = self._queues.get(name)
         if queue is None:
-            queue = self._queues[name] = _Queue(name, self._partitions)
+            queue = self._queues[name] = _Queue(name, self._partitions, self.log_limit)
         return queue
 
     def create_queue(self, name: str, partitions: int | None = None) -> None:
         """Create a queue with its own partition count (queues are otherwise created on first use)."""
         with self._lock:
             if name not in self._queues:
-                self._queues[name] = _Queue(name, partitions or self._partitions)
+                self._queues[name] = _Queue(name, partitions or self._partitions, self.log_limit)
 
     def queue_names(self) -> list[str]:
         with self._lock:
@@ -370,12 +384,12 @@ class MemoryBroker:
     # ---------------------------------------------------------------- inspection
 
     def produced(self, queue_name: str) -> list[bytes]:
-        """Every value ever published to the queue, in publication order (needs ``keep_log``)."""
+        """The values published to the queue, in publication order (needs ``keep_log``): the latest ``log_limit``."""
         with self._lock:
             return [s[0] for s in self._queue(queue_name).log]
 
     def produced_records(self, queue_name: str) -> list[Envelope]:
-        """Every message ever published to the queue, with key, headers and partition."""
+        """The messages published to the queue, with key, headers and partition: the latest ``log_limit``."""
         with self._lock:
             return [Envelope(*s[:7]) for s in self._queue(queue_name).log]
 
@@ -422,11 +436,14 @@ _default_lock = threading.Lock()
 
 
 def default_broker() -> MemoryBroker:
-    """The process-wide broker that ``memory`` queues use unless their config names another."""
+    """The process-wide broker that ``memory`` queues use unless their config names another.
+
+    It lives as long as the process, so its log is short: ``produced()`` gives the latest
+    ``DEFAULT_BROKER_LOG_LIMIT`` messages of each queue."""
     global _default_broker
     with _default_lock:
         if _default_broker is None:
-            _default_broker = MemoryBroker()
+            _default_broker = MemoryBroker(log_limit=DEFAULT_BROKER_LOG_LIMIT)
         return _default_broker
 
 
@@ -434,7 +451,7 @@ def reset_default_broker(broker: MemoryBroker | None = None) -> MemoryBroker:
     """Start over with an empty (or the given) process-wide broker: for tests and demos."""
     global _default_broker
     with _default_lock:
-        _default_broker = broker or MemoryBroker()
+        _default_broker = broker or MemoryBroker(log_limit=DEFAULT_BROKER_LOG_LIMIT)
         return _default_broker
 
 
