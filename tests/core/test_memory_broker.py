@@ -160,3 +160,35 @@ def test_the_process_wide_broker_keeps_a_short_log() -> None:
         assert broker.produced("q")[-1] == str(memory.DEFAULT_BROKER_LOG_LIMIT + 9).encode()
     finally:
         memory.reset_default_broker(previous)
+
+
+BAD_RECORDS = {
+    "partition out of range": ({"partition": 3}, ValueError, r"record 1 of 3 .*1 partition\(s\) \(0 to 0\), not 3"),
+    "partition not an int": ({"partition": "0"}, TypeError, "partition must be an int"),
+    "partition a bool": ({"partition": True}, TypeError, "partition must be an int"),
+    "negative delay": ({"delay": -1.0}, ValueError, "non-negative finite"),
+    "infinite delay": ({"delay": float("inf")}, ValueError, "non-negative finite"),
+    "nan delay": ({"delay": float("nan")}, ValueError, "non-negative finite"),
+    "delay not a number": ({"delay": "soon"}, TypeError, "delay must be a number"),
+    "key not bytes": ({"key": "k"}, TypeError, "key must be bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_a_bad_record_fails_its_whole_call_and_nothing_of_it_is_stored(case: str) -> None:
+    options, error, message = BAD_RECORDS[case]
+    broker = MemoryBroker()
+    producer = memory.MemoryProducer(broker)
+    call = [OutgoingMessage("q", b"first"), OutgoingMessage("q", b"bad", **options),
+            OutgoingMessage("q", b"last", delay=0.01)]
+    reports: list[tuple[list[OutgoingMessage], list[tuple[OutgoingMessage, Exception]]]] = []
+    producer.produce(call, lambda ok, failed: reports.append((list(ok), list(failed))))
+    assert len(reports) == 1
+    delivered, failed = reports[0]
+    assert delivered == [] and [m for m, _ in failed] == call  # reported exactly as it is: none stored
+    assert all(isinstance(exc, error) for _, exc in failed)
+    with pytest.raises(error, match=message):
+        broker.publish_many(call)
+    assert broker.produced("q") == [] and broker.depth("q") == 0
+    assert broker.is_idle("q"), "a record of the failed call is still counted as pending"
+    assert broker._scheduler.thread() is None  # nothing of the call was scheduled either

@@ -17,6 +17,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import operator
 import threading
 import time
@@ -195,6 +196,9 @@ class MemoryBroker:
         self.publish_many([OutgoingMessage(queue, value, key, headers, partition)])
 
     def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Store ``messages``, all or nothing: a record whose ``partition`` is not an int in range, whose ``delay``
+        is not a non-negative finite number, or whose key is not bytes raises (ValueError or TypeError, naming
+        the record) before anything of the call is stored."""
         self._publish(messages, None)
 
     def _publish(self, messages: Sequence[OutgoingMessage], released: str | None) -> None:
@@ -208,13 +212,12 @@ class MemoryBroker:
         with self._lock:
             if released is not None:
                 self._queue(released).delayed -= 1
-            # All or nothing: check explicit partitions first, so a bad record never leaves its
-            # call half-stored (the producer reports the whole call as failed).
+            # All or nothing: check every record's options first, so that a bad record never leaves its call
+            # half-stored (the producer reports the whole call as failed, and nothing of it was stored).
             for message in messages:
-                if message.partition is not None:
-                    count = len(self._queue(message.topic).partitions)
-                    if not 0 <= message.partition < count:
-                        raise ValueError(f"queue {message.topic!r} has {count} partition(s), not {message.partition}")
+                if (message.partition is not None or message.delay is not None
+                        or (message.key is not None and message.key.__class__ is not bytes)):
+                    self._check(message, messages)
             topic = None
             queue: _Queue | None = None
             single: Callable[[_Stored], None] | None = None  # the append of a one-partition queue
@@ -244,11 +247,34 @@ class MemoryBroker:
         for message in delayed:
             self._publish_later(message)
 
+    def _check(self, message: OutgoingMessage, call: Sequence[OutgoingMessage]) -> None:
+        """Raise TypeError or ValueError, naming the record, if its partition, delay or key cannot be stored.
+        Called under the lock (the partition count of the queue is read)."""
+        partition, delay, key = message.partition, message.delay, message.key
+        problem: str | None = None
+        error: type[Exception] = TypeError
+        if partition is not None:
+            if isinstance(partition, bool) or not isinstance(partition, int):
+                problem = f"partition must be an int, got {partition!r}"
+            else:
+                count = len(self._queue(message.topic).partitions)
+                if not 0 <= partition < count:
+                    problem, error = f"queue has {count} partition(s) (0 to {count - 1}), not {partition}", ValueError
+        if problem is None and delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+                problem = f"delay must be a number of seconds, got {delay!r}"
+            elif not (math.isfinite(delay) and delay >= 0):
+                problem, error = f"delay must be a non-negative finite number of seconds, got {delay!r}", ValueError
+        if problem is None and key is not None and not isinstance(key, bytes):
+            problem = f"key must be bytes or None, got {type(key).__name__}"
+        if problem is not None:
+            index = next(i for i, m in enumerate(call) if m is message)
+            raise error(f"record {index} of {len(call)} to queue {message.topic!r}: {problem}; nothing of the call "
+                        "was stored")
+
     def _store(self, queue: _Queue, message: OutgoingMessage, now: float) -> _Stored:
         count = len(queue.partitions)
-        if message.partition is not None:
-            if not 0 <= message.partition < count:
-                raise ValueError(f"queue {queue.name!r} has {count} partition(s), not {message.partition}")
+        if message.partition is not None:  # checked by _check: in range
             partition = message.partition
         elif message.key is not None:
             partition = zlib.crc32(message.key) % count
@@ -524,11 +550,12 @@ class MemoryProducer:
         return None
 
     def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
-        failures: list[DeliveryFailure] = []
+        """Store the call's messages, all or nothing: a record with an invalid partition, delay or key fails the
+        whole call before anything is stored, and every message of it is reported failed (none stored)."""
         try:
             self._broker.publish_many(messages)
-        except ValueError as exc:  # a partition out of range: report every message of the call as failed
-            failures = [(m, exc) for m in messages]
+        except (TypeError, ValueError) as exc:
+            failures: list[DeliveryFailure] = [(m, exc) for m in messages]
             on_delivery((), failures)
             return
         on_delivery(messages, ())
