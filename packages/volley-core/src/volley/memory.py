@@ -250,7 +250,10 @@ class MemoryBroker:
     def _check(self, message: OutgoingMessage, call: Sequence[OutgoingMessage]) -> None:
         """Raise TypeError or ValueError, naming the record, if its partition, delay or key cannot be stored.
         Called under the lock (the partition count of the queue is read)."""
-        partition, delay, key = message.partition, message.delay, message.key
+        # Typed loosely on purpose: records come from user code (output options), whatever their annotations say.
+        partition: Any = message.partition
+        delay: Any = message.delay
+        key: Any = message.key
         problem: str | None = None
         error: type[Exception] = TypeError
         if partition is not None:
