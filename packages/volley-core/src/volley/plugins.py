@@ -15,6 +15,7 @@ from typing import Any
 
 import pluggy
 
+from volley.config import check_profile_settings
 from volley.errors import ConfigurationError, UnknownComponentError
 
 PROJECT = "volley"
@@ -96,6 +97,8 @@ class Registry:
     entries: dict[str, dict[str, Registration]] = field(default_factory=lambda: {k: {} for k in KINDS})
 
     def add(self, kind: str, name: str, value: Any, distribution: str) -> None:
+        if kind == "profile":
+            check_profile_settings(name, value, distribution)
         existing = self.entries[kind].get(name)
         if existing is not None and existing.distribution != distribution:
             raise ConfigurationError(
