@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import volley
 from volley import ConfigurationError
 from volley.plugins import Register, Registry, build_registry, hookimpl
 
@@ -44,3 +47,76 @@ def test_registry_add_checks_profile_settings(settings: Any, problem: str) -> No
 def test_every_built_in_profile_passes_the_check() -> None:
     registry = build_registry()
     assert {"memory", "memory-batch-json", "memory-dlq"} <= set(registry.names("profile"))
+
+
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _volley_imports() -> dict[str, set[str]]:
+    """Which volley module imports which (lazy imports inside functions included), read from the sources."""
+    package = Path(volley.__file__).parent
+    graph: dict[str, set[str]] = {}
+    paths = {_module_name(path, package): path for path in package.rglob("*.py")}
+    modules = set(paths)
+    for module, path in paths.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+                # `from volley import builtin` imports volley.builtin; its package is no edge (every module
+                # imports its package first, so that edge would tie any two modules into a circle)
+                targets.update(submodules if submodules & modules else {node.module})
+        graph[module] = targets
+    return {module: {t for t in targets if t in graph and t != module} for module, targets in graph.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component: set[str] = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_plugins_builtin_cli_and_workers_are_in_no_import_cycle() -> None:
+    graph = _volley_imports()
+    assert "volley.builtin" in graph["volley.plugins"]  # the reader sees lazy imports
+    ours = {"volley.plugins", "volley.builtin", "volley.hooks", "volley.cli", "volley.workers", "volley.apps"}
+    tangled = [sorted(cycle) for cycle in _cycles(graph) if cycle & ours]
+    assert tangled == []
+
+
+def test_the_moved_names_are_still_importable_from_where_plugins_and_tests_import_them() -> None:
+    from volley import apps, cli, hooks, plugins
+
+    assert plugins.hookimpl is hooks.hookimpl and plugins.hookspec is hooks.hookspec
+    assert plugins.VolleySpecs is hooks.VolleySpecs and plugins.PROJECT == hooks.PROJECT == "volley"
+    assert cli.load_app is apps.load_app

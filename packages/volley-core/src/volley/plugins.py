@@ -9,7 +9,7 @@ is a first-class citizen. Installing a distribution that declares
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,37 +17,26 @@ import pluggy
 
 from volley.config import check_profile_settings
 from volley.errors import ConfigurationError, UnknownComponentError
+from volley.hooks import PROJECT, Register, VolleySpecs, hookimpl, hookspec
 
-PROJECT = "volley"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
-Register = Callable[..., None]
-
-
-class VolleySpecs:
-    """The hooks a plugin may implement. Each receives ``register(name, thing)``."""
-
-    @hookspec
-    def volley_register_connectors(self, register: Register) -> None:
-        """register(name, connector): an object with create_consumer / create_producer (ports.Connector)."""
-
-    @hookspec
-    def volley_register_serializers(self, register: Register) -> None:
-        """register(name, factory): a zero-argument callable returning a ports.Serializer."""
-
-    @hookspec
-    def volley_register_model_handlers(self, register: Register) -> None:
-        """register(name, factory): a zero-argument callable returning a ports.ModelHandler."""
-
-    @hookspec
-    def volley_register_profiles(self, register: Register) -> None:
-        """register(name, settings): a mapping of queue defaults (connector, serializer, model_handler, ...)."""
-
-    @hookspec
-    def volley_register_observers(self, register: Register) -> None:
-        """register(name, factory): factory(app_name, metrics_port, settings) returning a ports.Observer."""
-
+# The markers and specs live in volley.hooks (volley.builtin imports them from there, not from this module);
+# they are re-exported here because plugins write ``from volley.plugins import Register, hookimpl``.
+__all__ = [
+    "KINDS",
+    "KNOWN_PROVIDERS",
+    "PROJECT",
+    "Register",
+    "Registration",
+    "Registry",
+    "VolleySpecs",
+    "build_registry",
+    "get_registry",
+    "hookimpl",
+    "hookspec",
+    "install_hint",
+    "provider_hint",
+    "reset_registry",
+]
 
 KINDS = ("connector", "serializer", "model_handler", "profile", "observer")
 
