@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 import volley
 from volley import ConfigurationError
-from volley.plugins import Register, Registry, build_registry, hookimpl
+from volley.plugins import KNOWN_PROVIDERS, Register, Registry, build_registry, hookimpl, provider_hint
 
 
 class MisspelledProfile:
@@ -120,3 +121,98 @@ def test_the_moved_names_are_still_importable_from_where_plugins_and_tests_impor
     assert plugins.hookimpl is hooks.hookimpl and plugins.hookspec is hooks.hookspec
     assert plugins.VolleySpecs is hooks.VolleySpecs and plugins.PROJECT == hooks.PROJECT == "volley"
     assert cli.load_app is apps.load_app
+
+
+class _Recording:
+    """A plugin registering one connector and noting that it was called."""
+
+    def __init__(self, label: str, calls: list[str]) -> None:
+        self.__name__ = f"dist-{label}"
+        self.label = label
+        self.calls = calls
+
+    def _register(self, register: Register) -> None:
+        self.calls.append(self.label)
+        register(f"conn-{self.label}", object())
+
+
+class _First(_Recording):
+    @hookimpl(tryfirst=True)
+    def volley_register_connectors(self, register: Register) -> None:
+        self._register(register)
+
+
+class _Last(_Recording):
+    @hookimpl(trylast=True)
+    def volley_register_connectors(self, register: Register) -> None:
+        self._register(register)
+
+
+class _Plain(_Recording):
+    @hookimpl
+    def volley_register_connectors(self, register: Register) -> None:
+        self._register(register)
+
+
+class _OtherName(_Recording):
+    @hookimpl(specname="volley_register_connectors")
+    def connectors(self, register: Register) -> None:
+        self._register(register)
+
+
+class _Wrapper:
+    """Wraps every call of the connector hook, as a tracing or filtering plugin would."""
+
+    __name__ = "dist-wrapper"
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    @hookimpl(wrapper=True)
+    def volley_register_connectors(self, register: Register) -> Generator[None, None, None]:
+        self.calls.append("wrapper-before")
+        result = yield
+        self.calls.append("wrapper-after")
+        return result
+
+
+def test_hooks_are_called_through_pluggy_with_its_order_wrappers_and_specnames() -> None:
+    calls: list[str] = []
+    plugins = {"last": _Last("last", calls), "plain": _Plain("plain", calls), "first": _First("first", calls),
+               "other-name": _OtherName("other-name", calls), "wrapper": _Wrapper(calls)}
+    registry = build_registry(plugins)
+    ours = [c for c in calls if not c.startswith("wrapper")]
+    assert ours[0] == "first" and ours[-1] == "last"
+    assert set(ours) == {"first", "plain", "other-name", "last"}  # specname= is an implementation too
+    # around each implementation's call (volley-core's own included): before, [the call], after
+    assert calls.count("wrapper-before") == calls.count("wrapper-after") == len(ours) + 1
+    for label in ours:
+        at = calls.index(label)
+        assert calls[at - 1] == "wrapper-before" and calls[at + 1] == "wrapper-after"
+    for label in ("first", "plain", "other-name", "last"):
+        assert registry.entries["connector"][f"conn-{label}"].distribution == f"dist-{label}"
+    assert registry.entries["connector"]["memory"].distribution == "volley-core"
+
+
+def test_two_distributions_registering_one_name_is_still_an_error_naming_both() -> None:
+    class Clash:
+        __name__ = "dist-clash"
+
+        @hookimpl
+        def volley_register_connectors(self, register: Register) -> None:
+            register("memory", object())
+
+    with pytest.raises(ConfigurationError, match=r"connector 'memory' is registered by both "
+                                                 r"(volley-core and dist-clash|dist-clash and volley-core)"):
+        build_registry({"clash": Clash()})
+
+
+@pytest.mark.parametrize(("name", "requirement"), [
+    ("sqlite", "volley-sqlite"), ("sqlite-dlq", "volley-sqlite"), ("otel", "volley-otel"),
+    ("prometheus", "volley-prometheus"), ("confluent-eos", "volley-kafka"),
+])
+def test_install_hints_come_from_the_one_table(name: str, requirement: str) -> None:
+    assert provider_hint(name) == requirement
+    assert KNOWN_PROVIDERS[name.split("-", 1)[0]] == requirement
+    message = Registry().unknown_message("connector", name)
+    assert message.endswith(f"(pip install {requirement})")
