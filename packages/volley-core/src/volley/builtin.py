@@ -7,8 +7,8 @@ single path from a name in a configuration to the object that serves it.
 from __future__ import annotations
 
 from volley.codecs import DataclassModelHandler, JsonSerializer, PassThroughModelHandler, RawSerializer
+from volley.hooks import Register, hookimpl
 from volley.memory import MemoryConnector
-from volley.plugins import Register, hookimpl
 
 
 @hookimpl

@@ -5,34 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import importlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 
+from volley.apps import load_app
 from volley.engine import StreamApp
 from volley.errors import ConfigurationError
 from volley.plugins import KINDS, get_registry
 
-
-def load_app(target: str) -> StreamApp:
-    """``package.module:attribute`` to the StreamApp it names."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise ConfigurationError(f"app {target!r} must be given as module:attribute, e.g. myproject.worker:app")
-    sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r} for app {target!r}: {exc}") from exc
-    app = getattr(module, attribute, None)
-    if not isinstance(app, StreamApp):
-        raise ConfigurationError(
-            f"{target!r} is {type(app).__name__}, not a function decorated with @engine.stream_app"
-        )
-    return app
+__all__ = ["load_app", "main"]  # load_app lives in volley.apps; still importable from here
 
 
 async def _run_all(apps: Sequence[StreamApp]) -> None:

@@ -36,6 +36,24 @@ QUEUE_FIELDS = (
     "ordering",
 )
 
+# What a profile (a bundle of queue defaults registered by a plugin) may set: a queue's settings but its identity.
+PROFILE_FIELDS = tuple(f for f in QUEUE_FIELDS if f not in {"name", "value", "profile"})
+
+
+def check_profile_settings(name: str, settings: Any, distribution: str) -> None:
+    """Fail on a profile that is not a mapping or sets an unknown key (a typo such as ``serialiser`` would
+    otherwise leave every queue of that profile without the setting)."""
+    if not isinstance(settings, Mapping):
+        raise ConfigurationError(
+            f"profile {name!r} of {distribution} must be a mapping of queue settings, got {type(settings).__name__}"
+        )
+    unknown = sorted(set(settings) - set(PROFILE_FIELDS), key=str)
+    if unknown:
+        raise ConfigurationError(
+            f"profile {name!r} of {distribution} has unknown setting(s) {unknown}; allowed settings: "
+            f"{list(PROFILE_FIELDS)}"
+        )
+
 
 @dataclasses.dataclass
 class QueueConfig:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
+import math
 import operator
 import threading
 import time
@@ -25,6 +27,12 @@ from typing import Any
 from volley.errors import ConfigurationError
 from volley.message import Envelope, Headers, OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
+from volley.scheduler import Scheduler
+
+# The messages per queue that a broker keeps for produced() / produced_records(); the process-wide default
+# broker, which lives as long as the process, keeps fewer.
+DEFAULT_LOG_LIMIT = 100_000
+DEFAULT_BROKER_LOG_LIMIT = 1_000
 
 # (value, key, headers, queue name, partition, sequence, timestamp, attempt): Envelope's positional arguments,
 # so that handing a message out is Envelope(*stored).
@@ -34,12 +42,12 @@ _Stored = tuple[bytes, bytes | None, Headers | None, str, int, int, float, int]
 class _Queue:
     __slots__ = ("name", "partitions", "owned", "log", "waiters", "delayed", "acked", "next_partition")
 
-    def __init__(self, name: str, partitions: int) -> None:
+    def __init__(self, name: str, partitions: int, log_limit: int | None) -> None:
         self.name = name
         self.partitions: list[deque[_Stored]] = [deque() for _ in range(partitions)]
         # consumer id -> {position: message}: what each consumer holds unacknowledged
         self.owned: dict[int, dict[int, _Stored]] = {}
-        self.log: list[_Stored] = []
+        self.log: deque[_Stored] = deque(maxlen=log_limit)  # the latest log_limit published messages
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.delayed = 0
         self.acked = 0
@@ -57,14 +65,25 @@ class MemoryBroker:
 
     ``partitions`` is the number of partitions of every queue created on first
     use; a message with a key always lands in the same partition; one without
-    a key goes round-robin. ``keep_log`` keeps every produced message for test
-    assertions (``produced``); turn it off for long benchmarks.
+    a key goes round-robin. ``keep_log`` keeps the messages published to each
+    queue for test assertions (``produced``, ``produced_records``): the latest
+    ``log_limit`` of them per queue (``DEFAULT_LOG_LIMIT``, 100,000; ``None``
+    for no bound), older ones are forgotten, so a long run holds bounded
+    memory. The process-wide ``default_broker()`` keeps only the latest
+    ``DEFAULT_BROKER_LOG_LIMIT`` (1,000). Turn ``keep_log`` off for long
+    benchmarks.
     """
 
-    def __init__(self, partitions: int = 1, keep_log: bool = True) -> None:
+    def __init__(self, partitions: int = 1, keep_log: bool = True, log_limit: int | None = DEFAULT_LOG_LIMIT) -> None:
         if partitions < 1:
             raise ConfigurationError("MemoryBroker needs at least one partition")
+        if log_limit is not None and (isinstance(log_limit, bool) or not isinstance(log_limit, int)
+                                      or log_limit < 0):
+            raise ConfigurationError(f"MemoryBroker log_limit must be a non-negative integer, got {log_limit!r}")
+        self.log_limit = log_limit
         self._lock = threading.Lock()
+        # Delayed publishes and delayed nacks: one thread for the whole broker, started when first needed.
+        self._scheduler = Scheduler(f"volley-memory-scheduler-{id(self):x}")
         self._queues: dict[str, _Queue] = {}
         self._sequence = itertools.count()
         self._partitions = partitions
@@ -75,14 +94,14 @@ class MemoryBroker:
     def _queue(self, name: str) -> _Queue:
         queue = self._queues.get(name)
         if queue is None:
-            queue = self._queues[name] = _Queue(name, self._partitions)
+            queue = self._queues[name] = _Queue(name, self._partitions, self.log_limit)
         return queue
 
     def create_queue(self, name: str, partitions: int | None = None) -> None:
         """Create a queue with its own partition count (queues are otherwise created on first use)."""
         with self._lock:
             if name not in self._queues:
-                self._queues[name] = _Queue(name, partitions or self._partitions)
+                self._queues[name] = _Queue(name, partitions or self._partitions, self.log_limit)
 
     def queue_names(self) -> list[str]:
         with self._lock:
@@ -102,6 +121,9 @@ class MemoryBroker:
         self.publish_many([OutgoingMessage(queue, value, key, headers, partition)])
 
     def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Store ``messages``, all or nothing: a record whose ``partition`` is not an int in range, whose ``delay``
+        is not a non-negative finite number, or whose key is not bytes raises (ValueError or TypeError, naming
+        the record) before anything of the call is stored."""
         self._publish(messages, None)
 
     def _publish(self, messages: Sequence[OutgoingMessage], released: str | None) -> None:
@@ -115,13 +137,12 @@ class MemoryBroker:
         with self._lock:
             if released is not None:
                 self._queue(released).delayed -= 1
-            # All or nothing: check explicit partitions first, so a bad record never leaves its
-            # call half-stored (the producer reports the whole call as failed).
+            # All or nothing: check every record's options first, so that a bad record never leaves its call
+            # half-stored (the producer reports the whole call as failed, and nothing of it was stored).
             for message in messages:
-                if message.partition is not None:
-                    count = len(self._queue(message.topic).partitions)
-                    if not 0 <= message.partition < count:
-                        raise ValueError(f"queue {message.topic!r} has {count} partition(s), not {message.partition}")
+                if (message.partition is not None or message.delay is not None
+                        or (message.key is not None and message.key.__class__ is not bytes)):
+                    self._check(message, messages)
             topic = None
             queue: _Queue | None = None
             single: Callable[[_Stored], None] | None = None  # the append of a one-partition queue
@@ -151,11 +172,37 @@ class MemoryBroker:
         for message in delayed:
             self._publish_later(message)
 
+    def _check(self, message: OutgoingMessage, call: Sequence[OutgoingMessage]) -> None:
+        """Raise TypeError or ValueError, naming the record, if its partition, delay or key cannot be stored.
+        Called under the lock (the partition count of the queue is read)."""
+        # Typed loosely on purpose: records come from user code (output options), whatever their annotations say.
+        partition: Any = message.partition
+        delay: Any = message.delay
+        key: Any = message.key
+        problem: str | None = None
+        error: type[Exception] = TypeError
+        if partition is not None:
+            if isinstance(partition, bool) or not isinstance(partition, int):
+                problem = f"partition must be an int, got {partition!r}"
+            else:
+                count = len(self._queue(message.topic).partitions)
+                if not 0 <= partition < count:
+                    problem, error = f"queue has {count} partition(s) (0 to {count - 1}), not {partition}", ValueError
+        if problem is None and delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+                problem = f"delay must be a number of seconds, got {delay!r}"
+            elif not (math.isfinite(delay) and delay >= 0):
+                problem, error = f"delay must be a non-negative finite number of seconds, got {delay!r}", ValueError
+        if problem is None and key is not None and not isinstance(key, bytes):
+            problem = f"key must be bytes or None, got {type(key).__name__}"
+        if problem is not None:
+            index = next(i for i, m in enumerate(call) if m is message)
+            raise error(f"record {index} of {len(call)} to queue {message.topic!r}: {problem}; nothing of the call "
+                        "was stored")
+
     def _store(self, queue: _Queue, message: OutgoingMessage, now: float) -> _Stored:
         count = len(queue.partitions)
-        if message.partition is not None:
-            if not 0 <= message.partition < count:
-                raise ValueError(f"queue {queue.name!r} has {count} partition(s), not {message.partition}")
+        if message.partition is not None:  # checked by _check: in range
             partition = message.partition
         elif message.key is not None:
             partition = zlib.crc32(message.key) % count
@@ -169,9 +216,7 @@ class MemoryBroker:
             due = OutgoingMessage(message.topic, message.value, message.key, message.headers, message.partition)
             self._publish([due], message.topic)
 
-        timer = threading.Timer(float(message.delay or 0), release)
-        timer.daemon = True
-        timer.start()
+        self._scheduler.schedule(float(message.delay or 0), release)
 
     def _wake(self, queue: _Queue) -> None:
         with self._lock:
@@ -217,14 +262,17 @@ class MemoryBroker:
         return out
 
     async def wait(self, queue_name: str, timeout: float) -> None:
-        """Wait until the queue may have messages, or ``timeout`` passes."""
+        """Wait until the queue may have messages, or ``timeout`` passes; it always yields to the event loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             queue = self._queue(queue_name)
-            if queue.ready():
-                return
-            queue.waiters.append((loop, future))
+            ready = queue.ready() > 0
+            if not ready:
+                queue.waiters.append((loop, future))
+        if ready:
+            await asyncio.sleep(0)  # still a yield to the loop: the caller may be polling in a loop
+            return
         try:
             await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -257,9 +305,7 @@ class MemoryBroker:
         if not returned:
             return
         if delay > 0:
-            timer = threading.Timer(delay, self._requeue, args=(queue_name, returned, True))
-            timer.daemon = True
-            timer.start()
+            self._scheduler.schedule(delay, functools.partial(self._requeue, queue_name, returned, True))
         else:
             self._requeue(queue_name, returned, False)
 
@@ -281,15 +327,23 @@ class MemoryBroker:
             if not queue.owned.get(owner, True):
                 del queue.owned[owner]
 
+    def close(self) -> None:
+        """Stop the broker's scheduler thread. Delayed publishes and delayed nacks not yet due are made ready at
+        once rather than lost; the queues stay usable, and a later delay starts a new scheduler thread.
+
+        Without ``close()`` the thread ends by itself once nothing has been scheduled for a second."""
+        for action in self._scheduler.close():
+            action()
+
     # ---------------------------------------------------------------- inspection
 
     def produced(self, queue_name: str) -> list[bytes]:
-        """Every value ever published to the queue, in publication order (needs ``keep_log``)."""
+        """The values published to the queue, in publication order (needs ``keep_log``): the latest ``log_limit``."""
         with self._lock:
             return [s[0] for s in self._queue(queue_name).log]
 
     def produced_records(self, queue_name: str) -> list[Envelope]:
-        """Every message ever published to the queue, with key, headers and partition."""
+        """The messages published to the queue, with key, headers and partition: the latest ``log_limit``."""
         with self._lock:
             return [Envelope(*s[:7]) for s in self._queue(queue_name).log]
 
@@ -336,11 +390,14 @@ _default_lock = threading.Lock()
 
 
 def default_broker() -> MemoryBroker:
-    """The process-wide broker that ``memory`` queues use unless their config names another."""
+    """The process-wide broker that ``memory`` queues use unless their config names another.
+
+    It lives as long as the process, so its log is short: ``produced()`` gives the latest
+    ``DEFAULT_BROKER_LOG_LIMIT`` messages of each queue."""
     global _default_broker
     with _default_lock:
         if _default_broker is None:
-            _default_broker = MemoryBroker()
+            _default_broker = MemoryBroker(log_limit=DEFAULT_BROKER_LOG_LIMIT)
         return _default_broker
 
 
@@ -348,11 +405,14 @@ def reset_default_broker(broker: MemoryBroker | None = None) -> MemoryBroker:
     """Start over with an empty (or the given) process-wide broker: for tests and demos."""
     global _default_broker
     with _default_lock:
-        _default_broker = broker or MemoryBroker()
+        _default_broker = broker or MemoryBroker(log_limit=DEFAULT_BROKER_LOG_LIMIT)
         return _default_broker
 
 
 _consumer_ids = itertools.count(1)
+
+# The least an empty poll waits (unless a message arrives first), even when asked for timeout=0.
+MIN_EMPTY_POLL_WAIT = 0.001
 
 
 _position = operator.attrgetter("position")
@@ -362,7 +422,7 @@ class MemoryConsumer:
     """Consumes one memory queue. Unacked messages go back to the queue on close, as after a crash."""
 
     # is_drained() reads the broker under its lock, and take() hands a message out and marks it held in one step.
-    instant_drain_check = True
+    # Kept while the engine still looks for this attribute; is_drained_now() declares the same ability.
 
     def __init__(self, broker: MemoryBroker, queue: str) -> None:
         self._broker = broker
@@ -373,9 +433,12 @@ class MemoryConsumer:
         self._broker.create_queue(self._queue)
 
     async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        """Ready messages at once, without awaiting (the hot path). On an empty queue it always awaits, at least
+        ``MIN_EMPTY_POLL_WAIT`` seconds unless a message arrives first: a caller polling with ``timeout=0`` must
+        still let the event loop run, and must not spin a core."""
         messages = self._broker.take(self._queue, max_messages, self._owner)
-        if not messages and timeout > 0:
-            await self._broker.wait(self._queue, timeout)
+        if not messages:
+            await self._broker.wait(self._queue, max(timeout, MIN_EMPTY_POLL_WAIT))
             messages = self._broker.take(self._queue, max_messages, self._owner)
         return messages
 
@@ -398,8 +461,9 @@ class MemoryConsumer:
         return self._broker.is_drained_for(self._queue, self._owner)
 
     def is_drained_now(self) -> bool:
-        """The same, exact and instant: it reads the broker under its lock, and take() hands a message out and
-        marks it held in one step (``ports.InstantlyDrainable``)."""
+        """The same answer as ``is_drained``, declared instant and exact: it reads local state under the broker's
+        lock (no I/O), and ``take`` hands a message out and marks it held in one step, so the engine may ask it
+        on the event loop as soon as the last ack is through."""
         return self._broker.is_drained_for(self._queue, self._owner)
 
 
@@ -413,11 +477,12 @@ class MemoryProducer:
         return None
 
     def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
-        failures: list[DeliveryFailure] = []
+        """Store the call's messages, all or nothing: a record with an invalid partition, delay or key fails the
+        whole call before anything is stored, and every message of it is reported failed (none stored)."""
         try:
             self._broker.publish_many(messages)
-        except ValueError as exc:  # a partition out of range: report every message of the call as failed
-            failures = [(m, exc) for m in messages]
+        except (TypeError, ValueError) as exc:
+            failures: list[DeliveryFailure] = [(m, exc) for m in messages]
             on_delivery((), failures)
             return
         on_delivery(messages, ())

@@ -8,9 +8,12 @@ at tens of thousands of messages per second.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 Headers = dict[str, bytes]
+
+_NO_HEADERS: Mapping[str, bytes] = MappingProxyType({})
 
 
 class Envelope:
@@ -129,7 +132,10 @@ class MessageContext:
 
     @property
     def headers(self) -> Mapping[str, bytes]:
-        return self.envelope.headers or {}
+        """The message's headers, read-only: they are the broker's own record (a redelivery shows them as they
+        were sent). Copy them (``dict(msg_ctx.headers)``) to build an output's headers from them."""
+        headers = self.envelope.headers
+        return MappingProxyType(headers) if headers else _NO_HEADERS
 
     @property
     def partition(self) -> int | None:

@@ -9,48 +9,48 @@ is a first-class citizen. Installing a distribution that declares
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
+from volley.config import check_profile_settings
 from volley.errors import ConfigurationError, UnknownComponentError
+from volley.hooks import PROJECT, Register, VolleySpecs, hookimpl, hookspec
 
-PROJECT = "volley"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
-Register = Callable[..., None]
-
-
-class VolleySpecs:
-    """The hooks a plugin may implement. Each receives ``register(name, thing)``."""
-
-    @hookspec
-    def volley_register_connectors(self, register: Register) -> None:
-        """register(name, connector): an object with create_consumer / create_producer (ports.Connector)."""
-
-    @hookspec
-    def volley_register_serializers(self, register: Register) -> None:
-        """register(name, factory): a zero-argument callable returning a ports.Serializer."""
-
-    @hookspec
-    def volley_register_model_handlers(self, register: Register) -> None:
-        """register(name, factory): a zero-argument callable returning a ports.ModelHandler."""
-
-    @hookspec
-    def volley_register_profiles(self, register: Register) -> None:
-        """register(name, settings): a mapping of queue defaults (connector, serializer, model_handler, ...)."""
-
-    @hookspec
-    def volley_register_observers(self, register: Register) -> None:
-        """register(name, factory): factory(app_name, metrics_port, settings) returning a ports.Observer."""
-
+# The markers and specs live in volley.hooks (volley.builtin imports them from there, not from this module);
+# they are re-exported here because plugins write ``from volley.plugins import Register, hookimpl``.
+__all__ = [
+    "KINDS",
+    "KNOWN_PROVIDERS",
+    "PROJECT",
+    "Register",
+    "Registration",
+    "Registry",
+    "VolleySpecs",
+    "build_registry",
+    "get_registry",
+    "hookimpl",
+    "hookspec",
+    "install_hint",
+    "provider_hint",
+    "reset_registry",
+]
 
 KINDS = ("connector", "serializer", "model_handler", "profile", "observer")
 
+# Each hook and the kind of thing it registers.
+HOOK_KINDS: dict[str, str] = {
+    "volley_register_connectors": "connector",
+    "volley_register_serializers": "serializer",
+    "volley_register_model_handlers": "model_handler",
+    "volley_register_profiles": "profile",
+    "volley_register_observers": "observer",
+}
+
 # Names that a Volley distribution provides, so that a missing one can be named with its install command.
+# The one table of them: every install hint of volley-core comes from here (provider_hint, install_hint).
 KNOWN_PROVIDERS: dict[str, str] = {
     "kafka": "volley-kafka",
     "confluent": "volley-kafka",
@@ -61,6 +61,8 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "pydantic-parser": "volley-serializers[pydantic]",
     "pydantic-list": "volley-serializers[pydantic]",
     "prometheus": "volley-prometheus",
+    "otel": "volley-otel",
+    "sqlite": "volley-sqlite",
     # volley-serializers' profiles on the memory connector (the prefix alone would name volley-core)
     "memory-pydantic": "volley-serializers[pydantic]",
     "memory-json-pydantic": "volley-serializers[pydantic]",
@@ -96,6 +98,8 @@ class Registry:
     entries: dict[str, dict[str, Registration]] = field(default_factory=lambda: {k: {} for k in KINDS})
 
     def add(self, kind: str, name: str, value: Any, distribution: str) -> None:
+        if kind == "profile":
+            check_profile_settings(name, value, distribution)
         existing = self.entries[kind].get(name)
         if existing is not None and existing.distribution != distribution:
             raise ConfigurationError(
@@ -156,25 +160,31 @@ def build_registry(extra_plugins: Mapping[str, object] | None = None) -> Registr
     pm.check_pending()
 
     registry = Registry()
-    for plugin in pm.get_plugins():
-        dist = _distribution_of(plugin, pm)
-        hooks: dict[str, str] = {
-            "volley_register_connectors": "connector",
-            "volley_register_serializers": "serializer",
-            "volley_register_model_handlers": "model_handler",
-            "volley_register_profiles": "profile",
-            "volley_register_observers": "observer",
-        }
-        for hook_name, kind in hooks.items():
-            impl = getattr(plugin, hook_name, None)
-            if impl is None:
-                continue
-
-            def register(name: str, value: Any, _kind: str = kind, _dist: str = dist) -> None:
-                registry.add(_kind, name, value, _dist)
-
-            impl(register=register)
+    distributions = {plugin: _distribution_of(plugin, pm) for plugin in pm.get_plugins()}
+    for hook_name, kind in HOOK_KINDS.items():
+        _call_per_plugin(pm, hook_name, kind, registry, distributions)
     return registry
+
+
+def _call_per_plugin(pm: pluggy.PluginManager, hook_name: str, kind: str, registry: Registry,
+                     distributions: Mapping[object, str]) -> None:
+    """Call one hook through pluggy's relay, once per implementing plugin, with a ``register`` that
+    attributes what it registers to that plugin's distribution.
+
+    The calls go in pluggy's own order (tryfirst / trylast, later registrations first), each through
+    ``subset_hook_caller`` with the other implementations left out, so wrappers (of any plugin) and
+    tracing apply as to any hook call, and a ``specname=`` implementation is found like any other.
+    """
+    caller = getattr(pm.hook, hook_name)
+    implementations = [impl for impl in caller.get_hookimpls() if not (impl.hookwrapper or impl.wrapper)]
+    for impl in reversed(implementations):  # pluggy calls the last of get_hookimpls() first
+        distribution = distributions.get(impl.plugin) or _distribution_of(impl.plugin, pm)
+
+        def register(name: str, value: Any, _distribution: str = distribution) -> None:
+            registry.add(kind, name, value, _distribution)
+
+        others = [other.plugin for other in implementations if other is not impl]
+        pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
 
 
 _lock = threading.Lock()

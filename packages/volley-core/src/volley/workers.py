@@ -127,7 +127,7 @@ class Supervisor:
 
 
 def supervise(apps: Sequence[str], workers: int) -> int:
-    from volley.cli import load_app
+    from volley.apps import load_app  # imports the engine: only when supervising
 
     for target in apps:  # fail here, once, on a bad module:app, rather than in N restarting workers
         load_app(target)
