@@ -465,3 +465,32 @@ async def test_instrumented_consumer_reports_queue_depth(parts: Parts, qname: st
     assert len(got) == 3
     assert observer.depths == [("app", qname, 7)]  # visible ones only, not the delayed one
     assert await consumer.depth() == 7
+
+
+# ---------------------------------------------------------------------- issue 12: the consumer's own bugs
+
+
+async def test_a_queue_created_with_vt_0_is_refused_clearly_unless_the_config_sets_vt(
+    parts: Parts, qname: str, redis_server: Any, rsmq_config: dict[str, Any]
+) -> None:
+    """vt=0 is the queue's own setting here (PyRSMQ accepts it); it used to be read as "unset" and became 30 s."""
+    from volley.errors import ConfigurationError
+
+    assert pyrsmq(redis_server, qname).createQueue(vt=0).execute() is True
+    consumer = RsmqConnector().create_consumer(QueueSpec("in", qname, "rsmq", rsmq_config))
+    with pytest.raises(ConfigurationError, match=rf"RSMQ queue {qname!r} was created with vt=0.*set 'vt'"):
+        await consumer.start()
+    await consumer.close()
+    configured = await parts.consumer(qname, vt=2)  # the config's vt wins over the queue's
+    producer = await parts.producer(qname)
+    await parts.send(producer, [OutgoingMessage(qname, b"m")])
+    [got] = await consume_all(configured, 1)
+    assert 0 < raw_score_ms(redis_server, qname, got.position) - time.time() * 1000 <= 2100  # hidden for 2 s
+
+
+def raw_score_ms(redis_server: Any, qname: str, message_id: str) -> float:
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    try:
+        return float(client.zscore(f"rsmq:{qname}", message_id) or 0)
+    finally:
+        client.close()

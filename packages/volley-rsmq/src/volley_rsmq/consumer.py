@@ -41,12 +41,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from volley.errors import ConfigurationError
 from volley.message import Envelope
 from volley.ports import Observer
 from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
 from volley_rsmq.client import RETRIABLE_ERRORS, ReceiveResult, RsmqClient, sent_time
-from volley_rsmq.settings import RsmqSettings
+from volley_rsmq.settings import VT_DEFAULT, RsmqSettings
 
 logger = logging.getLogger("volley.rsmq")
 
@@ -119,8 +120,17 @@ class RsmqConsumer:
         connect(client, self.settings.connect_timeout_seconds)
         if client.create_queue(self.qname):
             logger.info("created RSMQ queue %r", self.qname)
-        vt = self.settings.vt if self.settings.vt is not None else client.queue_vt(self.qname)
-        self._vt_ms = round((vt or 30.0) * 1000)
+        vt = self.settings.vt
+        if vt is None:
+            vt = client.queue_vt(self.qname)
+            if vt is None:  # a queue hash without "vt" (not made by an RSMQ client): RSMQ's default
+                vt = VT_DEFAULT
+            elif vt <= 0:
+                raise ConfigurationError(
+                    f"RSMQ queue {self.qname!r} was created with vt={vt:g}: its messages are never hidden once "
+                    "received, so every poll would deliver the messages being handled again; set 'vt' (seconds, "
+                    "greater than 0) in this queue's config to consume it with a visibility timeout of its own")
+        self._vt_ms = max(1, round(vt * 1000))
 
     def _require_client(self) -> RsmqClient:
         if self._client is None:
