@@ -494,3 +494,26 @@ def raw_score_ms(redis_server: Any, qname: str, message_id: str) -> float:
         return float(client.zscore(f"rsmq:{qname}", message_id) or 0)
     finally:
         client.close()
+
+
+async def test_a_stale_delivery_given_back_by_the_same_consumer_leaves_its_newer_delivery_hidden(
+    parts: Parts, qname: str
+) -> None:
+    """Held deliveries are keyed by (id, receive count): the old one's nack must not release the new one."""
+    consumer = await parts.consumer(qname, vt=2, heartbeat=False)
+    other = await parts.consumer(qname, vt=30)
+    producer = await parts.producer(qname)
+    await parts.send(producer, [OutgoingMessage(qname, b"m")])
+    [old] = await consume_all(consumer, 1)
+    [new] = await consume_all(consumer, 1, within=6)  # old's vt expired: the same consumer receives it again
+    assert (new.position, new.attempt) == (old.position, 2)
+    assert consumer.held_count() == 2
+    await consumer.nack([old], 0.0)
+    await consumer.settled(5)
+    assert await other.consume(10, 0.3) == []  # the newer delivery keeps its 2 s
+    assert consumer.held_count() == 1
+    await consumer.nack([new], 0.0)  # the newer delivery's own nack does release it
+    await consumer.settled(5)
+    [third] = await consume_all(other, 1, within=1)
+    assert (third.position, third.attempt) == (old.position, 3)
+    assert consumer.held_count() == 0

@@ -169,15 +169,15 @@ class RsmqClient:
 
     def change_visibility(
         self, qname: str, vt_ms: int, held: Sequence[tuple[str, int]], reason: str = ""
-    ) -> list[str]:
-        """Make held messages (id, receive count) visible in ``vt_ms``; return the ids no longer held."""
+    ) -> list[tuple[str, int]]:
+        """Make held messages (id, receive count) visible in ``vt_ms``; return the deliveries no longer held."""
         if not held:
             return []
         args: list[Any] = [vt_ms, reason]
         for message_id, rc in held:
             args.extend((message_id, rc))
         lost = self._evalsha(_CHANGE_VISIBILITY, self.keys(qname), args)
-        return [item.decode("ascii") for item in lost]
+        return [(raw.decode("ascii"), int(rc)) for raw, rc in zip(lost[0::2], lost[1::2], strict=True)]
 
     def send(self, qname: str, messages: Sequence[tuple[int | None, bytes]]) -> int:
         """Send (delay in ms or None for the queue's delay, body) pairs; create the queue first if needed."""

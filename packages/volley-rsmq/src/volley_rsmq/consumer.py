@@ -81,7 +81,9 @@ class RsmqConsumer:
         self._executor: ThreadPoolExecutor | None = None
         self._settler: threading.Thread | None = None
         self._cond = threading.Condition()
-        self._held: dict[str, _Held] = {}
+        # Keyed by delivery, (id, receive count): the same consumer may receive a message again once its vt
+        # expired, and settling the older delivery must not touch the newer one.
+        self._held: dict[tuple[str, int], _Held] = {}
         self._to_delete: list[str] = []
         self._to_release: list[_Release] = []
         self._busy = 0  # settles taken by the settler and not finished yet
@@ -144,7 +146,7 @@ class RsmqConsumer:
         with self._cond:
             self._stopping = True
             self._stop_deadline = time.monotonic() + self.settings.close_timeout_seconds
-            abandoned = [(mid, held.rc) for mid, held in self._held.items() if not held.lost]
+            abandoned = [delivery for delivery, held in self._held.items() if not held.lost]
             self._held.clear()
             if abandoned:
                 # Not finished by the engine: let another consumer have them now rather than after their vt.
@@ -204,7 +206,7 @@ class RsmqConsumer:
         qname = self.qname
         unwrap = self._unwrap
         envelopes: list[Envelope] = []
-        held: list[tuple[str, _Held]] = []
+        held: list[tuple[tuple[str, int], _Held]] = []
         for message in result.messages:
             value, key, headers = message.body, None, None
             if unwrap:
@@ -215,7 +217,7 @@ class RsmqConsumer:
             envelopes.append(
                 Envelope(value, key, headers, qname, None, message.id, sent_time(message.id), message.rc, message.id)
             )
-            held.append((message.id, _Held(message.rc, deadline, now)))
+            held.append(((message.id, message.rc), _Held(message.rc, deadline, now)))
         with self._cond:
             self._held.update(held)
             self._last_receive_empty = not envelopes
@@ -231,7 +233,7 @@ class RsmqConsumer:
         with self._cond:
             held = self._held
             for env in envelopes:
-                held.pop(env.position, None)
+                held.pop((env.position, env.attempt), None)
                 self._to_delete.append(env.position)
             self._cond.notify()
 
@@ -245,9 +247,9 @@ class RsmqConsumer:
         with self._cond:
             pairs = []
             for env in envelopes:
-                held = self._held.pop(env.position, None)
+                held = self._held.pop((env.position, env.attempt), None)
                 if held is not None and not held.lost:
-                    pairs.append((str(env.position), held.rc))
+                    pairs.append((env.position, held.rc))
             if pairs:
                 self._to_release.append((max(0, round(delay * 1000)), reason, pairs))
                 self._cond.notify()
@@ -319,7 +321,7 @@ class RsmqConsumer:
         vt = self._vt_ms / 1000
         extend: list[tuple[str, int]] = []
         with self._cond:
-            for message_id, held in self._held.items():
+            for (message_id, rc), held in self._held.items():
                 if held.lost or held.deadline - now > vt / 2:
                     continue
                 if not self.settings.heartbeat:
@@ -338,23 +340,24 @@ class RsmqConsumer:
                             "max_extension_seconds; its visibility is no longer extended and it will be delivered "
                             "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
                     continue
-                extend.append((message_id, held.rc))
+                extend.append((message_id, rc))
         if not extend:
             return
-        lost: set[str] = set()
+        lost: set[tuple[str, int]] = set()
         for start in range(0, len(extend), _CHUNK):
             lost.update(client.change_visibility(self.qname, self._vt_ms, extend[start:start + _CHUNK]))
         deadline = time.monotonic() + vt
         with self._cond:
-            for message_id, _ in extend:
-                current = self._held.get(message_id)
+            for delivery in extend:
+                message_id = delivery[0]
+                current = self._held.get(delivery)
                 if current is None:
                     continue
-                if message_id in lost:
+                if delivery in lost:
                     current.lost = True
                     logger.warning(
-                        "message %s of RSMQ queue %r was delivered again elsewhere before its visibility could be "
-                        "extended; it may be processed twice", message_id, self.qname)
+                        "message %s of RSMQ queue %r was delivered again (here or elsewhere) before its visibility "
+                        "could be extended; it may be processed twice", message_id, self.qname)
                 else:
                     current.deadline = deadline
                     self.extended += 1

@@ -104,6 +104,7 @@ for i = 3, #ARGV, 2 do
     if reason ~= "" then redis.call("HSET", KEYS[3], id, reason) end
   else
     lost[#lost + 1] = id
+    lost[#lost + 1] = ARGV[i + 1]
   end
 end
 return lost
@@ -114,7 +115,7 @@ return lost
 A message is only changed while it is still the delivery this consumer holds
 (its receive count is unchanged): once its visibility timeout expired and
 another consumer received it, changing it would cut into that consumer's time.
-Returns the ids that were not changed.
+Returns the (id, rc) pairs that were not changed, flattened.
 """
 
 SEND = (
