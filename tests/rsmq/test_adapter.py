@@ -517,3 +517,27 @@ async def test_a_stale_delivery_given_back_by_the_same_consumer_leaves_its_newer
     [third] = await consume_all(other, 1, within=1)
     assert (third.position, third.attempt) == (old.position, 3)
     assert consumer.held_count() == 0
+
+
+async def test_error_reasons_of_messages_deleted_by_another_client_do_not_pile_up(
+    parts: Parts, qname: str, raw_redis: redis.Redis, redis_server: Any
+) -> None:
+    """PyRSMQ's deleteMessage does not know Volley's error hash; the next recorded reason sweeps what it left."""
+    errors = f"rsmq:{qname}:volley:errors"
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname, vt=30)
+    await parts.send(producer, [OutgoingMessage(qname, f"s{i}".encode()) for i in range(20)]
+                     + [OutgoingMessage(qname, b"live")])
+    got = await consume_all(consumer, 21)
+    stale, live = got[:20], got[20]
+    await consumer.nack_with_reason(stale, 0.0, "ValueError: boom")
+    await consumer.settled(5)
+    assert raw_redis.hlen(errors) == 20
+    queue = pyrsmq(redis_server, qname)
+    for _ in range(20):  # another worker (py-volley, PyRSMQ) finishes them
+        message = queue.receiveMessage().execute()
+        assert queue.deleteMessage(id=message["id"]).execute() is True
+    assert raw_redis.hlen(errors) == 20  # their reasons are left behind
+    await consumer.nack_with_reason([live], 0.0, "ValueError: again")
+    await consumer.settled(5)
+    assert raw_redis.hgetall(errors) == {live.position.encode(): b"ValueError: again"}
