@@ -541,3 +541,93 @@ async def test_error_reasons_of_messages_deleted_by_another_client_do_not_pile_u
     await consumer.nack_with_reason([live], 0.0, "ValueError: again")
     await consumer.settled(5)
     assert raw_redis.hgetall(errors) == {live.position.encode(): b"ValueError: again"}
+
+
+def _refuse_writes(admin: redis.Redis, how: str) -> None:
+    """Make a working server answer writes with an error reply, as after a failover (READONLY) or when full (OOM)."""
+    import socket
+
+    if how == "readonly":
+        with socket.socket() as sock:  # a port nobody listens on: the "primary" is never reached
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        admin.execute_command("REPLICAOF", "127.0.0.1", str(port))
+    else:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+
+
+def _accept_writes(admin: redis.Redis, how: str) -> None:
+    if how == "readonly":
+        admin.execute_command("REPLICAOF", "NO", "ONE")
+    else:
+        admin.config_set("maxmemory", 0)
+
+
+@pytest.mark.parametrize("how", ["readonly", "oom"])
+async def test_deletes_and_give_backs_refused_for_a_while_are_retried_not_dropped(
+    private_redis: Any, qname: str, how: str, caplog: pytest.LogCaptureFixture, eventually: Eventually
+) -> None:
+    caplog.set_level(logging.WARNING, logger="volley.rsmq")
+    config = {"host": "127.0.0.1", "port": private_redis.port, "retry_backoff_seconds": 0.02, "vt": 60}
+    consumer = RsmqConnector().create_consumer(QueueSpec("in", qname, "rsmq", config))
+    producer = RsmqConnector().create_producer(QueueSpec("out", qname, "rsmq", config))
+    admin = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    await consumer.start()
+    await producer.start()
+    try:
+        deliveries = Deliveries()
+        producer.produce([OutgoingMessage(qname, v) for v in (b"a", b"b", b"c")], deliveries)
+        await producer.flush(10)
+        got = await consume_all(consumer, 3)
+        _refuse_writes(admin, how)
+        await consumer.ack(got[:2])
+        await consumer.nack_with_reason(got[2:], 0.0, "ValueError: c")
+
+        async def retrying() -> bool:
+            return "settling messages of RSMQ queue" in caplog.text and "will retry" in caplog.text
+
+        await eventually(retrying, 5, "a settle retry")
+        assert admin.zcard(f"rsmq:{qname}") == 3  # nothing done yet
+        assert "failed for good" not in caplog.text
+        assert not consumer.is_drained()
+        _accept_writes(admin, how)
+        await consumer.settled(10)
+        assert [m.decode() for m in admin.zrange(f"rsmq:{qname}", 0, -1)] == [got[2].position]
+        # A receive refused the same way is an empty poll retried later, not an exception into the engine.
+        _refuse_writes(admin, how)
+        assert await consumer.consume(10, 0.1) == []
+        _accept_writes(admin, how)
+        [again] = await consume_all(consumer, 1)
+        assert (again.position, again.attempt) == (got[2].position, 2)
+        assert again.headers == {LAST_ERROR_HEADER: b"ValueError: c"}
+    finally:
+        _accept_writes(admin, how)
+        admin.close()
+        await consumer.close()
+        await producer.close()
+
+
+@pytest.mark.parametrize("how", ["readonly", "oom"])
+async def test_producer_retries_sends_refused_for_a_while(private_redis: Any, qname: str, how: str) -> None:
+    config = {"host": "127.0.0.1", "port": private_redis.port, "retry_backoff_seconds": 0.02}
+    producer = RsmqConnector().create_producer(QueueSpec("out", qname, "rsmq", config))
+    admin = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    await producer.start()
+    try:
+        _refuse_writes(admin, how)
+        deliveries = Deliveries()
+        producer.produce([OutgoingMessage(qname, b"kept")], deliveries)
+        deadline = time.monotonic() + 5
+        while producer.retries < 2 and not deliveries.failed:
+            assert time.monotonic() < deadline, "the producer did not retry"
+            await asyncio.sleep(0.02)
+        assert not deliveries.failed
+        _accept_writes(admin, how)
+        await producer.flush(10)
+        assert [m.value for m in deliveries.ok] == [b"kept"]
+        assert not deliveries.failed
+    finally:
+        _accept_writes(admin, how)
+        admin.close()
+        await producer.close()

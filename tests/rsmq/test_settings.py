@@ -103,3 +103,19 @@ def test_envelope_round_trip(value: bytes, key: bytes | None, headers: dict[str,
 @pytest.mark.parametrize("body", [b"plain text", b'{"volley-envelope": 1}', b'{"volley-envelope":1, "payload"', b""])
 def test_bodies_that_are_not_envelopes_pass_through(body: bytes) -> None:
     assert unwrap(body) == (body, None, None)
+
+
+def test_transient_redis_error_replies_are_told_from_permanent_ones() -> None:
+    import redis
+
+    from volley_rsmq.client import is_transient
+
+    assert is_transient(redis.ConnectionError("refused"))
+    assert is_transient(redis.exceptions.ReadOnlyError("You can't write against a read only replica."))
+    assert is_transient(redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."))
+    assert is_transient(redis.ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL"))
+    assert is_transient(redis.ResponseError(
+        "Command # 1 (ZREM rsmq:q a) of pipeline caused error: MASTERDOWN Link with MASTER is down"))
+    assert not is_transient(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
+    assert not is_transient(redis.ResponseError("ERR wrong number of arguments for 'zrem' command"))
+    assert not is_transient(redis.ResponseError("BUSYGROUP Consumer Group name already exists"))

@@ -10,6 +10,7 @@ again transparently.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import string
 from collections.abc import Sequence
@@ -28,6 +29,26 @@ from volley_rsmq.settings import RsmqSettings
 
 RETRIABLE_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 """Errors after which the same call may succeed later (server restarting, network blip)."""
+
+_TRANSIENT_REPLY = re.compile(
+    r"(?:^|caused error: )(?:READONLY|OOM|BUSY|LOADING|MASTERDOWN|TRYAGAIN|NOREPLICAS|CLUSTERDOWN|MISCONF)\b")
+_TRANSIENT_CLASSES: tuple[type[Exception], ...] = (
+    *RETRIABLE_ERRORS, redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether the same call may succeed later: the server was unreachable, or answered an error about its state.
+
+    Besides connection trouble, these are the error replies of a server that refuses for a while rather than
+    for good: READONLY (a replica, after a failover), OOM (full until memory is freed), BUSY (a script runs),
+    LOADING, MASTERDOWN, TRYAGAIN, NOREPLICAS, CLUSTERDOWN and MISCONF (cannot persist). A key of the wrong type
+    or a bad argument is not transient.
+    """
+    if isinstance(exc, _TRANSIENT_CLASSES):
+        return True
+    # redis-py maps only some codes to classes, and keeps the code in the message of the others (after
+    # "Command # n (...) of pipeline caused error: " inside a pipeline).
+    return isinstance(exc, redis.ResponseError) and _TRANSIENT_REPLY.search(str(exc)) is not None
 
 _SUFFIX_CHARS = string.ascii_letters + string.digits
 SUFFIX_LENGTH = 22  # RSMQ ids end in 22 random characters

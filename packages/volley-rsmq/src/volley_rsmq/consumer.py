@@ -46,7 +46,7 @@ from volley.message import Envelope
 from volley.ports import Observer
 from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
-from volley_rsmq.client import RETRIABLE_ERRORS, ReceiveResult, RsmqClient, sent_time
+from volley_rsmq.client import ReceiveResult, RsmqClient, is_transient, sent_time
 from volley_rsmq.settings import VT_DEFAULT, RsmqSettings
 
 logger = logging.getLogger("volley.rsmq")
@@ -194,7 +194,9 @@ class RsmqConsumer:
                 client.create_queue(self.qname)
                 logger.warning("RSMQ queue %r had vanished from Redis and was created again", self.qname)
                 result = client.receive(self.qname, max_messages, self._vt_ms)
-        except RETRIABLE_ERRORS as exc:
+        except redis.RedisError as exc:
+            if not is_transient(exc):
+                raise
             self._last_receive_empty = False
             self._trouble.warning("receiving from RSMQ queue %r failed, will retry: %s", self.qname, exc)
             return None
@@ -283,7 +285,12 @@ class RsmqConsumer:
                     self._watch_visibility(client)
                     next_beat = time.monotonic() + heartbeat
                 backoff = self.settings.retry_backoff_seconds
-            except RETRIABLE_ERRORS as exc:
+            except redis.RedisError as exc:
+                if not is_transient(exc):
+                    logger.exception(
+                        "settling messages of RSMQ queue %r failed for good; %d message(s) will be delivered again "
+                        "when their visibility timeout expires", self.qname, len(deletes) + len(releases))
+                    continue
                 with self._cond:  # put back what was not done, in front of anything newer
                     self._to_delete[:0] = deletes
                     self._to_release[:0] = releases
@@ -294,10 +301,6 @@ class RsmqConsumer:
                 with self._cond:
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
-            except redis.RedisError:
-                logger.exception(
-                    "settling messages of RSMQ queue %r failed for good; %d message(s) will be delivered again "
-                    "when their visibility timeout expires", self.qname, len(deletes) + len(releases))
             finally:
                 with self._cond:
                     self._busy = 0
