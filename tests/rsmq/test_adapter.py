@@ -631,3 +631,39 @@ async def test_producer_retries_sends_refused_for_a_while(private_redis: Any, qn
         _accept_writes(admin, how)
         admin.close()
         await producer.close()
+
+
+async def test_ack_waits_for_room_when_the_delete_queue_is_at_its_bound(
+    parts: Parts, qname: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks only queue deletes; with Redis slow to delete, ack() applies backpressure instead of queuing more."""
+    from volley_rsmq.client import RsmqClient
+
+    gate = threading.Event()
+    real_delete = RsmqClient.delete
+
+    def gated_delete(self: RsmqClient, queue: str, ids: Any) -> None:
+        if queue == qname:
+            assert gate.wait(10), "the test never opened the gate"
+        real_delete(self, queue, ids)
+
+    monkeypatch.setattr(RsmqClient, "delete", gated_delete)
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname, vt=30, max_pending_deletes=10)
+    await parts.send(producer, [OutgoingMessage(qname, f"m{i}".encode()) for i in range(15)])
+    got = await consume_all(consumer, 15)
+    await asyncio.wait_for(consumer.ack(got[:10]), 2)  # fits the bound
+    assert consumer.pending_deletes() == 10
+    late = asyncio.ensure_future(consumer.ack(got[10:]))
+    done, _ = await asyncio.wait([late], timeout=0.3)
+    assert not done, "ack() queued deletes beyond max_pending_deletes"
+    assert consumer.pending_deletes() == 10
+    # Receiving more would only make the backlog grow: consume() gives nothing while the delete queue is full.
+    await parts.send(producer, [OutgoingMessage(qname, b"more")])
+    assert await consumer.consume(10, 0.2) == []
+    gate.set()
+    await asyncio.wait_for(late, 5)
+    await consumer.settled(5)
+    assert consumer.pending_deletes() == 0
+    assert raw_redis.zcard(f"rsmq:{qname}") == 1  # the 15 are deleted, "more" waits
+    assert [e.value for e in await consume_all(consumer, 1)] == [b"more"]

@@ -57,6 +57,8 @@ def test_missing_host_says_how_to_set_it(monkeypatch: pytest.MonkeyPatch) -> Non
         ({}, "bad:name", "not a valid RSMQ queue name"),
         ({}, "x" * 65, "not a valid RSMQ queue name"),
         ({"send_batch_size": 0}, "q", "'send_batch_size' must be a positive integer"),
+        ({"max_pending_deletes": 0}, "q", "'max_pending_deletes' must be a positive integer"),
+        ({"max_pending_deletes": 1.5}, "q", "'max_pending_deletes' must be a positive integer"),
     ],
 )
 def test_invalid_config_is_refused_at_create_time(config: dict[str, Any], value: str, match: str) -> None:
