@@ -667,3 +667,34 @@ async def test_ack_waits_for_room_when_the_delete_queue_is_at_its_bound(
     assert consumer.pending_deletes() == 0
     assert raw_redis.zcard(f"rsmq:{qname}") == 1  # the 15 are deleted, "more" waits
     assert [e.value for e in await consume_all(consumer, 1)] == [b"more"]
+
+
+async def test_an_acked_message_stays_hidden_until_its_delete_reaches_redis(
+    parts: Parts, qname: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deletes failing for longer than the vt: the acknowledged message must not be delivered again meanwhile."""
+    from volley_rsmq.client import RsmqClient
+
+    gate = threading.Event()
+    real_delete = RsmqClient.delete
+
+    def failing_delete(self: RsmqClient, queue: str, ids: Any) -> None:
+        if queue == qname and not gate.is_set():
+            raise redis.ConnectionError("injected: deletes do not get through")
+        real_delete(self, queue, ids)
+
+    monkeypatch.setattr(RsmqClient, "delete", failing_delete)
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname, vt=1, heartbeat=False, retry_backoff_seconds=0.02)  # even without it
+    other = await parts.consumer(qname, vt=1)
+    await parts.send(producer, [OutgoingMessage(qname, b"done")])
+    [got] = await consume_all(consumer, 1)
+    await consumer.ack([got])
+    deadline = time.monotonic() + 2.5  # 2.5 vt
+    while time.monotonic() < deadline:
+        assert await other.consume(10, 0.1) == [], "an acknowledged message was delivered again"
+    assert consumer.extended >= 2
+    assert consumer.pending_deletes() == 1
+    gate.set()
+    await consumer.settled(5)
+    assert raw_redis.zcard(f"rsmq:{qname}") == 0

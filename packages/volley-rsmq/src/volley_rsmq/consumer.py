@@ -353,6 +353,16 @@ class RsmqConsumer:
                 releases, self._to_release = self._to_release, []
                 self._busy = len(deletes) + len(releases)
             try:
+                # The heartbeat first, on its own schedule, so that neither a long queue of deletes nor deletes
+                # failing again and again keep it from extending what is held or waits for its delete.
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + heartbeat
+                    try:
+                        self._watch_visibility(client)
+                    except redis.RedisError as exc:
+                        if is_transient(exc):
+                            raise
+                        logger.exception("extending the visibility of messages of RSMQ queue %r failed", self.qname)
                 if deletes:
                     client.delete(self.qname, [message_id for message_id, _ in deletes])
                     self._deleted(deletes)
@@ -362,9 +372,6 @@ class RsmqConsumer:
                     for start in range(0, len(pairs), _CHUNK):
                         client.change_visibility(self.qname, vt_ms, pairs[start:start + _CHUNK], reason)
                     releases.pop(0)
-                if time.monotonic() >= next_beat:
-                    self._watch_visibility(client)
-                    next_beat = time.monotonic() + heartbeat
                 backoff = self.settings.retry_backoff_seconds
             except redis.RedisError as exc:
                 if not is_transient(exc):
@@ -384,7 +391,7 @@ class RsmqConsumer:
                         "settling messages of RSMQ queue %r failed, will retry: %s", self.qname, exc)
                     with self._cond:
                         self._cond.wait(backoff)
-                    backoff = min(backoff * 2, 1.0)
+                    backoff = min(backoff * 2, 1.0, heartbeat)  # a retry never holds back the heartbeat long
             finally:
                 with self._cond:
                     self._busy = 0
