@@ -698,3 +698,36 @@ async def test_an_acked_message_stays_hidden_until_its_delete_reaches_redis(
     gate.set()
     await consumer.settled(5)
     assert raw_redis.zcard(f"rsmq:{qname}") == 0
+
+
+async def test_ack_queues_beyond_the_bound_after_close_timeout_when_deletes_never_get_through(
+    parts: Parts, qname: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """Backpressure must not hang the engine's ack path (or its shutdown) for as long as Redis refuses."""
+    from volley_rsmq.client import RsmqClient
+
+    caplog.set_level(logging.WARNING, logger="volley.rsmq")
+    gate = threading.Event()
+    real_delete = RsmqClient.delete
+
+    def failing_delete(self: RsmqClient, queue: str, ids: Any) -> None:
+        if queue == qname and not gate.is_set():
+            raise redis.ConnectionError("injected: deletes do not get through")
+        real_delete(self, queue, ids)
+
+    monkeypatch.setattr(RsmqClient, "delete", failing_delete)
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname, vt=30, max_pending_deletes=4, close_timeout_seconds=0.5,
+                                    retry_backoff_seconds=0.02)
+    await parts.send(producer, [OutgoingMessage(qname, f"m{i}".encode()) for i in range(6)])
+    got = await consume_all(consumer, 6)
+    started = time.monotonic()
+    await asyncio.wait_for(consumer.ack(got), 5)
+    assert time.monotonic() - started >= 0.45
+    assert consumer.pending_deletes() == 6
+    assert consumer.over_bound == 2
+    assert "queuing more deletes beyond max_pending_deletes (4)" in caplog.text
+    gate.set()
+    await consumer.settled(5)
+    assert raw_redis.zcard(f"rsmq:{qname}") == 0

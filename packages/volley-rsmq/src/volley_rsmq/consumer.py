@@ -116,6 +116,7 @@ class RsmqConsumer:
         self._last_remaining = -1
         self._unwrap = settings.headers == "envelope"
         self._trouble = ThrottledLog()
+        self._backlog_warning = ThrottledLog()  # its own throttle: the settler's retries must not hide it
         self._observer: Observer | None = None
         self._app_name = ""
         self._last_visible = 0
@@ -268,7 +269,7 @@ class RsmqConsumer:
                 if loop.time() < give_up_at and not self._stopping:
                     room = min(room, self._max_pending - len(self._deleting))
                 else:
-                    self.over_bound += room
+                    self.over_bound += max(0, min(room, len(self._deleting) + room - self._max_pending))
                 if room > 0:
                     now = time.monotonic()
                     held, deleting, queue = self._held, self._deleting, self._to_delete
@@ -285,7 +286,7 @@ class RsmqConsumer:
                 if done >= len(envelopes):
                     return
             if not await self._wait_for_room(give_up_at):
-                self._trouble.warning(
+                self._backlog_warning.warning(
                     "RSMQ queue %r: %d acknowledged message(s) still wait for their delete after %g s "
                     "(close_timeout_seconds); Redis is not keeping up, queuing more deletes beyond "
                     "max_pending_deletes (%d)", self.qname, len(self._deleting), self.settings.close_timeout_seconds,
@@ -295,14 +296,14 @@ class RsmqConsumer:
         """Wait until fewer than ``max_pending_deletes`` deletes are pending, or the loop's time ``until``."""
         loop = asyncio.get_running_loop()
         while True:
+            remaining = until - loop.time()
             with self._cond:
                 if len(self._deleting) < self._max_pending or self._stopping:
                     return True
+                if remaining <= 0:
+                    return False
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._room_waiters.append(waiter)
-            remaining = until - loop.time()
-            if remaining <= 0:
-                return False
             try:
                 await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
