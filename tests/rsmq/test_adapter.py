@@ -465,3 +465,269 @@ async def test_instrumented_consumer_reports_queue_depth(parts: Parts, qname: st
     assert len(got) == 3
     assert observer.depths == [("app", qname, 7)]  # visible ones only, not the delayed one
     assert await consumer.depth() == 7
+
+
+# ---------------------------------------------------------------------- issue 12: the consumer's own bugs
+
+
+async def test_a_queue_created_with_vt_0_is_refused_clearly_unless_the_config_sets_vt(
+    parts: Parts, qname: str, redis_server: Any, rsmq_config: dict[str, Any]
+) -> None:
+    """vt=0 is the queue's own setting here (PyRSMQ accepts it); it used to be read as "unset" and became 30 s."""
+    from volley.errors import ConfigurationError
+
+    assert pyrsmq(redis_server, qname).createQueue(vt=0).execute() is True
+    consumer = RsmqConnector().create_consumer(QueueSpec("in", qname, "rsmq", rsmq_config))
+    with pytest.raises(ConfigurationError, match=rf"RSMQ queue {qname!r} was created with vt=0.*set 'vt'"):
+        await consumer.start()
+    await consumer.close()
+    configured = await parts.consumer(qname, vt=2)  # the config's vt wins over the queue's
+    producer = await parts.producer(qname)
+    await parts.send(producer, [OutgoingMessage(qname, b"m")])
+    [got] = await consume_all(configured, 1)
+    assert 0 < raw_score_ms(redis_server, qname, got.position) - time.time() * 1000 <= 2100  # hidden for 2 s
+
+
+def raw_score_ms(redis_server: Any, qname: str, message_id: str) -> float:
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    try:
+        return float(client.zscore(f"rsmq:{qname}", message_id) or 0)
+    finally:
+        client.close()
+
+
+async def test_a_stale_delivery_given_back_by_the_same_consumer_leaves_its_newer_delivery_hidden(
+    parts: Parts, qname: str
+) -> None:
+    """Held deliveries are keyed by (id, receive count): the old one's nack must not release the new one."""
+    consumer = await parts.consumer(qname, vt=2, heartbeat=False)
+    other = await parts.consumer(qname, vt=30)
+    producer = await parts.producer(qname)
+    await parts.send(producer, [OutgoingMessage(qname, b"m")])
+    [old] = await consume_all(consumer, 1)
+    [new] = await consume_all(consumer, 1, within=6)  # old's vt expired: the same consumer receives it again
+    assert (new.position, new.attempt) == (old.position, 2)
+    assert consumer.held_count() == 2
+    await consumer.nack([old], 0.0)
+    await consumer.settled(5)
+    assert await other.consume(10, 0.3) == []  # the newer delivery keeps its 2 s
+    assert consumer.held_count() == 1
+    await consumer.nack([new], 0.0)  # the newer delivery's own nack does release it
+    await consumer.settled(5)
+    [third] = await consume_all(other, 1, within=1)
+    assert (third.position, third.attempt) == (old.position, 3)
+    assert consumer.held_count() == 0
+
+
+async def test_error_reasons_of_messages_deleted_by_another_client_do_not_pile_up(
+    parts: Parts, qname: str, raw_redis: redis.Redis, redis_server: Any
+) -> None:
+    """PyRSMQ's deleteMessage does not know Volley's error hash; the next recorded reason sweeps what it left."""
+    errors = f"rsmq:{qname}:volley:errors"
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname, vt=30)
+    await parts.send(producer, [OutgoingMessage(qname, f"s{i}".encode()) for i in range(20)]
+                     + [OutgoingMessage(qname, b"live")])
+    got = await consume_all(consumer, 21)
+    stale, live = got[:20], got[20]
+    await consumer.nack_with_reason(stale, 0.0, "ValueError: boom")
+    await consumer.settled(5)
+    assert raw_redis.hlen(errors) == 20
+    queue = pyrsmq(redis_server, qname)
+    for _ in range(20):  # another worker (py-volley, PyRSMQ) finishes them
+        message = queue.receiveMessage().execute()
+        assert queue.deleteMessage(id=message["id"]).execute() is True
+    assert raw_redis.hlen(errors) == 20  # their reasons are left behind
+    await consumer.nack_with_reason([live], 0.0, "ValueError: again")
+    await consumer.settled(5)
+    assert raw_redis.hgetall(errors) == {live.position.encode(): b"ValueError: again"}
+
+
+def _refuse_writes(admin: redis.Redis, how: str) -> None:
+    """Make a working server answer writes with an error reply, as after a failover (READONLY) or when full (OOM)."""
+    import socket
+
+    if how == "readonly":
+        with socket.socket() as sock:  # a port nobody listens on: the "primary" is never reached
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        admin.execute_command("REPLICAOF", "127.0.0.1", str(port))
+    else:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+
+
+def _accept_writes(admin: redis.Redis, how: str) -> None:
+    if how == "readonly":
+        admin.execute_command("REPLICAOF", "NO", "ONE")
+    else:
+        admin.config_set("maxmemory", 0)
+
+
+@pytest.mark.parametrize("how", ["readonly", "oom"])
+async def test_deletes_and_give_backs_refused_for_a_while_are_retried_not_dropped(
+    private_redis: Any, qname: str, how: str, caplog: pytest.LogCaptureFixture, eventually: Eventually
+) -> None:
+    caplog.set_level(logging.WARNING, logger="volley.rsmq")
+    config = {"host": "127.0.0.1", "port": private_redis.port, "retry_backoff_seconds": 0.02, "vt": 60}
+    consumer = RsmqConnector().create_consumer(QueueSpec("in", qname, "rsmq", config))
+    producer = RsmqConnector().create_producer(QueueSpec("out", qname, "rsmq", config))
+    admin = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    await consumer.start()
+    await producer.start()
+    try:
+        deliveries = Deliveries()
+        producer.produce([OutgoingMessage(qname, v) for v in (b"a", b"b", b"c")], deliveries)
+        await producer.flush(10)
+        got = await consume_all(consumer, 3)
+        _refuse_writes(admin, how)
+        await consumer.ack(got[:2])
+        await consumer.nack_with_reason(got[2:], 0.0, "ValueError: c")
+
+        async def retrying() -> bool:
+            return "settling messages of RSMQ queue" in caplog.text and "will retry" in caplog.text
+
+        await eventually(retrying, 5, "a settle retry")
+        assert admin.zcard(f"rsmq:{qname}") == 3  # nothing done yet
+        assert "failed for good" not in caplog.text
+        assert not consumer.is_drained()
+        _accept_writes(admin, how)
+        await consumer.settled(10)
+        assert [m.decode() for m in admin.zrange(f"rsmq:{qname}", 0, -1)] == [got[2].position]
+        # A receive refused the same way is an empty poll retried later, not an exception into the engine.
+        _refuse_writes(admin, how)
+        assert await consumer.consume(10, 0.1) == []
+        _accept_writes(admin, how)
+        [again] = await consume_all(consumer, 1)
+        assert (again.position, again.attempt) == (got[2].position, 2)
+        assert again.headers == {LAST_ERROR_HEADER: b"ValueError: c"}
+    finally:
+        _accept_writes(admin, how)
+        admin.close()
+        await consumer.close()
+        await producer.close()
+
+
+@pytest.mark.parametrize("how", ["readonly", "oom"])
+async def test_producer_retries_sends_refused_for_a_while(private_redis: Any, qname: str, how: str) -> None:
+    config = {"host": "127.0.0.1", "port": private_redis.port, "retry_backoff_seconds": 0.02}
+    producer = RsmqConnector().create_producer(QueueSpec("out", qname, "rsmq", config))
+    admin = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    await producer.start()
+    try:
+        _refuse_writes(admin, how)
+        deliveries = Deliveries()
+        producer.produce([OutgoingMessage(qname, b"kept")], deliveries)
+        deadline = time.monotonic() + 5
+        while producer.retries < 2 and not deliveries.failed:
+            assert time.monotonic() < deadline, "the producer did not retry"
+            await asyncio.sleep(0.02)
+        assert not deliveries.failed
+        _accept_writes(admin, how)
+        await producer.flush(10)
+        assert [m.value for m in deliveries.ok] == [b"kept"]
+        assert not deliveries.failed
+    finally:
+        _accept_writes(admin, how)
+        admin.close()
+        await producer.close()
+
+
+async def test_ack_waits_for_room_when_the_delete_queue_is_at_its_bound(
+    parts: Parts, qname: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks only queue deletes; with Redis slow to delete, ack() applies backpressure instead of queuing more."""
+    from volley_rsmq.client import RsmqClient
+
+    gate = threading.Event()
+    real_delete = RsmqClient.delete
+
+    def gated_delete(self: RsmqClient, queue: str, ids: Any) -> None:
+        if queue == qname:
+            assert gate.wait(10), "the test never opened the gate"
+        real_delete(self, queue, ids)
+
+    monkeypatch.setattr(RsmqClient, "delete", gated_delete)
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname, vt=30, max_pending_deletes=10)
+    await parts.send(producer, [OutgoingMessage(qname, f"m{i}".encode()) for i in range(15)])
+    got = await consume_all(consumer, 15)
+    await asyncio.wait_for(consumer.ack(got[:10]), 2)  # fits the bound
+    assert consumer.pending_deletes() == 10
+    late = asyncio.ensure_future(consumer.ack(got[10:]))
+    done, _ = await asyncio.wait([late], timeout=0.3)
+    assert not done, "ack() queued deletes beyond max_pending_deletes"
+    assert consumer.pending_deletes() == 10
+    # Receiving more would only make the backlog grow: consume() gives nothing while the delete queue is full.
+    await parts.send(producer, [OutgoingMessage(qname, b"more")])
+    assert await consumer.consume(10, 0.2) == []
+    gate.set()
+    await asyncio.wait_for(late, 5)
+    await consumer.settled(5)
+    assert consumer.pending_deletes() == 0
+    assert raw_redis.zcard(f"rsmq:{qname}") == 1  # the 15 are deleted, "more" waits
+    assert [e.value for e in await consume_all(consumer, 1)] == [b"more"]
+
+
+async def test_an_acked_message_stays_hidden_until_its_delete_reaches_redis(
+    parts: Parts, qname: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deletes failing for longer than the vt: the acknowledged message must not be delivered again meanwhile."""
+    from volley_rsmq.client import RsmqClient
+
+    gate = threading.Event()
+    real_delete = RsmqClient.delete
+
+    def failing_delete(self: RsmqClient, queue: str, ids: Any) -> None:
+        if queue == qname and not gate.is_set():
+            raise redis.ConnectionError("injected: deletes do not get through")
+        real_delete(self, queue, ids)
+
+    monkeypatch.setattr(RsmqClient, "delete", failing_delete)
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname, vt=1, heartbeat=False, retry_backoff_seconds=0.02)  # even without it
+    other = await parts.consumer(qname, vt=1)
+    await parts.send(producer, [OutgoingMessage(qname, b"done")])
+    [got] = await consume_all(consumer, 1)
+    await consumer.ack([got])
+    deadline = time.monotonic() + 2.5  # 2.5 vt
+    while time.monotonic() < deadline:
+        assert await other.consume(10, 0.1) == [], "an acknowledged message was delivered again"
+    assert consumer.extended >= 2
+    assert consumer.pending_deletes() == 1
+    gate.set()
+    await consumer.settled(5)
+    assert raw_redis.zcard(f"rsmq:{qname}") == 0
+
+
+async def test_ack_queues_beyond_the_bound_after_close_timeout_when_deletes_never_get_through(
+    parts: Parts, qname: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """Backpressure must not hang the engine's ack path (or its shutdown) for as long as Redis refuses."""
+    from volley_rsmq.client import RsmqClient
+
+    caplog.set_level(logging.WARNING, logger="volley.rsmq")
+    gate = threading.Event()
+    real_delete = RsmqClient.delete
+
+    def failing_delete(self: RsmqClient, queue: str, ids: Any) -> None:
+        if queue == qname and not gate.is_set():
+            raise redis.ConnectionError("injected: deletes do not get through")
+        real_delete(self, queue, ids)
+
+    monkeypatch.setattr(RsmqClient, "delete", failing_delete)
+    producer = await parts.producer(qname)
+    consumer = await parts.consumer(qname, vt=30, max_pending_deletes=4, close_timeout_seconds=0.5,
+                                    retry_backoff_seconds=0.02)
+    await parts.send(producer, [OutgoingMessage(qname, f"m{i}".encode()) for i in range(6)])
+    got = await consume_all(consumer, 6)
+    started = time.monotonic()
+    await asyncio.wait_for(consumer.ack(got), 5)
+    assert time.monotonic() - started >= 0.45
+    assert consumer.pending_deletes() == 6
+    assert consumer.over_bound == 2
+    assert "queuing more deletes beyond max_pending_deletes (4)" in caplog.text
+    gate.set()
+    await consumer.settled(5)
+    assert raw_redis.zcard(f"rsmq:{qname}") == 0

@@ -180,3 +180,60 @@ def test_py_volley_profiles_round_trip_a_generic_message(
     assert received[0].model_dump() == document
     [body] = drain(raw_redis, qname + "-out")
     assert decode(body) == document
+
+
+def test_a_backlog_with_deletes_lagging_behind_gives_no_duplicates_and_a_bounded_delete_queue(
+    rsmq_config: dict[str, Any], qname: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12, scaled down: 1M inputs with a 5 s vt gave 1,323,500 outputs, no crash, no log line.
+
+    Deletes are made slower than receives (a loaded Redis); acked messages whose delete is still queued must
+    stay hidden until it happens, and the queue of deletes must stay within max_pending_deletes.
+    """
+    from volley_rsmq.client import RsmqClient
+    from volley_rsmq.consumer import RsmqConsumer
+    from volley_rsmq.settings import parse_settings
+
+    count, bound, source, out = 20_000, 3_000, qname + "-in", qname + "-out"
+    client = RsmqClient(parse_settings(rsmq_config, source, "input"))
+    for start in range(0, count, 1000):
+        client.send(source, [(None, b"%d" % i) for i in range(start, start + 1000)])
+    client.close()
+
+    real_delete = RsmqClient.delete
+
+    def slow_delete(self: RsmqClient, queue: str, ids: Any) -> None:
+        if queue == source:
+            time.sleep(0.25)  # injected latency (a Redis slow to delete), not a wait for anything
+        real_delete(self, queue, ids)
+
+    peaks: list[int] = []
+    real_ack = RsmqConsumer.ack
+
+    async def recording_ack(self: RsmqConsumer, envelopes: Any) -> None:
+        await real_ack(self, envelopes)
+        peaks.append(self.pending_deletes())
+
+    monkeypatch.setattr(RsmqClient, "delete", slow_delete)
+    monkeypatch.setattr(RsmqConsumer, "ack", recording_ack)
+    queues = {
+        "in": raw_queue(rsmq_config, source, vt=2, max_pending_deletes=bound),
+        "out": raw_queue(rsmq_config, out),
+    }
+    app = Engine(app_name="rsmq-backlog", input_queue="in", output_queues=["out"], queue_config=queues,
+                 metrics_port=None, poll_interval_seconds=0.05)
+    handled = 0
+
+    @app.stream_app
+    def handler(message: bytes) -> list[tuple[str, bytes]]:
+        nonlocal handled
+        handled += 1
+        return [("out", message)]
+
+    report = handler.run_until_drained(timeout=120, drain_idle_seconds=0.5)
+    outputs = drain(raw_redis, out)
+    assert len(outputs) - len(set(outputs)) == 0, f"{len(outputs) - len(set(outputs))} duplicate outputs"
+    assert sorted(outputs) == sorted(b"%d" % i for i in range(count))
+    assert handled == count == report.consumed
+    assert raw_redis.zcard(f"rsmq:{source}") == 0
+    assert peaks and max(peaks) <= bound

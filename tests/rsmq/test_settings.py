@@ -57,6 +57,8 @@ def test_missing_host_says_how_to_set_it(monkeypatch: pytest.MonkeyPatch) -> Non
         ({}, "bad:name", "not a valid RSMQ queue name"),
         ({}, "x" * 65, "not a valid RSMQ queue name"),
         ({"send_batch_size": 0}, "q", "'send_batch_size' must be a positive integer"),
+        ({"max_pending_deletes": 0}, "q", "'max_pending_deletes' must be a positive integer"),
+        ({"max_pending_deletes": 1.5}, "q", "'max_pending_deletes' must be a positive integer"),
     ],
 )
 def test_invalid_config_is_refused_at_create_time(config: dict[str, Any], value: str, match: str) -> None:
@@ -103,3 +105,19 @@ def test_envelope_round_trip(value: bytes, key: bytes | None, headers: dict[str,
 @pytest.mark.parametrize("body", [b"plain text", b'{"volley-envelope": 1}', b'{"volley-envelope":1, "payload"', b""])
 def test_bodies_that_are_not_envelopes_pass_through(body: bytes) -> None:
     assert unwrap(body) == (body, None, None)
+
+
+def test_transient_redis_error_replies_are_told_from_permanent_ones() -> None:
+    import redis
+
+    from volley_rsmq.client import is_transient
+
+    assert is_transient(redis.ConnectionError("refused"))
+    assert is_transient(redis.exceptions.ReadOnlyError("You can't write against a read only replica."))
+    assert is_transient(redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."))
+    assert is_transient(redis.ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL"))
+    assert is_transient(redis.ResponseError(
+        "Command # 1 (ZREM rsmq:q a) of pipeline caused error: MASTERDOWN Link with MASTER is down"))
+    assert not is_transient(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
+    assert not is_transient(redis.ResponseError("ERR wrong number of arguments for 'zrem' command"))
+    assert not is_transient(redis.ResponseError("BUSYGROUP Consumer Group name already exists"))

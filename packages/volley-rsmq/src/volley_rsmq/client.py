@@ -10,6 +10,7 @@ again transparently.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import string
 from collections.abc import Sequence
@@ -28,6 +29,26 @@ from volley_rsmq.settings import RsmqSettings
 
 RETRIABLE_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 """Errors after which the same call may succeed later (server restarting, network blip)."""
+
+_TRANSIENT_REPLY = re.compile(
+    r"(?:^|caused error: )(?:READONLY|OOM|BUSY|LOADING|MASTERDOWN|TRYAGAIN|NOREPLICAS|CLUSTERDOWN|MISCONF)\b")
+_TRANSIENT_CLASSES: tuple[type[Exception], ...] = (
+    *RETRIABLE_ERRORS, redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether the same call may succeed later: the server was unreachable, or answered an error about its state.
+
+    Besides connection trouble, these are the error replies of a server that refuses for a while rather than
+    for good: READONLY (a replica, after a failover), OOM (full until memory is freed), BUSY (a script runs),
+    LOADING, MASTERDOWN, TRYAGAIN, NOREPLICAS, CLUSTERDOWN and MISCONF (cannot persist). A key of the wrong type
+    or a bad argument is not transient.
+    """
+    if isinstance(exc, _TRANSIENT_CLASSES):
+        return True
+    # redis-py maps only some codes to classes, and keeps the code in the message of the others (after
+    # "Command # n (...) of pipeline caused error: " inside a pipeline).
+    return isinstance(exc, redis.ResponseError) and _TRANSIENT_REPLY.search(str(exc)) is not None
 
 _SUFFIX_CHARS = string.ascii_letters + string.digits
 SUFFIX_LENGTH = 22  # RSMQ ids end in 22 random characters
@@ -169,15 +190,15 @@ class RsmqClient:
 
     def change_visibility(
         self, qname: str, vt_ms: int, held: Sequence[tuple[str, int]], reason: str = ""
-    ) -> list[str]:
-        """Make held messages (id, receive count) visible in ``vt_ms``; return the ids no longer held."""
+    ) -> list[tuple[str, int]]:
+        """Make held messages (id, receive count) visible in ``vt_ms``; return the deliveries no longer held."""
         if not held:
             return []
         args: list[Any] = [vt_ms, reason]
         for message_id, rc in held:
             args.extend((message_id, rc))
         lost = self._evalsha(_CHANGE_VISIBILITY, self.keys(qname), args)
-        return [item.decode("ascii") for item in lost]
+        return [(raw.decode("ascii"), int(rc)) for raw, rc in zip(lost[0::2], lost[1::2], strict=True)]
 
     def send(self, qname: str, messages: Sequence[tuple[int | None, bytes]]) -> int:
         """Send (delay in ms or None for the queue's delay, body) pairs; create the queue first if needed."""

@@ -5,9 +5,16 @@ How a message moves:
 - ``consume`` receives up to ``max_messages`` visible messages with one Lua
   script on a worker thread, hiding them for the visibility timeout (``vt``),
   and hands them out as envelopes (``attempt`` = RSMQ's receive count);
-- ``ack`` queues the ids for deletion; a settler thread deletes everything
-  queued in one transaction (PyRSMQ's deleteMessage layout), so a burst of
-  acks costs one round trip;
+- ``ack`` queues the ids for deletion; a settler thread deletes them in
+  transactions of up to 1000 (PyRSMQ's deleteMessage layout), so a burst of
+  acks costs one round trip per thousand. The queue of acknowledged messages
+  not deleted yet is bounded (``max_pending_deletes``): at its bound ``ack``
+  waits for room (backpressure into the engine's ack path) and ``consume``
+  receives nothing, for as long as ``close_timeout_seconds`` (after that an
+  ack queues its deletes anyway, with a warning: Redis is failing, and
+  ``consume`` still refuses to add to the backlog). Until its delete reaches
+  Redis an acknowledged message keeps being extended like a held one, so it
+  is never delivered again, whatever ``heartbeat`` says;
 - ``nack`` (and ``nack_with_reason``) make the messages visible again after
   the engine's backoff, instead of after the whole ``vt``; the reason is kept
   in Redis and comes back with the next delivery as the ``volley-last-error``
@@ -25,33 +32,43 @@ extension happens and a warning is logged when a held message's ``vt``
 expires, since it may then be processed twice.
 
 Redis errors never stop the consumer: a failed receive returns nothing (with
-a throttled warning) and is retried on the next call; failed deletes and
-visibility changes are retried with backoff until they succeed or
-``close`` gives up on them (those messages are then delivered again).
+a throttled warning) and is retried on the next call; deletes and visibility
+changes that fail with an error that may pass (``client.is_transient``:
+connection trouble, READONLY, OOM, BUSY, ...) are retried with backoff until
+they succeed or ``close`` gives up on them (those messages are then delivered
+again); any other error reply drops them with an error log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from volley.errors import ConfigurationError
 from volley.message import Envelope
 from volley.ports import Observer
 from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
-from volley_rsmq.client import RETRIABLE_ERRORS, ReceiveResult, RsmqClient, sent_time
-from volley_rsmq.settings import RsmqSettings
+from volley_rsmq.client import ReceiveResult, RsmqClient, is_transient, sent_time
+from volley_rsmq.settings import VT_DEFAULT, RsmqSettings
 
 logger = logging.getLogger("volley.rsmq")
 
 LAST_ERROR_HEADER = "volley-last-error"
 _CHUNK = 1000  # ids per delete transaction / visibility script
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class _Held:
@@ -67,7 +84,8 @@ class _Held:
         self.warned = False
 
 
-_Release = tuple[int, str, list[tuple[str, int]]]  # (visible again in ms, reason, [(id, rc)])
+_Delivery = tuple[str, int]  # (message id, receive count): one delivery of one message
+_Release = tuple[int, str, list[_Delivery]]  # (visible again in ms, reason, deliveries)
 
 
 class RsmqConsumer:
@@ -80,9 +98,15 @@ class RsmqConsumer:
         self._executor: ThreadPoolExecutor | None = None
         self._settler: threading.Thread | None = None
         self._cond = threading.Condition()
-        self._held: dict[str, _Held] = {}
-        self._to_delete: list[str] = []
+        # Keyed by delivery, (id, receive count): the same consumer may receive a message again once its vt
+        # expired, and settling the older delivery must not touch the newer one.
+        self._held: dict[_Delivery, _Held] = {}
+        # Acknowledged, delete queued or under way: kept hidden by the heartbeat until the delete is done.
+        self._deleting: dict[_Delivery, _Held] = {}
+        self._to_delete: deque[_Delivery] = deque()
         self._to_release: list[_Release] = []
+        self._max_pending = settings.max_pending_deletes
+        self._room_waiters: list[asyncio.Future[None]] = []  # ack/consume calls waiting for room in _deleting
         self._busy = 0  # settles taken by the settler and not finished yet
         self._stopping = False
         self._stop_deadline = float("inf")
@@ -92,11 +116,13 @@ class RsmqConsumer:
         self._last_remaining = -1
         self._unwrap = settings.headers == "envelope"
         self._trouble = ThrottledLog()
+        self._backlog_warning = ThrottledLog()  # its own throttle: the settler's retries must not hide it
         self._observer: Observer | None = None
         self._app_name = ""
         self._last_visible = 0
         self._next_depth_report = 0.0
         self.extended = 0  # visibility extensions done (for tests and metrics)
+        self.over_bound = 0  # acks queued beyond max_pending_deletes after waiting close_timeout_seconds
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -119,8 +145,17 @@ class RsmqConsumer:
         connect(client, self.settings.connect_timeout_seconds)
         if client.create_queue(self.qname):
             logger.info("created RSMQ queue %r", self.qname)
-        vt = self.settings.vt if self.settings.vt is not None else client.queue_vt(self.qname)
-        self._vt_ms = round((vt or 30.0) * 1000)
+        vt = self.settings.vt
+        if vt is None:
+            vt = client.queue_vt(self.qname)
+            if vt is None:  # a queue hash without "vt" (not made by an RSMQ client): RSMQ's default
+                vt = VT_DEFAULT
+            elif vt <= 0:
+                raise ConfigurationError(
+                    f"RSMQ queue {self.qname!r} was created with vt={vt:g}: its messages are never hidden once "
+                    "received, so every poll would deliver the messages being handled again; set 'vt' (seconds, "
+                    "greater than 0) in this queue's config to consume it with a visibility timeout of its own")
+        self._vt_ms = max(1, round(vt * 1000))
 
     def _require_client(self) -> RsmqClient:
         if self._client is None:
@@ -134,7 +169,7 @@ class RsmqConsumer:
         with self._cond:
             self._stopping = True
             self._stop_deadline = time.monotonic() + self.settings.close_timeout_seconds
-            abandoned = [(mid, held.rc) for mid, held in self._held.items() if not held.lost]
+            abandoned = [delivery for delivery, held in self._held.items() if not held.lost]
             self._held.clear()
             if abandoned:
                 # Not finished by the engine: let another consumer have them now rather than after their vt.
@@ -143,6 +178,8 @@ class RsmqConsumer:
         settler = self._settler
         if settler is not None:
             await asyncio.get_running_loop().run_in_executor(None, settler.join)
+        with self._cond:
+            self._wake_room_waiters()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._client is not None:
@@ -159,6 +196,8 @@ class RsmqConsumer:
         poll = self.settings.poll_interval_seconds
         pause = min(0.002, poll)
         while True:
+            if not await self._wait_for_room(deadline):  # the delete queue is full: do not add to the backlog
+                return []
             envelopes = await loop.run_in_executor(executor, self._receive, max(1, max_messages))
             if envelopes is None:  # Redis trouble: back off harder than for an empty queue
                 pause = max(pause, self.settings.retry_backoff_seconds)
@@ -182,7 +221,9 @@ class RsmqConsumer:
                 client.create_queue(self.qname)
                 logger.warning("RSMQ queue %r had vanished from Redis and was created again", self.qname)
                 result = client.receive(self.qname, max_messages, self._vt_ms)
-        except RETRIABLE_ERRORS as exc:
+        except redis.RedisError as exc:
+            if not is_transient(exc):
+                raise
             self._last_receive_empty = False
             self._trouble.warning("receiving from RSMQ queue %r failed, will retry: %s", self.qname, exc)
             return None
@@ -194,7 +235,7 @@ class RsmqConsumer:
         qname = self.qname
         unwrap = self._unwrap
         envelopes: list[Envelope] = []
-        held: list[tuple[str, _Held]] = []
+        held: list[tuple[tuple[str, int], _Held]] = []
         for message in result.messages:
             value, key, headers = message.body, None, None
             if unwrap:
@@ -205,7 +246,7 @@ class RsmqConsumer:
             envelopes.append(
                 Envelope(value, key, headers, qname, None, message.id, sent_time(message.id), message.rc, message.id)
             )
-            held.append((message.id, _Held(message.rc, deadline, now)))
+            held.append(((message.id, message.rc), _Held(message.rc, deadline, now)))
         with self._cond:
             self._held.update(held)
             self._last_receive_empty = not envelopes
@@ -216,14 +257,66 @@ class RsmqConsumer:
     # ------------------------------------------------------------------ settling
 
     async def ack(self, envelopes: Sequence[Envelope]) -> None:
+        """Queue the deletes, waiting for room while ``max_pending_deletes`` are queued (see the module doc)."""
         if not envelopes:
             return
-        with self._cond:
-            held = self._held
-            for env in envelopes:
-                held.pop(env.position, None)
-                self._to_delete.append(env.position)
-            self._cond.notify()
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.close_timeout_seconds
+        done = 0
+        while True:
+            with self._cond:
+                room = len(envelopes) - done
+                if loop.time() < give_up_at and not self._stopping:
+                    room = min(room, self._max_pending - len(self._deleting))
+                else:
+                    self.over_bound += max(0, min(room, len(self._deleting) + room - self._max_pending))
+                if room > 0:
+                    now = time.monotonic()
+                    held, deleting, queue = self._held, self._deleting, self._to_delete
+                    for env in envelopes[done:done + room]:
+                        delivery = (env.position, env.attempt)
+                        entry = held.pop(delivery, None)
+                        if entry is None:  # not (or no longer) held here: delete it, nothing to extend
+                            entry = _Held(env.attempt, now, now)
+                            entry.lost = True
+                        deleting[delivery] = entry
+                        queue.append(delivery)
+                    done += room
+                    self._cond.notify()
+                if done >= len(envelopes):
+                    return
+            if not await self._wait_for_room(give_up_at):
+                self._backlog_warning.warning(
+                    "RSMQ queue %r: %d acknowledged message(s) still wait for their delete after %g s "
+                    "(close_timeout_seconds); Redis is not keeping up, queuing more deletes beyond "
+                    "max_pending_deletes (%d)", self.qname, len(self._deleting), self.settings.close_timeout_seconds,
+                    self._max_pending)
+
+    async def _wait_for_room(self, until: float) -> bool:
+        """Wait until fewer than ``max_pending_deletes`` deletes are pending, or the loop's time ``until``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = until - loop.time()
+            with self._cond:
+                if len(self._deleting) < self._max_pending or self._stopping:
+                    return True
+                if remaining <= 0:
+                    return False
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._room_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                with self._cond:
+                    if waiter in self._room_waiters:
+                        self._room_waiters.remove(waiter)
+
+    def _wake_room_waiters(self) -> None:
+        """Called with ``_cond`` held, from any thread, when room was made in ``_deleting``."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
+                waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
 
     async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
         await self.nack_with_reason(envelopes, delay, "")
@@ -235,9 +328,9 @@ class RsmqConsumer:
         with self._cond:
             pairs = []
             for env in envelopes:
-                held = self._held.pop(env.position, None)
+                held = self._held.pop((env.position, env.attempt), None)
                 if held is not None and not held.lost:
-                    pairs.append((str(env.position), held.rc))
+                    pairs.append((env.position, held.rc))
             if pairs:
                 self._to_release.append((max(0, round(delay * 1000)), reason, pairs))
                 self._cond.notify()
@@ -254,38 +347,52 @@ class RsmqConsumer:
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
-                deletes, self._to_delete = self._to_delete, []
+                # One transaction of deletes per turn, so the heartbeat below runs between them however long
+                # the queue of deletes is.
+                queue = self._to_delete
+                deletes = [queue.popleft() for _ in range(min(_CHUNK, len(queue)))]
                 releases, self._to_release = self._to_release, []
                 self._busy = len(deletes) + len(releases)
-                stopping = self._stopping
             try:
-                while deletes:
-                    client.delete(self.qname, deletes[:_CHUNK])
-                    del deletes[:_CHUNK]
+                # The heartbeat first, on its own schedule, so that neither a long queue of deletes nor deletes
+                # failing again and again keep it from extending what is held or waits for its delete.
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + heartbeat
+                    try:
+                        self._watch_visibility(client)
+                    except redis.RedisError as exc:
+                        if is_transient(exc):
+                            raise
+                        logger.exception("extending the visibility of messages of RSMQ queue %r failed", self.qname)
+                if deletes:
+                    client.delete(self.qname, [message_id for message_id, _ in deletes])
+                    self._deleted(deletes)
+                    deletes = []
                 while releases:
                     vt_ms, reason, pairs = releases[0]
                     for start in range(0, len(pairs), _CHUNK):
                         client.change_visibility(self.qname, vt_ms, pairs[start:start + _CHUNK], reason)
                     releases.pop(0)
-                if time.monotonic() >= next_beat and not stopping:
-                    self._watch_visibility(client)
-                    next_beat = time.monotonic() + heartbeat
                 backoff = self.settings.retry_backoff_seconds
-            except RETRIABLE_ERRORS as exc:
-                with self._cond:  # put back what was not done, in front of anything newer
-                    self._to_delete[:0] = deletes
-                    self._to_release[:0] = releases
-                if time.monotonic() >= self._stop_deadline:
-                    self._give_up()
-                    return
-                self._trouble.warning("settling messages of RSMQ queue %r failed, will retry: %s", self.qname, exc)
-                with self._cond:
-                    self._cond.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
-            except redis.RedisError:
-                logger.exception(
-                    "settling messages of RSMQ queue %r failed for good; %d message(s) will be delivered again "
-                    "when their visibility timeout expires", self.qname, len(deletes) + len(releases))
+            except redis.RedisError as exc:
+                if not is_transient(exc):
+                    logger.exception(
+                        "settling messages of RSMQ queue %r failed for good; %d message(s) will be delivered again "
+                        "when their visibility timeout expires", self.qname,
+                        len(deletes) + sum(len(pairs) for _, _, pairs in releases))
+                    self._deleted(deletes)  # not deleted, but no longer pending either
+                else:
+                    with self._cond:  # put back what was not done, in front of anything newer
+                        self._to_delete.extendleft(reversed(deletes))
+                        self._to_release[:0] = releases
+                    if time.monotonic() >= self._stop_deadline:
+                        self._give_up()
+                        return
+                    self._trouble.warning(
+                        "settling messages of RSMQ queue %r failed, will retry: %s", self.qname, exc)
+                    with self._cond:
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, 1.0, heartbeat)  # a retry never holds back the heartbeat long
             finally:
                 with self._cond:
                     self._busy = 0
@@ -294,22 +401,41 @@ class RsmqConsumer:
                 if self._stopping and not (self._to_delete or self._to_release):
                     return
 
+    def _deleted(self, deliveries: list[_Delivery]) -> None:
+        """Forget deliveries whose delete is done (or abandoned) and let waiting acks and receives go on."""
+        if not deliveries:
+            return
+        with self._cond:
+            deleting = self._deleting
+            for delivery in deliveries:
+                deleting.pop(delivery, None)
+            self._wake_room_waiters()
+
     def _give_up(self) -> None:
         with self._cond:
-            left = len(self._to_delete) + sum(len(p) for _, _, p in self._to_release)
+            left = len(self._deleting) + sum(len(p) for _, _, p in self._to_release)
             self._to_delete.clear()
+            self._deleting.clear()
             self._to_release.clear()
+            self._wake_room_waiters()
         logger.error(
             "closing RSMQ consumer of %r with %d message(s) not settled (Redis unreachable); they will be "
             "delivered again when their visibility timeout expires", self.qname, left)
 
     def _watch_visibility(self, client: RsmqClient) -> None:
-        """Extend the visibility of messages still being processed past half their vt, or warn (see module doc)."""
+        """Extend the visibility of messages still being processed past half their vt, or warn (see module doc).
+
+        Acknowledged messages whose delete has not reached Redis yet are always extended: letting them expire
+        would only deliver finished work again.
+        """
         now = time.monotonic()
         vt = self._vt_ms / 1000
-        extend: list[tuple[str, int]] = []
+        extend: list[_Delivery] = []
         with self._cond:
-            for message_id, held in self._held.items():
+            for delivery, pending in self._deleting.items():
+                if not pending.lost and pending.deadline - now <= vt / 2:
+                    extend.append(delivery)
+            for (message_id, rc), held in self._held.items():
                 if held.lost or held.deadline - now > vt / 2:
                     continue
                 if not self.settings.heartbeat:
@@ -328,26 +454,41 @@ class RsmqConsumer:
                             "max_extension_seconds; its visibility is no longer extended and it will be delivered "
                             "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
                     continue
-                extend.append((message_id, held.rc))
+                extend.append((message_id, rc))
         if not extend:
             return
-        lost: set[str] = set()
+        lost: set[_Delivery] = set()
+        deadline = time.monotonic() + vt  # taken before the scripts run: Redis counts from a later instant
         for start in range(0, len(extend), _CHUNK):
             lost.update(client.change_visibility(self.qname, self._vt_ms, extend[start:start + _CHUNK]))
-        deadline = time.monotonic() + vt
+        redelivered = 0
         with self._cond:
-            for message_id, _ in extend:
-                current = self._held.get(message_id)
+            for delivery in extend:
+                message_id = delivery[0]
+                current = self._held.get(delivery)
                 if current is None:
+                    current = self._deleting.get(delivery)
+                    if current is None:  # deleted meanwhile
+                        continue
+                    if delivery in lost:
+                        current.lost = True
+                        redelivered += 1
+                    else:
+                        current.deadline = deadline
+                        self.extended += 1
                     continue
-                if message_id in lost:
+                if delivery in lost:
                     current.lost = True
                     logger.warning(
-                        "message %s of RSMQ queue %r was delivered again elsewhere before its visibility could be "
-                        "extended; it may be processed twice", message_id, self.qname)
+                        "message %s of RSMQ queue %r was delivered again (here or elsewhere) before its visibility "
+                        "could be extended; it may be processed twice", message_id, self.qname)
                 else:
                     current.deadline = deadline
                     self.extended += 1
+        if redelivered:
+            logger.warning(
+                "%d acknowledged message(s) of RSMQ queue %r were delivered again before their delete reached Redis "
+                "(their visibility timeout had expired); they may be processed twice", redelivered, self.qname)
 
     # ------------------------------------------------------------------ introspection
 
@@ -358,6 +499,7 @@ class RsmqConsumer:
                 self._last_receive_empty
                 and self._last_remaining == 0
                 and not self._held
+                and not self._deleting
                 and not self._to_delete
                 and not self._to_release
                 and not self._busy
@@ -366,6 +508,11 @@ class RsmqConsumer:
     def held_count(self) -> int:
         with self._cond:
             return len(self._held)
+
+    def pending_deletes(self) -> int:
+        """Acknowledged messages whose delete has not reached Redis yet (at most ``max_pending_deletes``)."""
+        with self._cond:
+            return len(self._deleting)
 
     async def depth(self) -> int:
         """Messages visible in the queue now (not counting those held by consumers or delayed)."""
@@ -380,7 +527,7 @@ class RsmqConsumer:
         def wait() -> bool:
             with self._cond:
                 return self._cond.wait_for(
-                    lambda: not (self._to_delete or self._to_release or self._busy), timeout)
+                    lambda: not (self._deleting or self._to_delete or self._to_release or self._busy), timeout)
 
         if not await asyncio.get_running_loop().run_in_executor(None, wait):
             raise TimeoutError(f"RSMQ consumer of {self.qname!r} did not settle within {timeout} s")

@@ -8,8 +8,10 @@ reports the whole batch through ``on_delivery`` once Redis has applied it.
 A per-message ``delay`` (the handler's ``{"delay": seconds}``) hides the
 message for that long, as RSMQ's sendMessage does; without one the
 producer's configured ``delay`` applies, and without that the queue's own.
-Redis errors are retried with exponential backoff (the
-connection is re-established by redis-py) for up to
+Redis errors that may pass (connection trouble, and error replies such as
+READONLY after a failover, OOM or BUSY: see ``client.is_transient``) are
+retried with exponential backoff (the connection is re-established by
+redis-py) for up to
 ``delivery_timeout_seconds`` after the record was accepted; only then is it
 reported as failed. A retry after a lost reply may store a message twice,
 which at-least-once allows. Errors Redis answers (a key of the wrong type,
@@ -32,7 +34,7 @@ from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure
 from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
-from volley_rsmq.client import RETRIABLE_ERRORS, RsmqClient
+from volley_rsmq.client import RsmqClient, is_transient
 from volley_rsmq.settings import RsmqSettings, validate_qname
 
 logger = logging.getLogger("volley.rsmq")
@@ -174,12 +176,15 @@ class RsmqProducer:
         while True:
             try:
                 client.send(topic, bodies)
-            except RETRIABLE_ERRORS as exc:
+            except redis.RedisError as exc:
+                if not is_transient(exc):
+                    logger.error("RSMQ queue %r refused %d message(s): %s", topic, len(bodies), exc)
+                    return DeliveryError(f"RSMQ queue {topic!r}: Redis refused the messages: {exc}")
                 now = time.monotonic()
                 if now >= give_up_at or now >= self._stop_deadline:
                     logger.error("giving up sending %d message(s) to RSMQ queue %r: %s", len(bodies), topic, exc)
                     return DeliveryError(
-                        f"RSMQ queue {topic!r}: Redis unreachable for {now - accepted:.1f} s "
+                        f"RSMQ queue {topic!r}: Redis unreachable or refusing for {now - accepted:.1f} s "
                         f"(delivery_timeout_seconds={self.settings.delivery_timeout_seconds:g}): {exc}"
                     )
                 self.retries += 1
@@ -187,9 +192,6 @@ class RsmqProducer:
                 with self._cond:
                     self._cond.wait_for(lambda: time.monotonic() >= self._stop_deadline, min(backoff, give_up_at - now))
                 backoff = min(backoff * 2, 1.0)
-            except redis.RedisError as exc:
-                logger.error("RSMQ queue %r refused %d message(s): %s", topic, len(bodies), exc)
-                return DeliveryError(f"RSMQ queue {topic!r}: Redis refused the messages: {exc}")
             else:
                 return None
 

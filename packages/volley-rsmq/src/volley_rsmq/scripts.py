@@ -19,6 +19,11 @@ difference:
 Volley adds one key of its own, ``{ns}:{qname}:volley:errors``, a hash of
 message id to the last handler error recorded by a nack (``nack_with_reason``);
 PyRSMQ never reads it, and Volley deletes a message's entry with the message.
+Entries of messages that another client deleted (PyRSMQ's deleteMessage does
+not know the hash) are swept by ``CHANGE_VISIBILITY``: every time it records
+reasons it checks a random sample of the hash four times larger (at least 32)
+and drops the entries whose message is gone, so such leftovers stay a small
+fraction of the hash instead of growing with every nack.
 
 Time always comes from the Redis server (``TIME``), as in RSMQ, so clocks of
 producers and consumers never need to agree.
@@ -96,14 +101,30 @@ CHANGE_VISIBILITY = (
 local deadline = now + tonumber(ARGV[1])
 local reason = ARGV[2]
 local lost = {}
+local recorded = 0
 for i = 3, #ARGV, 2 do
   local id = ARGV[i]
   local rc = redis.call("HGET", KEYS[2], id .. ":rc")
   if rc == ARGV[i + 1] and redis.call("ZSCORE", KEYS[1], id) then
     redis.call("ZADD", KEYS[1], deadline, id)
-    if reason ~= "" then redis.call("HSET", KEYS[3], id, reason) end
+    if reason ~= "" then
+      redis.call("HSET", KEYS[3], id, reason)
+      recorded = recorded + 1
+    end
   else
     lost[#lost + 1] = id
+    lost[#lost + 1] = ARGV[i + 1]
+  end
+end
+if recorded > 0 then
+  -- Reasons of messages deleted by other clients (PyRSMQ's deleteMessage does not know this hash) would stay
+  -- forever: check a random sample, four times larger than what was just added, and drop those whose message
+  -- is gone. HRANDFIELD needs Redis 6.2; older servers skip the sweep.
+  local sample = redis.pcall("HRANDFIELD", KEYS[3], math.min(32 + 4 * recorded, 1000))
+  if type(sample) == "table" and not sample.err then
+    for _, field in ipairs(sample) do
+      if redis.call("HEXISTS", KEYS[2], field) == 0 then redis.call("HDEL", KEYS[3], field) end
+    end
   end
 end
 return lost
@@ -114,7 +135,7 @@ return lost
 A message is only changed while it is still the delivery this consumer holds
 (its receive count is unchanged): once its visibility timeout expired and
 another consumer received it, changing it would cut into that consumer's time.
-Returns the ids that were not changed.
+Returns the (id, rc) pairs that were not changed, flattened.
 """
 
 SEND = (

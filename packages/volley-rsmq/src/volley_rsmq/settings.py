@@ -28,6 +28,7 @@ VOLLEY_KEYS = (
     "delivery_timeout_seconds",
     "retry_backoff_seconds",
     "send_batch_size",
+    "max_pending_deletes",
     "connect_timeout_seconds",
     "close_timeout_seconds",
 )
@@ -114,6 +115,7 @@ class RsmqSettings:
     delivery_timeout_seconds: float = 30.0
     retry_backoff_seconds: float = 0.05
     send_batch_size: int = 500
+    max_pending_deletes: int = 10_000
     connect_timeout_seconds: float = 10.0
     close_timeout_seconds: float = 10.0
 
@@ -191,6 +193,9 @@ def parse_settings(config: Mapping[str, Any], queue_value: str, role: str) -> Rs
     batch = config.get("send_batch_size", 500)
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ConfigurationError(f"RSMQ config 'send_batch_size' must be a positive integer, got {batch!r}")
+    pending = config.get("max_pending_deletes", 10_000)
+    if not isinstance(pending, int) or isinstance(pending, bool) or pending < 1:
+        raise ConfigurationError(f"RSMQ config 'max_pending_deletes' must be a positive integer, got {pending!r}")
     password = config.get("password")
 
     return RsmqSettings(
@@ -211,6 +216,7 @@ def parse_settings(config: Mapping[str, Any], queue_value: str, role: str) -> Rs
         delivery_timeout_seconds=_number(config, "delivery_timeout_seconds", 30.0, 0.0),
         retry_backoff_seconds=_number(config, "retry_backoff_seconds", 0.05, 0.0, strict=True),
         send_batch_size=batch,
+        max_pending_deletes=pending,
         connect_timeout_seconds=_number(config, "connect_timeout_seconds", 10.0, 0.0),
         close_timeout_seconds=_number(config, "close_timeout_seconds", 10.0, 0.0),
     )
