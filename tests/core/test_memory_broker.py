@@ -11,8 +11,10 @@ from collections.abc import Callable
 import pytest
 
 from volley import ConfigurationError, Engine, MemoryBroker, memory
+from volley.errors import InvalidRecordError
 from volley.memory import MemoryConsumer
 from volley.message import OutgoingMessage
+from volley.ports import InstantlyDrainable
 
 
 async def test_an_empty_poll_without_timeout_still_yields_to_the_event_loop() -> None:
@@ -59,7 +61,7 @@ async def test_the_memory_consumer_declares_an_instant_exact_drain_check() -> No
     broker = MemoryBroker()
     consumer = MemoryConsumer(broker, "q")
     await consumer.start()
-    assert consumer.instant_drain_check is True
+    assert isinstance(consumer, InstantlyDrainable)
     assert consumer.is_drained_now() is True
     broker.publish("q", b"x")
     assert consumer.is_drained_now() is False
@@ -176,19 +178,20 @@ BAD_RECORDS = {
 
 @pytest.mark.parametrize("case", list(BAD_RECORDS))
 def test_a_bad_record_fails_its_whole_call_and_nothing_of_it_is_stored(case: str) -> None:
+    """The broker stores a call all or nothing; the producer then reports each record for what it is: the bad
+    one failed with InvalidRecordError (the engine dead-letters its input), the others stored."""
     options, error, message = BAD_RECORDS[case]
     broker = MemoryBroker()
-    producer = memory.MemoryProducer(broker)
     call = [OutgoingMessage("q", b"first"), OutgoingMessage("q", b"bad", **options),
             OutgoingMessage("q", b"last", delay=0.01)]
-    reports: list[tuple[list[OutgoingMessage], list[tuple[OutgoingMessage, Exception]]]] = []
-    producer.produce(call, lambda ok, failed: reports.append((list(ok), list(failed))))
-    assert len(reports) == 1
-    delivered, failed = reports[0]
-    assert delivered == [] and [m for m, _ in failed] == call  # reported exactly as it is: none stored
-    assert all(isinstance(exc, error) for _, exc in failed)
     with pytest.raises(error, match=message):
         broker.publish_many(call)
     assert broker.produced("q") == [] and broker.depth("q") == 0
     assert broker.is_idle("q"), "a record of the failed call is still counted as pending"
     assert broker._scheduler.thread() is None  # nothing of the call was scheduled either
+    producer = memory.MemoryProducer(broker)
+    reports: list[tuple[list[OutgoingMessage], list[tuple[OutgoingMessage, Exception]]]] = []
+    producer.produce(call, lambda ok, failed: reports.append((list(ok), list(failed))))
+    [(delivered, failed)] = reports
+    assert delivered == [call[0], call[2]] and [m for m, _ in failed] == [call[1]]
+    assert isinstance(failed[0][1], InvalidRecordError)

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from volley.errors import ConfigurationError
+from volley.errors import ConfigurationError, InvalidRecordError
 from volley.message import Envelope, Headers, OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 from volley.scheduler import Scheduler
@@ -477,13 +477,22 @@ class MemoryProducer:
         return None
 
     def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
-        """Store the call's messages, all or nothing: a record with an invalid partition, delay or key fails the
-        whole call before anything is stored, and every message of it is reported failed (none stored)."""
+        """Store the call's messages. A record with an invalid partition, delay or key is reported failed with
+        ``InvalidRecordError`` (producing it again cannot help) and the others are stored: each record's report
+        says exactly what happened to it."""
         try:
             self._broker.publish_many(messages)
-        except (TypeError, ValueError) as exc:
-            failures: list[DeliveryFailure] = [(m, exc) for m in messages]
-            on_delivery((), failures)
+        except (TypeError, ValueError):
+            delivered: list[OutgoingMessage] = []
+            failures: list[DeliveryFailure] = []
+            for message in messages:
+                try:
+                    self._broker.publish_many([message])
+                except (TypeError, ValueError) as exc:
+                    failures.append((message, InvalidRecordError(str(exc))))
+                else:
+                    delivered.append(message)
+            on_delivery(delivered, failures)
             return
         on_delivery(messages, ())
 

@@ -69,6 +69,9 @@ class SyncExecutor:
                 self.calibrating = 0
                 self._go_threaded(f"{out.slow_calls} of {len(batch)} handler calls took over {FAST_CALL_SECONDS} s "
                                   f"(slowest {out.slowest:.4f} s)")
+            elif not self.calibrating and self.inline:
+                logger.debug("%s: sync handler calls are fast (%.6f s at most): running them inline", self.app_name,
+                             out.slowest)
             return
         start = 0
         moved: BaseException | None = None
