@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import confluent_kafka
 import pytest
 
-from volley.message import OutgoingMessage
-from volley.ports import DeliveryFailure
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from volley.message import Envelope, OutgoingMessage
+from volley.ports import DeliveryFailure, PartitionId, QueueSpec
+from volley_kafka import KafkaConnector, KafkaConsumer, TransactionalKafkaConsumer
+from volley_kafka import consumer as consumer_module
 from volley_kafka import producer as producer_module
 from volley_kafka.producer import ProducerClient, TransactionAbortedError
 
@@ -38,7 +42,9 @@ class FakeProducer:
         self.gate_value: bytes | None = None  # a record whose producer waits for a second one (see RENDEZVOUS)
         self.gate = threading.Barrier(2)
         self.transaction_calls: list[str] = []
+        self.transaction_state = "ready"  # ready -> open -> ready (commit or abort); a failed abort stays open
         self.abort_failures = 0  # abort_transaction raises this many times first
+        self.flush_error: BaseException | None = None  # flush raises this once
 
     def set_room(self, room: int) -> None:
         with self._lock:
@@ -75,6 +81,9 @@ class FakeProducer:
         return served
 
     def flush(self, timeout: float = 0.0) -> int:
+        error, self.flush_error = self.flush_error, None
+        if error is not None:
+            raise error
         self._serve()
         return 0
 
@@ -93,6 +102,9 @@ class FakeProducer:
         self.transaction_calls.append("init")
 
     def begin_transaction(self) -> None:
+        if self.transaction_state != "ready":
+            raise KafkaException(KafkaError(KafkaError._STATE, "the previous transaction was not aborted"))
+        self.transaction_state = "open"
         self.transaction_calls.append("begin")
 
     def send_offsets_to_transaction(self, offsets: Any, metadata: Any, *_args: Any) -> None:
@@ -100,12 +112,189 @@ class FakeProducer:
 
     def commit_transaction(self, *_args: Any) -> None:
         self.transaction_calls.append("commit")
+        self.transaction_state = "ready"
 
     def abort_transaction(self, *_args: Any) -> None:
         self.transaction_calls.append("abort")
         if self.abort_failures > 0:
             self.abort_failures -= 1
-            raise confluent_kafka.KafkaException(confluent_kafka.KafkaError(confluent_kafka.KafkaError._TIMED_OUT))
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "abort timed out", retriable=True))
+        self.transaction_state = "ready"
+
+
+class FakeMessage:
+    __slots__ = ("_offset", "_partition", "_topic", "_value")
+
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes) -> None:
+        self._topic = topic
+        self._partition = partition
+        self._offset = offset
+        self._value = value
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> None:
+        return None
+
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+Key = tuple[str, int]
+
+
+class FakeConsumer:
+    """``confluent_kafka.Consumer`` over in-memory partitions; rebalances happen inside poll/consume when the
+    test scripts them. Like librdkafka, a partition's pause outlives its assignment."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self._cond = threading.Condition()
+        self.logs: dict[Key, list[bytes]] = {}
+        self.assigned: set[Key] = set()
+        self.paused: set[Key] = set()
+        self.positions: dict[Key, int] = {}
+        self.committed_offsets: dict[Key, int] = {}
+        self.commits: list[tuple[Key, int]] = []  # every commit sent, in order
+        self.seeks: list[tuple[Key, int]] = []
+        self.events: deque[tuple[str, list[Key]]] = deque()  # rebalances to run inside the next poll
+        self.callbacks: dict[str, Any] = {}
+        self.generation = 1
+        self.threads: set[str] = set()  # names of the threads that called in (besides metadata)
+        self.closed = False
+
+    # the test's side
+    def add(self, topic: str, partition: int, values: Sequence[bytes]) -> None:
+        with self._cond:
+            self.logs.setdefault((topic, partition), []).extend(values)
+            self._cond.notify_all()
+
+    def rebalance(self, kind: str, keys: Sequence[Key]) -> None:
+        with self._cond:
+            self.events.append((kind, list(keys)))
+            self._cond.notify_all()
+
+    # the client's side
+    def _called(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
+        self._called()
+        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        class Metadata:
+            topics: dict[str, Any] = {}
+        return Metadata()
+
+    def _run_events(self) -> None:
+        while True:
+            with self._cond:
+                if not self.events:
+                    return
+                kind, keys = self.events.popleft()
+            tps = [TopicPartition(t, p) for t, p in keys]
+            callback = self.callbacks.get(kind)
+            if callback is not None:
+                callback(self, tps)
+            with self._cond:
+                if kind == "assign":
+                    self.assigned |= set(keys)
+                    for key in keys:
+                        self.positions[key] = self.committed_offsets.get(key, 0)
+                else:
+                    self.assigned -= set(keys)
+
+    def _take(self, count: int) -> list[FakeMessage]:
+        out: list[FakeMessage] = []
+        with self._cond:
+            for key in sorted(self.assigned - self.paused):
+                log = self.logs.get(key, [])
+                position = self.positions.get(key, 0)
+                while position < len(log) and len(out) < count:
+                    out.append(FakeMessage(key[0], key[1], position, log[position]))
+                    position += 1
+                self.positions[key] = position
+        return out
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
+        self._called()
+        self._run_events()
+        out = self._take(num_messages)
+        if not out and timeout > 0:
+            with self._cond:
+                self._cond.wait(min(timeout, 0.05))
+            self._run_events()
+            out = self._take(num_messages)
+        return out
+
+    def poll(self, timeout: float = -1) -> FakeMessage | None:
+        out = self.consume(1, timeout)
+        return out[0] if out else None
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self._called()
+        with self._cond:
+            self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self._called()
+        with self._cond:
+            self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+            self._cond.notify_all()
+
+    def seek(self, partition: TopicPartition) -> None:
+        self._called()
+        key = (partition.topic, partition.partition)
+        with self._cond:
+            self.seeks.append((key, partition.offset))
+            self.positions[key] = partition.offset
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> Any:
+        self._called()
+        with self._cond:
+            for tp in offsets or ():
+                self.commits.append(((tp.topic, tp.partition), tp.offset))
+                self.committed_offsets[(tp.topic, tp.partition)] = tp.offset
+        return None if asynchronous else list(offsets or ())
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        self._called()
+        return [TopicPartition(tp.topic, tp.partition, self.committed_offsets.get((tp.topic, tp.partition), -1001))
+                for tp in partitions]
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = -1,
+                              cached: bool = False) -> tuple[int, int]:
+        self._called()
+        return 0, len(self.logs.get((partition.topic, partition.partition), []))
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        self._called()
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get((tp.topic, tp.partition), -1001))
+                for tp in partitions]
+
+    def consumer_group_metadata(self) -> str:
+        return f"generation-{self.generation}"
+
+    def close(self) -> None:
+        self._called()
+        self.closed = True
 
 
 class Reports:
@@ -135,6 +324,35 @@ def wait_until(check: Callable[[], bool], within: float = 10.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {within} s")
         time.sleep(0.005)
+
+
+def spec(topic: str = "in", **extra: Any) -> QueueSpec:
+    config = {"bootstrap.servers": "fake:9092", "group.id": "g", "volley.commit.interval.seconds": 0.0,
+              "volley.startup.timeout.seconds": 0, **extra}
+    return QueueSpec(name="in", value=topic, connector="confluent", config=config, app_name="race-test",
+                     role="input")
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every confluent client the adapter builds in this test is a fake."""
+    monkeypatch.setattr(confluent_kafka, "Producer", FakeProducer)
+    monkeypatch.setattr(confluent_kafka, "Consumer", FakeConsumer)
+
+
+async def take(consumer: KafkaConsumer, count: int, within: float = 10.0) -> list[Envelope]:
+    got: list[Envelope] = []
+    deadline = time.monotonic() + within
+    while len(got) < count and time.monotonic() < deadline:
+        got.extend(await consumer.consume(count - len(got), 0.05))
+    assert len(got) == count, f"received {len(got)} of {count}"
+    return got
+
+
+def fake_of(consumer: KafkaConsumer) -> FakeConsumer:
+    client = consumer._consumer  # the fake behind the adapter
+    assert isinstance(client, FakeConsumer)
+    return client
 
 
 @pytest.fixture
@@ -173,3 +391,39 @@ def test_backlog_sent_by_poller_and_flush_at_once_reports_each_record_once(fake_
     assert fake.sent == [m.value for m in messages], "each record produced once, in order"
     assert reports.ok == Counter(range(50)), "each record reported delivered exactly once"
     assert not reports.failed
+
+
+async def transactional(**extra: Any) -> tuple[TransactionalKafkaConsumer, FakeConsumer, ProducerClient, FakeProducer]:
+    consumer = KafkaConnector().create_consumer(spec(**{"volley.exactly.once": True,
+                                                        "volley.revoke.timeout.seconds": 2, **extra}))
+    assert isinstance(consumer, TransactionalKafkaConsumer)
+    await consumer.start()
+    client = consumer.client
+    fake = client.producer
+    assert isinstance(fake, FakeProducer)
+    return consumer, fake_of(consumer), client, fake
+
+
+async def test_abort_fails_the_backlog_instead_of_sending_it_in_the_next_transaction(fakes: None) -> None:
+    """Records of an aborted batch still waiting for room in librdkafka's queue are reported as aborted at
+    once, and never produced later (they would land in the next transaction)."""
+    consumer, _, client, fake = await transactional()
+    try:
+        await consumer.begin()
+        reports = Reports()
+        client.produce([OutgoingMessage("out", b"doomed%d" % i, token=i) for i in range(5)], reports)
+        assert client.pending() == 5, "no room: the batch waits in the backlog"
+        await asyncio.wait_for(consumer.abort(), 30)
+        assert client.pending() == 0, "the aborted batch's backlog is gone"
+        await asyncio.to_thread(wait_until, lambda: reports.total() == 5, 10.0, "the aborted records' reports")
+        assert sorted(reports.failed) == list(range(5))
+        assert all(isinstance(exc, TransactionAbortedError) for exc in reports.failed.values())
+        await consumer.begin()
+        fake.set_room(100)
+        later = Reports()
+        client.produce([OutgoingMessage("out", b"next", token=9)], later)
+        await asyncio.to_thread(client.flush_blocking, 10.0)
+        assert fake.sent == [b"next"], "only the next batch's record is in the next transaction"
+        assert not reports.ok
+    finally:
+        await consumer.close()

@@ -34,7 +34,7 @@ from volley.errors import ConfigurationError, DeliveryError, VolleyError
 from volley.message import Envelope
 from volley.ports import Observer, PartitionId, QueueSpec, RevokeHandler
 from volley_kafka.offsets import OffsetTracker, TopicPartitionKey
-from volley_kafka.producer import ProducerClient, make_client, rdkafka_logger
+from volley_kafka.producer import ProducerClient, TransactionAbortedError, make_client, rdkafka_logger
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -806,6 +806,10 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         client.in_transaction = False  # from now on, records of this batch are refused, not sent
 
         def abort() -> None:
+            # Records still waiting for room never reached librdkafka: fail them now, or the poller would
+            # send them later, into the next transaction.
+            client.discard_backlog(TransactionAbortedError(
+                "the record's transaction was aborted before it was sent; its input is consumed again"))
             # Let what was accepted be delivered first (into the doomed transaction): purged records would
             # be reported as failures, and a failure is what an engine retries.
             try:
