@@ -8,6 +8,7 @@ instead of once in a while on a real broker. What the real broker does is tested
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter, deque
@@ -16,7 +17,6 @@ from typing import Any
 
 import confluent_kafka
 import pytest
-
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from volley.message import Envelope, OutgoingMessage
@@ -54,10 +54,9 @@ class FakeProducer:
     def produce(self, topic: str, value: bytes, key: Any, partition: int, on_delivery: Any, timestamp: Any,
                 flags: Any, headers: Any) -> None:
         if value == self.gate_value:
-            try:  # the buggy drain: the other thread reads the same head and produces it too
+            # The buggy drain: the other thread reads the same head and produces it too.
+            with contextlib.suppress(threading.BrokenBarrierError):
                 self.gate.wait(RENDEZVOUS)
-            except threading.BrokenBarrierError:
-                pass
         with self._lock:
             if self.room <= 0:
                 raise BufferError("Local: Queue full")
@@ -425,5 +424,94 @@ async def test_abort_fails_the_backlog_instead_of_sending_it_in_the_next_transac
         await asyncio.to_thread(client.flush_blocking, 10.0)
         assert fake.sent == [b"next"], "only the next batch's record is in the next transaction"
         assert not reports.ok
+    finally:
+        await consumer.close()
+
+
+async def consumer_of(**extra: Any) -> tuple[KafkaConsumer, FakeConsumer]:
+    consumer = KafkaConnector().create_consumer(spec(**extra))
+    await consumer.start()
+    return consumer, fake_of(consumer)
+
+
+@pytest.mark.parametrize("resumed", ["while revoked", "after the revoke"])
+async def test_a_partition_paused_when_revoked_is_resumed_when_assigned_back(fakes: None, resumed: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """librdkafka keeps a partition's pause across revoke and assign; Volley's view (not paused) and
+    librdkafka's must agree again once the partition is back, or the worker never consumes it again."""
+    monkeypatch.setattr(consumer_module, "HARD_PAUSE_AFTER", 0.0)
+    consumer, fake = await consumer_of()
+    p0 = ("in", 0)
+    fake.add("in", 0, [b"a", b"b"])
+    fake.rebalance("assign", [p0])
+    try:
+        first = await take(consumer, 2)
+        consumer.pause()  # the buffer is full: a hard pause, at once here
+        assert await consumer.consume(10, 0.05) == []
+        await asyncio.to_thread(wait_until, lambda: p0 in fake.paused, 5.0, "the pause in librdkafka")
+
+        async def finish_in_flight(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack(first)  # the engine's revoke handler drains: room in the buffer again
+            if resumed == "while revoked":
+                consumer.resume()
+
+        consumer.set_revoke_handler(finish_in_flight)
+        fake.rebalance("revoke", [p0])
+        assert await consumer.consume(10, 0.05) == []
+        if resumed != "while revoked":
+            consumer.resume()  # resumed before the partition is back, with nothing assigned
+            assert await consumer.consume(10, 0.05) == []
+        fake.add("in", 0, [b"c"])
+        fake.rebalance("assign", [p0])
+        again = await take(consumer, 1)
+        assert [e.value for e in again] == [b"c"], "the partition is consumed again after it came back"
+        assert p0 not in fake.paused
+    finally:
+        await consumer.close()
+
+
+async def test_a_partition_assigned_while_hard_paused_is_paused_in_librdkafka(fakes: None,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other direction: a partition that arrives while the engine is paused must not flow past the pause."""
+    monkeypatch.setattr(consumer_module, "HARD_PAUSE_AFTER", 0.0)
+    consumer, fake = await consumer_of()
+    p0, p1 = ("in", 0), ("in", 1)
+    fake.add("in", 0, [b"a"])
+    fake.rebalance("assign", [p0])
+    try:
+        await take(consumer, 1)
+        consumer.pause()
+        assert await consumer.consume(10, 0.05) == []
+        fake.add("in", 1, [b"x"])
+        fake.rebalance("assign", [p1])
+        got: list[Envelope] = []  # what librdkafka had fetched before the pause reached it may come out
+        for _ in range(5):
+            got.extend(await consumer.consume(10, 0.05))
+        assert fake.paused >= {p0, p1}, "both partitions paused in librdkafka while the engine is paused"
+        consumer.resume()
+        if not got:
+            got = await take(consumer, 1)
+        assert [e.value for e in got] == [b"x"]
+    finally:
+        await consumer.close()
+
+
+async def test_a_partition_paused_for_a_nack_delay_is_resumed_when_assigned_back(fakes: None) -> None:
+    """A nack with a delay pauses its partition in librdkafka; revoked before the delay ends (the timer is
+    dropped with the partition) and assigned back, the partition must flow again."""
+    consumer, fake = await consumer_of()
+    p0 = ("in", 0)
+    fake.add("in", 0, [b"a"])
+    fake.rebalance("assign", [p0])
+    try:
+        first = await take(consumer, 1)
+        await consumer.nack(first, 3600.0)
+        assert await consumer.consume(10, 0.05) == []
+        await asyncio.to_thread(wait_until, lambda: p0 in fake.paused, 5.0, "the delay's pause in librdkafka")
+        fake.rebalance("revoke", [p0])
+        assert await consumer.consume(10, 0.05) == []
+        fake.rebalance("assign", [p0])
+        again = await take(consumer, 1)
+        assert [(e.value, e.position) for e in again] == [(b"a", 0)], "read again from the last commit"
     finally:
         await consumer.close()

@@ -497,8 +497,9 @@ class KafkaConsumer:
         self._ever_assigned = True
         self._committed_cache.clear()
         self._metadata_dirty = True
-        if self._hard_paused or self._delayed:
-            self._pause_dirty = True  # a new assignment starts unpaused
+        # librdkafka keeps a partition's pause across revoke and assign: a partition paused in an earlier
+        # assignment would stay paused for good. Make its state the wanted one, whichever it is.
+        self._pause_dirty = True
         # Runs on the loop before this fetch's messages are registered (call_soon is FIFO).
         self._to_loop(self._tracker.forget, keys)
         logger.info("%s: assigned %s", self._what, _describe(keys))
