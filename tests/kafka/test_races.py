@@ -515,3 +515,47 @@ async def test_a_partition_paused_for_a_nack_delay_is_resumed_when_assigned_back
         assert [(e.value, e.position) for e in again] == [(b"a", 0)], "read again from the last commit"
     finally:
         await consumer.close()
+
+
+async def test_each_transaction_sends_offsets_with_the_current_group_metadata(fakes: None) -> None:
+    """Under KIP-848 the member epoch changes without an assignment callback: the metadata sent with the offsets
+    must be taken right before sending them, not kept from the assignment."""
+    consumer, fake, _, producer = await transactional()
+    fake.add("in", 0, [b"a", b"b"])
+    fake.rebalance("assign", [("in", 0)])
+    try:
+        first = await take(consumer, 1)
+        await consumer.begin()
+        await consumer.commit(first)
+        fake.generation = 2  # e.g. a heartbeat bumped the member epoch: no callback
+        second = await take(consumer, 1)
+        await consumer.begin()
+        await consumer.commit(second)
+        sent = [call for call in producer.transaction_calls if call.startswith("offsets:")]
+        assert sent == ["offsets:generation-1", "offsets:generation-2"]
+    finally:
+        await consumer.close()
+
+
+async def test_a_failed_abort_is_retried_until_the_next_transaction_can_begin(fakes: None) -> None:
+    consumer, _, _, producer = await transactional()
+    try:
+        await consumer.begin()
+        producer.abort_failures = 2  # e.g. timed out twice while the coordinator moves
+        await asyncio.wait_for(consumer.abort(), 30)
+        assert producer.transaction_calls.count("abort") == 3, "retried until it went through"
+        await consumer.begin()  # the app goes on
+    finally:
+        await consumer.close()
+
+
+async def test_an_exception_from_the_flush_does_not_skip_the_abort(fakes: None) -> None:
+    consumer, _, _, producer = await transactional()
+    try:
+        await consumer.begin()
+        producer.flush_error = KafkaException(KafkaError(KafkaError._FAIL, "flush failed"))
+        await asyncio.wait_for(consumer.abort(), 30)
+        assert producer.transaction_calls[-1] == "abort"
+        await consumer.begin()
+    finally:
+        await consumer.close()

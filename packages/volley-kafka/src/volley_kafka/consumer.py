@@ -13,6 +13,11 @@ Threads, and who touches what:
   hand the work that touches Volley's state to the event loop and wait for it.
 * The offset tracker is only touched on the event loop: building envelopes,
   acks, nacks, the commit decisions, and the loop half of a rebalance.
+* One exception, on the exactly-once transaction thread: ``consumer_group_metadata()``,
+  taken right before each ``send_offsets_to_transaction`` (the member epoch changes
+  without a callback under KIP-848). It only copies the member's identity under
+  librdkafka's lock and never waits for a poll; going through the fetch thread would
+  deadlock while a revoke waits for the open transaction to end.
 """
 
 from __future__ import annotations
@@ -87,8 +92,6 @@ class KafkaConsumer:
         self._seek_requests: deque[TopicPartition] = deque()  # loop -> fetch thread
         self._commit_requests: deque[tuple[list[tuple[str, int, int]], float]] = deque()  # loop -> fetch thread
         self._pause_dirty = False  # the wanted pause state changed; the fetch thread applies it
-        self._group_metadata: Any = None  # for transactions; refreshed by the fetch thread after an assignment
-        self._metadata_dirty = False
         self._gone_in_fetch: set[TopicPartitionKey] = set()  # revoked or lost during the current fetch
         self._assigned_in_fetch: set[TopicPartitionKey] = set()
         self._commit_started: deque[float] = deque()
@@ -251,10 +254,6 @@ class KafkaConsumer:
         if self._pause_dirty:
             self._pause_dirty = False
             self._apply_pauses()
-        if self._metadata_dirty:
-            self._metadata_dirty = False
-            if self.transactional:
-                self._group_metadata = consumer.consumer_group_metadata()
 
     def _send_commits(self) -> None:
         while self._commit_requests:
@@ -496,7 +495,6 @@ class KafkaConsumer:
         self._assigned_in_fetch.update(keys)
         self._ever_assigned = True
         self._committed_cache.clear()
-        self._metadata_dirty = True
         # librdkafka keeps a partition's pause across revoke and assign: a partition paused in an earlier
         # assignment would stay paused for good. Make its state the wanted one, whichever it is.
         self._pause_dirty = True
@@ -763,13 +761,14 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         self._finish(envelopes)
         offsets = self._tracker.committable(self._assigned)
         producer = self._client.producer
-        metadata = self._group_metadata  # the generation of the assignment these offsets belong to
+        group_metadata = self._consumer.consumer_group_metadata
         timeout = self._settings.revoke_timeout
 
         def work() -> None:
             if offsets:
-                producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets], metadata,
-                                                     timeout)
+                # The member's current generation / epoch, not the one of the assignment: see the module docstring.
+                producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets],
+                                                     group_metadata(), timeout)
             for attempt in range(5):
                 try:
                     producer.commit_transaction(timeout)
