@@ -54,6 +54,10 @@ librdkafka's pause throws away everything it prefetched for the partitions, and 
 again from the broker: for the short stalls of ordinary backpressure that costs far more than it saves.
 Memory stays bounded meanwhile by librdkafka's own prefetch limits (queued.max.messages.kbytes).
 """
+ABORT_ATTEMPTS = 10
+"""How many times an exactly-once abort is tried before the app gives up (the next begin then stops it)."""
+ABORT_BACKOFF = 0.1
+ABORT_BACKOFF_MAX = 5.0
 ERROR_LOG_INTERVAL = 30.0
 LAG_INTERVAL = 5.0
 SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
@@ -814,9 +818,22 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             # be reported as failures, and a failure is what an engine retries.
             try:
                 client.flush_blocking(min(timeout, 10.0))
-            except TimeoutError as exc:
-                logger.warning("%s: %s; aborting anyway", self._what, exc)
-            producer.abort_transaction(timeout)
+            except Exception as exc:  # whatever went wrong, the abort must still happen
+                logger.warning("%s: flushing before the abort: %s; aborting anyway", self._what, exc)
+            # librdkafka expects a failed or timed-out abort to be called again; until one succeeds, no
+            # transaction can begin.
+            for attempt in range(1, ABORT_ATTEMPTS + 1):
+                try:
+                    producer.abort_transaction(timeout)
+                    return
+                except KafkaException as exc:
+                    error = exc.args[0] if exc.args else None
+                    if (isinstance(error, KafkaError) and error.fatal()) or attempt == ABORT_ATTEMPTS:
+                        raise
+                    backoff = min(ABORT_BACKOFF_MAX, ABORT_BACKOFF * 2 ** (attempt - 1))
+                    logger.warning("%s: aborting the transaction failed (%s); trying again in %.1f s (attempt %d "
+                                   "of %d)", self._what, exc, backoff, attempt, ABORT_ATTEMPTS)
+                    time.sleep(backoff)  # a backoff: nothing to wait for but the broker
 
         try:
             if self._open:
