@@ -167,6 +167,7 @@ class FakeConsumer:
         self._cond = threading.Condition()
         self.logs: dict[Key, list[bytes]] = {}
         self.assigned: set[Key] = set()
+        self.fresh: set[Key] = set()  # assigned during the current call
         self.paused: set[Key] = set()
         self.positions: dict[Key, int] = {}
         self.committed_offsets: dict[Key, int] = {}
@@ -214,6 +215,7 @@ class FakeConsumer:
                 callback(self, tps)
             with self._cond:
                 if kind == "assign":
+                    self.fresh |= set(keys)  # fetching them takes a round trip: nothing in this call
                     self.assigned |= set(keys)
                     for key in keys:
                         self.positions[key] = self.committed_offsets.get(key, 0)
@@ -223,7 +225,7 @@ class FakeConsumer:
     def _take(self, count: int) -> list[FakeMessage]:
         out: list[FakeMessage] = []
         with self._cond:
-            for key in sorted(self.assigned - self.paused):
+            for key in sorted(self.assigned - self.paused - self.fresh):
                 log = self.logs.get(key, [])
                 position = self.positions.get(key, 0)
                 while position < len(log) and len(out) < count:
@@ -234,14 +236,18 @@ class FakeConsumer:
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
         self._called()
-        self._run_events()
-        out = self._take(num_messages)
-        if not out and timeout > 0:
-            with self._cond:
-                self._cond.wait(min(timeout, 0.05))
+        try:
             self._run_events()
             out = self._take(num_messages)
-        return out
+            if not out and timeout > 0:
+                with self._cond:
+                    self._cond.wait(min(timeout, 0.05))
+                self._run_events()
+                out = self._take(num_messages)
+            return out
+        finally:
+            with self._cond:
+                self.fresh.clear()
 
     def poll(self, timeout: float = -1) -> FakeMessage | None:
         out = self.consume(1, timeout)
@@ -557,5 +563,65 @@ async def test_an_exception_from_the_flush_does_not_skip_the_abort(fakes: None) 
         await asyncio.wait_for(consumer.abort(), 30)
         assert producer.transaction_calls[-1] == "abort"
         await consumer.begin()
+    finally:
+        await consumer.close()
+
+
+async def test_a_revoke_that_times_out_still_forgets_the_partition_and_its_queued_commits(
+        fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's revoke handler overruns the deadline (here: it ignores cancellation). The partition is
+    given up uncommitted, and then: no commit of it is sent later (its new owner may be further on), and
+    nothing of it is left behind (is_drained() would stay false for good)."""
+    monkeypatch.setattr(consumer_module, "REVOKE_GRACE", 0.2)
+    consumer, fake = await consumer_of(**{"volley.revoke.timeout.seconds": 0.2})
+    p0, p1 = ("in", 0), ("in", 1)
+    fake.add("in", 0, [b"a", b"b", b"c"])
+    fake.rebalance("assign", [p0, p1])
+    let_go = asyncio.Event()
+    try:
+        got = sorted(await take(consumer, 3), key=lambda e: e.position)
+
+        async def stubborn(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack(got[:2])  # queues a commit of offset 2 ...
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:  # ... and overruns the revoke deadline
+                await let_go.wait()
+
+        consumer.set_revoke_handler(stubborn)
+        revoked_at = len(fake.commits)
+        fake.rebalance("revoke", [p0])
+        assert await consumer.consume(10, 0.05) == []
+        for _ in range(5):
+            assert await consumer.consume(10, 0.05) == []
+        assert [c for c in fake.commits[revoked_at:] if c[0] == p0] == [], "no commit of a partition given up"
+        assert consumer.is_drained(), "the remaining partition is read to its end, nothing outstanding"
+    finally:
+        let_go.set()
+        await consumer.close()
+    assert not [c for c in fake.commits[revoked_at:] if c[0] == p0], "nor at close"
+
+
+async def test_a_nack_during_the_revoke_drain_does_not_seek_the_partition_when_it_comes_back(fakes: None) -> None:
+    """A nack in the revoke's drain queues a seek; the partition is reassigned at once (incremental
+    rebalance): the seek must not be carried out on the new assignment, past its committed offset."""
+    consumer, fake = await consumer_of()
+    p0 = ("in", 0)
+    fake.add("in", 0, [b"m0", b"m1", b"m2", b"m3", b"m4"])
+    fake.rebalance("assign", [p0])
+    try:
+        got = sorted(await take(consumer, 5), key=lambda e: e.position)
+
+        async def drain(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack(got[:2])
+            await consumer.nack([got[3]], 0.0)  # m2 is still running and is abandoned
+
+        consumer.set_revoke_handler(drain)
+        fake.rebalance("revoke", [p0])
+        fake.rebalance("assign", [p0])
+        assert await consumer.consume(10, 0) == []  # both happen in this fetch
+        assert fake.committed_offsets[p0] == 2, "the revoke committed up to the abandoned message"
+        again = sorted(await take(consumer, 3), key=lambda e: e.position)
+        assert [e.position for e in again] == [2, 3, 4], "the new assignment starts at the commit"
     finally:
         await consumer.close()

@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,8 @@ ABORT_ATTEMPTS = 10
 """How many times an exactly-once abort is tried before the app gives up (the next begin then stops it)."""
 ABORT_BACKOFF = 0.1
 ABORT_BACKOFF_MAX = 5.0
+REVOKE_GRACE = 5.0
+"""How much longer than the revoke timeout the fetch thread waits for the loop's half of a revoke."""
 ERROR_LOG_INTERVAL = 30.0
 LAG_INTERVAL = 5.0
 SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
@@ -262,6 +265,11 @@ class KafkaConsumer:
     def _send_commits(self) -> None:
         while self._commit_requests:
             offsets, started = self._commit_requests.popleft()
+            assigned = self._assigned
+            if any((t, p) not in assigned for t, p, _ in offsets):  # never commit a partition given up
+                offsets = [o for o in offsets if (o[0], o[1]) in assigned]
+                if not offsets:
+                    continue
             try:
                 self._consumer.commit(offsets=[TopicPartition(t, p, o) for t, p, o in offsets], asynchronous=True)
             except KafkaException as exc:
@@ -540,14 +548,25 @@ class KafkaConsumer:
             # The partitions stay in self._assigned until released: an exactly-once commit made while the
             # engine finishes their work must still carry their offsets.
             self._rebalancing = True
-            future = asyncio.run_coroutine_threadsafe(self._release(keys, lost), loop)
+            abandoned = threading.Event()
+            future = asyncio.run_coroutine_threadsafe(self._release(keys, lost, abandoned), loop)
             try:
-                offsets = future.result(self._settings.revoke_timeout + 5.0)
+                offsets = future.result(self._settings.revoke_timeout + REVOKE_GRACE)
             except concurrent.futures.TimeoutError:
+                abandoned.set()
                 future.cancel()
                 logger.error("%s: releasing %s took longer than %.0f s; giving them up uncommitted", self._what,
                              _describe(keys), self._settings.revoke_timeout)
-                return
+                offsets = []
+                # The loop half did not get to forget them: it does when it can, before any later assignment
+                # of them is registered (call_soon is FIFO).
+                self._to_loop(self._forget, keys)
+            gone = set(keys)
+            self._assigned = self._assigned - gone
+            # What the loop queued for these partitions belongs to an assignment that is over: a commit sent now
+            # could move the new owner's offset back, and a seek carried out if they come back to us (at once,
+            # in an incremental rebalance) would skip past the offset committed here.
+            self._drop_requests(gone)
             if offsets:
                 self._commit_sync(offsets, "on revoke")
         except Exception:
@@ -556,8 +575,28 @@ class KafkaConsumer:
             self._rebalancing = False
             self._assigned = self._assigned - {(tp.topic, tp.partition) for tp in partitions}
 
-    async def _release(self, keys: list[TopicPartitionKey], lost: bool) -> list[tuple[str, int, int]]:
-        """The loop half of a revoke: run the engine's handler, then collect the final offsets and forget."""
+    def _drop_requests(self, gone: set[TopicPartitionKey]) -> None:
+        """On the fetch thread: remove queued commits and seeks of partitions given up.
+
+        The fetch thread is the only one taking from these queues, and the loop only appends at their right:
+        taking what is queued from the left and putting back what is kept loses nothing and keeps the order.
+        """
+        commits = self._commit_requests
+        queued = [commits.popleft() for _ in range(len(commits))]
+        kept = [(offsets, started) for original, started in queued
+                if (offsets := [o for o in original if (o[0], o[1]) not in gone])]
+        commits.extendleft(reversed(kept))
+        seeks = self._seek_requests
+        queued_seeks = [seeks.popleft() for _ in range(len(seeks))]
+        seeks.extendleft(reversed([tp for tp in queued_seeks if (tp.topic, tp.partition) not in gone]))
+
+    async def _release(self, keys: list[TopicPartitionKey], lost: bool,
+                       abandoned: threading.Event) -> list[tuple[str, int, int]]:
+        """The loop half of a revoke: run the engine's handler, then collect the final offsets and forget.
+
+        ``abandoned``: the fetch thread stopped waiting (and forgets the partitions by itself); the partitions
+        may be ours again by now, so nothing of theirs may be touched from here.
+        """
         handler = self._revoke_handler
         deadline = time.monotonic() + self._settings.revoke_timeout
         if handler is not None:
@@ -569,15 +608,17 @@ class KafkaConsumer:
             except Exception:
                 logger.exception("%s: the engine's revoke handler failed", self._what)
         await self._before_release(max(0.0, deadline - time.monotonic()))
+        if abandoned.is_set():
+            return []
         offsets = [] if lost or self.transactional else self._tracker.final(keys)
+        self._forget(keys)
+        return offsets
+
+    def _forget(self, keys: list[TopicPartitionKey]) -> None:
+        """On the loop: drop everything about partitions that are no longer ours (their queued requests are
+        dropped by the fetch thread, see _drop_requests)."""
         self._tracker.forget(keys)
         gone = set(keys)
-        # Commits the engine's acks queued meanwhile are older than the final one: drop them. (The fetch thread,
-        # the only other user of the queue, is waiting for this coroutine.)
-        queued = [(kept, started) for offsets_, started in self._commit_requests
-                  if (kept := [o for o in offsets_ if (o[0], o[1]) not in gone])]
-        self._commit_requests.clear()
-        self._commit_requests.extend(queued)
         for key in keys:
             handle = self._delayed.pop(key, None)
             if handle is not None:
@@ -585,7 +626,6 @@ class KafkaConsumer:
             self._seeks.pop(key, None)
         if self._attempts:
             self._attempts = {k: v for k, v in self._attempts.items() if (k[0], k[1]) not in gone}
-        return offsets
 
     async def _before_release(self, timeout: float) -> None:
         return None
