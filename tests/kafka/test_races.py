@@ -595,7 +595,8 @@ async def test_a_revoke_that_times_out_still_forgets_the_partition_and_its_queue
         for _ in range(5):
             assert await consumer.consume(10, 0.05) == []
         assert [c for c in fake.commits[revoked_at:] if c[0] == p0] == [], "no commit of a partition given up"
-        assert consumer.is_drained(), "the remaining partition is read to its end, nothing outstanding"
+        drained = await asyncio.to_thread(consumer.is_drained)
+        assert drained, "the remaining partition is read to its end, nothing outstanding"
     finally:
         let_go.set()
         await consumer.close()
@@ -623,5 +624,37 @@ async def test_a_nack_during_the_revoke_drain_does_not_seek_the_partition_when_i
         assert fake.committed_offsets[p0] == 2, "the revoke committed up to the abandoned message"
         again = sorted(await take(consumer, 3), key=lambda e: e.position)
         assert [e.position for e in again] == [2, 3, 4], "the new assignment starts at the commit"
+    finally:
+        await consumer.close()
+
+
+async def test_every_call_into_the_librdkafka_consumer_is_made_on_the_fetch_thread(fakes: None) -> None:
+    """subscribe, lag() and is_drained() included: librdkafka's consumer is not called from the event loop
+    (a call may block on a rebalance callback that waits for the loop) nor from the engine's worker threads."""
+    consumer, fake = await consumer_of(**{"volley.startup.timeout.seconds": 5})
+    fake.add("in", 0, [b"a", b"b"])
+    fake.rebalance("assign", [("in", 0)])
+    try:
+        got = await take(consumer, 2)
+        consumer.lag()
+        assert not await asyncio.to_thread(consumer.is_drained), "read to the end, but not finished"
+        await consumer.nack(got[1:], 0.0)
+        await consumer.ack(got[:1])
+        again = await take(consumer, 1)
+        await consumer.ack(again)
+        assert await asyncio.to_thread(consumer.is_drained)
+        assert consumer.lag() == {("in", 0): 0}
+    finally:
+        await consumer.close()
+    assert fake.threads == {"volley-kafka-fetch-in"}, fake.threads
+
+
+async def test_is_drained_refuses_to_block_the_event_loop(fakes: None) -> None:
+    consumer, fake = await consumer_of()
+    fake.rebalance("assign", [("in", 0)])
+    try:
+        await consumer.consume(10, 0.05)
+        with pytest.raises(RuntimeError, match="off the event loop"):
+            consumer.is_drained()
     finally:
         await consumer.close()

@@ -2,17 +2,24 @@
 
 Threads, and who touches what:
 
-* Every call into the librdkafka consumer happens on one dedicated fetch thread.
-  Some of them block while another thread polls (``assignment()``), and some
-  block while a rebalance callback runs (``commit()``), and rebalance callbacks
-  wait for the event loop: so the loop never calls the consumer itself. It
-  leaves requests (commits, seeks, pause state) that the fetch thread carries
-  out at the start and end of each fetch; the engine fetches continuously, also
-  while paused, so requests are served within one poll interval.
+* Every call into the librdkafka consumer happens on one dedicated fetch thread
+  (subscribe, fetches, commits, seeks, pause/resume, the broker queries of
+  ``is_drained`` and the cached end offsets behind ``lag``). Some calls block
+  while another thread polls (``assignment()``), some block while a rebalance
+  callback runs (``commit()``), and rebalance callbacks wait for the event loop:
+  so the loop never calls the consumer itself. It leaves requests (commits,
+  seeks, the wanted pause state) that the fetch thread carries out at the start
+  and end of each fetch; the engine fetches continuously, also while paused, so
+  requests are served within one poll interval.
 * Rebalance callbacks fire inside librdkafka's poll, on the fetch thread; they
   hand the work that touches Volley's state to the event loop and wait for it.
-* The offset tracker is only touched on the event loop: building envelopes,
-  acks, nacks, the commit decisions, and the loop half of a rebalance.
+  The fetch thread owns ``_assigned`` (the loop reads it, a frozenset replaced
+  whole) and drops queued requests of partitions given up.
+* The offset tracker, delays, seeks-in-progress and attempts are only touched on
+  the event loop: building envelopes, acks, nacks, the commit decisions, the loop
+  half of a rebalance, ``lag()``. ``is_drained()`` is called off the loop: it
+  asks the loop for the tracker's view and the fetch thread for the broker's.
+  The fetch thread sees the delays as a frozenset copy (``_delayed_keys``).
 * One exception, on the exactly-once transaction thread: ``consumer_group_metadata()``,
   taken right before each ``send_offsets_to_transaction`` (the member epoch changes
   without a callback under KIP-848). It only copies the member's identity under
@@ -63,6 +70,9 @@ REVOKE_GRACE = 5.0
 """How much longer than the revoke timeout the fetch thread waits for the loop's half of a revoke."""
 ERROR_LOG_INTERVAL = 30.0
 LAG_INTERVAL = 5.0
+WATERMARK_INTERVAL = 1.0
+"""How often the fetch thread copies librdkafka's cached end offsets for lag()."""
+DRAIN_CHECK_TIMEOUT = 30.0
 SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
 
 Fetched = tuple[int, list[Any]]
@@ -92,7 +102,10 @@ class KafkaConsumer:
         self._paused = False  # the engine asked for a pause
         self._paused_at = 0.0
         self._hard_paused = False  # ... and it lasted long enough to pause the partitions in librdkafka
-        self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
+        self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}  # loop only
+        self._delayed_keys: frozenset[TopicPartitionKey] = frozenset()  # its keys, for the fetch thread
+        self._high_watermarks: dict[TopicPartitionKey, int] = {}  # refreshed by the fetch thread, for lag()
+        self._next_watermarks = 0.0
         self._attempts: dict[tuple[str, int, int], int] = {}
         self._seek_epoch = 0
         self._seeks: dict[TopicPartitionKey, tuple[int, int]] = {}  # partition -> (epoch, offset sought)
@@ -142,8 +155,9 @@ class KafkaConsumer:
                 logger.warning("%s: topic(s) %s do not exist (yet); consuming will start once they are created",
                                self._what, ", ".join(missing))
         try:
-            self._consumer.subscribe(list(self._settings.topics), on_assign=self._on_assign,
-                                     on_revoke=self._on_revoke, on_lost=self._on_lost)
+            await self._worker.submit(functools.partial(
+                self._consumer.subscribe, list(self._settings.topics), on_assign=self._on_assign,
+                on_revoke=self._on_revoke, on_lost=self._on_lost))
         except KafkaException as exc:
             raise ConfigurationError(f"{self._what}: cannot subscribe: {exc}") from None
         self._next_commit = time.monotonic() + self._settings.commit_interval
@@ -168,6 +182,7 @@ class KafkaConsumer:
         for handle in self._delayed.values():
             handle.cancel()
         self._delayed.clear()
+        self._delayed_keys = frozenset()
         worker = self._worker
         if worker is None:  # never started
             self._closing = True
@@ -240,7 +255,23 @@ class KafkaConsumer:
             gone = self._gone_in_fetch - self._assigned_in_fetch
             messages = [m for m in messages if (m.topic(), m.partition()) not in gone]
         self._serve_requests()
+        now = time.monotonic()
+        if now >= self._next_watermarks:
+            self._next_watermarks = now + WATERMARK_INTERVAL
+            self._refresh_watermarks()
         return epoch, messages
+
+    def _refresh_watermarks(self) -> None:
+        """On the fetch thread: librdkafka's cached end offsets of the assigned partitions, for lag()."""
+        highs: dict[TopicPartitionKey, int] = {}
+        for topic, partition in self._assigned:
+            try:
+                _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                highs[(topic, partition)] = high
+        self._high_watermarks = highs  # replaced whole: the loop reads it without a lock
 
     def _serve_requests(self) -> None:
         """On the fetch thread: carry out what the loop asked for (commits, seeks, pause state)."""
@@ -624,6 +655,7 @@ class KafkaConsumer:
             if handle is not None:
                 handle.cancel()
             self._seeks.pop(key, None)
+        self._delayed_keys = frozenset(self._delayed)
         if self._attempts:
             self._attempts = {k: v for k, v in self._attempts.items() if (k[0], k[1]) not in gone}
 
@@ -647,7 +679,7 @@ class KafkaConsumer:
     def _apply_pauses(self) -> None:
         """On the fetch thread: make librdkafka's pause state what the loop wants."""
         assigned = self._assigned
-        delayed = self._delayed.keys() & assigned
+        delayed = self._delayed_keys & assigned
         paused = assigned if self._hard_paused else delayed
         running = assigned - paused
         try:
@@ -666,44 +698,77 @@ class KafkaConsumer:
         if previous is not None:
             previous.cancel()
         self._delayed[key] = loop.call_later(delay, self._end_delay, key)
+        self._delayed_keys = frozenset(self._delayed)
         self._pause_dirty = True
 
     def _end_delay(self, key: TopicPartitionKey) -> None:
         if self._delayed.pop(key, None) is not None:
+            self._delayed_keys = frozenset(self._delayed)
             self._pause_dirty = True
 
     # ================================================================== reporting
 
     def lag(self) -> Mapping[PartitionId, int]:
-        """Messages behind the end of each assigned partition, from librdkafka's cached watermarks."""
+        """On the loop: messages behind the end of each assigned partition, from end offsets the fetch thread
+        copied from librdkafka's cache at most a second ago."""
         out: dict[PartitionId, int] = {}
         if self._rebalancing:
             return out
-        for topic, partition in self._assigned:
-            try:
-                _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
-            except KafkaException:
+        highs = self._high_watermarks
+        for key in self._assigned:
+            high = highs.get(key)
+            state = self._tracker.partitions.get(key)
+            if high is None or state is None or state.next < 0:
                 continue
-            state = self._tracker.partitions.get((topic, partition))
-            if high < 0 or state is None or state.next < 0:
-                continue
-            out[(topic, partition)] = max(0, high - state.next)
+            out[key] = max(0, high - state.next)
         return out
 
     def is_drained(self) -> bool:
-        """Assigned, nothing outstanding, and every assigned partition read to its end (asks the broker)."""
-        if (not self._ever_assigned or not self._assigned or self._tracker.pending() or self._delayed
-                or self._rebalancing):
+        """Assigned, nothing outstanding, and every assigned partition read to its end (asks the broker).
+
+        Called off the event loop (the engine uses a worker thread): the loop answers for the tracker, the
+        fetch thread asks the broker.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._worker is None or self._closing:
             return False
-        for topic, partition in self._assigned:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:  # it would wait for the loop it blocks
+            raise RuntimeError(f"{self._what}: is_drained() asks the broker; call it off the event loop "
+                               "(asyncio.to_thread)")
+        future = asyncio.run_coroutine_threadsafe(self._drained(), loop)
+        try:
+            return future.result(DRAIN_CHECK_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return False
+
+    async def _drained(self) -> bool:
+        """On the loop: what the tracker says, then the broker's ends through the fetch thread."""
+        if (not self._ever_assigned or not self._assigned or self._tracker.pending() or self._delayed
+                or self._rebalancing or self._worker is None):
+            return False
+        assigned = self._assigned
+        positions: dict[TopicPartitionKey, int] = {}
+        for key in assigned:
+            state = self._tracker.partitions.get(key)
+            positions[key] = state.next if state is not None and state.next >= 0 else -1
+        return await self._worker.submit(functools.partial(self._read_to_end, assigned, positions))
+
+    def _read_to_end(self, assigned: frozenset[TopicPartitionKey], positions: Mapping[TopicPartitionKey, int]) -> bool:
+        """On the fetch thread: every partition read to its end, from the loop's positions (-1: none read)."""
+        if self._assigned != assigned or self._rebalancing:
+            return False  # the assignment changed since the loop looked
+        for (topic, partition), known in positions.items():
             tp = TopicPartition(topic, partition)
             try:
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
             except KafkaException:
                 return False
-            state = self._tracker.partitions.get((topic, partition))
-            known = state is not None and state.next >= 0
-            position = state.next if known and state is not None else self._committed_position(tp, low)
+            position = known if known >= 0 else self._committed_position(tp, low)
             if position < high:
                 # A transaction's commit or abort marker takes an offset that is never delivered: librdkafka's
                 # own position moves past it (and past aborted records, for read_committed).
@@ -716,6 +781,7 @@ class KafkaConsumer:
         return True
 
     def _committed_position(self, tp: TopicPartition, low: int) -> int:
+        """On the fetch thread (the cache is cleared by the rebalance callbacks, there too)."""
         key = (tp.topic, tp.partition)
         cached = self._committed_cache.get(key)
         if cached is not None:
