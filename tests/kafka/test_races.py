@@ -177,6 +177,7 @@ class FakeConsumer:
         self.callbacks: dict[str, Any] = {}
         self.generation = 1
         self.threads: set[str] = set()  # names of the threads that called in (besides metadata)
+        self.listed = 0  # list_topics() calls
         self.closed = False
 
     # the test's side
@@ -199,6 +200,8 @@ class FakeConsumer:
         self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        self.listed += 1
+
         class Metadata:
             topics: dict[str, Any] = {}
         return Metadata()
@@ -656,5 +659,28 @@ async def test_is_drained_refuses_to_block_the_event_loop(fakes: None) -> None:
         await consumer.consume(10, 0.05)
         with pytest.raises(RuntimeError, match="off the event loop"):
             consumer.is_drained()
+    finally:
+        await consumer.close()
+
+
+async def test_the_start_up_check_runs_on_a_client_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """list_topics() on the group member before subscribe() made librdkafka notice a topic created later only
+    at its periodic metadata refresh (five minutes by default); the check uses a throwaway client, closed."""
+    made: list[FakeConsumer] = []
+
+    class Recorded(FakeConsumer):
+        def __init__(self, config: dict[str, Any]) -> None:
+            super().__init__(config)
+            made.append(self)
+
+    monkeypatch.setattr(confluent_kafka, "Consumer", Recorded)
+    consumer = KafkaConnector().create_consumer(spec(**{"volley.startup.timeout.seconds": 5}))
+    await consumer.start()
+    try:
+        member = fake_of(consumer)
+        assert member.listed == 0, "the group member itself is not asked for metadata"
+        probes = [c for c in made if c is not member]
+        assert [p.listed for p in probes] == [1]
+        assert probes[0].closed, "the throwaway client is closed after the check"
     finally:
         await consumer.close()

@@ -10,7 +10,8 @@ Threads, and who touches what:
   so the loop never calls the consumer itself. It leaves requests (commits,
   seeks, the wanted pause state) that the fetch thread carries out at the start
   and end of each fetch; the engine fetches continuously, also while paused, so
-  requests are served within one poll interval.
+  requests are served within one poll interval. The start-up metadata check
+  uses a throwaway client of its own.
 * Rebalance callbacks fire inside librdkafka's poll, on the fetch thread; they
   hand the work that touches Volley's state to the event loop and wait for it.
   The fetch thread owns ``_assigned`` (the loop reads it, a frozenset replaced
@@ -165,8 +166,13 @@ class KafkaConsumer:
                     self._settings.group_id)
 
     def _metadata(self, timeout: float) -> Any:
+        """The start-up check, on a throwaway client: asked on the group member itself, librdkafka would
+        notice a topic created later only at its periodic metadata refresh (five minutes by default)."""
+        config = dict(self._settings.librdkafka)
+        config["logger"] = rdkafka_logger
+        probe: Any = make_client(config, self._what, confluent_kafka.Consumer)
         try:
-            return self._consumer.list_topics(timeout=timeout)
+            return probe.list_topics(timeout=timeout)
         except KafkaException as exc:
             brokers = self._settings.librdkafka.get("bootstrap.servers")
             raise ConfigurationError(
@@ -174,6 +180,11 @@ class KafkaConsumer:
                 f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
                 "volley.startup.timeout.seconds"
             ) from None
+        finally:
+            try:
+                probe.close()
+            except (KafkaException, RuntimeError) as exc:
+                logger.debug("%s: closing the start-up probe: %s", self._what, exc)
 
     async def close(self) -> None:
         if self._closed:
