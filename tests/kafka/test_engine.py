@@ -331,3 +331,83 @@ def test_run_until_drained_ends_on_a_topic_written_in_transactions(kit: Any) -> 
 
     report = handler.run_until_drained(timeout=60, drain_idle_seconds=0.2)
     assert report.acked == 10
+
+
+def _wait_for(check: Any, within: float, what: str) -> None:
+    """On a handler thread: poll a condition until it holds, or fail after ``within`` seconds."""
+    import time
+
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within} s")
+        threading.Event().wait(0.01)
+
+
+async def test_a_worker_paused_at_a_full_buffer_consumes_again_after_a_rebalance(kit: Any) -> None:
+    """The worker's buffer is full (a slow message), so its partitions are paused in librdkafka; a second member
+    joins and leaves. librdkafka keeps the pause across revoke and assign: the worker must still finish."""
+    from confluent_kafka import Consumer
+
+    source = kit.topic("paused-rebalance-in", partitions=2)
+    sink = kit.topic("paused-rebalance-out", partitions=2)
+    group = kit.unique("g")
+    count = 60
+    kit.produce(source, [json.dumps({"n": i}).encode() for i in range(count)])
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"],
+                    queue_config=queues(kit, group, source, {"out": sink},
+                                        input_config={"volley.revoke.timeout.seconds": 20}),
+                    metrics_port=None, poll_interval_seconds=0.1, max_in_flight=1, max_buffered=2,
+                    consume_batch_size=2)
+    handled: set[int] = set()
+    lock = threading.Lock()
+    slow_started = threading.Event()
+    second_may_join = threading.Event()
+    second_left = threading.Event()
+
+    def consumer() -> Any:
+        pipeline = handler._pipeline
+        return None if pipeline is None else pipeline.consumer
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, Any]]:
+        with lock:
+            slow = not slow_started.is_set()
+            slow_started.set()
+        if slow:
+            # Slow: the buffer stays full long enough for a pause in librdkafka, and until the group rebalances.
+            _wait_for(lambda: consumer()._hard_paused, 20, "the hard pause")
+            second_may_join.set()
+            _wait_for(lambda: consumer()._rebalancing, 30, "the rebalance")
+        with lock:
+            handled.add(message["n"])
+            if len(handled) == count:
+                handler.stop()
+        return [("out", message)]
+
+    def second_member() -> None:
+        if not second_may_join.wait(30):
+            return
+        member = Consumer({"bootstrap.servers": kit.bootstrap, "group.id": group, "enable.auto.commit": False,
+                           "auto.offset.reset": "earliest"})
+        assigned = threading.Event()
+        member.subscribe([source], on_assign=lambda _c, parts: assigned.set() if parts else None)
+        try:
+            for _ in range(600):  # up to a minute
+                member.poll(0.1)  # takes records it never commits: the worker reads them again after it leaves
+                if assigned.is_set():
+                    break
+        finally:
+            member.close()  # leaves the group: a second rebalance gives everything back to the worker
+            second_left.set()
+
+    joiner = threading.Thread(target=second_member, daemon=True)
+    joiner.start()
+    try:
+        await asyncio.wait_for(handler.run_async(), 90)
+    finally:
+        handler.stop()
+        joiner.join(30)
+    assert second_left.is_set(), "the second member joined and left"
+    assert handled == set(range(count)), f"{count - len(handled)} message(s) never handled: the worker stalled"
+    assert kit.committed(group, source, 2) == kit.end_offsets(source, 2)

@@ -2,17 +2,30 @@
 
 Threads, and who touches what:
 
-* Every call into the librdkafka consumer happens on one dedicated fetch thread.
-  Some of them block while another thread polls (``assignment()``), and some
-  block while a rebalance callback runs (``commit()``), and rebalance callbacks
-  wait for the event loop: so the loop never calls the consumer itself. It
-  leaves requests (commits, seeks, pause state) that the fetch thread carries
-  out at the start and end of each fetch; the engine fetches continuously, also
-  while paused, so requests are served within one poll interval.
+* Every call into the librdkafka consumer happens on one dedicated fetch thread
+  (subscribe, fetches, commits, seeks, pause/resume, the broker queries of
+  ``is_drained`` and the cached end offsets behind ``lag``). Some calls block
+  while another thread polls (``assignment()``), some block while a rebalance
+  callback runs (``commit()``), and rebalance callbacks wait for the event loop:
+  so the loop never calls the consumer itself. It leaves requests (commits,
+  seeks, the wanted pause state) that the fetch thread carries out at the start
+  and end of each fetch; the engine fetches continuously, also while paused, so
+  requests are served within one poll interval. The start-up metadata check
+  uses a throwaway client of its own.
 * Rebalance callbacks fire inside librdkafka's poll, on the fetch thread; they
   hand the work that touches Volley's state to the event loop and wait for it.
-* The offset tracker is only touched on the event loop: building envelopes,
-  acks, nacks, the commit decisions, and the loop half of a rebalance.
+  The fetch thread owns ``_assigned`` (the loop reads it, a frozenset replaced
+  whole) and drops queued requests of partitions given up.
+* The offset tracker, delays, seeks-in-progress and attempts are only touched on
+  the event loop: building envelopes, acks, nacks, the commit decisions, the loop
+  half of a rebalance, ``lag()``. ``is_drained()`` is called off the loop: it
+  asks the loop for the tracker's view and the fetch thread for the broker's.
+  The fetch thread sees the delays as a frozenset copy (``_delayed_keys``).
+* One exception, on the exactly-once transaction thread: ``consumer_group_metadata()``,
+  taken right before each ``send_offsets_to_transaction`` (the member epoch changes
+  without a callback under KIP-848). It only copies the member's identity under
+  librdkafka's lock and never waits for a poll; going through the fetch thread would
+  deadlock while a revoke waits for the open transaction to end.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -34,7 +48,7 @@ from volley.errors import ConfigurationError, DeliveryError, VolleyError
 from volley.message import Envelope
 from volley.ports import Observer, PartitionId, QueueSpec, RevokeHandler
 from volley_kafka.offsets import OffsetTracker, TopicPartitionKey
-from volley_kafka.producer import ProducerClient, make_client, rdkafka_logger
+from volley_kafka.producer import ProducerClient, TransactionAbortedError, make_client, rdkafka_logger
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -49,8 +63,17 @@ librdkafka's pause throws away everything it prefetched for the partitions, and 
 again from the broker: for the short stalls of ordinary backpressure that costs far more than it saves.
 Memory stays bounded meanwhile by librdkafka's own prefetch limits (queued.max.messages.kbytes).
 """
+ABORT_ATTEMPTS = 10
+"""How many times an exactly-once abort is tried before the app gives up (the next begin then stops it)."""
+ABORT_BACKOFF = 0.1
+ABORT_BACKOFF_MAX = 5.0
+REVOKE_GRACE = 5.0
+"""How much longer than the revoke timeout the fetch thread waits for the loop's half of a revoke."""
 ERROR_LOG_INTERVAL = 30.0
 LAG_INTERVAL = 5.0
+WATERMARK_INTERVAL = 1.0
+"""How often the fetch thread copies librdkafka's cached end offsets for lag()."""
+DRAIN_CHECK_TIMEOUT = 30.0
 SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
 
 Fetched = tuple[int, list[Any]]
@@ -80,15 +103,16 @@ class KafkaConsumer:
         self._paused = False  # the engine asked for a pause
         self._paused_at = 0.0
         self._hard_paused = False  # ... and it lasted long enough to pause the partitions in librdkafka
-        self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
+        self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}  # loop only
+        self._delayed_keys: frozenset[TopicPartitionKey] = frozenset()  # its keys, for the fetch thread
+        self._high_watermarks: dict[TopicPartitionKey, int] = {}  # refreshed by the fetch thread, for lag()
+        self._next_watermarks = 0.0
         self._attempts: dict[tuple[str, int, int], int] = {}
         self._seek_epoch = 0
         self._seeks: dict[TopicPartitionKey, tuple[int, int]] = {}  # partition -> (epoch, offset sought)
         self._seek_requests: deque[TopicPartition] = deque()  # loop -> fetch thread
         self._commit_requests: deque[tuple[list[tuple[str, int, int]], float]] = deque()  # loop -> fetch thread
         self._pause_dirty = False  # the wanted pause state changed; the fetch thread applies it
-        self._group_metadata: Any = None  # for transactions; refreshed by the fetch thread after an assignment
-        self._metadata_dirty = False
         self._gone_in_fetch: set[TopicPartitionKey] = set()  # revoked or lost during the current fetch
         self._assigned_in_fetch: set[TopicPartitionKey] = set()
         self._commit_started: deque[float] = deque()
@@ -132,8 +156,9 @@ class KafkaConsumer:
                 logger.warning("%s: topic(s) %s do not exist (yet); consuming will start once they are created",
                                self._what, ", ".join(missing))
         try:
-            self._consumer.subscribe(list(self._settings.topics), on_assign=self._on_assign,
-                                     on_revoke=self._on_revoke, on_lost=self._on_lost)
+            await self._worker.submit(functools.partial(
+                self._consumer.subscribe, list(self._settings.topics), on_assign=self._on_assign,
+                on_revoke=self._on_revoke, on_lost=self._on_lost))
         except KafkaException as exc:
             raise ConfigurationError(f"{self._what}: cannot subscribe: {exc}") from None
         self._next_commit = time.monotonic() + self._settings.commit_interval
@@ -141,8 +166,13 @@ class KafkaConsumer:
                     self._settings.group_id)
 
     def _metadata(self, timeout: float) -> Any:
+        """The start-up check, on a throwaway client: asked on the group member itself, librdkafka would
+        notice a topic created later only at its periodic metadata refresh (five minutes by default)."""
+        config = dict(self._settings.librdkafka)
+        config["logger"] = rdkafka_logger
+        probe: Any = make_client(config, self._what, confluent_kafka.Consumer)
         try:
-            return self._consumer.list_topics(timeout=timeout)
+            return probe.list_topics(timeout=timeout)
         except KafkaException as exc:
             brokers = self._settings.librdkafka.get("bootstrap.servers")
             raise ConfigurationError(
@@ -150,6 +180,11 @@ class KafkaConsumer:
                 f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
                 "volley.startup.timeout.seconds"
             ) from None
+        finally:
+            try:
+                probe.close()
+            except (KafkaException, RuntimeError) as exc:
+                logger.debug("%s: closing the start-up probe: %s", self._what, exc)
 
     async def close(self) -> None:
         if self._closed:
@@ -158,6 +193,7 @@ class KafkaConsumer:
         for handle in self._delayed.values():
             handle.cancel()
         self._delayed.clear()
+        self._delayed_keys = frozenset()
         worker = self._worker
         if worker is None:  # never started
             self._closing = True
@@ -230,7 +266,23 @@ class KafkaConsumer:
             gone = self._gone_in_fetch - self._assigned_in_fetch
             messages = [m for m in messages if (m.topic(), m.partition()) not in gone]
         self._serve_requests()
+        now = time.monotonic()
+        if now >= self._next_watermarks:
+            self._next_watermarks = now + WATERMARK_INTERVAL
+            self._refresh_watermarks()
         return epoch, messages
+
+    def _refresh_watermarks(self) -> None:
+        """On the fetch thread: librdkafka's cached end offsets of the assigned partitions, for lag()."""
+        highs: dict[TopicPartitionKey, int] = {}
+        for topic, partition in self._assigned:
+            try:
+                _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                highs[(topic, partition)] = high
+        self._high_watermarks = highs  # replaced whole: the loop reads it without a lock
 
     def _serve_requests(self) -> None:
         """On the fetch thread: carry out what the loop asked for (commits, seeks, pause state)."""
@@ -251,14 +303,15 @@ class KafkaConsumer:
         if self._pause_dirty:
             self._pause_dirty = False
             self._apply_pauses()
-        if self._metadata_dirty:
-            self._metadata_dirty = False
-            if self.transactional:
-                self._group_metadata = consumer.consumer_group_metadata()
 
     def _send_commits(self) -> None:
         while self._commit_requests:
             offsets, started = self._commit_requests.popleft()
+            assigned = self._assigned
+            if any((t, p) not in assigned for t, p, _ in offsets):  # never commit a partition given up
+                offsets = [o for o in offsets if (o[0], o[1]) in assigned]
+                if not offsets:
+                    continue
             try:
                 self._consumer.commit(offsets=[TopicPartition(t, p, o) for t, p, o in offsets], asynchronous=True)
             except KafkaException as exc:
@@ -496,9 +549,9 @@ class KafkaConsumer:
         self._assigned_in_fetch.update(keys)
         self._ever_assigned = True
         self._committed_cache.clear()
-        self._metadata_dirty = True
-        if self._hard_paused or self._delayed:
-            self._pause_dirty = True  # a new assignment starts unpaused
+        # librdkafka keeps a partition's pause across revoke and assign: a partition paused in an earlier
+        # assignment would stay paused for good. Make its state the wanted one, whichever it is.
+        self._pause_dirty = True
         # Runs on the loop before this fetch's messages are registered (call_soon is FIFO).
         self._to_loop(self._tracker.forget, keys)
         logger.info("%s: assigned %s", self._what, _describe(keys))
@@ -537,14 +590,25 @@ class KafkaConsumer:
             # The partitions stay in self._assigned until released: an exactly-once commit made while the
             # engine finishes their work must still carry their offsets.
             self._rebalancing = True
-            future = asyncio.run_coroutine_threadsafe(self._release(keys, lost), loop)
+            abandoned = threading.Event()
+            future = asyncio.run_coroutine_threadsafe(self._release(keys, lost, abandoned), loop)
             try:
-                offsets = future.result(self._settings.revoke_timeout + 5.0)
+                offsets = future.result(self._settings.revoke_timeout + REVOKE_GRACE)
             except concurrent.futures.TimeoutError:
+                abandoned.set()
                 future.cancel()
                 logger.error("%s: releasing %s took longer than %.0f s; giving them up uncommitted", self._what,
                              _describe(keys), self._settings.revoke_timeout)
-                return
+                offsets = []
+                # The loop half did not get to forget them: it does when it can, before any later assignment
+                # of them is registered (call_soon is FIFO).
+                self._to_loop(self._forget, keys)
+            gone = set(keys)
+            self._assigned = self._assigned - gone
+            # What the loop queued for these partitions belongs to an assignment that is over: a commit sent now
+            # could move the new owner's offset back, and a seek carried out if they come back to us (at once,
+            # in an incremental rebalance) would skip past the offset committed here.
+            self._drop_requests(gone)
             if offsets:
                 self._commit_sync(offsets, "on revoke")
         except Exception:
@@ -553,8 +617,28 @@ class KafkaConsumer:
             self._rebalancing = False
             self._assigned = self._assigned - {(tp.topic, tp.partition) for tp in partitions}
 
-    async def _release(self, keys: list[TopicPartitionKey], lost: bool) -> list[tuple[str, int, int]]:
-        """The loop half of a revoke: run the engine's handler, then collect the final offsets and forget."""
+    def _drop_requests(self, gone: set[TopicPartitionKey]) -> None:
+        """On the fetch thread: remove queued commits and seeks of partitions given up.
+
+        The fetch thread is the only one taking from these queues, and the loop only appends at their right:
+        taking what is queued from the left and putting back what is kept loses nothing and keeps the order.
+        """
+        commits = self._commit_requests
+        queued = [commits.popleft() for _ in range(len(commits))]
+        kept = [(offsets, started) for original, started in queued
+                if (offsets := [o for o in original if (o[0], o[1]) not in gone])]
+        commits.extendleft(reversed(kept))
+        seeks = self._seek_requests
+        queued_seeks = [seeks.popleft() for _ in range(len(seeks))]
+        seeks.extendleft(reversed([tp for tp in queued_seeks if (tp.topic, tp.partition) not in gone]))
+
+    async def _release(self, keys: list[TopicPartitionKey], lost: bool,
+                       abandoned: threading.Event) -> list[tuple[str, int, int]]:
+        """The loop half of a revoke: run the engine's handler, then collect the final offsets and forget.
+
+        ``abandoned``: the fetch thread stopped waiting (and forgets the partitions by itself); the partitions
+        may be ours again by now, so nothing of theirs may be touched from here.
+        """
         handler = self._revoke_handler
         deadline = time.monotonic() + self._settings.revoke_timeout
         if handler is not None:
@@ -566,23 +650,25 @@ class KafkaConsumer:
             except Exception:
                 logger.exception("%s: the engine's revoke handler failed", self._what)
         await self._before_release(max(0.0, deadline - time.monotonic()))
+        if abandoned.is_set():
+            return []
         offsets = [] if lost or self.transactional else self._tracker.final(keys)
+        self._forget(keys)
+        return offsets
+
+    def _forget(self, keys: list[TopicPartitionKey]) -> None:
+        """On the loop: drop everything about partitions that are no longer ours (their queued requests are
+        dropped by the fetch thread, see _drop_requests)."""
         self._tracker.forget(keys)
         gone = set(keys)
-        # Commits the engine's acks queued meanwhile are older than the final one: drop them. (The fetch thread,
-        # the only other user of the queue, is waiting for this coroutine.)
-        queued = [(kept, started) for offsets_, started in self._commit_requests
-                  if (kept := [o for o in offsets_ if (o[0], o[1]) not in gone])]
-        self._commit_requests.clear()
-        self._commit_requests.extend(queued)
         for key in keys:
             handle = self._delayed.pop(key, None)
             if handle is not None:
                 handle.cancel()
             self._seeks.pop(key, None)
+        self._delayed_keys = frozenset(self._delayed)
         if self._attempts:
             self._attempts = {k: v for k, v in self._attempts.items() if (k[0], k[1]) not in gone}
-        return offsets
 
     async def _before_release(self, timeout: float) -> None:
         return None
@@ -604,7 +690,7 @@ class KafkaConsumer:
     def _apply_pauses(self) -> None:
         """On the fetch thread: make librdkafka's pause state what the loop wants."""
         assigned = self._assigned
-        delayed = self._delayed.keys() & assigned
+        delayed = self._delayed_keys & assigned
         paused = assigned if self._hard_paused else delayed
         running = assigned - paused
         try:
@@ -623,44 +709,77 @@ class KafkaConsumer:
         if previous is not None:
             previous.cancel()
         self._delayed[key] = loop.call_later(delay, self._end_delay, key)
+        self._delayed_keys = frozenset(self._delayed)
         self._pause_dirty = True
 
     def _end_delay(self, key: TopicPartitionKey) -> None:
         if self._delayed.pop(key, None) is not None:
+            self._delayed_keys = frozenset(self._delayed)
             self._pause_dirty = True
 
     # ================================================================== reporting
 
     def lag(self) -> Mapping[PartitionId, int]:
-        """Messages behind the end of each assigned partition, from librdkafka's cached watermarks."""
+        """On the loop: messages behind the end of each assigned partition, from end offsets the fetch thread
+        copied from librdkafka's cache at most a second ago."""
         out: dict[PartitionId, int] = {}
         if self._rebalancing:
             return out
-        for topic, partition in self._assigned:
-            try:
-                _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
-            except KafkaException:
+        highs = self._high_watermarks
+        for key in self._assigned:
+            high = highs.get(key)
+            state = self._tracker.partitions.get(key)
+            if high is None or state is None or state.next < 0:
                 continue
-            state = self._tracker.partitions.get((topic, partition))
-            if high < 0 or state is None or state.next < 0:
-                continue
-            out[(topic, partition)] = max(0, high - state.next)
+            out[key] = max(0, high - state.next)
         return out
 
     def is_drained(self) -> bool:
-        """Assigned, nothing outstanding, and every assigned partition read to its end (asks the broker)."""
-        if (not self._ever_assigned or not self._assigned or self._tracker.pending() or self._delayed
-                or self._rebalancing):
+        """Assigned, nothing outstanding, and every assigned partition read to its end (asks the broker).
+
+        Called off the event loop (the engine uses a worker thread): the loop answers for the tracker, the
+        fetch thread asks the broker.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._worker is None or self._closing:
             return False
-        for topic, partition in self._assigned:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:  # it would wait for the loop it blocks
+            raise RuntimeError(f"{self._what}: is_drained() asks the broker; call it off the event loop "
+                               "(asyncio.to_thread)")
+        future = asyncio.run_coroutine_threadsafe(self._drained(), loop)
+        try:
+            return future.result(DRAIN_CHECK_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return False
+
+    async def _drained(self) -> bool:
+        """On the loop: what the tracker says, then the broker's ends through the fetch thread."""
+        if (not self._ever_assigned or not self._assigned or self._tracker.pending() or self._delayed
+                or self._rebalancing or self._worker is None):
+            return False
+        assigned = self._assigned
+        positions: dict[TopicPartitionKey, int] = {}
+        for key in assigned:
+            state = self._tracker.partitions.get(key)
+            positions[key] = state.next if state is not None and state.next >= 0 else -1
+        return await self._worker.submit(functools.partial(self._read_to_end, assigned, positions))
+
+    def _read_to_end(self, assigned: frozenset[TopicPartitionKey], positions: Mapping[TopicPartitionKey, int]) -> bool:
+        """On the fetch thread: every partition read to its end, from the loop's positions (-1: none read)."""
+        if self._assigned != assigned or self._rebalancing:
+            return False  # the assignment changed since the loop looked
+        for (topic, partition), known in positions.items():
             tp = TopicPartition(topic, partition)
             try:
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
             except KafkaException:
                 return False
-            state = self._tracker.partitions.get((topic, partition))
-            known = state is not None and state.next >= 0
-            position = state.next if known and state is not None else self._committed_position(tp, low)
+            position = known if known >= 0 else self._committed_position(tp, low)
             if position < high:
                 # A transaction's commit or abort marker takes an offset that is never delivered: librdkafka's
                 # own position moves past it (and past aborted records, for read_committed).
@@ -673,6 +792,7 @@ class KafkaConsumer:
         return True
 
     def _committed_position(self, tp: TopicPartition, low: int) -> int:
+        """On the fetch thread (the cache is cleared by the rebalance callbacks, there too)."""
         key = (tp.topic, tp.partition)
         cached = self._committed_cache.get(key)
         if cached is not None:
@@ -762,13 +882,14 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         self._finish(envelopes)
         offsets = self._tracker.committable(self._assigned)
         producer = self._client.producer
-        metadata = self._group_metadata  # the generation of the assignment these offsets belong to
+        group_metadata = self._consumer.consumer_group_metadata
         timeout = self._settings.revoke_timeout
 
         def work() -> None:
             if offsets:
-                producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets], metadata,
-                                                     timeout)
+                # The member's current generation / epoch, not the one of the assignment: see the module docstring.
+                producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets],
+                                                     group_metadata(), timeout)
             for attempt in range(5):
                 try:
                     producer.commit_transaction(timeout)
@@ -806,13 +927,30 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         client.in_transaction = False  # from now on, records of this batch are refused, not sent
 
         def abort() -> None:
+            # Records still waiting for room never reached librdkafka: fail them now, or the poller would
+            # send them later, into the next transaction.
+            client.discard_backlog(TransactionAbortedError(
+                "the record's transaction was aborted before it was sent; its input is consumed again"))
             # Let what was accepted be delivered first (into the doomed transaction): purged records would
             # be reported as failures, and a failure is what an engine retries.
             try:
                 client.flush_blocking(min(timeout, 10.0))
-            except TimeoutError as exc:
-                logger.warning("%s: %s; aborting anyway", self._what, exc)
-            producer.abort_transaction(timeout)
+            except Exception as exc:  # whatever went wrong, the abort must still happen
+                logger.warning("%s: flushing before the abort: %s; aborting anyway", self._what, exc)
+            # librdkafka expects a failed or timed-out abort to be called again; until one succeeds, no
+            # transaction can begin.
+            for attempt in range(1, ABORT_ATTEMPTS + 1):
+                try:
+                    producer.abort_transaction(timeout)
+                    return
+                except KafkaException as exc:
+                    error = exc.args[0] if exc.args else None
+                    if (isinstance(error, KafkaError) and error.fatal()) or attempt == ABORT_ATTEMPTS:
+                        raise
+                    backoff = min(ABORT_BACKOFF_MAX, ABORT_BACKOFF * 2 ** (attempt - 1))
+                    logger.warning("%s: aborting the transaction failed (%s); trying again in %.1f s (attempt %d "
+                                   "of %d)", self._what, exc, backoff, attempt, ABORT_ATTEMPTS)
+                    time.sleep(backoff)  # a backoff: nothing to wait for but the broker
 
         try:
             if self._open:

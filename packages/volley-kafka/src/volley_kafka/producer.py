@@ -6,6 +6,13 @@ closure and passed to the engine in batches by a poller thread, which also
 takes over when librdkafka's local queue is full, so that the loop never
 blocks on a slow broker. A record is reported exactly once: delivered,
 failed, or purged at close.
+
+Threads and the backlog (records waiting for room in librdkafka's queue):
+
+* Only the event loop appends to the backlog, at its tail, under ``_backlog_lock``.
+* Only the thread holding ``_drain_lock`` reads the backlog's head, produces it and removes it:
+  the poller thread, or a thread in ``flush_blocking`` (rebalance, shutdown, abort, ``release``),
+  or one discarding it (abort, close). The poller holds it for about one poll slice at a time.
 """
 
 from __future__ import annotations
@@ -113,7 +120,8 @@ class ProducerClient:
         self.producer: Any = make_client(rd_config, name, confluent_kafka.Producer)
         self._buckets: dict[DeliveryCallback, _Bucket] = {}
         self._backlog: deque[tuple[OutgoingMessage, _Bucket]] = deque()
-        self._backlog_lock = threading.Lock()
+        self._backlog_lock = threading.Lock()  # appending (loop) against removing (the drainer)
+        self._drain_lock = threading.Lock()  # one thread at a time sends (or discards) the backlog
         self._dispatch_lock = threading.Lock()
         self._wake = threading.Event()
         self._refs = 0
@@ -156,10 +164,7 @@ class ProducerClient:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(max(1.0, POLL_SLICE * 4))
-        with self._backlog_lock:
-            left, self._backlog = list(self._backlog), deque()
-        for message, bucket in left:
-            bucket.failed.append(_failure(message, DeliveryError("the producer was closed before sending it")))
+        self.discard_backlog(DeliveryError("the producer was closed before sending it"))
         try:
             self.producer.purge()
             self.producer.flush(0)  # serves the purge reports
@@ -255,26 +260,47 @@ class ProducerClient:
             self._backlog.extend((messages[i], bucket) for i in range(start, len(messages)))
         self._wake.set()
 
-    def _send_backlog(self, deadline: float | None) -> bool:
-        """Produce the backlog in order (poller or flushing thread). False if the deadline passed first."""
-        while self._backlog:
-            message, bucket = self._backlog[0]
-            partition = message.partition
-            try:
-                self.producer.produce(message.topic, message.value, message.key,
-                                      -1 if partition is None else partition, _Report(bucket, message), None, 0,
-                                      message.headers)
-            except BufferError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False
-                self.producer.poll(POLL_SLICE)
-                self.dispatch()
-                continue
-            except (KafkaException, TypeError, ValueError) as exc:
-                bucket.failed.append(_failure(message, exc))
-            with self._backlog_lock:
-                self._backlog.popleft()
-        return True
+    def _send_backlog(self, deadline: float) -> bool:
+        """Produce the backlog in order (poller or flushing thread). False if the deadline passed first.
+
+        One thread at a time: two drainers would both read the head, send it twice and remove the next
+        record unsent.
+        """
+        if not self._drain_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return not self._backlog
+        try:
+            backlog = self._backlog
+            while backlog:
+                message, bucket = backlog[0]
+                partition = message.partition
+                try:
+                    self.producer.produce(message.topic, message.value, message.key,
+                                          -1 if partition is None else partition, _Report(bucket, message), None, 0,
+                                          message.headers)
+                except BufferError:
+                    if time.monotonic() >= deadline:
+                        return False
+                    self.producer.poll(POLL_SLICE)
+                    self.dispatch()
+                    continue
+                except (KafkaException, TypeError, ValueError) as exc:
+                    bucket.failed.append(_failure(message, exc))
+                with self._backlog_lock:
+                    backlog.popleft()
+            return True
+        finally:
+            self._drain_lock.release()
+
+    def discard_backlog(self, error: BaseException) -> int:
+        """Fail every record still waiting for room (an aborted transaction, a closed producer); how many."""
+        with self._drain_lock, self._backlog_lock:
+            left = list(self._backlog)
+            self._backlog.clear()
+        for message, bucket in left:
+            bucket.failed.append(_failure(message, error))
+        if left:
+            self._wake.set()  # the poller hands the failures to the engine
+        return len(left)
 
     # ------------------------------------------------------------------ delivery reports (any thread)
 
@@ -302,7 +328,7 @@ class ProducerClient:
         while self._running:
             try:
                 if self._backlog:
-                    self._send_backlog(None)
+                    self._send_backlog(time.monotonic() + POLL_SLICE)  # lets a flushing thread take over
                 producer.poll(POLL_SLICE)
                 self.dispatch()
                 if self._wake.is_set():

@@ -1,0 +1,686 @@
+"""Races and rebalance paths of the Kafka adapter made deterministic with fake confluent-kafka clients.
+
+The fakes stand in for ``confluent_kafka.Producer`` / ``Consumer`` (patched where the adapter looks them
+up), so that an interleaving of threads, or a rebalance in the middle of a fetch, happens every run
+instead of once in a while on a real broker. What the real broker does is tested in test_adapter.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import confluent_kafka
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from volley.message import Envelope, OutgoingMessage
+from volley.ports import DeliveryFailure, PartitionId, QueueSpec
+from volley_kafka import KafkaConnector, KafkaConsumer, TransactionalKafkaConsumer
+from volley_kafka import consumer as consumer_module
+from volley_kafka import producer as producer_module
+from volley_kafka.producer import ProducerClient, TransactionAbortedError
+
+RENDEZVOUS = 1.0
+"""How long the fake waits for a second thread to produce the same record (only the buggy code ever does)."""
+
+
+class FakeProducer:
+    """``confluent_kafka.Producer`` with a queue whose room the test controls; reports served by poll/flush."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self._lock = threading.Condition()
+        self.room = 0  # records the local queue still accepts
+        self.sent: list[bytes] = []  # every produce() accepted, in order
+        self._unreported: list[Callable[[Any, Any], None]] = []
+        self.gate_value: bytes | None = None  # a record whose producer waits for a second one (see RENDEZVOUS)
+        self.gate = threading.Barrier(2)
+        self.transaction_calls: list[str] = []
+        self.transaction_state = "ready"  # ready -> open -> ready (commit or abort); a failed abort stays open
+        self.abort_failures = 0  # abort_transaction raises this many times first
+        self.flush_error: BaseException | None = None  # flush raises this once
+
+    def set_room(self, room: int) -> None:
+        with self._lock:
+            self.room = room
+            self._lock.notify_all()
+
+    def produce(self, topic: str, value: bytes, key: Any, partition: int, on_delivery: Any, timestamp: Any,
+                flags: Any, headers: Any) -> None:
+        if value == self.gate_value:
+            # The buggy drain: the other thread reads the same head and produces it too.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                self.gate.wait(RENDEZVOUS)
+        with self._lock:
+            if self.room <= 0:
+                raise BufferError("Local: Queue full")
+            self.room -= 1
+            self.sent.append(value)
+            self._unreported.append(on_delivery)
+
+    def _serve(self) -> int:
+        with self._lock:
+            reports, self._unreported = self._unreported, []
+        for report in reports:
+            report(None, None)
+        return len(reports)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        served = self._serve()
+        if not served and timeout > 0:
+            with self._lock:
+                self._lock.wait(timeout)
+            served = self._serve()
+        return served
+
+    def flush(self, timeout: float = 0.0) -> int:
+        error, self.flush_error = self.flush_error, None
+        if error is not None:
+            raise error
+        self._serve()
+        return 0
+
+    def purge(self, *_args: Any) -> None:
+        return None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._unreported)
+
+    def list_topics(self, *_args: Any, **_kwargs: Any) -> Any:
+        return None
+
+    # transactions
+    def init_transactions(self, *_args: Any) -> None:
+        self.transaction_calls.append("init")
+
+    def begin_transaction(self) -> None:
+        if self.transaction_state != "ready":
+            raise KafkaException(KafkaError(KafkaError._STATE, "the previous transaction was not aborted"))
+        self.transaction_state = "open"
+        self.transaction_calls.append("begin")
+
+    def send_offsets_to_transaction(self, offsets: Any, metadata: Any, *_args: Any) -> None:
+        self.transaction_calls.append(f"offsets:{metadata}")
+
+    def commit_transaction(self, *_args: Any) -> None:
+        self.transaction_calls.append("commit")
+        self.transaction_state = "ready"
+
+    def abort_transaction(self, *_args: Any) -> None:
+        self.transaction_calls.append("abort")
+        if self.abort_failures > 0:
+            self.abort_failures -= 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "abort timed out", retriable=True))
+        self.transaction_state = "ready"
+
+
+class FakeMessage:
+    __slots__ = ("_offset", "_partition", "_topic", "_value")
+
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes) -> None:
+        self._topic = topic
+        self._partition = partition
+        self._offset = offset
+        self._value = value
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> None:
+        return None
+
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+Key = tuple[str, int]
+
+
+class FakeConsumer:
+    """``confluent_kafka.Consumer`` over in-memory partitions; rebalances happen inside poll/consume when the
+    test scripts them. Like librdkafka, a partition's pause outlives its assignment."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self._cond = threading.Condition()
+        self.logs: dict[Key, list[bytes]] = {}
+        self.assigned: set[Key] = set()
+        self.fresh: set[Key] = set()  # assigned during the current call
+        self.paused: set[Key] = set()
+        self.positions: dict[Key, int] = {}
+        self.committed_offsets: dict[Key, int] = {}
+        self.commits: list[tuple[Key, int]] = []  # every commit sent, in order
+        self.seeks: list[tuple[Key, int]] = []
+        self.events: deque[tuple[str, list[Key]]] = deque()  # rebalances to run inside the next poll
+        self.callbacks: dict[str, Any] = {}
+        self.generation = 1
+        self.threads: set[str] = set()  # names of the threads that called in (besides metadata)
+        self.listed = 0  # list_topics() calls
+        self.closed = False
+
+    # the test's side
+    def add(self, topic: str, partition: int, values: Sequence[bytes]) -> None:
+        with self._cond:
+            self.logs.setdefault((topic, partition), []).extend(values)
+            self._cond.notify_all()
+
+    def rebalance(self, kind: str, keys: Sequence[Key]) -> None:
+        with self._cond:
+            self.events.append((kind, list(keys)))
+            self._cond.notify_all()
+
+    # the client's side
+    def _called(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
+        self._called()
+        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        self.listed += 1
+
+        class Metadata:
+            topics: dict[str, Any] = {}
+        return Metadata()
+
+    def _run_events(self) -> None:
+        while True:
+            with self._cond:
+                if not self.events:
+                    return
+                kind, keys = self.events.popleft()
+            tps = [TopicPartition(t, p) for t, p in keys]
+            callback = self.callbacks.get(kind)
+            if callback is not None:
+                callback(self, tps)
+            with self._cond:
+                if kind == "assign":
+                    self.fresh |= set(keys)  # fetching them takes a round trip: nothing in this call
+                    self.assigned |= set(keys)
+                    for key in keys:
+                        self.positions[key] = self.committed_offsets.get(key, 0)
+                else:
+                    self.assigned -= set(keys)
+
+    def _take(self, count: int) -> list[FakeMessage]:
+        out: list[FakeMessage] = []
+        with self._cond:
+            for key in sorted(self.assigned - self.paused - self.fresh):
+                log = self.logs.get(key, [])
+                position = self.positions.get(key, 0)
+                while position < len(log) and len(out) < count:
+                    out.append(FakeMessage(key[0], key[1], position, log[position]))
+                    position += 1
+                self.positions[key] = position
+        return out
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
+        self._called()
+        try:
+            self._run_events()
+            out = self._take(num_messages)
+            if not out and timeout > 0:
+                with self._cond:
+                    self._cond.wait(min(timeout, 0.05))
+                self._run_events()
+                out = self._take(num_messages)
+            return out
+        finally:
+            with self._cond:
+                self.fresh.clear()
+
+    def poll(self, timeout: float = -1) -> FakeMessage | None:
+        out = self.consume(1, timeout)
+        return out[0] if out else None
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self._called()
+        with self._cond:
+            self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self._called()
+        with self._cond:
+            self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+            self._cond.notify_all()
+
+    def seek(self, partition: TopicPartition) -> None:
+        self._called()
+        key = (partition.topic, partition.partition)
+        with self._cond:
+            self.seeks.append((key, partition.offset))
+            self.positions[key] = partition.offset
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> Any:
+        self._called()
+        with self._cond:
+            for tp in offsets or ():
+                self.commits.append(((tp.topic, tp.partition), tp.offset))
+                self.committed_offsets[(tp.topic, tp.partition)] = tp.offset
+        return None if asynchronous else list(offsets or ())
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        self._called()
+        return [TopicPartition(tp.topic, tp.partition, self.committed_offsets.get((tp.topic, tp.partition), -1001))
+                for tp in partitions]
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = -1,
+                              cached: bool = False) -> tuple[int, int]:
+        self._called()
+        return 0, len(self.logs.get((partition.topic, partition.partition), []))
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        self._called()
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get((tp.topic, tp.partition), -1001))
+                for tp in partitions]
+
+    def consumer_group_metadata(self) -> str:
+        return f"generation-{self.generation}"
+
+    def close(self) -> None:
+        self._called()
+        self.closed = True
+
+
+class Reports:
+    """A delivery callback that counts every report per record."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ok: Counter[int] = Counter()
+        self.failed: dict[int, BaseException] = {}
+        self.failed_count: Counter[int] = Counter()
+
+    def __call__(self, delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
+        with self._lock:
+            self.ok.update(int(m.token) for m in delivered)
+            for m, exc in failed:
+                self.failed[int(m.token)] = exc
+                self.failed_count[int(m.token)] += 1
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.ok.values()) + sum(self.failed_count.values())
+
+
+def wait_until(check: Callable[[], bool], within: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within} s")
+        time.sleep(0.005)
+
+
+def spec(topic: str = "in", **extra: Any) -> QueueSpec:
+    config = {"bootstrap.servers": "fake:9092", "group.id": "g", "volley.commit.interval.seconds": 0.0,
+              "volley.startup.timeout.seconds": 0, **extra}
+    return QueueSpec(name="in", value=topic, connector="confluent", config=config, app_name="race-test",
+                     role="input")
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every confluent client the adapter builds in this test is a fake."""
+    monkeypatch.setattr(confluent_kafka, "Producer", FakeProducer)
+    monkeypatch.setattr(confluent_kafka, "Consumer", FakeConsumer)
+
+
+async def take(consumer: KafkaConsumer, count: int, within: float = 10.0) -> list[Envelope]:
+    got: list[Envelope] = []
+    deadline = time.monotonic() + within
+    while len(got) < count and time.monotonic() < deadline:
+        got.extend(await consumer.consume(count - len(got), 0.05))
+    assert len(got) == count, f"received {len(got)} of {count}"
+    return got
+
+
+def fake_of(consumer: KafkaConsumer) -> FakeConsumer:
+    client = consumer._consumer  # the fake behind the adapter
+    assert isinstance(client, FakeConsumer)
+    return client
+
+
+@pytest.fixture
+def fake_producer(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[ProducerClient, FakeProducer]]:
+    made: list[ProducerClient] = []
+
+    def make(config: dict[str, Any] | None = None) -> tuple[ProducerClient, FakeProducer]:
+        monkeypatch.setattr(producer_module.confluent_kafka, "Producer", FakeProducer)
+        client = ProducerClient(config or {"bootstrap.servers": "fake:9092"}, "fake")
+        made.append(client)
+        return client, client.producer
+
+    yield make
+    for client in made:
+        if not client.closed:
+            client.release(1.0)
+
+
+def test_backlog_sent_by_poller_and_flush_at_once_reports_each_record_once(fake_producer: Any) -> None:
+    """The poller and a flushing thread (rebalance, shutdown, abort) drain the same backlog: each record is
+    produced once, in order, and reported once; none is skipped, no IndexError."""
+    client, fake = fake_producer()
+    client.acquire()
+    reports = Reports()
+    messages = [OutgoingMessage("out", b"v%03d" % i, token=i) for i in range(50)]
+    client.produce(messages, reports)  # no room: everything waits in the backlog
+    assert client.pending() == 50
+    fake.gate_value = b"v000"
+    flushing = threading.Thread(target=client.flush_blocking, args=(20.0,))
+    fake.set_room(1000)  # the poller starts draining ...
+    flushing.start()  # ... and so does the flush
+    flushing.join(30)
+    assert not flushing.is_alive()
+    wait_until(lambda: reports.total() >= 50, what="50 reports")
+    client.release(5.0)
+    assert fake.sent == [m.value for m in messages], "each record produced once, in order"
+    assert reports.ok == Counter(range(50)), "each record reported delivered exactly once"
+    assert not reports.failed
+
+
+async def transactional(**extra: Any) -> tuple[TransactionalKafkaConsumer, FakeConsumer, ProducerClient, FakeProducer]:
+    consumer = KafkaConnector().create_consumer(spec(**{"volley.exactly.once": True,
+                                                        "volley.revoke.timeout.seconds": 2, **extra}))
+    assert isinstance(consumer, TransactionalKafkaConsumer)
+    await consumer.start()
+    client = consumer.client
+    fake = client.producer
+    assert isinstance(fake, FakeProducer)
+    return consumer, fake_of(consumer), client, fake
+
+
+async def test_abort_fails_the_backlog_instead_of_sending_it_in_the_next_transaction(fakes: None) -> None:
+    """Records of an aborted batch still waiting for room in librdkafka's queue are reported as aborted at
+    once, and never produced later (they would land in the next transaction)."""
+    consumer, _, client, fake = await transactional()
+    try:
+        await consumer.begin()
+        reports = Reports()
+        client.produce([OutgoingMessage("out", b"doomed%d" % i, token=i) for i in range(5)], reports)
+        assert client.pending() == 5, "no room: the batch waits in the backlog"
+        await asyncio.wait_for(consumer.abort(), 30)
+        assert client.pending() == 0, "the aborted batch's backlog is gone"
+        await asyncio.to_thread(wait_until, lambda: reports.total() == 5, 10.0, "the aborted records' reports")
+        assert sorted(reports.failed) == list(range(5))
+        assert all(isinstance(exc, TransactionAbortedError) for exc in reports.failed.values())
+        await consumer.begin()
+        fake.set_room(100)
+        later = Reports()
+        client.produce([OutgoingMessage("out", b"next", token=9)], later)
+        await asyncio.to_thread(client.flush_blocking, 10.0)
+        assert fake.sent == [b"next"], "only the next batch's record is in the next transaction"
+        assert not reports.ok
+    finally:
+        await consumer.close()
+
+
+async def consumer_of(**extra: Any) -> tuple[KafkaConsumer, FakeConsumer]:
+    consumer = KafkaConnector().create_consumer(spec(**extra))
+    await consumer.start()
+    return consumer, fake_of(consumer)
+
+
+@pytest.mark.parametrize("resumed", ["while revoked", "after the revoke"])
+async def test_a_partition_paused_when_revoked_is_resumed_when_assigned_back(fakes: None, resumed: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """librdkafka keeps a partition's pause across revoke and assign; Volley's view (not paused) and
+    librdkafka's must agree again once the partition is back, or the worker never consumes it again."""
+    monkeypatch.setattr(consumer_module, "HARD_PAUSE_AFTER", 0.0)
+    consumer, fake = await consumer_of()
+    p0 = ("in", 0)
+    fake.add("in", 0, [b"a", b"b"])
+    fake.rebalance("assign", [p0])
+    try:
+        first = await take(consumer, 2)
+        consumer.pause()  # the buffer is full: a hard pause, at once here
+        assert await consumer.consume(10, 0.05) == []
+        await asyncio.to_thread(wait_until, lambda: p0 in fake.paused, 5.0, "the pause in librdkafka")
+
+        async def finish_in_flight(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack(first)  # the engine's revoke handler drains: room in the buffer again
+            if resumed == "while revoked":
+                consumer.resume()
+
+        consumer.set_revoke_handler(finish_in_flight)
+        fake.rebalance("revoke", [p0])
+        assert await consumer.consume(10, 0.05) == []
+        if resumed != "while revoked":
+            consumer.resume()  # resumed before the partition is back, with nothing assigned
+            assert await consumer.consume(10, 0.05) == []
+        fake.add("in", 0, [b"c"])
+        fake.rebalance("assign", [p0])
+        again = await take(consumer, 1)
+        assert [e.value for e in again] == [b"c"], "the partition is consumed again after it came back"
+        assert p0 not in fake.paused
+    finally:
+        await consumer.close()
+
+
+async def test_a_partition_assigned_while_hard_paused_is_paused_in_librdkafka(fakes: None,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other direction: a partition that arrives while the engine is paused must not flow past the pause."""
+    monkeypatch.setattr(consumer_module, "HARD_PAUSE_AFTER", 0.0)
+    consumer, fake = await consumer_of()
+    p0, p1 = ("in", 0), ("in", 1)
+    fake.add("in", 0, [b"a"])
+    fake.rebalance("assign", [p0])
+    try:
+        await take(consumer, 1)
+        consumer.pause()
+        assert await consumer.consume(10, 0.05) == []
+        fake.add("in", 1, [b"x"])
+        fake.rebalance("assign", [p1])
+        got: list[Envelope] = []  # what librdkafka had fetched before the pause reached it may come out
+        for _ in range(5):
+            got.extend(await consumer.consume(10, 0.05))
+        assert fake.paused >= {p0, p1}, "both partitions paused in librdkafka while the engine is paused"
+        consumer.resume()
+        if not got:
+            got = await take(consumer, 1)
+        assert [e.value for e in got] == [b"x"]
+    finally:
+        await consumer.close()
+
+
+async def test_a_partition_paused_for_a_nack_delay_is_resumed_when_assigned_back(fakes: None) -> None:
+    """A nack with a delay pauses its partition in librdkafka; revoked before the delay ends (the timer is
+    dropped with the partition) and assigned back, the partition must flow again."""
+    consumer, fake = await consumer_of()
+    p0 = ("in", 0)
+    fake.add("in", 0, [b"a"])
+    fake.rebalance("assign", [p0])
+    try:
+        first = await take(consumer, 1)
+        await consumer.nack(first, 3600.0)
+        assert await consumer.consume(10, 0.05) == []
+        await asyncio.to_thread(wait_until, lambda: p0 in fake.paused, 5.0, "the delay's pause in librdkafka")
+        fake.rebalance("revoke", [p0])
+        assert await consumer.consume(10, 0.05) == []
+        fake.rebalance("assign", [p0])
+        again = await take(consumer, 1)
+        assert [(e.value, e.position) for e in again] == [(b"a", 0)], "read again from the last commit"
+    finally:
+        await consumer.close()
+
+
+async def test_each_transaction_sends_offsets_with_the_current_group_metadata(fakes: None) -> None:
+    """Under KIP-848 the member epoch changes without an assignment callback: the metadata sent with the offsets
+    must be taken right before sending them, not kept from the assignment."""
+    consumer, fake, _, producer = await transactional()
+    fake.add("in", 0, [b"a", b"b"])
+    fake.rebalance("assign", [("in", 0)])
+    try:
+        first = await take(consumer, 1)
+        await consumer.begin()
+        await consumer.commit(first)
+        fake.generation = 2  # e.g. a heartbeat bumped the member epoch: no callback
+        second = await take(consumer, 1)
+        await consumer.begin()
+        await consumer.commit(second)
+        sent = [call for call in producer.transaction_calls if call.startswith("offsets:")]
+        assert sent == ["offsets:generation-1", "offsets:generation-2"]
+    finally:
+        await consumer.close()
+
+
+async def test_a_failed_abort_is_retried_until_the_next_transaction_can_begin(fakes: None) -> None:
+    consumer, _, _, producer = await transactional()
+    try:
+        await consumer.begin()
+        producer.abort_failures = 2  # e.g. timed out twice while the coordinator moves
+        await asyncio.wait_for(consumer.abort(), 30)
+        assert producer.transaction_calls.count("abort") == 3, "retried until it went through"
+        await consumer.begin()  # the app goes on
+    finally:
+        await consumer.close()
+
+
+async def test_an_exception_from_the_flush_does_not_skip_the_abort(fakes: None) -> None:
+    consumer, _, _, producer = await transactional()
+    try:
+        await consumer.begin()
+        producer.flush_error = KafkaException(KafkaError(KafkaError._FAIL, "flush failed"))
+        await asyncio.wait_for(consumer.abort(), 30)
+        assert producer.transaction_calls[-1] == "abort"
+        await consumer.begin()
+    finally:
+        await consumer.close()
+
+
+async def test_a_revoke_that_times_out_still_forgets_the_partition_and_its_queued_commits(
+        fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's revoke handler overruns the deadline (here: it ignores cancellation). The partition is
+    given up uncommitted, and then: no commit of it is sent later (its new owner may be further on), and
+    nothing of it is left behind (is_drained() would stay false for good)."""
+    monkeypatch.setattr(consumer_module, "REVOKE_GRACE", 0.2)
+    consumer, fake = await consumer_of(**{"volley.revoke.timeout.seconds": 0.2})
+    p0, p1 = ("in", 0), ("in", 1)
+    fake.add("in", 0, [b"a", b"b", b"c"])
+    fake.rebalance("assign", [p0, p1])
+    let_go = asyncio.Event()
+    try:
+        got = sorted(await take(consumer, 3), key=lambda e: e.position)
+
+        async def stubborn(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack(got[:2])  # queues a commit of offset 2 ...
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:  # ... and overruns the revoke deadline
+                await let_go.wait()
+
+        consumer.set_revoke_handler(stubborn)
+        revoked_at = len(fake.commits)
+        fake.rebalance("revoke", [p0])
+        assert await consumer.consume(10, 0.05) == []
+        for _ in range(5):
+            assert await consumer.consume(10, 0.05) == []
+        assert [c for c in fake.commits[revoked_at:] if c[0] == p0] == [], "no commit of a partition given up"
+        drained = await asyncio.to_thread(consumer.is_drained)
+        assert drained, "the remaining partition is read to its end, nothing outstanding"
+    finally:
+        let_go.set()
+        await consumer.close()
+    assert not [c for c in fake.commits[revoked_at:] if c[0] == p0], "nor at close"
+
+
+async def test_a_nack_during_the_revoke_drain_does_not_seek_the_partition_when_it_comes_back(fakes: None) -> None:
+    """A nack in the revoke's drain queues a seek; the partition is reassigned at once (incremental
+    rebalance): the seek must not be carried out on the new assignment, past its committed offset."""
+    consumer, fake = await consumer_of()
+    p0 = ("in", 0)
+    fake.add("in", 0, [b"m0", b"m1", b"m2", b"m3", b"m4"])
+    fake.rebalance("assign", [p0])
+    try:
+        got = sorted(await take(consumer, 5), key=lambda e: e.position)
+
+        async def drain(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack(got[:2])
+            await consumer.nack([got[3]], 0.0)  # m2 is still running and is abandoned
+
+        consumer.set_revoke_handler(drain)
+        fake.rebalance("revoke", [p0])
+        fake.rebalance("assign", [p0])
+        assert await consumer.consume(10, 0) == []  # both happen in this fetch
+        assert fake.committed_offsets[p0] == 2, "the revoke committed up to the abandoned message"
+        again = sorted(await take(consumer, 3), key=lambda e: e.position)
+        assert [e.position for e in again] == [2, 3, 4], "the new assignment starts at the commit"
+    finally:
+        await consumer.close()
+
+
+async def test_every_call_into_the_librdkafka_consumer_is_made_on_the_fetch_thread(fakes: None) -> None:
+    """subscribe, lag() and is_drained() included: librdkafka's consumer is not called from the event loop
+    (a call may block on a rebalance callback that waits for the loop) nor from the engine's worker threads."""
+    consumer, fake = await consumer_of(**{"volley.startup.timeout.seconds": 5})
+    fake.add("in", 0, [b"a", b"b"])
+    fake.rebalance("assign", [("in", 0)])
+    try:
+        got = await take(consumer, 2)
+        consumer.lag()
+        assert not await asyncio.to_thread(consumer.is_drained), "read to the end, but not finished"
+        await consumer.nack(got[1:], 0.0)
+        await consumer.ack(got[:1])
+        again = await take(consumer, 1)
+        await consumer.ack(again)
+        assert await asyncio.to_thread(consumer.is_drained)
+        assert consumer.lag() == {("in", 0): 0}
+    finally:
+        await consumer.close()
+    assert fake.threads == {"volley-kafka-fetch-in"}, fake.threads
+
+
+async def test_is_drained_refuses_to_block_the_event_loop(fakes: None) -> None:
+    consumer, fake = await consumer_of()
+    fake.rebalance("assign", [("in", 0)])
+    try:
+        await consumer.consume(10, 0.05)
+        with pytest.raises(RuntimeError, match="off the event loop"):
+            consumer.is_drained()
+    finally:
+        await consumer.close()
+
+
+async def test_the_start_up_check_runs_on_a_client_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """list_topics() on the group member before subscribe() made librdkafka notice a topic created later only
+    at its periodic metadata refresh (five minutes by default); the check uses a throwaway client, closed."""
+    made: list[FakeConsumer] = []
+
+    class Recorded(FakeConsumer):
+        def __init__(self, config: dict[str, Any]) -> None:
+            super().__init__(config)
+            made.append(self)
+
+    monkeypatch.setattr(confluent_kafka, "Consumer", Recorded)
+    consumer = KafkaConnector().create_consumer(spec(**{"volley.startup.timeout.seconds": 5}))
+    await consumer.start()
+    try:
+        member = fake_of(consumer)
+        assert member.listed == 0, "the group member itself is not asked for metadata"
+        probes = [c for c in made if c is not member]
+        assert [p.listed for p in probes] == [1]
+        assert probes[0].closed, "the throwaway client is closed after the check"
+    finally:
+        await consumer.close()
