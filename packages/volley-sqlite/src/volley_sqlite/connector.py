@@ -8,6 +8,7 @@ result. Volley's ports are protocols: nothing here inherits from the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import operator
 import sqlite3
@@ -100,10 +101,8 @@ class SqliteConsumer:
             if remaining <= 0:
                 return batch
             # Writers in this process wake us at once; other processes' writes are seen at the next poll.
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), min(remaining, self.settings.poll_interval_seconds))
-            except TimeoutError:
-                pass
 
     async def ack(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:

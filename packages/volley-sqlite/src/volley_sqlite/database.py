@@ -57,7 +57,7 @@ class Lessee:
     retention: float
     compaction_interval: float
     next_beat: float = 0.0
-    next_compaction: float = field(default_factory=lambda: time.monotonic())
+    next_compaction: float = field(default_factory=time.monotonic)
 
 
 def _resolve_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -133,6 +133,11 @@ _INSERT = ("INSERT INTO volley_messages (queue, partition, value, key, headers, 
            "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
+def _marks(count: int) -> str:
+    """``?,?,?``: placeholders for an ``IN (...)`` list; only the number of them is built into the statement."""
+    return ",".join("?" * count)
+
+
 def insert(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     db.executemany(_INSERT, rows)
 
@@ -200,7 +205,7 @@ def take(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: floa
            "INDEXED BY volley_messages_pending WHERE queue = ? AND acked_at IS NULL AND visible_at <= ?")
     params: list[Any] = [queue, now]
     if allowed is not None:
-        sql += f" AND partition IN ({','.join('?' * len(allowed))})"
+        sql += f" AND partition IN ({_marks(len(allowed))})"
         params += allowed
     sql += " ORDER BY id LIMIT ?"
     params.append(limit)
@@ -210,8 +215,8 @@ def take(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: floa
     until = now + lease
     for start in range(0, len(rows), 500):
         ids = [row[0] for row in rows[start:start + 500]]
-        db.execute(f"UPDATE volley_messages SET owner = ?, visible_at = ?, attempts = attempts + 1 "
-                   f"WHERE id IN ({','.join('?' * len(ids))})", (owner, until, *ids))
+        db.execute(f"UPDATE volley_messages SET owner = ?, visible_at = ?, attempts = attempts + 1 "  # noqa: S608
+                   f"WHERE id IN ({_marks(len(ids))})", (owner, until, *ids))
     return [
         Envelope(value, key, decode_headers(headers) if headers is not None else None, queue, partition, message_id,
                  created_at, attempts + 1)
@@ -224,14 +229,14 @@ def settle(db: sqlite3.Connection, owner: str, ids: Sequence[int], retention: fl
     count = 0
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
-        marks = ",".join("?" * len(chunk))
+        marks = _marks(len(chunk))
         if retention > 0:
-            cursor = db.execute(f"UPDATE volley_messages SET acked_at = ?, owner = NULL "
+            cursor = db.execute(f"UPDATE volley_messages SET acked_at = ?, owner = NULL "  # noqa: S608
                                 f"WHERE owner = ? AND acked_at IS NULL AND id IN ({marks})",
                                 (time.time(), owner, *chunk))
         else:
-            cursor = db.execute(f"DELETE FROM volley_messages WHERE owner = ? AND acked_at IS NULL AND id IN ({marks})",
-                                (owner, *chunk))
+            cursor = db.execute(f"DELETE FROM volley_messages WHERE owner = ? AND acked_at IS NULL "  # noqa: S608
+                                f"AND id IN ({marks})", (owner, *chunk))
         count += cursor.rowcount
     return count
 
@@ -246,8 +251,8 @@ def give_back(db: sqlite3.Connection, owner: str, ids: Sequence[int] | None, del
     count = 0
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
-        cursor = db.execute(f"UPDATE volley_messages SET owner = NULL, visible_at = ? WHERE owner = ? "
-                            f"AND acked_at IS NULL AND id IN ({','.join('?' * len(chunk))})",
+        cursor = db.execute(f"UPDATE volley_messages SET owner = NULL, visible_at = ? WHERE owner = ? "  # noqa: S608
+                            f"AND acked_at IS NULL AND id IN ({_marks(len(chunk))})",
                             (visible_at, owner, *chunk))
         count += cursor.rowcount
     return count

@@ -95,7 +95,9 @@ def parse_settings(config: Mapping[str, Any], queue: str) -> SqliteSettings:
         except (TypeError, ValueError):
             count = 0
         if count < 1 or isinstance(partitions, bool) or (isinstance(partitions, float) and not partitions.is_integer()):
-            raise ConfigurationError(f"sqlite queue {queue!r}: partitions must be a positive integer, got {partitions!r}")
+            raise ConfigurationError(
+                f"sqlite queue {queue!r}: partitions must be a positive integer, got {partitions!r}"
+            )
         values["partitions"] = count
         values["partitions_explicit"] = True
     for key, (attribute, zero_allowed) in _NUMBERS.items():
