@@ -59,7 +59,11 @@ class SqliteConsumer:
         self._db = db
         settings = self.settings
         try:
-            self._partitions = await db.call(lambda conn: db.partitions_of(conn, self.queue, settings.partitions))
+            def join(conn: sqlite3.Connection) -> int:
+                schema.join(conn, self.queue, self.owner, settings.visibility_timeout_seconds)
+                return db.partitions_of(conn, self.queue, settings.partitions)
+
+            self._partitions = await db.call(join)
         except BaseException:
             self._db = None
             await asyncio.to_thread(databases.release, db)

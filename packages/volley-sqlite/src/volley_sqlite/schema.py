@@ -267,6 +267,12 @@ def renew(db: sqlite3.Connection, queue: str, owner: str, lease: float) -> None:
                (queue, owner, now + lease))
 
 
+def join(db: sqlite3.Connection, queue: str, owner: str, lease: float) -> None:
+    """Count this consumer among the queue's live ones (for the fair share of partitions) from the start."""
+    db.execute("INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)",
+               (queue, owner, time.time() + lease))
+
+
 def leave(db: sqlite3.Connection, queue: str, owner: str) -> None:
     db.execute("DELETE FROM volley_consumers WHERE queue = ? AND owner = ?", (queue, owner))
 
