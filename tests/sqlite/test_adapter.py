@@ -295,3 +295,28 @@ def test_producer_reports_nothing_before_start(tmp_path: Path) -> None:
     producer: SqliteProducer = SqliteConnector().create_producer(spec(tmp_path / "q.sqlite3", role="output"))
     with pytest.raises(RuntimeError, match="not started"):
         producer.produce(records("jobs", 1), DeliveryRecorder())
+
+
+async def test_a_cancelled_consume_gives_its_messages_back(tmp_path: Path) -> None:
+    """A consume cancelled while its take runs (a shutdown, a timeout) must not leave messages leased to nobody."""
+    path = tmp_path / "q.sqlite3"
+    await produce(path, records("jobs", 20))
+    consumer = await open_consumer(path)
+    try:
+        cancelled = 0
+        for _ in range(50):  # cancel at once, so that the take is still queued or running on the database thread
+            task = asyncio.ensure_future(consumer.consume(100, 0.0))
+            await asyncio.sleep(0)
+            task.cancel()
+            try:
+                got = await task
+            except asyncio.CancelledError:
+                cancelled += 1
+            else:
+                await consumer.nack(got, 0.0)
+        assert cancelled
+        again = await drain_until(consumer, lambda got: len(got) >= 20, deadline_in(5))
+        assert_exactly_once(again, [m.value for m in records("jobs", 20)])
+        await consumer.ack(again)
+    finally:
+        await consumer.close()

@@ -96,9 +96,16 @@ class SqliteConsumer:
         def probe(conn: sqlite3.Connection) -> bool:
             return schema.anything_ready(conn, queue)
 
+        def abandoned(batch: list[Envelope]) -> None:
+            """A consume cancelled while its take ran: those messages are leased to us; give them back now."""
+            if batch and self._db is db:
+                ids = [e.position for e in batch]
+                db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, 0.0),
+                                              lambda _r, _e: None, wakes=queue))
+
         while True:
             self._wakeup.clear()
-            batch = await db.call(run, probe=probe, empty=[])
+            batch = await db.call(run, probe=probe, empty=[], abandoned=abandoned)
             if batch:
                 return batch
             remaining = deadline - loop.time()

@@ -60,8 +60,11 @@ class Lessee:
     next_compaction: float = field(default_factory=time.monotonic)
 
 
-def _resolve_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def _resolve_future(future: asyncio.Future[Any], result: Any, error: BaseException | None,
+                    abandoned: Callable[[Any], None] | None = None) -> None:
     if future.done():
+        if future.cancelled() and abandoned is not None and error is None:
+            abandoned(result)  # nobody awaits the result any more (a cancelled consume): undo it
         return
     if error is not None:
         future.set_exception(error)
@@ -101,14 +104,18 @@ class Database:
             self._cv.notify()
 
     def call(self, run: Callable[[sqlite3.Connection], T], *, probe: Callable[[sqlite3.Connection], bool] | None = None,
-             empty: Any = None, wakes: str | None = None) -> asyncio.Future[T]:
-        """Queue ``run``; the returned future (of the running loop) resolves once its transaction committed."""
+             empty: Any = None, wakes: str | None = None,
+             abandoned: Callable[[T], None] | None = None) -> asyncio.Future[T]:
+        """Queue ``run``; the returned future (of the running loop) resolves once its transaction committed.
+
+        ``abandoned(result)`` is called on the loop when the future was cancelled before the result arrived.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
 
         def done(result: Any, error: BaseException | None) -> None:
             with contextlib.suppress(RuntimeError):  # that loop is closed
-                loop.call_soon_threadsafe(_resolve_future, future, result, error)
+                loop.call_soon_threadsafe(_resolve_future, future, result, error, abandoned)
 
         self.submit(Operation(run, done, probe, empty, wakes))
         return future
@@ -232,33 +239,13 @@ class Database:
         woken: list[str] = []
         if writes:
             try:
-                db.execute("BEGIN IMMEDIATE")
-            except Exception as exc:
-                results.extend((op, None, exc) for op in writes)
-            else:
-                done: list[tuple[Operation, Any, BaseException | None]] = []
-                for op in writes:
-                    db.execute("SAVEPOINT op")
-                    try:
-                        result = op.run(db)
-                    except Exception as exc:
-                        db.execute("ROLLBACK TO op")
-                        db.execute("RELEASE op")
-                        done.append((op, None, exc))
-                    else:
-                        db.execute("RELEASE op")
-                        done.append((op, result, None))
-                        if op.wakes is not None:
-                            woken.append(op.wakes)
-                try:
-                    db.execute("COMMIT")
-                except Exception as exc:  # nothing was stored: every operation of the group failed
+                results.extend(self._transaction(db, writes, woken))
+            except Exception as exc:  # nothing was stored: every operation of the group failed
+                if db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
-                    results.extend((op, None, exc) for op, _, _ in done)
-                    woken = []
-                else:
-                    results.extend(done)
+                results.extend((op, None, exc) for op in writes)
+                woken = []
         for op, result, error in results:
             try:
                 op.done(result, error)
@@ -266,6 +253,30 @@ class Database:
                 logger.exception("a sqlite operation's report failed")
         if woken:
             self._wake(woken)
+
+    @staticmethod
+    def _transaction(db: sqlite3.Connection, writes: list[Operation],
+                     woken: list[str]) -> list[tuple[Operation, Any, BaseException | None]]:
+        """Run the operations in one transaction, each in a savepoint; raise if the transaction as a whole failed."""
+        done: list[tuple[Operation, Any, BaseException | None]] = []
+        db.execute("BEGIN IMMEDIATE")
+        for op in writes:
+            db.execute("SAVEPOINT op")
+            try:
+                result = op.run(db)
+            except (ValueError, TypeError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError) as exc:
+                # This operation's own fault (a partition out of range, a value SQLite cannot store): undo it
+                # alone. Anything else (I/O, a full disk, a lock) fails the whole group below.
+                db.execute("ROLLBACK TO op")
+                db.execute("RELEASE op")
+                done.append((op, None, exc))
+            else:
+                db.execute("RELEASE op")
+                done.append((op, result, None))
+                if op.wakes is not None:
+                    woken.append(op.wakes)
+        db.execute("COMMIT")
+        return done
 
     def _chores(self, db: sqlite3.Connection, lessees: list[Lessee]) -> None:
         now = time.monotonic()
