@@ -154,3 +154,13 @@ def test_bad_settings_fail_when_the_engine_is_built(tmp_path: Path) -> None:
         Engine(app_name="x", input_queue="in",
                queue_config={"in": {"value": "in", "profile": "sqlite", "config": {"path": "x", "vt_seconds": 3}}},
                metrics_port=None)
+
+
+def test_unknown_name_hints_name_the_distribution() -> None:
+    """Where volley-sqlite is not installed, its profile names say what to install; its serializers, likewise."""
+    from volley.plugins import Registry
+
+    empty = Registry()
+    assert empty.unknown_message("profile", "sqlite-dlq").endswith("(pip install volley-sqlite)")
+    assert empty.unknown_message("connector", "sqlite").endswith("(pip install volley-sqlite)")
+    assert empty.unknown_message("serializer", "orjson").endswith("(pip install 'volley-serializers[orjson]')")
