@@ -9,8 +9,10 @@ It runs until killed (SIGTERM: graceful; SIGKILL: the crash under test).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from typing import Any
 
 
 def main(argv: list[str]) -> None:
@@ -33,12 +35,13 @@ def main(argv: list[str]) -> None:
         max_deliveries=100,
     )
     seconds = float(pause)
+    signature = {"headers": {"worker": str(os.getpid())}}  # which process produced an output, for the report
 
     @app.stream_app
-    def handler(message: bytes) -> list[tuple[str, bytes]]:
+    def handler(message: bytes) -> list[tuple[str, bytes, dict[str, Any]]]:
         if seconds:
             time.sleep(seconds)
-        return [("out", message)]
+        return [("out", message, signature)]
 
     print("worker ready", flush=True)
     handler()

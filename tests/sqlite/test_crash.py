@@ -38,10 +38,12 @@ class Worker:
         self.args = [sys.executable, str(WORKER), str(path), source, output, str(VT), str(pause)]
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
+        self.pids: list[int] = []
 
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(self.args, stdout=log, stderr=log)
+        self.pids.append(self.process.pid)
 
     def kill(self) -> None:
         assert self.process is not None
@@ -133,11 +135,16 @@ def test_two_workers_kill_9_three_times_lose_nothing(
     assert set(counts) == set(range(TOTAL)), f"lost: {sorted(set(range(TOTAL)) - set(counts))[:20]}"
     duplicates = len(ids) - TOTAL
     assert duplicates <= 3 * IN_FLIGHT_WINDOW, f"{duplicates} duplicates: more than the in-flight window per kill"
+    by_pid = Counter(int(m.headers["worker"]) for m in admin.messages(path, output) if m.headers)
+    # The queue was shared: several processes produced outputs. (Not necessarily every incarnation: a newcomer gets
+    # its share of an ordered queue's partitions only once their holder has settled what it took from them.)
+    assert len(by_pid) >= 2, f"only one worker process did any work: {by_pid}"
     for queue, stats in admin.stats(path).items():
         assert stats["held"] == stats["ready"] == stats["delayed"] == 0 or queue == output, (queue, stats)
     line = (f"sqlite crash test: {TOTAL} ids, two workers, kill -9 at {[round(m, 2) for m in moments]} of the stream "
             f"(random seed {seed_value}): 0 lost, {duplicates} duplicate(s) "
-            f"({sum(1 for c in counts.values() if c > 1)} ids processed more than once), {elapsed:.1f} s")
+            f"({sum(1 for c in counts.values() if c > 1)} ids processed more than once), {elapsed:.1f} s; "
+            f"outputs per worker process: {sorted(by_pid.values(), reverse=True)}")
     record_property("duplicates", duplicates)
     record_property("random_seed", seed_value)
     with capsys.disabled():
