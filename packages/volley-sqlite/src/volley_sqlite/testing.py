@@ -23,13 +23,15 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from volley.engine import StreamApp
 from volley.message import Envelope, to_bytes
-from volley.pipeline import RunReport
 from volley.testing import AppResult
 from volley_sqlite import admin
+
+if TYPE_CHECKING:  # only for annotations: the engine's modules are free to move things around
+    from volley.engine import StreamApp
+    from volley.pipeline import RunReport
 
 __all__ = ["SqliteHarness", "sqlite_harness"]
 
