@@ -21,6 +21,7 @@ EXTRAS = {
     "volley-kafka": "",
     "volley-rsmq": "",
     "volley-prometheus": "",
+    "volley-sqlite": "pydantic",
 }
 
 

@@ -16,7 +16,9 @@ Redis: ``REDIS_HOST`` (host or host:port) when set, otherwise a private
 redis-server from ``tools/services/redis.py`` (no persistence). Prints
 ``name: value`` lines, among them ``rsmq.volley_msgs_per_s``,
 ``rsmq.vs_sequential`` (b / a, target >= 3) and ``rsmq.vs_pyvolley`` (b / c,
-target >= 5).
+target >= 5). In the same run, the same work on volley-sqlite (one durable
+database file, ``synchronous=full``, see ``bench_sqlite.py``):
+``sqlite.volley_msgs_per_s`` and ``sqlite.vs_rsmq`` (sqlite / b, target >= 0.5).
 """
 
 from __future__ import annotations
@@ -280,6 +282,10 @@ def main() -> None:
         runs = [volley_run(queues, host, port, bodies) for _ in range(VOLLEY_REPEATS)]
         old = pyvolley_run(queues, host, port, bodies, workdir)
         queues.client.close()
+        # The same work on volley-sqlite, in this run so that the ratio compares like with like.
+        from bench_sqlite import sqlite_run
+
+        sqlite_runs = [sqlite_run(bodies, workdir) for _ in range(VOLLEY_REPEATS)]
     best = max(runs)
     print(f"rsmq.messages: {N}")
     print(f"rsmq.sequential_msgs_per_s: {seq:.0f}")
@@ -288,6 +294,9 @@ def main() -> None:
     print(f"rsmq.volley_msgs_per_s_median: {statistics.median(runs):.0f}")
     print(f"rsmq.vs_sequential: {best / seq:.2f}")
     print(f"rsmq.vs_pyvolley: {best / old:.2f}")
+    print(f"sqlite.volley_msgs_per_s: {max(sqlite_runs):.0f}")
+    print(f"sqlite.volley_msgs_per_s_median: {statistics.median(sqlite_runs):.0f}")
+    print(f"sqlite.vs_rsmq: {max(sqlite_runs) / best:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python examples/two_node/run.py                  # starts its own Kafka and redis-server (tools/services)
     KAFKA_BROKERS=localhost:9092 REDIS_HOST=localhost python examples/two_node/run.py   # uses yours
+    python examples/two_node/run.py --backend sqlite   # no server: two `volley run` processes on one SQLite file
 
 It creates a fresh topic (and RSMQ queue names) for this run, seeds ``{"my_values": [1, 2, 3]}``, runs node one
 and node two in this process until node two logs "That's it, we are done!", shuts both down gracefully, prints the
@@ -17,8 +18,12 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -120,12 +125,81 @@ async def run_nodes(worker: ModuleType, timeout: float) -> bool:
             signal.signal(sig, _interrupt)
 
 
+DONE_LINE = "That's it, we are done!"
+
+
+def _echo(name: str, stream: Any, lines: list[str], done: threading.Event) -> None:
+    """Print a node's output with its name in front, and notice node two's done line."""
+    for raw in stream:
+        line = raw.rstrip("\n")
+        lines.append(line)
+        print(f"[{name}] {line}", flush=True)
+        if DONE_LINE in line:
+            done.set()
+
+
+def run_sqlite(args: argparse.Namespace) -> int:
+    """Both nodes as two separate `volley run` processes on one SQLite file: no server anywhere."""
+    from volley_sqlite import admin
+
+    directory = tempfile.mkdtemp(prefix="two-node-sqlite-") if args.database is None else None
+    database = args.database or os.path.join(directory or ".", "two-node.sqlite3")
+    env = {**os.environ, "VOLLEY_EXAMPLE_BACKEND": "sqlite", "VOLLEY_SQLITE_PATH": database, "PYTHONUNBUFFERED": "1"}
+    run_id = uuid.uuid4().hex[:8]
+    env.setdefault("VOLLEY_EXAMPLE_TOPIC", f"volley.example.values.{run_id}")
+    env.setdefault("VOLLEY_EXAMPLE_QUEUE", f"volley-example-maxima-{run_id}")
+    logger.info("queues in %s (no server)", database)
+    began = time.monotonic()
+    done = threading.Event()
+    nodes: dict[str, subprocess.Popen[str]] = {}
+    output: dict[str, list[str]] = {}
+    try:
+        for node in ("node_one", "node_two"):
+            # Two processes, as in two terminals: `volley run examples.two_node.worker:node_one` and node_two.
+            process = subprocess.Popen([sys.executable, "-m", "volley.cli", "run", f"examples.two_node.worker:{node}"],
+                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            nodes[node] = process
+            output[node] = []
+            threading.Thread(target=_echo, args=(node, process.stdout, output[node], done), daemon=True).start()
+        admin.publish(database, env["VOLLEY_EXAMPLE_TOPIC"], [json.dumps({"my_values": list(args.seed)}).encode()])
+        logger.info("seeded %s with %s", env["VOLLEY_EXAMPLE_TOPIC"], {"my_values": list(args.seed)})
+        deadline = time.monotonic() + args.timeout
+        while not done.wait(0.05):
+            exited = [name for name, process in nodes.items() if process.poll() is not None]
+            if exited:
+                logger.error("%s exited before the example was done", exited[0])
+                return 1
+            if time.monotonic() > deadline:
+                logger.error("not done within %.0f s", args.timeout)
+                return 1
+    except KeyboardInterrupt as exc:
+        logger.warning("%s received: stopped", exc)
+        return 130
+    finally:
+        for process in nodes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = [process.wait(60) for process in nodes.values()]
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+    maxima = [float(line.rsplit(":", 1)[1]) for line in output["node_two"] if "The maximum:" in line]
+    print(f"maxima: {', '.join(str(m) for m in maxima)}")
+    print(f"done in {time.monotonic() - began:.1f} s (exit codes {codes})")
+    return 0 if codes == [0, 0] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds the nodes may take (default 120)")
     parser.add_argument("--seed", type=float, nargs="+", default=[1, 2, 3], help="first list of values")
+    parser.add_argument("--backend", choices=("servers", "sqlite"), default="servers",
+                        help="servers: Kafka and Redis (default); sqlite: two processes on one SQLite file")
+    parser.add_argument("--database", default=None, help="with --backend sqlite: the file (default: a temporary one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.backend == "sqlite":
+        signal.signal(signal.SIGTERM, _interrupt)
+        return run_sqlite(args)
     for path in (ROOT, ROOT / "tools"):  # the example package, and the server tooling
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))

@@ -11,6 +11,8 @@ Where the servers are comes from the environment, as in py-volley: ``KAFKA_BROKE
         volley run examples.two_node.worker:node_one examples.two_node.worker:node_two
 
 or each in its own process (``volley run examples.two_node.worker:node_one``, and the same for ``node_two``).
+With ``VOLLEY_EXAMPLE_BACKEND=sqlite`` every queue lives in one SQLite file instead (``VOLLEY_SQLITE_PATH``, default
+``./volley.sqlite3``, needs volley-sqlite): the two nodes run as two processes on one machine with no server.
 ``VOLLEY_EXAMPLE_TOPIC``, ``VOLLEY_EXAMPLE_QUEUE`` and ``VOLLEY_EXAMPLE_GROUP`` rename the topic, the queue and
 node one's consumer group.
 """
@@ -44,17 +46,33 @@ class MaxMessage(BaseModel):
     max_value: float
 
 
-# Both connectors would also read KAFKA_BROKERS / REDIS_HOST on their own; spelling them out with defaults lets
-# the example run against servers on localhost without any environment.
-kafka = {"bootstrap.servers": "${KAFKA_BROKERS:-localhost:9092}"}
-redis = {"host": "${REDIS_HOST:-localhost}"}
-queue_config: dict[str, Any] = {
-    "values": {"value": VALUES_TOPIC, "profile": "confluent", "data_model": ValuesMessage,
-               "config": {**kafka, "group.id": CONSUMER_GROUP}},
-    "values-dlq": {"value": VALUES_DLQ, "profile": "confluent-dlq", "config": kafka},
-    "maxima": {"value": MAXIMA_QUEUE, "profile": "rsmq", "data_model": MaxMessage, "config": redis},
-    "maxima-dlq": {"value": MAXIMA_DLQ, "profile": "rsmq-dlq", "config": redis},
-}
+# VOLLEY_EXAMPLE_BACKEND=sqlite moves every queue into one SQLite file (VOLLEY_SQLITE_PATH, default
+# ./volley.sqlite3): the same nodes then run as two processes with no server at all.
+BACKEND = os.environ.get("VOLLEY_EXAMPLE_BACKEND", "servers")
+if BACKEND not in ("servers", "sqlite"):
+    raise SystemExit(f"VOLLEY_EXAMPLE_BACKEND must be 'servers' or 'sqlite', not {BACKEND!r}")
+
+queue_config: dict[str, Any]
+if BACKEND == "sqlite":
+    # The same codecs as confluent / rsmq (orjson + Pydantic); the database file comes from VOLLEY_SQLITE_PATH.
+    queue_config = {
+        "values": {"value": VALUES_TOPIC, "profile": "sqlite-orjson-pydantic", "data_model": ValuesMessage},
+        "values-dlq": {"value": VALUES_DLQ, "profile": "sqlite-dlq"},
+        "maxima": {"value": MAXIMA_QUEUE, "profile": "sqlite-orjson-pydantic", "data_model": MaxMessage},
+        "maxima-dlq": {"value": MAXIMA_DLQ, "profile": "sqlite-dlq"},
+    }
+else:
+    # Both connectors would also read KAFKA_BROKERS / REDIS_HOST on their own; spelling them out with defaults
+    # lets the example run against servers on localhost without any environment.
+    kafka = {"bootstrap.servers": "${KAFKA_BROKERS:-localhost:9092}"}
+    redis = {"host": "${REDIS_HOST:-localhost}"}
+    queue_config = {
+        "values": {"value": VALUES_TOPIC, "profile": "confluent", "data_model": ValuesMessage,
+                   "config": {**kafka, "group.id": CONSUMER_GROUP}},
+        "values-dlq": {"value": VALUES_DLQ, "profile": "confluent-dlq", "config": kafka},
+        "maxima": {"value": MAXIMA_QUEUE, "profile": "rsmq", "data_model": MaxMessage, "config": redis},
+        "maxima-dlq": {"value": MAXIMA_DLQ, "profile": "rsmq-dlq", "config": redis},
+    }
 
 node_one_engine = Engine(app_name="node-one", input_queue="values", output_queues=["maxima"],
                          dead_letter_queue="values-dlq", queue_config=queue_config, metrics_port=None,

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from volley.ports import (
         Connector,
         Consumer,
+        DepthReporter,
         Drainable,
         Instrumented,
         LagReporter,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
         PydanticModelHandler,
         PydanticParserModelHandler,
     )
+    from volley_sqlite.connector import SqliteConnector, SqliteConsumer, SqliteProducer
 
     def connectors(memory: MemoryConnector, kafka: KafkaConnector, rsmq: RsmqConnector) -> list[Connector]:
         return [memory, kafka, rsmq]
@@ -70,3 +72,8 @@ if TYPE_CHECKING:
 
     def observers(prometheus: PrometheusObserver, multi: MultiObserver) -> list[Observer]:
         return [prometheus, multi]
+
+    def sqlite_ports(
+        connector: SqliteConnector, consumer: SqliteConsumer, producer: SqliteProducer
+    ) -> tuple[Connector, Consumer, Producer, Drainable, DepthReporter]:
+        return connector, consumer, producer, consumer, consumer

@@ -7,11 +7,11 @@ from pathlib import Path
 import hypothesis
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
-from volley_sqlite import SqliteConnector
 
 from volley.ports import Connector, QueueSpec
 from volley.testing.contract import ConnectorContract
 from volley.testing.statemachine import DEFAULT_SETTINGS, connector_state_machine
+from volley_sqlite import SqliteConnector
 
 
 def sqlite_spec(path: Path, name: str, role: str) -> QueueSpec:

@@ -55,6 +55,7 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "kafka": "volley-kafka",
     "confluent": "volley-kafka",
     "rsmq": "volley-rsmq",
+    "sqlite": "volley-sqlite",
     "orjson": "volley-serializers[orjson]",
     "msgpack": "volley-serializers[msgpack]",
     "pydantic": "volley-serializers[pydantic]",

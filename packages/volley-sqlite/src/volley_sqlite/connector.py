@@ -1,0 +1,279 @@
+"""The ``sqlite`` connector's consumer and producer. Neither ever calls SQLite on the event loop.
+
+Both hand their work to the :class:`~volley_sqlite.database.Database` of their
+file (one connection and one thread per file and process) and await the
+result. Volley's ports are protocols: nothing here inherits from the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import operator
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from volley.errors import ConfigurationError
+from volley.message import Envelope, OutgoingMessage
+from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
+from volley_sqlite import database as databases
+from volley_sqlite import schema
+from volley_sqlite.database import Database, Lessee
+from volley_sqlite.settings import SqliteSettings, parse_settings
+
+logger = logging.getLogger("volley_sqlite")
+_position = operator.attrgetter("position")
+
+
+async def _open(settings: SqliteSettings) -> Database:
+    try:
+        return await asyncio.to_thread(databases.acquire, settings.database_key)
+    except (sqlite3.Error, OSError) as exc:
+        raise ConfigurationError(f"cannot open the sqlite queue database {settings.path!r}: {exc}") from exc
+
+
+class SqliteConsumer:
+    """Consumes one queue of a database file, with leases renewed while messages are in flight.
+
+    Satisfies ``volley.ports.Consumer``, ``Drainable`` and ``DepthReporter``.
+    """
+
+    def __init__(self, queue: str, settings: SqliteSettings) -> None:
+        self.queue = queue
+        self.settings = settings
+        self.owner = uuid.uuid4().hex  # this consumer's deliveries carry it; never reused
+        self._db: Database | None = None
+        self._partitions = settings.partitions
+        self._wakeup: asyncio.Event | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._db is not None:
+            return
+        db = await _open(self.settings)
+        self._db = db
+        settings = self.settings
+        try:
+            def join(conn: sqlite3.Connection) -> int:
+                schema.join(conn, self.queue, self.owner, settings.visibility_timeout_seconds)
+                return db.partitions_of(conn, self.queue, settings.partitions)
+
+            self._partitions = await db.call(join)
+        except BaseException:
+            self._db = None
+            await asyncio.to_thread(databases.release, db)
+            raise
+        if settings.partitions_explicit and self._partitions != settings.partitions:
+            logger.warning("sqlite queue %r has %d partition(s) in %s; config asks for %d (ignored: a queue keeps "
+                           "the partition count it was created with)", self.queue, self._partitions, settings.path,
+                           settings.partitions)
+        self._wakeup = asyncio.Event()
+        db.add_waiter(self.queue, self._wakeup)
+        db.add_lessee(Lessee(self.queue, self.owner, settings.visibility_timeout_seconds, settings.heartbeat,
+                             settings.retention_seconds, settings.compaction_interval_seconds))
+
+    def _require(self) -> Database:
+        if self._db is None:
+            raise RuntimeError(f"the sqlite consumer of {self.queue!r} is not started (or closed)")
+        return self._db
+
+    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        db = self._require()
+        assert self._wakeup is not None
+        queue, owner, limit = self.queue, self.owner, max(1, max_messages)
+        lease, ordered, partitions = self.settings.visibility_timeout_seconds, self.settings.ordered, self._partitions
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+
+        def run(conn: sqlite3.Connection) -> list[Envelope]:
+            return schema.take(conn, queue, owner, limit, lease, ordered, partitions)
+
+        def probe(conn: sqlite3.Connection) -> bool:
+            return schema.anything_ready(conn, queue)
+
+        def abandoned(batch: list[Envelope]) -> None:
+            """A consume cancelled while its take ran: those messages are leased to us; give them back now."""
+            if batch and self._db is db:
+                ids = [e.position for e in batch]
+                db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, 0.0),
+                                              lambda _r, _e: None, wakes=queue))
+
+        while True:
+            self._wakeup.clear()
+            batch = await db.call(run, probe=probe, empty=[], abandoned=abandoned)
+            if batch:
+                return batch
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return batch
+            # Writers in this process wake us at once; other processes' writes are seen at the next poll.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), min(remaining, self.settings.poll_interval_seconds))
+
+    async def ack(self, envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            return
+        db = self._require()
+        ids = list(map(_position, envelopes))
+        owner, retention = self.owner, self.settings.retention_seconds
+        await db.call(lambda conn: schema.settle(conn, owner, ids, retention))
+
+    async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
+        if not envelopes:
+            return
+        db = self._require()
+        ids = list(map(_position, envelopes))
+        owner = self.owner
+        await db.call(lambda conn: schema.give_back(conn, owner, ids, delay), wakes=self.queue if delay <= 0 else None)
+
+    async def close(self) -> None:
+        """Give back whatever is still held, at once (another consumer may take it), and leave the queue."""
+        db, self._db = self._db, None
+        if db is None:
+            return
+        db.remove_lessee(self.owner)
+        if self._wakeup is not None:
+            db.remove_waiter(self.queue, self._wakeup)
+        queue, owner = self.queue, self.owner
+
+        def leave(conn: sqlite3.Connection) -> None:
+            schema.give_back(conn, owner, None, 0.0)
+            schema.leave(conn, queue, owner)
+
+        try:
+            await db.call(leave, wakes=queue)
+        finally:
+            await asyncio.to_thread(databases.release, db)
+
+    async def depth(self) -> int:
+        queue = self.queue
+        return await self._require().call(lambda conn: schema.depth(conn, queue))
+
+    def is_drained(self) -> bool:
+        """Asked off the event loop: nothing ready or delayed, nothing held by this consumer."""
+        db = self._db
+        if db is None:
+            return True
+        queue, owner = self.queue, self.owner
+        return db.call_blocking(lambda conn: schema.is_drained(conn, queue, owner), timeout=30.0)
+
+
+class SqliteProducer:
+    """Writes to any queue of one database file; a record is reported delivered once its transaction committed.
+
+    Satisfies ``volley.ports.Producer``.
+    """
+
+    def __init__(self, settings: SqliteSettings) -> None:
+        self.settings = settings
+        self._db: Database | None = None
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._idle = threading.Event()
+        self._idle.set()
+
+    async def start(self) -> None:
+        if self._db is None:
+            self._db = await _open(self.settings)
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        """On the event loop: queue the batch for the database thread and return at once."""
+        db = self._db
+        if db is None:
+            raise RuntimeError("the sqlite producer is not started (or closed)")
+        if not messages:
+            return
+        batch = list(messages)
+        create_with, default_delay = self.settings.partitions, self.settings.delay
+
+        def run(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            rows = []
+            counts: dict[str, int] = {}
+            for message in batch:
+                topic = message.topic
+                count = counts.get(topic)
+                if count is None:
+                    count = counts[topic] = db.partitions_of(conn, topic, create_with)
+                if message.partition is not None:
+                    if not 0 <= message.partition < count:
+                        raise ValueError(f"sqlite queue {topic!r} has {count} partition(s), not {message.partition}")
+                    partition = message.partition
+                elif message.key is not None:
+                    partition = schema.partition_for(message.key, count)
+                else:
+                    partition = db.next_partition(topic, count)
+                rows.append(schema.row_for(message, partition, now, default_delay))
+            schema.insert(conn, rows)
+
+        def done(_result: Any, error: BaseException | None) -> None:
+            try:
+                if error is None:
+                    on_delivery(batch, ())
+                else:
+                    failures: list[DeliveryFailure] = [(m, error) for m in batch]
+                    on_delivery((), failures)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.set()
+
+        topics = {m.topic for m in batch}
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        try:
+            db.submit(databases.Operation(run, done, wakes=topics.pop() if len(topics) == 1 else None))
+        except BaseException:
+            done(None, RuntimeError("the sqlite database is closed"))
+            raise
+        if topics:  # several queues in one call: wake them all once it is committed (rare: only the DLQ path)
+            for topic in topics:
+                db.submit(databases.Operation(lambda _conn: None, lambda _r, _e: None, wakes=topic))
+
+    async def flush(self, timeout: float) -> None:
+        if self._idle.is_set():
+            return
+        if not await asyncio.to_thread(self._idle.wait, max(0.0, timeout)):
+            with self._lock:
+                pending = self._pending
+            raise TimeoutError(f"{pending} sqlite write(s) not committed after {timeout} s")
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is None:
+            return
+        try:
+            await self.flush(self.settings.busy_timeout_seconds + 30.0)
+        finally:
+            await asyncio.to_thread(databases.release, db)
+
+
+class SqliteConnector:
+    """What the plugin registers as ``sqlite``: builds consumers and producers from a queue's ``config``."""
+
+    def check(self, queue: QueueSpec) -> None:
+        """Validate a queue's settings when the Engine is built, before anything starts."""
+        parse_settings(queue.config, queue.value)
+
+    def create_consumer(self, queue: QueueSpec) -> SqliteConsumer:
+        return SqliteConsumer(queue.value, parse_settings(queue.config, queue.value))
+
+    def create_producer(self, queue: QueueSpec) -> SqliteProducer:
+        return SqliteProducer(parse_settings(queue.config, queue.value))
+
+
+if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: nothing is inherited)
+
+    from volley.ports import Connector, Consumer, DepthReporter, Drainable, Producer
+
+    def _satisfies_ports(
+        consumer: SqliteConsumer, producer: SqliteProducer, connector: SqliteConnector
+    ) -> tuple[Consumer, Producer, Connector, DepthReporter, Drainable]:
+        return consumer, producer, connector, consumer, consumer

@@ -1,0 +1,336 @@
+"""The tables and every statement on them. Blocking: only the database thread (or a tool) calls these.
+
+One file holds many queues. ``volley_messages`` has one row per message not
+yet compacted; a row is
+
+- *ready* when ``acked_at IS NULL AND visible_at <= now``,
+- *held* by a consumer when ``owner`` names it and ``visible_at > now`` (its
+  lease; the heartbeat pushes ``visible_at`` forward while the consumer lives),
+- *delayed* when ``owner IS NULL AND visible_at > now`` (delayed delivery, or a
+  nack with a delay),
+- *acked* when ``acked_at`` is set (kept only with a retention period).
+
+``attempts`` is raised each time a row is handed out, so it survives restarts
+and counts deliveries to consumers that died. ``volley_consumers`` lists live
+consumers (renewed by the heartbeat) so that ordered queues can share their
+partitions out fairly.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import struct
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from volley.message import Envelope, Headers, OutgoingMessage
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS volley_queues (
+    name       TEXT PRIMARY KEY,
+    partitions INTEGER NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS volley_messages (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- production order, never reused
+    queue       TEXT    NOT NULL,
+    partition   INTEGER NOT NULL,
+    value       BLOB    NOT NULL,
+    key         BLOB,
+    headers     BLOB,
+    created_at  REAL    NOT NULL,
+    visible_at  REAL    NOT NULL,
+    owner       TEXT,                -- the consumer that received it last (its lease runs until visible_at)
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    acked_at    REAL
+);
+CREATE INDEX IF NOT EXISTS volley_messages_pending ON volley_messages (queue, id) WHERE acked_at IS NULL;
+CREATE INDEX IF NOT EXISTS volley_messages_owner ON volley_messages (owner) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS volley_messages_acked ON volley_messages (queue, acked_at) WHERE acked_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS volley_consumers (
+    queue       TEXT NOT NULL,
+    owner       TEXT NOT NULL,
+    alive_until REAL NOT NULL,
+    PRIMARY KEY (queue, owner)
+) WITHOUT ROWID;
+"""
+
+
+def connect(path: str, synchronous: str = "full", busy_timeout: float = 30.0) -> sqlite3.Connection:
+    """Open (and on first use create) a queue database: WAL, the given durability, the tables."""
+    # isolation_level=None: no implicit transactions; the callers say where each begins and ends.
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on a new file, before any table
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"{path!r} cannot use write-ahead logging (journal_mode is {mode})")
+        db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        # In one write transaction, so that processes opening a new file at once do not trip over each other.
+        db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+# ---------------------------------------------------------------------------------------------- headers
+
+_LENGTHS = struct.Struct(">HI")
+
+
+def encode_headers(headers: Headers | None) -> bytes | None:
+    """Length-prefixed names and values: compact, binary-safe, and no JSON on the hot path."""
+    if not headers:
+        return None
+    parts: list[bytes] = []
+    for name, value in headers.items():
+        raw_name = name.encode()
+        raw_value = bytes(value)
+        parts += (_LENGTHS.pack(len(raw_name), len(raw_value)), raw_name, raw_value)
+    return b"".join(parts)
+
+
+def decode_headers(data: bytes | None) -> Headers | None:
+    if data is None:
+        return None
+    headers: Headers = {}
+    offset, size = 0, _LENGTHS.size
+    while offset < len(data):
+        name_length, value_length = _LENGTHS.unpack_from(data, offset)
+        offset += size
+        name = data[offset:offset + name_length].decode()
+        offset += name_length
+        headers[name] = data[offset:offset + value_length]
+        offset += value_length
+    return headers
+
+
+# ---------------------------------------------------------------------------------------------- queues
+
+
+def ensure_queue(db: sqlite3.Connection, queue: str, partitions: int) -> int:
+    """Create the queue with ``partitions`` partitions unless it exists; return its partition count."""
+    db.execute("INSERT OR IGNORE INTO volley_queues (name, partitions, created_at) VALUES (?, ?, ?)",
+               (queue, partitions, time.time()))
+    row = db.execute("SELECT partitions FROM volley_queues WHERE name = ?", (queue,)).fetchone()
+    return int(row[0])
+
+
+def partition_for(key: bytes, count: int) -> int:
+    """Same as the memory broker: a key always lands in the same partition."""
+    return zlib.crc32(key) % count
+
+
+# ---------------------------------------------------------------------------------------------- producing
+
+_INSERT = ("INSERT INTO volley_messages (queue, partition, value, key, headers, created_at, visible_at) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+def _marks(count: int) -> str:
+    """``?,?,?``: placeholders for an ``IN (...)`` list; only the number of them is built into the statement."""
+    return ",".join("?" * count)
+
+
+def insert(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    db.executemany(_INSERT, rows)
+
+
+def row_for(message: OutgoingMessage, partition: int, now: float, default_delay: float) -> tuple[Any, ...]:
+    delay = message.delay if message.delay is not None else default_delay
+    return (message.topic, partition, message.value, message.key, encode_headers(message.headers), now,
+            now + delay if delay > 0 else now)
+
+
+# ---------------------------------------------------------------------------------------------- consuming
+
+_READY_PROBE = ("SELECT 1 FROM volley_messages WHERE queue = ? AND acked_at IS NULL AND visible_at <= ? "
+                "LIMIT 1")
+
+
+def anything_ready(db: sqlite3.Connection, queue: str) -> bool:
+    return db.execute(_READY_PROBE, (queue, time.time())).fetchone() is not None
+
+
+def _allowed_partitions(db: sqlite3.Connection, queue: str, owner: str, partitions: int, lease: float,
+                        now: float) -> list[int] | None:
+    """For an ordered queue: the partitions this consumer may take from now (None: all of them).
+
+    A partition in which another consumer holds a message is not available:
+    its messages are handed out in order, by one consumer at a time. Beyond
+    that each live consumer takes at most its fair share, and stops taking
+    from partitions above its share so that they drain and pass to others.
+    """
+    db.execute("INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)",
+               (queue, owner, now + lease))
+    others = db.execute("SELECT count(*) FROM volley_consumers WHERE queue = ? AND owner != ? AND alive_until > ?",
+                        (queue, owner, now)).fetchone()[0]
+    held = db.execute("SELECT DISTINCT partition, owner = ? FROM volley_messages INDEXED BY volley_messages_owner "
+                      "WHERE owner IS NOT NULL AND queue = ? AND visible_at > ? AND acked_at IS NULL",
+                      (owner, queue, now)).fetchall()
+    theirs = {p for p, mine in held if not mine}
+    if not others and not theirs:
+        return None
+    mine = sorted({p for p, is_mine in held if is_mine} - theirs)
+    share = math.ceil(partitions / (others + 1))
+    keep = mine[:share]
+    allowed = list(keep)
+    if len(allowed) < share:
+        for partition in range(partitions):
+            if len(allowed) >= share:
+                break
+            if partition in theirs or partition in mine:
+                continue
+            probe = db.execute("SELECT 1 FROM volley_messages WHERE queue = ? AND acked_at IS NULL AND partition = ? "
+                               "AND visible_at <= ? LIMIT 1", (queue, partition, now)).fetchone()
+            if probe is not None:
+                allowed.append(partition)
+    return allowed
+
+
+def take(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: float, ordered: bool,
+         partitions: int) -> list[Envelope]:
+    """Hand out up to ``limit`` ready messages, oldest first, and lease them to ``owner`` for ``lease`` seconds."""
+    now = time.time()
+    allowed = _allowed_partitions(db, queue, owner, partitions, lease, now) if ordered and partitions > 1 else None
+    if allowed is not None and not allowed:
+        return []
+    sql = ("SELECT id, partition, value, key, headers, created_at, attempts FROM volley_messages "
+           "INDEXED BY volley_messages_pending WHERE queue = ? AND acked_at IS NULL AND visible_at <= ?")
+    params: list[Any] = [queue, now]
+    if allowed is not None:
+        sql += f" AND partition IN ({_marks(len(allowed))})"
+        params += allowed
+    sql += " ORDER BY id LIMIT ?"
+    params.append(limit)
+    rows = db.execute(sql, params).fetchall()
+    if not rows:
+        return []
+    until = now + lease
+    for start in range(0, len(rows), 500):
+        ids = [row[0] for row in rows[start:start + 500]]
+        db.execute(f"UPDATE volley_messages SET owner = ?, visible_at = ?, attempts = attempts + 1 "  # noqa: S608
+                   f"WHERE id IN ({_marks(len(ids))})", (owner, until, *ids))
+    return [
+        Envelope(value, key, decode_headers(headers) if headers is not None else None, queue, partition, message_id,
+                 created_at, attempts + 1)
+        for message_id, partition, value, key, headers, created_at, attempts in rows
+    ]
+
+
+def settle(db: sqlite3.Connection, owner: str, ids: Sequence[int], retention: float) -> int:
+    """Acknowledge this owner's deliveries: delete them, or mark them acked when they are retained."""
+    count = 0
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        marks = _marks(len(chunk))
+        if retention > 0:
+            cursor = db.execute(f"UPDATE volley_messages SET acked_at = ?, owner = NULL "  # noqa: S608
+                                f"WHERE owner = ? AND acked_at IS NULL AND id IN ({marks})",
+                                (time.time(), owner, *chunk))
+        else:
+            cursor = db.execute(f"DELETE FROM volley_messages WHERE owner = ? AND acked_at IS NULL "  # noqa: S608
+                                f"AND id IN ({marks})", (owner, *chunk))
+        count += cursor.rowcount
+    return count
+
+
+def give_back(db: sqlite3.Connection, owner: str, ids: Sequence[int] | None, delay: float) -> int:
+    """Release this owner's deliveries (all of them when ``ids`` is None), visible again after ``delay``."""
+    visible_at = time.time() + max(0.0, delay)
+    if ids is None:
+        cursor = db.execute("UPDATE volley_messages SET owner = NULL, visible_at = ? "
+                            "WHERE owner = ? AND acked_at IS NULL", (visible_at, owner))
+        return cursor.rowcount
+    count = 0
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        cursor = db.execute(f"UPDATE volley_messages SET owner = NULL, visible_at = ? WHERE owner = ? "  # noqa: S608
+                            f"AND acked_at IS NULL AND id IN ({_marks(len(chunk))})",
+                            (visible_at, owner, *chunk))
+        count += cursor.rowcount
+    return count
+
+
+def renew(db: sqlite3.Connection, queue: str, owner: str, lease: float) -> None:
+    """The heartbeat: extend the leases this owner still holds (not lapsed ones), and say it is alive."""
+    now = time.time()
+    db.execute("UPDATE volley_messages SET visible_at = ? WHERE owner = ? AND acked_at IS NULL AND visible_at > ?",
+               (now + lease, owner, now))
+    db.execute("INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)",
+               (queue, owner, now + lease))
+
+
+def join(db: sqlite3.Connection, queue: str, owner: str, lease: float) -> None:
+    """Count this consumer among the queue's live ones (for the fair share of partitions) from the start."""
+    db.execute("INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)",
+               (queue, owner, time.time() + lease))
+
+
+def leave(db: sqlite3.Connection, queue: str, owner: str) -> None:
+    db.execute("DELETE FROM volley_consumers WHERE queue = ? AND owner = ?", (queue, owner))
+
+
+def is_drained(db: sqlite3.Connection, queue: str, owner: str) -> bool:
+    """Nothing ready or delayed, and nothing held by ``owner``; messages other live consumers hold do not count."""
+    row = db.execute("SELECT 1 FROM volley_messages WHERE queue = ? AND acked_at IS NULL "
+                     "AND NOT (owner IS NOT NULL AND owner != ? AND visible_at > ?) LIMIT 1",
+                     (queue, owner, time.time())).fetchone()
+    return row is None
+
+
+def depth(db: sqlite3.Connection, queue: str) -> int:
+    """Messages ready to be consumed now."""
+    row = db.execute("SELECT count(*) FROM volley_messages WHERE queue = ? AND acked_at IS NULL AND visible_at <= ?",
+                     (queue, time.time())).fetchone()
+    return int(row[0])
+
+
+def compact(db: sqlite3.Connection, queue: str | None, retention: float, vacuum_pages: int = 2000) -> int:
+    """Delete acked rows older than ``retention`` seconds and dead consumers, then give free pages back.
+
+    Returns the number of rows deleted. Runs in short transactions of its own.
+    """
+    cutoff = time.time() - retention
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if queue is None:
+            deleted = db.execute("DELETE FROM volley_messages WHERE acked_at IS NOT NULL AND acked_at <= ?",
+                                 (cutoff,)).rowcount
+        else:
+            deleted = db.execute("DELETE FROM volley_messages WHERE queue = ? AND acked_at IS NOT NULL "
+                                 "AND acked_at <= ?", (queue, cutoff)).rowcount
+        db.execute("DELETE FROM volley_consumers WHERE alive_until < ?", (time.time() - 3600,))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    if free:
+        # incremental_vacuum returns one row per freed page; it must run to the end to take effect.
+        db.execute(f"PRAGMA incremental_vacuum({int(vacuum_pages)})").fetchall()
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return int(deleted)
+
+
+def stats(db: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Per queue: ready, delayed, held and acked (retained) rows: for the command line and tests."""
+    now = time.time()
+    out: dict[str, dict[str, int]] = {}
+    for (name,) in db.execute("SELECT name FROM volley_queues ORDER BY name").fetchall():
+        out[name] = {"ready": 0, "delayed": 0, "held": 0, "acked": 0}
+    rows = db.execute(
+        "SELECT queue, "
+        "sum(acked_at IS NULL AND visible_at <= ?), "
+        "sum(acked_at IS NULL AND visible_at > ? AND owner IS NULL), "
+        "sum(acked_at IS NULL AND visible_at > ? AND owner IS NOT NULL), "
+        "sum(acked_at IS NOT NULL) FROM volley_messages GROUP BY queue", (now, now, now)).fetchall()
+    for queue, ready, delayed, held, acked in rows:
+        out[queue] = {"ready": ready or 0, "delayed": delayed or 0, "held": held or 0, "acked": acked or 0}
+    return out
