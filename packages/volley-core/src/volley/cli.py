@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from volley.apps import load_app
 from volley.engine import StreamApp
+from volley.run import BLOCKED_EXIT_CODE
 from volley.errors import ConfigurationError
 from volley.plugins import KINDS, get_registry
 
@@ -20,10 +21,9 @@ __all__ = ["load_app", "main"]  # load_app lives in volley.apps; still importabl
 
 
 async def _run_all(apps: Sequence[StreamApp]) -> None:
-    loop = asyncio.get_running_loop()
     stopping = False
 
-    def stop_all(sig: int) -> None:
+    def stop_all(sig: int, _frame: object = None) -> None:
         nonlocal stopping
         if stopping:
             os._exit(130)
@@ -32,9 +32,10 @@ async def _run_all(apps: Sequence[StreamApp]) -> None:
         for app in apps:
             app.stop()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_all, sig)
-    tasks = [asyncio.ensure_future(app.run_async()) for app in apps]
+    # Python-level handlers (not the loop's): they run even while a handler call blocks the loop, so the stop
+    # request reaches each run's deadline watchdog (see StreamApp.__call__).
+    previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
+    tasks = [asyncio.ensure_future(app.run_async(_hard_deadline=True)) for app in apps]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -46,8 +47,10 @@ async def _run_all(apps: Sequence[StreamApp]) -> None:
         if errors:
             raise errors[0]
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if any(app.still_running for app in apps):
+        raise SystemExit(BLOCKED_EXIT_CODE)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -200,6 +200,7 @@ class StreamApp:
         self._run: Run | None = None
         self._stop_requested = threading.Event()
         self._still_running: str | None = None
+        self.last_report: RunReport | None = None  # the counters of the last run that ended, however it ended
         self.__wrapped__ = func
         self.__name__ = getattr(func, "__name__", "stream_app")
         self.__doc__ = func.__doc__
@@ -214,7 +215,7 @@ class StreamApp:
         the run has shut down makes this raise ``SystemExit(70)``, each with a log line naming the handler;
         nothing unfinished is acknowledged. A second signal exits at once (130)."""
         report = asyncio.run(self._run_with_signals())
-        if self._still_running is not None:
+        if self.still_running is not None:
             raise SystemExit(BLOCKED_EXIT_CODE)
         return report
 
@@ -254,6 +255,7 @@ class StreamApp:
             return await run.run()
         finally:
             self._still_running = run.still_running
+            self.last_report = run.report
             self._run = None
             self._stop_requested.clear()
 
@@ -285,6 +287,11 @@ class StreamApp:
         run = self._run
         if run is not None:
             run.request_stop_threadsafe()
+
+    @property
+    def still_running(self) -> str | None:
+        """After a run: the handler whose call was still running past the shutdown deadline, if any."""
+        return self._still_running
 
     @property
     def report(self) -> RunReport | None:
