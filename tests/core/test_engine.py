@@ -15,8 +15,8 @@ import pytest
 from volley import Engine, HandlerFailedError, MemoryBroker, MessageContext
 from volley.memory import MemoryConsumer
 from volley.message import OutgoingMessage
-from volley.ports import InstantlyDrainable
 from volley.plugins import build_registry
+from volley.ports import InstantlyDrainable
 from volley.testing import harness
 
 
@@ -285,8 +285,9 @@ def test_an_instant_drain_check_needs_no_empty_poll() -> None:
 
 
 def test_without_the_instant_check_the_drain_waits_for_an_empty_poll() -> None:
-    """The counterpart of the test above: without is_drained_now (InstantlyDrainable), the engine decides on the path Kafka
-    and RSMQ take, which needs a poll to come back empty; with a one-minute poll that cannot happen in 1 s."""
+    """The counterpart of the test above: without is_drained_now (InstantlyDrainable), the engine decides on the
+    path Kafka and RSMQ take, which needs a poll to come back empty; with a one-minute poll
+    that cannot happen in 1 s."""
     broker = MemoryBroker()
     engine = make_engine(broker, poll_interval_seconds=60.0)
     seed(broker, engine, [Item(n) for n in range(10)])

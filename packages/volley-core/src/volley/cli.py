@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from volley.apps import load_app
 from volley.engine import StreamApp
-from volley.run import BLOCKED_EXIT_CODE
 from volley.errors import ConfigurationError
 from volley.plugins import KINDS, get_registry
+from volley.run import BLOCKED_EXIT_CODE
 
 __all__ = ["load_app", "main"]  # load_app lives in volley.apps; still importable from here
 

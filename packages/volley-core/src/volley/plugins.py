@@ -63,7 +63,6 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "pydantic-list": "volley-serializers[pydantic]",
     "prometheus": "volley-prometheus",
     "otel": "volley-otel",
-    "sqlite": "volley-sqlite",
     # volley-serializers' profiles on the memory connector (the prefix alone would name volley-core)
     "memory-pydantic": "volley-serializers[pydantic]",
     "memory-json-pydantic": "volley-serializers[pydantic]",

@@ -63,7 +63,7 @@ class Acker:
             acks, self.acks = self.acks, []
             try:
                 await self.consumer.ack(acks)
-            except Exception as exc:  # noqa: BLE001 - logged; the broker delivers them again
+            except Exception as exc:
                 logger.error("%s: acknowledging %d message(s) failed: %s; they will be delivered again",
                              self.app_name, len(acks), exc)
                 self.report.add_error(f"ack: {exc}")
@@ -83,7 +83,7 @@ class Acker:
                     await self.reasoned.nack_with_reason(envelopes, delay, reason)
                 else:
                     await self.consumer.nack(envelopes, delay)
-            except Exception as exc:  # noqa: BLE001 - logged; an unacknowledged message comes back anyway
+            except Exception as exc:
                 logger.error("%s: giving back %d message(s) failed: %s", self.app_name, len(envelopes), exc)
 
     def redelivery_delay(self, env: Envelope) -> float:

@@ -102,7 +102,7 @@ class DrainMonitor:
             return
         try:
             drained = self.instant.is_drained_now()
-        except Exception as exc:  # noqa: BLE001 - not drained: asked again on the next tick
+        except Exception as exc:
             logger.debug("%s: is_drained_now() failed: %s", self.app_name, exc)
             return
         if drained:
@@ -127,7 +127,7 @@ class DrainMonitor:
         idle.clear()
         try:
             drained = await asyncio.to_thread(ask)
-        except Exception as exc:  # noqa: BLE001 - a broker query that failed: not drained, ask again later
+        except Exception as exc:
             logger.debug("%s: is_drained() failed: %s", self.app_name, exc)
             return False
         return drained and self._looks_drained(time.monotonic())

@@ -66,24 +66,24 @@ class Handling:
                 return FAILED
             try:
                 data = deserialize(env.value)
-            except Exception as exc:  # noqa: BLE001 - whatever a codec raises is the message's fault
+            except Exception as exc:
                 fail(env, "deserialize", exc)
                 return FAILED
             try:
                 return fast_validate(data)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if fast_validate is validate:
                     fail(env, "validate", exc)
                     return FAILED
             try:  # the checked validation says what is wrong
                 return validate(data)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 fail(env, "validate", exc)
                 return FAILED
 
         def context(token: Token) -> MessageContext:
             first = token if type(token) is Envelope else token.members[0]  # type: ignore[union-attr]
-            return MessageContext(first, queue_name, app_name)  # type: ignore[arg-type]
+            return MessageContext(first, queue_name, app_name)
 
         def interpret(token: Token, result: Any, out: Outcome) -> None:
             if result is True or result is None:
@@ -104,7 +104,7 @@ class Handling:
                 if error is None:
                     try:
                         return call(message, context(token)) if wants_context else call(message)
-                    except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - the handler's failure
+                    except (Exception, asyncio.CancelledError) as exc:
                         error = exc
                     failures += 1
                     if not should_retry(token, failures, error):
@@ -130,7 +130,7 @@ class Handling:
                     if task is not None and task.cancelling():
                         raise
                     error: BaseException = exc
-                except Exception as exc:  # noqa: BLE001 - the handler's failure
+                except Exception as exc:
                     error = exc
                 failures += 1
                 if not should_retry(token, failures, error):
@@ -155,7 +155,7 @@ class Handling:
             if result is FAILED:
                 return None
             if type(result) is Moved:
-                return result  # type: ignore[no-any-return]
+                return result
             if timed:
                 t2 = perf()
             interpret(env, result, out)

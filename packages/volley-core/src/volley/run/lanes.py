@@ -107,7 +107,7 @@ class AsyncLanes:
                 settlement.apply(out)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug of ours: stop loudly rather than stall the lane
+        except Exception as exc:
             logger.exception("volley: an async lane failed")
             self.crash(exc)
         finally:

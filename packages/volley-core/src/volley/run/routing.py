@@ -38,7 +38,7 @@ class Router:
                     encode, topic, slot = bound
                     try:
                         value = encode(item[1])
-                    except Exception as exc:  # noqa: BLE001 - any encoder failure is the message's
+                    except Exception as exc:
                         out.failures.append((token, "output", exc))
                         return
                     token.pending = 1
@@ -53,7 +53,7 @@ class Router:
         for item in result:
             try:
                 staged.append(self._record(token, item))
-            except Exception as exc:  # noqa: BLE001 - a malformed output is the message's failure
+            except Exception as exc:
                 out.failures.append((token, "output", exc))
                 return
         if not staged:

@@ -224,7 +224,7 @@ class Run:
         for producer in self.producers:
             try:
                 await producer.flush(max(0.1, deadline - time.monotonic()))
-            except Exception as exc:  # noqa: BLE001 - logged; unconfirmed inputs are delivered again
+            except Exception as exc:
                 logger.error("%s: flushing a producer at shutdown failed: %s", self.name, exc)
         settlement.drain_reports()
         if settlement.in_flight:
@@ -236,10 +236,11 @@ class Run:
         await self.acker.close(tasks["ack"], max(1.0, deadline - time.monotonic()))
         await self.drain.close(tasks["monitor"])
         # 6. Close the parts.
-        for part in (self.consumer, *self.producers):
+        parts: list[Consumer | Producer] = [self.consumer, *self.producers]
+        for part in parts:
             try:
                 await part.close()
-            except Exception as exc:  # noqa: BLE001 - logged; closing the others matters more
+            except Exception as exc:
                 logger.error("%s: closing %r failed: %s", self.name, part, exc)
         if isinstance(self.executor, SyncExecutor):
             if self.executor.thread_call_since:
@@ -340,7 +341,7 @@ class Run:
             except VolleyError as exc:
                 self.request_stop(exc)
                 return
-            except Exception as exc:  # noqa: BLE001 - a broker outage: retried with backoff, and reported
+            except Exception as exc:
                 failures += 1
                 delay = min(engine.retry_backoff_max_seconds, engine.retry_backoff_seconds * 2 ** min(failures, 10))
                 logger.error("%s: consuming from %s failed (%s: %s); retrying in %.1f s", self.name,

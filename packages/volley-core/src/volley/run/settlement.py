@@ -26,7 +26,7 @@ from volley.run.acking import Acker
 from volley.run.deadletters import announce, letters
 from volley.run.report import RunReport
 from volley.run.stopping import StopSignal
-from volley.run.tokens import AnyToken, DeadLetter, Group, Outcome, Token, describe, members_of, reason_of
+from volley.run.tokens import AnyToken, DeadLetter, Outcome, Token, describe, members_of, reason_of
 
 logger = logging.getLogger("volley")
 
@@ -135,7 +135,7 @@ class Settlement:
     def _produce(self, slot: int, messages: list[OutgoingMessage], *, first: bool) -> None:
         try:
             self.producers[slot].produce(messages, self.callbacks[slot])
-        except Exception as exc:  # noqa: BLE001 - the producer refused the whole call: every record failed
+        except Exception as exc:
             self.handle_reports(slot, (), [(m, exc) for m in messages])
             return
         if not first:  # a record produced again is counted once, when first produced

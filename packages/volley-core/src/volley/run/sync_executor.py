@@ -138,7 +138,7 @@ class SyncExecutor:
         reported = 0  # messages of the batch already handed to the loop
         posted = monotonic()
         index = 0
-        for index, env in enumerate(batch):  # noqa: B007 - index is read after the loop
+        for index, env in enumerate(batch):
             if abandoned():  # shutdown gave up on this work: the rest is delivered again
                 out.handled = index - reported
                 return out

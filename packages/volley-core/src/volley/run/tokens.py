@@ -87,7 +87,7 @@ def members_of(token: AnyToken) -> list[Envelope]:
 def describe(token: AnyToken) -> str:
     """Where to find the input(s) of a token, for logs and errors."""
     if type(token) is Envelope:
-        return token.describe()  # type: ignore[union-attr]
+        return token.describe()
     members = members_of(token)
     if len(members) == 1:
         return members[0].describe()
@@ -100,7 +100,7 @@ def reason_of(exc: BaseException) -> str:
         if isinstance(exc, MessageError):
             return str(exc.reason)
         text = str(exc)
-    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the message
+    except Exception:
         text = "<the exception's str() raised>"
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
