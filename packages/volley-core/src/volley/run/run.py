@@ -105,6 +105,7 @@ class Run:
         self._wake: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._finished = threading.Event()
+        self._poll_failures = 0
 
     # ------------------------------------------------------------------ what drain detection reads
 
@@ -133,13 +134,7 @@ class Run:
         if self.stop.is_stopping:
             self._stopped.set()
         await self._start_parts()
-        if self.app.is_async:
-            self.executor = AsyncLanes(self.handling, self.settlement, ordering=self.input.ordering,
-                                       max_in_flight=self.engine.max_in_flight, revoked=self.rebalance.revoked,
-                                       crash=self.request_stop)
-        else:
-            self.executor = SyncExecutor(self.handling, self.settlement, self.stop, self.name,
-                                         auto=self.engine.sync_handler_mode == "auto")
+        self.executor = self._executor()
         if self.hard_deadline:
             threading.Thread(target=self._watchdog, name=f"volley-{self.name}-watchdog", daemon=True).start()
         logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
@@ -155,15 +150,7 @@ class Run:
         crashed: BaseException | None = None
         cancelled: asyncio.CancelledError | None = None
         try:
-            waiter = asyncio.create_task(self._stopped.wait())
-            watched = {waiter, tasks["fetch"], tasks["process"], tasks["ack"]}
-            try:
-                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-            for name, task in tasks.items():
-                if task in done:
-                    crashed = crashed or _unexpected_end(self.name, name, task)
+            crashed = await self._until_stopped(tasks)
         except asyncio.CancelledError as exc:  # cancelled from outside: shut down, then say so
             cancelled = exc
         finally:
@@ -181,6 +168,29 @@ class Run:
         if error is not None:
             raise error
         return self.report
+
+    async def _until_stopped(self, tasks: dict[str, asyncio.Task[None]]) -> BaseException | None:
+        """Wait for a stop request or for a task of the run to end; why a task ended early, if one did."""
+        assert self._stopped is not None
+        waiter = asyncio.create_task(self._stopped.wait())
+        watched = {waiter, tasks["fetch"], tasks["process"], tasks["ack"]}
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        crashed: BaseException | None = None
+        for name, task in tasks.items():
+            if task in done:
+                crashed = crashed or _unexpected_end(self.name, name, task)
+        return crashed
+
+    def _executor(self) -> SyncExecutor | AsyncLanes:
+        if self.app.is_async:
+            return AsyncLanes(self.handling, self.settlement, ordering=self.input.ordering,
+                              max_in_flight=self.engine.max_in_flight, revoked=self.rebalance.revoked,
+                              crash=self.request_stop)
+        return SyncExecutor(self.handling, self.settlement, self.stop, self.name,
+                            auto=self.engine.sync_handler_mode == "auto")
 
     async def _start_parts(self) -> None:
         for part in (self.consumer, *self.producers):
@@ -301,6 +311,18 @@ class Run:
 
     # ------------------------------------------------------------------ fetching
 
+    def _room(self, bound: int) -> int:
+        """How many more inputs may be fetched now (0: wait), under backpressure and the barrier."""
+        settlement = self.settlement
+        room = bound - settlement.in_flight
+        if self.barrier is not None and (settlement.in_flight or self.barrier.open):
+            room = 0  # the next batch waits for this one's commit
+        if self.max_messages is not None:
+            room = min(room, self.max_messages - self.report.consumed)
+            if room <= 0 and settlement.in_flight == 0 and not self.inbox:
+                self.request_stop()
+        return room
+
     async def _fetch_loop(self) -> None:
         consumer = self.consumer
         pausable = consumer if isinstance(consumer, Pausable) else None
@@ -310,18 +332,12 @@ class Run:
         batch_size = engine.consume_batch_size
         bound = batch_size if self.transactional else engine.max_buffered  # barrier: one batch at a time
         poll = engine.poll_interval_seconds
-        failures = 0
         assert self._wake is not None
         while not self.stop.is_stopping:
-            room = bound - settlement.in_flight
-            if self.barrier is not None and (settlement.in_flight or self.barrier.open):
-                room = 0  # the next batch waits for this one's commit
-            if self.max_messages is not None:
-                room = min(room, self.max_messages - self.report.consumed)
-                if room <= 0 and settlement.in_flight == 0 and not self.inbox:
-                    self.request_stop()
-                    return
+            room = self._room(bound)
             if room <= 0:
+                if self.stop.stopping.is_set():  # _room found max_messages reached
+                    return
                 if pausable is not None and not paused:
                     pausable.pause()
                     paused = True
@@ -334,32 +350,40 @@ class Run:
             elif paused and pausable is not None:
                 pausable.resume()
                 paused = False
-            try:
-                batch = await consumer.consume(min(batch_size, room) if room > 0 else 1, poll)
-                self.last_poll = time.monotonic()
-                failures = 0
-            except VolleyError as exc:
-                self.request_stop(exc)
-                return
-            except Exception as exc:
-                failures += 1
-                delay = min(engine.retry_backoff_max_seconds, engine.retry_backoff_seconds * 2 ** min(failures, 10))
-                logger.error("%s: consuming from %s failed (%s: %s); retrying in %.1f s", self.name,
-                             self.input.value, type(exc).__name__, exc, delay)
-                self.report.add_error(f"consume: {type(exc).__name__}: {exc}")
-                await self.stop.wait(delay)
+            batch = await self._poll(min(batch_size, room) if room > 0 else 1, poll)
+            if batch is None:
                 continue
             if not batch:
                 self.last_empty_poll = self.last_poll
                 await asyncio.sleep(0)  # a consumer that returns at once (timeout 0) must not starve the loop
                 continue
-            if not isinstance(batch, list):
-                batch = list(batch)
             settlement.in_flight += len(batch)
             self.report.consumed += len(batch)
             settlement.last_activity = self.last_received = time.monotonic()
             self.inbox.append(batch)
             self._wake.set()
+
+    async def _poll(self, count: int, timeout: float) -> list[Envelope] | None:
+        """One consume call; None after a failure (a broker outage is retried with backoff, and reported; a
+        VolleyError stops the run)."""
+        engine = self.engine
+        try:
+            batch = await self.consumer.consume(count, timeout)
+        except VolleyError as exc:
+            self.request_stop(exc)
+            return None
+        except Exception as exc:
+            self._poll_failures += 1
+            delay = min(engine.retry_backoff_max_seconds,
+                        engine.retry_backoff_seconds * 2 ** min(self._poll_failures, 10))
+            logger.error("%s: consuming from %s failed (%s: %s); retrying in %.1f s", self.name,
+                         self.input.value, type(exc).__name__, exc, delay)
+            self.report.add_error(f"consume: {type(exc).__name__}: {exc}")
+            await self.stop.wait(delay)
+            return None
+        self.last_poll = time.monotonic()
+        self._poll_failures = 0
+        return batch if isinstance(batch, list) else list(batch)
 
     # ------------------------------------------------------------------ processing
 
