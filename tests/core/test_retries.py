@@ -284,10 +284,8 @@ def test_a_permanent_delivery_failure_stops_the_app_by_default_and_leaves_the_in
     assert back.value == engine.input.encode(Item(1)) and back.attempt == 2
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the pipeline counts delivery attempts by id(message) and never "
-                                       "forgets a message retried successfully, so a later output that reuses its "
-                                       "id inherits the count and gets fewer retries (or none)")
 def test_every_output_gets_its_own_delivery_retries() -> None:
+    """Issue 11, bug 3: delivery attempts were counted by id(message) and never forgotten on success."""
     broker = MemoryBroker()
     producer = FlakyProducer(broker, lambda m: 1)  # every output fails once, then is delivered
     engine = make_engine(broker, producer=producer, max_retries=1, retry_backoff_seconds=0.0,
