@@ -298,7 +298,7 @@ async def test_ready_only_once_the_group_assigned_partitions(kit: Any) -> None:
         return [("out", message)]
 
     def assignment() -> frozenset[Any]:
-        pipeline = handler._pipeline
+        pipeline = handler._run
         return frozenset(pipeline.consumer._assigned) if pipeline is not None else frozenset()
 
     recorder.assignment = assignment
@@ -366,7 +366,7 @@ async def test_a_worker_paused_at_a_full_buffer_consumes_again_after_a_rebalance
     second_left = threading.Event()
 
     def consumer() -> Any:
-        pipeline = handler._pipeline
+        pipeline = handler._run
         return None if pipeline is None else pipeline.consumer
 
     @engine.stream_app

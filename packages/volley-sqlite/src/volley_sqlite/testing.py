@@ -30,9 +30,8 @@ from volley.testing import AppResult
 from volley_sqlite import admin
 
 if TYPE_CHECKING:  # only for annotations: the engine's modules are free to move things around
-    from volley.pipeline import RunReport
-
     from volley.engine import StreamApp
+    from volley.run import RunReport
 
 __all__ = ["SqliteHarness", "sqlite_harness"]
 
