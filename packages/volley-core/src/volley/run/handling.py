@@ -2,8 +2,9 @@
 
 The steps are closures bound once per run (the input's codec, the handler, the router, the retry policy) so
 the per-message path pays no attribute lookups. Where a handler runs is the executors' business: inline slices
-on the loop and the handler thread both call ``handle_one`` / ``handle_batch``; async lanes call ``call_async``
-and ``interpret``. Results go into an ``Outcome`` that settlement applies on the loop.
+on the loop and the handler thread both call ``handle`` (``handle_batch`` for batch profiles); async lanes call
+``call_async`` and ``interpret``. Interpreting the result (and routing outputs) is ``routing``'s. Results go
+into an ``Outcome`` that settlement applies on the loop.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ from volley.run.tokens import FAILED, Group, Outcome, Token
 if TYPE_CHECKING:
     from volley.engine import StreamApp
 
-Fail = Callable[[Token, str, BaseException], None]
-SyncCall = Callable[..., Any]
-OneHandler = Callable[..., "Moved | None"]
 
 
 class Moved:
@@ -52,37 +50,43 @@ class Handling:
         self.batch_size = queue.batch_size
         context = _contexts(queue.name, app.engine.app_name)
         self.decode = _decoder(queue, max_deliveries)
-        self.interpret = _interpreter(router)
-        self.call_sync = _sync_caller(app, context, retry)
+        self.interpret = router.bind()
         self.call_async = _async_caller(app, context, retry)
-        self.handle_one = _one_handler(self.decode, self.call_sync, self.interpret, timed)
+        retried = _retrier(app, context, retry)
+        self.handle = _handler(app, context, self.decode, self.interpret, retried, timed)
+        self.resume = _resumer(self.decode, self.interpret, retried)
         self.decode_groups = _grouper(self.decode, queue.batch_size)
-        self.handle_batch = _batch_handler(self.decode_groups, self.call_sync, self.interpret, timed)
+
+    def handle_batch(self, batch: Sequence[Envelope], out: Outcome) -> None:
+        """Batch profiles, sync handler: call the handler per group of decoded records."""
+        handle = self.handle
+        for group, chunk in self.decode_groups(batch, out):
+            handle(group, out, True, chunk)
 
 
-def _decoder(queue: ResolvedQueue, max_deliveries: int) -> Callable[[Envelope, Fail], Any]:
+def _decoder(queue: ResolvedQueue, max_deliveries: int) -> Callable[[Envelope, Outcome], Any]:
     deserialize, validate, fast_validate = queue.fast_deserialize, queue.validate, queue.fast_validate
 
-    def decode(env: Envelope, fail: Fail) -> Any:
-        """The envelope's message, or FAILED once ``fail`` was told why (redelivery, deserialize, validate)."""
+    def decode(env: Envelope, out: Outcome) -> Any:
+        """The envelope's message, or FAILED once ``out`` has the failure (redelivery, deserialize, validate)."""
         if env.attempt > max_deliveries:
-            fail(env, "redelivery", redelivered(env, max_deliveries))
+            out.failures.append((env, "redelivery", redelivered(env, max_deliveries)))
             return FAILED
         try:
             data = deserialize(env.value)
         except Exception as exc:
-            fail(env, "deserialize", exc)
+            out.failures.append((env, "deserialize", exc))
             return FAILED
         try:
             return fast_validate(data)
         except Exception as exc:
             if fast_validate is validate:
-                fail(env, "validate", exc)
+                out.failures.append((env, "validate", exc))
                 return FAILED
         try:  # the checked validation says what is wrong
             return validate(data)
         except Exception as exc:
-            fail(env, "validate", exc)
+            out.failures.append((env, "validate", exc))
             return FAILED
 
     return decode
@@ -96,50 +100,91 @@ def _contexts(queue_name: str, app_name: str) -> Callable[[Token], MessageContex
     return context
 
 
-def _interpreter(router: Router) -> Callable[[Token, Any, Outcome], None]:
-    route = router.route
-
-    def interpret(token: Token, result: Any, out: Outcome) -> None:
-        if result is True or result is None:
-            out.acks.append(token)
-        elif result is False:
-            out.nacks.append(token)
-        else:
-            route(token, result, out)
-
-    return interpret
+UNDECODED: Any = object()
 
 
-def _sync_caller(app: StreamApp, context: Callable[[Token], MessageContext], retry: RetryPolicy) -> SyncCall:
+Retried = Callable[[Token, Any, Outcome, BaseException, bool, bool], Any]
+
+
+def _retrier(app: StreamApp, context: Callable[[Token], MessageContext], retry: RetryPolicy) -> Retried:
     call, wants_context = app.call, app.wants_context
     should_retry, wait_blocking = retry.should_retry, retry.wait_blocking
 
-    def call_sync(token: Token, message: Any, out: Outcome, previous: BaseException | None = None,
-                  wait: bool = True) -> Any:
-        """The handler's result, with retries; FAILED once ``out`` has the failure; or ``Moved`` when the call
-        failed, may be retried, and ``wait`` is false (the loop must not sleep). A CancelledError the handler
-        raises is its failure like any other."""
-        failures = 0 if previous is None else 1
-        error = previous
+    def retried(token: Token, message: Any, out: Outcome, error: BaseException, wait: bool, decided: bool) -> Any:
+        """After a failed call (the cold path): the retries the policy allows. The handler's result; FAILED once
+        ``out`` has the failure; or ``Moved`` when a retry is due but ``wait`` is false (the loop must not
+        sleep). ``decided``: the policy already allowed the first retry (the call failed inline)."""
+        failures = 1
         while True:
-            if error is None:
-                try:
-                    return call(message, context(token)) if wants_context else call(message)
-                except (Exception, asyncio.CancelledError) as exc:
-                    error = exc
-                failures += 1
-                if not should_retry(token, failures, error):
-                    out.failures.append((token, "handler", error))
-                    return FAILED
-                if not wait:
-                    return Moved(error)
+            if not decided and not should_retry(token, failures, error):
+                out.failures.append((token, "handler", error))
+                return FAILED
+            decided = False
+            if not wait:
+                return Moved(error)
             out.retries += 1
             if not wait_blocking(failures):  # stopping: no retry after the wait
                 out.failures.append((token, "handler", error))
                 return FAILED
-            error = None
+            try:
+                return call(message, context(token)) if wants_context else call(message)
+            except (Exception, asyncio.CancelledError) as exc:  # the handler's failure, CancelledError included
+                error = exc
+                failures += 1
 
-    return call_sync
+    return retried
+
+
+def _handler(app: StreamApp, context: Callable[[Token], MessageContext], decode: Callable[[Envelope, Outcome], Any],
+             interpret: Callable[[Token, Any, Outcome], None], retried: Retried,
+             timed: bool) -> Callable[..., Moved | None]:
+    call, wants_context = app.call, app.wants_context
+    perf = time.perf_counter
+
+    def handle(token: Token, out: Outcome, wait: bool = True, message: Any = UNDECODED) -> Moved | None:
+        """Decode (unless ``message`` is given: a batch's group), call the sync handler (with retries), interpret
+        the result into ``out``. ``Moved``: a call failed, a retry is due and ``wait`` is false; the caller goes
+        on where waiting is allowed (``resume``)."""
+        if timed:
+            t0 = perf()
+        if message is UNDECODED:
+            message = decode(token, out)  # type: ignore[arg-type]
+            if message is FAILED:
+                return None
+        if timed:
+            t1 = perf()
+        try:
+            result = call(message, context(token)) if wants_context else call(message)
+        except (Exception, asyncio.CancelledError) as exc:
+            result = retried(token, message, out, exc, wait, False)
+            if result is FAILED or type(result) is Moved:
+                return result if type(result) is Moved else None
+        if timed:
+            t2 = perf()
+        interpret(token, result, out)
+        if timed:
+            t3 = perf()
+            out.construct += t1 - t0
+            out.component.append(t2 - t1)
+            out.deconstruct += t3 - t2
+            out.cycle.append(t3 - t0)
+        return None
+
+    return handle
+
+
+def _resumer(decode: Callable[[Envelope, Outcome], Any], interpret: Callable[[Token, Any, Outcome], None],
+             retried: Retried) -> Callable[[Envelope, Outcome, BaseException], None]:
+    def resume(env: Envelope, out: Outcome, error: BaseException) -> None:
+        """Go on with a message whose first call failed inline: its retries (waiting allowed), then interpret."""
+        message = decode(env, out)
+        if message is FAILED:
+            return
+        result = retried(env, message, out, error, True, True)
+        if result is not FAILED:
+            interpret(env, result, out)
+
+    return resume
 
 
 def _async_caller(app: StreamApp, context: Callable[[Token], MessageContext],
@@ -148,8 +193,9 @@ def _async_caller(app: StreamApp, context: Callable[[Token], MessageContext],
     should_retry, wait_async = retry.should_retry, retry.wait
 
     async def call_async(token: Token, message: Any, out: Outcome) -> Any:
-        """The same for an async handler. A CancelledError is ours (re-raised) only when this task is being
-        cancelled; one the handler raised on its own (it awaited something cancelled) is its failure."""
+        """The handler's result, with retries, for an async handler; FAILED once ``out`` has the failure. A
+        CancelledError is ours (re-raised) only when this task is being cancelled; one the handler raised on
+        its own (it awaited something someone else cancelled) is its failure."""
         failures = 0
         while True:
             try:
@@ -173,47 +219,14 @@ def _async_caller(app: StreamApp, context: Callable[[Token], MessageContext],
     return call_async
 
 
-def _one_handler(decode: Callable[[Envelope, Fail], Any], call_sync: SyncCall,
-                 interpret: Callable[[Token, Any, Outcome], None], timed: bool) -> OneHandler:
-    perf = time.perf_counter
-
-    def handle_one(env: Envelope, out: Outcome, previous: BaseException | None = None,
-                   wait: bool = True) -> Moved | None:
-        """Decode, call, interpret one message into ``out``; ``Moved`` when it must go on elsewhere."""
-        if timed:
-            t0 = perf()
-        message = decode(env, out.failure)
-        if message is FAILED:
-            return None
-        if timed:
-            t1 = perf()
-        result = call_sync(env, message, out, previous, wait)
-        if result is FAILED:
-            return None
-        if type(result) is Moved:
-            return result
-        if timed:
-            t2 = perf()
-        interpret(env, result, out)
-        if timed:
-            t3 = perf()
-            out.construct += t1 - t0
-            out.component.append(t2 - t1)
-            out.deconstruct += t3 - t2
-            out.cycle.append(t3 - t0)
-        return None
-
-    return handle_one
-
-
-def _grouper(decode: Callable[[Envelope, Fail], Any],
-             batch_size: int | None) -> Callable[[Sequence[Envelope], Fail], list[tuple[Group, list[Any]]]]:
-    def decode_groups(batch: Sequence[Envelope], fail: Fail) -> list[tuple[Group, list[Any]]]:
+def _grouper(decode: Callable[[Envelope, Outcome], Any],
+             batch_size: int | None) -> Callable[[Sequence[Envelope], Outcome], list[tuple[Group, list[Any]]]]:
+    def decode_groups(batch: Sequence[Envelope], out: Outcome) -> list[tuple[Group, list[Any]]]:
         """Batch profiles: decode every record (bad ones fail alone) and group the rest by ``batch_size``."""
         good: list[Envelope] = []
         messages: list[Any] = []
         for env in batch:
-            message = decode(env, fail)
+            message = decode(env, out)
             if message is not FAILED:
                 good.append(env)
                 messages.append(message)
@@ -221,21 +234,3 @@ def _grouper(decode: Callable[[Envelope, Fail], Any],
         return [(Group(good[i:i + size]), messages[i:i + size]) for i in range(0, len(good), size)]
 
     return decode_groups
-
-
-def _batch_handler(decode_groups: Callable[[Sequence[Envelope], Fail], list[tuple[Group, list[Any]]]],
-                   call_sync: SyncCall, interpret: Callable[[Token, Any, Outcome], None],
-                   timed: bool) -> Callable[[Sequence[Envelope], Outcome], None]:
-    perf = time.perf_counter
-
-    def handle_batch(batch: Sequence[Envelope], out: Outcome) -> None:
-        """Batch profiles, sync handler: call the handler per group of decoded records."""
-        for group, chunk in decode_groups(batch, out.failure):
-            started = perf()
-            result = call_sync(group, chunk, out)
-            if result is not FAILED:
-                if timed:
-                    out.component.append(perf() - started)
-                interpret(group, result, out)
-
-    return handle_batch

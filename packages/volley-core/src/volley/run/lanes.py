@@ -43,12 +43,12 @@ class AsyncLanes:
         """Decode the batch and queue each message on its lane (the lanes run on their own)."""
         out = Outcome(self.slots)
         if self.handling.batch_size:
-            for group, chunk in self.handling.decode_groups(batch, out.failure):
+            for group, chunk in self.handling.decode_groups(batch, out):
                 self._enqueue("batch", group, chunk)
         else:
             decode, ordering, lanes = self.handling.decode, self.ordering, self.lanes
             for env in batch:
-                message = decode(env, out.failure)
+                message = decode(env, out)
                 if message is FAILED:
                     continue
                 if ordering == "partition":

@@ -1,4 +1,5 @@
-"""Routing: a handler's return value to encoded records, each bound to the producer of its queue.
+"""Interpreting and routing: a handler's return value to an ack, a give-back, or encoded records bound to the
+producer of each record's queue.
 
 All or nothing: a bad second output never sends the first. Every malformed return (a wrong type, an unknown
 queue alias or option, an option of the wrong kind, a value the serializer refuses) is a failure at stage
@@ -27,23 +28,41 @@ class Router:
             name: (queue.encode, queue.value, slot) for name, (queue, slot) in self.routes.items()
         }
 
-    def route(self, token: Token, result: Any, out: Outcome) -> None:
-        """Encode a handler's outputs into ``out.outs``; set ``token.pending``; or record why it cannot."""
-        if type(result) is list and len(result) == 1:
-            # The common case, one (queue, message) output, without the general path's checks.
-            item = result[0]
-            if type(item) is tuple and len(item) == 2:
-                bound = self._single.get(item[0])
-                if bound is not None:
-                    encode, topic, slot = bound
-                    try:
-                        value = encode(item[1])
-                    except Exception as exc:
-                        out.failures.append((token, "output", exc))
+    def bind(self) -> Callable[[Token, Any, Outcome], None]:
+        """``interpret``, with the one-output case pre-bound as closure locals (the per-message path)."""
+        single = self._single.get
+        general = self.route_general
+
+        def interpret(token: Token, result: Any, out: Outcome) -> None:
+            """A handler's return value into ``out``: True or None acks, False gives back, a list of outputs is
+            encoded into ``out.outs`` (setting ``token.pending``), anything else is a failure at ``output``."""
+            if result is True or result is None:
+                out.acks.append(token)
+                return
+            if result is False:
+                out.nacks.append(token)
+                return
+            if type(result) is list and len(result) == 1:
+                # The common case, one (queue, message) output, without the general path's checks.
+                item = result[0]
+                if type(item) is tuple and len(item) == 2:
+                    bound = single(item[0])
+                    if bound is not None:
+                        encode, topic, slot = bound
+                        try:
+                            value = encode(item[1])
+                        except Exception as exc:
+                            out.failures.append((token, "output", exc))
+                            return
+                        token.pending = 1
+                        out.outs[slot].append(OutgoingMessage(topic, value, None, None, None, None, token))
                         return
-                    token.pending = 1
-                    out.outs[slot].append(OutgoingMessage(topic, value, None, None, None, None, token))
-                    return
+            general(token, result, out)
+
+        return interpret
+
+    def route_general(self, token: Token, result: Any, out: Outcome) -> None:
+        """Any return value: every output checked, all or nothing."""
         if not isinstance(result, (list, tuple)):
             out.failures.append((token, "output", TypeError(
                 f"handler returned {type(result).__qualname__}; it must return True, False, or a list of "

@@ -89,7 +89,7 @@ class SyncExecutor:
     def _slice(self, batch: Sequence[Envelope], start: int, out: Outcome) -> tuple[int, BaseException | None]:
         """On the loop: handle from ``start`` until the slice ends; return where to resume and, when a call
         failed and must be retried on the thread, its first failure."""
-        handle = self.handling.handle_one
+        handle = self.handling.handle
         perf = time.perf_counter
         previous = self.inline_since = perf()
         deadline = previous + INLINE_SLICE_SECONDS
@@ -103,7 +103,7 @@ class SyncExecutor:
                     out.handled = index - start
                     return index, None
                 previous = now
-                moved = handle(batch[index], out, None, False)
+                moved = handle(batch[index], out, False)
                 if moved is not None:
                     self._go_threaded(f"the handler raised {type(moved.error).__name__}")
                     out.handled = index - start
@@ -131,7 +131,7 @@ class SyncExecutor:
                    measure: bool) -> Outcome:
         """On the handler thread: handle a batch; hand over what is finished every THREAD_REPORT_SECONDS."""
         settlement = self.settlement
-        handle = self.handling.handle_one
+        handle, resume = self.handling.handle, self.handling.resume
         abandoned = self.stop.abandoned.is_set
         monotonic, perf = time.monotonic, time.perf_counter
         out = Outcome(self.slots)
@@ -151,7 +151,10 @@ class SyncExecutor:
                 following.slowest, following.slow_calls = out.slowest, out.slow_calls
                 out = following
             called = self.thread_call_since = perf()
-            handle(env, out, first_failure if index == 0 else None, True)
+            if index == 0 and first_failure is not None:
+                resume(env, out, first_failure)  # its first call failed inline: its retries, here
+            else:
+                handle(env, out)
             self.thread_call_since = 0.0
             if measure:
                 took = perf() - called
