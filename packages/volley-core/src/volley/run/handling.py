@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from volley.errors import MessageError
 from volley.message import Envelope, MessageContext
 from volley.queues import ResolvedQueue
+from volley.run.app import RunnableApp
 from volley.run.retry import RetryPolicy
 from volley.run.routing import Router
 from volley.run.tokens import FAILED, Group, Outcome, Token
-
-if TYPE_CHECKING:
-    from volley.engine import StreamApp
-
 
 
 class Moved:
@@ -43,7 +40,7 @@ def redelivered(env: Envelope, limit: int) -> MessageError:
 class Handling:
     """The steps of the message path for one run, each bound once (see the module docstring)."""
 
-    def __init__(self, app: StreamApp, queue: ResolvedQueue, router: Router, retry: RetryPolicy, *,
+    def __init__(self, app: RunnableApp, queue: ResolvedQueue, router: Router, retry: RetryPolicy, *,
                  max_deliveries: int, timed: bool) -> None:
         self.timed = timed
         self.is_async = app.is_async
@@ -106,7 +103,7 @@ UNDECODED: Any = object()
 Retried = Callable[[Token, Any, Outcome, BaseException, bool, bool], Any]
 
 
-def _retrier(app: StreamApp, context: Callable[[Token], MessageContext], retry: RetryPolicy) -> Retried:
+def _retrier(app: RunnableApp, context: Callable[[Token], MessageContext], retry: RetryPolicy) -> Retried:
     call, wants_context = app.call, app.wants_context
     should_retry, wait_blocking = retry.should_retry, retry.wait_blocking
 
@@ -135,7 +132,7 @@ def _retrier(app: StreamApp, context: Callable[[Token], MessageContext], retry: 
     return retried
 
 
-def _handler(app: StreamApp, context: Callable[[Token], MessageContext], decode: Callable[[Envelope, Outcome], Any],
+def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decode: Callable[[Envelope, Outcome], Any],
              interpret: Callable[[Token, Any, Outcome], None], retried: Retried,
              timed: bool) -> Callable[..., Moved | None]:
     call, wants_context = app.call, app.wants_context
@@ -187,7 +184,7 @@ def _resumer(decode: Callable[[Envelope, Outcome], Any], interpret: Callable[[To
     return resume
 
 
-def _async_caller(app: StreamApp, context: Callable[[Token], MessageContext],
+def _async_caller(app: RunnableApp, context: Callable[[Token], MessageContext],
                   retry: RetryPolicy) -> Callable[[Token, Any, Outcome], Awaitable[Any]]:
     call, wants_context = app.call, app.wants_context
     should_retry, wait_async = retry.should_retry, retry.wait

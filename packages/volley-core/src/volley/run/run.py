@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from volley import gctune
 from volley.errors import VolleyError
@@ -31,6 +31,7 @@ from volley.ports import (
 )
 from volley.queues import ResolvedQueue
 from volley.run.acking import Acker
+from volley.run.app import RunnableApp
 from volley.run.drain import DrainMonitor
 from volley.run.handling import Handling
 from volley.run.lanes import AsyncLanes
@@ -43,16 +44,13 @@ from volley.run.stopping import StopSignal
 from volley.run.sync_executor import SyncExecutor
 from volley.run.transactions import TransactionBarrier
 
-if TYPE_CHECKING:
-    from volley.engine import StreamApp
-
 logger = logging.getLogger("volley")
 
 BLOCKED_EXIT_CODE = 70  # app() / volley run: a handler call blocked the loop past the shutdown deadline
 
 
 class Run:
-    def __init__(self, app: StreamApp, *, stop_when_drained: bool, drain_idle_seconds: float,
+    def __init__(self, app: RunnableApp, *, stop_when_drained: bool, drain_idle_seconds: float,
                  max_messages: int | None, hard_deadline: bool = False) -> None:
         engine = app.engine
         self.app = app
