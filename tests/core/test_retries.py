@@ -302,3 +302,32 @@ def test_every_output_gets_its_own_delivery_retries() -> None:
     given_up = [value for (_, value), times in producer.attempts.items() if len(times) < 2]
     assert given_up == [], f"{len(given_up)} output(s) given up without their retry: {report.errors[:2]}"
     assert report.failed == 0 and report.retries == 100 and report.acked == 100
+
+
+def test_an_output_waiting_to_be_produced_again_is_not_sent_after_shutdown() -> None:
+    """Issue 11, suspected: a re-produce timer firing after the producers closed. Shutdown cancels the waiting
+    retries: the output is not produced again after the run, and its input is abandoned (delivered again)."""
+    broker = MemoryBroker()
+    producer = FlakyProducer(broker, lambda m: 1)  # the first delivery fails; its retry would be delivered
+    engine = make_engine(broker, producer=producer, max_retries=3, retry_backoff_seconds=30.0,
+                         shutdown_timeout_seconds=0.3)
+    seed(broker, engine, [Item(1)])
+
+    @engine.stream_app
+    def double(item: Item) -> list[tuple[str, Doubled]]:
+        return [("out", Doubled(item.n * 2))]
+
+    def stop_once_the_delivery_failed() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (producer.threads and not producer.threads[0].is_alive()):
+            time.sleep(0.005)
+        double.stop()
+
+    threading.Thread(target=stop_once_the_delivery_failed, daemon=True).start()
+    started = time.monotonic()
+    report = double.run_until_drained(timeout=10)
+    assert time.monotonic() - started < 5, "shutdown waited for the 30 s backoff"
+    attempts = sum(len(times) for times in producer.attempts.values())
+    assert attempts == 1, "the output was produced again after the run"
+    assert report.abandoned == 1 and report.acked == 0 and report.produced == 1, report
+    assert broker.produced("out") == [] and broker.acked("in") == 0
