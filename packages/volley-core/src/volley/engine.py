@@ -81,9 +81,7 @@ class Engine:
             if max_buffered is not None
             else max(4 * self.consume_batch_size, 4 * self.max_in_flight)
         )
-        if max_retries < 0:
-            raise ConfigurationError(f"max_retries must be 0 or more, got {max_retries}")
-        self.max_retries = max_retries
+        self.max_retries = _non_negative(max_retries, "max_retries")
         self.retry_backoff_seconds = _positive(retry_backoff_seconds, "retry_backoff_seconds", allow_zero=True)
         self.retry_backoff_max_seconds = _positive(retry_backoff_max_seconds, "retry_backoff_max_seconds",
                                                    allow_zero=True)
@@ -100,59 +98,45 @@ class Engine:
         self.shutdown_timeout_seconds = _positive(shutdown_timeout_seconds, "shutdown_timeout_seconds")
         self.registry = registry or get_registry()
 
-        if isinstance(queue_config, (list, tuple, Mapping)):
-            config = normalize_queue_config(queue_config)
-        elif queue_config is None:
-            logger.info("loading queue configuration from %s", os.fspath(yaml_config_path))
-            config = load_yaml(yaml_config_path)
-        else:
-            raise ConfigurationError(
-                "queue_config must be a list of QueueConfig or a dict of queue name to settings "
-                f"(got {type(queue_config).__name__}); or leave it None and pass yaml_config_path="
-            )
-        self.queue_config = config
-
-        wanted = [input_queue, *self.output_queues]
-        if dead_letter_queue is not None:
-            wanted.append(dead_letter_queue)
-        missing = [q for q in wanted if q not in config]
-        if missing:
-            raise ConfigurationError(
-                f"queue(s) {missing} are not in the queue configuration; configured queues: {sorted(config)}"
-            )
-        if dead_letter_queue is not None and dead_letter_queue == input_queue:
-            raise ConfigurationError("the dead-letter queue cannot be the input queue: failures would loop forever")
+        self.queue_config = config = _load_queue_config(queue_config, yaml_config_path)
+        _check_queue_names(config, input_queue, self.output_queues, dead_letter_queue)
         if dead_letter_queue is None:
             logger.warning(
                 "%s: no dead_letter_queue configured: a message that cannot be processed %s",
                 app_name,
                 "stops the app" if on_failure == "stop" else "is logged and given back to the broker",
             )
-
-        self.queues: dict[str, ResolvedQueue] = {}
-        self.queues[input_queue] = resolve_queue(self.registry, input_queue, config[input_queue], app_name, "input")
-        for name in self.output_queues:
-            if name not in self.queues:
-                self.queues[name] = resolve_queue(self.registry, name, config[name], app_name, "output")
-        if dead_letter_queue is not None and dead_letter_queue not in self.queues:
-            self.queues[dead_letter_queue] = resolve_queue(
-                self.registry, dead_letter_queue, config[dead_letter_queue], app_name, "dlq"
-            )
+        self.queues: dict[str, ResolvedQueue] = self._resolve_queues()
         # Fail now, not at start, on connector settings that cannot work.
         self._check_connectors()
+        self.observer = self._build_observer(observers, metrics_settings)
 
+    def _resolve_queues(self) -> dict[str, ResolvedQueue]:
+        """Each queue named once, in the order input, outputs, dead letters (a name's first role wins)."""
+        roles = [(self.input_queue, "input"), *((name, "output") for name in self.output_queues)]
+        if self.dead_letter_queue is not None:
+            roles.append((self.dead_letter_queue, "dlq"))
+        queues: dict[str, ResolvedQueue] = {}
+        for name, role in roles:
+            if name not in queues:
+                queues[name] = resolve_queue(self.registry, name, self.queue_config[name], self.app_name, role)
+        return queues
+
+    def _build_observer(self, observers: Sequence[Observer] | None,
+                        metrics_settings: Mapping[str, Any] | None) -> MultiObserver:
+        """The given observers, then one from each registered observer plugin."""
         settings = dict(metrics_settings or {})
         built: list[Observer] = list(observers or [])
-        for observer_name in self.registry.names("observer"):
-            factory = self.registry.get("observer", observer_name)
-            built.append(factory(app_name, metrics_port, settings))
-        if metrics_port is not None and not self.registry.names("observer") and not observers:
+        plugins = self.registry.names("observer")
+        factories = [self.registry.get("observer", name) for name in plugins]
+        built.extend(factory(self.app_name, self.metrics_port, settings) for factory in factories)
+        if self.metrics_port is not None and not plugins and not observers:
             warnings.warn(
-                f"Engine(metrics_port={metrics_port}) but no metrics observer is installed, so no metrics "
+                f"Engine(metrics_port={self.metrics_port}) but no metrics observer is installed, so no metrics "
                 "are served: pip install volley-prometheus (or pass metrics_port=None)",
-                stacklevel=2,
+                stacklevel=3,  # the caller of Engine()
             )
-        self.observer = MultiObserver(built)
+        return MultiObserver(built)
 
     def with_queue_config(self, queue_config: Mapping[str, Any], **overrides: Any) -> Engine:
         """A copy of this Engine with other queue settings (``volley.testing`` swaps in memory queues this way)."""
@@ -328,3 +312,40 @@ def _positive(value: float | None, name: str, *, allow_zero: bool = False) -> fl
     if value is None or value < 0 or (value == 0 and not allow_zero):
         raise ConfigurationError(f"{name} must be {'0 or more' if allow_zero else 'positive'}, got {value!r}")
     return float(value)
+
+
+def _non_negative(value: int, name: str) -> int:
+    if value < 0:
+        raise ConfigurationError(f"{name} must be 0 or more, got {value}")
+    return value
+
+
+def _load_queue_config(
+    queue_config: Sequence[QueueConfig] | Mapping[str, Any] | None, yaml_config_path: str | os.PathLike[str]
+) -> dict[str, dict[str, Any]]:
+    """The queue configuration as given (a list of QueueConfig or a dict), or else read from the YAML file."""
+    if isinstance(queue_config, (list, tuple, Mapping)):
+        return normalize_queue_config(queue_config)
+    if queue_config is None:
+        logger.info("loading queue configuration from %s", os.fspath(yaml_config_path))
+        return load_yaml(yaml_config_path)
+    raise ConfigurationError(
+        "queue_config must be a list of QueueConfig or a dict of queue name to settings "
+        f"(got {type(queue_config).__name__}); or leave it None and pass yaml_config_path="
+    )
+
+
+def _check_queue_names(
+    config: Mapping[str, Any], input_queue: str, output_queues: Sequence[str], dead_letter_queue: str | None
+) -> None:
+    """Every queue the Engine names is configured, and the dead letters do not go back to the input."""
+    wanted = [input_queue, *output_queues]
+    if dead_letter_queue is not None:
+        wanted.append(dead_letter_queue)
+    missing = [q for q in wanted if q not in config]
+    if missing:
+        raise ConfigurationError(
+            f"queue(s) {missing} are not in the queue configuration; configured queues: {sorted(config)}"
+        )
+    if dead_letter_queue is not None and dead_letter_queue == input_queue:
+        raise ConfigurationError("the dead-letter queue cannot be the input queue: failures would loop forever")

@@ -143,33 +143,13 @@ def _bind_unchecked(handler: ModelHandler, model: Any, validate: Callable[[Any],
 
 
 def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, model: Any) -> Encoder:
+    passthrough = isinstance(handler, PassThroughModelHandler)
+    if isinstance(handler, DeconstructBinder) and model is not None and not passthrough:
+        return _bind_dump_encode(queue, serializer, handler, model)
     serialize = serializer.serialize
     deconstruct = handler.deconstruct
-    check_output = handler.check_output if isinstance(handler, OutputChecker) else None
-    model_name = getattr(model, "__qualname__", repr(model))
-    passthrough = isinstance(handler, PassThroughModelHandler)
-    check_type = model is not None and isinstance(model, type) and model is not Any
-
-    def wrong_type(message: Any) -> TypeError:
-        return TypeError(
-            f"queue {queue!r} expects {model_name} messages, but the handler returned "
-            f"{type(message).__qualname__}: construct a {model_name} (or change the queue's data_model)"
-        )
-
-    if isinstance(handler, DeconstructBinder) and model is not None and not passthrough:
-        dump = handler.bind_deconstruct(model, queue)  # type check and dump in one call
-
-        def encode_bound(message: Any) -> bytes:
-            return serialize(dump(message))
-
-        # Optionally, the handler fuses dump and the serializer's unchecked function into one call, falling
-        # back to encode_bound (which explains failures) for anything unusual.
-        if isinstance(serializer, UncheckedSerializer) and isinstance(handler, FastEncodeBinder):
-            fused = handler.bind_fast_encode(model, serializer.unchecked_serialize, encode_bound)
-            if callable(fused):
-                return fused
-        return encode_bound
-    if check_output is not None:
+    if isinstance(handler, OutputChecker):
+        check_output = handler.check_output
 
         def encode_checked(message: Any) -> bytes:
             check_output(message, model)
@@ -178,7 +158,8 @@ def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, mode
         return encode_checked
     if passthrough:
         return serialize
-    if check_type:
+    if model is not None and isinstance(model, type) and model is not Any:
+        wrong_type = _wrong_type(queue, model)
 
         def encode_typed(message: Any) -> bytes:
             if not isinstance(message, model):
@@ -193,57 +174,43 @@ def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, mode
     return encode
 
 
+def _bind_dump_encode(queue: str, serializer: Serializer, handler: DeconstructBinder, model: Any) -> Encoder:
+    """The handler's own bound dump (type check and dump in one call), then the serializer."""
+    serialize = serializer.serialize
+    dump = handler.bind_deconstruct(model, queue)
+
+    def encode_bound(message: Any) -> bytes:
+        return serialize(dump(message))
+
+    # Optionally, the handler fuses dump and the serializer's unchecked function into one call, falling
+    # back to encode_bound (which explains failures) for anything unusual.
+    if isinstance(serializer, UncheckedSerializer) and isinstance(handler, FastEncodeBinder):
+        fused = handler.bind_fast_encode(model, serializer.unchecked_serialize, encode_bound)
+        if callable(fused):
+            return fused
+    return encode_bound
+
+
+def _wrong_type(queue: str, model: type) -> Callable[[Any], TypeError]:
+    model_name = model.__qualname__
+
+    def wrong_type(message: Any) -> TypeError:
+        return TypeError(
+            f"queue {queue!r} expects {model_name} messages, but the handler returned "
+            f"{type(message).__qualname__}: construct a {model_name} (or change the queue's data_model)"
+        )
+
+    return wrong_type
+
+
 def resolve_queue(
     registry: Registry, name: str, settings: Mapping[str, Any], app_name: str, role: str
 ) -> ResolvedQueue:
     """Merge profile defaults with the queue's own settings and build every part it needs."""
-    merged: dict[str, Any] = {}
-    profile = settings.get("profile")
-    if profile is not None:
-        merged.update(registry.get("profile", str(profile)))
-    merged.update({k: v for k, v in settings.items() if k != "profile" and v is not None})
-    config = dict(registry.get("profile", str(profile)).get("config") or {}) if profile is not None else {}
-    config.update(settings.get("config") or {})
-    config = resolve_env(config)
-
+    merged, config = _merge_profile(registry, settings)
     connector_name = merged.get("connector")
-    consumer_part = _connector_part(registry, merged["consumer"], name, "consumer") if merged.get("consumer") else None
-    producer_part = _connector_part(registry, merged["producer"], name, "producer") if merged.get("producer") else None
-    if connector_name is None and consumer_part is None and producer_part is None:
-        raise ConfigurationError(
-            f"queue {name!r} names no profile and no connector: set profile= (one of "
-            f"{', '.join(registry.names('profile'))}) or connector="
-        )
-    connector: Any = registry.get("connector", str(connector_name)) if connector_name is not None else None
-    consumer_factory = None
-    producer_factory = None
-    for part, attr in ((consumer_part, "create_consumer"), (producer_part, "create_producer")):
-        if part is None:
-            continue
-        # a connector object, or a class taking the queue spec
-        factory = getattr(part, attr) if hasattr(part, attr) else part
-        if attr == "create_consumer":
-            consumer_factory = factory
-        else:
-            producer_factory = factory
-    if connector is None:
-        connector = _OnlyFactories(name)
-
-    serializer: Serializer = _component(registry, "serializer", merged.get("serializer"), RawSerializer, name)
-    handler: ModelHandler = _component(
-        registry, "model_handler", merged.get("model_handler"), PassThroughModelHandler, name
-    )
-    data_model = _data_model(merged.get("data_model"), name)
-    if data_model is None and not isinstance(handler, PassThroughModelHandler):
-        handler = PassThroughModelHandler()
-    for part_name, part, methods in (
-        ("serializer", serializer, ("serialize", "deserialize")),
-        ("model_handler", handler, ("construct", "deconstruct")),
-    ):
-        missing = [m for m in methods if not callable(getattr(part, m, None))]
-        if missing:
-            raise ConfigurationError(f"{part_name} {part!r} of queue {name!r} lacks {', '.join(missing)}()")
-
+    connector, consumer_factory, producer_factory = _connector_parts(registry, name, merged)
+    serializer, handler, data_model = _codec_parts(registry, name, merged)
     batch_size = merged.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigurationError(f"batch_size of queue {name!r} must be a positive integer, got {batch_size!r}")
@@ -276,6 +243,61 @@ def resolve_queue(
         fast_validate=_bind_unchecked(handler, data_model, validate),
         encode=_bind_encode(name, serializer, handler, data_model),
     )
+
+
+def _merge_profile(registry: Registry, settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The queue's settings over its profile's, and its connector config over the profile's (env resolved)."""
+    merged: dict[str, Any] = {}
+    profile = settings.get("profile")
+    if profile is not None:
+        merged.update(registry.get("profile", str(profile)))
+    merged.update({k: v for k, v in settings.items() if k != "profile" and v is not None})
+    config = dict(registry.get("profile", str(profile)).get("config") or {}) if profile is not None else {}
+    config.update(settings.get("config") or {})
+    return merged, resolve_env(config)
+
+
+def _connector_parts(
+    registry: Registry, name: str, merged: Mapping[str, Any]
+) -> tuple[Any, Callable[[QueueSpec], Consumer] | None, Callable[[QueueSpec], Producer] | None]:
+    """The queue's connector, and the consumer / producer factories that its ``consumer:`` / ``producer:`` name."""
+    connector_name = merged.get("connector")
+    consumer_part = _connector_part(registry, merged["consumer"], name, "consumer") if merged.get("consumer") else None
+    producer_part = _connector_part(registry, merged["producer"], name, "producer") if merged.get("producer") else None
+    if connector_name is None and consumer_part is None and producer_part is None:
+        raise ConfigurationError(
+            f"queue {name!r} names no profile and no connector: set profile= (one of "
+            f"{', '.join(registry.names('profile'))}) or connector="
+        )
+    connector: Any = (registry.get("connector", str(connector_name)) if connector_name is not None
+                      else _OnlyFactories(name))
+    return connector, _part_factory(consumer_part, "create_consumer"), _part_factory(producer_part, "create_producer")
+
+
+def _part_factory(part: Any, attr: str) -> Any:
+    """A connector object's ``create_consumer`` / ``create_producer``, or a class taking the queue spec."""
+    if part is None:
+        return None
+    return getattr(part, attr) if hasattr(part, attr) else part
+
+
+def _codec_parts(registry: Registry, name: str, merged: Mapping[str, Any]) -> tuple[Serializer, ModelHandler, Any]:
+    """The queue's serializer, model handler and data model (no data model: the pass-through handler)."""
+    serializer: Serializer = _component(registry, "serializer", merged.get("serializer"), RawSerializer, name)
+    handler: ModelHandler = _component(
+        registry, "model_handler", merged.get("model_handler"), PassThroughModelHandler, name
+    )
+    data_model = _data_model(merged.get("data_model"), name)
+    if data_model is None and not isinstance(handler, PassThroughModelHandler):
+        handler = PassThroughModelHandler()
+    for part_name, part, methods in (
+        ("serializer", serializer, ("serialize", "deserialize")),
+        ("model_handler", handler, ("construct", "deconstruct")),
+    ):
+        missing = [m for m in methods if not callable(getattr(part, m, None))]
+        if missing:
+            raise ConfigurationError(f"{part_name} {part!r} of queue {name!r} lacks {', '.join(missing)}()")
+    return serializer, handler, data_model
 
 
 class _OnlyFactories:
