@@ -54,10 +54,12 @@ class Handling:
         self.resume = _resumer(self.decode, self.interpret, retried)
         self.decode_groups = _grouper(self.decode, queue.batch_size)
 
-    def handle_batch(self, batch: Sequence[Envelope], out: Outcome) -> None:
-        """Batch profiles, sync handler: call the handler per group of decoded records."""
+    def handle_batch(self, batch: Sequence[Envelope], out: Outcome, abandoned: Callable[[], bool]) -> None:
+        """Batch profiles, sync handler: call the handler per group of decoded records, until ``abandoned``."""
         handle = self.handle
         for group, chunk in self.decode_groups(batch, out):
+            if abandoned():  # shutdown gave up on this work: the rest is delivered again
+                return
             handle(group, out, True, chunk)
 
 

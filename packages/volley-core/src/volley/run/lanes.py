@@ -85,8 +85,7 @@ class AsyncLanes:
 
     async def _run_lane(self, lane: Any) -> None:
         queue = self.lanes[lane]
-        handling, settlement = self.handling, self.settlement
-        perf = time.perf_counter
+        settlement = self.settlement
         try:
             while queue and not self.closed:
                 token, message = queue[0]
@@ -94,20 +93,12 @@ class AsyncLanes:
                     queue.popleft()
                     settlement.abandon(1)
                     continue
-                out = Outcome(self.slots, len(members_of(token)))
-                started = perf()
-                result = await handling.call_async(token, message, out)
-                if result is not FAILED:
-                    if handling.timed:
-                        elapsed = perf() - started
-                        out.component.append(elapsed)
-                        out.cycle.append(elapsed)
-                    handling.interpret(token, result, out)
+                out = await self._handle(token, message)
                 queue.popleft()
                 settlement.apply(out)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a bug of ours: stop loudly rather than stall the lane
             logger.exception("volley: an async lane failed")
             self.crash(exc)
         finally:
@@ -119,6 +110,27 @@ class AsyncLanes:
                 if waiting in self.lanes:
                     self._start(waiting)
 
+    async def _handle(self, token: Token, message: Any) -> Outcome:
+        """Call, interpret, time one message (or group) of a lane."""
+        handling = self.handling
+        out = Outcome(self.slots, len(members_of(token)))
+        started = time.perf_counter()
+        try:
+            result = await handling.call_async(token, message, out)
+        except asyncio.CancelledError as exc:
+            if self.closed:  # ours: shutdown or an aborted transaction
+                raise
+            _forget_cancellation()
+            out.failures.append((token, "handler", exc))  # the handler cancelled its own task
+            return out
+        if result is not FAILED:
+            if handling.timed:
+                elapsed = time.perf_counter() - started
+                out.component.append(elapsed)
+                out.cycle.append(elapsed)
+            handling.interpret(token, result, out)
+        return out
+
     async def close(self, timeout: float) -> None:
         """Cancel every lane; no waiting lane starts after this."""
         self.closed = True
@@ -127,3 +139,18 @@ class AsyncLanes:
             task.cancel()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=timeout)
+
+    async def reset(self, timeout: float) -> None:
+        """Drop all queued and running work (its transaction aborted), then take new work again."""
+        await self.close(timeout)
+        self.lanes.clear()
+        self.active = 0
+        self.closed = False
+
+
+def _forget_cancellation() -> None:
+    """The lane goes on after a cancellation that was not ours: clear the task's cancel request."""
+    task = asyncio.current_task()
+    if task is not None:
+        while task.cancelling():
+            task.uncancel()

@@ -89,7 +89,8 @@ class Run:
             self.barrier = TransactionBarrier(
                 self.consumer, self.settlement, app_name=self.name,
                 timeout_seconds=engine.shutdown_timeout_seconds,
-                wait_settled=lambda deadline: self.wait_settled(deadline, include_inbox=False))
+                wait_settled=lambda deadline: self.wait_settled(deadline, include_inbox=False),
+                on_abort=self._drop_executor_work)
         self.drain = DrainMonitor(self, self.consumer, self.observer, app_name=self.name, source=self.input.value,
                                   stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
                                   observed=timed)
@@ -181,6 +182,11 @@ class Run:
             if task in done:
                 crashed = crashed or _unexpected_end(self.name, name, task)
         return crashed
+
+    async def _drop_executor_work(self) -> None:
+        """A transaction aborted: work of its batch still running (async lanes) must not settle later."""
+        if isinstance(self.executor, AsyncLanes):
+            await self.executor.reset(1.0)
 
     def _executor(self) -> SyncExecutor | AsyncLanes:
         if self.app.is_async:
@@ -300,8 +306,11 @@ class Run:
             os._exit(BLOCKED_EXIT_CODE)
 
     async def wait_settled(self, deadline: float, include_inbox: bool = True) -> None:
-        settlement = self.settlement
-        while (settlement.in_flight or (include_inbox and self.inbox)) and time.monotonic() < deadline:
+        """Until nothing is in flight (nor buffered, with ``include_inbox``; nor, then, in an open transaction:
+        its commit must not be cut), or ``deadline``."""
+        settlement, barrier = self.settlement, self.barrier
+        while (settlement.in_flight or (include_inbox and (self.inbox or (barrier is not None and barrier.open)))) \
+                and time.monotonic() < deadline:
             settlement.settled.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settlement.settled.wait(), max(0.0, min(0.5, deadline - time.monotonic())))
@@ -316,9 +325,11 @@ class Run:
         if self.barrier is not None and (settlement.in_flight or self.barrier.open):
             room = 0  # the next batch waits for this one's commit
         if self.max_messages is not None:
-            room = min(room, self.max_messages - self.report.consumed)
-            if room <= 0 and settlement.in_flight == 0 and not self.inbox:
+            remaining = self.max_messages - self.report.consumed
+            if remaining <= 0 and settlement.in_flight == 0 and not self.inbox \
+                    and not (self.barrier is not None and self.barrier.open):
                 self.request_stop()
+            room = min(room, remaining)
         return room
 
     async def _fetch_loop(self) -> None:

@@ -133,13 +133,14 @@ class Settlement:
                 self._produce(slot, messages, first=True)
 
     def _produce(self, slot: int, messages: list[OutgoingMessage], *, first: bool) -> None:
+        if first:  # a record produced again is counted once, when first handed over (even if that call raised)
+            self._count_produced(messages)
         try:
             self.producers[slot].produce(messages, self.callbacks[slot])
-        except Exception as exc:
+        except Exception as exc:  # the producer refused the whole call: every record failed
             self.handle_reports(slot, (), [(m, exc) for m in messages])
-            return
-        if not first:  # a record produced again is counted once, when first produced
-            return
+
+    def _count_produced(self, messages: list[OutgoingMessage]) -> None:
         self.report.produced += len(messages)
         if self.timed:
             counts: dict[str, int] = {}

@@ -167,6 +167,6 @@ class SyncExecutor:
     def _batches(self, batch: Sequence[Envelope]) -> Outcome:
         out = Outcome(self.slots, len(batch))
         self.thread_call_since = time.perf_counter()
-        self.handling.handle_batch(batch, out)
+        self.handling.handle_batch(batch, out, self.stop.abandoned.is_set)
         self.thread_call_since = 0.0
         return out

@@ -21,12 +21,14 @@ logger = logging.getLogger("volley")
 
 class TransactionBarrier:
     def __init__(self, consumer: Transactional, settlement: Settlement, *, app_name: str, timeout_seconds: float,
-                 wait_settled: Callable[[float], Awaitable[None]]) -> None:
+                 wait_settled: Callable[[float], Awaitable[None]],
+                 on_abort: Callable[[], Awaitable[None]]) -> None:
         self.consumer = consumer
         self.settlement = settlement
         self.app_name = app_name
         self.timeout_seconds = timeout_seconds
         self.wait_settled = wait_settled
+        self.on_abort = on_abort
         self.open = False
         self._batch: list[Envelope] = []
 
@@ -50,6 +52,7 @@ class TransactionBarrier:
             if settlement.in_flight or failed:
                 logger.error("%s: aborting the transaction (%d unsettled); the batch will be processed again",
                              self.app_name, settlement.in_flight)
+                await self.on_abort()
                 await self.consumer.abort()
                 self._forget()
                 return

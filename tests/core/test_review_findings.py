@@ -1,0 +1,230 @@
+"""Regression tests for what a review of the rewritten engine (volley.run) found, on the memory broker.
+
+Exactly-once (a fake transactional consumer): a stop must not cut the last commit; ``max_messages`` must not
+stop after the first transaction; an aborted transaction's async work must not settle into the next one. And:
+batch handlers stop between groups once shutdown gave up; a handler that cancels its own task fails like any
+other; an output whose first produce() raised counts as produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from volley import Engine, MemoryBroker
+from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
+from volley.message import Envelope, OutgoingMessage
+from volley.plugins import build_registry
+from volley.ports import DeliveryCallback, QueueSpec
+
+
+@dataclass
+class Item:
+    n: int
+
+
+class TxConsumer(MemoryConsumer):
+    """A transactional consumer (ports.Transactional): commit acks the batch, abort gives it all back."""
+
+    transactional = True
+
+    def __init__(self, broker: MemoryBroker, queue: str, log: list[Any], commit_delay: float = 0.05) -> None:
+        super().__init__(broker, queue)
+        self.log, self.held, self.commit_delay = log, list[Envelope](), commit_delay
+
+    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        messages = await super().consume(max_messages, timeout)
+        self.held.extend(messages)
+        return messages
+
+    async def begin(self) -> None:
+        self.log.append("begin")
+
+    async def commit(self, envelopes: Sequence[Envelope]) -> None:
+        self.log.append(("commit-start", len(envelopes)))
+        await asyncio.sleep(self.commit_delay)
+        await super().ack(envelopes)
+        self.held = [e for e in self.held if e not in envelopes]
+        self.log.append(("commit-done", len(envelopes)))
+
+    async def abort(self) -> None:
+        self.log.append("abort")
+        await super().nack(self.held, 0.0)
+        self.held = []
+
+    async def ack(self, envelopes: Sequence[Envelope]) -> None:
+        raise AssertionError("ack() in transactional mode")
+
+
+class Connector(MemoryConnector):
+    def __init__(self, broker: MemoryBroker, consumer: Any = None, producer: Any = None) -> None:
+        self.broker, self.consumer, self.producer = broker, consumer, producer
+
+    def create_consumer(self, queue: QueueSpec) -> MemoryConsumer:
+        return self.consumer(self.broker, queue.value) if self.consumer else MemoryConsumer(self.broker, queue.value)
+
+    def create_producer(self, queue: QueueSpec) -> MemoryProducer:
+        return self.producer(self.broker) if self.producer else MemoryProducer(self.broker)
+
+
+def make_engine(broker: MemoryBroker, connector: Connector, *, profile: str = "memory", **settings: Any) -> Engine:
+    registry = build_registry()
+    registry.entries["observer"] = {}
+    queues = {"in": {"value": "in", "profile": profile, "data_model": Item, "consumer": connector,
+                     "config": {"broker": broker}},
+              "out": {"value": "out", "profile": "memory", "data_model": Item, "producer": connector,
+                      "config": {"broker": broker}},
+              "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}}}
+    options: dict[str, Any] = {"metrics_port": None, "poll_interval_seconds": 0.02, "retry_backoff_seconds": 0.0,
+                               "shutdown_timeout_seconds": 1.0, "registry": registry}
+    options.update(settings)
+    return Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+                  queue_config=queues, **options)
+
+
+def publish(broker: MemoryBroker, count: int) -> None:
+    for n in range(count):
+        broker.publish("in", json.dumps({"n": n}).encode())
+
+
+def outputs(broker: MemoryBroker) -> list[int]:
+    return sorted(json.loads(value)["n"] for value in broker.produced("out"))
+
+
+def test_a_stop_during_the_commit_lets_the_commit_finish() -> None:
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 5)
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log, commit_delay=0.3)),
+                         consume_batch_size=5, shutdown_timeout_seconds=2.0)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        deadline = time.monotonic() + 10
+        while ("commit-start", 5) not in log and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        handler.stop()  # SIGTERM while the transaction commits
+        return await asyncio.wait_for(task, 10)
+
+    report = asyncio.run(main())
+    assert log == ["begin", ("commit-start", 5), ("commit-done", 5)]
+    assert report.acked == 5 and broker.acked("in") == 5
+
+
+def test_max_messages_runs_every_transaction_it_needs() -> None:
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 20)
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)), consume_batch_size=5)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    report = asyncio.run(asyncio.wait_for(handler.run_async(max_messages=10), 20))
+    assert log.count(("commit-done", 5)) == 2, log
+    assert report.consumed == report.acked == 10 and broker.acked("in") == 10
+
+
+def test_an_aborted_transaction_leaves_no_async_work_behind() -> None:
+    """A batch that did not settle in time aborts; its lanes' late results must not settle into the next one."""
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 4)
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)), consume_batch_size=4,
+                         shutdown_timeout_seconds=0.3)
+    calls: list[int] = []
+
+    @engine.stream_app
+    async def handler(item: Item) -> list[tuple[str, Item]]:
+        calls.append(item.n)
+        if len(calls) == 1:
+            await asyncio.sleep(0.6)  # slower than the transaction's deadline: the first batch aborts
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.2)
+    assert "abort" in log and log[-1] == ("commit-done", 4), log
+    assert outputs(broker) == [0, 1, 2, 3], "outputs of the aborted batch leaked into the next transaction"
+    assert report.acked == 4 and broker.acked("in") == 4
+    assert report.settled == report.consumed
+
+
+def test_a_batch_handler_is_not_called_after_the_run_gave_up() -> None:
+    broker = MemoryBroker()
+    publish(broker, 300)
+    engine = make_engine(broker, Connector(broker), profile="memory-batch-json", consume_batch_size=300,
+                         shutdown_timeout_seconds=0.3, sync_handler_mode="thread")
+    calls: list[float] = []
+
+    @engine.stream_app
+    def handler(items: list[Item]) -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(1.0)  # a slow first group: shutdown gives up on the batch meanwhile
+        return True
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    report = asyncio.run(main())
+    ended = time.monotonic()
+    assert report.abandoned == 300
+    time.sleep(1.5)  # the slow call returns meanwhile; nothing may follow it (the scenario, not a sync)
+    assert [t for t in calls if t > ended] == [], "the handler was called for the next group after the run"
+
+
+def test_a_handler_cancelling_its_own_task_fails_and_its_lane_goes_on() -> None:
+    broker = MemoryBroker()
+    publish(broker, 5)
+    engine = make_engine(broker, Connector(broker), consume_batch_size=5, max_retries=0)
+    calls: list[int] = []
+
+    @engine.stream_app
+    async def handler(item: Item) -> list[tuple[str, Item]]:
+        calls.append(item.n)
+        if item.n == 1:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # e.g. a library cancelling "the current request"
+            await asyncio.sleep(0)
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=10, drain_idle_seconds=0.2)
+    assert calls == [0, 1, 2, 3, 4]
+    assert report.acked == 4 and report.dead_lettered == 1
+
+
+def test_an_output_whose_first_produce_raised_counts_as_produced() -> None:
+    class RaiseOnce(MemoryProducer):
+        calls = 0
+
+        def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+            RaiseOnce.calls += 1
+            if RaiseOnce.calls == 1:
+                raise ConnectionError("broker away")
+            super().produce(messages, on_delivery)
+
+    broker = MemoryBroker()
+    publish(broker, 3)
+    engine = make_engine(broker, Connector(broker, producer=RaiseOnce), consume_batch_size=3)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=10, drain_idle_seconds=0.2)
+    assert outputs(broker) == [0, 1, 2]
+    assert report.produced == 3 and report.acked == 3
