@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from volley import Engine, MemoryBroker
 from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
 from volley.message import Envelope, OutgoingMessage
@@ -228,3 +230,63 @@ def test_an_output_whose_first_produce_raised_counts_as_produced() -> None:
     report = handler.run_until_drained(timeout=10, drain_idle_seconds=0.2)
     assert outputs(broker) == [0, 1, 2]
     assert report.produced == 3 and report.acked == 3
+
+
+class RevocableConsumer(MemoryConsumer):
+    """A consumer whose partitions can be taken away (ports.RebalanceAware); the test calls ``revoke``."""
+
+    latest: RevocableConsumer | None = None
+
+    def __init__(self, broker: MemoryBroker, queue: str) -> None:
+        super().__init__(broker, queue)
+        self.handler: Any = None
+        RevocableConsumer.latest = self
+
+    def set_revoke_handler(self, handler: Any) -> None:
+        self.handler = handler
+
+    async def revoke(self, partitions: list[tuple[str, int]]) -> None:
+        await self.handler(partitions)
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_work_queued_for_a_revoked_partition_is_dropped_even_past_the_revoke_deadline(kind: str) -> None:
+    """Past the revoke's deadline, messages of the revoked partition that had not begun must not be handled
+    after the revoke returned (the new owner reads them again); they are abandoned."""
+    broker = MemoryBroker()
+    publish(broker, 5)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=5,
+                         shutdown_timeout_seconds=0.3, sync_handler_mode="thread")
+    calls: list[tuple[int, float]] = []
+
+    if kind == "async":
+        @engine.stream_app
+        async def handler(item: Item) -> list[tuple[str, Item]]:
+            calls.append((item.n, time.monotonic()))
+            if item.n == 0:
+                await asyncio.sleep(1.0)
+            return [("out", item)]
+    else:
+        @engine.stream_app
+        def handler(item: Item) -> list[tuple[str, Item]]:
+            calls.append((item.n, time.monotonic()))
+            if item.n == 0:
+                time.sleep(1.0)
+            return [("out", item)]
+
+    async def main() -> tuple[Any, float]:
+        task = asyncio.ensure_future(handler.run_async())
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert RevocableConsumer.latest is not None
+        await RevocableConsumer.latest.revoke([("in", 0)])
+        revoked_at = time.monotonic()
+        while handler.report is not None and handler.report.settled < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        handler.stop()
+        return await asyncio.wait_for(task, 10), revoked_at
+
+    report, revoked_at = asyncio.run(main())
+    assert [n for n, at in calls if at > revoked_at] == [], "handled after its partition was given up"
+    assert report.abandoned == 4 and report.acked == 1, report

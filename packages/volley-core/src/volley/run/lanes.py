@@ -18,7 +18,7 @@ from volley.message import Envelope
 from volley.ports import PartitionId
 from volley.run.handling import Handling
 from volley.run.settlement import Settlement
-from volley.run.tokens import FAILED, Outcome, Token, members_of
+from volley.run.tokens import FAILED, Outcome, Token, is_revoked, members_of
 
 logger = logging.getLogger("volley")
 
@@ -89,7 +89,7 @@ class AsyncLanes:
         try:
             while queue and not self.closed:
                 token, message = queue[0]
-                if self.revoked and type(token) is Envelope and (token.source, token.partition) in self.revoked:
+                if self.revoked and type(token) is Envelope and is_revoked(token, self.revoked):
                     queue.popleft()
                     settlement.abandon(1)
                     continue
@@ -139,6 +139,18 @@ class AsyncLanes:
             task.cancel()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=timeout)
+
+    def drop_queued(self, revoked: set[PartitionId]) -> None:
+        """Drop queued messages (not the one each lane is handling) of partitions being revoked."""
+        dropped = 0
+        for queue in self.lanes.values():
+            kept = [item for index, item in enumerate(queue)
+                    if index == 0 or type(item[0]) is not Envelope or not is_revoked(item[0], revoked)]
+            dropped += len(queue) - len(kept)
+            if len(kept) != len(queue):
+                queue.clear()
+                queue.extend(kept)
+        self.settlement.abandon(dropped)
 
     async def reset(self, timeout: float) -> None:
         """Drop all queued and running work (its transaction aborted), then take new work again."""

@@ -1,7 +1,8 @@
 """Rebalance: before partitions are taken away, abandon their queued work, finish the rest, flush outputs.
 
 The consumer awaits ``on_revoke`` before it commits and forgets the partitions (``RebalanceAware``). While the
-partitions are being revoked, lanes and the processor skip their queued messages (``revoked``).
+partitions are being revoked, lanes, the handler thread and the processor skip their queued messages
+(``revoked``); what is still queued when the revoke ends is dropped too.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from volley.message import Envelope
 from volley.ports import PartitionId
 from volley.run.settlement import Settlement
+from volley.run.tokens import is_revoked
 
 
 def drop_revoked(batch: list[Envelope], revoked: set[PartitionId], settlement: Settlement) -> list[Envelope]:
-    kept = [e for e in batch if (e.source, e.partition) not in revoked]
+    kept = [e for e in batch if not is_revoked(e, revoked)]
     settlement.abandon(len(batch) - len(kept))
     return kept
 
@@ -24,6 +26,7 @@ def drop_revoked(batch: list[Envelope], revoked: set[PartitionId], settlement: S
 class Rebalance:
     def __init__(self, settlement: Settlement, inbox: deque[list[Envelope]], *, timeout_seconds: float,
                  wait_settled: Callable[[float], Awaitable[None]]) -> None:
+        self.drop_queued: Callable[[set[PartitionId]], None] = lambda _revoked: None  # the executor's, once built
         self.settlement = settlement
         self.inbox = inbox
         self.timeout_seconds = timeout_seconds
@@ -45,4 +48,7 @@ class Rebalance:
             settlement.drain_reports()
             await settlement.acker.flush()
         finally:
+            # Past the deadline, work queued in lanes for these partitions would otherwise run after they were
+            # given up: drop it (the new owner reads it again).
+            self.drop_queued(self.revoked)
             self.revoked.difference_update(partitions)

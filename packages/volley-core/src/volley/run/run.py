@@ -134,6 +134,7 @@ class Run:
             self._stopped.set()
         await self._start_parts()
         self.executor = self._executor()
+        self.rebalance.drop_queued = self.executor.drop_queued
         if self.hard_deadline:
             threading.Thread(target=self._watchdog, name=f"volley-{self.name}-watchdog", daemon=True).start()
         logger.info("%s: consuming %s (%s)", self.name, self.input.name, self.input.value)
@@ -194,7 +195,7 @@ class Run:
                               max_in_flight=self.engine.max_in_flight, revoked=self.rebalance.revoked,
                               crash=self.request_stop)
         return SyncExecutor(self.handling, self.settlement, self.stop, self.name,
-                            auto=self.engine.sync_handler_mode == "auto")
+                            auto=self.engine.sync_handler_mode == "auto", revoked=self.rebalance.revoked)
 
     async def _start_parts(self) -> None:
         for part in (self.consumer, *self.producers):

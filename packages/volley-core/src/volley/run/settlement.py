@@ -91,6 +91,8 @@ class Settlement:
             self.give_back(token, "the handler returned False")
         for token, stage, exc in out.failures:
             self.fail(token, stage, exc)
+        if out.abandoned:
+            self.abandon(out.abandoned)
         if self.timed:
             self._observe(out)
         self.flush_outputs()

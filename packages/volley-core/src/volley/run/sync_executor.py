@@ -23,7 +23,7 @@ from volley.message import Envelope
 from volley.run.handling import Handling
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
-from volley.run.tokens import Outcome
+from volley.run.tokens import Outcome, is_revoked
 from volley.threads import SerialThread
 
 logger = logging.getLogger("volley")
@@ -38,16 +38,18 @@ CALIBRATION_BATCHES = 2
 
 class SyncExecutor:
     def __init__(self, handling: Handling, settlement: Settlement, stop: StopSignal, app_name: str, *,
-                 auto: bool) -> None:
+                 auto: bool, revoked: set[tuple[str, int]]) -> None:
         self.handling = handling
         self.settlement = settlement
         self.stop = stop
         self.app_name = app_name
         self.slots = len(settlement.producers)
+        self.revoked = revoked  # partitions being taken away: their messages not yet begun are dropped
         self.inline = auto
         self.calibrating = CALIBRATION_BATCHES if auto else 0
         self.inline_since = 0.0  # while an inline slice runs: when it began (the watchdog reads it), else 0
         self.thread_call_since = 0.0  # while the thread is inside a handler call: when it began, else 0
+        self._thread_batch: Sequence[Envelope] = ()  # what the thread is working through (drop_queued marks it)
         self._last_slow = -1e9
         self.worker = SerialThread(f"volley-{app_name}-handler")
 
@@ -90,6 +92,7 @@ class SyncExecutor:
         """On the loop: handle from ``start`` until the slice ends; return where to resume and, when a call
         failed and must be retried on the thread, its first failure."""
         handle = self.handling.handle
+        revoked = self.revoked
         perf = time.perf_counter
         previous = self.inline_since = perf()
         deadline = previous + INLINE_SLICE_SECONDS
@@ -103,6 +106,9 @@ class SyncExecutor:
                     out.handled = index - start
                     return index, None
                 previous = now
+                if revoked and is_revoked(batch[index], revoked):
+                    out.abandoned += 1
+                    continue
                 moved = handle(batch[index], out, False)
                 if moved is not None:
                     self._go_threaded(f"the handler raised {type(moved.error).__name__}")
@@ -133,8 +139,10 @@ class SyncExecutor:
         settlement = self.settlement
         handle, resume = self.handling.handle, self.handling.resume
         abandoned = self.stop.abandoned.is_set
+        revoked = self.revoked
         monotonic, perf = time.monotonic, time.perf_counter
         out = Outcome(self.slots)
+        self._thread_batch = batch
         reported = 0  # messages of the batch already handed to the loop
         posted = monotonic()
         index = 0
@@ -150,6 +158,9 @@ class SyncExecutor:
                 following = Outcome(self.slots)
                 following.slowest, following.slow_calls = out.slowest, out.slow_calls
                 out = following
+            if env.pending == -1 or (revoked and is_revoked(env, revoked)):  # its partition was given up
+                out.abandoned += 1
+                continue
             called = self.thread_call_since = perf()
             if index == 0 and first_failure is not None:
                 resume(env, out, first_failure)  # its first call failed inline: its retries, here
@@ -162,7 +173,15 @@ class SyncExecutor:
                 if took > FAST_CALL_SECONDS:
                     out.slow_calls += 1
         out.handled = len(batch) - reported
+        self._thread_batch = ()
         return out
+
+    def drop_queued(self, revoked: set[tuple[str, int]]) -> None:
+        """On the loop, when a revoke ends: messages of those partitions that the thread has not begun are
+        dropped (marked; the thread skips and abandons them), as their partitions now belong to another member."""
+        for env in self._thread_batch:
+            if is_revoked(env, revoked):
+                env.pending = -1
 
     def _batches(self, batch: Sequence[Envelope]) -> Outcome:
         out = Outcome(self.slots, len(batch))

@@ -59,11 +59,12 @@ class Outcome:
     an observer is installed; ``slowest`` and ``slow_calls`` serve the sync executor's calibration.
     """
 
-    __slots__ = ("acks", "component", "construct", "cycle", "deconstruct", "failures", "handled", "nacks", "outs",
-                 "retries", "slow_calls", "slowest")
+    __slots__ = ("abandoned", "acks", "component", "construct", "cycle", "deconstruct", "failures", "handled",
+                 "nacks", "outs", "retries", "slow_calls", "slowest")
 
     def __init__(self, slots: int, handled: int = 0) -> None:
         self.handled = handled
+        self.abandoned = 0  # skipped: their partition was being revoked
         self.slowest = 0.0
         self.slow_calls = 0
         self.acks: list[Token] = []
@@ -78,6 +79,11 @@ class Outcome:
 
     def failure(self, token: Token, stage: str, exc: BaseException) -> None:
         self.failures.append((token, stage, exc))
+
+
+def is_revoked(env: Envelope, revoked: set[tuple[str, int]]) -> bool:
+    """Whether ``env``'s partition is being taken away (its queued work is dropped, not handled)."""
+    return (env.source, env.partition) in revoked
 
 
 def members_of(token: AnyToken) -> list[Envelope]:
