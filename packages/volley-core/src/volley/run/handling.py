@@ -27,10 +27,11 @@ class Moved:
     """``call_sync(wait=False)``: the call failed and may be retried, which needs a wait; the caller moves the
     message to where waiting is allowed (the handler thread), handing over the first failure."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "message")
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, message: Any) -> None:
         self.error = error
+        self.message = message  # decoded already
 
 
 def redelivered(env: Envelope, limit: int) -> MessageError:
@@ -51,7 +52,7 @@ class Handling:
         self.call_async = _async_caller(app, context, retry)
         retried = _retrier(app, context, retry)
         self.handle = _handler(app, context, self.decode, self.interpret, retried, timed)
-        self.resume = _resumer(self.decode, self.interpret, retried)
+        self.resume = _resumer(self.interpret, retried)
         self.decode_groups = _grouper(self.decode, queue.batch_size)
 
     def handle_batch(self, batch: Sequence[Envelope], out: Outcome, abandoned: Callable[[], bool]) -> None:
@@ -120,7 +121,7 @@ def _retrier(app: RunnableApp, context: Callable[[Token], MessageContext], retry
                 return FAILED
             decided = False
             if not wait:
-                return Moved(error)
+                return Moved(error, message)
             out.retries += 1
             if not wait_blocking(failures):  # stopping: no retry after the wait
                 out.failures.append((token, "handler", error))
@@ -172,14 +173,11 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
     return handle
 
 
-def _resumer(decode: Callable[[Envelope, Outcome], Any], interpret: Callable[[Token, Any, Outcome], None],
-             retried: Retried) -> Callable[[Envelope, Outcome, BaseException], None]:
-    def resume(env: Envelope, out: Outcome, error: BaseException) -> None:
+def _resumer(interpret: Callable[[Token, Any, Outcome], None],
+             retried: Retried) -> Callable[[Envelope, Outcome, Moved], None]:
+    def resume(env: Envelope, out: Outcome, moved: Moved) -> None:
         """Go on with a message whose first call failed inline: its retries (waiting allowed), then interpret."""
-        message = decode(env, out)
-        if message is FAILED:
-            return
-        result = retried(env, message, out, error, True, True)
+        result = retried(env, moved.message, out, moved.error, True, True)
         if result is not FAILED:
             interpret(env, result, out)
 

@@ -177,9 +177,8 @@ class Settlement:
                        failed: Sequence[DeliveryFailure]) -> None:
         if self.closed:
             return
-        acks = self.acker.acks
         retrying = self._retrying
-        settled = 0
+        done: list[Envelope] = []  # inputs whose last record this report confirmed: settled together
         for message in delivered:
             token = message.token
             if token is None:
@@ -189,16 +188,13 @@ class Settlement:
             token.pending -= 1
             if token.pending == 0:
                 if type(token) is Envelope:
-                    acks.append(token)
-                    settled += 1
+                    done.append(token)
                 elif type(token) is DeadLetter:
                     self._dead_letter_landed(token)
                 else:
                     self.settle_ok(token)
-        if settled:
-            self.in_flight -= settled
-            self.report.acked += settled
-            self.notify()
+        if done:
+            self._acked(done)
         for message, exc in failed:
             self._delivery_failed(slot, message, exc)
 
@@ -265,15 +261,15 @@ class Settlement:
 
     def settle_ok(self, token: Token) -> None:
         if type(token) is Envelope:
-            self.acker.acks.append(token)
-            count = 1
-        else:
-            # -1: dropped with an aborted transaction
-            members = [m for m in token.members if m.pending != -1]  # type: ignore[union-attr]
-            self.acker.acks.extend(members)
-            count = len(members)
-        self.in_flight -= count
-        self.report.acked += count
+            self._acked([token])
+        else:  # a group; members marked -1 were dropped with an aborted transaction
+            self._acked([m for m in token.members if m.pending != -1])  # type: ignore[union-attr]
+
+    def _acked(self, envelopes: list[Envelope]) -> None:
+        """Inputs done: to be acknowledged, counted once."""
+        self.acker.acks.extend(envelopes)
+        self.in_flight -= len(envelopes)
+        self.report.acked += len(envelopes)
         self.notify()
 
     def give_back(self, token: Token, reason: str, *, failed: bool = False) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 
 from volley.message import Envelope
-from volley.run.handling import Handling
+from volley.run.handling import Handling, Moved
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
 from volley.run.tokens import Outcome, is_revoked
@@ -76,7 +76,7 @@ class SyncExecutor:
                              out.slowest)
             return
         start = 0
-        moved: BaseException | None = None
+        moved: Moved | None = None
         while start < len(batch) and self.inline and moved is None and not self.stop.abandoned.is_set():
             out = Outcome(self.slots)
             start, moved = self._slice(batch, start, out)
@@ -88,7 +88,7 @@ class SyncExecutor:
             first_failure = moved
             apply(await self.worker.submit(lambda: self._on_thread(rest, first_failure, measure=False)))
 
-    def _slice(self, batch: Sequence[Envelope], start: int, out: Outcome) -> tuple[int, BaseException | None]:
+    def _slice(self, batch: Sequence[Envelope], start: int, out: Outcome) -> tuple[int, Moved | None]:
         """On the loop: handle from ``start`` until the slice ends; return where to resume and, when a call
         failed and must be retried on the thread, its first failure."""
         handle = self.handling.handle
@@ -113,7 +113,7 @@ class SyncExecutor:
                 if moved is not None:
                     self._go_threaded(f"the handler raised {type(moved.error).__name__}")
                     out.handled = index - start
-                    return index, moved.error
+                    return index, moved
         finally:
             self.inline_since = 0.0
         out.handled = len(batch) - start
@@ -133,7 +133,7 @@ class SyncExecutor:
             logger.info("%s: %s: sync handler calls now run on their own thread, off the event loop",
                         self.app_name, why)
 
-    def _on_thread(self, batch: Sequence[Envelope], first_failure: BaseException | None, *,
+    def _on_thread(self, batch: Sequence[Envelope], first_failure: Moved | None, *,
                    measure: bool) -> Outcome:
         """On the handler thread: handle a batch; hand over what is finished every THREAD_REPORT_SECONDS."""
         settlement = self.settlement
