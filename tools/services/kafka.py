@@ -70,7 +70,7 @@ __all__ = [
     "request_metadata",
 ]
 
-DEFAULT_KAFKA_VERSION = "4.1.1"
+DEFAULT_KAFKA_VERSION = "4.4.0"
 # kafka_2.13 declares slf4j-api but no binding, so without this the broker would log nothing at all (and start-up
 # failures would be undiagnosable). Matches the log4j-core version Kafka 4.x itself depends on.
 LOG4J_SLF4J_BINDING = "org.apache.logging.log4j:log4j-slf4j-impl:2.24.3"
