@@ -34,9 +34,12 @@ class TestKafkaContract(ConnectorContract):
     creates_queues_on_produce: ClassVar[bool] = True  # the test broker auto-creates topics
     max_wait_seconds: ClassVar[float] = 15.0
 
+    group_protocol: str = "classic"
+
     @pytest.fixture(autouse=True)
-    def _bootstrap(self, kafka_bootstrap: str) -> None:
+    def _bootstrap(self, kafka_bootstrap: str, group_protocol: str) -> None:
         self.bootstrap = kafka_bootstrap
+        self.group_protocol = group_protocol
 
     def make_connector(self) -> Connector:
         return KafkaConnector()
@@ -46,6 +49,7 @@ class TestKafkaContract(ConnectorContract):
         if role == "input":
             config["group.id"] = f"{name}-group-{uuid.uuid4().hex[:6]}"
             config["auto.offset.reset"] = "earliest"
+            config["group.protocol"] = self.group_protocol
         return QueueSpec(name=name, value=name, connector="confluent", config=config, app_name="contract", role=role)
 
     async def create_queue(self, name: str) -> None:
@@ -59,10 +63,11 @@ class TestKafkaContract(ConnectorContract):
 # The thread method is the backstop here: Hypothesis would catch pytest-timeout's signal-raised failure like
 # any other and go on running examples against the broker.
 @pytest.mark.timeout(420, method="thread")
-def test_kafka_state_machine(kafka_bootstrap: str) -> None:
+def test_kafka_state_machine(kafka_bootstrap: str, group_protocol: str) -> None:
     """Random interleavings of produce, consume, ack, nack and reconnect, checked against a plain model."""
     suite = TestKafkaContract()
     suite.bootstrap = kafka_bootstrap
+    suite.group_protocol = group_protocol
     capabilities = TestKafkaContract.capabilities()
     capabilities["max_wait_seconds"] = 15.0
     machine = connector_state_machine(

@@ -30,11 +30,11 @@ class Worker:
     started: ClassVar[list[Worker]] = []
 
     def __init__(self, kit: Any, source: str, sink: str, group: str, instance: str, log: Path,
-                 seconds: float) -> None:
+                 seconds: float, protocol: str = "classic") -> None:
         self.log = log
         self._file = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), kit.bootstrap, source, sink, group, instance, str(seconds)],
+            [sys.executable, str(WORKER), kit.bootstrap, source, sink, group, instance, str(seconds), protocol],
             stdout=self._file, stderr=subprocess.STDOUT,
         )
         Worker.started.append(self)
@@ -106,7 +106,12 @@ def all_committed(kit: Any, group: str, source: str, ends: dict[int, int]) -> bo
     return kit.committed(group, source, PARTITIONS) == ends
 
 
-def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, record_property: Any) -> None:
+def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, record_property: Any, group_protocol: str) -> None:
+    if group_protocol == "consumer":
+        # Found with Kafka 4.4 / librdkafka 2.16: a worker restarted after kill -9 with the same group.instance.id
+        # is refused (UNRELEASED_INSTANCE_ID) until the dead member's broker-side session expires, and librdkafka
+        # makes that a fatal error: the worker stops. Left as a known failure until Volley decides what to do.
+        pytest.xfail("consumer protocol: a static member restarted after kill -9 gets a fatal UNRELEASED_INSTANCE_ID")
     count = 20_000
     source, sink = seed(kit, count)
     ends = kit.end_offsets(source, PARTITIONS)
@@ -124,13 +129,14 @@ def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, record_prope
         at_start = produced(kit, sink)
         share = rng.uniform(0.1, 0.3) if round_number == 1 else rng.uniform(0.05, 0.25)
         threshold = at_start + share * count
-        worker = Worker(kit, source, sink, group, "crash-worker-0", log, seconds=0.0002)
+        worker = Worker(kit, source, sink, group, "crash-worker-0", log, seconds=0.0002,
+                        protocol=group_protocol)
         wait_until(lambda t=threshold: produced(kit, sink) >= t, 90, f"{threshold:.0f} outputs", [worker])
         started = log.read_text(errors="replace").count("handled its first message")
         assert started == round_number, f"worker #{round_number} was killed before it handled a message"
         worker.kill()
         print(f"kill -9 #{round_number}: {at_start} outputs at its start, {produced(kit, sink)} at the kill")
-    worker = Worker(kit, source, sink, group, "crash-worker-0", log, seconds=0.0)
+    worker = Worker(kit, source, sink, group, "crash-worker-0", log, seconds=0.0, protocol=group_protocol)
     wait_until(lambda: all_committed(kit, group, source, ends), 120, "every input committed", [worker])
     assert worker.terminate() == 0, worker.tail()
 
@@ -144,7 +150,7 @@ def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, record_prope
     assert set(ids) == set(range(count)), "only the input ids came out"
 
 
-def test_members_join_and_leave_mid_stream_without_loss(kit: Any, tmp_path: Path) -> None:
+def test_members_join_and_leave_mid_stream_without_loss(kit: Any, tmp_path: Path, group_protocol: str) -> None:
     """Two workers in one group while input keeps arriving: the second joins after a quarter, leaves gracefully
     after two thirds. Nothing is lost, and since every rebalance finishes in-flight work and commits it, nothing
     is done twice either."""
@@ -157,11 +163,12 @@ def test_members_join_and_leave_mid_stream_without_loss(kit: Any, tmp_path: Path
     both_members = threading.Event()
     feeder = threading.Thread(target=feed, args=(kit, source, count, 2000.0, both_members), daemon=True)
     feeder.start()
-    first = Worker(kit, source, sink, group, "-", tmp_path / "first.log", seconds=0.0002)
+    first = Worker(kit, source, sink, group, "-", tmp_path / "first.log", seconds=0.0002, protocol=group_protocol)
     workers = [first]
     try:
         wait_until(lambda: produced(kit, sink) >= count / 4, 90, "a quarter of the outputs", workers)
-        second = Worker(kit, source, sink, group, "-", tmp_path / "second.log", seconds=0.0002)
+        second = Worker(kit, source, sink, group, "-", tmp_path / "second.log", seconds=0.0002,
+                        protocol=group_protocol)
         workers.append(second)
         wait_until(lambda: "assigned" in second.log.read_text(errors="replace"), 60,
                    "the second worker's partitions", workers)

@@ -157,7 +157,7 @@ def test_classic_member_settings_are_fine_under_the_classic_protocol() -> None:
 
 
 def test_unknown_group_protocol_is_a_configuration_error() -> None:
-    with pytest.raises(ConfigurationError, match="group.protocol must be one of classic, consumer"):
+    with pytest.raises(ConfigurationError, match=r"group\.protocol must be one of classic, consumer"):
         consumer_settings(spec({"bootstrap.servers": "x:1", "group.id": "g", "group.protocol": "cooperative"}))
 
 

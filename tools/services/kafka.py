@@ -537,6 +537,10 @@ class KafkaBroker:
             "auto.create.topics.enable": "true",
             "delete.topic.enable": "true",
             "group.initial.rebalance.delay.ms": "0",
+            # The consumer group protocol (KIP-848) moves assignments with heartbeats: 5 s by default, which would
+            # make every rebalance in a test take seconds. Its session timeout stays the broker's default (45 s).
+            "group.consumer.min.heartbeat.interval.ms": "250",
+            "group.consumer.heartbeat.interval.ms": "500",
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "1",
             "transaction.state.log.replication.factor": "1",
