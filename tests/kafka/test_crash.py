@@ -107,11 +107,11 @@ def all_committed(kit: Any, group: str, source: str, ends: dict[int, int]) -> bo
 
 
 def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, record_property: Any, group_protocol: str) -> None:
-    if group_protocol == "consumer":
-        # Found with Kafka 4.4 / librdkafka 2.16: a worker restarted after kill -9 with the same group.instance.id
-        # is refused (UNRELEASED_INSTANCE_ID) until the dead member's broker-side session expires, and librdkafka
-        # makes that a fatal error: the worker stops. Left as a known failure until Volley decides what to do.
-        pytest.xfail("consumer protocol: a static member restarted after kill -9 gets a fatal UNRELEASED_INSTANCE_ID")
+    # Under the consumer protocol a worker restarted after kill -9 with the same group.instance.id is refused
+    # (UNRELEASED_INSTANCE_ID, fatal in librdkafka 2.16: the worker stops) until the dead member's session expires,
+    # so there the restarted workers are dynamic members, and the dead one's partitions wait for its session
+    # (the test broker's group.consumer.session.timeout.ms, 10 s).
+    instance = "crash-worker-0" if group_protocol == "classic" else "-"
     count = 20_000
     source, sink = seed(kit, count)
     ends = kit.end_offsets(source, PARTITIONS)
@@ -129,14 +129,14 @@ def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, record_prope
         at_start = produced(kit, sink)
         share = rng.uniform(0.1, 0.3) if round_number == 1 else rng.uniform(0.05, 0.25)
         threshold = at_start + share * count
-        worker = Worker(kit, source, sink, group, "crash-worker-0", log, seconds=0.0002,
+        worker = Worker(kit, source, sink, group, instance, log, seconds=0.0002,
                         protocol=group_protocol)
         wait_until(lambda t=threshold: produced(kit, sink) >= t, 90, f"{threshold:.0f} outputs", [worker])
         started = log.read_text(errors="replace").count("handled its first message")
         assert started == round_number, f"worker #{round_number} was killed before it handled a message"
         worker.kill()
         print(f"kill -9 #{round_number}: {at_start} outputs at its start, {produced(kit, sink)} at the kill")
-    worker = Worker(kit, source, sink, group, "crash-worker-0", log, seconds=0.0, protocol=group_protocol)
+    worker = Worker(kit, source, sink, group, instance, log, seconds=0.0, protocol=group_protocol)
     wait_until(lambda: all_committed(kit, group, source, ends), 120, "every input committed", [worker])
     assert worker.terminate() == 0, worker.tail()
 

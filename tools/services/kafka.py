@@ -538,9 +538,12 @@ class KafkaBroker:
             "delete.topic.enable": "true",
             "group.initial.rebalance.delay.ms": "0",
             # The consumer group protocol (KIP-848) moves assignments with heartbeats: 5 s by default, which would
-            # make every rebalance in a test take seconds. Its session timeout stays the broker's default (45 s).
+            # make every rebalance in a test take seconds; and a dead member holds its partitions for the session
+            # timeout, 45 s by default: 10 s, like the classic session the crash tests' workers use.
             "group.consumer.min.heartbeat.interval.ms": "250",
             "group.consumer.heartbeat.interval.ms": "500",
+            "group.consumer.min.session.timeout.ms": "6000",
+            "group.consumer.session.timeout.ms": "10000",
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "1",
             "transaction.state.log.replication.factor": "1",
