@@ -218,3 +218,40 @@ def feed(kit: Any, topic: str, count: int, rate: float, halfway: threading.Event
             if ahead > 0:
                 time.sleep(ahead)  # pacing the feed, not waiting for a condition
     assert producer.flush(60) == 0
+
+
+# Seconds the broker stays down: shorter and longer than the worker's 10 s session timeout (kafka_worker.py, static
+# member). The outage length is the condition under test, so it is a fixed time, not a wait for something.
+OUTAGES = {"shorter-than-session": 3.0, "longer-than-session": 16.0}
+
+
+@pytest.mark.parametrize("outage", sorted(OUTAGES))
+def test_a_broker_outage_mid_stream_loses_nothing(kit: Any, tmp_path: Path, outage: str) -> None:
+    """The broker stops mid-stream and comes back on its ports with its data (services' KafkaBroker.halt/start):
+    the worker, never restarted, finishes the stream with nothing lost. Past the session timeout its partitions
+    are lost and assigned back, the path where a pause used to outlive the assignment."""
+    from services.kafka import KafkaBroker
+
+    count = 6000
+    with KafkaBroker() as broker:  # our own: the session's broker must not go down under other tests
+        own = type(kit)(broker.bootstrap_servers)
+        source, sink = seed(own, count)
+        ends = own.end_offsets(source, PARTITIONS)
+        group = own.unique("outage")
+        worker = Worker(own, source, sink, group, "outage-worker-0", tmp_path / "worker.log", seconds=0.002)
+        wait_until(lambda: produced(own, sink) >= count / 5, 90, "a fifth of the outputs", [worker])
+        broker.halt()
+        down_until = time.monotonic() + OUTAGES[outage]
+        while time.monotonic() < down_until:
+            assert worker.alive(), f"the worker died while the broker was down: {worker.tail()}"
+            time.sleep(0.1)
+        broker.start()
+        wait_until(lambda: all_committed(own, group, source, ends), 180, "every input committed", [worker])
+        assert worker.terminate() == 0, worker.tail()
+        ids = output_ids(own, sink)
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    if OUTAGES[outage] > 10.0:
+        assert " lost" in log, "the outage outlived the session, so the worker must have lost its partitions"
+    missing = sorted(set(range(count)) - set(ids))
+    assert not missing, f"{len(missing)} ids lost after a {OUTAGES[outage]} s outage, first {missing[:10]}"
+    assert set(ids) == set(range(count))
