@@ -8,6 +8,7 @@ so that what the tests assert is what Kafka holds, not what Volley believes. Tes
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -138,6 +139,20 @@ class KafkaKit:
 @pytest.fixture
 def kit(kafka_bootstrap: str) -> KafkaKit:
     return KafkaKit(kafka_bootstrap)
+
+
+# The consumer group protocols the group tests run under: both by default; VOLLEY_KAFKA_GROUP_PROTOCOLS=classic
+# (or =consumer) narrows a run to one.
+GROUP_PROTOCOLS = tuple(
+    p.strip() for p in os.environ.get("VOLLEY_KAFKA_GROUP_PROTOCOLS", "classic,consumer").split(",") if p.strip()
+)
+
+
+@pytest.fixture(params=GROUP_PROTOCOLS)
+def group_protocol(request: pytest.FixtureRequest) -> str:
+    """``group.protocol`` for a test's consumers: ``classic`` or ``consumer`` (KIP-848, the broker runs the group)."""
+    protocol: str = request.param
+    return protocol
 
 
 def high_watermark(consumer: Consumer, topic: str, partition: int, within: float = 30.0) -> int:

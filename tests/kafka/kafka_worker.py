@@ -1,6 +1,6 @@
 """A Kafka -> Kafka worker, run as a subprocess by the crash and rebalance tests.
 
-    python kafka_worker.py BOOTSTRAP INPUT OUTPUT GROUP INSTANCE_ID HANDLER_SECONDS
+    python kafka_worker.py BOOTSTRAP INPUT OUTPUT GROUP INSTANCE_ID HANDLER_SECONDS [GROUP_PROTOCOL]
 
 ``INSTANCE_ID`` is a static group membership id ("-" for none): a worker restarted after kill -9 with the
 same id takes its partitions back at once instead of waiting for the dead member's session to time out.
@@ -20,16 +20,17 @@ from typing import Any
 def main(argv: list[str]) -> None:
     from volley import Engine
 
-    bootstrap, source, output, group, instance, pause = argv
+    bootstrap, source, output, group, instance, pause, protocol = [*argv, "classic"][:7]
     codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
     # Small fetches interleave the partitions, so that every partition is still mid-stream when a second
     # member joins (librdkafka otherwise drains one partition's large prefetch after another).
     consumer_config: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": group,
                                        "volley.commit.interval.seconds": 0.2, "max.partition.fetch.bytes": 8192,
-                                       "queued.max.messages.kbytes": 256}
+                                       "queued.max.messages.kbytes": 256, "group.protocol": protocol}
     if instance != "-":
         consumer_config["group.instance.id"] = instance
-        consumer_config["session.timeout.ms"] = 10_000
+        if protocol == "classic":  # under the consumer protocol the session timeout is the broker's
+            consumer_config["session.timeout.ms"] = 10_000
     app = Engine(
         app_name="kafka-worker",
         input_queue="in",

@@ -18,6 +18,15 @@ from volley_kafka import KafkaConnector
 
 pytestmark = pytest.mark.kafka
 
+# librdkafka 2.16 under group.protocol=consumer: a consumer closed while its first ConsumerGroupHeartbeat is in
+# flight sends no leave ("has joined=false"), so the broker keeps it as a member that holds every partition until
+# its session times out (45 s): the next consumer of the group gets nothing for that long. Java's client had the
+# same bug (KAFKA-16639). Timing-dependent, hence not strict.
+CLOSE_BEFORE_JOIN = pytest.mark.xfail(
+    strict=False, reason="librdkafka, consumer protocol: a close before the first heartbeat answer leaves no leave"
+)
+RESTARTS_A_CONSUMER_AT_ONCE = {"test_start_and_close_without_traffic"}
+
 
 class TestKafkaContract(ConnectorContract):
     partitions: ClassVar[int] = 3
@@ -34,9 +43,14 @@ class TestKafkaContract(ConnectorContract):
     creates_queues_on_produce: ClassVar[bool] = True  # the test broker auto-creates topics
     max_wait_seconds: ClassVar[float] = 15.0
 
+    group_protocol: str = "classic"
+
     @pytest.fixture(autouse=True)
-    def _bootstrap(self, kafka_bootstrap: str) -> None:
+    def _bootstrap(self, kafka_bootstrap: str, group_protocol: str, request: pytest.FixtureRequest) -> None:
         self.bootstrap = kafka_bootstrap
+        self.group_protocol = group_protocol
+        if group_protocol == "consumer" and request.node.originalname in RESTARTS_A_CONSUMER_AT_ONCE:
+            request.node.add_marker(CLOSE_BEFORE_JOIN)
 
     def make_connector(self) -> Connector:
         return KafkaConnector()
@@ -46,6 +60,7 @@ class TestKafkaContract(ConnectorContract):
         if role == "input":
             config["group.id"] = f"{name}-group-{uuid.uuid4().hex[:6]}"
             config["auto.offset.reset"] = "earliest"
+            config["group.protocol"] = self.group_protocol
         return QueueSpec(name=name, value=name, connector="confluent", config=config, app_name="contract", role=role)
 
     async def create_queue(self, name: str) -> None:
@@ -59,10 +74,13 @@ class TestKafkaContract(ConnectorContract):
 # The thread method is the backstop here: Hypothesis would catch pytest-timeout's signal-raised failure like
 # any other and go on running examples against the broker.
 @pytest.mark.timeout(420, method="thread")
-def test_kafka_state_machine(kafka_bootstrap: str) -> None:
+def test_kafka_state_machine(kafka_bootstrap: str, group_protocol: str, request: pytest.FixtureRequest) -> None:
     """Random interleavings of produce, consume, ack, nack and reconnect, checked against a plain model."""
+    if group_protocol == "consumer":
+        request.node.add_marker(CLOSE_BEFORE_JOIN)  # restart_consumer right after a start
     suite = TestKafkaContract()
     suite.bootstrap = kafka_bootstrap
+    suite.group_protocol = group_protocol
     capabilities = TestKafkaContract.capabilities()
     capabilities["max_wait_seconds"] = 15.0
     machine = connector_state_machine(

@@ -284,14 +284,15 @@ class ReadinessRecorder:
         self.calls.append((ready, self.assignment()))
 
 
-async def test_ready_only_once_the_group_assigned_partitions(kit: Any) -> None:
+async def test_ready_only_once_the_group_assigned_partitions(kit: Any, group_protocol: str) -> None:
     source = kit.topic("ready-in", partitions=2)
     sink = kit.topic("ready-out")
     kit.produce(source, [json.dumps({"n": i}).encode() for i in range(20)])
     recorder = ReadinessRecorder()
     engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"],
-                    queue_config=queues(kit, kit.unique("g"), source, {"out": sink}), metrics_port=None,
-                    poll_interval_seconds=0.2, observers=[recorder])
+                    queue_config=queues(kit, kit.unique("g"), source, {"out": sink},
+                                        input_config={"group.protocol": group_protocol}),
+                    metrics_port=None, poll_interval_seconds=0.2, observers=[recorder])
 
     @engine.stream_app
     def handler(message: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -344,7 +345,7 @@ def _wait_for(check: Any, within: float, what: str) -> None:
         threading.Event().wait(0.01)
 
 
-async def test_a_worker_paused_at_a_full_buffer_consumes_again_after_a_rebalance(kit: Any) -> None:
+async def test_a_worker_paused_at_a_full_buffer_consumes_again_after_a_rebalance(kit: Any, group_protocol: str) -> None:
     """The worker's buffer is full (a slow message), so its partitions are paused in librdkafka; a second member
     joins and leaves. librdkafka keeps the pause across revoke and assign: the worker must still finish."""
     from confluent_kafka import Consumer
@@ -356,7 +357,8 @@ async def test_a_worker_paused_at_a_full_buffer_consumes_again_after_a_rebalance
     kit.produce(source, [json.dumps({"n": i}).encode() for i in range(count)])
     engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"],
                     queue_config=queues(kit, group, source, {"out": sink},
-                                        input_config={"volley.revoke.timeout.seconds": 20}),
+                                        input_config={"volley.revoke.timeout.seconds": 20,
+                                                      "group.protocol": group_protocol}),
                     metrics_port=None, poll_interval_seconds=0.1, max_in_flight=1, max_buffered=2,
                     consume_batch_size=2)
     handled: set[int] = set()
@@ -389,7 +391,7 @@ async def test_a_worker_paused_at_a_full_buffer_consumes_again_after_a_rebalance
         if not second_may_join.wait(30):
             return
         member = Consumer({"bootstrap.servers": kit.bootstrap, "group.id": group, "enable.auto.commit": False,
-                           "auto.offset.reset": "earliest"})
+                           "auto.offset.reset": "earliest", "group.protocol": group_protocol})
         assigned = threading.Event()
         member.subscribe([source], on_assign=lambda _c, parts: assigned.set() if parts else None)
         try:
@@ -410,4 +412,7 @@ async def test_a_worker_paused_at_a_full_buffer_consumes_again_after_a_rebalance
         joiner.join(30)
     assert second_left.is_set(), "the second member joined and left"
     assert handled == set(range(count)), f"{count - len(handled)} message(s) never handled: the worker stalled"
-    assert kit.committed(group, source, 2) == kit.end_offsets(source, 2)
+    # An empty partition has nothing to commit: under the consumer protocol the worker may stop before the group
+    # hands it back (a heartbeat later), so "no commit" (-1001) is as good as 0 there.
+    ends, committed = kit.end_offsets(source, 2), kit.committed(group, source, 2)
+    assert all(committed[p] == end or (end == 0 and committed[p] < 0) for p, end in ends.items()), (committed, ends)

@@ -15,7 +15,9 @@ from volley import Engine
 pytestmark = pytest.mark.kafka
 
 
-async def test_an_aborted_transaction_mid_stream_is_invisible_to_read_committed_readers(kit: Any) -> None:
+async def test_an_aborted_transaction_mid_stream_is_invisible_to_read_committed_readers(
+    kit: Any, group_protocol: str
+) -> None:
     source = kit.topic("eos-in", partitions=2)
     sink = kit.topic("eos-out", partitions=2)
     audit = kit.topic("eos-audit")
@@ -26,7 +28,7 @@ async def test_an_aborted_transaction_mid_stream_is_invisible_to_read_committed_
     codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
     config = {
         "input": {"value": source, "profile": "confluent-eos", **codec,
-                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group}},
+                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group, "group.protocol": group_protocol}},
         "out": {"value": sink, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
         "audit": {"value": audit, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
     }

@@ -135,3 +135,40 @@ def test_profiles_and_connector_are_registered() -> None:
     assert registry.get("profile", "confluent-batch-json")["batch_size"] == 100
     assert registry.get("profile", "confluent-dlq")["data_model"] is None
     assert registry.get("profile", "confluent-eos")["config"] == {"volley.exactly.once": True}
+
+
+@pytest.mark.parametrize("key", ["session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"])
+def test_consumer_group_protocol_rejects_classic_member_settings_naming_the_fix(key: str) -> None:
+    config = {"bootstrap.servers": "x:1", "group.id": "g", "group.protocol": "consumer", key: "10000"}
+    with pytest.raises(ConfigurationError) as caught:
+        consumer_settings(spec(config))
+    message = str(caught.value)
+    assert key in message and "'q'" in message and "group.protocol=consumer" in message
+    assert "group.protocol=classic" in message, "it says what to do"
+    assert ("group.remote.assignor" if key == "partition.assignment.strategy" else "group.consumer.") in message
+
+
+def test_classic_member_settings_are_fine_under_the_classic_protocol() -> None:
+    config = {"bootstrap.servers": "x:1", "group.id": "g", "session.timeout.ms": 10_000,
+              "partition.assignment.strategy": "cooperative-sticky"}
+    assert consumer_settings(spec(config)).librdkafka["session.timeout.ms"] == 10_000
+    explicit = consumer_settings(spec({**config, "group.protocol": "classic"})).librdkafka
+    assert explicit["partition.assignment.strategy"] == "cooperative-sticky"
+
+
+def test_unknown_group_protocol_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"group\.protocol must be one of classic, consumer"):
+        consumer_settings(spec({"bootstrap.servers": "x:1", "group.id": "g", "group.protocol": "cooperative"}))
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_volley_defaults_build_a_consumer_protocol_client(exactly_once: bool) -> None:
+    """Volley's own defaults (and the exactly-once ones) must not add a setting librdkafka rejects there."""
+    from confluent_kafka import Consumer
+
+    config = {"bootstrap.servers": "127.0.0.1:1", "group.id": "g", "group.protocol": "consumer",
+              "volley.exactly.once": exactly_once}
+    settings = consumer_settings(spec(config))
+    assert not {"session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"} & set(
+        settings.librdkafka)
+    Consumer(dict(settings.librdkafka)).close()  # librdkafka validates settings when the client is built

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from services._proc import pid_alive
+from services._proc import checkout_key, pid_alive, state_dir
 from services.kafka import KafkaBroker, _random_cluster_id, api_versions, request_metadata
 from services.pytest_plugin import ExternalRedis, RedisHandle, parse_redis_host
 from services.redis import RedisServer, ping
@@ -60,6 +64,19 @@ def test_cluster_id_uses_kafka_uuid_text_form() -> None:
         assert len(text) == 22
         assert not text.startswith("-")
         assert len(base64.urlsafe_b64decode(text + "==")) == 16
+
+
+def test_state_dir_is_keyed_by_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VOLLEY_STATE_DIR", raising=False)
+    monkeypatch.setenv("VOLLEY_CACHE_DIR", str(tmp_path / "cache"))
+    one, two = tmp_path / "a" / "volley", tmp_path / "b" / "volley"  # same folder name, different checkouts
+    assert state_dir(one) != state_dir(two)
+    assert state_dir(one) == state_dir(one)
+    assert state_dir(one).parent == tmp_path / "cache" / "run"
+    assert checkout_key(one).startswith("volley-")
+    assert state_dir() == tmp_path / "cache" / "run" / checkout_key(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("VOLLEY_STATE_DIR", str(tmp_path / "explicit"))
+    assert state_dir(one) == state_dir(two) == tmp_path / "explicit"
 
 
 def test_external_redis_refuses_restart_with_a_skip() -> None:
@@ -140,6 +157,84 @@ def test_redis_cli_start_status_stop(tmp_path: Path) -> None:
     with pytest.raises(ConnectionRefusedError):
         ping(host, port, timeout=1.0)
     assert cli("status").returncode == 1
+
+
+def _checkout_cli(tools: Path, env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def cli(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(tools / script), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    return cli
+
+
+def _copy_checkout(root: Path) -> Path:
+    """A second checkout of the tooling: what a git worktree or another clone looks like to it."""
+    tools = root / "tools" / "services"
+    shutil.copytree(TOOLS, tools, ignore=shutil.ignore_patterns("__pycache__"))
+    return tools
+
+
+@pytest.mark.redis
+def test_cli_in_two_checkouts_never_adopts_or_stops_the_others_server(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in {"VOLLEY_STATE_DIR", "VOLLEY_CACHE_DIR"}}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # one shared cache, as on a developer machine
+    one = _checkout_cli(_copy_checkout(tmp_path / "one"), env)
+    two = _checkout_cli(_copy_checkout(tmp_path / "two"), env)
+    first = one("redis.py", "start")
+    assert first.returncode == 0, first.stderr
+    try:
+        second = two("redis.py", "start")
+        assert second.returncode == 0, second.stderr
+        try:
+            assert second.stdout.strip() != first.stdout.strip()  # its own server, not the other checkout's
+            assert two("redis.py", "stop").returncode == 0
+            assert ping(*_split_host_port(first.stdout.strip().removeprefix("REDIS_HOST=")))
+            assert one("redis.py", "status").stdout.strip() == first.stdout.strip()
+            assert two("redis.py", "status").returncode == 1
+        finally:
+            two("redis.py", "stop")
+    finally:
+        assert one("redis.py", "stop").returncode == 0
+    assert one("redis.py", "status").returncode == 1
+
+
+@pytest.mark.redis
+def test_redis_cli_prints_what_rsmq_reads_and_restart_keeps_port_and_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rsmq_settings = pytest.importorskip("volley_rsmq.settings")
+    cli = _checkout_cli(TOOLS, {**os.environ, "VOLLEY_STATE_DIR": str(tmp_path)})
+    started = cli("redis.py", "start", "--appendonly")
+    assert started.returncode == 0, started.stderr
+    line = started.stdout.strip()
+    name, _, value = line.partition("=")
+    try:
+        assert name == "REDIS_HOST"
+        monkeypatch.setenv(name, value)  # as `export $(redis.py start)` would
+        settings = rsmq_settings.parse_settings({}, "queue", "input")
+        host, port = settings.host, settings.port
+        assert ping(host, port)
+        assert _redis_command(host, port, b"RPUSH", b"stream", b"a", b"b") == b":2\r\n"
+        pid = json_state(tmp_path / "redis.json")["pid"]
+        restarted = cli("redis.py", "restart")
+        assert restarted.returncode == 0, restarted.stderr
+        assert restarted.stdout.strip() == line
+        assert json_state(tmp_path / "redis.json")["pid"] != pid
+        assert not pid_alive(pid)
+        assert _redis_command(host, port, b"LLEN", b"stream") == b":2\r\n"
+    finally:
+        assert cli("redis.py", "stop").returncode == 0
+
+
+def json_state(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
 
 
 # ------------------------------------------------------------------------------------------------- Kafka
@@ -226,3 +321,81 @@ def test_kafka_broker_start_and_stop_kill_the_process() -> None:
     with pytest.raises(ConnectionRefusedError):
         api_versions("127.0.0.1", port, timeout=1.0)
     broker.stop()  # a second stop is harmless
+
+
+def _produce_and_read_back(bootstrap: str, topic: str, values: list[bytes], *, produce: bool) -> list[bytes]:
+    ck = pytest.importorskip("confluent_kafka")
+    if produce:
+        producer = ck.Producer({"bootstrap.servers": bootstrap})
+        for value in values:
+            producer.produce(topic, value=value)
+        assert producer.flush(60) == 0
+    consumer = ck.Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"g-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest"}
+    )
+    try:
+        consumer.assign([ck.TopicPartition(topic, 0, 0)])
+        seen: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while len(seen) < len(values) and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                seen.append(message.value())
+        return seen
+    finally:
+        consumer.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_kafka_restart_keeps_ports_cluster_and_data() -> None:
+    topic = f"restart-{uuid.uuid4().hex[:10]}"
+    values = [b"%d" % i for i in range(20)]
+    with KafkaBroker() as broker:
+        assert broker.port is not None
+        port, controller_port, first_pid = broker.port, broker.controller_port, broker.pid
+        cluster = request_metadata("127.0.0.1", port).cluster_id
+        assert _produce_and_read_back(broker.bootstrap_servers, topic, values, produce=True) == values
+        broker.halt()
+        assert first_pid is not None
+        assert not pid_alive(first_pid)
+        with pytest.raises(ConnectionRefusedError):
+            api_versions("127.0.0.1", port, timeout=1.0)
+        broker.start()  # after halt(): the same broker comes back
+        assert (broker.port, broker.controller_port) == (port, controller_port)
+        assert broker.pid != first_pid
+        assert request_metadata("127.0.0.1", port).cluster_id == cluster
+        assert _produce_and_read_back(broker.bootstrap_servers, topic, values, produce=False) == values
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_kafka_cli_restart_and_stop_keep_data(tmp_path: Path) -> None:
+    cli = _checkout_cli(TOOLS, {**os.environ, "VOLLEY_STATE_DIR": str(tmp_path)})
+    started = cli("kafka.py", "start")
+    assert started.returncode == 0, started.stderr
+    line = started.stdout.strip()
+    assert line.startswith("KAFKA_BROKERS=")
+    bootstrap = line.removeprefix("KAFKA_BROKERS=")
+    topic = f"cli-restart-{uuid.uuid4().hex[:10]}"
+    values = [b"a", b"b", b"c"]
+    work_dir = Path(json_state(tmp_path / "kafka.json")["work_dir"])
+    try:
+        first_pid = json_state(tmp_path / "kafka.json")["pid"]
+        assert _produce_and_read_back(bootstrap, topic, values, produce=True) == values
+        restarted = cli("kafka.py", "restart")
+        assert restarted.returncode == 0, restarted.stderr
+        assert restarted.stdout.strip() == line
+        assert not pid_alive(first_pid)
+        assert _produce_and_read_back(bootstrap, topic, values, produce=False) == values
+        halted = cli("kafka.py", "stop", "--keep-data")
+        assert halted.returncode == 0, halted.stderr
+        assert cli("kafka.py", "status").returncode == 1
+        resumed = cli("kafka.py", "start")
+        assert resumed.returncode == 0, resumed.stderr
+        assert resumed.stdout.strip() == line
+        assert _produce_and_read_back(bootstrap, topic, values, produce=False) == values
+    finally:
+        assert cli("kafka.py", "stop").returncode == 0
+    assert not (tmp_path / "kafka.json").exists()
+    assert not work_dir.exists()

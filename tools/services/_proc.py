@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -35,10 +36,34 @@ def cache_root() -> Path:
     return base / "volley"
 
 
-def state_dir() -> Path:
-    """Detached CLI-started servers are found again through files here, so ``stop`` works from a new shell."""
+def checkout_root() -> Path:
+    """The repository this copy of the tooling belongs to (``tools/services/`` lives two levels below it)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def checkout_key(root: Path | None = None) -> str:
+    """A short, stable, per-checkout name: the folder's name for humans plus a hash of its resolved path.
+
+    Two worktrees (or clones) of the same repository have different paths, so they get different keys even when
+    their folders share a name.
+    """
+    resolved = (root or checkout_root()).resolve()
+    digest = hashlib.sha256(str(resolved).encode("utf-8", errors="surrogateescape")).hexdigest()[:12]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in resolved.name)[:40] or "root"
+    return f"{name}-{digest}"
+
+
+def state_dir(root: Path | None = None) -> Path:
+    """Detached CLI-started servers are found again through files here, so ``stop`` works from a new shell.
+
+    The folder is keyed by checkout: every checkout on the machine shares the download cache, but ``start`` in one
+    must never adopt (and ``stop`` must never kill) a server another checkout started. ``VOLLEY_STATE_DIR`` names
+    the folder explicitly, e.g. to share one broker between checkouts on purpose.
+    """
     override = os.environ.get("VOLLEY_STATE_DIR")
-    return Path(override).expanduser() if override else cache_root() / "run"
+    if override:
+        return Path(override).expanduser()
+    return cache_root() / "run" / checkout_key(root)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -9,7 +9,8 @@ CLI (the broker outlives the ``start`` call; ``stop`` finds it again through a s
 
     python tools/services/kafka.py start    # prints KAFKA_BROKERS=127.0.0.1:NNNN
     python tools/services/kafka.py status
-    python tools/services/kafka.py stop
+    python tools/services/kafka.py restart  # same ports, same data (a broker outage, as clients see it)
+    python tools/services/kafka.py stop [--keep-data]   # --keep-data: the next ``start`` brings it back as is
     python tools/services/kafka.py fetch    # only resolve the jars (warm the cache, e.g. in CI set-up)
 """
 
@@ -69,7 +70,7 @@ __all__ = [
     "request_metadata",
 ]
 
-DEFAULT_KAFKA_VERSION = "4.1.1"
+DEFAULT_KAFKA_VERSION = "4.4.0"
 # kafka_2.13 declares slf4j-api but no binding, so without this the broker would log nothing at all (and start-up
 # failures would be undiagnosable). Matches the log4j-core version Kafka 4.x itself depends on.
 LOG4J_SLF4J_BINDING = "org.apache.logging.log4j:log4j-slf4j-impl:2.24.3"
@@ -418,13 +419,22 @@ class KafkaBroker:
         """Fetch jars if needed, format fresh storage and boot; returns once a Metadata request lists the broker.
 
         A port picked as free can be taken by someone else before the JVM binds it, so a bind failure is retried
-        on new ports instead of failing the test session.
+        on new ports instead of failing the test session. After ``halt()`` the broker comes back on its own ports
+        with its own data (no new storage, same cluster id), which is what a broker outage looks like to clients.
         """
         if self.is_running():
             return self
         libs = fetch_kafka(self.version)
         java = _java()
         began = time.monotonic()
+        if self.has_storage():
+            try:
+                self._launch(java, libs, time.monotonic() + self.start_timeout, last_attempt=True)
+            except BaseException:
+                self._terminate()
+                raise
+            self.startup_seconds = time.monotonic() - began
+            return self
         self.work_dir = Path(tempfile.mkdtemp(prefix="volley-kafka-"))
         try:
             for attempt in range(3):
@@ -436,12 +446,30 @@ class KafkaBroker:
         self.startup_seconds = time.monotonic() - began
         return self
 
+    def has_storage(self) -> bool:
+        """Formatted storage and its ports are known: the broker can come back as itself."""
+        return (
+            self.work_dir is not None
+            and self.port is not None
+            and self.controller_port is not None
+            and (self.work_dir / "server.properties").exists()
+            and (self.work_dir / "data" / "meta.properties").exists()
+        )
+
+    def halt(self) -> None:
+        """Terminate the broker but keep its data and ports, so ``start()`` brings the same broker back."""
+        self._terminate()
+
+    def restart(self) -> KafkaBroker:
+        """Stop (SIGTERM: a clean shutdown) and start again on the same ports with the same data."""
+        if not self.has_storage():
+            raise KafkaError("the broker was never started, so there is nothing to restart")
+        self._terminate()
+        return self.start()
+
     def stop(self) -> None:
         """Terminate the broker's process group and delete its data; safe to call twice or after a failed start."""
-        if self.pid is not None:
-            terminate(self.pid, self._proc, self.stop_timeout)
-        self.pid = None
-        self._proc = None
+        self._terminate()
         if self.work_dir is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.work_dir = None
@@ -465,13 +493,18 @@ class KafkaBroker:
             "controller_port": self.controller_port,
             "work_dir": str(self.work_dir) if self.work_dir else None,
             "version": self.version,
+            "heap": self.heap,
             "bootstrap_servers": self.bootstrap_servers,
         }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> KafkaBroker:
         """Adopt a broker started by another process (the detached CLI) so it can be probed or stopped."""
-        broker = cls(version=str(state.get("version") or kafka_version()), host=str(state.get("host", "127.0.0.1")))
+        broker = cls(
+            version=str(state.get("version") or kafka_version()),
+            host=str(state.get("host", "127.0.0.1")),
+            heap=str(state.get("heap") or "512m"),
+        )
         broker.pid = int(state["pid"]) if state.get("pid") else None
         broker.port = int(state["port"]) if state.get("port") else None
         broker.controller_port = int(state["controller_port"]) if state.get("controller_port") else None
@@ -479,6 +512,12 @@ class KafkaBroker:
         return broker
 
     # -- internals -----------------------------------------------------------------------------------------
+
+    def _terminate(self) -> None:
+        if self.pid is not None:
+            terminate(self.pid, self._proc, self.stop_timeout)
+        self.pid = None
+        self._proc = None
 
     def _properties(self, data_dir: Path) -> dict[str, str]:
         port, cport = self.port, self.controller_port
@@ -498,6 +537,13 @@ class KafkaBroker:
             "auto.create.topics.enable": "true",
             "delete.topic.enable": "true",
             "group.initial.rebalance.delay.ms": "0",
+            # The consumer group protocol (KIP-848) moves assignments with heartbeats: 5 s by default, which would
+            # make every rebalance in a test take seconds; and a dead member holds its partitions for the session
+            # timeout, 45 s by default: 10 s, like the classic session the crash tests' workers use.
+            "group.consumer.min.heartbeat.interval.ms": "250",
+            "group.consumer.heartbeat.interval.ms": "500",
+            "group.consumer.min.session.timeout.ms": "6000",
+            "group.consumer.session.timeout.ms": "10000",
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "1",
             "transaction.state.log.replication.factor": "1",
@@ -538,7 +584,15 @@ class KafkaBroker:
         if fmt.returncode != 0:
             output = (fmt.stdout + fmt.stderr).decode("utf-8", errors="replace")[-4000:]
             raise KafkaError(f"formatting Kafka storage failed ({fmt.returncode}):\n{output}")
+        return self._launch(java, libs, deadline, last_attempt=last_attempt)
 
+    def _launch(self, java: str, libs: Path, deadline: float, *, last_attempt: bool) -> bool:
+        """Run the broker on the storage and ``server.properties`` already in ``work_dir``."""
+        assert self.work_dir is not None
+        work = self.work_dir
+        props_path = work / "server.properties"
+        log4j = work / "log4j2.properties"
+        common = ["-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{libs}/*"]
         log_path = work / "broker.log"
         cmd = [
             java, f"-Xms{self.heap}", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
@@ -595,12 +649,18 @@ def _running_from_state() -> KafkaBroker | None:
     return broker if broker.is_running() else None
 
 
-def _cli_start(args: argparse.Namespace) -> int:
-    existing = _running_from_state()
-    if existing is not None:
-        print(f"KAFKA_BROKERS={existing.bootstrap_servers}")
-        return 0
-    broker = KafkaBroker(version=args.version, heap=args.heap, start_timeout=args.timeout)
+def _recorded() -> KafkaBroker | None:
+    """The broker the state file names, with a stale PID dropped (never signal a PID that is no longer ours)."""
+    state = read_state(_state_file())
+    if state is None:
+        return None
+    broker = KafkaBroker.from_state(state)
+    if broker.pid is not None and not broker.is_running():
+        broker.pid = None
+    return broker
+
+
+def _boot_and_record(broker: KafkaBroker, action: str) -> int:
     try:
         broker.start()
     except ServiceError as exc:
@@ -608,7 +668,7 @@ def _cli_start(args: argparse.Namespace) -> int:
         return 1
     write_state(_state_file(), broker.to_state())
     print(
-        f"started Kafka {broker.version} pid={broker.pid} in {broker.startup_seconds:.1f}s; log: {broker.log_path}",
+        f"{action} Kafka {broker.version} pid={broker.pid} in {broker.startup_seconds:.1f}s; log: {broker.log_path}",
         file=sys.stderr,
     )
     print(f"KAFKA_BROKERS={broker.bootstrap_servers}")
@@ -617,15 +677,44 @@ def _cli_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli_stop(_: argparse.Namespace) -> int:
+def _cli_start(args: argparse.Namespace) -> int:
+    recorded = _recorded()
+    if recorded is not None and recorded.is_running():
+        print(f"KAFKA_BROKERS={recorded.bootstrap_servers}")
+        return 0
+    if recorded is not None and recorded.has_storage():
+        # Stopped with --keep-data (or crashed): bring the same broker back, same ports, same data.
+        recorded.start_timeout = args.timeout
+        return _boot_and_record(recorded, "restarted")
+    return _boot_and_record(KafkaBroker(version=args.version, heap=args.heap, start_timeout=args.timeout), "started")
+
+
+def _cli_restart(args: argparse.Namespace) -> int:
+    recorded = _recorded()
+    if recorded is None or not recorded.has_storage():
+        print("Kafka: nothing to restart (no broker started from the CLI of this checkout)", file=sys.stderr)
+        return 1
+    recorded.start_timeout = args.timeout
+    try:
+        recorded.halt()
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return _boot_and_record(recorded, "restarted")
+
+
+def _cli_stop(args: argparse.Namespace) -> int:
     state_file = _state_file()
-    state = read_state(state_file)
-    if state is None:
+    broker = _recorded()
+    if broker is None:
         print("Kafka: nothing started from the CLI is recorded", file=sys.stderr)
         return 0
-    broker = KafkaBroker.from_state(state)
-    if broker.pid is not None and not broker.is_running():
-        broker.pid = None  # stale: never signal a PID that no longer belongs to our broker
+    if args.keep_data:
+        broker.halt()
+        if broker.has_storage():
+            write_state(state_file, {**broker.to_state(), "pid": None})
+            print(f"Kafka: stopped; data and ports kept for `start` ({broker.work_dir})", file=sys.stderr)
+            return 0
     broker.stop()
     state_file.unlink(missing_ok=True)
     print("Kafka: stopped", file=sys.stderr)
@@ -667,7 +756,12 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--heap", default="512m")
     start.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the broker to answer")
     start.set_defaults(func=_cli_start)
-    sub.add_parser("stop", help="stop the CLI-started broker and delete its data").set_defaults(func=_cli_stop)
+    stop = sub.add_parser("stop", help="stop the CLI-started broker and delete its data")
+    stop.add_argument("--keep-data", action="store_true", help="keep data and ports: the next `start` resumes it")
+    stop.set_defaults(func=_cli_stop)
+    restart = sub.add_parser("restart", help="stop and start the CLI-started broker, keeping its data and ports")
+    restart.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the broker to answer")
+    restart.set_defaults(func=_cli_restart)
     sub.add_parser("status", help="exit 0 and print KAFKA_BROKERS if it answers").set_defaults(func=_cli_status)
     fetch = sub.add_parser("fetch", help="only resolve the broker jars into the cache")
     fetch.add_argument("--version", default=None)

@@ -6,7 +6,8 @@ impossible, so each ``RedisServer`` runs its own process with its own data folde
 
 CLI (the server outlives the ``start`` call; ``stop`` finds it again through a state file)::
 
-    python tools/services/redis.py start [--appendonly]   # prints REDIS_HOST=127.0.0.1:NNNN
+    python tools/services/redis.py start [--appendonly]   # prints REDIS_HOST=127.0.0.1:NNNN (what RSMQ reads)
+    python tools/services/redis.py restart                # same port, same folder (data kept with --appendonly)
     python tools/services/redis.py status
     python tools/services/redis.py stop
 """
@@ -343,6 +344,28 @@ def _cli_stop(_: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_restart(args: argparse.Namespace) -> int:
+    state_file = _state_file()
+    state = read_state(state_file)
+    if state is None or not state.get("work_dir") or not Path(state["work_dir"]).is_dir():
+        print("Redis: nothing to restart (no server started from the CLI of this checkout)", file=sys.stderr)
+        return 1
+    server = RedisServer.from_state(state)
+    server.start_timeout = args.timeout
+    if server.pid is not None and not server.is_running():
+        server.pid = None  # stale: never signal a PID that no longer belongs to our server
+    try:
+        server.restart()
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    write_state(state_file, server.to_state())
+    print(f"restarted redis-server pid={server.pid}; log: {server.log_path}", file=sys.stderr)
+    print(f"REDIS_HOST={server.host}:{server.port}")
+    warnings.simplefilter("ignore", ResourceWarning)
+    return 0
+
+
 def _cli_status(_: argparse.Namespace) -> int:
     server = _running_from_state()
     if server is None or not server.ping():
@@ -362,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     start.set_defaults(func=_cli_start)
     sub.add_parser("stop", help="stop the CLI-started server and delete its data").set_defaults(func=_cli_stop)
     sub.add_parser("status", help="exit 0 and print REDIS_HOST if it answers").set_defaults(func=_cli_status)
+    restart = sub.add_parser("restart", help="stop and start again on the same port and folder")
+    restart.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for PING")
+    restart.set_defaults(func=_cli_restart)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

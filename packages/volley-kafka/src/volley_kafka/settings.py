@@ -65,6 +65,17 @@ PRODUCER_ONLY = frozenset({
 })
 
 
+# The consumer group protocols librdkafka speaks. Under ``consumer`` (KIP-848) the broker runs the group: the
+# client rejects the classic protocol's member-side settings, so Volley never sets them and names the fix when a
+# user does (librdkafka's own error only surfaces when the client is built, without the queue's name).
+GROUP_PROTOCOLS = ("classic", "consumer")
+CLASSIC_ONLY = {
+    "session.timeout.ms": "the broker's group.consumer.session.timeout.ms (or a group config) sets it",
+    "heartbeat.interval.ms": "the broker's group.consumer.heartbeat.interval.ms (or a group config) sets it",
+    "partition.assignment.strategy": "choose the broker-side assignor with group.remote.assignor instead",
+}
+
+
 @dataclass(frozen=True)
 class ConsumerSettings:
     topics: tuple[str, ...]
@@ -193,6 +204,7 @@ def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
     consumer_side.setdefault("auto.offset.reset", "earliest")  # py-volley's default
     consumer_side.setdefault("enable.partition.eof", False)
     consumer_side.pop("auto.commit.interval.ms", None)
+    _check_group_protocol(consumer_side, queue)
 
     transactional_id: str | None = None
     if exactly_once:
@@ -225,6 +237,25 @@ def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
         transactional_id=transactional_id,
         producer_librdkafka=_producer_defaults(producer_side),
     )
+
+
+def _check_group_protocol(config: dict[str, Any], queue: QueueSpec) -> None:
+    protocol = str(config.get("group.protocol", "classic")).strip().lower()
+    if protocol not in GROUP_PROTOCOLS:
+        raise ConfigurationError(
+            f"queue {queue.name!r}: group.protocol must be one of {', '.join(GROUP_PROTOCOLS)}, "
+            f"got {config['group.protocol']!r}"
+        )
+    if protocol != "consumer":
+        return
+    rejected = [key for key in CLASSIC_ONLY if key in config]
+    if rejected:
+        reasons = "; ".join(f"{key}: {CLASSIC_ONLY[key]}" for key in rejected)
+        raise ConfigurationError(
+            f"queue {queue.name!r}: {', '.join(rejected)} cannot be set with group.protocol=consumer (KIP-848), "
+            f"where the broker runs the consumer group ({reasons}). Remove {'them' if len(rejected) > 1 else 'it'} "
+            "from the queue's config, or set group.protocol=classic to keep the classic protocol"
+        )
 
 
 def _producer_defaults(config: dict[str, Any]) -> dict[str, Any]:
