@@ -290,3 +290,27 @@ def test_work_queued_for_a_revoked_partition_is_dropped_even_past_the_revoke_dea
     report, revoked_at = asyncio.run(main())
     assert [n for n, at in calls if at > revoked_at] == [], "handled after its partition was given up"
     assert report.abandoned == 4 and report.acked == 1, report
+
+
+def test_an_ack_cut_off_past_the_deadline_is_not_counted_as_acked() -> None:
+    """An acknowledgement still in progress when shutdown's time is up is cancelled: its inputs are reported
+    abandoned (they may be delivered again), not acked."""
+
+    class HangingAck(MemoryConsumer):
+        async def ack(self, envelopes: Sequence[Envelope]) -> None:
+            await asyncio.sleep(30)
+
+    broker = MemoryBroker()
+    publish(broker, 3)
+    engine = make_engine(broker, Connector(broker, HangingAck), consume_batch_size=3,
+                         shutdown_timeout_seconds=0.2)
+
+    @engine.stream_app
+    def handler(item: Item) -> bool:
+        return True
+
+    started = time.monotonic()
+    report = asyncio.run(asyncio.wait_for(handler.run_async(max_messages=3), 20))
+    assert time.monotonic() - started < 10
+    assert report.acked == 0 and report.abandoned == 3, report
+    assert report.settled == report.consumed

@@ -1,7 +1,8 @@
 """Acknowledging: settled inputs reach the consumer in batches, acks and give-backs alike.
 
-An ack in progress is never cut off: shutdown asks the acker to finish (``close``) and waits for it, so an
-input counted as acked has reached the consumer's ``ack`` by the time the run returns.
+An ack in progress is not cut off within the shutdown deadline: shutdown asks the acker to finish (``close``) and
+waits for it, so an input counted as acked has reached the consumer's ``ack`` by the time the run returns. One
+still hanging past the deadline is cancelled, and its inputs are counted abandoned instead (they may come again).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class Acker:
             acks, self.acks = self.acks, []
             try:
                 await self.consumer.ack(acks)
+            except asyncio.CancelledError:
+                # Cut off past the shutdown deadline: not known to be acknowledged, so not counted as acked.
+                self.report.acked -= len(acks)
+                self.report.abandoned += len(acks)
+                raise
             except Exception as exc:
                 logger.error("%s: acknowledging %d message(s) failed: %s; they will be delivered again",
                              self.app_name, len(acks), exc)

@@ -173,7 +173,7 @@ class Run:
         """Wait for a stop request or for a task of the run to end; why a task ended early, if one did."""
         assert self._stopped is not None
         waiter = asyncio.create_task(self._stopped.wait())
-        watched = {waiter, tasks["fetch"], tasks["process"], tasks["ack"]}
+        watched = {waiter, *tasks.values()}
         try:
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
