@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from volley.message import Envelope, to_bytes
-from volley.testing import AppResult
+from volley.testing import AppResult, rehome
 from volley_sqlite import admin
 
 if TYPE_CHECKING:  # only for annotations: the engine's modules are free to move things around
@@ -47,19 +47,10 @@ class SqliteHarness:
             path = Path(self._tempdir) / "queues.sqlite3"
         self.path = os.fspath(path)
         self.partitions = partitions
-        original = app.engine
-        config: dict[str, Any] = {}
-        for name, settings in original.queue_config.items():
-            moved = {k: v for k, v in settings.items() if k not in ("consumer", "producer", "connector", "config")}
-            moved["connector"] = "sqlite"
-            # Short polls and leases: tests should not wait for a production-sized visibility timeout.
-            moved["config"] = {"path": self.path, "partitions": partitions, "poll_interval_seconds": 0.01,
-                               "vt": 5.0}
-            config[name] = moved
-        overrides = {"metrics_port": None, "poll_interval_seconds": 0.05, "retry_backoff_seconds": 0.0,
-                     **engine_overrides}
-        self.engine = original.with_queue_config(config, **overrides)
-        self.app = self.engine.stream_app(app.func)
+        # Short polls and leases: tests should not wait for a production-sized visibility timeout.
+        self.app = rehome(app, "sqlite", {"path": self.path, "partitions": partitions, "poll_interval_seconds": 0.01,
+                                          "vt": 5.0}, **engine_overrides)
+        self.engine = self.app.engine
 
     def send(self, message: Any, *, key: str | bytes | None = None, headers: Mapping[str, Any] | None = None,
              raw: bool = False) -> None:

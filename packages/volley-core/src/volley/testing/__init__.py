@@ -28,7 +28,22 @@ from volley.memory import MemoryBroker
 from volley.message import Envelope, to_bytes
 from volley.run import RunReport
 
-__all__ = ["AppResult", "Harness", "harness", "run_until_idle"]
+__all__ = ["AppResult", "Harness", "harness", "rehome", "run_until_idle"]
+
+
+def rehome(app: StreamApp, connector: str, config: Mapping[str, Any], **engine_overrides: Any) -> StreamApp:
+    """``app`` with every queue moved to ``connector`` (with ``config``) and test-friendly engine settings:
+    no metrics port, short polls, no retry backoff (``engine_overrides`` win). Codecs and models stay."""
+    original = app.engine
+    queues: dict[str, Any] = {}
+    for name, settings in original.queue_config.items():
+        moved = {k: v for k, v in settings.items() if k not in ("consumer", "producer", "connector", "config")}
+        moved["connector"] = connector
+        moved["config"] = dict(config)
+        queues[name] = moved
+    overrides = {"metrics_port": None, "poll_interval_seconds": 0.05, "retry_backoff_seconds": 0.0,
+                 **engine_overrides}
+    return original.with_queue_config(queues, **overrides).stream_app(app.func)
 
 
 @dataclass
@@ -60,17 +75,8 @@ class Harness:
 
     def __init__(self, app: StreamApp, partitions: int = 1, **engine_overrides: Any) -> None:
         self.broker = MemoryBroker(partitions=partitions)
-        original = app.engine
-        config: dict[str, Any] = {}
-        for name, settings in original.queue_config.items():
-            moved = {k: v for k, v in settings.items() if k not in ("consumer", "producer", "connector", "config")}
-            moved["connector"] = "memory"
-            moved["config"] = {"broker": self.broker}
-            config[name] = moved
-        overrides = {"metrics_port": None, "poll_interval_seconds": 0.05, "retry_backoff_seconds": 0.0,
-                     **engine_overrides}
-        self.engine = original.with_queue_config(config, **overrides)
-        self.app = self.engine.stream_app(app.func)
+        self.app = rehome(app, "memory", {"broker": self.broker}, **engine_overrides)
+        self.engine = self.app.engine
 
     def send(self, message: Any, *, key: str | bytes | None = None, headers: Mapping[str, Any] | None = None,
              raw: bool = False) -> None:
