@@ -33,6 +33,25 @@ def test_redis_host_environment_variable(monkeypatch: pytest.MonkeyPatch) -> Non
     assert parse_settings({"host": "other", "port": "7000"}, "q", "input").port == 7000  # config wins
 
 
+def test_redis_host_accepts_what_the_test_tooling_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REDIS_HOST as a URL or a bracketed IPv6 address, and REDIS_PORT beside a bare host: the forms the service
+    tooling and the pytest plugin read must mean the same server to the connector."""
+    monkeypatch.setenv("REDIS_HOST", "redis://cache.internal:6390/0")
+    assert (parse_settings({}, "q", "input").host, parse_settings({}, "q", "input").port) == ("cache.internal", 6390)
+    monkeypatch.setenv("REDIS_HOST", "[::1]:6391")
+    assert (parse_settings({}, "q", "input").host, parse_settings({}, "q", "input").port) == ("::1", 6391)
+    monkeypatch.setenv("REDIS_HOST", "redis.internal")
+    monkeypatch.setenv("REDIS_PORT", "6392")
+    assert parse_settings({}, "q", "input").port == 6392
+    monkeypatch.setenv("REDIS_HOST", "redis.internal:6393")
+    assert parse_settings({}, "q", "input").port == 6393  # a port in REDIS_HOST wins over REDIS_PORT
+    assert parse_settings({"host": "other"}, "q", "input").port == 6379  # a configured host ignores the env
+    monkeypatch.setenv("REDIS_PORT", "many")
+    monkeypatch.setenv("REDIS_HOST", "redis.internal")
+    with pytest.raises(ConfigurationError, match="REDIS_PORT"):
+        parse_settings({}, "q", "input")
+
+
 def test_missing_host_says_how_to_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_HOST", raising=False)
     with pytest.raises(ConfigurationError, match="REDIS_HOST"):

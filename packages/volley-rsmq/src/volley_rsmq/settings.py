@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from volley.errors import ConfigurationError
 
@@ -74,24 +75,50 @@ def _host_and_port(config: Mapping[str, Any]) -> tuple[str, int]:
     host = config.get("host")
     port = config.get("port")
     if not host:
-        env = os.environ.get("REDIS_HOST", "").strip()
-        if not env:
-            raise ConfigurationError(
-                "RSMQ needs a Redis host: set 'host' (and 'port') in the queue's config, or the REDIS_HOST "
-                "environment variable (host or host:port)"
-            )
-        host = env
+        return _host_from_environment()
     host = str(host)
     if port is None and host.count(":") == 1:  # "host:port"; a bare IPv6 address has several colons
         host, _, port_text = host.partition(":")
         port = port_text
+    return host, _port(port if port is not None else 6379, "RSMQ config 'port'")
+
+
+def _host_from_environment() -> tuple[str, int]:
+    """REDIS_HOST as ``host``, ``host:port``, ``[v6]:port`` or ``redis://host:port``; REDIS_PORT beside a bare host
+    (the same forms the project's service tooling prints and its pytest plugin reads)."""
+    value = os.environ.get("REDIS_HOST", "").strip()
+    if not value:
+        raise ConfigurationError(
+            "RSMQ needs a Redis host: set 'host' (and 'port') in the queue's config, or the REDIS_HOST "
+            "environment variable (host, host:port or redis://host:port)"
+        )
+    default_port = os.environ.get("REDIS_PORT", "").strip() or 6379
+    if "://" in value:
+        parts = urlsplit(value)
+        try:
+            url_port = parts.port
+        except ValueError:
+            raise ConfigurationError(f"REDIS_HOST={value!r} has an invalid port") from None
+        return parts.hostname or "127.0.0.1", _port(url_port or default_port, "REDIS_PORT")
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest.startswith(":"):
+            return host, _port(rest[1:], "REDIS_HOST's port")
+        return host, _port(default_port, "REDIS_PORT")
+    if value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        return host, _port(port_text, "REDIS_HOST's port")
+    return value, _port(default_port, "REDIS_PORT")
+
+
+def _port(value: Any, what: str) -> int:
     try:
-        port_number = int(port) if port is not None else 6379
+        number: int = int(value)
     except (TypeError, ValueError):
-        raise ConfigurationError(f"RSMQ config 'port' must be an integer, got {port!r}") from None
-    if not 0 < port_number < 65536:
-        raise ConfigurationError(f"RSMQ config 'port' must be between 1 and 65535, got {port_number}")
-    return host, port_number
+        raise ConfigurationError(f"{what} must be an integer, got {value!r}") from None
+    if not 0 < number < 65536:
+        raise ConfigurationError(f"{what} must be between 1 and 65535, got {number}")
+    return number
 
 
 @dataclass(frozen=True)
