@@ -684,3 +684,20 @@ async def test_the_start_up_check_runs_on_a_client_of_its_own(monkeypatch: pytes
         assert probes[0].closed, "the throwaway client is closed after the check"
     finally:
         await consumer.close()
+
+
+def test_a_flush_that_raises_at_close_still_stops_the_client(fake_producer: Any) -> None:
+    """release(): a KafkaException from the last flush (a fatal producer error, say) must not escape and skip the
+    rest of the close: the poller stops, the client is purged and closed, and every record has had its report."""
+    client, fake = fake_producer()
+    client.acquire()
+    reports = Reports()
+    client.produce([OutgoingMessage("out", b"v%d" % i, token=i) for i in range(5)], reports)
+    fake.set_room(5)
+    wait_until(lambda: reports.total() == 5, what="5 reports")
+    fake.flush_error = KafkaException(KafkaError(KafkaError._FATAL, "fenced"))
+    assert client.release(1.0) is True
+    assert client.closed
+    assert client._thread is None or not client._thread.is_alive(), "the poller thread stopped"
+    assert reports.ok == Counter(range(5))
+    assert client.pending() == 0

@@ -158,7 +158,7 @@ class ProducerClient:
             self.closed = True
         try:
             self.flush_blocking(timeout)
-        except TimeoutError as exc:
+        except (TimeoutError, KafkaException, RuntimeError) as exc:  # whatever it was, the close goes on
             logger.error("%s: %s; purging what is left", self.name, exc)
         self._running = False
         self._wake.set()
