@@ -8,12 +8,8 @@ never lost messages.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from services.processes import WorkerProcess, wait_for
 from volley_rsmq import RsmqClient, parse_settings
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -31,46 +28,8 @@ TOTAL = 5000
 VT = 2.0  # short, so that what a killed worker held comes back soon
 
 
-class Worker:
-    def __init__(self, host: str, port: int, source: str, output: str, pause: float, log: Path) -> None:
-        self.args = [sys.executable, str(WORKER), host, str(port), source, output, str(VT), str(pause)]
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=log)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        assert self.process.poll() is None, f"worker died on its own:\n{self.log.read_text()[-3000:]}"
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        self.process = None
-
-    def terminate(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(60)
-        self.process = None
-        return code
-
-    def ensure_alive(self) -> None:
-        assert self.process is not None and self.process.poll() is None, (
-            f"worker exited:\n{self.log.read_text()[-3000:]}")
-
-    def cleanup(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    made: list[Worker] = []
-    yield made
-    for worker in made:
-        worker.cleanup()
+def rsmq_worker(host: str, port: int, source: str, output: str, pause: float, log: Path) -> WorkerProcess:
+    return WorkerProcess([sys.executable, str(WORKER), host, str(port), source, output, str(VT), str(pause)], log)
 
 
 def seed(host: str, port: int, qname: str, count: int) -> None:
@@ -90,16 +49,6 @@ def output_ids(client: redis.Redis, qname: str) -> list[int]:
     return [json.loads(body)["id"] for body in bodies if body is not None]
 
 
-def wait_for(check: Callable[[], bool], within: float, what: str, alive: Callable[[], None] | None = None) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if alive is not None:
-            alive()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        time.sleep(0.01)
-
-
 def report(capsys: pytest.CaptureFixture[str], record_property: Callable[[str, Any], None], line: str,
            **values: Any) -> None:
     """Show the outcome in the test run's output (duplicates are reported, not hidden) and in junit properties."""
@@ -117,13 +66,13 @@ def settled(client: redis.Redis, qname_in: str, qname_out: str) -> Callable[[], 
 
 
 def test_kill_9_three_times_loses_nothing(
-    redis_server: Any, qname: str, raw_redis: redis.Redis, workers: list[Worker], tmp_path: Path,
+    redis_server: Any, qname: str, raw_redis: redis.Redis, worker_processes: list[WorkerProcess], tmp_path: Path,
     capsys: pytest.CaptureFixture[str], record_property: Callable[[str, Any], None],
 ) -> None:
     source, output = qname + "-in", qname + "-out"
     seed(redis_server.host, redis_server.port, source, TOTAL)
-    worker = Worker(redis_server.host, redis_server.port, source, output, 0.0003, tmp_path / "worker.log")
-    workers.append(worker)
+    worker = rsmq_worker(redis_server.host, redis_server.port, source, output, 0.0003, tmp_path / "worker.log")
+    worker_processes.append(worker)
     rng = random.Random()
     seed_value = rng.randrange(1 << 30)
     rng.seed(seed_value)
@@ -168,7 +117,7 @@ def restartable_redis(redis_server: Any, tmp_path: Path) -> Iterator[Any]:
 
 
 def test_redis_restart_mid_stream_loses_nothing(
-    restartable_redis: Any, qname: str, workers: list[Worker], tmp_path: Path,
+    restartable_redis: Any, qname: str, worker_processes: list[WorkerProcess], tmp_path: Path,
     capsys: pytest.CaptureFixture[str], record_property: Callable[[str, Any], None],
 ) -> None:
     server = restartable_redis
@@ -176,8 +125,8 @@ def test_redis_restart_mid_stream_loses_nothing(
     seed(server.host, server.port, source, TOTAL)
     client = redis.Redis(host=server.host, port=server.port)
     assert client.config_get("appendonly") == {"appendonly": "yes"}
-    worker = Worker(server.host, server.port, source, output, 0.0003, tmp_path / "worker.log")
-    workers.append(worker)
+    worker = rsmq_worker(server.host, server.port, source, output, 0.0003, tmp_path / "worker.log")
+    worker_processes.append(worker)
     worker.start()
     wait_for(lambda: client.zcard(f"rsmq:{output}") >= TOTAL // 3, 60, "a third of the stream", worker.ensure_alive)
     server.restart()  # SIGTERM (Redis writes its append-only file), then start again on the same port

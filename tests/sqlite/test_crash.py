@@ -9,20 +9,18 @@ means some messages are processed twice: they are counted and reported, and none
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from services.processes import WorkerProcess, wait_for
 from volley_sqlite import admin
 
 pytestmark = pytest.mark.slow
@@ -33,48 +31,8 @@ VT = 2.0  # short, so that what a killed worker held comes back soon
 IN_FLIGHT_WINDOW = 2500  # what one worker can hold unacknowledged: the engine's buffer plus a consumed batch
 
 
-class Worker:
-    def __init__(self, path: Path, source: str, output: str, pause: float, log: Path) -> None:
-        self.args = [sys.executable, str(WORKER), str(path), source, output, str(VT), str(pause)]
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.pids: list[int] = []
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=log)
-        self.pids.append(self.process.pid)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        assert self.process.poll() is None, f"worker died on its own:\n{self.log.read_text()[-3000:]}"
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        self.process = None
-
-    def terminate(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(60)
-        self.process = None
-        return code
-
-    def ensure_alive(self) -> None:
-        assert self.process is not None and self.process.poll() is None, (
-            f"worker exited:\n{self.log.read_text()[-3000:]}")
-
-    def cleanup(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    made: list[Worker] = []
-    yield made
-    for worker in made:
-        worker.cleanup()
+def sqlite_worker(path: Path, source: str, output: str, pause: float, log: Path) -> WorkerProcess:
+    return WorkerProcess([sys.executable, str(WORKER), str(path), source, output, str(VT), str(pause)], log)
 
 
 def count(path: Path, queue: str) -> int:
@@ -82,24 +40,15 @@ def count(path: Path, queue: str) -> int:
         return int(db.execute("SELECT count(*) FROM volley_messages WHERE queue = ?", (queue,)).fetchone()[0])
 
 
-def wait_for(check: Callable[[], bool], within: float, what: str, alive: Callable[[], None]) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        alive()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        time.sleep(0.02)
-
-
 def test_two_workers_kill_9_three_times_lose_nothing(
-    tmp_path: Path, workers: list[Worker], capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, worker_processes: list[WorkerProcess], capsys: pytest.CaptureFixture[str],
     record_property: Callable[[str, Any], None],
 ) -> None:
     path = tmp_path / "crash.sqlite3"
     source, output = "crash-in", "crash-out"
     admin.publish(path, source, [json.dumps({"id": i}).encode() for i in range(TOTAL)], partitions=4)
-    pair = [Worker(path, source, output, 0.0005, tmp_path / f"worker-{n}.log") for n in range(2)]
-    workers.extend(pair)
+    pair = [sqlite_worker(path, source, output, 0.0005, tmp_path / f"worker-{n}.log") for n in range(2)]
+    worker_processes.extend(pair)
     rng = random.Random()
     seed_value = rng.randrange(1 << 30)
     rng.seed(seed_value)
@@ -126,7 +75,7 @@ def test_two_workers_kill_9_three_times_lose_nothing(
     def settled() -> bool:
         return count(path, source) == 0 and count(path, output) >= TOTAL and len(set(output_ids(path, output))) == TOTAL
 
-    wait_for(settled, VT + 60, "every id in the output and the input empty", both_alive)
+    wait_for(settled, VT + 60, "every id in the output and the input empty", both_alive, every=0.02)
     assert [worker.terminate() for worker in pair] == [0, 0]
     elapsed = time.monotonic() - began
 

@@ -32,9 +32,10 @@ import pytest
 
 from services._proc import ServiceError
 from services.kafka import KafkaBroker, fetch_kafka
+from services.processes import WorkerProcess
 from services.redis import RedisServer, ensure_redis_server, ping
 
-__all__ = ["ExternalRedis", "RedisHandle", "kafka_bootstrap", "parse_redis_host", "redis_server"]
+__all__ = ["ExternalRedis", "RedisHandle", "kafka_bootstrap", "parse_redis_host", "redis_server", "worker_processes"]
 
 DEFAULT_REDIS_PORT = 6379
 
@@ -245,3 +246,12 @@ def redis_server() -> Iterator[RedisHandle]:
         yield server
     finally:
         _release(server)
+
+
+@pytest.fixture
+def worker_processes() -> Iterator[list[WorkerProcess]]:
+    """Append every WorkerProcess a test starts: whatever is still running when the test ends is killed."""
+    made: list[WorkerProcess] = []
+    yield made
+    for worker in made:
+        worker.cleanup()
