@@ -27,7 +27,16 @@ from volley.memory import MemoryBroker
 from volley.message import Envelope, MessageContext, OutgoingMessage
 from volley.run import RunReport
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str) -> str:
+    # The version comes from the installed metadata (one VERSION file for the suite), read on first use so that
+    # ``import volley`` does not pay for importlib.metadata.
+    if name == "__version__":
+        from volley.plugins import distribution_version
+
+        return distribution_version("volley-core") or "0+unknown"
+    raise AttributeError(f"module 'volley' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigurationError",

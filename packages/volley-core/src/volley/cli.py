@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from volley.apps import load_app
 from volley.engine import StreamApp
 from volley.errors import ConfigurationError
-from volley.plugins import KINDS, get_registry
+from volley.plugins import KINDS, core_requirement, distribution_version, get_registry
 from volley.run import BLOCKED_EXIT_CODE
 
 __all__ = ["load_app", "main"]  # load_app lives in volley.apps; still importable from here
@@ -84,6 +84,14 @@ def stop_with_supervisor(supervisor: int) -> None:
 
 def cmd_plugins(_: argparse.Namespace) -> int:
     registry = get_registry()
+    # Which version of each distribution registered what, and the volley-core range it was built for: the first
+    # thing to compare when a plugin misbehaves after an upgrade.
+    print("distributions:")
+    for distribution in sorted(registry.distributions()):
+        version = distribution_version(distribution) or "(not installed: source tree)"
+        requirement = core_requirement(distribution)
+        needs = f"  needs {requirement}" if requirement else ""
+        print(f"  {distribution:<28} {version}{needs}")
     for kind in KINDS:
         names = registry.names(kind)
         print(f"{kind}s:")
@@ -100,8 +108,15 @@ def cmd_demo(_: argparse.Namespace) -> int:
     return demo_main()
 
 
+def version_line() -> str:
+    """``volley --version``: volley-core's version and the Python it runs on (plugins: ``volley plugins``)."""
+    version = distribution_version("volley-core") or "(not installed: source tree)"
+    return f"volley-core {version} (Python {sys.version.split()[0]})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="volley", description="Run Volley stream apps.")
+    parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument("--log-level", default=os.environ.get("VOLLEY_LOG_LEVEL", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one or more apps (module:attribute) until SIGINT/SIGTERM")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 import pluggy
@@ -30,6 +31,8 @@ __all__ = [
     "Registry",
     "VolleySpecs",
     "build_registry",
+    "core_requirement",
+    "distribution_version",
     "get_registry",
     "hookimpl",
     "hookspec",
@@ -82,6 +85,30 @@ def provider_hint(name: str) -> str | None:
 def install_hint(requirement: str) -> str:
     """The pip command for ``requirement``, quoted when it has extras (``[`` is a glob in zsh)."""
     return f"pip install '{requirement}'" if "[" in requirement else f"pip install {requirement}"
+
+
+def distribution_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, or None when it has no installed metadata (a source tree)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def core_requirement(distribution: str) -> str | None:
+    """The ``volley-core`` range that ``distribution`` declares (``volley-core>=0.1.0,<0.2``), if any."""
+    try:
+        requirements = metadata.requires(distribution) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        head = requirement.split(";", 1)[0].strip()
+        name = head
+        for stop in "<>=!~[ (":
+            name = name.split(stop, 1)[0]
+        if name.lower().replace("_", "-") == "volley-core":
+            return head.replace(" ", "")
+    return None
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,6 @@ if TYPE_CHECKING:
         PydanticParserModelHandler,
     )
 
-__version__ = "0.1.0"
-
 _LAZY = {
     "OrjsonSerializer": "volley_serializers.orjson_serializer",
     "MsgpackSerializer": "volley_serializers.msgpack_serializer",
@@ -47,6 +45,10 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # from the installed metadata: the suite has one VERSION file
+        from volley.plugins import distribution_version
+
+        return distribution_version("volley-serializers") or "0+unknown"
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'volley_serializers' has no attribute {name!r}")
