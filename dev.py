@@ -9,6 +9,8 @@ with nox and uv, then runs the nox sessions that install everything else
     python3 dev.py test        # the whole test suite (core alone, then everything on real servers)
     python3 dev.py check       # ruff + mypy --strict
     python3 dev.py bench       # the benchmarks (name: value lines)
+    python3 dev.py build       # sdists and wheels of every distribution into dist/, checked
+    python3 dev.py docs        # the documentation site into site/
     python3 dev.py nox -s ...  # any nox session
 """
 
@@ -30,6 +32,7 @@ SHORTCUTS = {
     "check": ["-s", "lint", "typecheck"],
     "bench": ["-s", "bench"],
     "docs": ["-s", "docs"],
+    "build": ["-s", "build"],
 }
 
 
