@@ -1,18 +1,19 @@
-"""dashboards/volley.json only queries series Volley exports, with labels those series have."""
+"""The Grafana dashboard, as volley-prometheus ships it (package data), only queries series Volley exports, with
+labels those series have."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from volley_prometheus import PrometheusObserver, VolleyMetrics
-
-DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "volley.json"
+from volley_prometheus import PrometheusObserver, VolleyMetrics, dashboard_file, grafana_dashboard
 
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
                 "offset", "inf", "nan"}
@@ -92,8 +93,18 @@ def label_names(expr: str, legend: str) -> set[str]:
     return labels
 
 
+def test_the_dashboard_ships_inside_the_installed_package() -> None:
+    import volley_prometheus
+
+    package = Path(volley_prometheus.__file__).parent
+    assert Path(str(dashboard_file())) == package / "dashboards" / "volley.json"
+    done = subprocess.run([sys.executable, "-m", "volley_prometheus.dashboard"], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert json.loads(done.stdout) == grafana_dashboard()
+
+
 def test_dashboard_is_valid_grafana_json() -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
+    dashboard = grafana_dashboard()
     assert dashboard["title"]
     assert dashboard["panels"]
     ids = [panel["id"] for panel in dashboard["panels"]]
@@ -103,7 +114,7 @@ def test_dashboard_is_valid_grafana_json() -> None:
 
 def test_every_query_uses_exported_metrics_and_labels(metrics: VolleyMetrics) -> None:
     series = exported(metrics)
-    dashboard = json.loads(DASHBOARD.read_text())
+    dashboard = grafana_dashboard()
     used: set[str] = set()
     for expr, legend in queries(dashboard):
         names = metric_names(expr)
