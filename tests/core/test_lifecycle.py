@@ -785,6 +785,95 @@ def test_bug13_a_failing_call_is_not_retried_after_stop(path: str) -> None:
     assert calls[2] == 1, f"the failing call was made {calls[2]} times: retried after stop"
 
 
+def _failing_app(engine: Engine, path: str, behave: Callable[[Item], bool]) -> Any:
+    if path == "async":
+        @engine.stream_app
+        async def failing(item: Item) -> bool:
+            return behave(item)
+        return failing
+
+    @engine.stream_app
+    def failing_sync(item: Item) -> bool:
+        return behave(item)
+    return failing_sync
+
+
+def _settings(path: str) -> dict[str, Any]:
+    settings: dict[str, Any] = {"max_retries": 5, "retry_backoff_seconds": 1.0, "shutdown_timeout_seconds": 5.0}
+    if path == "thread":
+        settings["sync_handler_mode"] = "thread"
+    elif path == "inline":
+        settings["consume_batch_size"] = 1  # messages 0 and 1 calibrate, 2 runs inline
+    return settings
+
+
+@pytest.mark.parametrize("path", ["thread", "inline", "async"])
+def test_a_message_whose_retries_the_stop_cut_short_is_given_back_not_dead_lettered(path: str) -> None:
+    """Found in review: a message whose backoff wait the stop cut short went to the DLQ with four of its five
+    retries unspent (a deploy during a short outage dead-lettered work that would have succeeded), and the retry
+    that was never made was counted. It is given back unacknowledged instead, and no retry is counted."""
+    broker = MemoryBroker()
+    engine = make_engine(broker, **_settings(path))
+    seed(broker, engine, [Item(n) for n in range(3)] if path == "inline" else [Item(2)])
+    calls: Counter[int] = Counter()
+
+    def behave(item: Item) -> bool:
+        calls[item.n] += 1
+        if item.n == 2:
+            raise RuntimeError("the database is down for a moment")
+        return True
+
+    failing = _failing_app(engine, path, behave)
+
+    async def main() -> RunReport:
+        with retry_log() as log:
+            task = asyncio.ensure_future(failing.run_async())
+            await _until(lambda: calls[2] >= 1 and log.retries >= 1, 5, "the first failure and its retry warning")
+            failing.stop()  # during the first backoff (1 s)
+            report: RunReport = await asyncio.wait_for(task, 10)
+            return report
+
+    report = asyncio.run(main())
+    assert broker.produced("dlq") == [], "dead-lettered with retries left"
+    assert report.dead_lettered == 0 and report.abandoned == 1, report
+    assert report.retries == 0, f"{report.retries} retr(y/ies) counted, none was made"
+    assert broker.unacked("in") == 0 and broker.depth("in") == 1, "the input is not back in its queue"
+
+
+@pytest.mark.parametrize("path", ["thread", "async"])
+def test_a_first_failure_during_shutdown_with_retries_left_is_given_back(path: str) -> None:
+    """The same for a call that fails for the first time once the stop began: given back, not dead-lettered."""
+    broker = MemoryBroker()
+    engine = make_engine(broker, **_settings(path))
+    seed(broker, engine, [Item(2)])
+    started, release = threading.Event(), threading.Event()
+
+    def behave(item: Item) -> bool:
+        started.set()
+        if not release.wait(10):
+            raise AssertionError("never released")
+        raise RuntimeError("the database went away with the deploy")
+
+    if path == "async":
+        @engine.stream_app
+        async def failing(item: Item) -> bool:  # waits off the loop, so that the test can stop the app
+            return await asyncio.get_running_loop().run_in_executor(None, behave, item)
+    else:
+        failing = _failing_app(engine, path, behave)
+
+    async def main() -> RunReport:
+        task = asyncio.ensure_future(failing.run_async())
+        await _until(started.is_set, 5, "the handler's call")
+        failing.stop()
+        release.set()
+        report: RunReport = await asyncio.wait_for(task, 10)
+        return report
+
+    report = asyncio.run(main())
+    assert broker.produced("dlq") == [] and report.dead_lettered == 0 and report.abandoned == 1, report
+    assert broker.depth("in") == 1
+
+
 # ------------------------------------------------------------------ bug 14
 
 

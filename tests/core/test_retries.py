@@ -330,4 +330,5 @@ def test_an_output_waiting_to_be_produced_again_is_not_sent_after_shutdown() -> 
     attempts = sum(len(times) for times in producer.attempts.values())
     assert attempts == 1, "the output was produced again after the run"
     assert report.abandoned == 1 and report.acked == 0 and report.produced == 1, report
+    assert report.retries == 0, "the retry that shutdown cancelled was counted"
     assert broker.produced("out") == [] and broker.acked("in") == 0

@@ -108,24 +108,24 @@ Retried = Callable[[Token, Any, Outcome, BaseException, bool, bool], Any]
 
 def _retrier(app: RunnableApp, context: Callable[[Token], MessageContext], retry: RetryPolicy) -> Retried:
     call, wants_context = app.call, app.wants_context
-    should_retry, wait_blocking = retry.should_retry, retry.wait_blocking
+    should_retry, give_up, wait_blocking = retry.should_retry, retry.give_up, retry.wait_blocking
 
     def retried(token: Token, message: Any, out: Outcome, error: BaseException, wait: bool, decided: bool) -> Any:
         """After a failed call (the cold path): the retries the policy allows. The handler's result; FAILED once
-        ``out`` has the failure; or ``Moved`` when a retry is due but ``wait`` is false (the loop must not
-        sleep). ``decided``: the policy already allowed the first retry (the call failed inline)."""
+        ``out`` has the failure (or the input given back); or ``Moved`` when a retry is due but ``wait`` is false
+        (the loop must not sleep). ``decided``: the policy already allowed the first retry (it failed inline)."""
         failures = 1
         while True:
             if not decided and not should_retry(token, failures, error):
-                out.failures.append((token, "handler", error))
+                give_up(token, failures, error, out)
                 return FAILED
             decided = False
             if not wait:
                 return Moved(error, message)
-            out.retries += 1
             if not wait_blocking(failures):  # stopping: no retry after the wait
-                out.failures.append((token, "handler", error))
+                give_up(token, failures, error, out)
                 return FAILED
+            out.retries += 1
             try:
                 return call(message, context(token)) if wants_context else call(message)
             except (Exception, asyncio.CancelledError) as exc:  # the handler's failure, CancelledError included
@@ -187,10 +187,11 @@ def _resumer(interpret: Callable[[Token, Any, Outcome], None],
 def _async_caller(app: RunnableApp, context: Callable[[Token], MessageContext],
                   retry: RetryPolicy) -> Callable[[Token, Any, Outcome], Awaitable[Any]]:
     call, wants_context = app.call, app.wants_context
-    should_retry, wait_async = retry.should_retry, retry.wait
+    should_retry, give_up, wait_async = retry.should_retry, retry.give_up, retry.wait
 
     async def call_async(token: Token, message: Any, out: Outcome) -> Any:
-        """The handler's result, with retries, for an async handler; FAILED once ``out`` has the failure. A
+        """The handler's result, with retries, for an async handler; FAILED once ``out`` has the failure (or the
+        input given back). A
         CancelledError is ours (re-raised) only when this task is being cancelled; one the handler raised on
         its own (it awaited something someone else cancelled) is its failure."""
         failures = 0
@@ -206,12 +207,12 @@ def _async_caller(app: RunnableApp, context: Callable[[Token], MessageContext],
                 error = exc
             failures += 1
             if not should_retry(token, failures, error):
-                out.failures.append((token, "handler", error))
+                give_up(token, failures, error, out)
+                return FAILED
+            if not await wait_async(failures):
+                give_up(token, failures, error, out)
                 return FAILED
             out.retries += 1
-            if not await wait_async(failures):
-                out.failures.append((token, "handler", error))
-                return FAILED
 
     return call_async
 

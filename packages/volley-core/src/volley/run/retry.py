@@ -2,7 +2,9 @@
 
 Used by every way a handler runs (inline, on the handler thread, in async lanes); only the way of waiting
 differs (blocking on the thread, awaiting on the loop). Once the run is stopping, a failing call is not retried:
-neither before the backoff wait nor after a wait that the stop cut short.
+neither before the backoff wait nor after a wait that the stop cut short. Such a message is given back
+unacknowledged (delivered again), not dead-lettered: only a message whose retries are spent is a dead letter.
+A retry is counted when its call is made, not when it is decided.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from volley.run.stopping import StopSignal
-from volley.run.tokens import Token, describe, reason_of
+from volley.run.tokens import Outcome, Token, describe, members_of, reason_of
 
 logger = logging.getLogger("volley")
 
@@ -35,6 +37,17 @@ class RetryPolicy:
         logger.warning("%s: handler failed on %s (%s); retry %d of %d", self.app_name, describe(token),
                        reason_of(exc), failures, self.max_retries)
         return True
+
+    def give_up(self, token: Token, failures: int, exc: BaseException, out: Outcome) -> None:
+        """``token``'s call failed ``failures`` times and is not called again. Its retries spent: a handler failure
+        (dead-lettered). Cut short by the stop: given back unacknowledged, to be handled again after the restart."""
+        if failures > self.max_retries:
+            out.failures.append((token, "handler", exc))
+            return
+        logger.warning("%s: handler failed on %s (%s) while shutting down, with retries left; not dead-lettered: "
+                       "it stays unacknowledged and will be delivered again", self.app_name, describe(token),
+                       reason_of(exc))
+        out.abandoned += len(members_of(token))
 
     def wait_blocking(self, attempt: int) -> bool:
         """On the handler thread: wait before retry ``attempt``; False if the run began stopping meanwhile."""

@@ -99,7 +99,7 @@ class Settlement:
 
     def _observe(self, out: Outcome) -> None:
         observer, name = self.observer, self.app_name
-        ok = out.handled - len(out.failures)
+        ok = out.handled - len(out.failures) - out.abandoned
         if ok > 0:
             observer.on_consumed(name, "success", ok)
         if out.failures:
@@ -213,7 +213,6 @@ class Settlement:
             delay = self.backoff(attempts)
             logger.warning("%s: delivery to %s failed (%s); retrying in %.2f s (attempt %d of %d)", self.app_name,
                            message.topic, reason_of(exc), delay, attempts, self.max_retries)
-            self.report.retries += 1
             assert self._loop is not None
             timer = self._loop.call_later(delay, self._produce_again, slot, message)
             self._retrying[message] = (attempts, timer)
@@ -235,6 +234,7 @@ class Settlement:
             self._retrying.pop(message, None)
             return
         self._retrying[message] = (attempts, None)
+        self.report.retries += 1  # counted when made: a retry the shutdown cancelled is none
         self._produce(slot, [message], first=False)
 
     def _failed_for_good(self, token: Token, error: DeliveryError) -> None:
