@@ -1,19 +1,25 @@
-"""Kafka -> Kafka benchmark on a real Apache Kafka broker: a hand-written confluent-kafka loop, Volley, py-volley.
+"""Kafka -> Kafka benchmark on a real Apache Kafka broker: two hand-written ceilings, Volley, py-volley.
 
 200,000 JSON orders of about 200 bytes in a 4-partition topic; each run reads them all with a consumer group of
-its own and writes one output per input to a topic of its own, doing the same work per message: orjson decode,
-Pydantic v2 validation of ``Order``, the handler (builds an ``Enriched``), JSON-mode dump, orjson encode, produce.
+its own and writes one output per input to a topic of its own, doing the same work per message (``_kafka.py``):
+orjson decode, Pydantic v2 validation of ``Order``, the handler (builds an ``Enriched``), JSON-mode dump, orjson
+encode, produce.
 
-(a) the ceiling: a hand-written confluent-kafka loop with batched consume (500), produce, ``poll(0)`` and an
-    asynchronous commit per batch (it does not wait for delivery before committing: faster, and not safe);
-(b) Volley, the ``confluent`` profile with its default settings (idempotent producer, commits only what was
-    delivered);
-(c) py-volley 1.3.1 with its ``confluent`` profile, in its own virtualenv (``benchmarks/_pyvolley.py``), as a
+(a) the simple ceiling: a hand-written confluent-kafka loop that commits without waiting for delivery and never
+    overlaps fetching with processing (``_kafka_ceilings.simple``);
+(b) the pipelined ceiling: the best hand-written program with Volley's safety, a fetch thread feeding the
+    processing thread through a bounded queue, offsets stored after delivery reports and committed
+    asynchronously (``_kafka_ceilings.pipelined``);
+(c) Volley, the ``confluent`` profile with its default settings (idempotent producer, commits only what was
+    delivered), then the ``confluent-eos`` profile (exactly-once: one transaction per consumed batch), whose
+    output a ``read_committed`` reader counts in the same run (every output once, no duplicate);
+(d) py-volley 1.3.1 with its ``confluent`` profile, in its own virtualenv (``benchmarks/_pyvolley.py``), as a
     subprocess, over the first 30,000 messages (it is two orders of magnitude slower), timed from its first
     output to its 30,000th.
 
-(a) and (b) are timed from the first message consumed to the last output delivered and its input committed;
-they run three times each, alternating, and the best of each is compared (the median is printed too).
+(a)-(c) are timed from the first message consumed to the last output delivered and its input committed; each
+run checks every output was written and no lag is left. They run three times each, alternating, and the best
+of each is compared (the median is printed too).
 Then end-to-end latency at a steady 2,000 msg/s through Volley, from the broker's append time of each input to
 that of its output (``LogAppendTime`` on both topics): ``kafka.latency_p50_ms`` / ``kafka.latency_p99_ms`` over
 10 s, after 3 s at the same rate that are not counted (``kafka.latency_p99_with_warmup_ms`` counts them). The
@@ -22,15 +28,17 @@ producer; ``kafka.latency_from_send_*`` also count its own produce delay (from t
 payload: up to the 5 ms linger, so these figures are not comparable with runs before that setting).
 
 Broker: ``KAFKA_BROKERS`` when set, otherwise a private one from ``tools/services/kafka.py``. Prints
-``name: value`` lines, among them ``kafka.volley_msgs_per_s``, ``kafka.ceiling_msgs_per_s``,
-``kafka.pyvolley_msgs_per_s``, ``kafka.efficiency`` (b / a, target >= 0.70), ``kafka.vs_pyvolley`` (b / c,
-target >= 10), ``kafka.latency_p50_ms`` and ``kafka.latency_p99_ms`` (target p99 <= 50 ms).
+``name: value`` lines, among them ``kafka.ceiling_msgs_per_s`` (a), ``kafka.ceiling_pipelined_msgs_per_s`` (b),
+``kafka.volley_msgs_per_s``, ``kafka.efficiency`` (c / the better of a and b, target >= 0.85),
+``kafka.vs_pyvolley`` (c / d, target >= 10), ``kafka.eos_msgs_per_s``, ``kafka.eos_over_alo`` (target >= 0.6),
+``kafka.eos_duplicates`` (must be 0), ``kafka.latency_p50_ms`` and ``kafka.latency_p99_ms`` (target p99 <=
+50 ms). The peers (Quix Streams, FastStream, faust-streaming) are ``bench_peers.py``: ``python3 dev.py bench
+peers``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import statistics
@@ -40,58 +48,19 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-N = 200_000
+import _kafka_ceilings
+from _kafka import HERE, PARTITIONS, Cluster, N, kafka_address, payload, write_model
+
 PYVOLLEY_N = 30_000
-PARTITIONS = 4
-BATCH = 500
-REPEATS = 3  # (a) and (b) alternate; the best of each is compared, which discounts interference from
-# whatever else the machine runs meanwhile
+REPEATS = 3  # the ceilings and Volley alternate; the best of each is compared, which discounts interference
+# from whatever else the machine runs meanwhile
 LATENCY_RATE = 2_000  # msg/s
 LATENCY_SECONDS = 10.0  # measured, after
 LATENCY_WARMUP_SECONDS = 3.0  # at the same rate, not counted: the broker's JIT compiles its produce and fetch
 # paths for the new load in these first seconds, and on two cores that stalls everything running beside it
-HERE = Path(__file__).resolve().parent
-
-# The data model, as a module of its own so that py-volley (another venv) imports the very same classes.
-MODEL_SOURCE = textwrap.dedent('''
-    from datetime import datetime
-
-    from pydantic import BaseModel
-
-
-    class Order(BaseModel):
-        order_id: int
-        customer: str
-        amount: float
-        currency: str
-        created_at: datetime
-        tags: list[str]
-        note: str | None = None
-        sent_at: float | None = None
-
-
-    class Enriched(BaseModel):
-        order_id: int
-        customer: str
-        amount_cents: int
-        currency: str
-        created_at: datetime
-        tags: list[str]
-        priority: bool
-        sent_at: float | None = None
-        input_appended_at: float | None = None
-
-
-    def handle(order: Order) -> Enriched:
-        return Enriched(order_id=order.order_id, customer=order.customer, amount_cents=round(order.amount * 100),
-                        currency=order.currency, created_at=order.created_at, tags=order.tags,
-                        priority=order.amount > 1000, sent_at=order.sent_at)
-''')
-
 PYVOLLEY_WORKER = textwrap.dedent('''
     import logging
     import sys
@@ -157,159 +126,26 @@ GENERATOR = textwrap.dedent('''
 ''')
 
 
-@contextlib.contextmanager
-def kafka_address() -> Iterator[str]:
-    external = os.environ.get("KAFKA_BROKERS", "").strip()
-    if external:
-        yield external
-        return
-    sys.path.insert(0, str(HERE.parent / "tools"))
-    from services.kafka import KafkaBroker
-
-    with KafkaBroker() as broker:
-        yield broker.bootstrap_servers
-
-
-def write_model(directory: Path) -> None:
-    (directory / "bench_kafka_model.py").write_text(MODEL_SOURCE)
+def write_programs(directory: Path) -> None:
+    write_model(directory)
     (directory / "bench_pyvolley_kafka_worker.py").write_text(PYVOLLEY_WORKER)
     (directory / "bench_kafka_generator.py").write_text(GENERATOR)
 
 
-def payload(i: int, sent_at: float | None = None) -> bytes:
-    import orjson
+class EosResult:
+    """An exactly-once run: its throughput, and what a read_committed reader of its output saw."""
 
-    order: dict[str, Any] = {
-        "order_id": i, "customer": f"customer-{i % 997:04d}", "amount": (i % 10_000) / 7, "currency": "EUR",
-        "created_at": "2026-11-28T08:00:00+00:00", "tags": ["web", "eu", f"t{i % 13}"],
-        "note": "deliver to the back door, please" if i % 3 else None,
-    }
-    if sent_at is not None:
-        order["sent_at"] = sent_at
-    return bytes(orjson.dumps(order))
+    def __init__(self, rate: float, transactions: int, elapsed: float, duplicates: int) -> None:
+        self.rate, self.transactions, self.elapsed, self.duplicates = rate, transactions, elapsed, duplicates
 
-
-class Cluster:
-    """Topics, seeding and counting with plain confluent-kafka clients."""
-
-    def __init__(self, brokers: str) -> None:
-        from confluent_kafka.admin import AdminClient
-
-        self.brokers = brokers
-        self.admin = AdminClient({"bootstrap.servers": brokers})
-        self._counter: Any = None
-
-    def topic(self, label: str, config: dict[str, str] | None = None) -> str:
-        from confluent_kafka.admin import NewTopic
-
-        name = f"bench-{label}-{uuid.uuid4().hex[:8]}"
-        futures = self.admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1,
-                                                     config=config or {})])
-        for future in futures.values():
-            future.result(30)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            topics = self.admin.list_topics(timeout=10).topics
-            if name in topics and len(topics[name].partitions) == PARTITIONS:
-                break
-            time.sleep(0.05)
-        return name
-
-    def seed(self, topic: str, count: int) -> None:
-        from confluent_kafka import Producer
-
-        producer = Producer({"bootstrap.servers": self.brokers, "linger.ms": 20, "batch.size": 1_000_000,
-                             "enable.idempotence": True})
-        for i in range(count):
-            while True:
-                try:
-                    producer.produce(topic, payload(i), str(i).encode())
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        if producer.flush(120):
-            raise SystemExit(f"seeding {topic} did not finish")
-
-    def count(self, topic: str) -> int:
-        """Records in the topic (the sum of its partitions' end offsets), asking again on transient errors."""
-        from confluent_kafka import Consumer, KafkaException, TopicPartition
-
-        if self._counter is None:
-            self._counter = Consumer({"bootstrap.servers": self.brokers, "group.id": "bench-counter"})
-        for attempt in range(50):
-            try:
-                return sum(self._counter.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                           for p in range(PARTITIONS))
-            except KafkaException:  # a new topic's leader not known yet, and the like
-                if attempt == 49:
-                    raise
-                time.sleep(0.1)
-        raise AssertionError("unreachable")
-
-    def lag(self, group: str, topic: str) -> int:
-        from confluent_kafka import Consumer, TopicPartition
-
-        consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": group})
-        try:
-            committed = consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
-            ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                    for p in range(PARTITIONS)]
-            return sum(end - max(tp.offset, 0) for tp, end in zip(committed, ends, strict=True))
-        finally:
-            consumer.close()
+    @property
+    def transaction_ms(self) -> float:
+        """The mean time from one transaction's commit to the next: how often outputs become visible."""
+        return self.elapsed / max(self.transactions, 1) * 1000.0
 
 
-def ceiling(cluster: Cluster, source: str) -> float:
-    """(a) A hand-written loop: batched consume, process, produce, poll(0), async commit per batch."""
-    import orjson
-    from bench_kafka_model import Order, handle
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-
-    output = cluster.topic("ceiling-out")
-    consumer = Consumer({"bootstrap.servers": cluster.brokers, "group.id": f"ceiling-{uuid.uuid4().hex[:6]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    producer = Producer({"bootstrap.servers": cluster.brokers, "enable.idempotence": True})
-    consumer.subscribe([source])
-    validate, loads, dumps = Order.model_validate, orjson.loads, orjson.dumps
-    produce, poll = producer.produce, producer.poll
-    done = 0
-    started = 0.0
-    while done < N:
-        messages = consumer.consume(BATCH, 1.0)
-        if not messages:
-            continue
-        if not started:
-            started = time.perf_counter()
-        positions: dict[int, int] = {}
-        for message in messages:
-            if message.error() is not None:
-                continue
-            body = dumps(handle(validate(loads(message.value()))).model_dump(mode="json"))
-            while True:
-                try:
-                    produce(output, body, message.key())
-                    break
-                except BufferError:
-                    poll(0.05)
-            positions[message.partition()] = message.offset() + 1
-            done += 1
-        poll(0)
-        consumer.commit(offsets=[TopicPartition(source, p, o) for p, o in positions.items()], asynchronous=True)
-    producer.flush(60)
-    try:  # what the async commits may not have sent yet; "nothing stored" means they all went out already
-        consumer.commit(asynchronous=False)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError._NO_OFFSET:
-            raise
-    elapsed = time.perf_counter() - started
-    consumer.close()
-    if cluster.count(output) != N:
-        raise SystemExit(f"ceiling loop wrote {cluster.count(output)} of {N}")
-    return N / elapsed
-
-
-def volley_run(cluster: Cluster, source: str) -> float:
-    """(b) The engine with the confluent profile and its default settings."""
+def volley_run(cluster: Cluster, source: str, n: int = N, *, exactly_once: bool = False) -> float | EosResult:
+    """(c) The engine with its default settings: the ``confluent`` profile, or ``confluent-eos``."""
     from bench_kafka_model import Enriched, Order, handle
 
     from volley import Engine
@@ -317,14 +153,15 @@ def volley_run(cluster: Cluster, source: str) -> float:
 
     if ("serializer", "orjson") not in get_registry():
         raise SystemExit("bench_kafka needs volley-serializers[orjson,pydantic] installed (profile confluent)")
-    output = cluster.topic("volley-out")
-    group = f"volley-{uuid.uuid4().hex[:6]}"
+    label = "volley-eos" if exactly_once else "volley"
+    output = cluster.topic(f"{label}-out")
+    group = f"{label}-{uuid.uuid4().hex[:6]}"
     app = Engine(
-        app_name="bench-volley",
+        app_name=f"bench-{label}",
         input_queue="in",
         output_queues=["out"],
         queue_config={
-            "in": {"value": source, "profile": "confluent", "data_model": Order,
+            "in": {"value": source, "profile": "confluent-eos" if exactly_once else "confluent", "data_model": Order,
                    "config": {"bootstrap.servers": cluster.brokers, "group.id": group}},
             "out": {"value": output, "profile": "confluent", "data_model": Enriched,
                     "config": {"bootstrap.servers": cluster.brokers}},
@@ -339,14 +176,22 @@ def volley_run(cluster: Cluster, source: str) -> float:
             first.append(time.perf_counter())
         return [("out", handle(order))]
 
-    report = handler.run_until_drained(timeout=600, max_messages=N)
+    report = handler.run_until_drained(timeout=600, max_messages=n)
     elapsed = time.perf_counter() - first[0]
-    if report.acked != N or cluster.count(output) != N:
-        raise SystemExit(f"Volley run acked {report.acked}, wrote {cluster.count(output)} of {N}: {report}")
     lag = cluster.lag(group, source)
     if lag:
-        raise SystemExit(f"Volley left {lag} input(s) uncommitted")
-    return N / elapsed
+        raise SystemExit(f"Volley ({label}) left {lag} input(s) uncommitted")
+    if not exactly_once:
+        if report.acked != n or cluster.count(output) != n:
+            raise SystemExit(f"Volley run acked {report.acked}, wrote {cluster.count(output)} of {n}: {report}")
+        return n / elapsed
+    # Each committed transaction leaves one control record in every output partition it wrote to: with
+    # outputs spread over every partition, (end offsets - outputs) / partitions is the transactions' count.
+    distinct, duplicates = cluster.committed_outputs(output, n)
+    if distinct != n:
+        raise SystemExit(f"Volley ({label}) made {distinct} of {n} outputs visible to read_committed: {report}")
+    transactions = (cluster.count(output) - distinct - duplicates) // PARTITIONS
+    return EosResult(n / elapsed, transactions, elapsed, duplicates)
 
 
 def pyvolley_run(cluster: Cluster, source: str, workdir: Path) -> float:
@@ -469,29 +314,46 @@ def main() -> None:
     logging.getLogger("volley").setLevel(logging.ERROR)  # "no dead_letter_queue configured" is expected here
     with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp, kafka_address() as brokers:
         workdir = Path(tmp)
-        write_model(workdir)
+        write_programs(workdir)
         sys.path.insert(0, str(workdir))
         cluster = Cluster(brokers)
         source = cluster.topic("in")
         cluster.seed(source, N)
-        tops: list[float] = []
+        simple: list[float] = []
+        pipelined: list[float] = []
         runs: list[float] = []
+        eos: list[EosResult] = []
         for _ in range(REPEATS):
-            tops.append(ceiling(cluster, source))
-            runs.append(volley_run(cluster, source))
+            simple.append(_kafka_ceilings.simple(cluster, source, N))
+            pipelined.append(_kafka_ceilings.pipelined(cluster, source, N))
+            alo = volley_run(cluster, source)
+            exactly = volley_run(cluster, source, exactly_once=True)
+            assert isinstance(alo, float) and isinstance(exactly, EosResult)
+            runs.append(alo)
+            eos.append(exactly)
         old = pyvolley_run(cluster, source, workdir)
-        best, top = max(runs), max(tops)
+        best, top = max(runs), max(*simple, *pipelined)
+        best_eos = max(eos, key=lambda result: result.rate)
         print(f"kafka.messages: {N}")
         print(f"kafka.partitions: {PARTITIONS}")
         print(f"kafka.runs: {REPEATS}")
-        print(f"kafka.ceiling_msgs_per_s: {top:.0f}")
-        print(f"kafka.ceiling_msgs_per_s_median: {statistics.median(tops):.0f}")
+        print(f"kafka.ceiling_msgs_per_s: {max(simple):.0f}")
+        print(f"kafka.ceiling_msgs_per_s_median: {statistics.median(simple):.0f}")
+        print(f"kafka.ceiling_pipelined_msgs_per_s: {max(pipelined):.0f}")
+        print(f"kafka.ceiling_pipelined_msgs_per_s_median: {statistics.median(pipelined):.0f}")
         print(f"kafka.volley_msgs_per_s: {best:.0f}")
         print(f"kafka.volley_msgs_per_s_median: {statistics.median(runs):.0f}")
         print(f"kafka.pyvolley_messages: {PYVOLLEY_N}")
         print(f"kafka.pyvolley_msgs_per_s: {old:.0f}")
         print(f"kafka.efficiency: {best / top:.2f}")
-        print(f"kafka.vs_pyvolley: {best / old:.2f}", flush=True)
+        print(f"kafka.efficiency_vs_simple: {best / max(simple):.2f}")
+        print(f"kafka.vs_pyvolley: {best / old:.2f}")
+        print(f"kafka.eos_msgs_per_s: {best_eos.rate:.0f}")
+        print(f"kafka.eos_msgs_per_s_median: {statistics.median(result.rate for result in eos):.0f}")
+        print(f"kafka.eos_over_alo: {best_eos.rate / best:.2f}")
+        print(f"kafka.eos_transactions: {best_eos.transactions}")
+        print(f"kafka.eos_transaction_ms: {best_eos.transaction_ms:.1f}")
+        print(f"kafka.eos_duplicates: {sum(result.duplicates for result in eos)}", flush=True)
         result = latency(cluster, workdir)
         print(f"kafka.latency_rate_msgs_per_s: {LATENCY_RATE}")
         print(f"kafka.latency_samples: {result['samples']:.0f}")
