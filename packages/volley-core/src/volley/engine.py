@@ -17,17 +17,18 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from volley.config import QueueConfig, load_yaml, normalize_queue_config
+from volley.config import QueueConfig, is_none_name, load_yaml, normalize_queue_config
 from volley.errors import ConfigurationError
 from volley.observe import MultiObserver
 from volley.plugins import Registry, get_registry
-from volley.ports import CheckedConnector, Observer
+from volley.ports import CheckedConnector, Observer, Tracer
 from volley.queues import ResolvedQueue, resolve_queue
 from volley.run import BLOCKED_EXIT_CODE, Run, RunReport
 
 logger = logging.getLogger("volley")
 
 FAILURE_POLICIES = ("stop", "continue")
+TRACING_ENV = "VOLLEY_TRACING"  # names the tracer when Engine(tracing=...) does not: ops turn tracing on
 
 
 class Engine:
@@ -63,6 +64,8 @@ class Engine:
         tune_gc: bool = True,
         observers: Sequence[Observer] | None = None,
         metrics_settings: Mapping[str, Any] | None = None,
+        tracing: str | None = None,
+        tracing_settings: Mapping[str, Any] | None = None,
         registry: Registry | None = None,
     ) -> None:
         self._init_kwargs: dict[str, Any] = {
@@ -110,6 +113,7 @@ class Engine:
         # Fail now, not at start, on connector settings that cannot work.
         self._check_connectors()
         self.observer = self._build_observer(observers, metrics_settings)
+        self.tracer = self._build_tracer(tracing, tracing_settings)
 
     def _resolve_queues(self) -> dict[str, ResolvedQueue]:
         """Each queue named once, in the order input, outputs, dead letters (a name's first role wins)."""
@@ -137,6 +141,19 @@ class Engine:
                 stacklevel=3,  # the caller of Engine()
             )
         return MultiObserver(built)
+
+    def _build_tracer(self, name: str | None, settings: Mapping[str, Any] | None) -> Tracer | None:
+        """The tracer named by ``tracing`` (or the VOLLEY_TRACING environment variable); None: tracing is off."""
+        if name is None:
+            name = os.environ.get(TRACING_ENV, "").strip() or None
+        if name is None or is_none_name(name):
+            return None
+        factory = self.registry.get("tracer", name)  # unknown: says which distribution to install
+        tracer = factory(self.app_name, dict(settings or {}))
+        if not isinstance(tracer, Tracer):
+            raise ConfigurationError(f"the tracer plugin {name!r} returned {tracer!r}, which is not a "
+                                     "volley.ports.Tracer (it needs a bind(source, outputs) method)")
+        return tracer
 
     def with_queue_config(self, queue_config: Mapping[str, Any], **overrides: Any) -> Engine:
         """A copy of this Engine with other queue settings (``volley.testing`` swaps in memory queues this way)."""

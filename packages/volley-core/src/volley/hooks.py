@@ -41,3 +41,7 @@ class VolleySpecs:
     @hookspec
     def volley_register_observers(self, register: Register) -> None:
         """register(name, factory): factory(app_name, metrics_port, settings) returning a ports.Observer."""
+
+    @hookspec
+    def volley_register_tracers(self, register: Register) -> None:
+        """register(name, factory): factory(app_name, settings) returning a ports.Tracer (``Engine(tracing=name)``)."""

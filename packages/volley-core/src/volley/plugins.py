@@ -41,7 +41,7 @@ __all__ = [
     "reset_registry",
 ]
 
-KINDS = ("connector", "serializer", "model_handler", "profile", "observer")
+KINDS = ("connector", "serializer", "model_handler", "profile", "observer", "tracer")
 
 # Each hook and the kind of thing it registers.
 HOOK_KINDS: dict[str, str] = {
@@ -50,6 +50,7 @@ HOOK_KINDS: dict[str, str] = {
     "volley_register_model_handlers": "model_handler",
     "volley_register_profiles": "profile",
     "volley_register_observers": "observer",
+    "volley_register_tracers": "tracer",
 }
 
 # Names that a Volley distribution provides, so that a missing one can be named with its install command.

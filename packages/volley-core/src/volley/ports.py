@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from volley.message import Envelope, OutgoingMessage
+from volley.message import Envelope, Headers, OutgoingMessage
 
 DeliveryFailure = tuple[OutgoingMessage, BaseException]
 DeliveryCallback = Callable[[Sequence[OutgoingMessage], Sequence[DeliveryFailure]], None]
@@ -337,3 +337,60 @@ class Observer(Protocol):
     def on_depth(self, app_name: str, queue: str, depth: int) -> None: ...
 
     def on_stop(self, app_name: str) -> None: ...
+
+
+# ------------------------------------------------------------------ tracing
+# A tracer (volley-otel is one) follows each input through the run. It is named by ``Engine(tracing=...)`` and
+# registered through the ``volley_register_tracers`` hook; the engine binds it once per run and, with none
+# configured, binds nothing on the message path at all.
+
+
+@runtime_checkable
+class MessageTrace(Protocol):
+    """The trace of one input, or of one batch handled as one (volley-otel: its "process" span).
+
+    The engine calls, on the thread that handles the message: ``activate`` / ``deactivate`` around the
+    handler's work, ``retry`` per retried call, ``inject`` per output, ``fail`` once if the input failed,
+    ``dead_letter`` per letter written for it, and ``end`` exactly once.
+    """
+
+    def activate(self) -> object:
+        """Make this trace the current one while the handler runs (spans the handler starts become its children,
+        log records it writes can carry its ids); return what ``deactivate`` needs to undo it."""
+
+    def deactivate(self, activation: object) -> None: ...
+
+    def inject(self, headers: Headers | None) -> Headers:
+        """An output's headers with this trace's context added: a new dict (``headers`` stays unchanged)."""
+
+    def retry(self, attempt: int, error: BaseException) -> None:
+        """The handler call failed with ``error`` and is retried (``attempt``: 1 for the first retry)."""
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        """The input failed for good at ``stage`` (deserialize, validate, redelivery, handler, output)."""
+
+    def dead_letter(self, destination: str, headers: Headers) -> None:
+        """The input goes to the dead-letter queue ``destination`` in a letter whose ``headers`` (changed in place)
+        must carry this trace's context, so that the letter, and a replay of it, leads back to this trace."""
+
+    def end(self) -> None: ...
+
+
+@runtime_checkable
+class RunTracer(Protocol):
+    """A tracer bound to one run's queues."""
+
+    def start(self, members: Sequence[Envelope], batch: bool) -> MessageTrace:
+        """The trace of one input (``batch`` false, one member) or of a batch handled as one (a batch handler's
+        group), continuing the context each member's headers carry."""
+
+    def sent(self, records: Sequence[OutgoingMessage]) -> None:
+        """Records (already injected) were handed to a producer in one call; called once per call."""
+
+
+@runtime_checkable
+class Tracer(Protocol):
+    """What a ``volley_register_tracers`` factory returns: ``factory(app_name, settings) -> Tracer``."""
+
+    def bind(self, source: QueueSpec, outputs: Sequence[QueueSpec]) -> RunTracer:
+        """The tracer of one run reading ``source`` and writing ``outputs`` (dead-letter queue included)."""

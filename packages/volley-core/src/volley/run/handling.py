@@ -3,7 +3,7 @@
 The steps are closures bound once per run (the input's codec, the handler, the router, the retry policy) so
 the per-message path pays no attribute lookups. Where a handler runs is the executors' business: inline slices
 on the loop and the handler thread both call ``handle`` (``handle_batch`` for batch profiles); async lanes call
-``call_async`` and ``interpret``. Interpreting the result (and routing outputs) is ``routing``'s. Results go
+``process_async``. Interpreting the result (and routing outputs) is ``routing``'s. Results go
 into an ``Outcome`` that settlement applies on the loop.
 """
 
@@ -16,22 +16,25 @@ from typing import Any
 
 from volley.errors import MessageError
 from volley.message import Envelope, MessageContext
+from volley.ports import MessageTrace
 from volley.queues import ResolvedQueue
 from volley.run.app import RunnableApp
 from volley.run.retry import RetryPolicy
 from volley.run.routing import Router
 from volley.run.tokens import FAILED, Group, Outcome, Token
+from volley.run.tracing import Tracing
 
 
 class Moved:
     """``call_sync(wait=False)``: the call failed and may be retried, which needs a wait; the caller moves the
     message to where waiting is allowed (the handler thread), handing over the first failure."""
 
-    __slots__ = ("error", "message")
+    __slots__ = ("error", "message", "trace")
 
     def __init__(self, error: BaseException, message: Any) -> None:
         self.error = error
         self.message = message  # decoded already
+        self.trace: MessageTrace | None = None  # the message's trace, when the run traces (volley.run.tracing)
 
 
 def redelivered(env: Envelope, limit: int) -> MessageError:
@@ -42,18 +45,22 @@ class Handling:
     """The steps of the message path for one run, each bound once (see the module docstring)."""
 
     def __init__(self, app: RunnableApp, queue: ResolvedQueue, router: Router, retry: RetryPolicy, *,
-                 max_deliveries: int, timed: bool) -> None:
+                 max_deliveries: int, timed: bool, tracing: Tracing | None = None) -> None:
         self.timed = timed
         self.is_async = app.is_async
         self.batch_size = queue.batch_size
         context = _contexts(queue.name, app.engine.app_name)
         self.decode = _decoder(queue, max_deliveries)
         self.interpret = router.bind()
-        self.call_async = _async_caller(app, context, retry)
         retried = _retrier(app, context, retry)
         self.handle = _handler(app, context, self.decode, self.interpret, retried, timed)
         self.resume = _resumer(self.interpret, retried)
+        self.process_async = _async_processor(app, context, retry, self.interpret, timed)
         self.decode_groups = _grouper(self.decode, queue.batch_size)
+        if tracing is not None:  # bound once: without a tracer the steps above run unwrapped
+            self.handle = tracing.traced_handle(self.handle)
+            self.resume = tracing.traced_resume(self.resume)
+            self.process_async = tracing.traced_process_async(self.process_async)
 
     def handle_batch(self, batch: Sequence[Envelope], out: Outcome, abandoned: Callable[[], bool]) -> None:
         """Batch profiles, sync handler: call the handler per group of decoded records, until ``abandoned``."""
@@ -184,20 +191,23 @@ def _resumer(interpret: Callable[[Token, Any, Outcome], None],
     return resume
 
 
-def _async_caller(app: RunnableApp, context: Callable[[Token], MessageContext],
-                  retry: RetryPolicy) -> Callable[[Token, Any, Outcome], Awaitable[Any]]:
+def _async_processor(app: RunnableApp, context: Callable[[Token], MessageContext], retry: RetryPolicy,
+                     interpret: Callable[[Token, Any, Outcome], None],
+                     timed: bool) -> Callable[[Token, Any, Outcome], Awaitable[None]]:
     call, wants_context = app.call, app.wants_context
     should_retry, give_up, wait_async = retry.should_retry, retry.give_up, retry.wait
+    perf = time.perf_counter
 
-    async def call_async(token: Token, message: Any, out: Outcome) -> Any:
-        """The handler's result, with retries, for an async handler; FAILED once ``out`` has the failure (or the
-        input given back). A
-        CancelledError is ours (re-raised) only when this task is being cancelled; one the handler raised on
-        its own (it awaited something someone else cancelled) is its failure."""
+    async def process_async(token: Token, message: Any, out: Outcome) -> None:
+        """An async handler's call, with retries, and the interpretation of its result, into ``out`` (a failure
+        too, or the input given back). A CancelledError is ours (re-raised) only when this task is being
+        cancelled; one the handler raised on its own (it awaited something someone else cancelled) is its
+        failure."""
         failures = 0
+        started = perf()
         while True:
             try:
-                return await (call(message, context(token)) if wants_context else call(message))
+                result = await (call(message, context(token)) if wants_context else call(message))
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -205,16 +215,23 @@ def _async_caller(app: RunnableApp, context: Callable[[Token], MessageContext],
                 error: BaseException = exc
             except Exception as exc:
                 error = exc
+            else:
+                if timed:
+                    elapsed = perf() - started
+                    out.component.append(elapsed)
+                    out.cycle.append(elapsed)
+                interpret(token, result, out)
+                return
             failures += 1
             if not should_retry(token, failures, error):
                 give_up(token, failures, error, out)
-                return FAILED
+                return
             if not await wait_async(failures):
                 give_up(token, failures, error, out)
-                return FAILED
+                return
             out.retries += 1
 
-    return call_async
+    return process_async
 
 
 def _grouper(decode: Callable[[Envelope, Outcome], Any],

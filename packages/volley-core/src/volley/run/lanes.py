@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,23 +111,14 @@ class AsyncLanes:
 
     async def _handle(self, token: Token, message: Any) -> Outcome:
         """Call, interpret, time one message (or group) of a lane."""
-        handling = self.handling
         out = Outcome(self.slots, len(members_of(token)))
-        started = time.perf_counter()
         try:
-            result = await handling.call_async(token, message, out)
+            await self.handling.process_async(token, message, out)
         except asyncio.CancelledError as exc:
             if self.closed:  # ours: shutdown or an aborted transaction
                 raise
             _forget_cancellation()
             out.failures.append((token, "handler", exc))  # the handler cancelled its own task
-            return out
-        if result is not FAILED:
-            if handling.timed:
-                elapsed = time.perf_counter() - started
-                out.component.append(elapsed)
-                out.cycle.append(elapsed)
-            handling.interpret(token, result, out)
         return out
 
     async def close(self, timeout: float) -> None:

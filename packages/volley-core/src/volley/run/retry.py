@@ -10,6 +10,7 @@ A retry is counted when its call is made, not when it is decided.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from volley.run.stopping import StopSignal
 from volley.run.tokens import Outcome, Token, describe, members_of, reason_of
@@ -25,6 +26,8 @@ class RetryPolicy:
         self.backoff_seconds = backoff_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self.stop = stop
+        # A tracer's record of each retry (volley.run.tracing); set once per run, None when nothing traces.
+        self.on_retry: Callable[[Token, int, BaseException], None] | None = None
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
@@ -36,6 +39,8 @@ class RetryPolicy:
             return False
         logger.warning("%s: handler failed on %s (%s); retry %d of %d", self.app_name, describe(token),
                        reason_of(exc), failures, self.max_retries)
+        if self.on_retry is not None:
+            self.on_retry(token, failures, exc)
         return True
 
     def give_up(self, token: Token, failures: int, exc: BaseException, out: Outcome) -> None:

@@ -42,6 +42,7 @@ from volley.run.routing import Router
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
 from volley.run.sync_executor import SyncExecutor
+from volley.run.tracing import Tracing
 from volley.run.transactions import TransactionBarrier
 
 logger = logging.getLogger("volley")
@@ -73,13 +74,16 @@ class Run:
                            backoff_max_seconds=engine.retry_backoff_max_seconds, transactional=self.transactional)
         retry = RetryPolicy(self.name, engine.max_retries, engine.retry_backoff_seconds,
                             engine.retry_backoff_max_seconds, self.stop)
+        self.tracing = _tracing(engine, dlq)
+        if self.tracing is not None:
+            retry.on_retry = self.tracing.retried
         self.settlement = Settlement(
             app_name=self.name, source=self.input.value, producers=producers, dlq=dlq, acker=self.acker,
             observer=self.observer, timed=timed, max_retries=engine.max_retries, backoff=retry.delay,
             on_failure=engine.on_failure, transactional=self.transactional, stop=self.stop,
-            request_stop=self.request_stop)
+            request_stop=self.request_stop, tracing=self.tracing)
         self.handling = Handling(app, self.input, Router(routes), retry, max_deliveries=engine.max_deliveries,
-                                 timed=timed)
+                                 timed=timed, tracing=self.tracing)
         self.inbox: deque[list[Envelope]] = deque()
         self.rebalance = Rebalance(self.settlement, self.inbox, timeout_seconds=engine.shutdown_timeout_seconds,
                                    wait_settled=self.wait_settled)
@@ -444,6 +448,16 @@ def _output_slots(engine: Any) -> tuple[list[Producer], dict[str, tuple[Resolved
         routes[name] = (queue, slot)
     dlq = routes[engine.dead_letter_queue] if engine.dead_letter_queue is not None else None
     return producers, routes, dlq
+
+
+def _tracing(engine: Any, dlq: tuple[ResolvedQueue, int] | None) -> Tracing | None:
+    """The run's tracing, bound to its queues, when the Engine names a tracer (``Engine(tracing=...)``)."""
+    if engine.tracer is None:
+        return None
+    outputs = [engine.queues[name].spec for name in engine.output_queues]
+    if dlq is not None:
+        outputs.append(dlq[0].spec)
+    return Tracing(engine.tracer.bind(engine.input.spec, outputs))
 
 
 def _unexpected_end(app_name: str, name: str, task: asyncio.Task[Any]) -> BaseException | None:

@@ -27,6 +27,7 @@ from volley.run.deadletters import announce, letters
 from volley.run.report import RunReport
 from volley.run.stopping import StopSignal
 from volley.run.tokens import AnyToken, DeadLetter, Outcome, Token, describe, members_of, reason_of
+from volley.run.tracing import Tracing
 
 logger = logging.getLogger("volley")
 
@@ -37,7 +38,8 @@ class Settlement:
     def __init__(self, *, app_name: str, source: str, producers: Sequence[Producer],
                  dlq: tuple[ResolvedQueue, int] | None, acker: Acker, observer: Observer, timed: bool,
                  max_retries: int, backoff: Callable[[int], float], on_failure: str, transactional: bool,
-                 stop: StopSignal, request_stop: Callable[[BaseException], None]) -> None:
+                 stop: StopSignal, request_stop: Callable[[BaseException], None],
+                 tracing: Tracing | None = None) -> None:
         self.app_name = app_name
         self.source = source
         self.producers = list(producers)
@@ -52,6 +54,7 @@ class Settlement:
         self.transactional = transactional
         self.stop = stop
         self.request_stop = request_stop
+        self.tracing = tracing
         self.in_flight = 0
         self.last_activity = time.monotonic()
         self.transaction_failed = False
@@ -137,6 +140,8 @@ class Settlement:
     def _produce(self, slot: int, messages: list[OutgoingMessage], *, first: bool) -> None:
         if first:  # a record produced again is counted once, when first handed over (even if that call raised)
             self._count_produced(messages)
+            if self.tracing is not None:
+                self.tracing.sent(messages)
         try:
             self.producers[slot].produce(messages, self.callbacks[slot])
         except Exception as exc:  # the producer refused the whole call: every record failed
@@ -294,9 +299,14 @@ class Settlement:
             letter = DeadLetter(token, stage, reason)
             if self.transactional:
                 self.open_letters.append(letter)
-            self._out[slot].extend(letters(letter, type(exc).__qualname__, queue.value))
+            records = letters(letter, type(exc).__qualname__, queue.value)
+            if self.tracing is not None:
+                self.tracing.dead_letter(token, stage, exc, queue.value, records)
+            self._out[slot].extend(records)
             self.schedule_flush()
             return
+        if self.tracing is not None:
+            self.tracing.given_back(token, stage, exc)
         trace = "".join(traceback.format_exception(exc)) if stage == "handler" else ""
         logger.error("%s: %s failed at %s and there is no dead-letter queue: %s\n%s", self.app_name,
                      describe(token), stage, reason, trace)

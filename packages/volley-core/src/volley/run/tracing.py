@@ -1,0 +1,150 @@
+"""Tracing: a run's tracer (``ports.RunTracer``) follows each input through the message path.
+
+Bound once per run, and only when the Engine names a tracer: then ``Handling`` wraps its steps with the ones
+below (``traced_handle``, ``traced_resume``, ``traced_process_async``); without one, nothing here is bound and
+the message path has not a single extra branch. The steps themselves stay where they are written once
+(``handling``, ``routing``, ``settlement``); this module only opens a trace around them, adds the trace's
+context to the outputs they produced, and hands the trace of a failed input to settlement, which ends it once
+it knows the input's fate (dead-lettered or given back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from volley.message import Envelope, OutgoingMessage
+from volley.ports import MessageTrace, RunTracer
+from volley.run.tokens import Group, Outcome, Token, members_of
+
+
+class Tracing:
+    """One run's tracing: the traces being handled, and those of failed inputs waiting for settlement."""
+
+    def __init__(self, tracer: RunTracer) -> None:
+        self.tracer = tracer
+        self.live: dict[Token, MessageTrace] = {}  # being handled: retries find their trace here
+        self.failed: dict[Token, MessageTrace] = {}  # failed, not yet settled (dead letter or give-back)
+
+    # ------------------------------------------------------------------ around handling (per message)
+
+    def start(self, token: Token) -> MessageTrace:
+        return self.tracer.start(members_of(token), type(token) is Group)
+
+    def finish(self, trace: MessageTrace, token: Token, out: Outcome, failures: int, sizes: list[int]) -> None:
+        """After handling ``token`` into ``out``: its new outputs carry the trace's context; a failure keeps the
+        trace open for settlement; otherwise it ends."""
+        self.live.pop(token, None)
+        inject = trace.inject
+        for slot, size in enumerate(sizes):
+            records = out.outs[slot]
+            for index in range(size, len(records)):
+                record = records[index]
+                record.headers = inject(record.headers)
+        if len(out.failures) > failures:
+            for failed, stage, error in out.failures[failures:]:
+                trace.fail(stage, error)
+                self.failed[failed] = trace
+            return
+        trace.end()
+
+    def traced_handle(self, handle: Callable[..., Any]) -> Callable[..., Any]:
+        """``Handling.handle`` inside a trace: decode, call (with retries), interpret."""
+        start, finish, live = self.start, self.finish, self.live
+
+        def handle_traced(token: Token, out: Outcome, wait: bool = True, *message: Any) -> Any:
+            trace = live[token] = start(token)
+            failures = len(out.failures)
+            sizes = [len(records) for records in out.outs]
+            activation = trace.activate()
+            try:
+                moved = handle(token, out, wait, *message)
+            except BaseException as exc:
+                live.pop(token, None)
+                trace.fail("handler", exc)
+                trace.end()
+                raise
+            finally:
+                trace.deactivate(activation)
+            if moved is not None:  # the call goes on elsewhere (resume): so does its trace
+                moved.trace = trace
+                return moved
+            finish(trace, token, out, failures, sizes)
+            return None
+
+        return handle_traced
+
+    def traced_resume(self, resume: Callable[[Envelope, Outcome, Any], None]) -> Callable[[Envelope, Outcome, Any],
+                                                                                            None]:
+        """``Handling.resume`` inside the trace that the inline attempt opened."""
+        finish, live = self.finish, self.live
+
+        def resume_traced(env: Envelope, out: Outcome, moved: Any) -> None:
+            trace: MessageTrace = moved.trace if moved.trace is not None else self.start(env)
+            live[env] = trace
+            failures = len(out.failures)
+            sizes = [len(records) for records in out.outs]
+            activation = trace.activate()
+            try:
+                resume(env, out, moved)
+            finally:
+                trace.deactivate(activation)
+            finish(trace, env, out, failures, sizes)
+
+        return resume_traced
+
+    def traced_process_async(self, process: Callable[[Token, Any, Outcome], Awaitable[None]]
+                             ) -> Callable[[Token, Any, Outcome], Awaitable[None]]:
+        """``Handling.process_async`` (call with retries, interpret) inside a trace, for async handlers."""
+        start, finish, live = self.start, self.finish, self.live
+
+        async def process_traced(token: Token, message: Any, out: Outcome) -> None:
+            trace = live[token] = start(token)
+            failures = len(out.failures)
+            sizes = [len(records) for records in out.outs]
+            activation = trace.activate()
+            try:
+                await process(token, message, out)
+            except BaseException as exc:  # cancelled (shutdown, or the handler's own doing): the trace ends here
+                live.pop(token, None)
+                trace.fail("handler", exc)
+                trace.end()
+                raise
+            finally:
+                trace.deactivate(activation)
+            finish(trace, token, out, failures, sizes)
+
+        return process_traced
+
+    # ------------------------------------------------------------------ cold paths
+
+    def retried(self, token: Token, attempt: int, error: BaseException) -> None:
+        """The retry policy allowed retry ``attempt`` of ``token``'s call (an event on its trace)."""
+        trace = self.live.get(token)
+        if trace is not None:
+            trace.retry(attempt, error)
+
+    def _settled_trace(self, token: Token, stage: str, error: BaseException) -> MessageTrace:
+        """The failed input's trace, or (it failed before handling, or after its trace ended) a new one."""
+        trace = self.failed.pop(token, None)
+        if trace is None:
+            trace = self.start(token)
+            trace.fail(stage, error)
+        return trace
+
+    def dead_letter(self, token: Token, stage: str, error: BaseException, destination: str,
+                    letters: Sequence[OutgoingMessage]) -> None:
+        """``token`` failed and goes to the DLQ: each letter carries its trace's context; the trace ends."""
+        trace = self._settled_trace(token, stage, error)
+        for letter in letters:
+            if letter.headers is None:
+                letter.headers = {}
+            trace.dead_letter(destination, letter.headers)
+        trace.end()
+
+    def given_back(self, token: Token, stage: str, error: BaseException) -> None:
+        """``token`` failed and there is no DLQ: its trace ends, with the failure."""
+        self._settled_trace(token, stage, error).end()
+
+    def sent(self, records: Sequence[OutgoingMessage]) -> None:
+        self.tracer.sent(records)
