@@ -332,3 +332,33 @@ def test_an_output_waiting_to_be_produced_again_is_not_sent_after_shutdown() -> 
     assert report.abandoned == 1 and report.acked == 0 and report.produced == 1, report
     assert report.retries == 0, "the retry that shutdown cancelled was counted"
     assert broker.produced("out") == [] and broker.acked("in") == 0
+
+
+def test_a_delivery_failing_during_shutdown_gives_the_input_back_without_turning_the_stop_into_an_error() -> None:
+    """Found in review: once the app was stopping, the first failed delivery of an output was final: the input
+    counted as failed and, with the default on_failure="stop", a graceful stop ended in a DeliveryError (exit
+    status 1 for a deploy) for a record that had all its retries left. It is given back instead (delivered
+    again after the restart) and the stop stays clean."""
+    broker = MemoryBroker()
+    producer = FlakyProducer(broker, lambda m: 1)  # the first delivery fails (after the stop began)
+    engine = make_engine(broker, producer=producer, max_retries=3, sync_handler_mode="thread",
+                         shutdown_timeout_seconds=5.0)
+    seed(broker, engine, [Item(1)])
+    called, release = threading.Event(), threading.Event()
+
+    @engine.stream_app
+    def double(item: Item) -> list[tuple[str, Doubled]]:
+        called.set()
+        release.wait(10)
+        return [("out", Doubled(item.n * 2))]
+
+    def stop_during_the_call() -> None:
+        if called.wait(10):
+            double.stop()
+            release.set()
+
+    threading.Thread(target=stop_during_the_call, daemon=True).start()
+    report = double.run_until_drained(timeout=10)  # raised DeliveryError before the fix
+    assert report.abandoned == 1 and report.failed == 0 and report.acked == 0, report
+    assert broker.acked("in") == 0 and broker.produced("dlq") == []
+    assert given_back(broker)[0].value == engine.input.encode(Item(1))

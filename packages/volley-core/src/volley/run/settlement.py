@@ -214,7 +214,13 @@ class Settlement:
             return
         # In a transaction a failed record cannot be sent again on its own: the whole batch is aborted (the
         # consumer rewinds) and processed again, so no retry here and no stop.
-        if attempts <= self.max_retries and not self.stop.is_stopping and not self.transactional:
+        if attempts <= self.max_retries and not self.transactional:
+            if self.stop.is_stopping:  # no retry now, and not a failure for good: it is handled again later
+                token.pending = -1
+                logger.warning("%s: delivery to %s failed while shutting down (%s); %s is not acknowledged and will "
+                               "be delivered again", self.app_name, message.topic, reason_of(exc), describe(token))
+                self.abandon(len(members_of(token)))
+                return
             delay = self.backoff(attempts)
             logger.warning("%s: delivery to %s failed (%s); retrying in %.2f s (attempt %d of %d)", self.app_name,
                            message.topic, reason_of(exc), delay, attempts, self.max_retries)
