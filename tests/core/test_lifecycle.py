@@ -949,3 +949,31 @@ def test_suspected_an_exception_that_cannot_be_printed_still_goes_to_the_dlq(mod
     assert dead.headers is not None and dead.headers["volley-error-stage"] == b"handler"
     assert dead.headers["volley-error-type"] == b"UnprintableError"
     assert report.dead_lettered == 1 and report.acked == 2
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["per-message", "batch-profile"])
+def test_a_handler_raising_a_base_exception_on_the_thread_is_not_reported_as_still_running(
+        batch: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: a BaseException (SystemExit, KeyboardInterrupt, a library's own) escaping the handler on
+    the handler thread left the thread's "in a call since" mark set, and the shutdown reported the handler as
+    still running past the deadline, which it was not."""
+
+    class Escaping(BaseException):
+        pass
+
+    broker = MemoryBroker()
+    queues = make_queues(broker)
+    if batch:
+        queues["in"]["batch_size"] = 2
+    engine = make_engine(broker, queues=queues, sync_handler_mode="thread")
+    seed(broker, engine, [Item(1)])
+
+    @engine.stream_app
+    def escaping(item: Any) -> bool:
+        raise Escaping("from the handler")
+
+    with pytest.raises(Escaping):
+        escaping.run_until_drained(timeout=10)
+    still = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert still == []
+    assert broker.acked("in") == 0 and broker.depth("in") == 1

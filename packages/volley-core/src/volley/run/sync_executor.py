@@ -162,11 +162,13 @@ class SyncExecutor:
                 out.abandoned += 1
                 continue
             called = self.thread_call_since = perf()
-            if index == 0 and first_failure is not None:
-                resume(env, out, first_failure)  # its first call failed inline: its retries, here
-            else:
-                handle(env, out)
-            self.thread_call_since = 0.0
+            try:
+                if index == 0 and first_failure is not None:
+                    resume(env, out, first_failure)  # its first call failed inline: its retries, here
+                else:
+                    handle(env, out)
+            finally:  # a BaseException escaping the call ends the run: the thread is not in a call any more
+                self.thread_call_since = 0.0
             if measure:
                 took = perf() - called
                 out.slowest = max(out.slowest, took)
@@ -186,6 +188,8 @@ class SyncExecutor:
     def _batches(self, batch: Sequence[Envelope]) -> Outcome:
         out = Outcome(self.slots, len(batch))
         self.thread_call_since = time.perf_counter()
-        self.handling.handle_batch(batch, out, self.stop.abandoned.is_set)
-        self.thread_call_since = 0.0
+        try:
+            self.handling.handle_batch(batch, out, self.stop.abandoned.is_set)
+        finally:
+            self.thread_call_since = 0.0
         return out
