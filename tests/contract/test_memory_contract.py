@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from volley.memory import MemoryBroker, MemoryConnector
 from volley.ports import Connector, QueueSpec
-from volley.testing.contract import ConnectorContract
+from volley.testing.contract import BrowsingTests, ConnectorContract
 from volley.testing.statemachine import connector_state_machine
 
 
@@ -12,7 +12,7 @@ def memory_spec(broker: MemoryBroker, name: str, role: str) -> QueueSpec:
     return QueueSpec(name=name, value=name, connector="memory", config={"broker": broker}, role=role)
 
 
-class TestMemoryContract(ConnectorContract):
+class TestMemoryContract(ConnectorContract, BrowsingTests):
     partitions = 3
     supports_partitions = True
     supports_delay = True

@@ -12,8 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from volley.apps import load_app
+from volley.dlq.command import add_commands as add_dlq_commands
 from volley.engine import StreamApp
-from volley.errors import ConfigurationError
+from volley.errors import ConfigurationError, DeliveryError
 from volley.plugins import KINDS, core_requirement, distribution_version, get_registry
 from volley.run import BLOCKED_EXIT_CODE
 
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("plugins", help="list installed connectors, serializers, handlers, profiles").set_defaults(
         func=cmd_plugins)
     commands.add_parser("demo", help="run the two-node demo on in-memory queues").set_defaults(func=cmd_demo)
+    add_dlq_commands(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -133,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"volley: configuration error: {exc}", file=sys.stderr)
         return 2
+    except DeliveryError as exc:
+        print(f"volley: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -394,3 +394,70 @@ class Tracer(Protocol):
 
     def bind(self, source: QueueSpec, outputs: Sequence[QueueSpec]) -> RunTracer:
         """The tracer of one run reading ``source`` and writing ``outputs`` (dead-letter queue included)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dead letters you can work with (``volley dlq``): reading a queue without consuming it, and taking messages out of it
+# only once they are dealt with. Optional: a connector without them just cannot serve ``volley dlq``.
+
+
+@runtime_checkable
+class QueueBrowser(Protocol):
+    """Reads one queue without consuming it: nothing is committed, no visibility changes, no delivery is counted,
+    and a worker consuming the queue meanwhile is not disturbed.
+
+    ``browse`` returns the next messages in queue order, after those it returned before, up to the queue's end as it
+    was when ``start`` returned; an empty result means that end is reached. ``Envelope.position`` (with
+    ``partition``) identifies a message for good, ``timestamp`` says when it was written (seconds since the epoch,
+    when the broker knows it).
+    """
+
+    async def start(self) -> None: ...
+
+    async def browse(self, max_messages: int) -> Sequence[Envelope]: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BrowsableConnector(Protocol):
+    """A connector that can open a :class:`QueueBrowser` on one of its queues."""
+
+    def create_browser(self, queue: QueueSpec) -> QueueBrowser: ...
+
+
+@runtime_checkable
+class SettlingBrowser(Protocol):
+    """A browser that can take browsed messages out of the queue once they are dealt with (replayed and confirmed,
+    or purged). Called only after a republish was confirmed, so that a crash in between duplicates, never loses.
+
+    ``removes_each`` True: ``settle`` deletes exactly these messages (RSMQ, SQLite, memory), and a browser started
+    afterwards never returns them. False (Kafka, whose topics cannot drop single records): ``settle`` marks them done
+    and commits, under the browser's own consumer group, the contiguous prefix of done positions per partition; a
+    browser started afterwards begins at that commit, and done messages past it are returned again (the caller
+    remembers them).
+    """
+
+    removes_each: bool
+
+    async def settle(self, envelopes: Sequence[Envelope]) -> None: ...
+
+
+@runtime_checkable
+class PurgeableBefore(Protocol):
+    """A browser whose queue can drop everything before a point, but no single record (Kafka's delete-records).
+
+    Exactly one of ``offset`` (per partition) and ``timestamp`` (seconds since the epoch: the first record written
+    at or after it) is given. Returns how many records were dropped, per partition.
+    """
+
+    async def purge_before(self, *, offset: int | None = None, timestamp: float | None = None) -> Mapping[int, int]: ...
+
+
+@runtime_checkable
+class DeadLetterObserver(Protocol):
+    """An observer that counts what ``volley dlq`` did, by the letters' source queue (the broker's name)."""
+
+    def on_dead_letters_replayed(self, app_name: str, source_queue: str, count: int) -> None: ...
+
+    def on_dead_letters_purged(self, app_name: str, source_queue: str, count: int) -> None: ...

@@ -18,6 +18,7 @@ from volley.memory.broker import (
 )
 from volley.memory.connector import (
     MIN_EMPTY_POLL_WAIT,
+    MemoryBrowser,
     MemoryConnector,
     MemoryConsumer,
     MemoryProducer,
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_LOG_LIMIT",
     "MIN_EMPTY_POLL_WAIT",
     "MemoryBroker",
+    "MemoryBrowser",
     "MemoryConnector",
     "MemoryConsumer",
     "MemoryProducer",

@@ -368,6 +368,37 @@ class MemoryBroker:
             queue = self._queue(queue_name)
             return queue.ready() == 0 and queue.delayed == 0 and not queue.owned.get(owner)
 
+    def browse(self, queue_name: str, after: int, upto: int, max_messages: int) -> list[Envelope]:
+        """Stored messages (ready or handed out, not yet acked) with ``after < position <= upto``, in position
+        order, without taking them: nothing changes (for ``volley dlq``)."""
+        with self._lock:
+            queue = self._queue(queue_name)
+            stored = [s for part in queue.partitions for s in part if after < s[5] <= upto]
+            stored += [s for owned in queue.owned.values() for s in owned.values() if after < s[5] <= upto]
+        stored.sort(key=lambda s: s[5])
+        return [Envelope(*s) for s in stored[:max_messages]]
+
+    def mark(self) -> int:
+        """A position no message has: every message stored before has a lower one, every later one a higher."""
+        with self._lock:
+            return next(self._sequence)
+
+    def delete(self, queue_name: str, positions: Iterable[int]) -> int:
+        """Remove these messages for good, wherever they are (ready or handed out); returns how many were found."""
+        wanted = set(positions)
+        removed = 0
+        with self._lock:
+            queue = self._queue(queue_name)
+            for index, part in enumerate(queue.partitions):
+                kept = deque(s for s in part if s[5] not in wanted)
+                removed += len(part) - len(kept)
+                queue.partitions[index] = kept
+            for owned in queue.owned.values():
+                for position in wanted & owned.keys():
+                    del owned[position]
+                    removed += 1
+        return removed
+
     def purge(self, queue_name: str) -> None:
         with self._lock:
             queue = self._queue(queue_name)

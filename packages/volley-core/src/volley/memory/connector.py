@@ -115,6 +115,33 @@ def broker_from_config(config: Mapping[str, Any]) -> MemoryBroker:
     raise ConfigurationError(f"memory queue config 'broker' must be a MemoryBroker instance, got {broker!r}")
 
 
+class MemoryBrowser:
+    """Reads a memory queue without taking anything (``volley dlq``); ``settle`` deletes messages for good."""
+
+    removes_each = True
+
+    def __init__(self, broker: MemoryBroker, queue: str) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._after = -1
+        self._upto = -1
+
+    async def start(self) -> None:
+        self._upto = self._broker.mark()
+
+    async def browse(self, max_messages: int) -> Sequence[Envelope]:
+        found = self._broker.browse(self._queue, self._after, self._upto, max_messages)
+        if found:
+            self._after = found[-1].position
+        return found
+
+    async def settle(self, envelopes: Sequence[Envelope]) -> None:
+        self._broker.delete(self._queue, [e.position for e in envelopes])
+
+    async def close(self) -> None:
+        return None
+
+
 class MemoryConnector:
     """The ``memory`` connector: queues live in a ``MemoryBroker`` (``config={"broker": ...}`` or the default)."""
 
@@ -123,3 +150,6 @@ class MemoryConnector:
 
     def create_producer(self, queue: QueueSpec) -> MemoryProducer:
         return MemoryProducer(broker_from_config(queue.config))
+
+    def create_browser(self, queue: QueueSpec) -> MemoryBrowser:
+        return MemoryBrowser(broker_from_config(queue.config), queue.value)

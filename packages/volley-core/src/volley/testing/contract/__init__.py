@@ -13,6 +13,7 @@ adapters can write their own broker-specific tests in the same style.
 Needs ``pytest`` and ``pytest-asyncio`` (``asyncio_mode = "auto"``).
 """
 
+from volley.testing.contract.browsing import BrowsingTests
 from volley.testing.contract.checks import assert_exactly_once, assert_in_order, index_of, value_for
 from volley.testing.contract.draining import HANG_SLACK_SECONDS, deadline_in, drain, drain_until
 from volley.testing.contract.recorder import DeliveryRecorder
@@ -20,6 +21,7 @@ from volley.testing.contract.suite import ConnectorContract
 
 __all__ = [
     "HANG_SLACK_SECONDS",
+    "BrowsingTests",
     "ConnectorContract",
     "DeliveryRecorder",
     "assert_exactly_once",

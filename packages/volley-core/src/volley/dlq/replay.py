@@ -1,0 +1,273 @@
+"""``volley dlq replay``: send matching letters back where they came from, then take them out of the queue.
+
+One batch at a time: browse, choose (filter, loop guard, ``--limit``), write the journal's intent, produce, wait
+for the broker's confirmation, write the journal's ``sent``, and only then settle the letters (delete, or commit on
+Kafka). A kill at any point leaves every letter either still in the queue or confirmed at its destination; the
+journal lets the next run finish the settling without sending twice, and count the in-flight window it cannot
+know about (see :mod:`volley.dlq.journal`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from volley.dlq.filters import LetterFilter
+from volley.dlq.journal import Journal
+from volley.dlq.letter import DeadLetter
+from volley.dlq.progress import Progress
+from volley.dlq.target import DeadLetterQueue
+from volley.errors import DeliveryError
+from volley.message import Envelope, OutgoingMessage
+from volley.ports import DeliveryFailure, Producer, SettlingBrowser
+from volley.queues import ResolvedQueue
+
+KILL_AFTER_ENV = "VOLLEY_DLQ_TEST_KILL_AFTER"
+"""Tests only: ``N`` kills the replay (SIGKILL) right after its broker confirmed the N-th republish; with
+``VOLLEY_DLQ_TEST_KILL_AT=confirmed`` before the journal records it, else (``journaled``) after."""
+KILL_AT_ENV = "VOLLEY_DLQ_TEST_KILL_AT"
+
+
+@dataclass
+class ReplayOptions:
+    filter: LetterFilter = field(default_factory=LetterFilter)
+    to: str | None = None
+    max_replays: int = 3
+    limit: int | None = None
+    rate: float | None = None
+    dry_run: bool = False
+    batch_size: int = 100
+    flush_timeout: float = 30.0
+
+
+@dataclass
+class ReplaySummary:
+    moved: int = 0
+    """Sent, confirmed and taken out of the dead-letter queue (or, on a dry run, would be)."""
+    skipped_by_filter: int = 0
+    left_by_loop_guard: int = 0
+    left_without_source: int = 0
+    finished_from_journal: int = 0
+    """Confirmed by a run that was killed before it took them out: taken out now, not sent again."""
+    possible_duplicates: int = 0
+    """Sent again because a killed run had them in flight: their destination may hold them twice."""
+    by_destination: Counter[str] = field(default_factory=Counter)
+    looping: list[dict[str, Any]] = field(default_factory=list)
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"moved": self.moved, "skipped_by_filter": self.skipped_by_filter,
+                "left_by_loop_guard": self.left_by_loop_guard, "left_without_source": self.left_without_source,
+                "finished_from_journal": self.finished_from_journal, "possible_duplicates": self.possible_duplicates,
+                "by_destination": dict(self.by_destination), "looping": self.looping, "dry_run": self.dry_run}
+
+    def lines(self) -> list[str]:
+        verb = "would move" if self.dry_run else "moved"
+        out = [f"{verb} {self.moved} letter(s)" + "".join(f", {n} to {q}" for q, n in self.by_destination.items()),
+               f"skipped by filter: {self.skipped_by_filter}",
+               f"left by the loop guard: {self.left_by_loop_guard}"]
+        if self.left_without_source:
+            out.append(f"left without a source queue (use --to): {self.left_without_source}")
+        if self.finished_from_journal:
+            out.append(f"finished from the journal of an interrupted run (not sent again): "
+                       f"{self.finished_from_journal}")
+        if self.possible_duplicates:
+            out.append(f"possible duplicates (in flight when a run was killed, sent again): "
+                       f"{self.possible_duplicates}")
+        out += [f"  looping: {sample['id']} key={sample['key']!r} replayed {sample['replays']} time(s): "
+                f"{sample['reason']}" for sample in self.looping]
+        return out
+
+
+class _Confirmations:
+    """The delivery reports of one batch (a producer may report from any thread)."""
+
+    def __init__(self) -> None:
+        self.delivered: list[OutgoingMessage] = []
+        self.failed: list[DeliveryFailure] = []
+
+    def __call__(self, delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
+        self.delivered.extend(delivered)
+        self.failed.extend(failed)
+
+
+class _Pacer:
+    """``--rate``: at most ``rate`` letters per second on average, measured from the first send."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.started: float | None = None
+        self.sent = 0
+
+    async def wait_for(self, count: int) -> None:
+        if self.rate is None:
+            return
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        due = self.started + self.sent / self.rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        self.sent += count
+
+
+def _kill_hook() -> Callable[[int, str], None]:
+    after = os.environ.get(KILL_AFTER_ENV)
+    if not after:
+        return lambda _count, _at: None
+    limit, point = int(after), os.environ.get(KILL_AT_ENV, "journaled")
+
+    def maybe_kill(count: int, at: str) -> None:
+        if at == point and count >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return maybe_kill
+
+
+Chosen = list[tuple[DeadLetter, ResolvedQueue, str]]
+
+
+async def replay(dlq: DeadLetterQueue, journal: Journal | None, options: ReplayOptions,
+                 progress: Progress | None = None,
+                 on_confirmed: Callable[[int, str], None] | None = None) -> ReplaySummary:
+    """Replay the letters of ``dlq`` that ``options`` choose. ``journal`` may be None only for a dry run.
+
+    ``on_confirmed(count, point)`` is a test hook, called with the number confirmed so far at the points
+    ``"confirmed"`` (before the journal knows) and ``"journaled"`` (before the letters are settled)."""
+    return await _Replay(dlq, journal, options, progress, on_confirmed or _kill_hook()).run()
+
+
+class _Replay:
+    def __init__(self, dlq: DeadLetterQueue, journal: Journal | None, options: ReplayOptions,
+                 progress: Progress | None, hook: Callable[[int, str], None]) -> None:
+        self.dlq = dlq
+        self.journal = journal
+        self.options = options
+        self.progress = progress
+        self.hook = hook
+        self.summary = ReplaySummary(dry_run=options.dry_run)
+        self.producers: dict[tuple[int, str], Producer] = {}
+        self.pacer = _Pacer(options.rate)
+        self.remaining = options.limit
+        self.batch_size = options.batch_size
+        if options.rate is not None:  # small batches, about ten a second, so that the rate holds over any second
+            self.batch_size = max(1, min(self.batch_size, int(options.rate / 10)))
+
+    async def run(self) -> ReplaySummary:
+        browser = self.dlq.open_browser()
+        settling = browser if isinstance(browser, SettlingBrowser) and not self.options.dry_run else None
+        if not self.options.dry_run and (settling is None or self.journal is None):
+            raise DeliveryError(f"the connector of {self.dlq.name!r} cannot take letters out of its queue (no "
+                                "settle()), so a replay could not avoid sending them twice; use --dry-run to see "
+                                "what would be sent")
+        await browser.start()
+        try:
+            while self.remaining is None or self.remaining > 0:
+                asked = self.batch_size if self.remaining is None else min(self.batch_size, self.remaining)
+                batch = await browser.browse(asked)
+                if not batch:
+                    break
+                chosen, finished = self.choose(batch)
+                if settling is None or self.journal is None:
+                    self.summary.moved += len(chosen)
+                    self.summary.by_destination.update(name for _, _, name in chosen)
+                else:
+                    await self.move(settling, self.journal, chosen, finished)
+                if self.progress is not None:
+                    self.progress.update(self.summary, len(batch))
+            if settling is not None and self.journal is not None and settling.removes_each:
+                self.journal.rewrite(())  # everything it confirmed has left the queue: nothing to remember
+        finally:
+            if self.journal is not None:
+                self.journal.close()  # its file handle only: a later write opens it again
+            try:
+                for producer in self.producers.values():
+                    await producer.close()
+            finally:
+                await browser.close()
+        if self.progress is not None:
+            self.progress.done()
+        return self.summary
+
+    def choose(self, batch: Sequence[Envelope]) -> tuple[Chosen, list[Envelope]]:
+        """The letters to send, and those a killed run already sent (to settle only)."""
+        summary, options = self.summary, self.options
+        chosen: Chosen = []
+        finished: list[Envelope] = []
+        for envelope in batch:
+            letter = DeadLetter.read(envelope)
+            if self.journal is not None and letter.id in self.journal.sent:
+                finished.append(envelope)
+            elif not options.filter.matches(letter):
+                summary.skipped_by_filter += 1
+            elif letter.replays >= options.max_replays:
+                summary.left_by_loop_guard += 1
+                if len(summary.looping) < 20:
+                    summary.looping.append(letter.summary())
+            elif (where := self.dlq.destination(letter, options.to)) is None:
+                summary.left_without_source += 1
+            elif self.remaining is None or self.remaining > 0:
+                if self.remaining is not None:
+                    self.remaining -= 1
+                chosen.append((letter, *where))
+        return chosen, finished
+
+    async def move(self, browser: SettlingBrowser, journal: Journal, chosen: Chosen,
+                   finished: list[Envelope]) -> None:
+        if finished:
+            await browser.settle(finished)
+            self.summary.finished_from_journal += len(finished)
+        if not chosen:
+            return
+        await self.pacer.wait_for(len(chosen))
+        await _send(self.dlq, chosen, self.producers, journal, self.summary, self.options, self.hook)
+        await browser.settle([letter.envelope for letter, _, _ in chosen])
+        by_source = Counter(letter.source_queue or name for letter, _, name in chosen)
+        for source, count in by_source.items():
+            self.dlq.count_replayed(source, count)
+
+
+async def _send(dlq: DeadLetterQueue, chosen: Chosen,
+                producers: dict[tuple[int, str], Producer], journal: Journal, summary: ReplaySummary,
+                options: ReplayOptions, hook: Callable[[int, str], None]) -> None:
+    ids = [letter.id for letter, _, _ in chosen]
+    summary.possible_duplicates += sum(journal.in_doubt(i) for i in ids)
+    journal.record_intent(ids)
+    confirmations = _Confirmations()
+    used: list[Producer] = []
+    groups: dict[tuple[int, str], list[OutgoingMessage]] = {}
+    for letter, queue, name in chosen:
+        groups.setdefault((id(queue), name), []).append(
+            OutgoingMessage(name, letter.envelope.value, letter.key, letter.replay_headers(), token=letter.id))
+        if (id(queue), name) not in producers:
+            producer = dlq.make_producer(queue, name)
+            await producer.start()
+            producers[(id(queue), name)] = producer
+    for key, records in groups.items():
+        producer = producers[key]
+        producer.produce(records, confirmations)
+        used.append(producer)
+    for producer in used:
+        await producer.flush(options.flush_timeout)
+    if confirmations.failed:
+        record, error = confirmations.failed[0]
+        raise DeliveryError(f"{len(confirmations.failed)} replayed letter(s) were not confirmed by their broker "
+                            f"(first: {record.token} to {record.topic}: {error}); they stay in the dead-letter queue, "
+                            "run the replay again once the destination is back")
+    confirmed = {str(m.token) for m in confirmations.delivered}
+    missing = [i for i in ids if i not in confirmed]
+    if missing:
+        raise DeliveryError(f"{len(missing)} replayed letter(s) got no delivery report; they stay in the dead-letter "
+                            "queue")
+    total = summary.moved + len(chosen)
+    hook(total, "confirmed")
+    journal.record_sent(ids)
+    hook(total, "journaled")
+    summary.moved = total
+    summary.by_destination.update(name for _, _, name in chosen)

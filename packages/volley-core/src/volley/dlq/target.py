@@ -1,0 +1,71 @@
+"""What ``volley dlq`` works on: an app's dead-letter queue, found through the app's own configuration, and the
+queues its letters go back to."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from volley.dlq.letter import DeadLetter
+from volley.engine import StreamApp
+from volley.errors import ConfigurationError
+from volley.ports import BrowsableConnector, DeadLetterObserver, Producer, QueueBrowser, QueueSpec
+from volley.queues import ResolvedQueue
+
+
+class DeadLetterQueue:
+    """The dead-letter queue of one app, and the producers that send its letters back."""
+
+    def __init__(self, app: StreamApp) -> None:
+        engine = app.engine
+        self.app_name = engine.app_name
+        if engine.dead_letter_queue is None:
+            raise ConfigurationError(f"app {self.app_name!r} has no dead_letter_queue: there is nothing to inspect")
+        self.queue: ResolvedQueue = engine.queues[engine.dead_letter_queue]
+        self.input: ResolvedQueue = engine.input
+        self.queues: Mapping[str, ResolvedQueue] = engine.queues
+        self.observers = [o for o in engine.observer.observers if isinstance(o, DeadLetterObserver)]
+        connector = self.queue.connector
+        if not isinstance(connector, BrowsableConnector):
+            raise ConfigurationError(
+                f"the connector {self.queue.spec.connector!r} of dead-letter queue {self.queue.name!r} cannot browse "
+                "a queue without consuming it (it lacks create_browser, volley.ports.BrowsableConnector), so "
+                "volley dlq cannot work on it")
+        self._connector: BrowsableConnector = connector
+
+    @property
+    def name(self) -> str:
+        """The dead-letter queue's name on its broker."""
+        return self.queue.value
+
+    def open_browser(self) -> QueueBrowser:
+        return self._connector.create_browser(self.queue.spec)
+
+    def destination(self, letter: DeadLetter, to: str | None) -> tuple[ResolvedQueue, str] | None:
+        """The queue (its configuration) and broker name a letter goes back to; None when the letter does not say
+        where it came from and no ``--to`` was given. ``--to`` names a configured queue (its alias), or else a
+        queue on the input's broker."""
+        if to is not None:
+            if to in self.queues:
+                return self.queues[to], self.queues[to].value
+            return self.input, to
+        if not letter.source_queue:
+            return None
+        for queue in self.queues.values():
+            if queue.value == letter.source_queue and queue.spec.role == "input":
+                return queue, queue.value
+        return self.input, letter.source_queue
+
+    def make_producer(self, queue: ResolvedQueue, name: str) -> Producer:
+        spec: QueueSpec = dataclasses.replace(queue.spec, value=name, role="output")
+        if queue.producer_factory is not None:
+            return queue.producer_factory(spec)
+        return queue.connector.create_producer(spec)
+
+    def count_replayed(self, source_queue: str, count: int) -> None:
+        for observer in self.observers:
+            observer.on_dead_letters_replayed(self.app_name, source_queue, count)
+
+    def count_purged(self, source_queue: str, count: int) -> None:
+        for observer in self.observers:
+            observer.on_dead_letters_purged(self.app_name, source_queue, count)

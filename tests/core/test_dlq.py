@@ -1,0 +1,258 @@
+"""``volley dlq`` on the memory broker: inspect, filtered replay, the loop guard, an interrupted replay, purge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from volley import cli
+from volley.dlq import DeadLetterQueue, Journal, LetterFilter, ReplayOptions, inspect, purge, replay
+from volley.dlq import command as dlq_command
+from volley.dlq.letter import ERROR_HEADERS, REPLAY_COUNT
+from volley.engine import StreamApp
+from volley.memory import MemoryBroker
+from volley.testing.deadletters import DLQ, INPUT, OUTPUT, STAGES, Fix, scenario_app, seed
+
+ORDER = "volley.testing.deadletters.Order"
+
+
+class Fixed(Fix):
+    fixed = False
+
+
+def memory_config(broker: MemoryBroker) -> dict[str, Any]:
+    where = {"broker": broker}
+    return {INPUT: {"value": "shop.orders", "profile": "memory", "data_model": ORDER, "config": where},
+            OUTPUT: {"value": "shop.shipped", "profile": "memory", "data_model": ORDER, "config": where},
+            DLQ: {"value": "shop.orders.dlq", "profile": "memory-dlq", "config": where}}
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker(partitions=2)
+
+
+@pytest.fixture
+def fix() -> type[Fixed]:
+    Fixed.fixed = False
+    return Fixed
+
+
+@pytest.fixture
+def app(broker: MemoryBroker, fix: type[Fixed]) -> StreamApp:
+    """The scenario app after one run: every failing input is in the dead-letter queue."""
+    app = scenario_app(memory_config(broker), fix)
+    for value, key, headers in seed():
+        broker.publish("shop.orders", value, key, headers)
+    broker.publish("shop.orders", json.dumps({"order_id": 1, "amount": 5}).encode(), b"ok")
+    app.run_until_drained(timeout=30, drain_idle_seconds=0.05)
+    assert broker.depth("shop.orders.dlq") == sum(STAGES.values())
+    return app
+
+
+def stages_in(broker: MemoryBroker, queue: str = "shop.orders.dlq") -> Counter[str]:
+    """The dead letters still in ``queue``, by stage (read without taking them)."""
+    return Counter(e.headers["volley-error-stage"].decode() for e in broker.browse(queue, -1, 1 << 60, 1000)
+                   if e.headers)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_inspect_counts_by_stage_type_and_source_and_consumes_nothing(app: StreamApp, broker: MemoryBroker) -> None:
+    result = run(inspect(DeadLetterQueue(app), LetterFilter(), samples=3))
+    assert result.total == result.matching == 12
+    assert dict(result.by_stage) == STAGES
+    assert dict(result.by_error_type) == {"SerializationError": 4, "DataValidationError": 3, "ValueError": 5}
+    assert dict(result.by_source_queue) == {"shop.orders": 12}
+    assert result.first is not None and result.last is not None and result.first <= result.last <= time.time()
+    assert len(result.samples) == 3
+    assert result.samples[0]["key"] == "d0" and result.samples[0]["value"] == "not json 0"
+    assert result.samples[0]["reason"].startswith("invalid JSON")
+    # nothing was taken, held or redelivered: a consumer still gets every letter, on its first delivery
+    assert broker.depth("shop.orders.dlq") == 12 and broker.unacked("shop.orders.dlq") == 0
+    taken = broker.take("shop.orders.dlq", 100, owner=99)
+    assert len(taken) == 12 and {e.attempt for e in taken} == {1}
+
+
+def test_inspect_filters(app: StreamApp) -> None:
+    dlq = DeadLetterQueue(app)
+    assert run(inspect(dlq, LetterFilter(stages=("validate", "handler")))).matching == 8
+    assert run(inspect(dlq, LetterFilter(error_types=("ValueError",)))).matching == 5
+    assert run(inspect(dlq, LetterFilter(reason_contains="order 203"))).matching == 1
+    assert run(inspect(dlq, LetterFilter(keys=("h1", "d2")))).matching == 2
+    assert run(inspect(dlq, LetterFilter(since=time.time() + 60))).matching == 0
+    assert run(inspect(dlq, LetterFilter(until=time.time() + 60))).matching == 12
+
+
+def test_a_filtered_replay_moves_exactly_the_matching_letters_and_the_app_then_processes_them(
+    app: StreamApp, broker: MemoryBroker, fix: type[Fixed], tmp_path: Path
+) -> None:
+    fix.fixed = True  # the bug fix that the replay follows
+    journal = Journal(tmp_path / "journal.jsonl")
+    summary = run(replay(DeadLetterQueue(app), journal, ReplayOptions(filter=LetterFilter(stages=("handler",)))))
+    assert (summary.moved, summary.skipped_by_filter, summary.left_by_loop_guard) == (5, 7, 0)
+    assert dict(summary.by_destination) == {"shop.orders": 5}
+    assert stages_in(broker) == {"deserialize": 4, "validate": 3}
+    replayed = broker.produced_records("shop.orders")[-5:]
+    assert sorted(e.key for e in replayed) == [b"h0", b"h1", b"h2", b"h3", b"h4"]
+    for envelope in replayed:
+        headers = envelope.headers or {}
+        assert headers["trace-id"] == b"t-" + (envelope.key or b"")
+        assert headers[REPLAY_COUNT] == b"1"
+        assert not ERROR_HEADERS & headers.keys()
+    assert not journal.path.exists()  # every letter it confirmed left the queue: nothing to remember
+    shipped_before = len(broker.produced("shop.shipped"))
+    app.run_until_drained(timeout=30, drain_idle_seconds=0.05)
+    shipped = [json.loads(v)["order_id"] for v in broker.produced("shop.shipped")[shipped_before:]]
+    assert sorted(shipped) == [200, 201, 202, 203, 204]
+    assert broker.depth("shop.orders.dlq") == 7  # nothing came back
+
+
+def test_the_loop_guard_leaves_a_letter_that_keeps_failing(app: StreamApp, broker: MemoryBroker,
+                                                           tmp_path: Path) -> None:
+    """The bug is not fixed: each replay sends the handler letters back, they fail again, and after the third
+    replay the guard leaves them where they are and reports them."""
+    dlq = DeadLetterQueue(app)
+    options = ReplayOptions(filter=LetterFilter(stages=("handler",)), max_replays=3)
+    for round_number in range(1, 4):
+        summary = run(replay(dlq, Journal(tmp_path / "j.jsonl"), options))
+        assert (summary.moved, summary.left_by_loop_guard) == (5, 0)
+        app.run_until_drained(timeout=30, drain_idle_seconds=0.05)
+        counts = Counter(e.headers[REPLAY_COUNT] for e in broker.browse("shop.orders.dlq", -1, 1 << 60, 100)
+                         if e.headers and REPLAY_COUNT in e.headers)
+        assert counts == {str(round_number).encode(): 5}
+    summary = run(replay(dlq, Journal(tmp_path / "j.jsonl"), options))
+    assert (summary.moved, summary.left_by_loop_guard) == (0, 5)
+    assert sorted(s["key"] for s in summary.looping) == ["h0", "h1", "h2", "h3", "h4"]
+    assert any("left by the loop guard: 5" in line for line in summary.lines())
+    assert stages_in(broker)["handler"] == 5
+
+
+class CrashError(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("point", "duplicates"), [("journaled", 0), ("confirmed", 1)])
+def test_an_interrupted_replay_run_again_moves_every_letter_once_or_reports_the_duplicates(
+    app: StreamApp, broker: MemoryBroker, tmp_path: Path, point: str, duplicates: int
+) -> None:
+    """Killed right after the broker confirmed the 3rd letter: before its journal entry ("confirmed": that letter
+    is sent again and reported as a possible duplicate) or after it ("journaled": the rerun only takes it out)."""
+    dlq = DeadLetterQueue(app)
+    path = tmp_path / "journal.jsonl"
+    options = ReplayOptions(filter=LetterFilter(stages=("validate", "handler")), batch_size=1)
+
+    def crash(count: int, at: str) -> None:
+        if at == point and count >= 3:
+            raise CrashError
+
+    with pytest.raises(CrashError):
+        run(replay(dlq, Journal(path), options, on_confirmed=crash))
+    assert len(broker.produced_records("shop.orders")) == 13 + 3
+    assert broker.depth("shop.orders.dlq") == 10  # the first two left the queue, the third had not yet
+    summary = run(replay(dlq, Journal(path), options))
+    assert summary.possible_duplicates == duplicates
+    assert summary.moved + summary.finished_from_journal == 6
+    assert summary.finished_from_journal == 1 - duplicates
+    replayed = Counter(e.key for e in broker.produced_records("shop.orders")[13:])
+    assert set(replayed) == {b"v0", b"v1", b"v2", b"h0", b"h1", b"h2", b"h3", b"h4"}
+    assert sum(replayed.values()) == 8 + duplicates
+    assert stages_in(broker) == {"deserialize": 4}
+    assert not path.exists()
+
+
+def test_rate_bounds_letters_per_second(app: StreamApp, tmp_path: Path) -> None:
+    began = time.monotonic()
+    summary = run(replay(DeadLetterQueue(app), Journal(tmp_path / "j"), ReplayOptions(rate=20.0)))
+    assert summary.moved == 12
+    assert time.monotonic() - began >= 10 / 20  # six batches of two, one every 0.1 s
+
+
+def test_limit_and_to(app: StreamApp, broker: MemoryBroker, tmp_path: Path) -> None:
+    options = ReplayOptions(filter=LetterFilter(stages=("validate",)), limit=2, to="elsewhere")
+    summary = run(replay(DeadLetterQueue(app), Journal(tmp_path / "j"), options))
+    assert summary.moved == 2
+    assert sorted(e.key for e in broker.produced_records("elsewhere")) == [b"v0", b"v1"]
+    assert stages_in(broker) == {"deserialize": 4, "validate": 1, "handler": 5}
+
+
+def test_purge_deletes_only_the_matching_letters(app: StreamApp, broker: MemoryBroker) -> None:
+    assert run(purge(DeadLetterQueue(app), LetterFilter(stages=("deserialize",)))) == 4
+    assert stages_in(broker) == {"validate": 3, "handler": 5}
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def command(app: StreamApp, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> StreamApp:
+    monkeypatch.setattr(dlq_command, "load_app", lambda target: app)
+    monkeypatch.setenv("VOLLEY_DLQ_JOURNAL_DIR", str(tmp_path / "journals"))
+    return app
+
+
+def test_cli_inspect_json(command: StreamApp, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dlq", "inspect", "x:app", "--json", "--stage", "handler"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["total"] == 12 and document["matching"] == 5 and document["by_stage"] == {"handler": 5}
+
+
+def test_cli_inspect_text(command: StreamApp, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dlq", "inspect", "x:app"]) == 0
+    out = capsys.readouterr().out
+    assert "dead-letter queue shop.orders.dlq: 12 letter(s), 12 matching" in out
+    assert "SerializationError" in out and "shop.orders" in out
+
+
+def test_cli_replay_dry_run_moves_nothing(command: StreamApp, broker: MemoryBroker,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dlq", "replay", "x:app", "--dry-run", "--stage", "validate", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["moved"] == 3
+    assert broker.depth("shop.orders.dlq") == 12 and len(broker.produced("shop.orders")) == 13
+
+
+def test_cli_replay_prints_the_summary(command: StreamApp, broker: MemoryBroker,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dlq", "replay", "x:app", "--error-type", "DataValidationError"]) == 0
+    out = capsys.readouterr().out
+    assert "moved 3 letter(s), 3 to shop.orders" in out and "skipped by filter: 9" in out
+    assert stages_in(broker) == {"deserialize": 4, "handler": 5}
+
+
+def test_cli_purge_asks_and_needs_yes_without_a_terminal(command: StreamApp, broker: MemoryBroker,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dlq", "purge", "x:app", "--stage", "deserialize"]) == 2
+    assert "pass --yes" in capsys.readouterr().err
+    assert broker.depth("shop.orders.dlq") == 12
+    assert cli.main(["dlq", "purge", "x:app", "--stage", "deserialize", "--yes"]) == 0
+    assert "deleted 4 letter(s)" in capsys.readouterr().out
+    assert stages_in(broker) == {"validate": 3, "handler": 5}
+
+
+def test_cli_purge_before_is_for_brokers_that_cannot_drop_single_letters(
+        command: StreamApp, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dlq", "purge", "x:app", "--before", "5", "--yes"]) == 2
+    assert "use the filters" in capsys.readouterr().err
+
+
+def test_cli_bad_times_fail_clearly(command: StreamApp, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dlq", "inspect", "x:app", "--since", "yesterday-ish"]) == 2
+    assert "neither an ISO 8601 time" in capsys.readouterr().err
+
+
+def test_an_app_without_a_dead_letter_queue_is_refused(broker: MemoryBroker) -> None:
+    from volley import Engine
+
+    engine = Engine("nodlq", input_queue="in", queue_config={"in": {"value": "in", "profile": "memory",
+                                                                    "config": {"broker": broker}}},
+                    metrics_port=None)
+    with pytest.raises(ValueError, match="has no dead_letter_queue"):
+        DeadLetterQueue(engine.stream_app(lambda m: True))
