@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -165,3 +167,173 @@ def high_watermark(consumer: Consumer, topic: str, partition: int, within: float
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+OFFSETS_TOPIC = "__consumer_offsets"
+
+
+class CommitLedger:
+    """Every offset commit the broker accepted for one group, in order, read from ``__consumer_offsets``.
+
+    Polling ``committed()`` would miss a commit that went backwards and was overtaken a moment later; the
+    offsets topic holds each one. Read with read_committed: a transactional offset commit (exactly-once)
+    counts once its transaction committed. Starts at the topic's end when created, so make it before the
+    group's first commit.
+    """
+
+    def __init__(self, bootstrap: str, group: str) -> None:
+        self.group = group
+        self._lock = threading.Lock()
+        self._commits: list[tuple[str, int, int]] = []  # (topic, partition, offset), in the order accepted
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("ledger"),
+                                   "enable.auto.commit": False, "isolation.level": "read_committed",
+                                   "enable.partition.eof": False})
+        partitions = sorted(self._consumer.list_topics(OFFSETS_TOPIC, timeout=10).topics[OFFSETS_TOPIC].partitions)
+        self._consumer.assign([TopicPartition(OFFSETS_TOPIC, p, high_watermark(self._consumer, OFFSETS_TOPIC, p))
+                               for p in partitions])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name=f"ledger-{group}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            for message in self._consumer.consume(500, 0.05):
+                if message.error() is None:
+                    self._record(message.key(), message.value())
+
+    def _record(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None or value is None or struct.unpack_from(">h", key)[0] not in (0, 1):
+            return  # not an offset commit (group metadata, a deletion)
+        position = 2
+        fields: list[str] = []
+        for _ in range(2):  # group, topic: int16 length + UTF-8
+            (length,) = struct.unpack_from(">h", key, position)
+            fields.append(key[position + 2:position + 2 + length].decode())
+            position += 2 + length
+        if fields[0] != self.group:
+            return
+        (partition,) = struct.unpack_from(">i", key, position)
+        (offset,) = struct.unpack_from(">q", value, 2)  # every value version starts: int16 version, int64 offset
+        with self._lock:
+            self._commits.append((fields[1], partition, offset))
+
+    def history(self, topic: str, partition: int) -> list[int]:
+        with self._lock:
+            return [o for t, p, o in self._commits if t == topic and p == partition]
+
+    def count(self, topic: str) -> int:
+        with self._lock:
+            return sum(1 for t, _, _ in self._commits if t == topic)
+
+    def latest(self, topic: str) -> dict[int, int]:
+        with self._lock:
+            return {p: o for t, p, o in self._commits if t == topic}
+
+    def backwards(self) -> list[tuple[str, int, int, int]]:
+        """Commits that moved a partition's offset back: (topic, partition, before, after)."""
+        last: dict[tuple[str, int], int] = {}
+        out: list[tuple[str, int, int, int]] = []
+        with self._lock:
+            for topic, partition, offset in self._commits:
+                before = last.get((topic, partition))
+                if before is not None and offset < before:
+                    out.append((topic, partition, before, offset))
+                last[(topic, partition)] = offset
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()
+
+
+@pytest.fixture
+def ledger(kafka_bootstrap: str) -> Iterator[Callable[[str], CommitLedger]]:
+    """``ledger(group)``: a CommitLedger of that group, closed after the test."""
+    made: list[CommitLedger] = []
+
+    def make(group: str) -> CommitLedger:
+        made.append(CommitLedger(kafka_bootstrap, group))
+        return made[-1]
+
+    yield make
+    for ledger_ in made:
+        ledger_.close()
+
+
+class Member:
+    """A Volley app (an ``@engine.stream_app`` function) running on a thread with its own event loop: one
+    member of a consumer group next to others in the same test.
+
+    ``consumer`` is the app's input consumer while it runs; ``stop()`` shuts it down gracefully and returns the
+    run's report, or raises what ended the run.
+    """
+
+    def __init__(self, app: Any, name: str) -> None:
+        self.app = app
+        self.name = name
+        self.report: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"member-{name}", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self.report = asyncio.run(self.app.run_async())
+        except BaseException as exc:  # handed to the test by stop() / ended()
+            self.error = exc
+
+    @property
+    def consumer(self) -> Any:
+        run = self.app._run
+        return None if run is None else run.consumer
+
+    def assignment(self) -> frozenset[tuple[str, int]]:
+        consumer = self.consumer
+        return frozenset() if consumer is None else frozenset(consumer._assigned)
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def ensure_running(self) -> None:
+        if not self._thread.is_alive():
+            raise AssertionError(f"member {self.name} stopped: {self.error!r}")
+
+    def ended(self, within: float) -> BaseException | None:
+        """Wait for the run to end by itself; what it raised (None if it returned)."""
+        self._thread.join(within)
+        if self._thread.is_alive():
+            raise AssertionError(f"member {self.name} still running after {within} s")
+        return self.error
+
+    def is_drained(self) -> bool:
+        """The consumer's own drain check (asked from this thread, off the member's loop)."""
+        consumer = self.consumer
+        return consumer is not None and bool(consumer.is_drained())
+
+    def stop(self, within: float = 60.0) -> Any:
+        self.app.stop()
+        self._thread.join(within)
+        if self._thread.is_alive():
+            raise AssertionError(f"member {self.name} did not stop within {within} s")
+        if self.error is not None:
+            raise AssertionError(f"member {self.name} failed: {self.error!r}") from self.error
+        return self.report
+
+
+@pytest.fixture
+def members() -> Iterator[Callable[[Any, str], Member]]:
+    """``members(app, name)`` starts a Member; whatever is still running when the test ends is stopped."""
+    made: list[Member] = []
+
+    def start(app: Any, name: str) -> Member:
+        made.append(Member(app, name))
+        return made[-1]
+
+    yield start
+    for member in made:
+        if member.running():
+            member.app.stop()
+    for member in made:
+        member._thread.join(60)
+

@@ -1,0 +1,204 @@
+"""Rebalances on the real broker, under both group protocols: what the group does to a worker in the middle of
+its work (a pause held across a rebalance, a redelivery delay, a revoke past its deadline, members of the group
+that come and go during exactly-once, a fenced transactional producer, a member stalled until it is thrown out).
+
+Members run in this process, each on a thread with its own event loop (``members``), except where the process
+itself must freeze. What is checked is what Kafka holds: the output topic, the group's committed offsets, and
+every commit the broker accepted, in order (``ledger``, read from ``__consumer_offsets``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+from services.processes import wait_for
+from volley import Engine
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+PARTITIONS = 2
+JSON_DICT = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+CLASSIC_FAST = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+"""Classic members notice a rebalance at their next heartbeat (3 s by default) and are expelled after their
+session (45 s by default): the broker's minimum session, and a short heartbeat."""
+
+
+def fast_group(kit: Any, group: str, protocol: str) -> None:
+    """Under the consumer protocol the session and heartbeat are the group's (the broker's defaults: 10 s,
+    500 ms): the broker's minimum session for this group."""
+    if protocol != "consumer":
+        return
+    admin = AdminClient({"bootstrap.servers": kit.bootstrap})
+    entries = [ConfigEntry("consumer.session.timeout.ms", "6000", incremental_operation=AlterConfigOpType.SET),
+               ConfigEntry("consumer.heartbeat.interval.ms", "250", incremental_operation=AlterConfigOpType.SET)]
+    for future in admin.incremental_alter_configs([ConfigResource(ResourceType.GROUP, group,
+                                                                  incremental_configs=entries)]).values():
+        future.result(30)
+
+
+def make_app(kit: Any, name: str, group: str, source: str, sink: str, handler: Callable[..., Any], *,
+             protocol: str, eos: bool = False, consumer_config: dict[str, Any] | None = None,
+             **engine_kwargs: Any) -> Any:
+    config: dict[str, Any] = {"bootstrap.servers": kit.bootstrap, "group.id": group, "group.protocol": protocol,
+                              "volley.commit.interval.seconds": 0.1,
+                              **(CLASSIC_FAST if protocol == "classic" else {}), **(consumer_config or {})}
+    queue_config = {
+        "input": {"value": source, "profile": "confluent-eos" if eos else "confluent", **JSON_DICT,
+                  "config": config},
+        "out": {"value": sink, "profile": "confluent", **JSON_DICT, "config": {"bootstrap.servers": kit.bootstrap}},
+    }
+    engine = Engine(app_name=kit.unique(name), input_queue="input", output_queues=["out"],
+                    queue_config=queue_config, metrics_port=None, poll_interval_seconds=0.1,
+                    shutdown_timeout_seconds=20.0, **engine_kwargs)
+    return engine.stream_app(handler)
+
+
+def output(message: dict[str, Any], msg_ctx: Any, by: str) -> list[tuple[str, dict[str, Any]]]:
+    return [("out", {"id": message["id"], "by": by, "p": msg_ctx.partition, "o": msg_ctx.position})]
+
+
+def passing(by: str) -> Callable[..., Any]:
+    def handler(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        return output(message, msg_ctx, by)
+    return handler
+
+
+def seed(kit: Any, topic: str, ids: Iterable[int], per_partition: int) -> None:
+    """ids in blocks of ``per_partition`` per partition: id i lands in partition (i // per_partition) % PARTITIONS."""
+    by_partition: dict[int, list[bytes]] = {}
+    for i in ids:
+        by_partition.setdefault((i // per_partition) % PARTITIONS, []).append(json.dumps({"id": i}).encode())
+    for partition, values in by_partition.items():
+        kit.produce(topic, values, partition=partition)
+
+
+def all_partitions(source: str) -> frozenset[tuple[str, int]]:
+    return frozenset((source, p) for p in range(PARTITIONS))
+
+
+def committed_to_end(kit: Any, group: str, source: str) -> bool:
+    return bool(kit.committed(group, source, PARTITIONS) == kit.end_offsets(source, PARTITIONS))
+
+
+def outputs(kit: Any, sink: str, isolation: str = "read_committed") -> list[dict[str, Any]]:
+    return [json.loads(m.value()) for m in kit.read_topic(sink, isolation=isolation, timeout=60)]
+
+
+def alive(*running: Any) -> Callable[[], None]:
+    def check() -> None:
+        for member in running:
+            member.ensure_running()
+    return check
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """Opens a handler blocked on it; opened at teardown too, before the members are stopped (list it after
+    ``members``), so that a failed test leaves no handler blocked."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_a_hard_pause_held_across_rebalances_ends_and_every_partition_flows_again(
+        kit: Any, ledger: Any, members: Any, gate: threading.Event, group_protocol: str) -> None:
+    """Worker A's buffer stays full (one input, blocked) long enough for a hard pause in librdkafka; member B
+    joins and leaves while the pause holds, so A's partitions are revoked and assigned back paused. librdkafka
+    keeps a pause across assignments: once A's input finishes, every partition (those it kept, those it got
+    back) must be consumed again, including what arrived meanwhile."""
+    source, sink, group = kit.topic("held-in", PARTITIONS), kit.topic("held-out", PARTITIONS), kit.unique("held")
+    fast_group(kit, group, group_protocol)
+    history = ledger(group)
+    seed(kit, source, range(40), per_partition=20)
+    blocked = threading.Event()
+
+    def slow(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        if not blocked.is_set():
+            blocked.set()
+            gate.wait(90)
+        return output(message, msg_ctx, "a")
+
+    # One input buffered at most: the blocked one keeps the buffer full through every rebalance (a revoke
+    # abandons queued inputs, not one in flight), so the pause holds until the gate opens.
+    a = members(make_app(kit, "held-a", group, source, sink, slow, protocol=group_protocol, max_in_flight=1,
+                         max_buffered=1, consume_batch_size=1,
+                         consumer_config={"volley.revoke.timeout.seconds": 1}), "a")
+    wait_for(blocked.is_set, 30, "A's first input", alive(a))
+    wait_for(lambda: a.consumer._hard_paused, 10, "A's hard pause", alive(a))
+    b = members(make_app(kit, "held-b", group, source, sink, passing("b"), protocol=group_protocol), "b")
+    wait_for(lambda: bool(b.assignment()), 30, "B's partitions", alive(a, b))
+    assert a.consumer._hard_paused, "the pause holds across B's arrival"
+    b.stop()
+    wait_for(lambda: a.assignment() == all_partitions(source), 30, "A owning every partition again", alive(a))
+    assert a.consumer._hard_paused, "the pause holds across B's departure"
+    seed(kit, source, range(40, 80), per_partition=20)  # arrives while A is paused: only A can consume it
+    gate.set()
+    wait_for(lambda: committed_to_end(kit, group, source), 60, "every input committed", alive(a))
+    assert not a.consumer._hard_paused
+    a.stop()
+
+    ids = Counter(o["id"] for o in outputs(kit, sink))
+    missing = sorted(set(range(80)) - set(ids))
+    assert not missing, f"{len(missing)} inputs never handled, first {missing[:10]}"
+    assert {o["by"] for o in outputs(kit, sink) if o["id"] >= 40} == {"a"}
+    assert history.backwards() == []
+
+
+def test_a_message_waiting_out_a_redelivery_delay_is_handled_by_the_partitions_next_owner(
+        kit: Any, ledger: Any, members: Any, group_protocol: str) -> None:
+    """A gives back one input of each partition with a delay far longer than the test (its partitions paused
+    meanwhile); B joins, then A leaves. Each given-back input is handled once, by a member that owned its
+    partition at that moment, long before A's delay would have ended: the delay went with the partition, and
+    no offset was skipped."""
+    source, sink, group = kit.topic("delay-in", PARTITIONS), kit.topic("delay-out", PARTITIONS), kit.unique("delay")
+    fast_group(kit, group, group_protocol)
+    history = ledger(group)
+    seed(kit, source, range(30), per_partition=15)
+    given_back = {5, 20}  # offset 5 of each partition
+    lock = threading.Lock()
+    nacked: set[int] = set()
+    handled: list[tuple[int, str, bool]] = []  # (id, member, owned its partition at the time), given back or not
+    apps: dict[str, Any] = {}
+
+    def handler_of(by: str) -> Callable[..., Any]:
+        def handler(message: dict[str, Any], msg_ctx: Any) -> Any:
+            owned = (source, msg_ctx.partition) in apps[by]._run.consumer._assigned
+            with lock:
+                if message["id"] in given_back and message["id"] not in nacked:
+                    nacked.add(message["id"])
+                    return False
+                handled.append((message["id"], by, owned))
+            return output(message, msg_ctx, by)
+        return handler
+
+    delay = 600.0
+    for by in ("a", "b"):
+        apps[by] = make_app(kit, f"delay-{by}", group, source, sink, handler_of(by), protocol=group_protocol,
+                            redelivery_delay_seconds=delay)
+    started = time.monotonic()
+    a = members(apps["a"], "a")
+    wait_for(lambda: nacked == given_back and history.latest(source) == {0: 5, 1: 5}
+             and len({i for i, _, _ in handled}) == 28, 30, "A through both partitions but the given-back inputs",
+             alive(a))
+    b = members(apps["b"], "b")
+    wait_for(lambda: bool(b.assignment()), 30, "B's partitions", alive(a, b))
+    a.stop()
+    wait_for(lambda: committed_to_end(kit, group, source), 60, "every input committed", alive(b))
+    b.stop()
+    assert time.monotonic() - started < delay / 4
+
+    for i in given_back:
+        handlings = [(by, owned) for n, by, owned in handled if n == i]
+        assert len(handlings) == 1, f"input {i} handled {len(handlings)} times after it was given back: {handlings}"
+        assert handlings[0][1], f"input {i} handled by {handlings[0][0]}, which no longer owned its partition"
+    missing = sorted(set(range(30)) - {o["id"] for o in outputs(kit, sink)})
+    assert not missing, f"inputs skipped: {missing}"
+    assert history.backwards() == []
