@@ -22,6 +22,7 @@ EXTRAS = {
     "volley-kafka": "",
     "volley-rsmq": "",
     "volley-prometheus": "",
+    "volley-otel": "sdk",
     "volley-sqlite": "pydantic",
 }
 
@@ -61,7 +62,7 @@ def core_only(session: nox.Session) -> None:
     session.install(f"{PACKAGES / 'volley-core'}[testing,yaml]", "pytest>=8", "pytest-asyncio>=0.24",
                     "pytest-timeout>=2.3")
     session.run("python", "-c", "import importlib.util as u, sys; bad=[m for m in ('pydantic','orjson','msgpack',"
-                "'confluent_kafka','rsmq','redis','prometheus_client') if u.find_spec(m)]; "
+                "'confluent_kafka','rsmq','redis','prometheus_client','opentelemetry') if u.find_spec(m)]; "
                 "sys.exit(f'unexpected packages in the core-only env: {bad}' if bad else 0)")
     session.run("python", "-m", "pytest", "tests/core", "tests/contract", "-p", "no:cacheprovider",
                 *session.posargs)

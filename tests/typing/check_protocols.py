@@ -20,18 +20,22 @@ if TYPE_CHECKING:
         Drainable,
         Instrumented,
         LagReporter,
+        MessageTrace,
         ModelHandler,
         Observer,
         Pausable,
         Producer,
         ReadinessReporter,
         RebalanceAware,
+        RunTracer,
         Serializer,
+        Tracer,
         Transactional,
     )
     from volley_kafka.connector import KafkaConnector
     from volley_kafka.consumer import KafkaConsumer, TransactionalKafkaConsumer
     from volley_kafka.producer import KafkaProducer
+    from volley_otel.tracer import OtelRunTracer, OtelTrace, OtelTracer
     from volley_prometheus.observer import PrometheusObserver
     from volley_rsmq.connector import RsmqConnector
     from volley_rsmq.consumer import RsmqConsumer
@@ -77,3 +81,6 @@ if TYPE_CHECKING:
         connector: SqliteConnector, consumer: SqliteConsumer, producer: SqliteProducer
     ) -> tuple[Connector, Consumer, Producer, Drainable, DepthReporter]:
         return connector, consumer, producer, consumer, consumer
+
+    def tracers(tracer: OtelTracer, run: OtelRunTracer, trace: OtelTrace) -> tuple[Tracer, RunTracer, MessageTrace]:
+        return tracer, run, trace
