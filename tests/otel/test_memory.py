@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from volley import Engine, MemoryBroker
+from volley.dlq.letter import DeadLetter
 from volley.errors import ConfigurationError
 from volley_otel import TRACE_HEADERS
 
@@ -141,8 +142,9 @@ def test_retried_then_dead_lettered_shows_its_retries_and_the_letter_continues_t
     [letter] = broker.produced_records("jobs.dlq")
     assert traceparent(letter.headers).split("-")[2] == span_id_hex(failed)
     assert letter.headers is not None and letter.headers["volley-error-stage"] == b"handler"
-    # ... and a replay that keeps the trace headers (volley_otel.TRACE_HEADERS) continues that trace.
-    replayed = {k: v for k, v in (letter.headers or {}).items() if k in TRACE_HEADERS}
+    # ... and a replay (the headers `volley dlq replay` sends: the trace headers kept) continues that trace.
+    replayed = DeadLetter.read(letter).replay_headers()
+    assert set(TRACE_HEADERS) & set(replayed) == {"traceparent"}
     broker.publish("jobs", letter.value, headers=replayed)
     fixed = make_app(broker, recorder, "jobs", "done", name="fixed")
 
