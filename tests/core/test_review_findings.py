@@ -73,11 +73,12 @@ class Connector(MemoryConnector):
         return self.producer(self.broker) if self.producer else MemoryProducer(self.broker)
 
 
-def make_engine(broker: MemoryBroker, connector: Connector, *, profile: str = "memory", **settings: Any) -> Engine:
+def make_engine(broker: MemoryBroker, connector: Connector, *, profile: str = "memory", ordering: str = "partition",
+                **settings: Any) -> Engine:
     registry = build_registry()
     registry.entries["observer"] = {}
     queues = {"in": {"value": "in", "profile": profile, "data_model": Item, "consumer": connector,
-                     "config": {"broker": broker}},
+                     "ordering": ordering, "config": {"broker": broker}},
               "out": {"value": "out", "profile": "memory", "data_model": Item, "producer": connector,
                       "config": {"broker": broker}},
               "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}}}
@@ -156,6 +157,33 @@ def test_an_aborted_transaction_leaves_no_async_work_behind() -> None:
     assert "abort" in log and log[-1] == ("commit-done", 4), log
     assert outputs(broker) == [0, 1, 2, 3], "outputs of the aborted batch leaked into the next transaction"
     assert report.acked == 4 and broker.acked("in") == 4
+    assert report.settled == report.consumed
+
+
+def test_inputs_settled_in_an_aborted_transaction_are_not_counted_as_acked_or_dead_lettered() -> None:
+    """Found in review: inputs that settled (acked, dead-lettered) inside a transaction that then aborted kept
+    those counts, and counted again when the batch came back: the report (and so the drain and the logs) said
+    7 acked for 4 inputs. An aborted transaction settles nothing: its inputs count as abandoned (given back)."""
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 3)
+    broker.publish("in", b"not json")  # dead-lettered at deserialize, in both transactions
+    # Unordered: the other inputs settle while the first one is slow.
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)), consume_batch_size=4,
+                         shutdown_timeout_seconds=0.3, ordering="none")
+    calls: list[int] = []
+
+    @engine.stream_app
+    async def handler(item: Item) -> list[tuple[str, Item]]:
+        calls.append(item.n)
+        if len(calls) == 1:
+            await asyncio.sleep(0.6)  # slower than the transaction's deadline: the first batch aborts
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.2)
+    assert log.count("abort") == 1 and log[-1] == ("commit-done", 4), log
+    assert report.consumed == 8, report
+    assert (report.acked, report.dead_lettered, report.abandoned) == (3, 1, 4), report
     assert report.settled == report.consumed
 
 

@@ -13,7 +13,7 @@ class RunReport:
 
     ``dead_lettered`` counts inputs whose dead letter the DLQ's broker confirmed; ``failed`` those given back
     after a failure (no DLQ, or the DLQ or an output could not be written); ``abandoned`` those unfinished at
-    shutdown or on a partition revoke (they are delivered again). ``produced`` counts distinct outputs handed to
+    shutdown or on a partition revoke, or settled in a transaction that aborted (they are delivered again). ``produced`` counts distinct outputs handed to
     producers (a re-produced output once). ``errors`` keeps the first ``MAX_ERRORS`` failure lines;
     ``errors_dropped`` counts the ones after.
     """
@@ -33,6 +33,15 @@ class RunReport:
     @property
     def settled(self) -> int:
         return self.acked + self.nacked + self.dead_lettered + self.failed + self.abandoned
+
+    def settled_counts(self) -> tuple[int, int, int, int]:
+        """The final states an aborted transaction takes back (see ``void_since``)."""
+        return self.acked, self.nacked, self.dead_lettered, self.failed
+
+    def void_since(self, counts: tuple[int, int, int, int]) -> None:
+        """An aborted transaction settled nothing: inputs settled since ``counts`` come again (abandoned)."""
+        self.abandoned += sum(now - then for now, then in zip(self.settled_counts(), counts, strict=True))
+        self.acked, self.nacked, self.dead_lettered, self.failed = counts
 
     def add_error(self, line: str) -> None:
         if len(self.errors) < MAX_ERRORS:

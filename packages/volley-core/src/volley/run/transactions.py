@@ -31,10 +31,12 @@ class TransactionBarrier:
         self.on_abort = on_abort
         self.open = False
         self._batch: list[Envelope] = []
+        self._counts_at_begin = settlement.report.settled_counts()
 
     async def begin(self, batch: list[Envelope]) -> None:
         self.open = True
         self._batch = batch
+        self._counts_at_begin = self.settlement.report.settled_counts()
         await self.consumer.begin()
 
     async def finish(self) -> None:
@@ -79,6 +81,7 @@ class TransactionBarrier:
         settlement.open_letters.clear()
         self._batch = []
         settlement.cancel_retries()
+        settlement.report.void_since(self._counts_at_begin)  # what settled in it is given back with it
         settlement.abandon(settlement.in_flight)
         settlement.acker.acks.clear()
         settlement.acker.nacks.clear()
