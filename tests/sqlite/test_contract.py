@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pytest
 
 from volley.ports import Connector, QueueSpec
-from volley.testing.contract import ConnectorContract
+from volley.testing.contract import BrowsingTests, ConnectorContract
 from volley.testing.statemachine import connector_state_machine
 from volley_sqlite import SqliteConnector
 
@@ -19,7 +19,7 @@ def sqlite_spec(path: Path, name: str, role: str, **config: Any) -> QueueSpec:
     return QueueSpec(name=name, value=name, connector="sqlite", config={"path": str(path), **config}, role=role)
 
 
-class TestSqliteContract(ConnectorContract):
+class TestSqliteContract(ConnectorContract, BrowsingTests):
     """Ordered (a partition is held by one consumer at a time), three partitions: the memory broker's capabilities."""
 
     partitions = 3

@@ -18,23 +18,16 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from volley.errors import ConfigurationError
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 from volley_sqlite import database as databases
 from volley_sqlite import schema
-from volley_sqlite.database import Database, Lessee
+from volley_sqlite.browse import SqliteBrowser
+from volley_sqlite.database import Database, Lessee, open_database
 from volley_sqlite.settings import SqliteSettings, parse_settings
 
 logger = logging.getLogger("volley_sqlite")
 _position = operator.attrgetter("position")
-
-
-async def _open(settings: SqliteSettings) -> Database:
-    try:
-        return await asyncio.to_thread(databases.acquire, settings.database_key)
-    except (sqlite3.Error, OSError) as exc:
-        raise ConfigurationError(f"cannot open the sqlite queue database {settings.path!r}: {exc}") from exc
 
 
 class SqliteConsumer:
@@ -55,7 +48,7 @@ class SqliteConsumer:
     async def start(self) -> None:
         if self._db is not None:
             return
-        db = await _open(self.settings)
+        db = await open_database(self.settings)
         self._db = db
         settings = self.settings
         try:
@@ -179,7 +172,7 @@ class SqliteProducer:
 
     async def start(self) -> None:
         if self._db is None:
-            self._db = await _open(self.settings)
+            self._db = await open_database(self.settings)
 
     def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
         """On the event loop: queue the batch for the database thread and return at once."""
@@ -268,12 +261,26 @@ class SqliteConnector:
     def create_producer(self, queue: QueueSpec) -> SqliteProducer:
         return SqliteProducer(parse_settings(queue.config, queue.value))
 
+    def create_browser(self, queue: QueueSpec) -> SqliteBrowser:
+        """For ``volley dlq``: read the queue in place, delete what a replay or purge dealt with."""
+        return SqliteBrowser(queue.value, parse_settings(queue.config, queue.value))
+
 
 if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: nothing is inherited)
 
-    from volley.ports import Connector, Consumer, DepthReporter, Drainable, Producer
+    from volley.ports import (
+        BrowsableConnector,
+        Connector,
+        Consumer,
+        DepthReporter,
+        Drainable,
+        Producer,
+        QueueBrowser,
+        SettlingBrowser,
+    )
 
     def _satisfies_ports(
-        consumer: SqliteConsumer, producer: SqliteProducer, connector: SqliteConnector
-    ) -> tuple[Consumer, Producer, Connector, DepthReporter, Drainable]:
-        return consumer, producer, connector, consumer, consumer
+        consumer: SqliteConsumer, producer: SqliteProducer, connector: SqliteConnector, browser: SqliteBrowser
+    ) -> tuple[Consumer, Producer, Connector, DepthReporter, Drainable, BrowsableConnector, QueueBrowser,
+               SettlingBrowser]:
+        return consumer, producer, connector, consumer, consumer, connector, browser, browser

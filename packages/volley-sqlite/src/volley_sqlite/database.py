@@ -23,9 +23,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from volley.errors import ConfigurationError
 from volley_sqlite import schema
+
+if TYPE_CHECKING:
+    from volley_sqlite.settings import SqliteSettings
 
 T = TypeVar("T")
 logger = logging.getLogger("volley_sqlite")
@@ -347,3 +351,12 @@ def release(database: Database) -> None:
 def chunks(items: Sequence[T], size: int = 500) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+async def open_database(settings: SqliteSettings) -> Database:
+    """The shared database of a queue's file, opened off the event loop; a file that cannot be opened is a
+    configuration error."""
+    try:
+        return await asyncio.to_thread(acquire, settings.database_key)
+    except (sqlite3.Error, OSError) as exc:
+        raise ConfigurationError(f"cannot open the sqlite queue database {settings.path!r}: {exc}") from exc

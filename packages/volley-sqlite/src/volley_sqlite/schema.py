@@ -334,3 +334,32 @@ def stats(db: sqlite3.Connection) -> dict[str, dict[str, int]]:
     for queue, ready, delayed, held, acked in rows:
         out[queue] = {"ready": ready or 0, "delayed": delayed or 0, "held": held or 0, "acked": acked or 0}
     return out
+
+
+# ---------------------------------------------------------------------------------------------- browsing (volley dlq)
+
+
+def last_id(db: sqlite3.Connection) -> int:
+    """The highest message id so far: a browse started now ends there."""
+    row = db.execute("SELECT max(id) FROM volley_messages").fetchone()
+    return int(row[0] or 0)
+
+
+def browse(db: sqlite3.Connection, queue: str, after: int, upto: int, limit: int) -> list[Envelope]:
+    """Unacknowledged messages with ``after < id <= upto``, oldest first, read in place: no lease, no attempt."""
+    rows = db.execute("SELECT id, partition, value, key, headers, created_at, attempts FROM volley_messages "
+                      "INDEXED BY volley_messages_pending WHERE queue = ? AND acked_at IS NULL AND id > ? AND id <= ? "
+                      "ORDER BY id LIMIT ?", (queue, after, upto, limit)).fetchall()
+    return [Envelope(value, key, decode_headers(headers) if headers is not None else None, queue, partition,
+                     message_id, created_at, max(attempts, 1))
+            for message_id, partition, value, key, headers, created_at, attempts in rows]
+
+
+def delete(db: sqlite3.Connection, queue: str, ids: Sequence[int]) -> int:
+    """Remove these messages for good, whoever holds them (a consumer's later ack then finds nothing)."""
+    count = 0
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        count += db.execute(f"DELETE FROM volley_messages WHERE queue = ? AND id IN ({_marks(len(chunk))})",  # noqa: S608
+                            (queue, *chunk)).rowcount
+    return count
