@@ -13,9 +13,9 @@ class RunReport:
 
     ``dead_lettered`` counts inputs whose dead letter the DLQ's broker confirmed; ``failed`` those given back
     after a failure (no DLQ, or the DLQ or an output could not be written); ``abandoned`` those unfinished at
-    shutdown or on a partition revoke, or settled in a transaction that aborted (they are delivered again). ``produced`` counts distinct outputs handed to
-    producers (a re-produced output once). ``errors`` keeps the first ``MAX_ERRORS`` failure lines;
-    ``errors_dropped`` counts the ones after.
+    shutdown or on a partition revoke, or settled in a transaction that aborted (they are delivered again).
+    ``produced`` counts distinct outputs handed to producers (a re-produced output once). ``errors`` keeps the
+    first ``MAX_ERRORS`` failure lines; ``errors_dropped`` counts the ones after.
     """
 
     consumed: int = 0
