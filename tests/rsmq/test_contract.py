@@ -10,7 +10,7 @@ import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
 from volley.ports import Connector, QueueSpec
-from volley.testing.contract import ConnectorContract
+from volley.testing.contract import BrowsingTests, ConnectorContract
 from volley.testing.statemachine import SERVER_SETTINGS, connector_state_machine
 from volley_rsmq import RsmqConnector
 
@@ -23,7 +23,7 @@ def rsmq_spec(server: Any, name: str, role: str, **config: Any) -> QueueSpec:
     return QueueSpec(name=name, value=name, connector="rsmq", config=settings, role=role)
 
 
-class TestRsmqContract(ConnectorContract):
+class TestRsmqContract(ConnectorContract, BrowsingTests):
     """Plain RSMQ: the body is the payload; keys and headers cannot travel (``headers: drop``)."""
 
     ordering = "partition"  # a single unit (partition None): RSMQ delivers in sending order

@@ -231,3 +231,30 @@ def _seconds_number(seconds: float) -> int | float:
 def _seconds_text(seconds: float) -> str:
     """RSMQ stores seconds as integers where it can; keep "30", not "30.0", so other clients parse it."""
     return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))
+
+
+# ---------------------------------------------------------------------------------------------- browsing (volley dlq)
+
+
+def browse_ids(client: RsmqClient, qname: str) -> list[str]:
+    """Every message id in the queue (visible or not), oldest sent first: read, nothing changed."""
+    members: list[bytes] = client.redis.zrange(client.keys(qname)[0], 0, -1)  # type: ignore[assignment]
+    ids = [raw.decode("ascii") for raw in members]
+    return sorted(ids, key=lambda i: (sent_time(i) or 0.0, i))
+
+
+def read_messages(client: RsmqClient, qname: str, ids: Sequence[str]) -> list[tuple[str, bytes, int]]:
+    """(id, body, receive count) of these messages, without receiving them: no visibility change, no count.
+    Messages deleted since their id was read are left out."""
+    if not ids:
+        return []
+    fields: list[str] = []
+    for message_id in ids:
+        fields.extend((message_id, message_id + ":rc"))
+    values: list[bytes | None] = client.redis.hmget(client.keys(qname)[1], fields)  # type: ignore[assignment]
+    out: list[tuple[str, bytes, int]] = []
+    for index, message_id in enumerate(ids):
+        body, rc = values[2 * index], values[2 * index + 1]
+        if body is not None:
+            out.append((message_id, body, int(rc or 0)))
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from volley.ports import QueueSpec
+from volley_rsmq.browse import RsmqBrowser
 from volley_rsmq.consumer import RsmqConsumer
 from volley_rsmq.producer import RsmqProducer
 from volley_rsmq.settings import parse_settings
@@ -23,12 +24,26 @@ class RsmqConnector:
     def create_producer(self, queue: QueueSpec) -> RsmqProducer:
         return RsmqProducer(parse_settings(queue.config, queue.value, queue.role))
 
+    def create_browser(self, queue: QueueSpec) -> RsmqBrowser:
+        """For ``volley dlq``: read the queue without receiving, delete what a replay or purge dealt with."""
+        return RsmqBrowser(queue.value, parse_settings(queue.config, queue.value, queue.role))
+
 
 if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: nothing is inherited)
 
-    from volley.ports import Connector, Consumer, DepthReporter, Instrumented, Producer
+    from volley.ports import (
+        BrowsableConnector,
+        Connector,
+        Consumer,
+        DepthReporter,
+        Instrumented,
+        Producer,
+        QueueBrowser,
+        SettlingBrowser,
+    )
 
     def _satisfies_ports(
-        consumer: RsmqConsumer, producer: RsmqProducer, connector: RsmqConnector
-    ) -> tuple[Consumer, Producer, Connector, Instrumented, DepthReporter]:
-        return consumer, producer, connector, consumer, consumer
+        consumer: RsmqConsumer, producer: RsmqProducer, connector: RsmqConnector, browser: RsmqBrowser
+    ) -> tuple[Consumer, Producer, Connector, Instrumented, DepthReporter, BrowsableConnector, QueueBrowser,
+               SettlingBrowser]:
+        return consumer, producer, connector, consumer, consumer, connector, browser, browser

@@ -1,0 +1,33 @@
+"""``volley dlq`` on a real redis-server: letters from three stages, a filtered replay the app then processes, the
+loop guard, and a replay killed with SIGKILL after its third confirmed letter and run again (in a subprocess)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from volley.testing.deadletters import DLQ, INPUT, OUTPUT, DeadLetterScenarioTests
+
+pytestmark = pytest.mark.redis
+
+ORDER = "volley.testing.deadletters.Order"
+
+
+class TestRsmqDeadLetters(DeadLetterScenarioTests):
+    timeout = 30.0
+
+    @pytest.fixture(autouse=True)
+    def _server(self, redis_server: Any) -> None:
+        self.where = {"host": redis_server.host, "port": redis_server.port}
+        self.prefix = f"dlq-{uuid.uuid4().hex[:10]}"
+
+    def queue_config(self) -> dict[str, Any]:
+        # The input keeps keys and headers (an envelope), so that a replayed message can show them.
+        model = {"serializer": "json", "model_handler": "dataclass", "data_model": ORDER}
+        return {INPUT: {"value": f"{self.prefix}-orders", "connector": "rsmq", **model,
+                        "config": {**self.where, "headers": "envelope", "vt": 30}},
+                OUTPUT: {"value": f"{self.prefix}-shipped", "connector": "rsmq", **model,
+                         "config": {**self.where, "vt": 30}},
+                DLQ: {"value": f"{self.prefix}-dlq", "profile": "rsmq-dlq", "config": {**self.where, "vt": 30}}}
