@@ -177,13 +177,14 @@ class OtelRunTracer:
 class OtelTrace:
     """A message's process span, as the engine's ``MessageTrace``."""
 
-    __slots__ = ("context", "headers", "propagation", "span")
+    __slots__ = ("context", "headers", "plain", "propagation", "span")
 
     def __init__(self, span: Span, parent: Context, propagation: Propagation) -> None:
         self.span = span
         # The parent's entries (baggage) stay visible to the handler; without an SDK (the API's non-recording
         # span) the span carries the parent's own span context, so propagation still goes through.
         self.context = trace.set_span_in_context(span, parent)
+        self.plain = parent is EMPTY_CONTEXT  # no baggage to carry on
         self.propagation = propagation
         self.headers: dict[str, bytes] | None = None  # injected once, for every output
 
@@ -196,7 +197,8 @@ class OtelTrace:
     def _headers(self) -> dict[str, bytes]:
         headers = self.headers
         if headers is None:
-            headers = self.headers = self.propagation.inject(self.context)
+            headers = self.headers = self.propagation.inject(self.context, self.span.get_span_context(),
+                                                             plain=self.plain)
         return headers
 
     def inject(self, headers: Headers | None) -> Headers:

@@ -1,0 +1,190 @@
+"""Cost of tracing with volley-otel on the in-memory pipeline (issue targets: otel.overhead <= 0.15 with the SDK
+recording every message into a no-op exporter; otel.overhead_not_installed <= 0.02).
+
+Modes, each N messages through a trivial sync handler (one output per input) on memory queues, alternating in
+rotating order, best of OTEL_RUNS:
+
+- ``off``: volley-otel installed, tracing not named (the default);
+- ``not_installed``: a registry without volley-otel's plugin, tracing not named;
+- ``sdk_simple`` / ``sdk_batch``: ``tracing="otel"`` with an SDK TracerProvider whose SimpleSpanProcessor /
+  BatchSpanProcessor feeds an exporter that drops everything (the sampler records every span);
+- ``sdk_ratio``: the SDK with ``ParentBased(TraceIdRatioBased(0.01))``: 1 % of the traces recorded;
+- ``api_only``: ``tracing="otel"`` with no SDK configured (the API's global proxy provider: no spans, the
+  context still flows).
+
+Prints ``otel.overhead`` (sdk_simple against off), ``otel.overhead_batch``, ``otel.overhead_sampled_1pct``,
+``otel.overhead_api_only``, ``otel.overhead_not_installed`` (off against not_installed: the same code, so noise),
+each also on process CPU time (``_cpu``: less blurred when other work shares the cores), each throughput, the
+pipeline's CPU time per message without tracing, and two figures that machine load blurs less still (thread CPU
+time): ``otel.sdk_span_us`` (one SDK span started with the process span's attributes and ended, alone) and
+``otel.tracer_us_per_message_<mode>`` (volley-otel's whole per-message work in that mode, replayed outside the
+engine).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind
+
+from volley import Engine
+from volley.memory import MemoryBroker
+from volley.message import Envelope, OutgoingMessage
+from volley.plugins import Registry, build_registry
+from volley.ports import QueueSpec
+from volley_otel import OtelTracer
+
+N = int(os.environ.get("BENCH_OTEL_N", "50000"))
+RUNS = int(os.environ.get("OTEL_RUNS", "3"))
+MODES = ("off", "not_installed", "sdk_simple", "sdk_batch", "sdk_ratio", "api_only")
+
+
+class DroppingExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _provider(mode: str) -> TracerProvider:
+    sampler = ParentBased(TraceIdRatioBased(0.01)) if mode == "sdk_ratio" else None
+    provider = TracerProvider(sampler=sampler)
+    exporter = DroppingExporter()
+    processor = BatchSpanProcessor(exporter) if mode == "sdk_batch" else SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    return provider
+
+
+def _profile(registry: Registry) -> str:
+    name = "memory-orjson-pydantic"
+    return name if ("profile", name) in registry else "memory"
+
+
+def _run(mode: str, registry: Registry, without_otel: Registry, n: int = N) -> tuple[float, float]:
+    """Messages per second of one run in ``mode``: of wall-clock time, and of process CPU time."""
+    broker = MemoryBroker(keep_log=False)
+    payload = json.dumps({"id": 1, "name": "benchmark", "value": 3.5}).encode()
+    for start in range(0, n, 10_000):
+        broker.publish_many([OutgoingMessage("bench.in", payload) for _ in range(start, min(n, start + 10_000))])
+    profile = _profile(registry)
+    config: dict[str, Any] = {
+        "in": {"value": "bench.in", "profile": profile, "config": {"broker": broker}},
+        "out": {"value": "bench.out", "profile": profile, "config": {"broker": broker}},
+    }
+    kwargs: dict[str, Any] = {"app_name": "bench", "input_queue": "in", "output_queues": ["out"],
+                              "queue_config": config, "metrics_port": None}
+    provider: TracerProvider | None = None
+    if mode == "off":
+        app = Engine(registry=registry, **kwargs)
+    elif mode == "not_installed":
+        app = Engine(registry=without_otel, **kwargs)
+    elif mode == "api_only":
+        app = Engine(registry=registry, tracing="otel", tracing_settings={"log_correlation": False}, **kwargs)
+    else:
+        provider = _provider(mode)
+        app = Engine(registry=registry, tracing="otel",
+                     tracing_settings={"tracer_provider": provider, "log_correlation": False}, **kwargs)
+
+    @app.stream_app
+    def handler(message: Any) -> list[tuple[str, Any]]:
+        return [("out", message)]
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    report = handler.run_until_drained(timeout=600.0, drain_idle_seconds=0.05)
+    if provider is not None:
+        provider.shutdown()  # a batch processor's export of what is left counts too
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    if report.consumed != n:
+        raise RuntimeError(f"{mode}: consumed {report.consumed} of {n}")
+    return n / elapsed, n / cpu
+
+
+def _sdk_span_us(count: int = 20_000) -> float:
+    provider = _provider("sdk_simple")
+    tracer = provider.get_tracer("bench")
+    attributes = {"messaging.system": "memory", "messaging.destination.name": "bench.in",
+                  "messaging.operation.type": "process", "messaging.message.id": "1"}
+    started = time.thread_time()  # CPU time of this thread: waiting for a core under load does not count
+    for _ in range(count):
+        tracer.start_span("process bench.in", None, SpanKind.CONSUMER, attributes).end()
+    took = time.thread_time() - started
+    provider.shutdown()
+    return took / count * 1e6
+
+
+def _tracer_us_per_message(mode: str, count: int = 20_000) -> float:
+    """volley-otel's per-message calls, as the engine makes them for one input with one output."""
+    provider = None if mode == "api_only" else _provider(mode)
+    spec = QueueSpec(name="in", value="bench.in", connector="memory")
+    run = OtelTracer("bench", tracer_provider=provider, log_correlation=False).bind(
+        spec, [QueueSpec(name="out", value="bench.out", connector="memory", role="output")])
+    env = Envelope(b"{}", position=1, source="bench.in")
+    members = [env]
+    started = time.thread_time()
+    for _ in range(count):
+        trace = run.start(members, False)
+        activation = trace.activate()
+        trace.deactivate(activation)
+        trace.inject(None)
+        trace.end()
+    took = time.thread_time() - started
+    if provider is not None:
+        provider.shutdown()
+    return took / count * 1e6
+
+
+def main() -> None:
+    logging.getLogger("volley").setLevel(logging.ERROR)
+    logging.getLogger("opentelemetry").setLevel(logging.ERROR)  # "Queue full, dropping Span" when load peaks
+    registry = build_registry()
+    if ("tracer", "otel") not in registry:
+        raise SystemExit("volley-otel is not installed: nothing to measure")
+    without_otel = build_registry()
+    for entries in without_otel.entries.values():
+        for name in [n for n, entry in entries.items() if entry.distribution == "volley-otel"]:
+            del entries[name]
+    for mode in MODES:  # warm-up: imports, first-use costs
+        _run(mode, registry, without_otel, n=max(1, N // 10))
+    best = dict.fromkeys(MODES, 0.0)
+    best_cpu = dict.fromkeys(MODES, 0.0)
+    for round_ in range(RUNS):
+        for i in range(len(MODES)):
+            mode = MODES[(i + round_) % len(MODES)]
+            rate, cpu_rate = _run(mode, registry, without_otel)
+            if os.environ.get("BENCH_VERBOSE"):
+                print(f"# {mode}: {rate:.0f} msg/s wall, {cpu_rate:.0f} msg/s cpu")
+            best[mode] = max(best[mode], rate)
+            best_cpu[mode] = max(best_cpu[mode], cpu_rate)
+    off, off_cpu = best["off"], best_cpu["off"]
+    print(f"otel.messages: {N}")
+    print(f"otel.profile: {_profile(registry)}")
+    for label, mode in (("", "sdk_simple"), ("_batch", "sdk_batch"), ("_sampled_1pct", "sdk_ratio"),
+                        ("_api_only", "api_only")):
+        print(f"otel.overhead{label}: {off / best[mode] - 1:.4f}")
+        print(f"otel.overhead{label}_cpu: {off_cpu / best_cpu[mode] - 1:.4f}")
+    print(f"otel.overhead_not_installed: {best['not_installed'] / off - 1:.4f}")
+    print(f"otel.overhead_not_installed_cpu: {best_cpu['not_installed'] / off_cpu - 1:.4f}")
+    for mode in MODES:
+        print(f"otel.{mode}_msgs_per_s: {best[mode]:.0f}")
+    print(f"otel.pipeline_cpu_us_per_message: {1e6 / off_cpu:.2f}")
+    print(f"otel.sdk_span_us: {_sdk_span_us():.2f}")
+    for mode in ("sdk_simple", "sdk_batch", "sdk_ratio", "api_only"):
+        print(f"otel.tracer_us_per_message_{mode}: {_tracer_us_per_message(mode):.2f}")
+
+
+if __name__ == "__main__":
+    main()
