@@ -1,0 +1,408 @@
+"""The consumer's fetch and rebalance policy against a scripted stand-in for ``confluent_kafka.Consumer``.
+
+Every ``poll``/``consume`` call of the adapter takes the next step of a script: the rebalance callbacks to
+fire inside that call (as librdkafka fires them, on the polling thread, before it returns), then the records
+it returns. Commits, pauses, resumes and seeks are recorded, and the fake keeps a partition's pause across
+revoke and assign as librdkafka does. So each case below runs the same way every time, independent of a
+broker's timing; test_adapter.py and test_races.py cover the real broker and the thread races.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import confluent_kafka
+import pytest
+from confluent_kafka import TopicPartition
+
+from volley.message import Envelope
+from volley.ports import PartitionId, QueueSpec
+from volley_kafka import KafkaConnector, KafkaConsumer
+from volley_kafka import consumer as consumer_module
+
+Key = tuple[str, int]
+P0: Key = ("in", 0)
+P1: Key = ("in", 1)
+
+
+class Record:
+    """A ``confluent_kafka.Message`` as the adapter reads it."""
+
+    __slots__ = ("_offset", "_partition", "_topic")
+
+    def __init__(self, key: Key, offset: int) -> None:
+        self._topic, self._partition = key
+        self._offset = offset
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return b"%s-%d-%d" % (self._topic.encode(), self._partition, self._offset)
+
+    def key(self) -> None:
+        return None
+
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+@dataclass
+class Step:
+    """One poll/consume call: callbacks fired inside it, in order, then the records it returns."""
+
+    events: list[tuple[str, list[Key]]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+
+
+class ScriptedConsumer:
+    """Stands in for ``confluent_kafka.Consumer``; the test scripts what each poll/consume call does."""
+
+    made: list[ScriptedConsumer] = []
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self._cond = threading.Condition()
+        self.steps: deque[Step] = deque()
+        self.callbacks: dict[str, Any] = {}
+        self.assigned: set[Key] = set()
+        self.paused: set[Key] = set()  # outlives the assignment, as in librdkafka
+        self.commits: list[tuple[Key, int, bool]] = []  # (partition, offset, asynchronous), every one sent
+        self.seeks: list[tuple[Key, int]] = []
+        self.calls = 0  # poll/consume calls made
+        self.closed = False
+        ScriptedConsumer.made.append(self)
+
+    # the test's side
+    def script(self, *events: tuple[str, list[Key]], records: Sequence[Record] = ()) -> None:
+        with self._cond:
+            self.steps.append(Step(list(events), list(records)))
+            self._cond.notify_all()
+
+    def committed_offsets(self, key: Key) -> list[int]:
+        return [offset for k, offset, _ in self.commits if k == key]
+
+    # the client's side
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
+        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        raise AssertionError("the tests run without the start-up check")
+
+    def _step(self, timeout: float) -> Step | None:
+        with self._cond:
+            self.calls += 1
+            if not self.steps and timeout > 0:
+                self._cond.wait(timeout)  # as librdkafka blocks for up to the timeout when nothing is ready
+            return self.steps.popleft() if self.steps else None
+
+    def _run(self, step: Step | None, count: int) -> list[Record]:
+        if step is None:
+            return []
+        for kind, keys in step.events:
+            tps = [TopicPartition(t, p) for t, p in keys]
+            callback = self.callbacks[kind]
+            if callback is not None:
+                callback(self, tps)  # inside the call, on the polling thread
+            if kind == "assign":
+                self.assigned |= set(keys)
+            else:
+                self.assigned -= set(keys)
+        assert len(step.records) <= count, "the script returns more records than asked for"
+        return step.records
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Record]:
+        return list(self._run(self._step(timeout), num_messages))
+
+    def poll(self, timeout: float = -1) -> Record | None:
+        records = self._run(self._step(timeout), 1)
+        return records[0] if records else None
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def seek(self, partition: TopicPartition) -> None:
+        self.seeks.append(((partition.topic, partition.partition), partition.offset))
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> Any:
+        for tp in offsets or ():
+            self.commits.append(((tp.topic, tp.partition), tp.offset, asynchronous))
+        return None if asynchronous else list(offsets or ())
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = -1,
+                              cached: bool = False) -> tuple[int, int]:
+        return 0, 0
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def records(key: Key, *offsets: int) -> list[Record]:
+    return [Record(key, o) for o in offsets]
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(confluent_kafka, "Consumer", ScriptedConsumer)
+    ScriptedConsumer.made = []
+    yield
+    ScriptedConsumer.made = []
+
+
+async def member(**extra: Any) -> tuple[KafkaConsumer, ScriptedConsumer]:
+    config = {"bootstrap.servers": "fake:9092", "group.id": "g", "volley.commit.interval.seconds": 0.0,
+              "volley.startup.timeout.seconds": 0, **extra}
+    queue = QueueSpec(name="in", value="in", connector="confluent", config=config, app_name="policy-test",
+                      role="input")
+    consumer = KafkaConnector().create_consumer(queue)
+    await consumer.start()
+    fakes = [c for c in ScriptedConsumer.made if c.callbacks]
+    assert len(fakes) == 1, "one group member subscribed"
+    return consumer, fakes[0]
+
+
+async def fetch(consumer: KafkaConsumer) -> list[Envelope]:
+    """One consume() of the adapter: exactly one scripted step (no waiting)."""
+    return list(await consumer.consume(100, 0))
+
+
+def positions(envelopes: Sequence[Envelope]) -> list[tuple[Key, int]]:
+    return [((str(e.source), int(e.partition or 0)), int(e.position)) for e in envelopes]
+
+
+async def test_records_fetched_before_a_revoke_inside_the_same_call_are_dropped(scripted: None) -> None:
+    """librdkafka returns what it had collected before a rebalance callback ran inside the call: those records
+    belong to a partition no longer ours. The revoke's own commit covers what the engine finished."""
+    consumer, fake = await member()
+    try:
+        fake.script(("assign", [P0, P1]), records=records(P0, 0, 1) + records(P1, 0))
+        first = await fetch(consumer)
+        assert positions(first) == [(P0, 0), (P0, 1), (P1, 0)], "records of a partition assigned in the same call"
+        finished: list[Sequence[PartitionId]] = []
+
+        async def drain(partitions: Sequence[PartitionId]) -> None:
+            finished.append(list(partitions))
+            await consumer.ack([e for e in first if e.partition == 0])
+
+        consumer.set_revoke_handler(drain)
+        fake.script(("revoke", [P0]), records=records(P0, 2, 3) + records(P1, 1))
+        second = await fetch(consumer)
+        assert finished == [[P0]], "the engine's revoke handler ran inside the call"
+        assert positions(second) == [(P1, 1)], "nothing of the revoked partition is handed out"
+        assert (P0, 2, False) in fake.commits, "the revoke committed what the engine finished, synchronously"
+    finally:
+        await consumer.close()
+
+
+async def test_stale_records_of_a_revoked_partition_from_a_later_call_never_reach_the_engine(scripted: None) -> None:
+    """Records of a partition revoked in an earlier call (prefetched before the revoke) come back from a later
+    poll: the engine must not get them, and nothing of that partition is tracked or committed afterwards."""
+    consumer, fake = await member()
+    try:
+        fake.script(("assign", [P0, P1]), records=records(P0, 0) + records(P1, 0))
+        first = await fetch(consumer)
+        fake.script(("revoke", [P0]))
+        assert await fetch(consumer) == []
+        fake.script(records=records(P0, 1, 2) + records(P1, 1))  # a later call: P0's are stale
+        later = await fetch(consumer)
+        assert positions(later) == [(P1, 1)]
+        fake.script(records=records(P0, 3))  # a whole call of nothing but stale records
+        assert await fetch(consumer) == []
+        before = len(fake.commits)
+        await consumer.ack(first + later)
+        assert await fetch(consumer) == []
+        assert [c for c in fake.commits[before:] if c[0] == P0] == [], "no commit of the revoked partition"
+        assert fake.committed_offsets(P1)[-1] == 2
+        assert consumer.lag().keys() <= {P1}
+    finally:
+        await consumer.close()
+    assert fake.committed_offsets(P0) == [], "nor at close"
+
+
+async def test_a_rebalance_inside_the_waiting_poll_is_handled_before_its_record(scripted: None) -> None:
+    """No record ready: the fetch waits in poll(), and the assignment arrives inside that poll together with
+    the first record; the rest of the batch follows from consume()."""
+    consumer, fake = await member()
+    try:
+        fake.script()  # the first consume(): nothing ready
+        fake.script(("assign", [P0]), records=records(P0, 5))  # the waiting poll
+        fake.script(records=records(P0, 6, 7))  # what followed it
+        got = list(await consumer.consume(10, 5.0))
+        assert positions(got) == [(P0, 5), (P0, 6), (P0, 7)]
+        await consumer.ack(got)
+        assert await fetch(consumer) == []
+        assert fake.committed_offsets(P0) == [8]
+    finally:
+        await consumer.close()
+
+
+@pytest.mark.parametrize("resumed", ["while revoked", "while assigned again", "never"])
+async def test_the_pause_after_revoke_and_reassign_is_the_engines(scripted: None, resumed: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine pauses (a full buffer), the partition is revoked and assigned back. librdkafka keeps the
+    pause across both; after every call librdkafka's pause state must be what the engine wants."""
+    monkeypatch.setattr(consumer_module, "HARD_PAUSE_AFTER", 0.0)
+    consumer, fake = await member()
+    engine_paused = False
+
+    async def call() -> list[Envelope]:
+        got = await fetch(consumer)
+        want = set(fake.assigned) if engine_paused else set()
+        assert fake.paused & fake.assigned == want, f"librdkafka paused {fake.paused}, the engine wants {want}"
+        return got
+
+    try:
+        fake.script(("assign", [P0]), records=records(P0, 0, 1))
+        first = await call()
+        consumer.pause()
+        engine_paused = True
+        fake.script()
+        await call()
+        assert P0 in fake.paused
+
+        async def drain(partitions: Sequence[PartitionId]) -> None:
+            nonlocal engine_paused
+            await consumer.ack(first)
+            if resumed == "while revoked":
+                consumer.resume()
+                engine_paused = False
+
+        consumer.set_revoke_handler(drain)
+        fake.script(("revoke", [P0]))
+        await call()
+        fake.script(("assign", [P0]))
+        await call()
+        if resumed == "while assigned again":
+            consumer.resume()
+            engine_paused = False
+        fake.script(records=records(P0, 2) if not engine_paused else [])
+        again = await call()
+        if resumed == "never":
+            assert P0 in fake.paused, "still paused in librdkafka, as the engine wants"
+        else:
+            assert P0 not in fake.paused
+            assert positions(again) == [(P0, 2)]
+    finally:
+        await consumer.close()
+
+
+async def test_a_partition_assigned_while_a_nack_delay_runs_elsewhere_flows(scripted: None) -> None:
+    """A delay pauses only its own partition: a partition assigned meanwhile is resumed, the delayed one not."""
+    consumer, fake = await member()
+    try:
+        fake.script(("assign", [P0]), records=records(P0, 0))
+        first = await fetch(consumer)
+        await consumer.nack(first, 3600.0)
+        fake.script()
+        await fetch(consumer)
+        assert P0 in fake.paused
+        assert fake.seeks == [(P0, 0)]
+        fake.script(("assign", [P1]))
+        await fetch(consumer)
+        assert P0 in fake.paused and P1 not in fake.paused
+    finally:
+        await consumer.close()
+
+
+async def test_no_commit_of_a_lost_partition_even_for_work_finished_while_losing_it(scripted: None) -> None:
+    """Lost (session timeout, fenced): the partition already belongs to someone else, so what the engine
+    finishes while it is being let go, and any late ack, must not be committed."""
+    consumer, fake = await member()
+    try:
+        fake.script(("assign", [P0, P1]), records=records(P0, 0, 1) + records(P1, 0))
+        first = await fetch(consumer)
+
+        async def drain(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack([e for e in first if e.partition == 0 and e.position == 0])
+
+        consumer.set_revoke_handler(drain)
+        fake.script(("lost", [P0]))
+        assert await fetch(consumer) == []
+        await consumer.ack(first)  # late: P0's second record, and P1's
+        fake.script()
+        assert await fetch(consumer) == []
+        assert fake.committed_offsets(P1) == [1]
+    finally:
+        await consumer.close()
+    assert fake.committed_offsets(P0) == [], "a lost partition is never committed, not even at close"
+
+
+async def test_a_commit_queued_before_a_revoke_goes_out_before_the_revokes_own(scripted: None) -> None:
+    """Commits queued by acks go out in order, and the revoke's synchronous commit is the last of the
+    partition: nothing of it is sent after the partition was given up."""
+    consumer, fake = await member()
+    try:
+        fake.script(("assign", [P0]), records=records(P0, 0, 1, 2))
+        first = await fetch(consumer)
+        await consumer.ack(first[:1])  # queued; the next fetch sends it
+
+        async def drain(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack(first[1:2])  # queued while the revoke waits
+            await consumer.nack(first[2:], 0.0)  # a seek queued for a partition about to go
+
+        consumer.set_revoke_handler(drain)
+        fake.script(("revoke", [P0]))
+        await fetch(consumer)
+        given_up = len(fake.commits)
+        assert fake.commits[-1] == (P0, 2, False), "the revoke's final commit is the last one"
+        assert fake.committed_offsets(P0) == sorted(fake.committed_offsets(P0)), "never backwards"
+        await consumer.ack(first[2:])  # the engine acks late
+        fake.script()
+        await fetch(consumer)
+        assert fake.commits[given_up:] == []
+        assert fake.seeks == [], "no seek carried out for a partition given up"
+    finally:
+        await consumer.close()
+    assert fake.commits[given_up:] == [], "nor at close"
+
+
+async def test_a_partition_revoked_and_assigned_back_in_one_call_starts_clean(scripted: None) -> None:
+    """Incremental rebalance: revoked and assigned back inside the same call. Nothing of the old assignment
+    (finished offsets, attempts, a seek queued by a nack in the revoke's drain) carries over: the records
+    read again are new deliveries, from the offset the revoke committed."""
+    consumer, fake = await member()
+    try:
+        fake.script(("assign", [P0]), records=records(P0, 0, 1, 2))
+        first = await fetch(consumer)
+
+        async def drain(partitions: Sequence[PartitionId]) -> None:
+            await consumer.ack(first[:1])
+            await consumer.nack(first[2:], 0.0)  # offset 1 is still running and is abandoned
+
+        consumer.set_revoke_handler(drain)
+        fake.script(("revoke", [P0]), ("assign", [P0]))
+        assert await fetch(consumer) == []
+        assert fake.commits[-1] == (P0, 1, False)
+        assert fake.seeks == [], "the nack's seek belonged to the old assignment"
+        fake.script(records=records(P0, 1, 2))
+        again = await fetch(consumer)
+        assert positions(again) == [(P0, 1), (P0, 2)]
+        assert [e.attempt for e in again] == [1, 1], "first deliveries of this assignment"
+    finally:
+        await consumer.close()
