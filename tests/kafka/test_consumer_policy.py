@@ -9,7 +9,6 @@ broker's timing; test_adapter.py and test_races.py cover the real broker and the
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence

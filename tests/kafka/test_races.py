@@ -358,7 +358,7 @@ async def take(consumer: KafkaConsumer, count: int, within: float = 10.0) -> lis
 
 
 def fake_of(consumer: KafkaConsumer) -> FakeConsumer:
-    client = consumer._consumer  # the fake behind the adapter
+    client = consumer._fetcher.client  # the fake behind the adapter
     assert isinstance(client, FakeConsumer)
     return client
 

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
         Transactional,
     )
     from volley_kafka.connector import KafkaConnector
-    from volley_kafka.consumer import KafkaConsumer, TransactionalKafkaConsumer
+    from volley_kafka.consumer import KafkaConsumer
     from volley_kafka.producer import KafkaProducer
+    from volley_kafka.transactional import TransactionalKafkaConsumer
     from volley_otel.tracer import OtelRunTracer, OtelTrace, OtelTracer
     from volley_prometheus.observer import PrometheusObserver
     from volley_rsmq.connector import RsmqConnector

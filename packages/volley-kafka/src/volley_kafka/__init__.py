@@ -5,9 +5,10 @@ Installing the distribution registers the ``confluent`` connector (alias
 """
 
 from volley_kafka.connector import KafkaConnector
-from volley_kafka.consumer import KafkaConsumer, TransactionalKafkaConsumer
+from volley_kafka.consumer import KafkaConsumer
 from volley_kafka.offsets import OffsetTracker, PartitionOffsets
 from volley_kafka.producer import KafkaProducer, ProducerClient, TransactionAbortedError
+from volley_kafka.transactional import TransactionalKafkaConsumer
 
 __all__ = [
     "KafkaConnector",

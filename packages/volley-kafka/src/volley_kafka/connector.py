@@ -12,9 +12,10 @@ import threading
 
 from volley.errors import ConfigurationError
 from volley.ports import QueueSpec
-from volley_kafka.consumer import KafkaConsumer, TransactionalKafkaConsumer
+from volley_kafka.consumer import KafkaConsumer
 from volley_kafka.producer import KafkaProducer, ProducerClient
 from volley_kafka.settings import ProducerSettings, brokers_of, consumer_settings, producer_settings
+from volley_kafka.transactional import TransactionalKafkaConsumer
 
 
 class KafkaConnector:

@@ -10,7 +10,13 @@ the lowest unfinished offset, or one past the last consumed offset when
 nothing is outstanding. Offsets need not be contiguous (compaction and
 transaction markers leave gaps): only consumed offsets are tracked.
 
-Pure Python, no Kafka: the consumer feeds it and asks it what to commit.
+The same per-partition state also holds what else the consumer knows about a
+partition it owns: the delivery attempts of nacked offsets and a rewind seek not
+yet seen through. It is the one source of truth for them: forgetting a
+partition (revoked, lost) drops all of it at once.
+
+Pure Python, no Kafka: the consumer feeds it and asks it what to commit. Only
+the event loop touches it (see the table in consumer.py).
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ TopicPartitionKey = tuple[str, int]
 
 
 class PartitionOffsets:
-    """One partition: offsets handed out and not yet passed by the watermark."""
+    """One partition: offsets handed out and not yet passed by the watermark, attempts, a pending rewind."""
 
-    __slots__ = ("committed", "done", "first", "next", "outstanding", "redeliver")
+    __slots__ = ("attempts", "committed", "done", "first", "next", "outstanding", "redeliver", "sought",
+                 "sought_epoch")
 
     def __init__(self) -> None:
         self.outstanding: deque[int] = deque()  # consumed, in order; the head is the lowest unfinished one
@@ -33,6 +40,16 @@ class PartitionOffsets:
         self.next = -1  # one past the last consumed offset; -1 before the first
         self.first = -1  # the first offset consumed since the partition was assigned
         self.committed = -1  # the last watermark committed (or sent in a transaction)
+        self.attempts: dict[int, int] = {}  # nacked offset -> the attempt number of its next delivery
+        self.sought = -1  # a rewind (aborted transaction) sought back to this offset ...
+        self.sought_epoch = 0  # ... in this seek epoch; 0: none pending
+
+    def register(self, offsets: list[int]) -> None:
+        """Offsets consumed for the first time, in order (``consumed`` for a run of new offsets at once)."""
+        if self.first < 0:
+            self.first = offsets[0]
+        self.outstanding.extend(offsets)
+        self.next = offsets[-1] + 1
 
     def consumed(self, offset: int) -> bool:
         """Register a message read from the broker; False if it must not be handed out again.
@@ -52,6 +69,8 @@ class PartitionOffsets:
         return True
 
     def finished(self, offset: int) -> None:
+        if self.attempts:
+            self.attempts.pop(offset, None)
         outstanding = self.outstanding
         if not outstanding:
             return
@@ -92,6 +111,23 @@ class PartitionOffsets:
             self.redeliver = {o for o in self.redeliver if o < offset}
         if self.next == -1 or offset < self.next:
             self.next = offset
+
+    def rewound(self, offset: int, epoch: int) -> None:
+        """Forget everything from ``offset`` on (see ``rewind``) and expect the partition to be read again
+        from there: records fetched before the seek (seek epoch below ``epoch``) are stale until it is."""
+        self.rewind(offset)
+        self.sought = offset
+        self.sought_epoch = epoch
+
+    def stale(self, offset: int, epoch: int) -> bool:
+        """A record fetched in seek epoch ``epoch``, before the pending rewind's seek, that librdkafka could
+        not purge: after a seek to X the partition restarts at X, so records above X come before X itself."""
+        if self.sought_epoch <= epoch:
+            return False
+        if offset == self.sought:
+            self.sought_epoch = 0
+            return False
+        return offset > self.sought
 
     @property
     def restart(self) -> int:

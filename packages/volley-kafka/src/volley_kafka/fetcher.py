@@ -1,0 +1,365 @@
+"""The thin side of the Kafka consumer: the librdkafka client, the one thread that calls it, and its mailbox.
+
+Everything here runs on the fetch thread, except the mailbox's ``ask_*`` and
+``want_pauses`` methods, which the event loop calls to leave requests. No
+policy lives here: what to commit, when to pause and what a rebalance means
+are decided in consumer.py (whose module docstring has the table of which
+thread owns what); this module carries the decisions out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from volley.errors import ConfigurationError
+from volley_kafka.offsets import TopicPartitionKey
+from volley_kafka.producer import make_client, rdkafka_logger
+from volley_kafka.settings import ConsumerSettings
+from volley_kafka.worker import BlockingWorker
+
+logger = logging.getLogger("volley_kafka")
+
+POLL_SLICE = 0.2
+"""Longest single wait inside librdkafka, so that close and cancellation are served promptly."""
+WATERMARK_INTERVAL = 1.0
+"""How often the fetch thread copies librdkafka's cached end offsets for lag()."""
+
+Offsets = list[tuple[str, int, int]]
+Fetched = tuple[int, frozenset[TopicPartitionKey], list[Any]]
+"""The seek epoch the fetch started in, the assignment when it ended, the records."""
+CommitSettled = Callable[[KafkaError | None, Offsets, float | None], None]
+
+
+class Fetcher:
+    """The librdkafka consumer of one Volley consumer and its fetch thread.
+
+    The loop leaves requests (commits, seeks, the wanted pause state) in the mailbox; the fetch thread carries
+    them out at the start and end of each fetch and while it waits. The engine fetches continuously, also while
+    paused, so requests are served within one poll interval.
+    """
+
+    def __init__(self, settings: ConsumerSettings, what: str, name: str, *, on_error: Callable[[KafkaError], None],
+                 on_commit_settled: CommitSettled) -> None:
+        self._settings = settings
+        self._what = what
+        self._name = name
+        self._on_commit_settled = on_commit_settled
+        config = dict(settings.librdkafka)
+        config["on_commit"] = self._on_commit_result
+        config["error_cb"] = on_error
+        config["logger"] = rdkafka_logger
+        self.client: Any = make_client(config, what, confluent_kafka.Consumer)
+        self._worker: BlockingWorker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # written by the fetch thread, read anywhere (replaced whole, never mutated)
+        self.assigned: frozenset[TopicPartitionKey] = frozenset()
+        self.high_watermarks: dict[TopicPartitionKey, int] = {}  # for lag()
+        self.rebalancing = False  # a rebalance callback is waiting for the loop: no consumer calls from there
+        # written by the loop, read by the fetch thread
+        self.closing = False
+        self.epoch = 0  # the seek epoch: bumped by the loop before it asks for a rewind's seeks
+        # the mailbox: the loop appends (or sets), the fetch thread takes
+        self._commits: deque[tuple[Offsets, float]] = deque()
+        self._seeks: deque[TopicPartition] = deque()
+        self._pause_dirty = False
+        self._hard_paused = False
+        self._delayed: frozenset[TopicPartitionKey] = frozenset()
+        # the fetch thread's own
+        self._commit_started: deque[float] = deque()
+        self._next_watermarks = 0.0
+        self._committed_cache: dict[TopicPartitionKey, int] = {}
+
+    # ================================================================== lifecycle (the loop)
+
+    @property
+    def started(self) -> bool:
+        return self._worker is not None
+
+    def submit(self, call: Callable[[], Any]) -> asyncio.Future[Any]:
+        assert self._worker is not None
+        return self._worker.submit(call)
+
+    async def start(self, on_assign: Callable[[Any, list[TopicPartition]], None],
+                    on_revoke: Callable[[Any, list[TopicPartition]], None],
+                    on_lost: Callable[[Any, list[TopicPartition]], None]) -> Any:
+        """Start the fetch thread, check the topics (returns the metadata, or None when the check is off), and
+        subscribe with the rebalance callbacks."""
+        self._loop = asyncio.get_running_loop()
+        self._worker = BlockingWorker(self._name)
+        metadata = None
+        timeout = self._settings.startup_timeout
+        if timeout > 0:
+            metadata = await self._worker.submit(functools.partial(self._metadata, timeout))
+        try:
+            await self._worker.submit(functools.partial(
+                self.client.subscribe, list(self._settings.topics), on_assign=on_assign, on_revoke=on_revoke,
+                on_lost=on_lost))
+        except KafkaException as exc:
+            raise ConfigurationError(f"{self._what}: cannot subscribe: {exc}") from None
+        return metadata
+
+    def _metadata(self, timeout: float) -> Any:
+        """The start-up check, on a throwaway client: asked on the group member itself, librdkafka would
+        notice a topic created later only at its periodic metadata refresh (five minutes by default)."""
+        config = dict(self._settings.librdkafka)
+        config["logger"] = rdkafka_logger
+        probe: Any = make_client(config, self._what, confluent_kafka.Consumer)
+        try:
+            return probe.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            brokers = self._settings.librdkafka.get("bootstrap.servers")
+            raise ConfigurationError(
+                f"{self._what}: no Kafka broker of {brokers} answered within {timeout:.0f} s "
+                f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
+                "volley.startup.timeout.seconds"
+            ) from None
+        finally:
+            try:
+                probe.close()
+            except (KafkaException, RuntimeError) as exc:
+                logger.debug("%s: closing the start-up probe: %s", self._what, exc)
+
+    async def close(self, final: Offsets) -> None:
+        """Commit ``final`` (if any), close the client and stop the thread. Queued commits are superseded."""
+        worker = self._worker
+        if worker is None:  # never started: no thread ever called the client
+            self.closing = True
+            self.client.close()
+            return
+        try:
+            self._commits.clear()
+            if final:
+                await worker.submit(functools.partial(self.commit_sync, final, "at close"))
+        finally:
+            self.closing = True
+            try:
+                await worker.submit(self.client.close)
+            except (KafkaException, RuntimeError) as exc:
+                logger.warning("%s: closing: %s", self._what, exc)
+            worker.stop()
+
+    def to_loop(self, callback: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(callback, *args)
+
+    # ================================================================== the mailbox (the loop's side)
+
+    def ask_commit(self, offsets: Offsets, started: float) -> None:
+        self._commits.append((offsets, started))
+
+    def ask_seek(self, partition: TopicPartition) -> None:
+        self._seeks.append(partition)
+
+    def want_pauses(self, hard: bool, delayed: frozenset[TopicPartitionKey]) -> None:
+        """The pause state the loop wants: every partition (hard), else the delayed ones."""
+        self._hard_paused = hard
+        self._delayed = delayed
+        self._pause_dirty = True
+
+    # ================================================================== fetching (the fetch thread)
+
+    def fetch(self, count: int, timeout: float) -> Fetched:
+        """What is ready now, else wait for the first message and take what followed it."""
+        consumer = self.client
+        epoch = self.epoch
+        self.serve()
+        messages: list[Any] = consumer.consume(count, 0)
+        if not messages and timeout > 0:
+            deadline = time.monotonic() + timeout
+            while not self.closing:
+                first = consumer.poll(min(POLL_SLICE, timeout))
+                if first is not None:
+                    messages = consumer.consume(count - 1, 0) if count > 1 else []
+                    messages.insert(0, first)
+                    break
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                self.serve()  # e.g. a resume while waiting
+        self.serve()
+        now = time.monotonic()
+        if now >= self._next_watermarks:
+            self._next_watermarks = now + WATERMARK_INTERVAL
+            self._refresh_watermarks()
+        # Records of partitions given up during this or an earlier call (a rebalance callback ran inside it;
+        # librdkafka returns what it had collected before) are dropped by the loop against this assignment.
+        return epoch, self.assigned, messages
+
+    def _refresh_watermarks(self) -> None:
+        """librdkafka's cached end offsets of the assigned partitions, for lag()."""
+        highs: dict[TopicPartitionKey, int] = {}
+        for topic, partition in self.assigned:
+            try:
+                _low, high = self.client.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                highs[(topic, partition)] = high
+        self.high_watermarks = highs  # replaced whole: the loop reads it without a lock
+
+    def serve(self) -> None:
+        """Carry out what the loop asked for (commits, seeks, pause state)."""
+        self.send_commits()
+        if self._seeks:
+            failed: list[TopicPartition] = []
+            while self._seeks:
+                partition = self._seeks.popleft()
+                if (partition.topic, partition.partition) not in self.assigned:
+                    continue
+                try:
+                    self.client.seek(partition)
+                except KafkaException as exc:  # e.g. not yet fetching after an assignment: try again
+                    logger.debug("%s: seek %s deferred: %s", self._what, partition, exc)
+                    failed.append(partition)
+            self._seeks.extend(failed)
+        if self._pause_dirty:
+            self._pause_dirty = False
+            self._apply_pauses()
+
+    def send_commits(self) -> None:
+        while self._commits:
+            offsets, started = self._commits.popleft()
+            assigned = self.assigned
+            if any((t, p) not in assigned for t, p, _ in offsets):  # never commit a partition given up
+                offsets = [o for o in offsets if (o[0], o[1]) in assigned]
+                if not offsets:
+                    continue
+            try:
+                self.client.commit(offsets=[TopicPartition(t, p, o) for t, p, o in offsets], asynchronous=True)
+            except KafkaException as exc:
+                self.to_loop(self._on_commit_settled, exc.args[0] if exc.args else None, offsets, None)
+            else:
+                self._commit_started.append(started)
+
+    def _on_commit_result(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's commit callback (fetch thread)."""
+        # None: a synchronous commit (revoke, close), which is not timed.
+        started = self._commit_started.popleft() if self._commit_started else None
+        failed = [(tp.topic, tp.partition, tp.offset) for tp in partitions if tp.error is not None]
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            failed = [(tp.topic, tp.partition, tp.offset) for tp in partitions]
+        if started is not None or failed:
+            self.to_loop(self._on_commit_settled, error, failed, started)
+
+    def commit_sync(self, offsets: Offsets, why: str) -> bool:
+        """Commit and wait: on revoke and at close."""
+        started = time.monotonic()
+        try:
+            result = self.client.commit(offsets=[TopicPartition(t, p, o) for t, p, o in offsets],
+                                        asynchronous=False)
+        except KafkaException as exc:
+            logger.warning("%s: commit %s failed: %s; messages finished since the last commit will be delivered "
+                           "again", self._what, why, exc)
+            return False
+        errors = [tp for tp in result or () if tp.error is not None]
+        if errors:
+            logger.warning("%s: commit %s failed for %s", self._what, why, errors)
+            return False
+        logger.debug("%s: committed %s %s in %.3f s", self._what, why, offsets, time.monotonic() - started)
+        return True
+
+    def _apply_pauses(self) -> None:
+        """Make librdkafka's pause state what the loop wants."""
+        assigned = self.assigned
+        delayed = self._delayed & assigned
+        paused = assigned if self._hard_paused else delayed
+        running = assigned - paused
+        try:
+            if paused:
+                self.client.pause([TopicPartition(t, p) for t, p in paused])
+            if running:
+                self.client.resume([TopicPartition(t, p) for t, p in running])
+        except KafkaException as exc:
+            logger.warning("%s: pause/resume: %s", self._what, exc)
+
+    # ================================================================== rebalance bookkeeping (the fetch thread)
+
+    def assigned_now(self, keys: set[TopicPartitionKey]) -> None:
+        """The first half of an assignment callback: ours from now on."""
+        self.assigned = self.assigned | keys
+        self._committed_cache.clear()
+        # librdkafka keeps a partition's pause across revoke and assign: a partition paused in an earlier
+        # assignment would stay paused for good. Make its state the wanted one, whichever it is.
+        self._pause_dirty = True
+
+    def given_up(self, keys: list[TopicPartitionKey], final: Offsets) -> None:
+        """The end of a revoke or loss: no longer ours; commit ``final`` (a revoke's last commit).
+
+        What the loop queued for these partitions belongs to an assignment that is over: a commit sent now
+        could move the new owner's offset back, and a seek carried out if they come back to us (at once, in an
+        incremental rebalance) would skip past the offset committed here.
+        """
+        gone = set(keys)
+        self.assigned = self.assigned - gone
+        self._drop_requests(gone)
+        if final:
+            self.commit_sync(final, "on revoke")
+
+    def forget_committed(self) -> None:
+        self._committed_cache.clear()
+
+    def _drop_requests(self, gone: set[TopicPartitionKey]) -> None:
+        """Remove queued commits and seeks of partitions given up.
+
+        The fetch thread is the only one taking from these queues, and the loop only appends at their right:
+        taking what is queued from the left and putting back what is kept loses nothing and keeps the order.
+        """
+        commits = self._commits
+        queued = [commits.popleft() for _ in range(len(commits))]
+        kept = [(offsets, started) for original, started in queued
+                if (offsets := [o for o in original if (o[0], o[1]) not in gone])]
+        commits.extendleft(reversed(kept))
+        seeks = self._seeks
+        queued_seeks = [seeks.popleft() for _ in range(len(seeks))]
+        seeks.extendleft(reversed([tp for tp in queued_seeks if (tp.topic, tp.partition) not in gone]))
+
+    # ================================================================== the broker's view (the fetch thread)
+
+    def read_to_end(self, assigned: frozenset[TopicPartitionKey], positions: Mapping[TopicPartitionKey, int]) -> bool:
+        """Every partition read to its end, from the loop's positions (-1: none read)."""
+        if self.assigned != assigned or self.rebalancing:
+            return False  # the assignment changed since the loop looked
+        for (topic, partition), known in positions.items():
+            tp = TopicPartition(topic, partition)
+            try:
+                low, high = self.client.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            except KafkaException:
+                return False
+            position = known if known >= 0 else self._committed_position(tp, low)
+            if position < high:
+                # A transaction's commit or abort marker takes an offset that is never delivered: librdkafka's
+                # own position moves past it (and past aborted records, for read_committed).
+                try:
+                    fetched = int(self.client.position([tp])[0].offset)
+                except KafkaException:
+                    return False
+                if fetched < high:
+                    return False
+        return True
+
+    def _committed_position(self, tp: TopicPartition, low: int) -> int:
+        """The cache is cleared by the rebalance callbacks (on this thread too)."""
+        key = (tp.topic, tp.partition)
+        cached = self._committed_cache.get(key)
+        if cached is not None:
+            return max(cached, low)
+        try:
+            committed = int(self.client.committed([tp], timeout=5.0)[0].offset)
+        except KafkaException:
+            return -1
+        if committed < 0:
+            return low  # nothing committed: auto.offset.reset decides; 'earliest' starts at the low watermark
+        self._committed_cache[key] = committed
+        return max(committed, low)

@@ -1,0 +1,209 @@
+"""Exactly-once: the consumer whose input offsets commit in the same transaction as the outputs they caused.
+
+The transactional producer is the one every Kafka output of the app uses (the
+connector hands it to them). Transactions run on a thread of their own, so a
+slow commit never holds up fetching; the one call into the librdkafka consumer
+made from there is ``consumer_group_metadata()`` (see the table in consumer.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Sequence
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from volley.errors import ConfigurationError, DeliveryError, VolleyError
+from volley.message import Envelope
+from volley.ports import QueueSpec
+from volley_kafka.consumer import KafkaConsumer
+from volley_kafka.producer import ProducerClient, TransactionAbortedError
+from volley_kafka.settings import ConsumerSettings
+from volley_kafka.worker import BlockingWorker
+
+logger = logging.getLogger("volley_kafka")
+
+ABORT_ATTEMPTS = 10
+"""How many times an exactly-once abort is tried before the app gives up (the next begin then stops it)."""
+ABORT_BACKOFF = 0.1
+ABORT_BACKOFF_MAX = 5.0
+
+
+class TransactionalKafkaConsumer(KafkaConsumer):
+    """Exactly-once: inputs' offsets are committed in the same transaction as the outputs they caused.
+
+    The transactional producer is the one every Kafka output of the app uses (the connector hands it to
+    them). Expected call sequence, per batch: ``begin()``, produce the batch's outputs (and dead letters),
+    wait for their delivery reports, then ``commit(envelopes)``, or ``abort()`` if any output failed.
+    """
+
+    def __init__(self, queue: QueueSpec, settings: ConsumerSettings, client: ProducerClient) -> None:
+        super().__init__(queue, settings)
+        self._client = client
+        self._txn_worker: BlockingWorker | None = None
+        self._open = False
+        self._idle: asyncio.Event | None = None
+        self._acquired = False
+
+    @property
+    def transactional(self) -> bool:
+        return True
+
+    @property
+    def client(self) -> ProducerClient:
+        return self._client
+
+    async def start(self) -> None:
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if not self._client.acquire():
+            raise VolleyError(f"{self._what}: the transactional producer was closed before the consumer started")
+        self._acquired = True
+        self._txn_worker = BlockingWorker(f"volley-kafka-txn-{self._queue.name}")
+        timeout = max(self._settings.startup_timeout, 10.0)
+        if not self._client.transactions_ready:
+            try:
+                await self._txn_worker.submit(functools.partial(self._client.producer.init_transactions, timeout))
+            except KafkaException as exc:
+                raise ConfigurationError(
+                    f"{self._what}: cannot start transactions ({exc.args[0] if exc.args else exc}); exactly-once "
+                    "needs a reachable Kafka cluster with transactions enabled"
+                ) from None
+            self._client.transactions_ready = True
+        await super().start()
+
+    async def begin(self) -> None:
+        if self._open:
+            return
+        try:
+            self._client.producer.begin_transaction()
+        except KafkaException as exc:
+            raise VolleyError(f"{self._what}: cannot begin a transaction: {exc}") from exc
+        self._open = True
+        self._client.in_transaction = True
+        assert self._idle is not None
+        self._idle.clear()
+
+    async def commit(self, envelopes: Sequence[Envelope]) -> None:
+        """Send the finished inputs' watermarks with the transaction and commit it."""
+        assert self._txn_worker is not None
+        if not self._open:
+            await self.begin()
+        self._finish(envelopes)
+        offsets = self._tracker.committable(self._fetcher.assigned)
+        producer = self._client.producer
+        group_metadata = self._fetcher.client.consumer_group_metadata
+        timeout = self._settings.revoke_timeout
+
+        def work() -> None:
+            if offsets:
+                # The member's current generation / epoch, not the one of the assignment: see consumer.py's docstring.
+                producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets],
+                                                     group_metadata(), timeout)
+            for attempt in range(5):
+                try:
+                    producer.commit_transaction(timeout)
+                    return
+                except KafkaException as exc:
+                    error = exc.args[0] if exc.args else None
+                    if isinstance(error, KafkaError) and error.retriable() and attempt < 4:
+                        continue
+                    raise
+
+        started = time.monotonic()
+        try:
+            await self._txn_worker.submit(work)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                self._fatal = error
+                self._closed_transaction()
+                raise VolleyError(f"{self._what}: fatal error committing a transaction: {error.str()}") from exc
+            logger.warning("%s: committing the transaction failed (%s); aborting it", self._what, exc)
+            await self.abort()
+            raise DeliveryError(f"{self._what}: the transaction was aborted: {exc}; its inputs will be consumed "
+                                "again") from exc
+        self._tracker.mark_committed(offsets)
+        self._closed_transaction()
+        if self._observer is not None:
+            self._observer.on_commit(self._app_name, time.monotonic() - started)
+
+    async def abort(self) -> None:
+        """Abort the open transaction and rewind every partition to its last committed offset."""
+        assert self._txn_worker is not None
+        producer = self._client.producer
+        timeout = self._settings.revoke_timeout
+        client = self._client
+        client.in_transaction = False  # from now on, records of this batch are refused, not sent
+
+        def abort() -> None:
+            # Records still waiting for room never reached librdkafka: fail them now, or the poller would
+            # send them later, into the next transaction.
+            client.discard_backlog(TransactionAbortedError(
+                "the record's transaction was aborted before it was sent; its input is consumed again"))
+            # Let what was accepted be delivered first (into the doomed transaction): purged records would
+            # be reported as failures, and a failure is what an engine retries.
+            try:
+                client.flush_blocking(min(timeout, 10.0))
+            except Exception as exc:  # whatever went wrong, the abort must still happen
+                logger.warning("%s: flushing before the abort: %s; aborting anyway", self._what, exc)
+            # librdkafka expects a failed or timed-out abort to be called again; until one succeeds, no
+            # transaction can begin.
+            for attempt in range(1, ABORT_ATTEMPTS + 1):
+                try:
+                    producer.abort_transaction(timeout)
+                    return
+                except KafkaException as exc:
+                    error = exc.args[0] if exc.args else None
+                    if (isinstance(error, KafkaError) and error.fatal()) or attempt == ABORT_ATTEMPTS:
+                        raise
+                    backoff = min(ABORT_BACKOFF_MAX, ABORT_BACKOFF * 2 ** (attempt - 1))
+                    logger.warning("%s: aborting the transaction failed (%s); trying again in %.1f s (attempt %d "
+                                   "of %d)", self._what, exc, backoff, attempt, ABORT_ATTEMPTS)
+                    time.sleep(backoff)  # a backoff: nothing to wait for but the broker
+
+        try:
+            if self._open:
+                await self._txn_worker.submit(abort)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                self._fatal = error
+            logger.error("%s: aborting the transaction failed: %s", self._what, exc)
+        finally:
+            targets = {key: state.restart for key, state in self._tracker.partitions.items() if state.restart >= 0}
+            self._rewind(targets)
+            self._closed_transaction()
+
+    def _closed_transaction(self) -> None:
+        self._open = False
+        self._client.in_transaction = False
+        if self._idle is not None:
+            self._idle.set()
+
+    async def _before_release(self, timeout: float) -> None:
+        """On revoke: the batch in progress must commit (or abort) while the partitions are still ours."""
+        if self._idle is None or self._idle.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            logger.warning("%s: the open transaction did not finish before the revoke deadline", self._what)
+
+    async def _before_close(self) -> None:
+        if self._open:
+            logger.info("%s: aborting the unfinished transaction at close", self._what)
+            await self.abort()
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            if self._txn_worker is not None:
+                self._txn_worker.stop()
+            if self._acquired:
+                self._acquired = False
+                await asyncio.to_thread(self._client.release, 30.0)
