@@ -131,6 +131,49 @@ def test_restart_is_the_last_commit_or_the_first_offset_consumed() -> None:
     assert state.restart == 42
 
 
+def test_a_run_registered_at_once_is_the_same_as_one_by_one() -> None:
+    one, run = PartitionOffsets(), PartitionOffsets()
+    for offset in (4, 5, 7):
+        one.consumed(offset)
+    run.register([4, 5, 7])
+    assert (run.first, run.next, list(run.outstanding)) == (one.first, one.next, list(one.outstanding))
+
+
+def test_attempts_of_an_offset_go_when_it_finishes() -> None:
+    state = PartitionOffsets()
+    state.register([0, 1])
+    assert state.nacked(1)
+    state.attempts[1] = 2
+    state.finished(0)
+    assert state.attempts == {1: 2}
+    state.finished(1)
+    assert state.attempts == {}
+    assert state.watermark == 2
+
+
+def test_records_fetched_before_a_rewind_are_stale_until_the_rewound_offset_comes_back() -> None:
+    state = PartitionOffsets()
+    state.register([10, 11, 12])
+    state.rewound(10, epoch=3)
+    assert state.next == 10 and not state.outstanding
+    assert not state.stale(12, epoch=3), "fetched after the seek (same epoch): not stale"
+    assert state.stale(12, epoch=2), "fetched before the seek, above the offset sought"
+    assert not state.stale(9, epoch=2)
+    assert not state.stale(10, epoch=2), "the offset sought itself: the seek took effect"
+    assert not state.stale(12, epoch=2), "from then on nothing is stale"
+
+
+def test_forgetting_a_partition_drops_its_attempts_and_pending_rewind() -> None:
+    tracker = OffsetTracker()
+    state = tracker.partition("t", 0)
+    state.register([0])
+    state.attempts[0] = 3
+    state.rewound(0, epoch=1)
+    tracker.forget([("t", 0)])
+    fresh = tracker.partition("t", 0)
+    assert fresh is not state and fresh.attempts == {} and fresh.sought_epoch == 0
+
+
 def test_tracker_commits_only_partitions_that_moved() -> None:
     tracker = OffsetTracker()
     for offset in range(3):

@@ -33,6 +33,8 @@ end offsets for ``lag()``,              fetch thread        replaced whole / a f
 ``rebalancing``
 ``closing``                             loop                a flag the fetch thread reads
 commit results                          fetch thread        ``on_commit`` callback -> ``call_soon_threadsafe``
+the fatal error (``KafkaErrors``)       either              librdkafka's error callback (fetch thread) or an
+                                                            error record (loop) sets it; the loop stops on it
 the revoke handler's work               loop                the revoke callback (fetch thread) runs
                                                             ``_release`` on the loop and waits for it
 ``is_drained()``                        caller's thread     asks the loop for the tracker's view, which asks
@@ -63,7 +65,7 @@ from confluent_kafka import KafkaError, TopicPartition
 from volley.errors import VolleyError
 from volley.message import Envelope
 from volley.ports import Observer, PartitionId, QueueSpec, RevokeHandler
-from volley_kafka.fetcher import Fetcher, Offsets
+from volley_kafka.fetcher import Fetcher, KafkaErrors, Offsets
 from volley_kafka.offsets import OffsetTracker, TopicPartitionKey
 from volley_kafka.settings import ConsumerSettings
 
@@ -78,10 +80,8 @@ Memory stays bounded meanwhile by librdkafka's own prefetch limits (queued.max.m
 """
 REVOKE_GRACE = 5.0
 """How much longer than the revoke timeout the fetch thread waits for the loop's half of a revoke."""
-ERROR_LOG_INTERVAL = 30.0
 LAG_INTERVAL = 5.0
 DRAIN_CHECK_TIMEOUT = 30.0
-SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
 
 
 class KafkaConsumer:
@@ -91,8 +91,9 @@ class KafkaConsumer:
         self._queue = queue
         self._settings = settings
         self._what = f"Kafka consumer of queue {queue.name!r} ({queue.value})"
-        self._fetcher = Fetcher(settings, self._what, f"volley-kafka-fetch-{queue.name}", on_error=self._on_error,
-                                on_commit_settled=self._commit_settled)
+        self._errors = KafkaErrors(self._what, settings.topics)
+        self._fetcher = Fetcher(settings, self._what, f"volley-kafka-fetch-{queue.name}",
+                                on_error=self._errors.client_error, on_commit_settled=self._commit_settled)
         self._tracker = OffsetTracker()
         self._only_topic = settings.topics[0] if len(settings.topics) == 1 else None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,8 +107,6 @@ class KafkaConsumer:
         self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
         self._next_commit = 0.0
         self._next_lag = 0.0
-        self._error_logged: dict[int, float] = {}
-        self._fatal: KafkaError | None = None
         self._closed = False
 
     # ================================================================== capabilities
@@ -164,8 +163,9 @@ class KafkaConsumer:
     # ================================================================== consuming
 
     async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
-        if self._fatal is not None:
-            raise VolleyError(f"{self._what}: fatal Kafka error: {self._fatal.str()}")
+        fatal = self._errors.fatal
+        if fatal is not None:
+            raise VolleyError(f"{self._what}: fatal Kafka error: {fatal.str()}")
         fetcher = self._fetcher
         if not fetcher.started:
             raise RuntimeError(f"{self._what} is not started")
@@ -197,6 +197,7 @@ class KafkaConsumer:
         partition_state = self._tracker.partition
         seeking = epoch != self._fetcher.epoch  # a rewind was asked for after this fetch began
         only_topic = self._only_topic
+        message_error = self._errors.message_error
         last_topic: str | None = None
         last_partition = -1
         state: Any = None
@@ -207,7 +208,7 @@ class KafkaConsumer:
         for m in messages:
             error = m.error()
             if error is not None:
-                self._message_error(m, error)
+                message_error(m, error)
                 continue
             topic = only_topic or m.topic()
             partition = m.partition()
@@ -256,24 +257,6 @@ class KafkaConsumer:
         if run:
             state.register(run)
         return out
-
-    def _message_error(self, message: Any, error: KafkaError) -> None:
-        code = error.code()
-        if code in SILENT_ERRORS:
-            return
-        if error.fatal():
-            self._fatal = error
-            logger.error("%s: fatal error: %s", self._what, error.str())
-            return
-        now = time.monotonic()
-        if now - self._error_logged.get(code, -ERROR_LOG_INTERVAL) < ERROR_LOG_INTERVAL:
-            return
-        self._error_logged[code] = now
-        where = message.topic() or ",".join(self._settings.topics)
-        if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION):
-            logger.warning("%s: %s: %s (waiting for it to be created)", self._what, where, error.str())
-        else:
-            logger.error("%s: %s: %s", self._what, where, error.str())
 
     # ================================================================== settling
 
@@ -330,21 +313,6 @@ class KafkaConsumer:
             if delay > 0:
                 self._pause_for(key, delay)
             self._fetcher.ask_seek(TopicPartition(key[0], key[1], offset))
-
-    def _rewind(self, targets: Mapping[TopicPartitionKey, int]) -> None:
-        """Forget everything from each target on, finished or not, and seek there (an aborted transaction)."""
-        if not targets:
-            return
-        fetcher = self._fetcher
-        epoch = fetcher.epoch + 1
-        fetcher.epoch = epoch
-        assigned = fetcher.assigned
-        for key, offset in targets.items():
-            state = self._tracker.partitions.get(key)
-            if state is None or key not in assigned:
-                continue  # no longer ours: its new owner starts from the last commit
-            state.rewound(offset, epoch)
-            fetcher.ask_seek(TopicPartition(key[0], key[1], offset))
 
     # ================================================================== commits
 
@@ -560,15 +528,6 @@ class KafkaConsumer:
             positions[key] = state.next if state is not None and state.next >= 0 else -1
         result: bool = await fetcher.submit(functools.partial(fetcher.read_to_end, assigned, positions))
         return result
-
-    def _on_error(self, error: KafkaError) -> None:
-        if error.fatal():
-            self._fatal = error
-            logger.error("%s: fatal error: %s", self._what, error.str())
-        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            logger.warning("%s: %s", self._what, error.str())
-        else:
-            logger.info("%s: %s", self._what, error.str())
 
     def __repr__(self) -> str:
         return f"KafkaConsumer({self._queue.name!r} <- {self._queue.value!r}, group={self._settings.group_id!r})"

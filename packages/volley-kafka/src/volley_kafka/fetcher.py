@@ -33,11 +33,55 @@ POLL_SLICE = 0.2
 """Longest single wait inside librdkafka, so that close and cancellation are served promptly."""
 WATERMARK_INTERVAL = 1.0
 """How often the fetch thread copies librdkafka's cached end offsets for lag()."""
+ERROR_LOG_INTERVAL = 30.0
+SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
 
 Offsets = list[tuple[str, int, int]]
 Fetched = tuple[int, frozenset[TopicPartitionKey], list[Any]]
 """The seek epoch the fetch started in, the assignment when it ended, the records."""
 CommitSettled = Callable[[KafkaError | None, Offsets, float | None], None]
+
+
+class KafkaErrors:
+    """What librdkafka reports: logged (a message's error at most every 30 s per code), the fatal one kept.
+
+    ``client_error`` is librdkafka's error callback (fetch thread), ``message_error`` runs on the loop for an
+    error delivered as a message; ``fatal`` is written by either (or by a failed transaction) and read by the
+    loop, which stops the app on it.
+    """
+
+    def __init__(self, what: str, topics: tuple[str, ...]) -> None:
+        self._what = what
+        self._topics = topics
+        self._logged: dict[int, float] = {}
+        self.fatal: KafkaError | None = None
+
+    def client_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self.fatal = error
+            logger.error("%s: fatal error: %s", self._what, error.str())
+        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            logger.warning("%s: %s", self._what, error.str())
+        else:
+            logger.info("%s: %s", self._what, error.str())
+
+    def message_error(self, message: Any, error: KafkaError) -> None:
+        code = error.code()
+        if code in SILENT_ERRORS:
+            return
+        if error.fatal():
+            self.fatal = error
+            logger.error("%s: fatal error: %s", self._what, error.str())
+            return
+        now = time.monotonic()
+        if now - self._logged.get(code, -ERROR_LOG_INTERVAL) < ERROR_LOG_INTERVAL:
+            return
+        self._logged[code] = now
+        where = message.topic() or ",".join(self._topics)
+        if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION):
+            logger.warning("%s: %s: %s (waiting for it to be created)", self._what, where, error.str())
+        else:
+            logger.error("%s: %s: %s", self._what, where, error.str())
 
 
 class Fetcher:

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
@@ -20,6 +20,7 @@ from volley.errors import ConfigurationError, DeliveryError, VolleyError
 from volley.message import Envelope
 from volley.ports import QueueSpec
 from volley_kafka.consumer import KafkaConsumer
+from volley_kafka.offsets import TopicPartitionKey
 from volley_kafka.producer import ProducerClient, TransactionAbortedError
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
@@ -119,7 +120,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.fatal():
-                self._fatal = error
+                self._errors.fatal = error
                 self._closed_transaction()
                 raise VolleyError(f"{self._what}: fatal error committing a transaction: {error.str()}") from exc
             logger.warning("%s: committing the transaction failed (%s); aborting it", self._what, exc)
@@ -171,12 +172,27 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.fatal():
-                self._fatal = error
+                self._errors.fatal = error
             logger.error("%s: aborting the transaction failed: %s", self._what, exc)
         finally:
             targets = {key: state.restart for key, state in self._tracker.partitions.items() if state.restart >= 0}
             self._rewind(targets)
             self._closed_transaction()
+
+    def _rewind(self, targets: Mapping[TopicPartitionKey, int]) -> None:
+        """Forget everything from each target on, finished or not, and seek there (an aborted transaction)."""
+        if not targets:
+            return
+        fetcher = self._fetcher
+        epoch = fetcher.epoch + 1
+        fetcher.epoch = epoch
+        assigned = fetcher.assigned
+        for key, offset in targets.items():
+            state = self._tracker.partitions.get(key)
+            if state is None or key not in assigned:
+                continue  # no longer ours: its new owner starts from the last commit
+            state.rewound(offset, epoch)
+            fetcher.ask_seek(TopicPartition(key[0], key[1], offset))
 
     def _closed_transaction(self) -> None:
         self._open = False
