@@ -300,7 +300,7 @@ async def test_ready_only_once_the_group_assigned_partitions(kit: Any, group_pro
 
     def assignment() -> frozenset[Any]:
         pipeline = handler._run
-        return frozenset(pipeline.consumer._assigned) if pipeline is not None else frozenset()
+        return frozenset(pipeline.consumer._fetcher.assigned) if pipeline is not None else frozenset()
 
     recorder.assignment = assignment
     report = await run(handler, 20)
