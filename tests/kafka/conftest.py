@@ -290,7 +290,7 @@ class Member:
 
     def assignment(self) -> frozenset[tuple[str, int]]:
         consumer = self.consumer
-        return frozenset() if consumer is None else frozenset(consumer._assigned)
+        return frozenset() if consumer is None else frozenset(consumer._fetcher.assigned)
 
     def running(self) -> bool:
         return self._thread.is_alive()

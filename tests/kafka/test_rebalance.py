@@ -170,7 +170,7 @@ def test_a_message_waiting_out_a_redelivery_delay_is_handled_by_the_partitions_n
 
     def handler_of(by: str) -> Callable[..., Any]:
         def handler(message: dict[str, Any], msg_ctx: Any) -> Any:
-            owned = (source, msg_ctx.partition) in apps[by]._run.consumer._assigned
+            owned = (source, msg_ctx.partition) in apps[by]._run.consumer._fetcher.assigned
             with lock:
                 if message["id"] in given_back and message["id"] not in nacked:
                     nacked.add(message["id"])
