@@ -189,6 +189,33 @@ def test_purge_deletes_only_the_matching_letters(app: StreamApp, broker: MemoryB
     assert stages_in(broker) == {"validate": 3, "handler": 5}
 
 
+class Counts:
+    """A DeadLetterObserver (volley.ports), as volley-prometheus is one."""
+
+    def __init__(self) -> None:
+        self.replayed: Counter[str] = Counter()
+        self.purged: Counter[str] = Counter()
+
+    def on_dead_letters_replayed(self, app_name: str, source_queue: str, count: int) -> None:
+        self.replayed[f"{app_name}/{source_queue}"] += count
+
+    def on_dead_letters_purged(self, app_name: str, source_queue: str, count: int) -> None:
+        self.purged[f"{app_name}/{source_queue}"] += count
+
+
+def test_observers_count_replayed_and_purged_letters_by_source_queue(broker: MemoryBroker, tmp_path: Path) -> None:
+    counts = Counts()
+    app = scenario_app(memory_config(broker), observers=[counts])
+    for value, key, headers in seed():
+        broker.publish("shop.orders", value, key, headers)
+    app.run_until_drained(timeout=30, drain_idle_seconds=0.05)
+    dlq = DeadLetterQueue(app)
+    run(replay(dlq, Journal(tmp_path / "j"), ReplayOptions(filter=LetterFilter(stages=("validate",)))))
+    run(purge(dlq, LetterFilter(stages=("deserialize",))))
+    assert counts.replayed == {"dlq-scenario/shop.orders": 3}
+    assert counts.purged == {"dlq-scenario/shop.orders": 4}
+
+
 # ---------------------------------------------------------------------------------------------- the command line
 
 

@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from hypothesis.stateful import run_state_machine_as_test
 
 from volley.ports import Connector, QueueSpec
-from volley.testing.contract import ConnectorContract
+from volley.testing.contract import BrowsingTests, ConnectorContract
 from volley.testing.statemachine import SERVER_SETTINGS, connector_state_machine
 from volley_kafka import KafkaConnector
 
@@ -28,7 +28,7 @@ CLOSE_BEFORE_JOIN = pytest.mark.xfail(
 RESTARTS_A_CONSUMER_AT_ONCE = {"test_start_and_close_without_traffic"}
 
 
-class TestKafkaContract(ConnectorContract):
+class TestKafkaContract(ConnectorContract, BrowsingTests):
     partitions: ClassVar[int] = 3
     ordering: ClassVar[str] = "partition"
     supports_keys: ClassVar[bool] = True

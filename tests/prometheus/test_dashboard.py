@@ -38,6 +38,8 @@ def exercised(metrics: VolleyMetrics) -> VolleyMetrics:
     obs.on_lag("app", {("t", 0): 1})
     obs.on_commit("app", 0.01)
     obs.on_depth("app", "q", 1)
+    obs.on_dead_letters_replayed("app", "in", 1)
+    obs.on_dead_letters_purged("app", "in", 1)
     obs.on_stop("app")
     return metrics
 

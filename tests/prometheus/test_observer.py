@@ -196,3 +196,15 @@ def test_fallback_without_value_objects_still_counts() -> None:
 def test_bad_settings_say_what_to_change(port: int | None, settings: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         PrometheusObserver.from_settings("app", port, settings)
+
+
+def test_dead_letters_replayed_and_purged_by_source_queue(metrics: VolleyMetrics) -> None:
+    from volley.ports import DeadLetterObserver
+
+    obs = PrometheusObserver("orders", metrics=metrics)
+    assert isinstance(obs, DeadLetterObserver)
+    obs.on_dead_letters_replayed("orders", "shop.orders", 3)
+    obs.on_dead_letters_replayed("orders", "shop.orders", 2)
+    obs.on_dead_letters_purged("orders", "shop.returns", 4)
+    assert value(metrics, "volley_dead_letters_replayed_total", volley_app="orders", source_queue="shop.orders") == 5
+    assert value(metrics, "volley_dead_letters_purged_total", volley_app="orders", source_queue="shop.returns") == 4

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from volley.codecs import DataclassModelHandler, JsonSerializer, PassThroughModelHandler, RawSerializer
-    from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
+    from volley.memory import MemoryBrowser, MemoryConnector, MemoryConsumer, MemoryProducer
     from volley.observe import MultiObserver
     from volley.ports import (
+        BrowsableConnector,
         Connector,
         Consumer,
+        DeadLetterObserver,
         DepthReporter,
         Drainable,
         Instrumented,
@@ -25,19 +27,24 @@ if TYPE_CHECKING:
         Observer,
         Pausable,
         Producer,
+        PurgeableBefore,
+        QueueBrowser,
         ReadinessReporter,
         RebalanceAware,
         RunTracer,
         Serializer,
+        SettlingBrowser,
         Tracer,
         Transactional,
     )
     from volley_kafka.connector import KafkaConnector
     from volley_kafka.consumer import KafkaConsumer
+    from volley_kafka.dlq import KafkaBrowser
     from volley_kafka.producer import KafkaProducer
     from volley_kafka.transactional import TransactionalKafkaConsumer
     from volley_otel.tracer import OtelRunTracer, OtelTrace, OtelTracer
     from volley_prometheus.observer import PrometheusObserver
+    from volley_rsmq.browse import RsmqBrowser
     from volley_rsmq.connector import RsmqConnector
     from volley_rsmq.consumer import RsmqConsumer
     from volley_rsmq.producer import RsmqProducer
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
         PydanticModelHandler,
         PydanticParserModelHandler,
     )
+    from volley_sqlite.browse import SqliteBrowser
     from volley_sqlite.connector import SqliteConnector, SqliteConsumer, SqliteProducer
 
     def connectors(memory: MemoryConnector, kafka: KafkaConnector, rsmq: RsmqConnector) -> list[Connector]:
@@ -85,3 +93,12 @@ if TYPE_CHECKING:
 
     def tracers(tracer: OtelTracer, run: OtelRunTracer, trace: OtelTrace) -> tuple[Tracer, RunTracer, MessageTrace]:
         return tracer, run, trace
+
+    def dead_letter_ports(
+        memory: MemoryConnector, kafka: KafkaConnector, rsmq: RsmqConnector, sqlite: SqliteConnector,
+        memory_browser: MemoryBrowser, kafka_browser: KafkaBrowser, rsmq_browser: RsmqBrowser,
+        sqlite_browser: SqliteBrowser, prometheus: PrometheusObserver,
+    ) -> tuple[list[BrowsableConnector], list[QueueBrowser], list[SettlingBrowser], PurgeableBefore,
+               DeadLetterObserver]:
+        return ([memory, kafka, rsmq, sqlite], [memory_browser, kafka_browser, rsmq_browser, sqlite_browser],
+                [memory_browser, kafka_browser, rsmq_browser, sqlite_browser], kafka_browser, prometheus)

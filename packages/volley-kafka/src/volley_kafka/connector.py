@@ -13,6 +13,7 @@ import threading
 from volley.errors import ConfigurationError
 from volley.ports import QueueSpec
 from volley_kafka.consumer import KafkaConsumer
+from volley_kafka.dlq import KafkaBrowser
 from volley_kafka.producer import KafkaProducer, ProducerClient
 from volley_kafka.settings import ProducerSettings, brokers_of, consumer_settings, producer_settings
 from volley_kafka.transactional import TransactionalKafkaConsumer
@@ -42,6 +43,10 @@ class KafkaConnector:
                 # Built now so that a rejected setting fails here, at start-up, naming the setting.
                 self._clients[key] = ProducerClient(settings.librdkafka, f"{queue.app_name}-{queue.name}")
         return KafkaProducer(queue, settings, lambda: self._acquire(queue, settings))
+
+    def create_browser(self, queue: QueueSpec) -> KafkaBrowser:
+        """For ``volley dlq``: read the topic by offsets, commit only what a replay dealt with."""
+        return KafkaBrowser(queue)
 
     def _acquire(self, queue: QueueSpec, settings: ProducerSettings) -> ProducerClient:
         with self._lock:

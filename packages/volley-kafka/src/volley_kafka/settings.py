@@ -275,3 +275,17 @@ def producer_settings(queue: QueueSpec) -> ProducerSettings:
         )
     return ProducerSettings(librdkafka=_producer_defaults(config), startup_timeout=_number(volley, STARTUP_TIMEOUT,
                                                                                            queue))
+
+
+def browser_settings(queue: QueueSpec) -> dict[str, Any]:
+    """librdkafka settings of a ``volley dlq`` reader of ``queue``: its connection settings (a dead-letter queue's
+    config is a producer's), without group or producer settings, under a consumer group of its own that commits
+    only what a replay or purge dealt with."""
+    _volley, config = _split(queue.config, queue)
+    _brokers(config, "KAFKA_CONSUMER_BROKERS", queue)
+    _credentials(config)
+    config = {k: v for k, v in config.items() if k not in CONSUMER_ONLY and k not in PRODUCER_ONLY}
+    config.update({"group.id": f"volley-dlq.{queue.app_name}.{queue.value}", "enable.auto.commit": False,
+                   "enable.auto.offset.store": False, "enable.partition.eof": True,
+                   "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
+    return config

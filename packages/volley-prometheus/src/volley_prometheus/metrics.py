@@ -68,6 +68,10 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
                "Time taken by one offset commit"),
     MetricSpec("volley_queue_depth", "gauge", ("volley_app", "queue"),
                "Messages waiting in the input queue"),
+    MetricSpec("volley_dead_letters_replayed", "counter", ("volley_app", "source_queue"),
+               "Dead letters sent back by volley dlq replay (confirmed), by the queue they came from"),
+    MetricSpec("volley_dead_letters_purged", "counter", ("volley_app", "source_queue"),
+               "Dead letters deleted by volley dlq purge, by the queue they came from"),
 )
 
 
@@ -106,6 +110,10 @@ class VolleyMetrics:
                                      registry=r, buckets=COMMIT_BUCKETS)
         self.depth = Gauge("volley_queue_depth", _help("volley_queue_depth"), ["volley_app", "queue"],
                            registry=r, multiprocess_mode="livemostrecent")
+        self.replayed = Counter("volley_dead_letters_replayed", _help("volley_dead_letters_replayed"),
+                                ["volley_app", "source_queue"], registry=r)
+        self.purged = Counter("volley_dead_letters_purged", _help("volley_dead_letters_purged"),
+                              ["volley_app", "source_queue"], registry=r)
 
 
 def _help(name: str) -> str:

@@ -305,6 +305,13 @@ class PrometheusObserver:
         inc = app.dlq.get(reason) or app.bind_dlq(reason)
         inc(count)
 
+    def on_dead_letters_replayed(self, app_name: str, source_queue: str, count: int) -> None:
+        """``volley dlq replay`` (volley.ports.DeadLetterObserver): rare, so no child cache."""
+        self.metrics.replayed.labels(app_name, source_queue).inc(count)
+
+    def on_dead_letters_purged(self, app_name: str, source_queue: str, count: int) -> None:
+        self.metrics.purged.labels(app_name, source_queue).inc(count)
+
     def on_retry(self, app_name: str, count: int) -> None:
         (self._apps.get(app_name) or self._app(app_name)).retries(count)
 

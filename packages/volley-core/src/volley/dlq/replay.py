@@ -55,6 +55,9 @@ class ReplaySummary:
     left_without_source: int = 0
     finished_from_journal: int = 0
     """Confirmed by a run that was killed before it took them out: taken out now, not sent again."""
+    already_replayed: int = 0
+    """On a broker that cannot drop single letters (Kafka): letters an earlier replay moved, still above the
+    replay group's commit; the journal says so, they are not sent again."""
     possible_duplicates: int = 0
     """Sent again because a killed run had them in flight: their destination may hold them twice."""
     by_destination: Counter[str] = field(default_factory=Counter)
@@ -64,7 +67,8 @@ class ReplaySummary:
     def as_dict(self) -> dict[str, Any]:
         return {"moved": self.moved, "skipped_by_filter": self.skipped_by_filter,
                 "left_by_loop_guard": self.left_by_loop_guard, "left_without_source": self.left_without_source,
-                "finished_from_journal": self.finished_from_journal, "possible_duplicates": self.possible_duplicates,
+                "finished_from_journal": self.finished_from_journal, "already_replayed": self.already_replayed,
+                "possible_duplicates": self.possible_duplicates,
                 "by_destination": dict(self.by_destination), "looping": self.looping, "dry_run": self.dry_run}
 
     def lines(self) -> list[str]:
@@ -77,6 +81,8 @@ class ReplaySummary:
         if self.finished_from_journal:
             out.append(f"finished from the journal of an interrupted run (not sent again): "
                        f"{self.finished_from_journal}")
+        if self.already_replayed:
+            out.append(f"already replayed earlier (journal), not sent again: {self.already_replayed}")
         if self.possible_duplicates:
             out.append(f"possible duplicates (in flight when a run was killed, sent again): "
                        f"{self.possible_duplicates}")
@@ -222,7 +228,10 @@ class _Replay:
                    finished: list[Envelope]) -> None:
         if finished:
             await browser.settle(finished)
-            self.summary.finished_from_journal += len(finished)
+            if browser.removes_each:
+                self.summary.finished_from_journal += len(finished)
+            else:
+                self.summary.already_replayed += len(finished)
         if not chosen:
             return
         await self.pacer.wait_for(len(chosen))
