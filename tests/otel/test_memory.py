@@ -232,6 +232,27 @@ def test_without_an_sdk_the_context_still_flows_through(recorder: Any) -> None:
     assert traceparent(out.headers) == UPSTREAM
 
 
+@pytest.mark.parametrize("batch", [None, 2], ids=["single", "batch"])
+def test_without_an_sdk_a_message_without_context_passes_through_untouched(recorder: Any, batch: int | None) -> None:
+    broker = MemoryBroker()
+    app = make_app(broker, recorder, "u-in", "u-out", dlq="u-dlq",
+                   settings={"tracer_provider": trace.NoOpTracerProvider()},
+                   source_settings={"batch_size": batch} if batch else {})
+    broker.publish("u-in", b"x")
+    broker.publish("u-in", b"y", headers={"traceparent": UPSTREAM.encode()})
+
+    @app.stream_app
+    def handler(message: Any) -> list[tuple[str, Any]]:
+        return [("out", b"".join(message) if batch else message)]
+
+    assert handler.run_until_drained(timeout=10).acked == 2
+    headers = [r.headers for r in broker.produced_records("u-out")]
+    if batch:  # a batch has no single parent to pass on
+        assert headers == [{}]
+    else:
+        assert headers == [{}, {"traceparent": UPSTREAM.encode()}]
+
+
 def test_bad_settings_fail_when_the_engine_is_built(recorder: Any) -> None:
     broker = MemoryBroker()
     with pytest.raises(ConfigurationError, match=r"unknown tracing_settings \['sampler'\]"):

@@ -23,7 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 
 from volley.errors import ConfigurationError
 from volley.message import Envelope, Headers, OutgoingMessage
@@ -96,17 +96,20 @@ class OtelTracer:
         provider = self.tracer_provider or trace.get_tracer_provider()
         tracer = provider.get_tracer(SCOPE, _version())
         propagation = Propagation(self.propagator or propagate.get_global_textmap())
-        return OtelRunTracer(tracer, propagation, source, outputs, send_spans=self.send_spans)
+        # No SDK configured (the API's own providers): no span can record, only the context is passed on.
+        recording = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        return OtelRunTracer(tracer, propagation, source, outputs, send_spans=self.send_spans, recording=recording)
 
 
 class OtelRunTracer:
     """The tracer of one run: span names and attributes of its queues, built once."""
 
     def __init__(self, tracer: trace.Tracer, propagation: Propagation, source: QueueSpec,
-                 outputs: Sequence[QueueSpec], *, send_spans: bool) -> None:
+                 outputs: Sequence[QueueSpec], *, send_spans: bool, recording: bool = True) -> None:
         self.tracer = tracer
         self.propagation = propagation
-        self.send_spans = send_spans
+        self.send_spans = send_spans and recording
+        self.recording = recording
         system = messaging_system(source)
         self.kafka = system == "kafka"
         self.name = f"process {source.value}"
@@ -129,6 +132,12 @@ class OtelRunTracer:
 
     def start(self, members: Sequence[Envelope], batch: bool) -> OtelTrace:
         extract = self.propagation.extract
+        if not self.recording:  # without an SDK: the upstream context, passed on as it came
+            parent = EMPTY_CONTEXT if batch else extract(members[0].headers)
+            if parent is EMPTY_CONTEXT:
+                return INERT
+            return OtelTrace(NonRecordingSpan(trace.get_current_span(parent).get_span_context()), parent,
+                             self.propagation)
         attributes = self.attributes.copy()
         if not batch:
             env = members[0]
@@ -233,6 +242,36 @@ class OtelTrace:
 
     def end(self) -> None:
         self.span.end()
+
+
+class InertTrace(OtelTrace):
+    """The trace of a message without trace context when no SDK is configured: nothing to record or pass on."""
+
+    __slots__ = ()
+
+    def activate(self) -> object:
+        return None
+
+    def deactivate(self, activation: object) -> None:
+        pass
+
+    def inject(self, headers: Headers | None) -> Headers:
+        return headers if headers is not None else {}
+
+    def retry(self, attempt: int, error: BaseException) -> None:
+        pass
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        pass
+
+    def dead_letter(self, destination: str, headers: Headers) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+INERT = InertTrace(INVALID_SPAN, EMPTY_CONTEXT, Propagation(propagate.get_global_textmap()))
 
 
 def _message(error: BaseException) -> str:
