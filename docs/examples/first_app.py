@@ -25,12 +25,23 @@ app = Engine(
     output_queues=["invoices"],
     dead_letter_queue="dead-letters",
     queue_config={
-        "orders": {"value": "shop.orders", "profile": "memory", "data_model": Order,
-                   "config": {"broker": broker}},
-        "invoices": {"value": "shop.invoices", "profile": "memory", "data_model": Invoice,
-                     "config": {"broker": broker}},
-        "dead-letters": {"value": "shop.orders.dlq", "profile": "memory-dlq",
-                         "config": {"broker": broker}},
+        "orders": {
+            "value": "shop.orders",
+            "profile": "memory",
+            "data_model": Order,
+            "config": {"broker": broker},
+        },
+        "invoices": {
+            "value": "shop.invoices",
+            "profile": "memory",
+            "data_model": Invoice,
+            "config": {"broker": broker},
+        },
+        "dead-letters": {
+            "value": "shop.orders.dlq",
+            "profile": "memory-dlq",
+            "config": {"broker": broker},
+        },
     },
     metrics_port=None,  # (2)!
 )
@@ -38,7 +49,9 @@ app = Engine(
 
 @app.stream_app
 def invoice(order: Order) -> list[tuple[str, Invoice]]:
-    return [("invoices", Invoice(order_id=order.order_id, cents=round(order.amount * 100)))]
+    return [
+        ("invoices", Invoice(order_id=order.order_id, cents=round(order.amount * 100)))
+    ]
 
 
 if __name__ == "__main__":

@@ -38,5 +38,7 @@ def test_bad_messages_go_to_the_dead_letter_queue() -> None:
 
     stages = [d.headers["volley-error-stage"] for d in result.dead_letters]
     assert stages == [b"deserialize", b"validate", b"handler"]
-    assert result.dead_letters[2].value == b'{"order_id":4,"amount":-1.0}'  # the original bytes
-    assert result.report.retries == 3  # max_retries, without waiting: the harness sets no backoff
+    # the original bytes
+    assert result.dead_letters[2].value == b'{"order_id":4,"amount":-1.0}'
+    # max_retries, without waiting: the harness sets no backoff
+    assert result.report.retries == 3

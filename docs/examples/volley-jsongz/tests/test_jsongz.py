@@ -1,4 +1,5 @@
-"""The serializer on its own, and through an Engine, as a queue configuration names it."""
+"""The serializer on its own, and through an Engine, as a queue configuration names
+it."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ from volley.testing import harness
 
 def test_round_trip() -> None:
     serializer = GzipJsonSerializer()
-    message = {"order_id": 7, "lines": [{"sku": "A-1", "qty": 2}] * 100, "note": "ünïcode"}
+    message = {
+        "order_id": 7,
+        "lines": [{"sku": "A-1", "qty": 2}] * 100,
+        "note": "ünïcode",
+    }
     payload = serializer.serialize(message)
     assert payload[:2] == b"\x1f\x8b"  # a gzip member
     assert serializer.deserialize(payload) == message
 
 
-@pytest.mark.parametrize("payload", [b"plain text", gzip.compress(b"{not json"), gzip.compress(b"[1, 2]")[:-4]])
+@pytest.mark.parametrize(
+    "payload",
+    [b"plain text", gzip.compress(b"{not json"), gzip.compress(b"[1, 2]")[:-4]],
+)
 def test_bad_input_is_a_serialization_error(payload: bytes) -> None:
     with pytest.raises(SerializationError):
         GzipJsonSerializer().deserialize(payload)

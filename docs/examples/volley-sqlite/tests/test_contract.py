@@ -1,4 +1,5 @@
-"""volley-sqlite against Volley's connector contract and its Hypothesis state machine."""
+"""volley-sqlite against Volley's connector contract and its Hypothesis state
+machine."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from volley_sqlite import SqliteConnector
 
 
 def sqlite_spec(path: Path, name: str, role: str) -> QueueSpec:
-    return QueueSpec(name=name, value=name, connector="sqlite", config={"path": str(path)}, role=role)
+    return QueueSpec(
+        name=name, value=name, connector="sqlite", config={"path": str(path)}, role=role
+    )
 
 
 class TestSqliteContract(ConnectorContract):
     # What this broker can do; the contract skips or adapts the tests accordingly.
-    ordering = "partition"  # no partitions: the whole queue is one ordered unit (Envelope.partition is None)
+    # no partitions: the whole queue is one ordered unit (Envelope.partition is None)
+    ordering = "partition"
     supports_keys = True
     supports_headers = True
     supports_delay = True
@@ -47,4 +51,6 @@ def test_state_machine(tmp_path: Path) -> None:
         poll_timeout=0.01,
         name="Sqlite",
     )
-    run_state_machine_as_test(machine, settings=hypothesis.settings(DEFAULT_SETTINGS, max_examples=25))
+    run_state_machine_as_test(
+        machine, settings=hypothesis.settings(DEFAULT_SETTINGS, max_examples=25)
+    )

@@ -19,20 +19,43 @@ def test_orders_to_invoices_with_a_dead_letter(tmp_path: Path) -> None:
         output_queues=["invoices"],
         dead_letter_queue="dead-letters",
         queue_config={
-            "orders": {"value": "orders", "profile": "sqlite", "config": {"path": database}},
-            "invoices": {"value": "invoices", "profile": "sqlite", "config": {"path": database}},
-            "dead-letters": {"value": "orders-dlq", "profile": "sqlite-dlq", "config": {"path": database}},
+            "orders": {
+                "value": "orders",
+                "profile": "sqlite",
+                "config": {"path": database},
+            },
+            "invoices": {
+                "value": "invoices",
+                "profile": "sqlite",
+                "config": {"path": database},
+            },
+            "dead-letters": {
+                "value": "orders-dlq",
+                "profile": "sqlite-dlq",
+                "config": {"path": database},
+            },
         },
         metrics_port=None,
     )
 
     @app.stream_app
     def invoice(order: dict) -> list[tuple[str, dict]]:
-        return [("invoices", {"order_id": order["order_id"], "cents": round(order["amount"] * 100)})]
+        return [
+            (
+                "invoices",
+                {"order_id": order["order_id"], "cents": round(order["amount"] * 100)},
+            )
+        ]
 
-    store = Store(database, busy_timeout=5.0)  # seed the input as another application would
-    store.insert([OutgoingMessage("orders", b'{"order_id": 1, "amount": 2.5}'), OutgoingMessage("orders", b"oops")],
-                 default_delay=0.0)
+    # seed the input as another application would
+    store = Store(database, busy_timeout=5.0)
+    store.insert(
+        [
+            OutgoingMessage("orders", b'{"order_id": 1, "amount": 2.5}'),
+            OutgoingMessage("orders", b"oops"),
+        ],
+        default_delay=0.0,
+    )
     store.close()
 
     report = invoice.run_until_drained(timeout=30)
@@ -45,5 +68,9 @@ def test_orders_to_invoices_with_a_dead_letter(tmp_path: Path) -> None:
 
 def test_a_missing_path_fails_when_the_engine_is_built() -> None:
     with pytest.raises(ConfigurationError, match="needs config 'path'"):
-        Engine(app_name="x", input_queue="in", queue_config={"in": {"value": "in", "profile": "sqlite"}},
-               metrics_port=None)
+        Engine(
+            app_name="x",
+            input_queue="in",
+            queue_config={"in": {"value": "in", "profile": "sqlite"}},
+            metrics_port=None,
+        )

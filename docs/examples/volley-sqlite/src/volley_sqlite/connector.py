@@ -1,4 +1,5 @@
-"""The ``sqlite`` connector: settings checked up front, a consumer and a producer that never block the loop.
+"""The ``sqlite`` connector: settings checked up front, a consumer and a producer that
+never block the loop.
 
 Every SQLite call runs on a single worker thread per consumer or producer
 (one connection each, used only by that thread); the event loop only awaits
@@ -24,16 +25,27 @@ from volley_sqlite.store import Store
 
 T = TypeVar("T")
 
-KNOWN_KEYS = ("path", "lease_seconds", "poll_interval_seconds", "delay", "busy_timeout_seconds")
+KNOWN_KEYS = (
+    "path",
+    "lease_seconds",
+    "poll_interval_seconds",
+    "delay",
+    "busy_timeout_seconds",
+)
 
 
 @dataclass(frozen=True)
 class SqliteSettings:
     path: str
-    lease_seconds: float = 60.0  # how long a received message stays hidden before another consumer may take it
-    poll_interval_seconds: float = 0.05  # pause between receives while the queue is empty
+    # how long a received message stays hidden before another consumer may take it
+    lease_seconds: float = 60.0
+    poll_interval_seconds: float = (
+        0.05  # pause between receives while the queue is empty
+    )
     delay: float = 0.0  # default delay of produced messages
-    busy_timeout_seconds: float = 5.0  # how long a statement waits for another connection's write lock
+    busy_timeout_seconds: float = (
+        5.0  # how long a statement waits for another connection's write lock
+    )
 
     @classmethod
     def parse(cls, queue: QueueSpec) -> SqliteSettings:
@@ -42,12 +54,14 @@ class SqliteSettings:
         unknown = sorted(set(config) - set(KNOWN_KEYS))
         if unknown:
             raise ConfigurationError(
-                f"sqlite queue {queue.name!r}: unknown config key(s) {unknown}; known: {list(KNOWN_KEYS)}"
+                f"sqlite queue {queue.name!r}: unknown config key(s) {unknown}; "
+                f"known: {list(KNOWN_KEYS)}"
             )
         path = config.get("path")
         if not isinstance(path, str) or not path:
             raise ConfigurationError(
-                f"sqlite queue {queue.name!r} needs config 'path': the database file (e.g. '/var/lib/app/queues.db')"
+                f"sqlite queue {queue.name!r} needs config 'path': the database file "
+                "(e.g. '/var/lib/app/queues.db')"
             )
         numbers: dict[str, float] = {}
         for key in KNOWN_KEYS[1:]:
@@ -57,10 +71,14 @@ class SqliteSettings:
                 numbers[key] = float(config[key])
             except (TypeError, ValueError):
                 raise ConfigurationError(
-                    f"sqlite queue {queue.name!r}: {key} must be a number of seconds, got {config[key]!r}"
+                    f"sqlite queue {queue.name!r}: {key} must be a number of seconds, "
+                    f"got {config[key]!r}"
                 ) from None
             if numbers[key] < 0 or (numbers[key] == 0 and key != "delay"):
-                raise ConfigurationError(f"sqlite queue {queue.name!r}: {key} must be positive, got {config[key]!r}")
+                raise ConfigurationError(
+                    f"sqlite queue {queue.name!r}: {key} must be positive, "
+                    f"got {config[key]!r}"
+                )
         return cls(path=path, **numbers)
 
 
@@ -68,12 +86,18 @@ class _Worker:
     """One thread that owns one SQLite connection; the loop awaits what it runs."""
 
     def __init__(self, name: str) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name
+        )
 
     async def run(self, call: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(call, *args))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(call, *args)
+        )
 
-    def submit(self, call: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    def submit(
+        self, call: Callable[..., Any], *args: Any
+    ) -> concurrent.futures.Future[Any]:
         return self._executor.submit(call, *args)
 
     def shutdown(self) -> None:
@@ -81,7 +105,8 @@ class _Worker:
 
 
 class SqliteConsumer:
-    """Consumes one queue. Satisfies ``volley.ports.Consumer`` (and ``DepthReporter``, for the depth metric)."""
+    """Consumes one queue. Satisfies ``volley.ports.Consumer`` (and ``DepthReporter``,
+    for the depth metric)."""
 
     def __init__(self, queue: QueueSpec, settings: SqliteSettings) -> None:
         self._queue = queue.value
@@ -93,18 +118,26 @@ class SqliteConsumer:
     async def start(self) -> None:
         self._worker = _Worker(f"volley-sqlite-consume-{self._queue}")
         try:
-            self._store = await self._worker.run(Store, self._settings.path, self._settings.busy_timeout_seconds)
+            self._store = await self._worker.run(
+                Store, self._settings.path, self._settings.busy_timeout_seconds
+            )
         except Exception as exc:
             self._worker.shutdown()
-            raise ConfigurationError(f"cannot open sqlite database {self._settings.path!r}: {exc}") from exc
+            raise ConfigurationError(
+                f"cannot open sqlite database {self._settings.path!r}: {exc}"
+            ) from exc
 
     async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
         worker, store = self._require()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         while True:
-            received = await worker.run(store.receive, self._queue, max(1, max_messages),
-                                        self._settings.lease_seconds)
+            received = await worker.run(
+                store.receive,
+                self._queue,
+                max(1, max_messages),
+                self._settings.lease_seconds,
+            )
             if received:
                 break
             remaining = deadline - loop.time()
@@ -114,8 +147,19 @@ class SqliteConsumer:
         envelopes = []
         for r in received:
             self._held[r.id] = r.receipt
-            envelopes.append(Envelope(r.value, r.key, r.headers, self._queue, None, r.id, r.created_at, r.attempt,
-                                      r.receipt))
+            envelopes.append(
+                Envelope(
+                    r.value,
+                    r.key,
+                    r.headers,
+                    self._queue,
+                    None,
+                    r.id,
+                    r.created_at,
+                    r.attempt,
+                    r.receipt,
+                )
+            )
         return envelopes
 
     async def ack(self, envelopes: Sequence[Envelope]) -> None:
@@ -139,7 +183,9 @@ class SqliteConsumer:
             return
         try:
             if store is not None:
-                if self._held:  # not finished by the engine: let another consumer have them now, not after the lease
+                # not finished by the engine: let another consumer have them now, not
+                # after the lease
+                if self._held:
                     await worker.run(store.release, list(self._held.items()), 0.0)
                     self._held.clear()
                 await worker.run(store.close)
@@ -169,13 +215,20 @@ class SqliteProducer:
     async def start(self) -> None:
         self._worker = _Worker("volley-sqlite-produce")
         try:
-            self._store = await self._worker.run(Store, self._settings.path, self._settings.busy_timeout_seconds)
+            self._store = await self._worker.run(
+                Store, self._settings.path, self._settings.busy_timeout_seconds
+            )
         except Exception as exc:
             self._worker.shutdown()
-            raise ConfigurationError(f"cannot open sqlite database {self._settings.path!r}: {exc}") from exc
+            raise ConfigurationError(
+                f"cannot open sqlite database {self._settings.path!r}: {exc}"
+            ) from exc
 
-    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
-        """Called on the event loop: hand the batch to the writer thread and return at once."""
+    def produce(
+        self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback
+    ) -> None:
+        """Called on the event loop: hand the batch to the writer thread and return at
+        once."""
         if self._worker is None:
             raise RuntimeError("the sqlite producer is not started")
         future = self._worker.submit(self._write, list(messages), on_delivery)
@@ -183,8 +236,11 @@ class SqliteProducer:
             self._pending.add(future)
         future.add_done_callback(self._forget)
 
-    def _write(self, messages: list[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
-        """On the writer thread. Every record is reported exactly once, delivered or failed."""
+    def _write(
+        self, messages: list[OutgoingMessage], on_delivery: DeliveryCallback
+    ) -> None:
+        """On the writer thread. Every record is reported exactly once, delivered or
+        failed."""
         assert self._store is not None
         try:
             self._store.insert(messages, self._settings.delay)
@@ -202,9 +258,13 @@ class SqliteProducer:
             pending = list(self._pending)
         if not pending:
             return
-        _, not_done = await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=timeout)
+        _, not_done = await asyncio.wait(
+            [asyncio.wrap_future(f) for f in pending], timeout=timeout
+        )
         if not_done:
-            raise TimeoutError(f"{len(not_done)} sqlite write(s) still running after {timeout} s")
+            raise TimeoutError(
+                f"{len(not_done)} sqlite write(s) still running after {timeout} s"
+            )
 
     async def close(self) -> None:
         worker, store = self._worker, self._store
@@ -220,10 +280,12 @@ class SqliteProducer:
 
 
 class SqliteConnector:
-    """What the plugin registers: builds consumers and producers (``volley.ports.Connector``)."""
+    """What the plugin registers: builds consumers and producers
+    (``volley.ports.Connector``)."""
 
     def check(self, queue: QueueSpec) -> None:
-        """Optional: the Engine calls it when it is built, so a bad setting fails before anything starts."""
+        """Optional: the Engine calls it when it is built, so a bad setting fails before
+        anything starts."""
         SqliteSettings.parse(queue)
 
     def create_consumer(self, queue: QueueSpec) -> SqliteConsumer:
@@ -233,8 +295,9 @@ class SqliteConnector:
         return SqliteProducer(SqliteSettings.parse(queue))
 
 
-if TYPE_CHECKING:  # mypy proves, without running anything, that the classes fit Volley's ports
-
+if (
+    TYPE_CHECKING
+):  # mypy proves, without running anything, that the classes fit Volley's ports
     from volley.ports import Connector, Consumer, DepthReporter, Producer
 
     def _fits_the_ports(

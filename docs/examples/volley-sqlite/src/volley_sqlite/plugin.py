@@ -14,7 +14,21 @@ def volley_register_connectors(register: Register) -> None:
 @hookimpl
 def volley_register_profiles(register: Register) -> None:
     # Only volley-core's parts, so the profiles work wherever the connector does.
-    register("sqlite", {"connector": "sqlite", "serializer": "json", "model_handler": "dataclass",
-                        "data_model": dict})
-    register("sqlite-dlq", {"connector": "sqlite", "serializer": "none", "model_handler": "none",
-                            "data_model": None})
+    register(
+        "sqlite",
+        {
+            "connector": "sqlite",
+            "serializer": "json",
+            "model_handler": "dataclass",
+            "data_model": dict,
+        },
+    )
+    register(
+        "sqlite-dlq",
+        {
+            "connector": "sqlite",
+            "serializer": "none",
+            "model_handler": "none",
+            "data_model": None,
+        },
+    )
