@@ -150,8 +150,9 @@ def wheel_tests(session: nox.Session) -> None:
     if missing:
         session.error(f"no {version} wheel in dist/ for {', '.join(missing)}: run python3 dev.py build first")
     requirements = [f"{n}[{EXTRAS[n]}]=={version}" if EXTRAS.get(n) else f"{n}=={version}" for n in names]
-    # --reinstall-package: a reused virtualenv must not keep an earlier build of the same version.
-    reinstall = [arg for n in names for arg in ("--reinstall-package", n)]
+    # --reinstall-package: a reused virtualenv must not keep an earlier build of the same version; and
+    # --refresh-package: nor may uv's cache, which knows wheels by name and version.
+    reinstall = [arg for n in names for opt in ("--reinstall-package", "--refresh-package") for arg in (opt, n)]
     session.install("--find-links", str(dist), *reinstall, *requirements, *TEST_TOOLS)
     tests = [t for t in WHEEL_TESTS if (ROOT / t.split("::", 1)[0]).exists()]
     session.run("python", "-m", "pytest", *(session.posargs or tests), "-q", "-p", "no:cacheprovider",

@@ -56,7 +56,7 @@ def load_config(root: Path = ROOT) -> Config:
 
     docs_dir = root / (setting("docs_dir") or "docs")
     bases = tuple(root / m.strip() for m in re.findall(r"!relative \$config_dir/?([^,\]\s]*)", text))
-    pages = tuple(re.findall(r"^\s*-\s*(?:[^:\n]+:\s*)?([\w./-]+\.md)\s*$", text, flags=re.MULTILINE))
+    pages = tuple(re.findall(r"^\s*-\s*(?:.*:\s+)?([\w./-]+\.md)\s*$", text, flags=re.MULTILINE))
     return Config(docs_dir, setting("site_url"), setting("repo_url"), bases or (docs_dir,), pages)
 
 

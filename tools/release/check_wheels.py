@@ -57,7 +57,7 @@ def wheel_name_and_tops(wheel: Path) -> tuple[str, list[str]]:
     return name, tops
 
 
-def check(wheel: Path, dist: Path, version: str, uv: str) -> list[str]:
+def check(wheel: Path, dist: Path, version: str, uv: str, suite: list[str]) -> list[str]:
     """Problems found with one wheel (empty when it is fine)."""
     name, tops = wheel_name_and_tops(wheel)
     if not tops:
@@ -66,8 +66,12 @@ def check(wheel: Path, dist: Path, version: str, uv: str) -> list[str]:
         venv = Path(tmp) / "venv"
         subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
         python = venv / "bin" / "python"
-        installed = subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), "--find-links",
-                                    str(dist), str(wheel)], check=False, capture_output=True, text=True)
+        # --refresh-package: uv caches wheels by name and version, and a rebuilt wheel keeps both; without it a
+        # stale volley-core from an earlier build could be installed beside this one.
+        refresh = [arg for name in suite for arg in ("--refresh-package", name)]
+        installed = subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), *refresh,
+                                    "--find-links", str(dist), str(wheel)], check=False, capture_output=True,
+                                   text=True)
         if installed.returncode:
             return [f"{wheel.name}: does not install alone:\n{installed.stderr.strip()}"]
         probe = subprocess.run([str(python), "-I", "-c", PROBE, name, *tops], check=False, capture_output=True,
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     built = {wheel_name_and_tops(w)[0] for w in wheels}
     problems = [f"no wheel of {p} {version} in {dist}" for p in packages if p not in built]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for wheel, found in zip(wheels, pool.map(lambda w: check(w, dist, version, uv), wheels), strict=True):
+        checked = pool.map(lambda w: check(w, dist, version, uv, packages), wheels)
+        for wheel, found in zip(wheels, checked, strict=True):
             print(f"{'FAIL' if found else 'ok  '} {wheel.name}", flush=True)
             problems += found
     for problem in problems:
