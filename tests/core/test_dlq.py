@@ -14,6 +14,7 @@ import pytest
 from volley import cli
 from volley.dlq import DeadLetterQueue, Journal, LetterFilter, ReplayOptions, inspect, purge, replay
 from volley.dlq import command as dlq_command
+from volley.dlq.journal import JournalBusyError
 from volley.dlq.letter import ERROR_HEADERS, REPLAY_COUNT
 from volley.engine import StreamApp
 from volley.memory import MemoryBroker
@@ -108,7 +109,8 @@ def test_a_filtered_replay_moves_exactly_the_matching_letters_and_the_app_then_p
         assert headers["trace-id"] == b"t-" + (envelope.key or b"")
         assert headers[REPLAY_COUNT] == b"1"
         assert not ERROR_HEADERS & headers.keys()
-    assert not journal.path.exists()  # every letter it confirmed left the queue: nothing to remember
+    remembered = Journal(journal.path)  # every letter it confirmed left the queue: only the replay counts stay
+    assert (remembered.sent, remembered.intended, sum(remembered.replays.values())) == (set(), set(), 5)
     shipped_before = len(broker.produced("shop.shipped"))
     app.run_until_drained(timeout=30, drain_idle_seconds=0.05)
     shipped = [json.loads(v)["order_id"] for v in broker.produced("shop.shipped")[shipped_before:]]
@@ -166,7 +168,7 @@ def test_an_interrupted_replay_run_again_moves_every_letter_once_or_reports_the_
     assert set(replayed) == {b"v0", b"v1", b"v2", b"h0", b"h1", b"h2", b"h3", b"h4"}
     assert sum(replayed.values()) == 8 + duplicates
     assert stages_in(broker) == {"deserialize": 4}
-    assert not path.exists()
+    assert Journal(path).sent == set()
 
 
 def test_rate_bounds_letters_per_second(app: StreamApp, tmp_path: Path) -> None:
@@ -283,3 +285,38 @@ def test_an_app_without_a_dead_letter_queue_is_refused(broker: MemoryBroker) -> 
                     metrics_port=None)
     with pytest.raises(ValueError, match="has no dead_letter_queue"):
         DeadLetterQueue(engine.stream_app(lambda m: True))
+
+
+def test_replay_to_the_dead_letter_queue_itself_is_refused(app: StreamApp, tmp_path: Path) -> None:
+    for to in (DLQ, "shop.orders.dlq"):
+        with pytest.raises(ValueError, match="dead-letter queue itself"):
+            run(replay(DeadLetterQueue(app), Journal(tmp_path / "j"), ReplayOptions(to=to)))
+
+
+def test_two_replays_of_one_queue_cannot_run_at_once(tmp_path: Path) -> None:
+    first, second = Journal(tmp_path / "j.jsonl"), Journal(tmp_path / "j.jsonl")
+    first.lock()
+    with pytest.raises(JournalBusyError, match="another volley dlq replay"):
+        second.lock()
+    first.close()
+    second.lock()
+    second.close()
+
+
+def test_the_journal_counts_replays_of_the_same_content_across_runs(app: StreamApp, broker: MemoryBroker,
+                                                                     tmp_path: Path) -> None:
+    """Where a destination drops headers, the replay counter cannot come back with the letter: the journal's count
+    of the letter's content (key and value) stands in for it. Here the counter is stripped from the letters by
+    hand between rounds, as an RSMQ input with ``headers: drop`` would."""
+    dlq = DeadLetterQueue(app)
+    path = tmp_path / "j.jsonl"
+    options = ReplayOptions(filter=LetterFilter(stages=("handler",)), max_replays=2)
+    for _ in range(2):
+        assert run(replay(dlq, Journal(path), options)).moved == 5
+        for envelope in broker.browse("shop.orders", -1, 1 << 60, 100):
+            (envelope.headers or {}).pop(REPLAY_COUNT, None)  # the stored headers dict: what "drop" leaves
+        app.run_until_drained(timeout=30, drain_idle_seconds=0.05)
+        assert all(REPLAY_COUNT not in (e.headers or {}) for e in broker.browse("shop.orders.dlq", -1, 1 << 60, 100))
+    summary = run(replay(dlq, Journal(path), options))
+    assert (summary.moved, summary.left_by_loop_guard) == (0, 5)
+    assert {s["replays"] for s in summary.looping} == {2}

@@ -108,7 +108,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                             rate=args.rate, dry_run=args.dry_run, batch_size=args.batch_size)
     dlq = DeadLetterQueue(load_app(args.app))
     journal = _journal(args, dlq)
-    progress = Progress(None) if sys.stderr.isatty() and not args.json else None
+    progress = None
+    if sys.stderr.isatty() and not args.json:  # a bar needs a total: count first (reading is cheap next to sending)
+        progress = Progress(asyncio.run(inspect(dlq, LetterFilter(), journal, samples=0)).total)
     try:
         summary = asyncio.run(replay(dlq, journal, options, progress))
     finally:

@@ -9,6 +9,7 @@ message fails again and returns to the dead-letter queue.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,16 @@ class DeadLetter:
         return f"{env.partition}:{env.position}" if env.partition is not None else str(env.position)
 
     @property
+    def digest(self) -> str:
+        """Names the letter's content (key and value), whichever position it has now: the journal counts replays
+        by it."""
+        hasher = hashlib.blake2b(digest_size=16)
+        key = self.envelope.key
+        hasher.update(b"-" if key is None else b"k" + len(key).to_bytes(4, "big") + key)
+        hasher.update(self.envelope.value)
+        return hasher.hexdigest()
+
+    @property
     def key(self) -> bytes | None:
         return self.envelope.key
 
@@ -79,11 +90,12 @@ class DeadLetter:
     def timestamp(self) -> float | None:
         return self.envelope.timestamp
 
-    def replay_headers(self) -> Headers:
-        """The user's headers, without the error headers, with the replay counter raised."""
+    def replay_headers(self, replays: int | None = None) -> Headers:
+        """The user's headers, without the error headers, with the replay counter raised (from ``replays`` when the
+        journal knows of more replays than the header says)."""
         headers = {name: value for name, value in (self.envelope.headers or {}).items()
                    if name not in ERROR_HEADERS and name != REPLAY_COUNT}
-        headers[REPLAY_COUNT] = str(self.replays + 1).encode()
+        headers[REPLAY_COUNT] = str(max(self.replays, replays or 0) + 1).encode()
         return headers
 
     def summary(self, preview: int = 48) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from volley.dlq.progress import Progress
 from volley.dlq.target import DeadLetterQueue
 from volley.errors import DeliveryError
 from volley.message import Envelope, OutgoingMessage
-from volley.ports import DeliveryFailure, Producer, SettlingBrowser
+from volley.ports import DeliveryFailure, Producer, QueueBrowser, SettlingBrowser
 from volley.queues import ResolvedQueue
 
 KILL_AFTER_ENV = "VOLLEY_DLQ_TEST_KILL_AFTER"
@@ -165,41 +165,52 @@ class _Replay:
         if options.rate is not None:  # small batches, about ten a second, so that the rate holds over any second
             self.batch_size = max(1, min(self.batch_size, int(options.rate / 10)))
 
-    async def run(self) -> ReplaySummary:
-        browser = self.dlq.open_browser()
-        settling = browser if isinstance(browser, SettlingBrowser) and not self.options.dry_run else None
-        if not self.options.dry_run and (settling is None or self.journal is None):
+    def _settling(self, browser: QueueBrowser) -> tuple[SettlingBrowser, Journal] | None:
+        """What a real run settles letters with (None on a dry run); refuses what cannot be replayed safely."""
+        self.dlq.check_destination(self.options.to)
+        if self.options.dry_run:
+            return None
+        if not isinstance(browser, SettlingBrowser) or self.journal is None:
             raise DeliveryError(f"the connector of {self.dlq.name!r} cannot take letters out of its queue (no "
                                 "settle()), so a replay could not avoid sending them twice; use --dry-run to see "
                                 "what would be sent")
-        await browser.start()
+        self.journal.lock()
+        return browser, self.journal
+
+    async def run(self) -> ReplaySummary:
+        browser = self.dlq.open_browser()
+        settling = self._settling(browser)
         try:
+            await browser.start()
             while self.remaining is None or self.remaining > 0:
                 asked = self.batch_size if self.remaining is None else min(self.batch_size, self.remaining)
                 batch = await browser.browse(asked)
                 if not batch:
                     break
                 chosen, finished = self.choose(batch)
-                if settling is None or self.journal is None:
+                if settling is None:
                     self.summary.moved += len(chosen)
                     self.summary.by_destination.update(name for _, _, name in chosen)
                 else:
-                    await self.move(settling, self.journal, chosen, finished)
+                    await self.move(*settling, chosen, finished)
                 if self.progress is not None:
                     self.progress.update(self.summary, len(batch))
-            if settling is not None and self.journal is not None and settling.removes_each:
-                self.journal.rewrite(())  # everything it confirmed has left the queue: nothing to remember
+            if settling is not None and settling[0].removes_each:
+                settling[1].rewrite(())  # everything it confirmed has left the queue: only the replay counts stay
         finally:
-            if self.journal is not None:
-                self.journal.close()  # its file handle only: a later write opens it again
-            try:
-                for producer in self.producers.values():
-                    await producer.close()
-            finally:
-                await browser.close()
+            await self._close(browser)
         if self.progress is not None:
             self.progress.done()
         return self.summary
+
+    async def _close(self, browser: QueueBrowser) -> None:
+        if self.journal is not None:
+            self.journal.close()  # its file and its lock
+        try:
+            for producer in self.producers.values():
+                await producer.close()
+        finally:
+            await browser.close()
 
     def choose(self, batch: Sequence[Envelope]) -> tuple[Chosen, list[Envelope]]:
         """The letters to send, and those a killed run already sent (to settle only)."""
@@ -212,10 +223,10 @@ class _Replay:
                 finished.append(envelope)
             elif not options.filter.matches(letter):
                 summary.skipped_by_filter += 1
-            elif letter.replays >= options.max_replays:
+            elif (replays := self.replays_of(letter)) >= options.max_replays:
                 summary.left_by_loop_guard += 1
                 if len(summary.looping) < 20:
-                    summary.looping.append(letter.summary())
+                    summary.looping.append({**letter.summary(), "replays": replays})
             elif (where := self.dlq.destination(letter, options.to)) is None:
                 summary.left_without_source += 1
             elif self.remaining is None or self.remaining > 0:
@@ -223,6 +234,11 @@ class _Replay:
                     self.remaining -= 1
                 chosen.append((letter, *where))
         return chosen, finished
+
+    def replays_of(self, letter: DeadLetter) -> int:
+        """Its replay counter, or the journal's count of its content where a destination dropped the header."""
+        counted = self.journal.replays[letter.digest] if self.journal is not None else 0
+        return max(letter.replays, counted)
 
     async def move(self, browser: SettlingBrowser, journal: Journal, chosen: Chosen,
                    finished: list[Envelope]) -> None:
@@ -253,7 +269,8 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen,
     groups: dict[tuple[int, str], list[OutgoingMessage]] = {}
     for letter, queue, name in chosen:
         groups.setdefault((id(queue), name), []).append(
-            OutgoingMessage(name, letter.envelope.value, letter.key, letter.replay_headers(), token=letter.id))
+            OutgoingMessage(name, letter.envelope.value, letter.key,
+                            letter.replay_headers(journal.replays[letter.digest]), token=letter.id))
         if (id(queue), name) not in producers:
             producer = dlq.make_producer(queue, name)
             await producer.start()
@@ -276,7 +293,7 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen,
                             "queue")
     total = summary.moved + len(chosen)
     hook(total, "confirmed")
-    journal.record_sent(ids)
+    journal.record_sent(ids, [letter.digest for letter, _, _ in chosen])
     hook(total, "journaled")
     summary.moved = total
     summary.by_destination.update(name for _, _, name in chosen)

@@ -4,6 +4,7 @@ queues its letters go back to."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 
 from volley.dlq.letter import DeadLetter
@@ -11,6 +12,8 @@ from volley.engine import StreamApp
 from volley.errors import ConfigurationError
 from volley.ports import BrowsableConnector, DeadLetterObserver, Producer, QueueBrowser, QueueSpec
 from volley.queues import ResolvedQueue
+
+logger = logging.getLogger("volley")
 
 
 class DeadLetterQueue:
@@ -41,6 +44,11 @@ class DeadLetterQueue:
     def open_browser(self) -> QueueBrowser:
         return self._connector.create_browser(self.queue.spec)
 
+    def check_destination(self, to: str | None) -> None:
+        """``--to`` must not name the dead-letter queue itself: letters would go round in place."""
+        if to is not None and to in (self.queue.name, self.queue.value):
+            raise ConfigurationError(f"--to {to!r} is the dead-letter queue itself; name the queue to replay into")
+
     def destination(self, letter: DeadLetter, to: str | None) -> tuple[ResolvedQueue, str] | None:
         """The queue (its configuration) and broker name a letter goes back to; None when the letter does not say
         where it came from and no ``--to`` was given. ``--to`` names a configured queue (its alias), or else a
@@ -64,8 +72,14 @@ class DeadLetterQueue:
 
     def count_replayed(self, source_queue: str, count: int) -> None:
         for observer in self.observers:
-            observer.on_dead_letters_replayed(self.app_name, source_queue, count)
+            try:
+                observer.on_dead_letters_replayed(self.app_name, source_queue, count)
+            except Exception:  # metrics must not stop a replay halfway
+                logger.exception("observer %r failed in on_dead_letters_replayed", observer)
 
     def count_purged(self, source_queue: str, count: int) -> None:
         for observer in self.observers:
-            observer.on_dead_letters_purged(self.app_name, source_queue, count)
+            try:
+                observer.on_dead_letters_purged(self.app_name, source_queue, count)
+            except Exception:
+                logger.exception("observer %r failed in on_dead_letters_purged", observer)
