@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -62,3 +63,16 @@ def test_volley_plugins_lists_every_registration_with_its_distribution() -> None
         assert row in rows, done.stdout
     profiles = [line.split()[0] for line in lines[lines.index("profiles:") + 1:lines.index("observers:")]]
     assert profiles == sorted(profiles), "names are listed in order"
+
+
+def test_volley_plugins_into_a_closed_pipe_ends_quietly() -> None:
+    """``volley plugins | head -3``: the reader going away is not an error worth a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write fails with EPIPE, as once head has what it wanted
+    try:
+        done = subprocess.run([sys.executable, "-m", "volley.cli", "plugins"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 141  # 128 + SIGPIPE, what a shell reports for a command its pipe cut short

@@ -46,6 +46,9 @@ def test_each_distribution_reads_its_version_from_the_version_file(package: Path
     source = data["tool"]["hatch"]["version"]
     assert (package / source["path"]).resolve() == ROOT / "VERSION"
     assert re.search(source["pattern"], f"{VERSION}\n", flags=re.MULTILINE)["version"] == VERSION
+    # uv reuses an editable build until a cache key changes: VERSION must be one, or a bump goes unseen.
+    keys = [key.get("file") for key in data["tool"]["uv"]["cache-keys"]]
+    assert "pyproject.toml" in keys and source["path"] in keys
 
 
 def _suite_requirements(package: Path) -> list[Requirement]:

@@ -68,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+SIGPIPE_EXIT_CODE = 128 + 13  # what a shell reports for a command whose pipe was closed (SIGPIPE is 13)
 
 
 def stop_with_supervisor(supervisor: int) -> None:
@@ -135,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"volley: configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (``volley plugins | head``): nothing left to say. Point stdout at /dev/null so that
+        # the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return SIGPIPE_EXIT_CODE
     except DeliveryError as exc:
         print(f"volley: {exc}", file=sys.stderr)
         return 1
