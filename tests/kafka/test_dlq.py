@@ -5,7 +5,9 @@ the replay group commits, and purge: refused by filter, ``--before`` deletes rec
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from volley import cli
 from volley.dlq import (
     CannotPurgeSingleLettersError,
     DeadLetterQueue,
@@ -24,7 +27,7 @@ from volley.dlq import (
     purge_before,
     replay,
 )
-from volley.testing.deadletters import DLQ, INPUT, OUTPUT, DeadLetterScenarioTests, Fix, browse_queue
+from volley.testing.deadletters import DLQ, INPUT, OUTPUT, SCENARIO_ENV, DeadLetterScenarioTests, Fix, browse_queue
 
 pytestmark = pytest.mark.kafka
 
@@ -74,6 +77,22 @@ class TestKafkaDeadLetters(DeadLetterScenarioTests):
         assert await browse_queue(app, DLQ) == []  # a fresh browser starts at the commit: nothing left
         assert sum((await committed(self.bootstrap, group, dlq.name)).values()) == 12
 
+    async def test_cli_purge_explains_and_before_a_time_deletes(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The command line, in process, on the scenario app named by $VOLLEY_DLQ_SCENARIO."""
+        app = await self.scenario(Fix())
+        monkeypatch.setenv(SCENARIO_ENV, json.dumps(self.queue_config()))
+        target = "volley.testing.deadletters:app"
+        purge_one_stage = ["dlq", "purge", target, "--stage", "deserialize", "--yes"]
+        assert await asyncio.to_thread(cli.main, purge_one_stage) == 2
+        assert "cannot drop single records" in capsys.readouterr().err
+        later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        assert await asyncio.to_thread(cli.main, ["dlq", "purge", target, "--before", later, "--yes"]) == 0
+        assert "deleted 12 letter(s)" in capsys.readouterr().out
+        assert await browse_queue(app, DLQ) == []
+
+
 
 async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     def read() -> dict[int, int]:
@@ -85,3 +104,4 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
             consumer.close()
 
     return await asyncio.to_thread(read)
+
