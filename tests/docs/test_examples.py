@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,21 @@ def test_the_first_app_invoices_two_orders_and_dead_letters_the_third() -> None:
     assert lines[0].startswith("RunReport(consumed=3, acked=2, nacked=0, dead_lettered=1, failed=0, abandoned=0, "
                                "retries=0, produced=3,")
     assert lines[1] == "[b'{\"order_id\":1,\"cents\":250}', b'{\"order_id\":2,\"cents\":99}']"
+
+
+def test_the_testing_page_example_passes_its_own_tests() -> None:
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "testing"],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=EXAMPLES,
+                          env={**os.environ, "PYTHONPATH": str(EXAMPLES / "testing")})
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout
+
+
+def test_the_plugin_page_connector_example_passes_the_contract_suite() -> None:
+    """The tutorial volley-sqlite of docs/plugins.md, imported ahead of the real one (same import name)."""
+    project = EXAMPLES / "volley-sqlite"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"],
+                          capture_output=True, text=True, timeout=300, check=False, cwd=project,
+                          env={**os.environ, "PYTHONPATH": str(project / "src")})
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout
