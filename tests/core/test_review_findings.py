@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
 from volley.message import Envelope, OutgoingMessage
 from volley.plugins import build_registry
 from volley.ports import DeliveryCallback, QueueSpec
+from volley.run import sync_executor
 
 
 @dataclass
@@ -342,3 +344,45 @@ def test_an_ack_cut_off_past_the_deadline_is_not_counted_as_acked() -> None:
     assert time.monotonic() - started < 10
     assert report.acked == 0 and report.abandoned == 3, report
     assert report.settled == report.consumed
+
+
+def test_work_begun_on_the_handler_thread_before_a_revoke_passed_its_deadline_still_settles(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler thread hands finished messages to the loop every few ms; a revoke that ends (past its deadline)
+    while the thread is in a call must drop only the messages the thread has not begun. Messages it finished
+    but had not handed over yet, and the one in the call, were marked dropped too: their outputs went out, their
+    delivery reports were ignored, and the inputs never settled (the run waited for them until its shutdown
+    deadline, and each such revoke kept buffer room taken for good)."""
+    monkeypatch.setattr(sync_executor, "THREAD_REPORT_SECONDS", 60.0)  # nothing handed over before the revoke
+    broker = MemoryBroker()
+    publish(broker, 5)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=5,
+                         shutdown_timeout_seconds=0.3, sync_handler_mode="thread")
+    in_call, revoked = threading.Event(), threading.Event()
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        if item.n == 2:
+            in_call.set()
+            revoked.wait(10)
+        return [("out", item)]
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        deadline = time.monotonic() + 10
+        while not in_call.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert RevocableConsumer.latest is not None
+        await RevocableConsumer.latest.revoke([("in", 0)])  # past its 0.3 s deadline: message 2 is in its call
+        revoked.set()
+        while handler.report is not None and handler.report.settled < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        settled = handler.report.settled if handler.report is not None else -1
+        handler.stop()
+        report = await asyncio.wait_for(task, 10)
+        return settled, report
+
+    settled, report = asyncio.run(main())
+    assert settled == 5, f"inputs left unsettled after the revoke: {report}"
+    assert report.acked == 3 and report.abandoned == 2, report
+    assert outputs(broker) == [0, 1, 2]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -50,6 +51,10 @@ class SyncExecutor:
         self.inline_since = 0.0  # while an inline slice runs: when it began (the watchdog reads it), else 0
         self.thread_call_since = 0.0  # while the thread is inside a handler call: when it began, else 0
         self._thread_batch: Sequence[Envelope] = ()  # what the thread is working through (drop_queued marks it)
+        # Its messages before this index are begun (finished, or in the call): drop_queued leaves them alone. The
+        # thread takes each next message, and drop_queued marks what is left, under this lock.
+        self._thread_begun = 0
+        self._claim = threading.Lock()
         self._last_slow = -1e9
         self.worker = SerialThread(f"volley-{app_name}-handler")
 
@@ -142,7 +147,8 @@ class SyncExecutor:
         revoked = self.revoked
         monotonic, perf = time.monotonic, time.perf_counter
         out = Outcome(self.slots)
-        self._thread_batch = batch
+        with self._claim:
+            self._thread_batch, self._thread_begun = batch, 0
         reported = 0  # messages of the batch already handed to the loop
         posted = monotonic()
         index = 0
@@ -158,7 +164,10 @@ class SyncExecutor:
                 following = Outcome(self.slots)
                 following.slowest, following.slow_calls = out.slowest, out.slow_calls
                 out = following
-            if env.pending == -1 or (revoked and is_revoked(env, revoked)):  # its partition was given up
+            with self._claim:
+                dropped = env.pending == -1 or (revoked and is_revoked(env, revoked))  # its partition was given up
+                self._thread_begun = index + 1
+            if dropped:
                 out.abandoned += 1
                 continue
             called = self.thread_call_since = perf()
@@ -175,15 +184,18 @@ class SyncExecutor:
                 if took > FAST_CALL_SECONDS:
                     out.slow_calls += 1
         out.handled = len(batch) - reported
-        self._thread_batch = ()
+        with self._claim:
+            self._thread_batch = ()
         return out
 
     def drop_queued(self, revoked: set[tuple[str, int]]) -> None:
         """On the loop, when a revoke ends: messages of those partitions that the thread has not begun are
-        dropped (marked; the thread skips and abandons them), as their partitions now belong to another member."""
-        for env in self._thread_batch:
-            if is_revoked(env, revoked):
-                env.pending = -1
+        dropped (marked; the thread skips and abandons them), as their partitions now belong to another member.
+        Those it finished but has not handed over yet, and the one in its call, settle as usual."""
+        with self._claim:
+            for env in self._thread_batch[self._thread_begun:]:
+                if is_revoked(env, revoked):
+                    env.pending = -1
 
     def _batches(self, batch: Sequence[Envelope]) -> Outcome:
         out = Outcome(self.slots, len(batch))
