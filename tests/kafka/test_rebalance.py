@@ -9,6 +9,7 @@ every commit the broker accepted, in order (``ledger``, read from ``__consumer_o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from services.processes import wait_for
 from volley import Engine
+from volley_kafka import consumer as consumer_module
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -202,3 +204,69 @@ def test_a_message_waiting_out_a_redelivery_delay_is_handled_by_the_partitions_n
     missing = sorted(set(range(30)) - {o["id"] for o in outputs(kit, sink)})
     assert not missing, f"inputs skipped: {missing}"
     assert history.backwards() == []
+
+
+@pytest.mark.parametrize("stuck", ["handler thread", "event loop"])
+def test_a_revoke_past_its_deadline_commits_nothing_for_the_partition_afterwards_and_the_worker_drains(
+        kit: Any, ledger: Any, members: Any, gate: threading.Event, group_protocol: str, stuck: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A's handler blocks past the revoke deadline while B joins: on the handler thread the engine's wait for
+    in-flight work times out; blocking the event loop (an async handler calling blocking code) the whole release
+    does, and the fetch thread gives the partitions up by itself. Either way A never commits a partition it gave
+    up (once B committed it to its end, a commit would move it back), and A, unblocked, finishes the partitions
+    it owns (also one assigned back while its loop was blocked: the engine used to drop those messages as
+    revoked), settles every input it consumed, and reports itself drained."""
+    monkeypatch.setattr(consumer_module, "REVOKE_GRACE", 0.5)
+    source, sink, group = kit.topic("late-in", PARTITIONS), kit.topic("late-out", PARTITIONS), kit.unique("late")
+    fast_group(kit, group, group_protocol)
+    history = ledger(group)
+    seed(kit, source, range(40), per_partition=20)
+    blocked = threading.Event()
+
+    def block_once(msg_ctx: Any) -> None:
+        if msg_ctx.position == 3 and not blocked.is_set():
+            blocked.set()
+            gate.wait(90)
+
+    def on_thread(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        block_once(msg_ctx)
+        return output(message, msg_ctx, "a")
+
+    async def on_loop(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        if msg_ctx.position == 3 and not blocked.is_set():
+            blocked.set()
+            # Wait (without blocking) until the engine is releasing the revoked partitions, then block the event
+            # loop on purpose, so that the release cannot end: the fetch thread gives the partitions up by itself.
+            revoking = a.app._run.rebalance.revoked
+            deadline = time.monotonic() + 60
+            while not revoking and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            gate.wait(90)
+        return output(message, msg_ctx, "a")
+
+    a = members(make_app(kit, "late-a", group, source, sink, on_thread if stuck == "handler thread" else on_loop,
+                         protocol=group_protocol, max_in_flight=1,
+                         consumer_config={"volley.revoke.timeout.seconds": 1}), "a")
+    wait_for(blocked.is_set, 30, "A blocked in its handler", alive(a))
+    b = members(make_app(kit, "late-b", group, source, sink, passing("b"), protocol=group_protocol), "b")
+    if stuck == "event loop":
+        # A's fetch thread polls librdkafka only when the loop asks it to, and under the consumer protocol the
+        # group completes a revocation at the member's next poll: unblock A once its fetch thread gave up.
+        wait_for(lambda: any("giving them up uncommitted" in r.getMessage() for r in caplog.records), 30,
+                 "A's fetch thread giving the partitions up", alive(a, b))
+        gate.set()
+    wait_for(lambda: bool(b.assignment()), 30, "B's partitions", alive(a, b))
+    ends = kit.end_offsets(source, PARTITIONS)
+    taken = {p for _, p in b.assignment()}
+    wait_for(lambda: all(history.latest(source).get(p) == ends[p] for p in taken), 30,
+             "B committing its partitions to their end", alive(a, b))
+    gate.set()
+    wait_for(lambda: committed_to_end(kit, group, source), 60, "every input committed", alive(a, b))
+    wait_for(a.is_drained, 30, "A drained", alive(a))
+    wait_for(lambda: a.app.report.settled == a.app.report.consumed, 10, "A settling every input it consumed",
+             alive(a))
+    assert history.backwards() == [], "a partition's commit moved back: sent by A after it gave the partition up"
+    a.stop()
+    b.stop()
+    missing = sorted(set(range(40)) - {o["id"] for o in outputs(kit, sink)})
+    assert not missing, f"inputs lost: {missing}"

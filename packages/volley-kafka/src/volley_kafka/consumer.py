@@ -36,7 +36,9 @@ commit results                          fetch thread        ``on_commit`` callba
 the fatal error (``KafkaErrors``)       either              librdkafka's error callback (fetch thread) or an
                                                             error record (loop) sets it; the loop stops on it
 the revoke handler's work               loop                the revoke callback (fetch thread) runs
-                                                            ``_release`` on the loop and waits for it
+(``_releasing`` while it runs)                              ``_release`` on the loop and waits for it;
+                                                            given up, it is cancelled, and records fetched
+                                                            later wait for it to end
 ``is_drained()``                        caller's thread     asks the loop for the tracker's view, which asks
                                                             the fetch thread for the broker's
 exactly-once transaction calls          txn thread          submitted by the loop (``transactional.py``)
@@ -105,6 +107,7 @@ class KafkaConsumer:
         self._paused_at = 0.0
         self._hard_paused = False  # ... and it lasted long enough to pause the partitions in librdkafka
         self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
+        self._releasing: asyncio.Task[Any] | None = None  # the loop half of a revoke, while it runs
         self._next_commit = 0.0
         self._next_lag = 0.0
         self._closed = False
@@ -183,6 +186,12 @@ class KafkaConsumer:
                                                                            timeout))
         if not messages:
             return []
+        releasing = self._releasing
+        if releasing is not None and not releasing.done():
+            # A revoke the fetch thread gave up waiting for (it cancelled the loop half) is still unwinding: the
+            # engine drops every message of the partitions it releases until it returns, and these may be of a
+            # later assignment of the same partitions. They would never be handled, and hold the commits back.
+            await asyncio.wait({releasing}, timeout=REVOKE_GRACE)
         return self._envelopes(messages, epoch, assigned)
 
     def _envelopes(self, messages: list[Any], epoch: int, assigned: frozenset[TopicPartitionKey]) -> list[Envelope]:
@@ -412,15 +421,20 @@ class KafkaConsumer:
         """
         handler = self._revoke_handler
         deadline = time.monotonic() + self._settings.revoke_timeout
-        if handler is not None:
-            try:
-                await asyncio.wait_for(handler(keys), self._settings.revoke_timeout)
-            except TimeoutError:
-                logger.warning("%s: in-flight work of %s did not finish within %.0f s; committing what did",
-                               self._what, _describe(keys), self._settings.revoke_timeout)
-            except Exception:
-                logger.exception("%s: the engine's revoke handler failed", self._what)
-        await self._before_release(max(0.0, deadline - time.monotonic()))
+        self._releasing = task = asyncio.current_task()
+        try:
+            if handler is not None:
+                try:
+                    await asyncio.wait_for(handler(keys), self._settings.revoke_timeout)
+                except TimeoutError:
+                    logger.warning("%s: in-flight work of %s did not finish within %.0f s; committing what did",
+                                   self._what, _describe(keys), self._settings.revoke_timeout)
+                except Exception:
+                    logger.exception("%s: the engine's revoke handler failed", self._what)
+            await self._before_release(max(0.0, deadline - time.monotonic()))
+        finally:
+            if self._releasing is task:
+                self._releasing = None
         if abandoned.is_set():
             return []
         offsets = [] if lost or self.transactional else self._tracker.final(keys)
