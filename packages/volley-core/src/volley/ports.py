@@ -360,8 +360,9 @@ class MessageTrace(Protocol):
 
     def deactivate(self, activation: object) -> None: ...
 
-    def inject(self, headers: Headers | None) -> Headers:
-        """An output's headers with this trace's context added: a new dict (``headers`` stays unchanged)."""
+    def inject(self, headers: Headers | None) -> Headers | None:
+        """An output's headers with this trace's context added: a new dict (``headers`` stays unchanged); or
+        ``headers`` itself when there is no context to add."""
 
     def retry(self, attempt: int, error: BaseException) -> None:
         """The handler call failed with ``error`` and is retried (``attempt``: 1 for the first retry)."""

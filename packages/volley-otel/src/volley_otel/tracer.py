@@ -210,7 +210,7 @@ class OtelTrace:
                                                              plain=self.plain)
         return headers
 
-    def inject(self, headers: Headers | None) -> Headers:
+    def inject(self, headers: Headers | None) -> Headers | None:
         if not headers:
             return dict(self._headers())
         merged = dict(headers)
@@ -255,8 +255,8 @@ class InertTrace(OtelTrace):
     def deactivate(self, activation: object) -> None:
         pass
 
-    def inject(self, headers: Headers | None) -> Headers:
-        return headers if headers is not None else {}
+    def inject(self, headers: Headers | None) -> Headers | None:
+        return headers
 
     def retry(self, attempt: int, error: BaseException) -> None:
         pass

@@ -15,7 +15,9 @@ from typing import Any
 
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import MessageTrace, RunTracer
-from volley.run.tokens import Group, Outcome, Token, members_of
+from volley.run.tokens import Outcome, Token, members_of
+
+_NOT_GIVEN: Any = object()  # handle()'s ``message`` left out: the envelope is decoded there
 
 
 class Tracing:
@@ -29,36 +31,39 @@ class Tracing:
     # ------------------------------------------------------------------ around handling (per message)
 
     def start(self, token: Token) -> MessageTrace:
-        return self.tracer.start(members_of(token), type(token) is Group)
+        if type(token) is Envelope:
+            return self.tracer.start([token], False)
+        return self.tracer.start(members_of(token), True)
 
     def finish(self, trace: MessageTrace, token: Token, out: Outcome, failures: int, sizes: list[int]) -> None:
         """After handling ``token`` into ``out``: its new outputs carry the trace's context; a failure keeps the
         trace open for settlement; otherwise it ends."""
-        self.live.pop(token, None)
-        inject = trace.inject
-        for slot, size in enumerate(sizes):
-            records = out.outs[slot]
-            for index in range(size, len(records)):
-                record = records[index]
-                record.headers = inject(record.headers)
-        if len(out.failures) > failures:
-            for failed, stage, error in out.failures[failures:]:
-                trace.fail(stage, error)
-                self.failed[failed] = trace
+        del self.live[token]
+        for slot, records in enumerate(out.outs):
+            size = sizes[slot]
+            if len(records) > size:
+                inject = trace.inject
+                for index in range(size, len(records)):
+                    record = records[index]
+                    record.headers = inject(record.headers)
+        if len(out.failures) == failures:
+            trace.end()
             return
-        trace.end()
+        for failed, stage, error in out.failures[failures:]:
+            trace.fail(stage, error)
+            self.failed[failed] = trace
 
     def traced_handle(self, handle: Callable[..., Any]) -> Callable[..., Any]:
         """``Handling.handle`` inside a trace: decode, call (with retries), interpret."""
         start, finish, live = self.start, self.finish, self.live
 
-        def handle_traced(token: Token, out: Outcome, wait: bool = True, *message: Any) -> Any:
+        def handle_traced(token: Token, out: Outcome, wait: bool = True, message: Any = _NOT_GIVEN) -> Any:
             trace = live[token] = start(token)
             failures = len(out.failures)
-            sizes = [len(records) for records in out.outs]
+            sizes = list(map(len, out.outs))
             activation = trace.activate()
             try:
-                moved = handle(token, out, wait, *message)
+                moved = handle(token, out, wait) if message is _NOT_GIVEN else handle(token, out, wait, message)
             except BaseException as exc:
                 live.pop(token, None)
                 trace.fail("handler", exc)
@@ -83,7 +88,7 @@ class Tracing:
             trace: MessageTrace = moved.trace if moved.trace is not None else self.start(env)
             live[env] = trace
             failures = len(out.failures)
-            sizes = [len(records) for records in out.outs]
+            sizes = list(map(len, out.outs))
             activation = trace.activate()
             try:
                 resume(env, out, moved)
@@ -101,7 +106,7 @@ class Tracing:
         async def process_traced(token: Token, message: Any, out: Outcome) -> None:
             trace = live[token] = start(token)
             failures = len(out.failures)
-            sizes = [len(records) for records in out.outs]
+            sizes = list(map(len, out.outs))
             activation = trace.activate()
             try:
                 await process(token, message, out)
