@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections import Counter
@@ -320,3 +321,25 @@ def test_the_journal_counts_replays_of_the_same_content_across_runs(app: StreamA
     summary = run(replay(dlq, Journal(path), options))
     assert (summary.moved, summary.left_by_loop_guard) == (0, 5)
     assert {s["replays"] for s in summary.looping} == {2}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() -> None:
+    from volley.dlq.progress import Progress
+    from volley.dlq.replay import ReplaySummary
+
+    terminal = _Terminal()
+    bar = Progress(40, terminal)
+    bar.update(ReplaySummary(moved=10), 20)
+    bar.done()
+    assert terminal.getvalue().startswith("\r[" + "#" * 15 + "-" * 15 + "] read 20/40, moved 10")
+    assert terminal.getvalue().endswith("\n")
+    plain = io.StringIO()
+    lines = Progress(None, plain, every=0.0)
+    lines.update(ReplaySummary(moved=3), 5)
+    lines.done()
+    assert plain.getvalue().startswith("read 5, moved 3") and "\r" not in plain.getvalue()

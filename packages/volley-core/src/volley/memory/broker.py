@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import itertools
 import math
 import threading
@@ -375,8 +376,7 @@ class MemoryBroker:
             queue = self._queue(queue_name)
             stored = [s for part in queue.partitions for s in part if after < s[5] <= upto]
             stored += [s for owned in queue.owned.values() for s in owned.values() if after < s[5] <= upto]
-        stored.sort(key=lambda s: s[5])
-        return [Envelope(*s) for s in stored[:max_messages]]
+        return [Envelope(*s) for s in heapq.nsmallest(max_messages, stored, key=_position_of)]
 
     def mark(self) -> int:
         """A position no message has: every message stored before has a lower one, every later one a higher."""
@@ -405,6 +405,10 @@ class MemoryBroker:
             for part in queue.partitions:
                 part.clear()
             queue.log.clear()
+
+
+def _position_of(stored: _Stored) -> int:
+    return stored[5]
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
