@@ -190,6 +190,8 @@ def test_limit_and_to(app: StreamApp, broker: MemoryBroker, tmp_path: Path) -> N
 def test_purge_deletes_only_the_matching_letters(app: StreamApp, broker: MemoryBroker) -> None:
     assert run(purge(DeadLetterQueue(app), LetterFilter(stages=("deserialize",)))) == 4
     assert stages_in(broker) == {"validate": 3, "handler": 5}
+    assert run(purge(DeadLetterQueue(app), LetterFilter(stages=("handler",)), limit=2)) == 2
+    assert stages_in(broker) == {"validate": 3, "handler": 3}
 
 
 class Counts:

@@ -14,7 +14,7 @@ from volley.dlq.filters import LetterFilter, parse_time
 from volley.dlq.inspect import inspect
 from volley.dlq.journal import Journal, default_path
 from volley.dlq.progress import Progress
-from volley.dlq.purge import purge, purge_before
+from volley.dlq.purge import purge, purge_before, removing_browser
 from volley.dlq.replay import ReplayOptions, replay
 from volley.dlq.target import DeadLetterQueue
 from volley.errors import ConfigurationError
@@ -140,6 +140,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         dropped = asyncio.run(purge_before(dlq, offset=offset, timestamp=stamp))
         print(f"deleted {sum(dropped.values())} letter(s) of {dlq.name} before {point}")
         return 0
+    removing_browser(dlq)  # a broker that cannot delete single letters says so before anything is read
     counted = asyncio.run(inspect(dlq, letter_filter, samples=0))
     count = counted.matching if args.limit is None else min(counted.matching, args.limit)
     what = f"{count} of {counted.total} letter(s) of {dlq.name} ({letter_filter.describe()})"
@@ -150,7 +151,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print("nothing deleted")
         return 1
     progress = Progress(count) if sys.stderr.isatty() else None
-    purged = asyncio.run(purge(dlq, letter_filter, args.limit, progress))
+    # at most what was confirmed: letters arriving meanwhile are not deleted unseen
+    purged = asyncio.run(purge(dlq, letter_filter, count, progress))
     print(f"deleted {purged} letter(s) of {dlq.name}")
     return 0
 

@@ -12,22 +12,28 @@ from volley.dlq.progress import Progress
 from volley.dlq.target import DeadLetterQueue
 from volley.errors import ConfigurationError
 from volley.message import Envelope
-from volley.ports import PurgeableBefore, SettlingBrowser
+from volley.ports import PurgeableBefore, QueueBrowser, SettlingBrowser
 
 
 class CannotPurgeSingleLettersError(ConfigurationError):
     """The broker keeps records until they expire or everything before them is deleted (Kafka)."""
 
 
-async def purge(dlq: DeadLetterQueue, letter_filter: LetterFilter, limit: int | None = None,
-                progress: Progress | None = None, batch_size: int = 500) -> int:
-    """Delete every matching letter (up to ``limit``); returns how many."""
+def removing_browser(dlq: DeadLetterQueue) -> tuple[QueueBrowser, SettlingBrowser]:
+    """A browser that deletes single letters (as both its ports), or the error that says this broker has none."""
     browser = dlq.open_browser()
     if not isinstance(browser, SettlingBrowser) or not browser.removes_each:
         raise CannotPurgeSingleLettersError(
             f"the broker of {dlq.name!r} cannot drop single records (a Kafka topic keeps them until retention "
             "expires), so a purge by filter is not possible: purge --before OFFSET or --before TIME deletes every "
             "letter before that point, on every partition")
+    return browser, browser
+
+
+async def purge(dlq: DeadLetterQueue, letter_filter: LetterFilter, limit: int | None = None,
+                progress: Progress | None = None, batch_size: int = 500) -> int:
+    """Delete every matching letter (up to ``limit``); returns how many."""
+    browser, settling = removing_browser(dlq)
     purged = 0
     by_source: Counter[str] = Counter()
     await browser.start()
@@ -43,7 +49,7 @@ async def purge(dlq: DeadLetterQueue, letter_filter: LetterFilter, limit: int | 
                     chosen.append(envelope)
                     by_source[letter.source_queue or "(unknown)"] += 1
             if chosen:
-                await browser.settle(chosen)
+                await settling.settle(chosen)
                 purged += len(chosen)
             if progress is not None:
                 progress.update(_Moved(purged), len(batch))
