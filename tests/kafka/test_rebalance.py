@@ -270,3 +270,79 @@ def test_a_revoke_past_its_deadline_commits_nothing_for_the_partition_afterwards
     b.stop()
     missing = sorted(set(range(40)) - {o["id"] for o in outputs(kit, sink)})
     assert not missing, f"inputs lost: {missing}"
+
+
+class Bystander:
+    """A plain group member on a thread, subscribed to a topic of its own in the same group: it makes the group
+    rebalance (new generation, new member epochs) without ever taking a partition of the workers' topic."""
+
+    def __init__(self, kit: Any, group: str, topic: str, config: dict[str, Any]) -> None:
+        from confluent_kafka import Consumer
+
+        self.assigned: list[tuple[str, int]] = []
+        self._leave = threading.Event()
+        self._consumer = Consumer({"bootstrap.servers": kit.bootstrap, "group.id": group,
+                                   "enable.auto.commit": False, **config})
+        self._consumer.subscribe([topic], on_assign=lambda _c, parts: self.assigned.extend(
+            (tp.topic, tp.partition) for tp in parts))
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        try:
+            while not self._leave.is_set():
+                self._consumer.poll(0.1)
+        finally:
+            self._consumer.close()  # leaves the group
+
+    def leave(self) -> None:
+        self._leave.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the bystander did not leave"
+
+
+def test_a_member_joining_and_leaving_during_exactly_once_leaves_the_workers_committing(
+        kit: Any, ledger: Any, members: Any, group_protocol: str) -> None:
+    """Two exactly-once workers share the input; a third member of the same group, on another topic, joins and
+    leaves. The workers keep their partitions, but the group's generation (classic) or their member epochs
+    (consumer protocol) change under them: the offsets sent with each transaction must carry the current ones,
+    or every commit is refused and the batch retried forever. Commits advance while the third member is in the
+    group and after it left, and read_committed readers see each output once."""
+    source, sink, group = kit.topic("eos-in", PARTITIONS), kit.topic("eos-out", PARTITIONS), kit.unique("eos")
+    other = kit.topic("eos-other")
+    fast_group(kit, group, group_protocol)
+    history = ledger(group)
+    # Under the classic protocol only a cooperative assignor leaves the workers' partitions alone when a member
+    # joins; under the consumer protocol the broker's assignor does.
+    extra = {"partition.assignment.strategy": "cooperative-sticky"} if group_protocol == "classic" else {}
+    a, b = (members(make_app(kit, f"eos-{by}", group, source, sink, passing(by), protocol=group_protocol, eos=True,
+                             consumer_config=extra, consume_batch_size=20), by) for by in ("a", "b"))
+    wait_for(lambda: len(a.assignment()) == 1 and len(b.assignment()) == 1, 30, "A and B sharing the input",
+             alive(a, b))
+    owned = (a.assignment(), b.assignment())
+
+    def phase(ids: range, what: str) -> None:
+        seed(kit, source, ids, per_partition=10)
+        ends = kit.end_offsets(source, PARTITIONS)  # past each transaction's commit marker: reached once read
+        wait_for(lambda: all(history.latest(source).get(p, -1) >= ends[p] - 1 for p in range(PARTITIONS))
+                 and committed_to_end(kit, group, source), 60, what, alive(a, b))
+
+    phase(range(100), "the first inputs committed")
+    before = history.count(source)
+    bystander = Bystander(kit, group, other, {"group.protocol": group_protocol, **extra,
+                                              **(CLASSIC_FAST if group_protocol == "classic" else {})})
+    try:
+        wait_for(lambda: bool(bystander.assigned), 30, "the third member's assignment", alive(a, b))
+        phase(range(100, 200), "inputs committed while the third member is in the group")
+    finally:
+        bystander.leave()
+    phase(range(200, 300), "inputs committed after the third member left")
+    assert history.count(source) > before
+    assert (a.assignment(), b.assignment()) == owned, "the third member took nothing of the workers' input"
+    a.stop()
+    b.stop()
+
+    ids = Counter(o["id"] for o in outputs(kit, sink))
+    assert sorted(ids) == list(range(300)), "every input's output is visible to read_committed readers"
+    assert max(ids.values()) == 1, f"duplicates: {[(i, n) for i, n in ids.items() if n > 1][:10]}"
+    assert history.backwards() == []
