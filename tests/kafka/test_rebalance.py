@@ -131,7 +131,7 @@ def test_a_hard_pause_held_across_rebalances_ends_and_every_partition_flows_agai
     # One input buffered at most: the blocked one keeps the buffer full through every rebalance (a revoke
     # abandons queued inputs, not one in flight), so the pause holds until the gate opens.
     a = members(make_app(kit, "held-a", group, source, sink, slow, protocol=group_protocol, max_in_flight=1,
-                         max_buffered=1, consume_batch_size=1,
+                         max_buffered=1, consume_batch_size=1, sync_handler_mode="thread",
                          consumer_config={"volley.revoke.timeout.seconds": 1}), "a")
     wait_for(blocked.is_set, 30, "A's first input", alive(a))
     wait_for(lambda: a.consumer._hard_paused, 10, "A's hard pause", alive(a))
@@ -245,7 +245,7 @@ def test_a_revoke_past_its_deadline_commits_nothing_for_the_partition_afterwards
         return output(message, msg_ctx, "a")
 
     a = members(make_app(kit, "late-a", group, source, sink, on_thread if stuck == "handler thread" else on_loop,
-                         protocol=group_protocol, max_in_flight=1,
+                         protocol=group_protocol, max_in_flight=1, sync_handler_mode="thread",
                          consumer_config={"volley.revoke.timeout.seconds": 1}), "a")
     wait_for(blocked.is_set, 30, "A blocked in its handler", alive(a))
     b = members(make_app(kit, "late-b", group, source, sink, passing("b"), protocol=group_protocol), "b")
@@ -345,4 +345,47 @@ def test_a_member_joining_and_leaving_during_exactly_once_leaves_the_workers_com
     ids = Counter(o["id"] for o in outputs(kit, sink))
     assert sorted(ids) == list(range(300)), "every input's output is visible to read_committed readers"
     assert max(ids.values()) == 1, f"duplicates: {[(i, n) for i, n in ids.items() if n > 1][:10]}"
+    assert history.backwards() == []
+
+
+def test_a_zombie_with_the_same_transactional_id_is_fenced_and_stops_and_the_new_worker_finishes_exactly_once(
+        kit: Any, ledger: Any, members: Any, gate: threading.Event, group_protocol: str) -> None:
+    """Worker Z hangs in the middle of a transaction; its replacement W starts with the same
+    ``volley.transactional.id`` (a restarted pod with a stable id) and joins the group. W's start fences Z: Z's
+    open transaction is aborted by the broker, and when Z's handler returns, its producer is refused. Z stops
+    with an error that says it was fenced (kafka.md: a fatal producer error stops the app); W takes every
+    partition and finishes; read_committed readers see each input's output once."""
+    source, sink, group = kit.topic("zombie-in", PARTITIONS), kit.topic("zombie-out", PARTITIONS), kit.unique("zz")
+    fast_group(kit, group, group_protocol)
+    history = ledger(group)
+    config = {"volley.transactional.id": kit.unique("zombie-txn"), "volley.revoke.timeout.seconds": 2}
+    blocked = threading.Event()
+
+    def hangs(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        if message["id"] >= 20 and not blocked.is_set():
+            blocked.set()
+            gate.wait(90)
+        return output(message, msg_ctx, "z")
+
+    z = members(make_app(kit, "zombie-z", group, source, sink, hangs, protocol=group_protocol, eos=True,
+                         consumer_config=config, consume_batch_size=5, sync_handler_mode="thread"), "z")
+    seed(kit, source, range(20), per_partition=10)
+    wait_for(lambda: committed_to_end(kit, group, source), 30, "Z committing the first inputs", alive(z))
+    seed(kit, source, range(20, 40), per_partition=10)
+    wait_for(blocked.is_set, 30, "Z hanging in a transaction", alive(z))
+    w = members(make_app(kit, "zombie-w", group, source, sink, passing("w"), protocol=group_protocol, eos=True,
+                         consumer_config=config, consume_batch_size=5), "w")
+    wait_for(lambda: bool(w.assignment()), 60, "W's partitions", alive(w))
+    gate.set()
+    error = z.ended(60)
+    assert error is not None, "the fenced worker went on"
+    assert "fenced" in str(error).lower(), f"the fenced worker stopped without saying why: {error!r}"
+    wait_for(lambda: w.assignment() == all_partitions(source), 30, "W owning every partition", alive(w))
+    wait_for(lambda: committed_to_end(kit, group, source), 60, "every input committed", alive(w))
+    w.stop()
+
+    ids = Counter(o["id"] for o in outputs(kit, sink))
+    assert sorted(ids) == list(range(40)), "every input's output is visible to read_committed readers"
+    assert max(ids.values()) == 1, f"duplicates: {[(i, n) for i, n in ids.items() if n > 1][:10]}"
+    assert {o["by"] for o in outputs(kit, sink) if o["id"] >= 20} <= {"w", "z"}
     assert history.backwards() == []
