@@ -389,3 +389,49 @@ def test_a_zombie_with_the_same_transactional_id_is_fenced_and_stops_and_the_new
     assert max(ids.values()) == 1, f"duplicates: {[(i, n) for i, n in ids.items() if n > 1][:10]}"
     assert {o["by"] for o in outputs(kit, sink) if o["id"] >= 20} <= {"w", "z"}
     assert history.backwards() == []
+
+
+def test_a_member_stalled_past_max_poll_interval_loses_its_partitions_and_nothing_is_lost(
+        kit: Any, ledger: Any, members: Any, gate: threading.Event, group_protocol: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A's handler blocks its event loop (blocking code in an async handler) longer than ``max.poll.interval.ms``:
+    librdkafka takes A out of the group and B gets A's partition. Unblocked, A learns that its partition was lost,
+    commits nothing for it (B is further on: a commit would move it back), rejoins, and works on. Every input is
+    handled; duplicates only from A's uncommitted work."""
+    source, sink, group = kit.topic("lost-in", PARTITIONS), kit.topic("lost-out", PARTITIONS), kit.unique("lost")
+    fast_group(kit, group, group_protocol)
+    history = ledger(group)
+    blocked = threading.Event()
+
+    async def stalls(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        if msg_ctx.position == 5 and not blocked.is_set():
+            blocked.set()
+            gate.wait(90)  # blocks the event loop on purpose: no fetch, no poll
+        return output(message, msg_ctx, "a")
+
+    a = members(make_app(kit, "lost-a", group, source, sink, stalls, protocol=group_protocol,
+                         consumer_config={"max.poll.interval.ms": 6000}), "a")
+    wait_for(lambda: a.assignment() == all_partitions(source), 30, "A's partitions", alive(a))
+    b = members(make_app(kit, "lost-b", group, source, sink, passing("b"), protocol=group_protocol), "b")
+    wait_for(lambda: len(a.assignment()) == 1 and len(b.assignment()) == 1, 30, "A and B sharing the input",
+             alive(a, b))
+    (_, mine), = a.assignment()
+    seed(kit, source, range(40), per_partition=20)
+    wait_for(blocked.is_set, 30, "A stalled", alive(a, b))
+    ends = kit.end_offsets(source, PARTITIONS)
+    wait_for(lambda: history.latest(source).get(mine) == ends[mine], 60,
+             "B taking A's partition over and committing it to its end", alive(a, b))
+    gate.set()
+    wait_for(lambda: any(" lost" in r.getMessage() and r.threadName != "member-b" for r in caplog.records), 30,
+             "A learning that its partition was lost", alive(a, b))
+    wait_for(lambda: len(a.assignment()) == 1 and len(b.assignment()) == 1, 60, "A back in the group",
+             alive(a, b))
+    seed(kit, source, range(40, 80), per_partition=20)
+    wait_for(lambda: committed_to_end(kit, group, source), 60, "every input committed", alive(a, b))
+    assert history.backwards() == [], "a commit moved a partition back: sent by A for its lost partition"
+    a.stop()
+    b.stop()
+    copies = outputs(kit, sink)
+    missing = sorted(set(range(80)) - {o["id"] for o in copies})
+    assert not missing, f"inputs lost: {missing}"
+    assert {o["by"] for o in copies if o["id"] >= 40} == {"a", "b"}, "both members work after A rejoined"
