@@ -349,11 +349,13 @@ def test_a_member_joining_and_leaving_during_exactly_once_leaves_the_workers_com
 
 
 def test_a_zombie_with_the_same_transactional_id_is_fenced_and_stops_and_the_new_worker_finishes_exactly_once(
-        kit: Any, ledger: Any, members: Any, gate: threading.Event, group_protocol: str) -> None:
+        kit: Any, ledger: Any, members: Any, gate: threading.Event, group_protocol: str,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Worker Z hangs in the middle of a transaction; its replacement W starts with the same
     ``volley.transactional.id`` (a restarted pod with a stable id) and joins the group. W's start fences Z: Z's
     open transaction is aborted by the broker, and when Z's handler returns, its producer is refused. Z stops
-    with an error that says it was fenced (kafka.md: a fatal producer error stops the app); W takes every
+    with an error that says it was fenced (kafka.md: a fatal producer error stops the app), and logs it without
+    tracebacks or failures to close its producer; W takes every
     partition and finishes; read_committed readers see each input's output once."""
     source, sink, group = kit.topic("zombie-in", PARTITIONS), kit.topic("zombie-out", PARTITIONS), kit.unique("zz")
     fast_group(kit, group, group_protocol)
@@ -380,6 +382,9 @@ def test_a_zombie_with_the_same_transactional_id_is_fenced_and_stops_and_the_new
     error = z.ended(60)
     assert error is not None, "the fenced worker went on"
     assert "fenced" in str(error).lower(), f"the fenced worker stopped without saying why: {error!r}"
+    unclear = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.name.startswith("volley")
+               and (r.exc_info is not None or ("closing" in r.getMessage() and "failed" in r.getMessage()))]
+    assert not unclear, f"the fenced worker's stop is logged with tracebacks or failures to close: {unclear}"
     wait_for(lambda: w.assignment() == all_partitions(source), 30, "W owning every partition", alive(w))
     wait_for(lambda: committed_to_end(kit, group, source), 60, "every input committed", alive(w))
     w.stop()

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -174,7 +175,14 @@ class ProducerClient:
         close = getattr(self.producer, "close", None)  # confluent-kafka >= 2.13: release threads and sockets now
         if close is not None:
             try:
-                close()
+                if self.fatal is None:
+                    close()
+                else:  # past a fatal error (fenced), close warns that its abort failed: known and logged already
+                    with warnings.catch_warnings(record=True) as warned:
+                        warnings.simplefilter("always")
+                        close()
+                    for warning in warned:
+                        logger.debug("%s: close: %s", self.name, warning.message)
             except (KafkaException, RuntimeError) as exc:
                 logger.debug("%s: close: %s", self.name, exc)
         return True
@@ -334,6 +342,17 @@ class ProducerClient:
                 if self._wake.is_set():
                     self._wake.clear()
                     self.dispatch()
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and error.fatal():
+                    # librdkafka raises its fatal error (a fenced transactional producer) from poll as well as
+                    # reporting it: one clear line, and the reports still flow (as failures).
+                    if self.fatal is None:
+                        self._on_error(error)
+                    self.dispatch()
+                else:
+                    logger.exception("%s: polling for delivery reports failed", self.name)
+                time.sleep(POLL_SLICE)
             except Exception:
                 logger.exception("%s: polling for delivery reports failed", self.name)
                 time.sleep(POLL_SLICE)
