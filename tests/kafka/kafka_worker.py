@@ -4,12 +4,14 @@
 
 ``INSTANCE_ID`` is a static group membership id ("-" for none): a worker restarted after kill -9 with the
 same id takes its partitions back at once instead of waiting for the dead member's session to time out.
+``VOLLEY_TEST_CONSUMER_CONFIG`` (JSON) adds consumer settings.
 Runs until killed (SIGTERM: graceful shutdown; SIGKILL: the crash under test). ``HANDLER_SECONDS`` slows
 the handler so that kills and rebalances land mid-stream. Outputs carry the input's id and the worker's pid.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -27,6 +29,8 @@ def main(argv: list[str]) -> None:
     consumer_config: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": group,
                                        "volley.commit.interval.seconds": 0.2, "max.partition.fetch.bytes": 8192,
                                        "queued.max.messages.kbytes": 256, "group.protocol": protocol}
+    # More librdkafka settings for the consumer, as JSON (e.g. a short session for a test that freezes the worker).
+    consumer_config.update(json.loads(os.environ.get("VOLLEY_TEST_CONSUMER_CONFIG", "{}")))
     if instance != "-":
         consumer_config["group.instance.id"] = instance
         if protocol == "classic":  # under the consumer protocol the session timeout is the broker's

@@ -12,16 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
-from services.processes import wait_for
+from services.processes import WorkerProcess, wait_for
 from volley import Engine
 from volley_kafka import consumer as consumer_module
 
@@ -442,3 +446,59 @@ def test_a_member_stalled_past_max_poll_interval_loses_its_partitions_and_nothin
     missing = sorted(set(range(80)) - {o["id"] for o in copies})
     assert not missing, f"inputs lost: {missing}"
     assert {o["by"] for o in copies if o["id"] >= 40} == {"a", "b"}, "both members work after A rejoined"
+
+
+WORKER = Path(__file__).with_name("kafka_worker.py")
+
+
+def test_a_member_frozen_past_its_session_loses_its_partition_and_commits_nothing_for_it_on_waking(
+        kit: Any, ledger: Any, members: Any, worker_processes: list[WorkerProcess], tmp_path: Path,
+        group_protocol: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker A, a process of its own, is frozen (SIGSTOP: a long GC pause, a suspended VM) past its session:
+    the group gives its partition to B. Woken up, A learns that the partition was lost, commits nothing for it
+    (B is further on: a commit would move it back), rejoins, and works on. Nothing is lost."""
+    source, sink, group = kit.topic("frozen-in", PARTITIONS), kit.topic("frozen-out", PARTITIONS), kit.unique("fz")
+    fast_group(kit, group, group_protocol)
+    history = ledger(group)
+    per_partition = 3000  # A (5 ms an input) is frozen long before it could finish its partition
+    seed(kit, source, range(PARTITIONS * per_partition), per_partition=per_partition)
+    if group_protocol == "classic":  # the session (and so the freeze) is the member's own
+        monkeypatch.setenv("VOLLEY_TEST_CONSUMER_CONFIG", json.dumps(
+            {**CLASSIC_FAST, "max.poll.interval.ms": 6000}))
+    a = WorkerProcess([sys.executable, str(WORKER), kit.bootstrap, source, sink, group, "-", "0.005", group_protocol],
+                      tmp_path / "a.log")
+    worker_processes.append(a)
+    a.start()
+
+    def a_log() -> str:
+        return a.log.read_text(errors="replace")
+
+    wait_for(lambda: "handled its first message" in a_log(), 60, "A's first input", a.ensure_alive)
+    b = members(make_app(kit, "frozen-b", group, source, sink, passing("b"), protocol=group_protocol), "b")
+    wait_for(lambda: len(b.assignment()) == 1, 60, "A and B sharing the input",
+             lambda: (a.ensure_alive(), b.ensure_running()))
+    (_, theirs), = b.assignment()
+    mine = 1 - theirs
+    wait_for(lambda: history.latest(source).get(mine, 0) >= 100, 30, "A committing its first inputs",
+             lambda: (a.ensure_alive(), b.ensure_running()))
+    assert a.process is not None
+    os.kill(a.process.pid, signal.SIGSTOP)
+    try:
+        frozen_at = history.latest(source)[mine]
+        assert frozen_at < per_partition, "A finished its partition before it was frozen"
+        wait_for(lambda: history.latest(source).get(mine) == per_partition, 60,
+                 "B taking A's partition over and committing it to its end", b.ensure_running)
+    finally:
+        os.kill(a.process.pid, signal.SIGCONT)
+    wait_for(lambda: a_log().rstrip().endswith(" lost") or " lost\n" in a_log(), 60,
+             "A learning that its partition was lost", a.ensure_alive)
+    wait_for(lambda: len(b.assignment()) == 1, 60, "A back in the group", lambda: (a.ensure_alive(),
+                                                                                   b.ensure_running()))
+    seed(kit, source, range(PARTITIONS * per_partition, PARTITIONS * per_partition + 100), per_partition=50)
+    wait_for(lambda: committed_to_end(kit, group, source), 60, "every input committed",
+             lambda: (a.ensure_alive(), b.ensure_running()))
+    assert history.backwards() == [], "a commit moved a partition back: sent by A for its lost partition"
+    assert a.terminate() == 0, a.tail()
+    b.stop()
+    missing = sorted(set(range(PARTITIONS * per_partition + 100)) - {o["id"] for o in outputs(kit, sink)})
+    assert not missing, f"{len(missing)} inputs lost, first {missing[:10]}"
