@@ -91,14 +91,21 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "--strict", "tests/typing", env={"MYPYPATH": os.pathsep.join(_sources())})
 
 
+OPT_IN_BENCHMARKS = {"peers"}  # minutes long, and they install third-party frameworks: run when named
+
+
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Benchmarks: each benchmarks/bench_*.py prints `name: value` lines."""
+    """Benchmarks: each benchmarks/bench_*.py prints `name: value` lines.
+
+    `-- AREA...` runs only those; the opt-in areas (peers: Volley against Quix Streams, FastStream and
+    faust-streaming, each installed in a venv of its own) run only when named: `python3 dev.py bench peers`.
+    """
     session.install(*_editables(), "orjson", "pydantic>=2")
     only = session.posargs
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         area = script.stem.removeprefix("bench_")
-        if only and area not in only:
+        if (only and area not in only) or (not only and area in OPT_IN_BENCHMARKS):
             continue
         session.run("python", str(script), env={"PYTHONPATH": str(ROOT / "tools")})
 

@@ -132,15 +132,19 @@ class Cluster:
             raise SystemExit(f"seeding {topic} did not finish")
 
     def count(self, topic: str) -> int:
-        """Records in the topic (the sum of its partitions' end offsets), asking again on transient errors."""
+        """Records in the topic (the sum of its partitions' end offsets)."""
+        return sum(self.end_offsets(topic))
+
+    def end_offsets(self, topic: str) -> list[int]:
+        """Each partition's end offset, asking again on transient errors."""
         from confluent_kafka import Consumer, KafkaException, TopicPartition
 
         if self._counter is None:
             self._counter = Consumer({"bootstrap.servers": self.brokers, "group.id": "bench-counter"})
         for attempt in range(50):
             try:
-                return sum(self._counter.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                           for p in range(PARTITIONS))
+                return [self._counter.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                        for p in range(PARTITIONS)]
             except KafkaException:  # a new topic's leader not known yet, and the like
                 if attempt == 49:
                     raise
