@@ -102,3 +102,12 @@ if TYPE_CHECKING:
                DeadLetterObserver]:
         return ([memory, kafka, rsmq, sqlite], [memory_browser, kafka_browser, rsmq_browser, sqlite_browser],
                 [memory_browser, kafka_browser, rsmq_browser, sqlite_browser], kafka_browser, prometheus)
+
+    from volley.ports import CheckedConnector, DeclaresDeliveryTerms
+    from volley_kafka.share_connector import ShareConnector
+    from volley_kafka.share_consumer import ShareKafkaConsumer
+
+    def kafka_share_ports(
+        connector: ShareConnector, consumer: ShareKafkaConsumer
+    ) -> tuple[Connector, CheckedConnector, DeclaresDeliveryTerms, Consumer]:
+        return connector, connector, connector, consumer

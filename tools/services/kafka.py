@@ -551,6 +551,17 @@ class KafkaBroker:
             "transaction.state.log.num.partitions": "1",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
+            # Share groups (KIP-932): a killed member's records come back when their lock expires, 30 s by default;
+            # 5 s keeps the crash tests short, and a minimum of 1 s lets a test give its group a lock shorter than
+            # its handler. Membership moves with heartbeats as in the consumer protocol above. The delivery count
+            # limit is the broker's default, stated: Volley's DLQ test relies on it (volley.share.delivery.limit).
+            "group.share.record.lock.duration.ms": "5000",
+            "group.share.min.record.lock.duration.ms": "1000",
+            "group.share.min.heartbeat.interval.ms": "250",
+            "group.share.heartbeat.interval.ms": "500",
+            "group.share.min.session.timeout.ms": "6000",
+            "group.share.session.timeout.ms": "10000",
+            "group.share.delivery.count.limit": "5",
             "num.network.threads": "2",
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",

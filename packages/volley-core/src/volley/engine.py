@@ -110,6 +110,7 @@ class Engine:
                 "stops the app" if on_failure == "stop" else "is logged and given back to the broker",
             )
         self.queues: dict[str, ResolvedQueue] = self._resolve_queues()
+        self._bound_deliveries()
         # Fail now, not at start, on connector settings that cannot work.
         self._check_connectors()
         self.observer = self._build_observer(observers, metrics_settings)
@@ -125,6 +126,16 @@ class Engine:
             if name not in queues:
                 queues[name] = resolve_queue(self.registry, name, self.queue_config[name], self.app_name, role)
         return queues
+
+    def _bound_deliveries(self) -> None:
+        """A broker that gives up on a record after N deliveries (a share group archives it, which drops it)
+        would never show the engine delivery N + 1: the record goes to the DLQ on delivery N at the latest."""
+        limit = self.input.delivery_limit
+        if limit is not None and self.max_deliveries >= limit:
+            logger.info("%s: the input %r is redelivered at most %d times by its broker; a record still failing "
+                        "goes to the dead-letter queue on its delivery %d (max_deliveries=%d is above it)",
+                        self.app_name, self.input_queue, limit, limit, self.max_deliveries)
+            self.max_deliveries = max(1, limit - 1)
 
     def _build_observer(self, observers: Sequence[Observer] | None,
                         metrics_settings: Mapping[str, Any] | None) -> MultiObserver:

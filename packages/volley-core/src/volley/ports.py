@@ -462,3 +462,33 @@ class DeadLetterObserver(Protocol):
     def on_dead_letters_replayed(self, app_name: str, source_queue: str, count: int) -> None: ...
 
     def on_dead_letters_purged(self, app_name: str, source_queue: str, count: int) -> None: ...
+
+
+# ================================================================== delivery terms (share groups)
+# What a connector's consumers promise about delivery where it is less than a partitioned log's. The engine
+# reads it once, when it resolves the input queue, so that a setting the connector cannot honour fails at
+# Engine construction instead of silently meaning less.
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryTerms:
+    """The delivery promises of one input queue's consumers.
+
+    ``ordered``: records of one partition (or key) reach the consumer in order, so ``ordering: partition`` /
+    ``key`` can be honoured; False (Kafka share groups): any member may get any record at any time, and only
+    ``ordering: none`` is accepted. ``exactly_once``: the consumer can commit its inputs with its outputs
+    (``Transactional``). ``delivery_limit``: the broker gives up on a record after this many deliveries
+    (Kafka share groups archive it, which drops it), so the engine dead-letters a record at its last delivery
+    at the latest, whatever ``max_deliveries`` says; None: no such limit.
+    """
+
+    ordered: bool = True
+    exactly_once: bool = False
+    delivery_limit: int | None = None
+
+
+@runtime_checkable
+class DeclaresDeliveryTerms(Protocol):
+    """A connector whose consumers promise less than order within a partition (Kafka share groups)."""
+
+    def delivery_terms(self, queue: QueueSpec) -> DeliveryTerms: ...

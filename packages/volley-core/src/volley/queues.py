@@ -19,7 +19,9 @@ from volley.plugins import Registry
 from volley.ports import (
     Connector,
     Consumer,
+    DeclaresDeliveryTerms,
     DeconstructBinder,
+    DeliveryTerms,
     FastEncodeBinder,
     ModelHandler,
     OutputChecker,
@@ -60,6 +62,8 @@ class ResolvedQueue:
     # The handler's unchecked validation (or ``validate``): when it raises, ``validate`` explains the failure.
     fast_validate: Callable[[Any], Any]
     encode: Encoder
+    # The broker gives up on a record after this many deliveries (DeliveryTerms.delivery_limit), if it does.
+    delivery_limit: int | None = None
 
     def describe_model(self) -> str:
         model = self.data_model
@@ -214,13 +218,13 @@ def resolve_queue(
     batch_size = merged.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigurationError(f"batch_size of queue {name!r} must be a positive integer, got {batch_size!r}")
-    ordering = str(merged.get("ordering") or "partition")
-    if ordering not in ORDERINGS:
-        raise ConfigurationError(f"ordering of queue {name!r} must be one of {ORDERINGS}, got {ordering!r}")
     value = resolve_env(str(merged["value"]))
     spec = QueueSpec(
         name=name, value=value, connector=str(connector_name or "custom"), config=config, app_name=app_name, role=role
     )
+    terms = (connector.delivery_terms(spec) if role == "input" and isinstance(connector, DeclaresDeliveryTerms)
+             else None)
+    ordering = _ordering(name, merged.get("ordering"), terms)
     return ResolvedQueue(
         name=name,
         value=value,
@@ -242,7 +246,25 @@ def resolve_queue(
         validate=(validate := _bind_validate(handler, data_model)),
         fast_validate=_bind_unchecked(handler, data_model, validate),
         encode=_bind_encode(name, serializer, handler, data_model),
+        delivery_limit=terms.delivery_limit if terms is not None else None,
     )
+
+
+def _ordering(name: str, wanted: Any, terms: DeliveryTerms | None) -> str:
+    """The queue's ordering: as configured, else "partition"; "none" for a connector that promises no order,
+    which refuses any other (a share group hands any record to any member)."""
+    unordered = terms is not None and not terms.ordered
+    ordering = str(wanted or ("none" if unordered else "partition"))
+    if ordering not in ORDERINGS:
+        raise ConfigurationError(f"ordering of queue {name!r} must be one of {ORDERINGS}, got {ordering!r}")
+    if unordered and ordering != "none":
+        raise ConfigurationError(
+            f"queue {name!r}: ordering {ordering!r} cannot be honoured: its connector delivers records in no "
+            "order (a Kafka share group hands any record to any member, and redelivers released ones later). "
+            "Remove 'ordering' (or set it to 'none'), or consume through a consumer group (the confluent* "
+            "profiles) to keep the order of each partition or key"
+        )
+    return ordering
 
 
 def _merge_profile(registry: Registry, settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

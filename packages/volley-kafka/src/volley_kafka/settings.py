@@ -100,16 +100,18 @@ class ProducerSettings:
         return tuple(sorted((str(k), repr(v)) for k, v in self.librdkafka.items()))
 
 
-def _split(config: Mapping[str, Any], queue: QueueSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Separate Volley's own settings from the librdkafka ones; reject unknown ``volley.*`` keys."""
-    volley: dict[str, Any] = dict(VOLLEY_KEYS)
+def split_config(config: Mapping[str, Any], queue: QueueSpec,
+                 known: Mapping[str, Any] = VOLLEY_KEYS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate Volley's own settings (``known``, with their defaults) from the librdkafka ones; reject unknown
+    ``volley.*`` keys."""
+    volley: dict[str, Any] = dict(known)
     rdkafka: dict[str, Any] = {}
     for raw_key, value in config.items():
         key = str(raw_key)
         if key.startswith(VOLLEY_PREFIX):
-            if key not in VOLLEY_KEYS:
+            if key not in known:
                 raise ConfigurationError(
-                    f"queue {queue.name!r}: unknown Volley Kafka setting {key!r}; known: {sorted(VOLLEY_KEYS)}"
+                    f"queue {queue.name!r}: unknown Volley Kafka setting {key!r}; known: {sorted(known)}"
                 )
             volley[key] = value
         elif key in PYVOLLEY_KEYS:
@@ -120,7 +122,7 @@ def _split(config: Mapping[str, Any], queue: QueueSpec) -> tuple[dict[str, Any],
     return volley, rdkafka
 
 
-def _brokers(config: dict[str, Any], role_variable: str, queue: QueueSpec) -> None:
+def resolve_brokers(config: dict[str, Any], role_variable: str, queue: QueueSpec) -> None:
     if config.get("bootstrap.servers"):
         return
     servers = os.environ.get(role_variable) or os.environ.get("KAFKA_BROKERS")
@@ -132,7 +134,7 @@ def _brokers(config: dict[str, Any], role_variable: str, queue: QueueSpec) -> No
     config["bootstrap.servers"] = servers
 
 
-def _credentials(config: dict[str, Any]) -> None:
+def apply_credentials(config: dict[str, Any]) -> None:
     """KAFKA_KEY / KAFKA_SECRET mean SASL_SSL with PLAIN, as in py-volley; explicit settings win."""
     if "sasl.username" in config or "sasl.password" in config:
         return
@@ -144,7 +146,7 @@ def _credentials(config: dict[str, Any]) -> None:
         config.setdefault("sasl.mechanism", "PLAIN")
 
 
-def _number(volley: Mapping[str, Any], key: str, queue: QueueSpec, *, allow_zero: bool = True) -> float:
+def seconds_setting(volley: Mapping[str, Any], key: str, queue: QueueSpec, *, allow_zero: bool = True) -> float:
     value = volley[key]
     try:
         number = float(value)
@@ -156,7 +158,7 @@ def _number(volley: Mapping[str, Any], key: str, queue: QueueSpec, *, allow_zero
     return number
 
 
-def _flag(value: Any) -> bool:
+def is_true(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
@@ -168,12 +170,12 @@ def brokers_of(config: Mapping[str, Any]) -> frozenset[str]:
 
 
 def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
-    volley, config = _split(queue.config, queue)
+    volley, config = split_config(queue.config, queue)
     topics = tuple(t.strip() for t in queue.value.split(",") if t.strip())
     if not topics:
         raise ConfigurationError(f"queue {queue.name!r}: its value must name a topic (or a comma-separated list)")
-    _brokers(config, "KAFKA_CONSUMER_BROKERS", queue)
-    _credentials(config)
+    resolve_brokers(config, "KAFKA_CONSUMER_BROKERS", queue)
+    apply_credentials(config)
     group_id = config.get("group.id") or os.environ.get("KAFKA_CONSUMER_GROUP")
     if not group_id:
         raise ConfigurationError(
@@ -182,21 +184,21 @@ def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
         )
     config["group.id"] = str(group_id)
 
-    commit_interval = _number(volley, COMMIT_INTERVAL, queue)
+    commit_interval = seconds_setting(volley, COMMIT_INTERVAL, queue)
     if COMMIT_INTERVAL not in queue.config and "auto.commit.interval.ms" in config:
         # py-volley committed on librdkafka's timer; honour the interval its users configured.
         commit_interval = float(config["auto.commit.interval.ms"]) / 1000.0
-    if _flag(config.get("enable.auto.commit", False)):
+    if is_true(config.get("enable.auto.commit", False)):
         logger.warning(
             "queue %r: enable.auto.commit=true is overridden to false: librdkafka would commit offsets of messages "
             "that are consumed but not yet processed, so a crash would lose them. Volley commits the highest offset "
             "below which every message is finished, every %s s (tune with %s).",
             queue.name, commit_interval, COMMIT_INTERVAL,
         )
-    if _flag(config.get("enable.auto.offset.store", False)):
+    if is_true(config.get("enable.auto.offset.store", False)):
         logger.warning("queue %r: enable.auto.offset.store=true is overridden to false (Volley tracks offsets itself)",
                        queue.name)
-    exactly_once = _flag(volley[EXACTLY_ONCE])
+    exactly_once = is_true(volley[EXACTLY_ONCE])
     producer_side = {k: v for k, v in config.items() if k not in CONSUMER_ONLY}
     consumer_side = {k: v for k, v in config.items() if k not in PRODUCER_ONLY}
     consumer_side["enable.auto.commit"] = False
@@ -231,8 +233,8 @@ def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
         group_id=str(group_id),
         librdkafka=consumer_side,
         commit_interval=commit_interval,
-        revoke_timeout=_number(volley, REVOKE_TIMEOUT, queue, allow_zero=False),
-        startup_timeout=_number(volley, STARTUP_TIMEOUT, queue),
+        revoke_timeout=seconds_setting(volley, REVOKE_TIMEOUT, queue, allow_zero=False),
+        startup_timeout=seconds_setting(volley, STARTUP_TIMEOUT, queue),
         exactly_once=exactly_once,
         transactional_id=transactional_id,
         producer_librdkafka=_producer_defaults(producer_side),
@@ -264,26 +266,26 @@ def _producer_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def producer_settings(queue: QueueSpec) -> ProducerSettings:
-    volley, config = _split(queue.config, queue)
-    _brokers(config, "KAFKA_PRODUCER_BROKERS", queue)
-    _credentials(config)
+    volley, config = split_config(queue.config, queue)
+    resolve_brokers(config, "KAFKA_PRODUCER_BROKERS", queue)
+    apply_credentials(config)
     config = {k: v for k, v in config.items() if k not in CONSUMER_ONLY}
     if "transactional.id" in config:
         raise ConfigurationError(
             f"queue {queue.name!r}: transactional.id belongs on the input queue, with {EXACTLY_ONCE}=true (or the "
             "confluent-eos profile); Volley then makes every Kafka output of the app transactional"
         )
-    return ProducerSettings(librdkafka=_producer_defaults(config), startup_timeout=_number(volley, STARTUP_TIMEOUT,
-                                                                                           queue))
+    return ProducerSettings(librdkafka=_producer_defaults(config),
+                            startup_timeout=seconds_setting(volley, STARTUP_TIMEOUT, queue))
 
 
 def browser_settings(queue: QueueSpec) -> dict[str, Any]:
     """librdkafka settings of a ``volley dlq`` reader of ``queue``: its connection settings (a dead-letter queue's
     config is a producer's), without group or producer settings, under a consumer group of its own that commits
     only what a replay or purge dealt with."""
-    _volley, config = _split(queue.config, queue)
-    _brokers(config, "KAFKA_CONSUMER_BROKERS", queue)
-    _credentials(config)
+    _volley, config = split_config(queue.config, queue)
+    resolve_brokers(config, "KAFKA_CONSUMER_BROKERS", queue)
+    apply_credentials(config)
     config = {k: v for k, v in config.items() if k not in CONSUMER_ONLY and k not in PRODUCER_ONLY}
     config.update({"group.id": f"volley-dlq.{queue.app_name}.{queue.value}", "enable.auto.commit": False,
                    "enable.auto.offset.store": False, "enable.partition.eof": True,

@@ -1,0 +1,412 @@
+"""The share-group consumer (Kafka queues, KIP-932): records acquired under a lock, settled one by one.
+
+A share consumer hands out a batch of records per poll and must have every one of them acknowledged before it
+polls again; a handle is not thread-safe. So this consumer keeps a small pool of members (``volley.share.consumers``,
+3 by default), each a librdkafka share consumer owned by one thread, each with its own batch in flight: while one
+member waits for a slow record, the others fetch and hand out more, and async handlers run up to
+``max_in_flight`` at once. A member polls again as soon as its whole batch is settled.
+
+Settling: ack = ACCEPT, nack = RELEASE (the broker redelivers the record, to any member, and counts the delivery);
+a record past ``max_deliveries`` goes to the dead-letter queue first and is ACCEPTed once the DLQ confirmed it
+(the engine acks it then). REJECT, which archives (drops) a record, is never used. ``Envelope.attempt`` is the
+broker's delivery count.
+
+Records whose lock expires before they are settled (a handler slower than the group's
+``share.record.lock.duration.ms``) go back to the group: the broker hands them out again, to this worker or
+another, and the first copy's outputs are produced all the same: a duplicate. Nothing is lost. The late
+acknowledgement is refused by the broker when another member holds the record by then, and accepted when it was
+settled meanwhile; so the consumer also compares, per batch, the time since its poll with the group's lock
+duration (read at start). Both are counted (``late_acks``, ``refused_acks``) and logged as possible duplicates.
+
+Closing releases every record still unsettled, so that another member gets it at once instead of after its lock.
+
+Threads: each member's client is only called on its own thread (polls, acknowledgements, commits, close). The
+event loop owns the bookkeeping (which records each member holds, which wait to be handed out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import AcknowledgeType, KafkaError, KafkaException
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported without __all__ in 2.16
+    AdminClient,
+    ConfigResource,
+    ResourceType,
+)
+
+from volley.errors import ConfigurationError, VolleyError
+from volley.message import Envelope
+from volley.ports import QueueSpec
+from volley_kafka.producer import make_client, rdkafka_logger
+from volley_kafka.share_settings import ShareSettings
+from volley_kafka.worker import BlockingWorker
+
+logger = logging.getLogger("volley_kafka")
+
+POLL_SLICE = 0.2
+"""Longest single wait inside librdkafka, so that close is served promptly."""
+LOG_INTERVAL = 30.0
+CONNECTION_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "broker.", "client.")
+
+RecordKey = tuple[str, int, int]
+
+
+class _Member:
+    """One share consumer and the thread that calls it; its batch in flight is kept on the event loop."""
+
+    def __init__(self, index: int, client: Any, name: str) -> None:
+        self.index = index
+        self.client = client
+        self.worker = BlockingWorker(name)
+        self.held: dict[RecordKey, Any] = {}  # acquired and not yet settled (handed out or not)
+        self.waiting: deque[Envelope] = deque()  # acquired, not yet handed out
+        self.poll: asyncio.Future[list[Any]] | None = None
+        self.polled_at = 0.0  # when the poll that acquired the records held began (their locks began no earlier)
+        self.closed = False
+
+    @property
+    def idle(self) -> bool:
+        return not self.held and self.poll is None and not self.closed
+
+
+class ShareKafkaConsumer:
+    """Consumes one topic (or a comma-separated list) as members of a share group. See the module docstring."""
+
+    def __init__(self, queue: QueueSpec, settings: ShareSettings) -> None:
+        self._queue = queue
+        self._settings = settings
+        self._what = f"Kafka share consumer of queue {queue.name!r} ({queue.value})"
+        self._members: list[_Member] = []
+        for index in range(settings.consumers):
+            config = dict(settings.librdkafka)
+            config["error_cb"] = self._on_error
+            config["logger"] = rdkafka_logger
+            client = make_client(config, self._what, confluent_kafka.ShareConsumer)
+            client.set_acknowledgement_commit_callback(self._on_acknowledged)
+            self._members.append(_Member(index, client, f"volley-kafka-share-{queue.name}-{index}"))
+        self._changed: asyncio.Event | None = None
+        self._fatal: KafkaError | None = None
+        self._closing = False
+        self._closed = False
+        self._started = False
+        self._logged: dict[str, float] = {}
+        self._lock_seconds: float | None = None  # the group's share.record.lock.duration.ms, read at start
+        self.late_acks = 0
+        """Records settled after their lock had expired: the broker had handed them out again (or will), so
+        each is a possible duplicate. Counted on the loop, when the group's lock duration is known."""
+        self.refused_acks = 0
+        """Records whose acknowledgement the broker refused (their lock had expired and another member holds
+        them): each is a possible duplicate. Counted on the members' threads."""
+
+    # ================================================================== lifecycle
+
+    async def start(self) -> None:
+        self._changed = asyncio.Event()
+        timeout = self._settings.startup_timeout
+        if timeout > 0:
+            await asyncio.to_thread(self._check_brokers, timeout)
+        for member in self._members:
+            try:
+                await member.worker.submit(functools.partial(member.client.subscribe, list(self._settings.topics)))
+            except KafkaException as exc:
+                raise ConfigurationError(f"{self._what}: cannot subscribe: {exc}") from None
+        self._started = True
+        logger.info("%s: subscribed to %s as share group %r with %d members", self._what,
+                    ", ".join(self._settings.topics), self._settings.group_id, len(self._members))
+
+    def _check_brokers(self, timeout: float) -> None:
+        """A throwaway admin client: no broker answering is a start-up error, a missing topic a warning; then the
+        group's own settings (see _check_group)."""
+        config = {k: v for k, v in self._settings.librdkafka.items() if k.startswith(CONNECTION_PREFIXES)}
+        config["logger"] = rdkafka_logger
+        admin = make_client(config, self._what, AdminClient)
+        try:
+            metadata = admin.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            brokers = self._settings.librdkafka.get("bootstrap.servers")
+            raise ConfigurationError(
+                f"{self._what}: no Kafka broker of {brokers} answered within {timeout:.0f} s "
+                f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
+                "volley.startup.timeout.seconds"
+            ) from None
+        missing = [t for t in self._settings.topics if t not in metadata.topics or metadata.topics[t].error]
+        if missing:
+            logger.warning("%s: topic(s) %s do not exist (yet); consuming will start once they are created",
+                           self._what, ", ".join(missing))
+        self._check_group(admin, timeout)
+
+    def _check_group(self, admin: Any, timeout: float) -> None:
+        """The group's effective settings (its own, else the broker's): a delivery count limit below the one the
+        queue declares (volley.share.delivery.limit) would archive records before the engine dead-letters them,
+        so it fails the start; the lock duration is kept to spot records settled after their lock expired."""
+        group = self._settings.group_id
+        try:
+            future = admin.describe_configs([ConfigResource(ResourceType.GROUP, group)])
+            configs = next(iter(future.values())).result(timeout)
+        except Exception as exc:  # an ACL, an older broker: the group's settings stay unknown
+            logger.info("%s: cannot read share group %r's settings (%s); the delivery count limit is taken to be "
+                        "%d (volley.share.delivery.limit)", self._what, group, exc, self._settings.delivery_limit)
+            return
+        values = {name: entry.value for name, entry in configs.items()}
+        lock_ms = _integer(values.get("share.record.lock.duration.ms"))
+        self._lock_seconds = lock_ms / 1000.0 if lock_ms is not None else None
+        limit = _integer(values.get("share.delivery.count.limit"))
+        declared = self._settings.delivery_limit
+        if limit is not None and limit < declared:
+            raise ConfigurationError(
+                f"{self._what}: share group {group!r} gives up on a record after {limit} deliveries (its "
+                f"share.delivery.count.limit), but the queue declares {declared} (volley.share.delivery.limit): "
+                f"the broker would archive a failing record before the dead-letter queue gets it. Set "
+                f"volley.share.delivery.limit to {limit}, or raise the group's limit (docs: Kafka share groups)"
+            )
+        if str(values.get("share.auto.offset.reset", "")).lower() == "latest":
+            logger.info("%s: share group %r starts at the end of its topics (share.auto.offset.reset=latest): "
+                        "records written before it first fetched are not delivered", self._what, group)
+
+    async def close(self) -> None:
+        """Release what is unsettled (another member gets it at once), then close every member."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        if not self._started:
+            for member in self._members:
+                await asyncio.to_thread(self._close_member, member, [])
+                member.worker.stop()
+            return
+        polls = [m.poll for m in self._members if m.poll is not None]
+        if polls:
+            await asyncio.wait(polls, timeout=POLL_SLICE + 5.0)
+        # Members holding nothing leave first: a member still in the group when another releases its records
+        # could acquire them in a fetch of its own and release them again as it closes, counting a delivery
+        # that no handler saw.
+        holding = [m for m in self._members if m.held]
+        idle = [m for m in self._members if not m.held]
+        for group in (idle, holding):
+            await asyncio.gather(*(self._close_on_thread(m) for m in group))
+
+    async def _close_on_thread(self, member: _Member) -> None:
+        unsettled = list(member.held.values())
+        member.held.clear()
+        member.waiting.clear()
+        member.closed = True
+        try:
+            await member.worker.submit(functools.partial(self._close_member, member, unsettled))
+        finally:
+            member.worker.stop()
+
+    def _close_member(self, member: _Member, unsettled: list[Any]) -> None:
+        """On the member's thread."""
+        try:
+            if unsettled:
+                self._acknowledge(member, unsettled, AcknowledgeType.RELEASE)
+            member.client.close()
+        except (KafkaException, RuntimeError) as exc:
+            logger.warning("%s: closing member %d: %s", self._what, member.index, exc)
+
+    # ================================================================== consuming
+
+    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        """Hand out what members hold; else poll every idle member and wait (up to ``timeout``) for records
+        or for a member to become idle. A poll that outlives this call is collected by the next one."""
+        if self._fatal is not None:
+            raise VolleyError(f"{self._what}: fatal Kafka error: {self._fatal.str()}")
+        if not self._started or self._changed is None:
+            raise RuntimeError(f"{self._what} is not started")
+        count = max(1, max_messages)
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            out = self._hand_out(count)
+            if out or self._closing:
+                return out
+            self._changed.clear()
+            for member in self._members:
+                if member.idle:
+                    self._start_poll(member, max(0.0, deadline - time.monotonic()))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self._hand_out(count)
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return self._hand_out(count)
+
+    def _hand_out(self, count: int) -> list[Envelope]:
+        out: list[Envelope] = []
+        for member in self._members:
+            waiting = member.waiting
+            while waiting and len(out) < count:
+                out.append(waiting.popleft())
+            if len(out) >= count:
+                break
+        return out
+
+    def _start_poll(self, member: _Member, timeout: float) -> None:
+        member.polled_at = time.monotonic()
+        poll = member.worker.submit(functools.partial(self._poll, member, timeout))
+        member.poll = poll
+        poll.add_done_callback(functools.partial(self._polled, member))
+
+    def _poll(self, member: _Member, timeout: float) -> list[Any]:
+        """On the member's thread: the first batch within ``timeout`` (which also sends pending acknowledgements)."""
+        deadline = time.monotonic() + timeout
+        client = member.client
+        while True:
+            batch = client.poll(min(POLL_SLICE, max(0.0, deadline - time.monotonic())))
+            if batch or self._closing or time.monotonic() >= deadline:
+                return list(batch)
+
+    def _polled(self, member: _Member, poll: asyncio.Future[list[Any]]) -> None:
+        """On the loop: the member's new batch becomes its records held and waiting."""
+        member.poll = None
+        if self._changed is not None:
+            self._changed.set()
+        if poll.cancelled():
+            return
+        error = poll.exception()
+        if error is not None:
+            self._log_once("poll", "%s: member %d: polling failed: %s", self._what, member.index, error)
+            return
+        topic = self._settings.topics[0] if len(self._settings.topics) == 1 else None
+        held, waiting = member.held, member.waiting
+        index = member.index
+        for m in poll.result():
+            problem = m.error()
+            if problem is not None:
+                self._message_error(problem)
+                continue
+            source = topic or m.topic()
+            key = (source, m.partition(), m.offset())
+            held[key] = m
+            kind, stamp = m.timestamp()
+            headers = m.headers()
+            waiting.append(Envelope(
+                m.value() or b"",
+                m.key(),
+                dict(headers) if headers else None,
+                source,
+                key[1],
+                key[2],
+                stamp / 1000.0 if kind else None,
+                m.delivery_count() or 1,
+                (index, m),
+            ))
+
+    def _message_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error
+            logger.error("%s: fatal error: %s", self._what, error.str())
+            return
+        if error.code() in (KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET):
+            return
+        self._log_once(f"message-{error.code()}", "%s: %s", self._what, error.str())
+
+    # ================================================================== settling
+
+    async def ack(self, envelopes: Sequence[Envelope]) -> None:
+        await self._settle(envelopes, AcknowledgeType.ACCEPT)
+
+    async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
+        """RELEASE: the broker hands the records out again at once (a share group has no delayed redelivery),
+        to any member, with their delivery count raised."""
+        await self._settle(envelopes, AcknowledgeType.RELEASE)
+
+    async def _settle(self, envelopes: Sequence[Envelope], kind: Any) -> None:
+        by_member: dict[int, list[Any]] = {}
+        members = self._members
+        for env in envelopes:
+            index, message = env.handle
+            member = members[index]
+            key = (env.source, env.partition, env.position)
+            if member.held.get(key) is message:
+                del member.held[key]
+                by_member.setdefault(index, []).append(message)
+        calls = []
+        lock = self._lock_seconds
+        now = time.monotonic()
+        for index, messages in by_member.items():
+            member = members[index]
+            if member.closed:
+                continue
+            if lock is not None and now - member.polled_at > lock:
+                self.late_acks += len(messages)
+                self._log_once("late", "%s: %d record(s) settled %.1f s after they were acquired, past the group's "
+                               "record lock (%.1f s): possible duplicates. The broker has handed them out again (a "
+                               "handler slower than share.record.lock.duration.ms), so their outputs may be produced "
+                               "twice", self._what, len(messages), now - member.polled_at, lock)
+            calls.append(member.worker.submit(functools.partial(self._acknowledge, member, messages, kind)))
+            if not member.held and self._changed is not None:
+                self._changed.set()  # the member may poll again
+        if calls:
+            await asyncio.gather(*calls)
+
+    def _acknowledge(self, member: _Member, messages: list[Any], kind: Any) -> None:
+        """On the member's thread: record the acknowledgements and send them (the result comes to
+        ``_on_acknowledged`` with a later call on this thread)."""
+        client = member.client
+        refused = 0
+        for message in messages:
+            try:
+                client.acknowledge(message, kind)
+            except (confluent_kafka.IllegalStateException, KafkaException) as exc:
+                refused += 1
+                self._log_once("acknowledge", "%s: member %d: acknowledging a record failed (%s)", self._what,
+                               member.index, exc)
+        if refused:
+            self._late(refused)
+        try:
+            client.commit_async()
+        except (confluent_kafka.IllegalStateException, KafkaException) as exc:
+            self._log_once("commit", "%s: member %d: sending acknowledgements failed: %s", self._what,
+                           member.index, exc)
+
+    def _on_acknowledged(self, offsets: Any, error: Any) -> None:
+        """librdkafka's acknowledgement-commit callback, on a member's thread."""
+        if error is None:
+            return
+        count = sum(len(v) for v in offsets.values()) if isinstance(offsets, dict) else 1
+        self._late(count)
+        self._log_once("refused", "%s: the broker refused the acknowledgement of %d record(s) (%s): possible "
+                       "duplicates. Their lock had most likely expired (a handler slower than the group's "
+                       "share.record.lock.duration.ms), so they are delivered again and their outputs may be "
+                       "produced twice", self._what, count, error)
+
+    def _late(self, count: int) -> None:
+        self.refused_acks += count
+
+    # ================================================================== reporting
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error
+            logger.error("%s: fatal error: %s", self._what, error.str())
+        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            logger.warning("%s: %s", self._what, error.str())
+        else:
+            logger.info("%s: %s", self._what, error.str())
+
+    def _log_once(self, kind: str, message: str, *args: Any) -> None:
+        """At most one line per kind and LOG_INTERVAL: a flood of failures must not flood the log."""
+        now = time.monotonic()
+        if now - self._logged.get(kind, -LOG_INTERVAL) < LOG_INTERVAL:
+            return
+        self._logged[kind] = now
+        logger.warning(message, *args)
+
+    def __repr__(self) -> str:
+        return f"ShareKafkaConsumer({self._queue.name!r} <- {self._queue.value!r}, group={self._settings.group_id!r})"
+
+
+def _integer(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
