@@ -77,8 +77,9 @@ def offline_engine(**input_extra: Any) -> Engine:
 
 def test_profiles_and_connector_are_registered() -> None:
     registry = get_registry()
-    for name in SHARE_PROFILES:
+    for name in SHARE_PROFILES[:-1]:
         assert registry.get("profile", name)["connector"] == "confluent-share", name
+    assert registry.get("profile", "confluent-share-dlq")["connector"] == "confluent"  # an ordinary topic
     assert registry.get("connector", "kafka-share") is registry.get("connector", "confluent-share")
 
 

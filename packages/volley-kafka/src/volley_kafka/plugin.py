@@ -58,4 +58,7 @@ def _register_share_profiles(register: Register) -> None:
                                    "data_model": GENERIC_MESSAGE})
     register(f"{share}-msgpack-pydantic", {"connector": share, "serializer": "msgpack", "model_handler": "pydantic",
                                            "data_model": GENERIC_MESSAGE})
-    register(f"{share}-dlq", {"connector": share, "serializer": "none", "model_handler": "none", "data_model": None})
+    # Dead letters go to an ordinary topic, written (and read back by ``volley dlq``) through the consumer-group
+    # connector.
+    register(f"{share}-dlq", {"connector": "confluent", "serializer": "none", "model_handler": "none",
+                              "data_model": None})
