@@ -23,7 +23,8 @@ from typing import Any
 def main(argv: list[str]) -> None:
     from volley import Engine
 
-    bootstrap, source, output, group, pause, profile, limit = [*argv, "confluent-share", "5"][:7]
+    defaults = ["confluent-share", "5"]  # PROFILE, DELIVERY_LIMIT
+    bootstrap, source, output, group, pause, profile, limit = [*argv, *defaults[len(argv) - 5:]][:7]
     codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
     config: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": group}
     if profile == "confluent-share":
