@@ -2,7 +2,8 @@
 
 librdkafka redacts its sensitive properties in its own configuration dump; what is checked here is everything
 Volley writes around it: start-up errors, rejected settings, the engine's logs at DEBUG with librdkafka's debug
-contexts on, a normal run, and the CLI.
+contexts on, a normal run, the CLI, and the text of the settings objects and adapters that carry the passwords
+(what a traceback with locals or an error tracker prints).
 """
 
 from __future__ import annotations
@@ -120,3 +121,48 @@ def test_volley_plugins_prints_no_password(capsys: pytest.CaptureFixture[str], m
     out, err = capsys.readouterr()
     assert "confluent" in out, "the Kafka plugin is listed"
     assert not leaks(out + err)
+
+
+def queue(role: str, **config: Any) -> Any:
+    from volley.ports import QueueSpec
+
+    base = {"bootstrap.servers": "127.0.0.1:1", "group.id": "g", "volley.startup.timeout.seconds": 0}
+    return QueueSpec(name=role, value="t", connector="confluent", config={**base, **credentials(), **config},
+                     app_name="secrets", role=role)
+
+
+def test_settings_and_adapters_render_no_password() -> None:
+    """What a traceback with locals (pytest --showlocals, an error tracker), a debugger or a log line that
+    formats the object would print: the settings objects carry the passwords to librdkafka, their text must not."""
+    from volley_kafka import KafkaConnector
+    from volley_kafka.settings import consumer_settings, producer_settings
+
+    settings = [consumer_settings(queue("input")), consumer_settings(queue("input", **{"volley.exactly.once": True})),
+                producer_settings(queue("output"))]
+    for each in settings:
+        assert not leaks(repr(each) + str(each)), repr(each)
+        assert "sasl.password" in repr(each), "the setting is named (redacted), not dropped"
+    assert settings[0].librdkafka["sasl.password"] == SASL_SECRET, "librdkafka still gets the real one"
+    assert settings[1].producer_librdkafka["ssl.key.password"] == KEY_SECRET
+    connector = KafkaConnector()
+    consumer = connector.create_consumer(queue("input"))
+    producer = connector.create_producer(queue("output"))
+    try:
+        assert not leaks(repr(consumer) + str(consumer) + repr(producer) + str(producer))
+    finally:
+        asyncio.run(consumer.close())
+
+
+@pytest.mark.parametrize("bad", [
+    {"group.protocol": "consumer", "session.timeout.ms": 10000},  # a classic-only setting under KIP-848
+    {"group.protocol": "cooperative"},
+    {"volley.commit.interval.seconds": "soon"},
+    {"volley.revoke.timeout.seconds": -1},
+])
+def test_rejected_settings_name_the_setting_not_the_password(bad: dict[str, Any]) -> None:
+    from volley.errors import ConfigurationError
+    from volley_kafka.settings import consumer_settings
+
+    with pytest.raises(ConfigurationError) as caught:
+        consumer_settings(queue("input", **bad))
+    assert not leaks(error_text(caught.value)), error_text(caught.value)
