@@ -76,8 +76,27 @@ CLASSIC_ONLY = {
 }
 
 
-@dataclass(frozen=True)
-class ConsumerSettings:
+SECRET_WORDS = ("password", "secret", "ssl.key.pem", "ssl_key")
+
+
+def redacted(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the values of its secrets replaced, for text (librdkafka still gets the real ones)."""
+    return {k: "[redacted]" if any(w in str(k).lower() for w in SECRET_WORDS) else v for k, v in config.items()}
+
+
+class _Redacted:
+    """A settings dataclass whose repr names its secrets but never shows them (tracebacks with locals,
+    error trackers and debuggers print it)."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={redacted(value) if isinstance(value, Mapping) else value!r}"
+            for name, value in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+@dataclass(frozen=True, repr=False)
+class ConsumerSettings(_Redacted):
     topics: tuple[str, ...]
     group_id: str
     librdkafka: dict[str, Any]
@@ -89,8 +108,8 @@ class ConsumerSettings:
     producer_librdkafka: dict[str, Any]  # the transactional producer's settings, in exactly-once mode
 
 
-@dataclass(frozen=True)
-class ProducerSettings:
+@dataclass(frozen=True, repr=False)
+class ProducerSettings(_Redacted):
     librdkafka: dict[str, Any]
     startup_timeout: float
 
