@@ -199,7 +199,8 @@ class KafkaConsumer:
 
         This is the per-message hot path: the offset bookkeeping of PartitionOffsets.consumed is inlined,
         offsets are registered once per run of messages of the same partition, and the checks that rarely
-        apply (a partition given up, a pending rewind) are decided once per run.
+        apply (a partition given up, a pending rewind) are made when a run starts: while one applies, every
+        message starts a run (``last_partition = -1``), so the common path has no check of its own.
         """
         out: list[Envelope] = []
         append = out.append
@@ -211,7 +212,6 @@ class KafkaConsumer:
         last_partition = -1
         state: Any = None
         attempts: dict[int, int] = {}
-        unusual = False  # the current run's partition is not ours, or has a rewind pending
         expected = 0  # the next new offset of the current partition
         run: list[int] = []  # offsets seen for the first time, in the current run of one partition
         for m in messages:
@@ -226,22 +226,20 @@ class KafkaConsumer:
                 if run:
                     state.register(run)
                     run = []
+                if (topic, partition) not in assigned:
+                    last_partition = -1
+                    continue  # given up during this fetch or before it: its new owner reads it
+                state = partition_state(topic, partition)
+                expected = state.next
+                attempts = state.attempts
                 last_topic = topic
                 last_partition = partition
-                if (topic, partition) in assigned:
-                    state = partition_state(topic, partition)
-                    expected = state.next
-                    attempts = state.attempts
-                    unusual = seeking and state.sought_epoch > epoch
-                else:
-                    state = None
-                    unusual = True
-            if unusual:
-                if state is None:
-                    continue  # given up during this fetch or before it: its new owner reads it
-                if state.stale(offset, epoch):
-                    continue
-                unusual = state.sought_epoch > epoch
+                if seeking and state.sought_epoch > epoch:
+                    if state.stale(offset, epoch):
+                        last_partition = -1
+                        continue
+                    if state.sought_epoch > epoch:
+                        last_partition = -1  # still pending: check the next message too
             if offset < expected:
                 # Read again after a seek for a nacked message: only what was nacked goes out again.
                 if offset not in state.redeliver:
