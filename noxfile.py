@@ -164,3 +164,13 @@ def wheel_tests(session: nox.Session) -> None:
     tests = [t for t in WHEEL_TESTS if (ROOT / t.split("::", 1)[0]).exists()]
     session.run("python", "-m", "pytest", *(session.posargs or tests), "-q", "-p", "no:cacheprovider",
                 env={"VOLLEY_FROM_WHEELS": str(dist)})
+
+
+@nox.session(python="3.11")
+def docs_browser(session: nox.Session) -> None:
+    """The built site in headless Chromium at phone to desktop widths (tools/docs/browser_check.py). Needs a
+    Chromium on the machine (Debian: apt-get install chromium); not part of CI."""
+    session.install("mkdocs-material>=9", "mkdocs>=1.6", "playwright>=1.40")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
+    session.run("python", str(ROOT / "tools" / "docs" / "check_site.py"), str(ROOT / "site"))
+    session.run("python", str(ROOT / "tools" / "docs" / "browser_check.py"), str(ROOT / "site"))

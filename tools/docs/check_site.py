@@ -173,6 +173,12 @@ def check_site(site: Path, config: Config) -> list[Problem]:
                 problems.append(Problem("404.html", f"{url!r} is relative: it breaks when the page is served "
                                         f"at a deeper path (expected it under {base_path})"))
 
+    for page in sorted(site.rglob("*.html")):
+        external = re.findall(r'<(?:link[^>]*rel="stylesheet"[^>]*href|script[^>]*src)="(https?://[^"]+)"',
+                              page.read_text())
+        if external:
+            problems.append(Problem(str(page.relative_to(site)), f"loads {external[0]}: the site must work offline"))
+
     shown = "".join(p.read_text() for p in site.rglob("*.html"))
     for diagram in DIAGRAMS:
         path = site / diagram
