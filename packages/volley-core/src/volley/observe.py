@@ -3,28 +3,64 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from volley.errors import ConfigurationError
-from volley.ports import Observer, PartitionId
+from volley.ports import (
+    CommitObserver,
+    ConsumedObserver,
+    DataModelTimeObserver,
+    DeadLetterCountObserver,
+    DepthObserver,
+    HeartbeatObserver,
+    InFlightObserver,
+    LagObserver,
+    PartitionId,
+    ProcessTimeObserver,
+    ProducedObserver,
+    ReadyObserver,
+    RetryObserver,
+    StartObserver,
+    StopObserver,
+)
 
 logger = logging.getLogger("volley")
 
+_Calls = list[tuple[object, Callable[..., None]]]
+
 
 class MultiObserver:
-    """Calls every observer; one that raises is logged once per event name and never breaks the pipeline."""
+    """Calls every observer; one that raises is logged once per event name and never breaks the pipeline.
 
-    def __init__(self, observers: Sequence[Observer]) -> None:
+    An observer implements any subset of the events (each one a protocol in ``volley.ports``): which observers
+    take which event is decided here, once, so that an event costs one loop over the observers that take it.
+    """
+
+    def __init__(self, observers: Sequence[object]) -> None:
         self.observers = list(observers)
         self.enabled = bool(self.observers)
         self._complained: set[tuple[int, str]] = set()
+        each = self.observers
+        self._start: _Calls = [(o, o.on_start) for o in each if isinstance(o, StartObserver)]
+        self._consumed: _Calls = [(o, o.on_consumed) for o in each if isinstance(o, ConsumedObserver)]
+        self._produced: _Calls = [(o, o.on_produced) for o in each if isinstance(o, ProducedObserver)]
+        self._process_time: _Calls = [(o, o.on_process_time) for o in each if isinstance(o, ProcessTimeObserver)]
+        self._data_model_time: _Calls = [
+            (o, o.on_data_model_time) for o in each if isinstance(o, DataModelTimeObserver)
+        ]
+        self._dead_letter: _Calls = [(o, o.on_dead_letter) for o in each if isinstance(o, DeadLetterCountObserver)]
+        self._retry: _Calls = [(o, o.on_retry) for o in each if isinstance(o, RetryObserver)]
+        self._in_flight: _Calls = [(o, o.on_in_flight) for o in each if isinstance(o, InFlightObserver)]
+        self._heartbeat: _Calls = [(o, o.on_heartbeat) for o in each if isinstance(o, HeartbeatObserver)]
+        self._ready: _Calls = [(o, o.on_ready) for o in each if isinstance(o, ReadyObserver)]
+        self._lag: _Calls = [(o, o.on_lag) for o in each if isinstance(o, LagObserver)]
+        self._commit: _Calls = [(o, o.on_commit) for o in each if isinstance(o, CommitObserver)]
+        self._depth: _Calls = [(o, o.on_depth) for o in each if isinstance(o, DepthObserver)]
+        self._stop: _Calls = [(o, o.on_stop) for o in each if isinstance(o, StopObserver)]
 
-    def _each(self, event: str, *args: Any) -> None:
-        for observer in self.observers:
-            method = getattr(observer, event, None)
-            if method is None:
-                continue
+    def _each(self, event: str, calls: _Calls, *args: Any) -> None:
+        for observer, method in calls:
             try:
                 method(*args)
             except ConfigurationError:
@@ -39,43 +75,43 @@ class MultiObserver:
                                      observer, event)
 
     def on_start(self, app_name: str) -> None:
-        self._each("on_start", app_name)
+        self._each("on_start", self._start, app_name)
 
     def on_consumed(self, app_name: str, status: str, count: int) -> None:
-        self._each("on_consumed", app_name, status, count)
+        self._each("on_consumed", self._consumed, app_name, status, count)
 
     def on_produced(self, app_name: str, source: str, destination: str, count: int) -> None:
-        self._each("on_produced", app_name, source, destination, count)
+        self._each("on_produced", self._produced, app_name, source, destination, count)
 
     def on_process_time(self, app_name: str, process_name: str, seconds: Sequence[float]) -> None:
-        self._each("on_process_time", app_name, process_name, seconds)
+        self._each("on_process_time", self._process_time, app_name, process_name, seconds)
 
     def on_data_model_time(self, process: str, seconds: float, count: int) -> None:
-        self._each("on_data_model_time", process, seconds, count)
+        self._each("on_data_model_time", self._data_model_time, process, seconds, count)
 
     def on_dead_letter(self, app_name: str, reason: str, count: int) -> None:
-        self._each("on_dead_letter", app_name, reason, count)
+        self._each("on_dead_letter", self._dead_letter, app_name, reason, count)
 
     def on_retry(self, app_name: str, count: int) -> None:
-        self._each("on_retry", app_name, count)
+        self._each("on_retry", self._retry, app_name, count)
 
     def on_in_flight(self, app_name: str, count: int) -> None:
-        self._each("on_in_flight", app_name, count)
+        self._each("on_in_flight", self._in_flight, app_name, count)
 
     def on_heartbeat(self, app_name: str) -> None:
-        self._each("on_heartbeat", app_name)
+        self._each("on_heartbeat", self._heartbeat, app_name)
 
     def on_ready(self, app_name: str, ready: bool) -> None:
-        self._each("on_ready", app_name, ready)
+        self._each("on_ready", self._ready, app_name, ready)
 
     def on_lag(self, app_name: str, lag: Mapping[PartitionId, int]) -> None:
-        self._each("on_lag", app_name, lag)
+        self._each("on_lag", self._lag, app_name, lag)
 
     def on_commit(self, app_name: str, seconds: float) -> None:
-        self._each("on_commit", app_name, seconds)
+        self._each("on_commit", self._commit, app_name, seconds)
 
     def on_depth(self, app_name: str, queue: str, depth: int) -> None:
-        self._each("on_depth", app_name, queue, depth)
+        self._each("on_depth", self._depth, app_name, queue, depth)
 
     def on_stop(self, app_name: str) -> None:
-        self._each("on_stop", app_name)
+        self._each("on_stop", self._stop, app_name)

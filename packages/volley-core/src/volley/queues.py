@@ -19,6 +19,7 @@ from volley.plugins import Registry
 from volley.ports import (
     Connector,
     Consumer,
+    ConsumerFactory,
     DeclaresDeliveryTerms,
     DeconstructBinder,
     DeliveryTerms,
@@ -26,6 +27,7 @@ from volley.ports import (
     ModelHandler,
     OutputChecker,
     Producer,
+    ProducerFactory,
     QueueSpec,
     Serializer,
     UncheckedDeserializer,
@@ -99,7 +101,7 @@ def _component(registry: Registry, kind: str, value: Any, none_factory: Callable
 
 def _is_factory(obj: Any) -> bool:
     """A zero-argument callable that builds the component, as opposed to a component instance."""
-    return callable(obj) and not (hasattr(obj, "serialize") or hasattr(obj, "construct"))
+    return callable(obj) and not isinstance(obj, (Serializer, ModelHandler))
 
 
 def _data_model(value: Any, queue: str) -> Any:
@@ -293,14 +295,21 @@ def _connector_parts(
         )
     connector: Any = (registry.get("connector", str(connector_name)) if connector_name is not None
                       else _OnlyFactories(name))
-    return connector, _part_factory(consumer_part, "create_consumer"), _part_factory(producer_part, "create_producer")
+    return connector, _consumer_factory(consumer_part), _producer_factory(producer_part)
 
 
-def _part_factory(part: Any, attr: str) -> Any:
-    """A connector object's ``create_consumer`` / ``create_producer``, or a class taking the queue spec."""
+def _consumer_factory(part: Any) -> Callable[[QueueSpec], Consumer] | None:
+    """An object's ``create_consumer`` (a connector is one), or the part itself: a class taking the queue spec."""
     if part is None:
         return None
-    return getattr(part, attr) if hasattr(part, attr) else part
+    return part.create_consumer if isinstance(part, ConsumerFactory) else part
+
+
+def _producer_factory(part: Any) -> Callable[[QueueSpec], Producer] | None:
+    """An object's ``create_producer`` (a connector is one), or the part itself: a class taking the queue spec."""
+    if part is None:
+        return None
+    return part.create_producer if isinstance(part, ProducerFactory) else part
 
 
 def _codec_parts(registry: Registry, name: str, merged: Mapping[str, Any]) -> tuple[Serializer, ModelHandler, Any]:
