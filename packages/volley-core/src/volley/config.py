@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from volley.errors import ConfigurationError
+from volley.redaction import redacted_repr
 
 NONE_NAMES = frozenset({"none", "disabled", "null", ""})
 ORDERINGS = ("partition", "key", "none")
@@ -55,7 +56,7 @@ def check_profile_settings(name: str, settings: Any, distribution: str) -> None:
         )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class QueueConfig:
     """One queue: its alias in the app (``name``), its name on the broker (``value``) and how to talk to it.
 
@@ -80,6 +81,10 @@ class QueueConfig:
     batch_size: int | None = None
     batch_timeout_seconds: float | None = None
     ordering: str | None = None
+
+    def __repr__(self) -> str:
+        """Names the secrets in ``config`` (passwords, tokens) without showing them: tracebacks print it."""
+        return redacted_repr(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that were set, as py-volley's ``QueueConfig.to_dict`` gave them."""

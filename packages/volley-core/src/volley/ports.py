@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from volley.message import Envelope, Headers, OutgoingMessage
+from volley.redaction import redacted_repr
 
 DeliveryFailure = tuple[OutgoingMessage, BaseException]
 DeliveryCallback = Callable[[Sequence[OutgoingMessage], Sequence[DeliveryFailure]], None]
@@ -31,7 +32,7 @@ PartitionId = tuple[str, int]
 """A (topic, partition) pair, as rebalance notifications name them."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class QueueSpec:
     """One queue as a connector sees it once configuration has been resolved.
 
@@ -46,6 +47,10 @@ class QueueSpec:
     config: Mapping[str, Any] = field(default_factory=dict)
     app_name: str = "volley"
     role: str = "input"  # "input" | "output" | "dlq"
+
+    def __repr__(self) -> str:
+        """Names the secrets in ``config`` (passwords, tokens) without showing them: tracebacks print it."""
+        return redacted_repr(self)
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ from typing import Any
 
 from volley.errors import ConfigurationError
 from volley.ports import QueueSpec
+from volley.redaction import redacted_repr
 
 logger = logging.getLogger("volley_kafka")
 
@@ -76,23 +77,12 @@ CLASSIC_ONLY = {
 }
 
 
-SECRET_WORDS = ("password", "secret", "ssl.key.pem", "ssl_key")
-
-
-def redacted(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` with the values of its secrets replaced, for text (librdkafka still gets the real ones)."""
-    return {k: "[redacted]" if any(w in str(k).lower() for w in SECRET_WORDS) else v for k, v in config.items()}
-
-
 class _Redacted:
     """A settings dataclass whose repr names its secrets but never shows them (tracebacks with locals,
     error trackers and debuggers print it)."""
 
     def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{name}={redacted(value) if isinstance(value, Mapping) else value!r}"
-            for name, value in vars(self).items())
-        return f"{type(self).__name__}({fields})"
+        return redacted_repr(self)
 
 
 @dataclass(frozen=True, repr=False)
