@@ -178,8 +178,9 @@ def brokers_of(config: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(s.strip() for s in str(config.get("bootstrap.servers", "")).split(",") if s.strip())
 
 
-def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
-    volley, config = split_config(queue.config, queue)
+def consumer_source(config: dict[str, Any], queue: QueueSpec, needs: str) -> tuple[tuple[str, ...], str]:
+    """The topics a consumer of ``queue`` reads (its value, comma-separated) and its group; resolves the brokers
+    and credentials into ``config`` (a consumer group's and a share group's consumers alike)."""
     topics = tuple(t.strip() for t in queue.value.split(",") if t.strip())
     if not topics:
         raise ConfigurationError(f"queue {queue.name!r}: its value must name a topic (or a comma-separated list)")
@@ -188,10 +189,16 @@ def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
     group_id = config.get("group.id") or os.environ.get("KAFKA_CONSUMER_GROUP")
     if not group_id:
         raise ConfigurationError(
-            f"queue {queue.name!r} ({queue.value}): a Kafka consumer needs a consumer group; set 'group.id' in its "
-            "config or the environment variable KAFKA_CONSUMER_GROUP"
+            f"queue {queue.name!r} ({queue.value}): {needs}; set 'group.id' in its config or the environment "
+            "variable KAFKA_CONSUMER_GROUP"
         )
-    config["group.id"] = str(group_id)
+    return topics, str(group_id)
+
+
+def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
+    volley, config = split_config(queue.config, queue)
+    topics, group_id = consumer_source(config, queue, "a Kafka consumer needs a consumer group")
+    config["group.id"] = group_id
 
     commit_interval = seconds_setting(volley, COMMIT_INTERVAL, queue)
     if COMMIT_INTERVAL not in queue.config and "auto.commit.interval.ms" in config:

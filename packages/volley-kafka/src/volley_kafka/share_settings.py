@@ -9,7 +9,6 @@ broker: they are set with an admin call (docs/connectors/kafka-share.md), never 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +18,8 @@ from volley_kafka.settings import (
     EXACTLY_ONCE,
     PRODUCER_ONLY,
     STARTUP_TIMEOUT,
-    apply_credentials,
+    consumer_source,
     is_true,
-    resolve_brokers,
     seconds_setting,
     split_config,
 )
@@ -80,17 +78,7 @@ def share_settings(queue: QueueSpec) -> ShareSettings:
             "by one, with no offsets to commit in a transaction). Remove volley.exactly.once, or consume "
             "through a consumer group with the confluent-eos profile"
         )
-    topics = tuple(t.strip() for t in queue.value.split(",") if t.strip())
-    if not topics:
-        raise ConfigurationError(f"queue {queue.name!r}: its value must name a topic (or a comma-separated list)")
-    resolve_brokers(config, "KAFKA_CONSUMER_BROKERS", queue)
-    apply_credentials(config)
-    group_id = config.get("group.id") or os.environ.get("KAFKA_CONSUMER_GROUP")
-    if not group_id:
-        raise ConfigurationError(
-            f"queue {queue.name!r} ({queue.value}): a share consumer needs a share group; set 'group.id' in its "
-            "config or the environment variable KAFKA_CONSUMER_GROUP"
-        )
+    topics, group_id = consumer_source(config, queue, "a share consumer needs a share group")
     dropped = sorted(k for k in config if k in NOT_FOR_SHARE)
     if dropped:
         where = "; ".join(f"{k}: {BROKER_SIDE[k]}" for k in dropped if k in BROKER_SIDE)
@@ -103,12 +91,12 @@ def share_settings(queue: QueueSpec) -> ShareSettings:
             f"queue {queue.name!r}: share.acknowledgement.mode must be 'explicit' (got {mode!r}): in implicit "
             "mode the next poll accepts records whose handler has not finished, and a crash would lose them"
         )
-    librdkafka["group.id"] = str(group_id)
+    librdkafka["group.id"] = group_id
     librdkafka["share.acknowledgement.mode"] = "explicit"
     librdkafka.setdefault("max.poll.records", DEFAULT_MAX_POLL_RECORDS)
     return ShareSettings(
         topics=topics,
-        group_id=str(group_id),
+        group_id=group_id,
         librdkafka=librdkafka,
         consumers=_count(volley, SHARE_CONSUMERS, queue, minimum=1),
         delivery_limit=_count(volley, DELIVERY_LIMIT, queue, minimum=2),
