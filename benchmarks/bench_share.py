@@ -1,6 +1,6 @@
 """Kafka share groups (``confluent-share``) on a real broker: throughput scales with workers on ONE partition.
 
-A one-partition topic; 1 to 4 Volley worker processes (``tests/kafka/share_worker.py``) in one share group, each
+A one-partition topic; 1 to 4 Volley worker processes (``tests/kafka/kafka_worker.py --share``) in one share group, each
 with a sync handler that blocks 5 ms per message (I/O-like, ``sync_handler_mode="thread"``, so one worker's rate
 is bounded by its handler, not by the CPU), writing one output per input. Then the same four workers in a
 consumer group (``confluent``), where the one partition belongs to one member: they stay at one worker's rate.
@@ -32,7 +32,7 @@ from typing import Any
 from _kafka import kafka_address
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE.parent / "tests" / "kafka" / "share_worker.py"
+WORKER = HERE.parent / "tests" / "kafka" / "kafka_worker.py"
 N = 2000
 HANDLER_SECONDS = 0.005
 WORKERS = (1, 2, 3, 4)
@@ -62,8 +62,8 @@ class Run:
         for log in self.logs:
             with log.open("wb") as out:
                 self.processes.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), brokers, self.source, self.sink, self.group, str(HANDLER_SECONDS),
-                     profile], stdout=out, stderr=subprocess.STDOUT))
+                    [sys.executable, str(WORKER), "--share", brokers, self.source, self.sink, self.group,
+                     str(HANDLER_SECONDS), profile], stdout=out, stderr=subprocess.STDOUT))
 
     def produce(self, ids: range) -> None:
         for i in ids:

@@ -9,7 +9,6 @@ broker's timing; test_adapter.py and test_races.py cover the real broker and the
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import confluent_kafka
 import pytest
 from confluent_kafka import TopicPartition
+from kafka_fakes import FakeConsumerBase, FakeMessage
 
 from volley.message import Envelope
 from volley.ports import PartitionId, QueueSpec
@@ -29,79 +29,35 @@ P0: Key = ("in", 0)
 P1: Key = ("in", 1)
 
 
-class Record:
-    """A ``confluent_kafka.Message`` as the adapter reads it."""
-
-    __slots__ = ("_offset", "_partition", "_topic")
-
-    def __init__(self, key: Key, offset: int) -> None:
-        self._topic, self._partition = key
-        self._offset = offset
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> bytes:
-        return b"%s-%d-%d" % (self._topic.encode(), self._partition, self._offset)
-
-    def key(self) -> None:
-        return None
-
-    def headers(self) -> None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (0, 0)
-
-
 @dataclass
 class Step:
     """One poll/consume call: callbacks fired inside it, in order, then the records it returns."""
 
     events: list[tuple[str, list[Key]]] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)
+    records: list[FakeMessage] = field(default_factory=list)
 
 
-class ScriptedConsumer:
+class ScriptedConsumer(FakeConsumerBase):
     """Stands in for ``confluent_kafka.Consumer``; the test scripts what each poll/consume call does."""
 
     made: list[ScriptedConsumer] = []
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-        self._cond = threading.Condition()
+        super().__init__(config)
         self.steps: deque[Step] = deque()
-        self.callbacks: dict[str, Any] = {}
-        self.assigned: set[Key] = set()
-        self.paused: set[Key] = set()  # outlives the assignment, as in librdkafka
-        self.commits: list[tuple[Key, int, bool]] = []  # (partition, offset, asynchronous), every one sent
-        self.seeks: list[tuple[Key, int]] = []
         self.calls = 0  # poll/consume calls made
-        self.closed = False
         ScriptedConsumer.made.append(self)
 
     # the test's side
-    def script(self, *events: tuple[str, list[Key]], records: Sequence[Record] = ()) -> None:
+    def script(self, *events: tuple[str, list[Key]], records: Sequence[FakeMessage] = ()) -> None:
         with self._cond:
             self.steps.append(Step(list(events), list(records)))
             self._cond.notify_all()
 
-    def committed_offsets(self, key: Key) -> list[int]:
+    def commits_of(self, key: Key) -> list[int]:
         return [offset for k, offset, _ in self.commits if k == key]
 
     # the client's side
-    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
-        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
-
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
         raise AssertionError("the tests run without the start-up check")
 
@@ -112,41 +68,20 @@ class ScriptedConsumer:
                 self._cond.wait(timeout)  # as librdkafka blocks for up to the timeout when nothing is ready
             return self.steps.popleft() if self.steps else None
 
-    def _run(self, step: Step | None, count: int) -> list[Record]:
+    def _run(self, step: Step | None, count: int) -> list[FakeMessage]:
         if step is None:
             return []
         for kind, keys in step.events:
-            tps = [TopicPartition(t, p) for t, p in keys]
-            callback = self.callbacks[kind]
-            if callback is not None:
-                callback(self, tps)  # inside the call, on the polling thread
-            if kind == "assign":
-                self.assigned |= set(keys)
-            else:
-                self.assigned -= set(keys)
+            self.fire(kind, keys)
         assert len(step.records) <= count, "the script returns more records than asked for"
         return step.records
 
-    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Record]:
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
         return list(self._run(self._step(timeout), num_messages))
 
-    def poll(self, timeout: float = -1) -> Record | None:
+    def poll(self, timeout: float = -1) -> FakeMessage | None:
         records = self._run(self._step(timeout), 1)
         return records[0] if records else None
-
-    def pause(self, partitions: list[TopicPartition]) -> None:
-        self.paused |= {(tp.topic, tp.partition) for tp in partitions}
-
-    def resume(self, partitions: list[TopicPartition]) -> None:
-        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
-
-    def seek(self, partition: TopicPartition) -> None:
-        self.seeks.append(((partition.topic, partition.partition), partition.offset))
-
-    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> Any:
-        for tp in offsets or ():
-            self.commits.append(((tp.topic, tp.partition), tp.offset, asynchronous))
-        return None if asynchronous else list(offsets or ())
 
     def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
@@ -158,12 +93,9 @@ class ScriptedConsumer:
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
 
-    def close(self) -> None:
-        self.closed = True
 
-
-def records(key: Key, *offsets: int) -> list[Record]:
-    return [Record(key, o) for o in offsets]
+def records(key: Key, *offsets: int) -> list[FakeMessage]:
+    return [FakeMessage(*key, o) for o in offsets]
 
 
 @pytest.fixture
@@ -220,7 +152,7 @@ async def test_records_fetched_before_a_revoke_inside_the_same_call_are_dropped(
 
 
 async def test_stale_records_of_a_revoked_partition_from_a_later_call_never_reach_the_engine(scripted: None) -> None:
-    """Records of a partition revoked in an earlier call (prefetched before the revoke) come back from a later
+    """FakeMessages of a partition revoked in an earlier call (prefetched before the revoke) come back from a later
     poll: the engine must not get them, and nothing of that partition is tracked or committed afterwards."""
     consumer, fake = await member()
     try:
@@ -237,11 +169,11 @@ async def test_stale_records_of_a_revoked_partition_from_a_later_call_never_reac
         await consumer.ack(first + later)
         assert await fetch(consumer) == []
         assert [c for c in fake.commits[before:] if c[0] == P0] == [], "no commit of the revoked partition"
-        assert fake.committed_offsets(P1)[-1] == 2
+        assert fake.commits_of(P1)[-1] == 2
         assert consumer.lag().keys() <= {P1}
     finally:
         await consumer.close()
-    assert fake.committed_offsets(P0) == [], "nor at close"
+    assert fake.commits_of(P0) == [], "nor at close"
 
 
 async def test_a_rebalance_inside_the_waiting_poll_is_handled_before_its_record(scripted: None) -> None:
@@ -256,7 +188,7 @@ async def test_a_rebalance_inside_the_waiting_poll_is_handled_before_its_record(
         assert positions(got) == [(P0, 5), (P0, 6), (P0, 7)]
         await consumer.ack(got)
         assert await fetch(consumer) == []
-        assert fake.committed_offsets(P0) == [8]
+        assert fake.commits_of(P0) == [8]
     finally:
         await consumer.close()
 
@@ -346,10 +278,10 @@ async def test_no_commit_of_a_lost_partition_even_for_work_finished_while_losing
         await consumer.ack(first)  # late: P0's second record, and P1's
         fake.script()
         assert await fetch(consumer) == []
-        assert fake.committed_offsets(P1) == [1]
+        assert fake.commits_of(P1) == [1]
     finally:
         await consumer.close()
-    assert fake.committed_offsets(P0) == [], "a lost partition is never committed, not even at close"
+    assert fake.commits_of(P0) == [], "a lost partition is never committed, not even at close"
 
 
 async def test_a_commit_queued_before_a_revoke_goes_out_before_the_revokes_own(scripted: None) -> None:
@@ -370,7 +302,7 @@ async def test_a_commit_queued_before_a_revoke_goes_out_before_the_revokes_own(s
         await fetch(consumer)
         given_up = len(fake.commits)
         assert fake.commits[-1] == (P0, 2, False), "the revoke's final commit is the last one"
-        assert fake.committed_offsets(P0) == sorted(fake.committed_offsets(P0)), "never backwards"
+        assert fake.commits_of(P0) == sorted(fake.commits_of(P0)), "never backwards"
         await consumer.ack(first[2:])  # the engine acks late
         fake.script()
         await fetch(consumer)

@@ -18,6 +18,7 @@ from typing import Any
 import confluent_kafka
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from kafka_fakes import FakeConsumerBase, FakeMessage, Key
 
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryFailure, PartitionId, QueueSpec
@@ -121,64 +122,18 @@ class FakeProducer:
         self.transaction_state = "ready"
 
 
-class FakeMessage:
-    __slots__ = ("_offset", "_partition", "_topic", "_value")
-
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes) -> None:
-        self._topic = topic
-        self._partition = partition
-        self._offset = offset
-        self._value = value
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> bytes:
-        return self._value
-
-    def key(self) -> None:
-        return None
-
-    def headers(self) -> None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (0, 0)
-
-
-Key = tuple[str, int]
-
-
-class FakeConsumer:
+class FakeConsumer(FakeConsumerBase):
     """``confluent_kafka.Consumer`` over in-memory partitions; rebalances happen inside poll/consume when the
     test scripts them. Like librdkafka, a partition's pause outlives its assignment."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-        self._cond = threading.Condition()
+        super().__init__(config)
         self.logs: dict[Key, list[bytes]] = {}
-        self.assigned: set[Key] = set()
         self.fresh: set[Key] = set()  # assigned during the current call
-        self.paused: set[Key] = set()
-        self.positions: dict[Key, int] = {}
-        self.committed_offsets: dict[Key, int] = {}
-        self.commits: list[tuple[Key, int]] = []  # every commit sent, in order
-        self.seeks: list[tuple[Key, int]] = []
         self.events: deque[tuple[str, list[Key]]] = deque()  # rebalances to run inside the next poll
-        self.callbacks: dict[str, Any] = {}
         self.generation = 1
         self.threads: set[str] = set()  # names of the threads that called in (besides metadata)
         self.listed = 0  # list_topics() calls
-        self.closed = False
 
     # the test's side
     def add(self, topic: str, partition: int, values: Sequence[bytes]) -> None:
@@ -195,10 +150,6 @@ class FakeConsumer:
     def _called(self) -> None:
         self.threads.add(threading.current_thread().name)
 
-    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
-        self._called()
-        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
-
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
         self.listed += 1
 
@@ -212,18 +163,13 @@ class FakeConsumer:
                 if not self.events:
                     return
                 kind, keys = self.events.popleft()
-            tps = [TopicPartition(t, p) for t, p in keys]
-            callback = self.callbacks.get(kind)
-            if callback is not None:
-                callback(self, tps)
-            with self._cond:
-                if kind == "assign":
-                    self.fresh |= set(keys)  # fetching them takes a round trip: nothing in this call
-                    self.assigned |= set(keys)
-                    for key in keys:
-                        self.positions[key] = self.committed_offsets.get(key, 0)
-                else:
-                    self.assigned -= set(keys)
+            self.fire(kind, keys)
+
+    def _rebalanced(self, kind: str, keys: Sequence[Key]) -> None:
+        if kind == "assign":
+            self.fresh |= set(keys)  # fetching them takes a round trip: nothing in this call
+            for key in keys:
+                self.positions[key] = self.committed_offsets.get(key, 0)
 
     def _take(self, count: int) -> list[FakeMessage]:
         out: list[FakeMessage] = []
@@ -256,32 +202,6 @@ class FakeConsumer:
         out = self.consume(1, timeout)
         return out[0] if out else None
 
-    def pause(self, partitions: list[TopicPartition]) -> None:
-        self._called()
-        with self._cond:
-            self.paused |= {(tp.topic, tp.partition) for tp in partitions}
-
-    def resume(self, partitions: list[TopicPartition]) -> None:
-        self._called()
-        with self._cond:
-            self.paused -= {(tp.topic, tp.partition) for tp in partitions}
-            self._cond.notify_all()
-
-    def seek(self, partition: TopicPartition) -> None:
-        self._called()
-        key = (partition.topic, partition.partition)
-        with self._cond:
-            self.seeks.append((key, partition.offset))
-            self.positions[key] = partition.offset
-
-    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> Any:
-        self._called()
-        with self._cond:
-            for tp in offsets or ():
-                self.commits.append(((tp.topic, tp.partition), tp.offset))
-                self.committed_offsets[(tp.topic, tp.partition)] = tp.offset
-        return None if asynchronous else list(offsets or ())
-
     def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
         self._called()
         return [TopicPartition(tp.topic, tp.partition, self.committed_offsets.get((tp.topic, tp.partition), -1001))
@@ -299,10 +219,6 @@ class FakeConsumer:
 
     def consumer_group_metadata(self) -> str:
         return f"generation-{self.generation}"
-
-    def close(self) -> None:
-        self._called()
-        self.closed = True
 
 
 class Reports:

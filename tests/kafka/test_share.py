@@ -28,7 +28,7 @@ from volley_kafka.share_admin import configure_share_group
 pytestmark = pytest.mark.kafka
 
 JSON_DICT = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
-WORKER = Path(__file__).with_name("share_worker.py")
+WORKER = Path(__file__).with_name("kafka_worker.py")
 SHARE_PROFILES = ("confluent-share", "confluent-share-orjson-pydantic", "confluent-share-pydantic",
                   "confluent-share-msgpack-pydantic", "confluent-share-batch-json", "confluent-share-dlq")
 
@@ -281,7 +281,7 @@ def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, worker_proce
     group = share_group(kit, delivery_count_limit=10)
 
     def worker(name: str) -> WorkerProcess:
-        process = WorkerProcess([sys.executable, str(WORKER), kit.bootstrap, source, sink, group, "0.005",
+        process = WorkerProcess([sys.executable, str(WORKER), "--share", kit.bootstrap, source, sink, group, "0.005",
                                  "confluent-share", "10"],
                                 tmp_path / f"{name}.log")
         worker_processes.append(process)
