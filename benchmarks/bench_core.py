@@ -19,7 +19,10 @@ from one second to the next. Prints `name: value` lines:
     and, where valgrind is installed (CORE_INSTRUCTIONS=0 skips it, ~3 minutes), core.bare_instructions_per_msg,
     core.engine_instructions_per_msg and core.efficiency_instructions (bare / engine instructions per message:
     what core.efficiency would be if time followed instructions; steadier than times on a shared machine, though
-    not exact: slices, thread switches and collections still depend on timing, so it moves by a few percent)
+    not exact: slices, thread switches and collections still depend on timing, so it moves by a few percent),
+    and (CORE_BACKLOG=0 skips it) the peak RSS of a ``volley run`` worker facing a backlog of 1,000,000 and of 100,000
+    in a SQLite queue: core.peak_rss_mb_backlog, core.peak_rss_mb_backlog_100k, core.peak_rss_backlog_ratio
+    (bounded: within 10% of 1), core.rss_growth_mb_backlog (``_backlog.py``)
 """
 
 from __future__ import annotations
@@ -269,6 +272,11 @@ def main() -> None:
         print(f"core.engine_instructions_per_msg: {counted['engine']:.0f}")
         # engine / bare in throughput terms, from instructions: a steadier stand-in for core.efficiency
         print(f"core.efficiency_instructions: {counted['bare'] / counted['engine']:.3f}")
+    if os.environ.get("CORE_BACKLOG", "1") != "0":  # peak RSS under a backlog, about 1.5 minutes (_backlog.py)
+        from _backlog import backlog_figures
+
+        for line in backlog_figures():
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
