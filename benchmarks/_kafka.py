@@ -93,10 +93,11 @@ def payload(i: int, sent_at: float | None = None) -> bytes:
 class Cluster:
     """Topics, seeding and counting with plain confluent-kafka clients."""
 
-    def __init__(self, brokers: str) -> None:
+    def __init__(self, brokers: str, partitions: int = PARTITIONS) -> None:
         from confluent_kafka.admin import AdminClient
 
         self.brokers = brokers
+        self.partitions = partitions  # of every topic it makes
         self.admin = AdminClient({"bootstrap.servers": brokers})
         self._counter: Any = None
 
@@ -104,14 +105,14 @@ class Cluster:
         from confluent_kafka.admin import NewTopic
 
         name = f"bench-{label}-{uuid.uuid4().hex[:8]}"
-        futures = self.admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1,
+        futures = self.admin.create_topics([NewTopic(name, num_partitions=self.partitions, replication_factor=1,
                                                      config=config or {})])
         for future in futures.values():
             future.result(30)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             topics = self.admin.list_topics(timeout=10).topics
-            if name in topics and len(topics[name].partitions) == PARTITIONS:
+            if name in topics and len(topics[name].partitions) == self.partitions:
                 break
             time.sleep(0.05)
         return name
@@ -144,7 +145,7 @@ class Cluster:
         for attempt in range(50):
             try:
                 return [self._counter.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                        for p in range(PARTITIONS)]
+                        for p in range(self.partitions)]
             except KafkaException:  # a new topic's leader not known yet, and the like
                 if attempt == 49:
                     raise
@@ -156,9 +157,9 @@ class Cluster:
 
         consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": group})
         try:
-            committed = consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+            committed = consumer.committed([TopicPartition(topic, p) for p in range(self.partitions)], timeout=10)
             ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                    for p in range(PARTITIONS)]
+                    for p in range(self.partitions)]
             return sum(end - max(tp.offset, 0) for tp, end in zip(committed, ends, strict=True))
         finally:
             consumer.close()
@@ -174,8 +175,8 @@ class Cluster:
         try:
             # the last stable offsets: where a read_committed reader's partitions end
             ends = {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                    for p in range(PARTITIONS)}
-            reader.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS) if ends[p]])
+                    for p in range(self.partitions)}
+            reader.assign([TopicPartition(topic, p, 0) for p in range(self.partitions) if ends[p]])
             pending = {p for p, end in ends.items() if end}
             seen: set[int] = set()
             duplicates = 0
