@@ -128,7 +128,8 @@ def test_max_messages_runs_every_transaction_it_needs() -> None:
     log: list[Any] = []
     broker = MemoryBroker()
     publish(broker, 20)
-    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)), consume_batch_size=5)
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)), consume_batch_size=5,
+                         transaction_max_messages=5)
 
     @engine.stream_app
     def handler(item: Item) -> list[tuple[str, Item]]:
@@ -386,3 +387,104 @@ def test_work_begun_on_the_handler_thread_before_a_revoke_passed_its_deadline_st
     assert settled == 5, f"inputs left unsettled after the revoke: {report}"
     assert report.acked == 3 and report.abandoned == 2, report
     assert outputs(broker) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ transactions sized by time and count
+
+
+def test_a_transaction_takes_every_batch_fetched_until_it_is_full() -> None:
+    """One transaction per consumed batch paid the broker's commit every few hundred messages (issue 17): the
+    batches fetched while a transaction is open join it, up to transaction_max_messages."""
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 20)
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)), consume_batch_size=5,
+                         transaction_max_messages=10, transaction_interval_seconds=30.0)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    report = asyncio.run(asyncio.wait_for(handler.run_async(max_messages=20), 20))
+    assert [e for e in log if e != "begin"] == [("commit-start", 10), ("commit-done", 10)] * 2, log
+    assert report.acked == 20 and broker.acked("in") == 20 and outputs(broker) == list(range(20))
+
+
+def test_a_transaction_commits_once_its_interval_passed_though_not_full() -> None:
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 3)
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)), consume_batch_size=5,
+                         transaction_interval_seconds=0.2)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    async def main() -> tuple[float, Any]:
+        task = asyncio.ensure_future(handler.run_async())
+        started = time.monotonic()
+        deadline = started + 10
+        while ("commit-done", 3) not in log and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        committed_after = time.monotonic() - started
+        handler.stop()
+        return committed_after, await asyncio.wait_for(task, 10)
+
+    committed_after, report = asyncio.run(main())
+    assert ("commit-done", 3) in log, log
+    assert committed_after >= 0.2 - 0.01, f"committed after {committed_after:.3f} s, before its interval"
+    assert report.acked == 3 and broker.acked("in") == 3
+
+
+def test_a_stop_commits_the_open_transaction_without_waiting_for_its_interval() -> None:
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 3)
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)),
+                         transaction_interval_seconds=60.0)
+    handled: list[int] = []
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        handled.append(item.n)
+        return [("out", item)]
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        deadline = time.monotonic() + 10
+        while len(handled) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        stopped = time.monotonic()
+        handler.stop()
+        report = await asyncio.wait_for(task, 10)
+        return time.monotonic() - stopped, report
+
+    took, report = asyncio.run(main())
+    assert log[-1] == ("commit-done", 3), log
+    assert took < 5, f"the stop took {took:.1f} s"
+    assert report.acked == 3 and broker.acked("in") == 3
+
+
+def test_an_aborted_transaction_of_several_batches_gives_back_all_of_them() -> None:
+    """Every input of an aborted transaction comes again, also those fetched for the next one meanwhile."""
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 8)
+    engine = make_engine(broker, Connector(broker, lambda b, q: TxConsumer(b, q, log)), consume_batch_size=2,
+                         transaction_max_messages=8, transaction_interval_seconds=30.0,
+                         shutdown_timeout_seconds=0.3)
+    calls: list[int] = []
+
+    @engine.stream_app
+    async def handler(item: Item) -> list[tuple[str, Item]]:
+        calls.append(item.n)
+        if len(calls) == 1:
+            await asyncio.sleep(0.6)  # slower than the transaction's deadline: the first transaction aborts
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.2)
+    assert log.count("abort") == 1 and log[-1] == ("commit-done", 8), log
+    assert outputs(broker) == list(range(8)), "outputs of the aborted transaction leaked into the next one"
+    assert report.acked == 8 and broker.acked("in") == 8
+    assert report.settled == report.consumed

@@ -60,6 +60,8 @@ class Engine:
         redelivery_delay_seconds: float = 1.0,
         on_failure: str = "stop",
         shutdown_timeout_seconds: float = 30.0,
+        transaction_interval_seconds: float = 0.1,
+        transaction_max_messages: int = 10_000,
         sync_handler_mode: str = "auto",
         tune_gc: bool = True,
         observers: Sequence[Observer] | None = None,
@@ -99,6 +101,8 @@ class Engine:
         self.sync_handler_mode = sync_handler_mode
         self.tune_gc = bool(tune_gc)
         self.shutdown_timeout_seconds = _positive(shutdown_timeout_seconds, "shutdown_timeout_seconds")
+        self.transaction_interval_seconds = _positive(transaction_interval_seconds, "transaction_interval_seconds")
+        self.transaction_max_messages = int(_positive(transaction_max_messages, "transaction_max_messages"))
         self.registry = registry or get_registry()
 
         self.queue_config = config = _load_queue_config(queue_config, yaml_config_path)

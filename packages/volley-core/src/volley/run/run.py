@@ -93,8 +93,10 @@ class Run:
             self.barrier = TransactionBarrier(
                 self.consumer, self.settlement, app_name=self.name,
                 timeout_seconds=engine.shutdown_timeout_seconds,
+                interval_seconds=engine.transaction_interval_seconds,
+                max_messages=engine.transaction_max_messages,
                 wait_settled=lambda deadline: self.wait_settled(deadline, include_inbox=False),
-                on_abort=self._drop_executor_work)
+                on_abort=self._drop_transaction_work)
         self.drain = DrainMonitor(self, self.consumer, self.observer, app_name=self.name, source=self.input.value,
                                   stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
                                   observed=timed)
@@ -188,8 +190,10 @@ class Run:
                 crashed = crashed or _unexpected_end(self.name, name, task)
         return crashed
 
-    async def _drop_executor_work(self) -> None:
-        """A transaction aborted: work of its batch still running (async lanes) must not settle later."""
+    async def _drop_transaction_work(self) -> None:
+        """A transaction aborts: work of its inputs still running (async lanes) must not settle later, and inputs
+        fetched for the next one are dropped too (the consumer rewinds to the last commit: they come again)."""
+        self.inbox.clear()  # still counted in flight: the abort counts them abandoned with the rest
         if isinstance(self.executor, AsyncLanes):
             await self.executor.reset(1.0)
 
@@ -311,11 +315,17 @@ class Run:
             os._exit(BLOCKED_EXIT_CODE)
 
     async def wait_settled(self, deadline: float, include_inbox: bool = True) -> None:
-        """Until nothing is in flight (nor buffered, with ``include_inbox``; nor, then, in an open transaction:
-        its commit must not be cut), or ``deadline``."""
-        settlement, barrier = self.settlement, self.barrier
-        while (settlement.in_flight or (include_inbox and (self.inbox or (barrier is not None and barrier.open)))) \
-                and time.monotonic() < deadline:
+        """Until nothing is in flight, nor buffered, nor in an open transaction (its commit must not be cut), or
+        ``deadline``. Without ``include_inbox``: until all that is in flight is buffered, not begun (a transaction
+        closing: what was fetched meanwhile belongs to the next one)."""
+        settlement, barrier, inbox = self.settlement, self.barrier, self.inbox
+
+        def unsettled() -> bool:
+            if include_inbox:
+                return bool(settlement.in_flight or inbox or (barrier is not None and barrier.open))
+            return settlement.in_flight > sum(len(batch) for batch in inbox)
+
+        while unsettled() and time.monotonic() < deadline:
             settlement.settled.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settlement.settled.wait(), max(0.0, min(0.5, deadline - time.monotonic())))
@@ -327,8 +337,8 @@ class Run:
         """How many more inputs may be fetched now (0: wait), under backpressure and the barrier."""
         settlement = self.settlement
         room = bound - settlement.in_flight
-        if self.barrier is not None and (settlement.in_flight or self.barrier.open):
-            room = 0  # the next batch waits for this one's commit
+        if self.barrier is not None:  # a transaction takes what it can until it is due; the next one waits
+            room = min(room, self.barrier.room(sum(len(batch) for batch in self.inbox)))
         if self.max_messages is not None:
             remaining = self.max_messages - self.report.consumed
             if remaining <= 0 and settlement.in_flight == 0 and not self.inbox \
@@ -344,7 +354,7 @@ class Run:
         engine = self.engine
         settlement = self.settlement
         batch_size = engine.consume_batch_size
-        bound = batch_size if self.transactional else engine.max_buffered  # barrier: one batch at a time
+        bound = engine.transaction_max_messages if self.transactional else engine.max_buffered
         poll = engine.poll_interval_seconds
         assert self._wake is not None
         while not self.stop.is_stopping:
@@ -403,15 +413,13 @@ class Run:
 
     async def _process_loop(self) -> None:
         assert self._wake is not None and self.executor is not None
-        wake, inbox, executor, barrier = self._wake, self.inbox, self.executor, self.barrier
+        inbox, executor, barrier = self.inbox, self.executor, self.barrier
         settlement, revoked = self.settlement, self.rebalance.revoked
         batch_size = self.engine.consume_batch_size
         while True:
             if not inbox:
-                if self.stop.is_stopping and settlement.in_flight == 0:
+                if not await self._idle():
                     return
-                wake.clear()
-                await wake.wait()
                 continue
             batch = inbox.popleft()
             # Merge small batches so that a slow consumer does not cost one thread hop per message.
@@ -422,10 +430,29 @@ class Run:
                 if not batch:
                     continue
             if barrier is not None:
-                await barrier.begin(batch)
+                await barrier.add(batch)
             await executor.run(batch)
-            if barrier is not None:
+            if barrier is not None and (barrier.due() or revoked):
                 await barrier.finish()
+
+    async def _idle(self) -> bool:
+        """Nothing is buffered: close the open transaction once it is due (or the run stops, or partitions are
+        revoked), else wait for work or for its interval. False once the run is over."""
+        wake, barrier = self._wake, self.barrier
+        assert wake is not None
+        if barrier is not None and barrier.open:
+            if barrier.due() or self.rebalance.revoked or self.stop.is_stopping:
+                await barrier.finish()
+                return True
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), barrier.remaining())
+            return True
+        if self.stop.is_stopping and self.settlement.in_flight == 0:
+            return False
+        wake.clear()
+        await wake.wait()
+        return True
 
 
 def _output_slots(engine: Any) -> tuple[list[Producer], dict[str, tuple[ResolvedQueue, int]],

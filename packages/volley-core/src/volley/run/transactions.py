@@ -1,8 +1,12 @@
-"""The transactional barrier (exactly-once): one batch at a time, its inputs and outputs committed atomically.
+"""The transactional barrier (exactly-once): inputs and outputs of one transaction committed atomically.
 
-``begin`` before a batch's outputs are produced; once every input of the batch settled, ``commit`` with the
-acks, or ``abort`` when anything failed to deliver (the consumer rewinds: the batch is processed again). Nothing
-of an aborted batch may settle later: late reports and dead letters would leak into the next transaction.
+A transaction is sized by time and count: it opens with the first batch after the last commit (``add``, before
+the batch's outputs are produced), takes every batch fetched within ``interval_seconds`` up to ``max_messages``
+inputs, and then closes (``finish``): nothing more is fetched, its inputs settle, and it commits with their
+acks, or aborts when anything failed to deliver (the consumer rewinds to the last commit: all of it is
+processed again). Nothing of an aborted transaction may settle later: late reports and dead letters would leak
+into the next one. The interval is what a read_committed reader waits for outputs, at most; one transaction per
+consumed batch would pay the broker's commit (tens of milliseconds) every few hundred messages.
 """
 
 from __future__ import annotations
@@ -21,27 +25,50 @@ logger = logging.getLogger("volley")
 
 class TransactionBarrier:
     def __init__(self, consumer: Transactional, settlement: Settlement, *, app_name: str, timeout_seconds: float,
-                 wait_settled: Callable[[float], Awaitable[None]],
+                 interval_seconds: float, max_messages: int, wait_settled: Callable[[float], Awaitable[None]],
                  on_abort: Callable[[], Awaitable[None]]) -> None:
         self.consumer = consumer
         self.settlement = settlement
         self.app_name = app_name
         self.timeout_seconds = timeout_seconds
+        self.interval_seconds = interval_seconds
+        self.max_messages = max_messages
         self.wait_settled = wait_settled
         self.on_abort = on_abort
-        self.open = False
+        self.open = False  # begun, not yet committed or aborted
+        self.closing = False  # its commit (or abort) is under way: nothing more joins it, nothing is fetched
+        self.count = 0  # inputs in the open transaction
+        self._started = 0.0
         self._batch: list[Envelope] = []
         self._counts_at_begin = settlement.report.settled_counts()
 
-    async def begin(self, batch: list[Envelope]) -> None:
-        self.open = True
-        self._batch = batch
-        self._counts_at_begin = self.settlement.report.settled_counts()
-        await self.consumer.begin()
+    async def add(self, batch: list[Envelope]) -> None:
+        """``batch`` joins the open transaction (opened now if none is): before its outputs are produced."""
+        if not self.open:
+            self.open = True
+            self._started = time.monotonic()
+            self._counts_at_begin = self.settlement.report.settled_counts()
+            await self.consumer.begin()
+        self._batch.extend(batch)
+        self.count += len(batch)
+
+    def due(self) -> bool:
+        """Whether the open transaction is full or old enough to commit."""
+        return self.count >= self.max_messages or time.monotonic() - self._started >= self.interval_seconds
+
+    def remaining(self) -> float:
+        """Seconds until the open transaction is due by time."""
+        return max(0.0, self._started + self.interval_seconds - time.monotonic())
+
+    def room(self, queued: int) -> int:
+        """How many more inputs may be fetched for the open (or next) transaction, ``queued`` fetched already."""
+        return 0 if self.closing else self.max_messages - self.count - queued
 
     async def finish(self) -> None:
-        """Wait for the batch to settle, then commit inputs and outputs atomically (or abort)."""
+        """Close the transaction: wait for its inputs to settle, then commit them and their outputs atomically
+        (or abort)."""
         settlement = self.settlement
+        self.closing = True
         deadline = time.monotonic() + self.timeout_seconds
         settlement.flush_outputs()
         await self.wait_settled(deadline)
@@ -70,7 +97,8 @@ class TransactionBarrier:
             await acker.flush()
             settlement.notify()  # wakes the fetcher for the next transaction
         finally:
-            self.open = False
+            self.open = self.closing = False
+            self.count = 0
 
     def _forget(self) -> None:
         settlement = self.settlement
