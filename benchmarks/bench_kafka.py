@@ -11,7 +11,7 @@ encode, produce.
     processing thread through a bounded queue, offsets stored after delivery reports and committed
     asynchronously (``_kafka_ceilings.pipelined``);
 (c) Volley, the ``confluent`` profile with its default settings (idempotent producer, commits only what was
-    delivered), then the ``confluent-eos`` profile (exactly-once: one transaction per consumed batch), whose
+    delivered), then the ``confluent-eos`` profile (exactly-once: a transaction every 100 ms or 10,000 inputs), whose
     output a ``read_committed`` reader counts in the same run (every output once, no duplicate);
 (d) py-volley 1.3.1 with its ``confluent`` profile, in its own virtualenv (``benchmarks/_pyvolley.py``), as a
     subprocess, over the first 30,000 messages (it is two orders of magnitude slower), timed from its first

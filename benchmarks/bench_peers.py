@@ -9,8 +9,8 @@ orjson encode, one output per input) on the same 4-partition topic, as a subproc
 - ``quix_eos``: Quix Streams with ``processing_guarantee="exactly-once"`` and ``commit_interval`` set to Volley's
   own transaction interval, measured in the exactly-once Volley run just before it: both make outputs visible to
   a ``read_committed`` reader as often, the fair comparison;
-- ``quix_eos_defaults``: both at their defaults. Volley commits one transaction per consumed batch (outputs
-  visible within about a batch's processing time, some 100 ms here, at the price of a commit per batch); Quix
+- ``quix_eos_defaults``: both at their defaults. Volley commits a transaction every 100 ms or 10,000 inputs
+  (outputs visible within about 100 ms plus the commit, at the price of ten commits a second); Quix
   checkpoints every 5 s (fewer, larger transactions: more throughput, outputs visible up to 5 s late, and a
   failure re-processes up to 5 s of input);
 - ``faststream``: FastStream's confluent broker, one message at a time, awaiting each publish, committing after

@@ -354,7 +354,9 @@ class Run:
         engine = self.engine
         settlement = self.settlement
         batch_size = engine.consume_batch_size
-        bound = engine.transaction_max_messages if self.transactional else engine.max_buffered
+        bound = engine.max_buffered
+        if self.transactional:
+            bound = min(bound, engine.transaction_max_messages)
         poll = engine.poll_interval_seconds
         assert self._wake is not None
         while not self.stop.is_stopping:
