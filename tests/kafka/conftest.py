@@ -17,12 +17,18 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
 def unique(label: str) -> str:
     return f"t-{label}-{uuid.uuid4().hex[:10]}"
+
+
+def _coordinator_busy(exc: KafkaException) -> bool:
+    error = exc.args[0] if exc.args else None
+    return isinstance(error, KafkaError) and (error.retriable() or error.code() in (
+        KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS))
 
 
 class KafkaKit:
@@ -108,13 +114,23 @@ class KafkaKit:
         finally:
             consumer.close()
 
-    def committed(self, group: str, topic: str, partitions: int = 1) -> dict[int, int]:
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
-        try:
-            result = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-            return {tp.partition: tp.offset for tp in result}
-        finally:
-            consumer.close()
+    coordinator_busy = staticmethod(_coordinator_busy)
+
+    def committed(self, group: str, topic: str, partitions: int = 1, within: float = 20.0) -> dict[int, int]:
+        """The group's committed offsets. A coordinator that is moving or loading (NOT_COORDINATOR and the like,
+        under load or right after a broker restart) is asked again, until ``within`` seconds have passed."""
+        deadline = time.monotonic() + within
+        while True:
+            consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
+            try:
+                result = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+                return {tp.partition: tp.offset for tp in result}
+            except KafkaException as exc:
+                if not _coordinator_busy(exc) or time.monotonic() > deadline:
+                    raise
+            finally:
+                consumer.close()
+            time.sleep(0.2)  # a retry's pause, not synchronisation: the loop ends on success or the deadline
 
     def end_offsets(self, topic: str, partitions: int = 1) -> dict[int, int]:
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": unique("ends")})
