@@ -1,5 +1,6 @@
-"""What the Kafka benchmarks share: the data, its model and the per-message work, the broker, and a cluster
-helper that makes topics, seeds them and checks what a run left behind (outputs written, lag).
+"""What the Kafka benchmarks share: the data and its model (from ``_orders.py``, with the latency timestamps),
+the broker, and a cluster helper that makes topics, seeds them and checks what a run left behind (outputs
+written, lag).
 
 Every system measured does the same work per message: orjson decode, Pydantic v2 validation of ``Order``,
 the handler (builds an ``Enriched``), JSON-mode dump, orjson encode, produce one output per input.
@@ -10,53 +11,19 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _orders as orders
+from _orders import payload
+
 N = 200_000
 PARTITIONS = 4
 BATCH = 500
 HERE = Path(__file__).resolve().parent
-
-# The data model, as a module of its own so that py-volley (another venv) imports the very same classes.
-MODEL_SOURCE = textwrap.dedent('''
-    from datetime import datetime
-
-    from pydantic import BaseModel
-
-
-    class Order(BaseModel):
-        order_id: int
-        customer: str
-        amount: float
-        currency: str
-        created_at: datetime
-        tags: list[str]
-        note: str | None = None
-        sent_at: float | None = None
-
-
-    class Enriched(BaseModel):
-        order_id: int
-        customer: str
-        amount_cents: int
-        currency: str
-        created_at: datetime
-        tags: list[str]
-        priority: bool
-        sent_at: float | None = None
-        input_appended_at: float | None = None
-
-
-    def handle(order: Order) -> Enriched:
-        return Enriched(order_id=order.order_id, customer=order.customer, amount_cents=round(order.amount * 100),
-                        currency=order.currency, created_at=order.created_at, tags=order.tags,
-                        priority=order.amount > 1000, sent_at=order.sent_at)
-''')
 
 
 @contextlib.contextmanager
@@ -74,20 +41,7 @@ def kafka_address() -> Iterator[str]:
 
 def write_model(directory: Path) -> None:
     """``bench_kafka_model`` in ``directory``: put it on sys.path (and a peer's PYTHONPATH)."""
-    (directory / "bench_kafka_model.py").write_text(MODEL_SOURCE)
-
-
-def payload(i: int, sent_at: float | None = None) -> bytes:
-    import orjson
-
-    order: dict[str, Any] = {
-        "order_id": i, "customer": f"customer-{i % 997:04d}", "amount": (i % 10_000) / 7, "currency": "EUR",
-        "created_at": "2026-11-28T08:00:00+00:00", "tags": ["web", "eu", f"t{i % 13}"],
-        "note": "deliver to the back door, please" if i % 3 else None,
-    }
-    if sent_at is not None:
-        order["sent_at"] = sent_at
-    return bytes(orjson.dumps(order))
+    orders.write_model(directory, "bench_kafka_model", timestamps=True)
 
 
 class Cluster:

@@ -38,11 +38,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel
+from _orders import load_model
+from _orders import payloads as make_payloads
 
 from volley import Engine, Envelope, MemoryBroker
 from volley.plugins import build_registry, get_registry
@@ -52,40 +52,8 @@ REPEATS = int(os.environ.get("CORE_RUNS", "15"))
 COUNT_LOW, COUNT_HIGH = 2_000, 8_000  # messages per process of the instruction count (valgrind: ~50x slower)
 
 
-class Order(BaseModel):
-    order_id: int
-    customer: str
-    amount: float
-    currency: str
-    created_at: datetime
-    tags: list[str]
-    note: str | None = None
-
-
-class Enriched(BaseModel):
-    order_id: int
-    customer: str
-    amount_cents: int
-    currency: str
-    created_at: datetime
-    tags: list[str]
-    priority: bool
-
-
-def make_payloads(n: int) -> list[bytes]:
-    now = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
-    return [
-        orjson.dumps({"order_id": i, "customer": f"customer-{i % 997:04d}", "amount": (i % 10_000) / 7,
-                      "currency": "EUR", "created_at": now.isoformat(), "tags": ["web", "eu", f"t{i % 13}"],
-                      "note": "deliver to the back door, please" if i % 3 else None})
-        for i in range(n)
-    ]
-
-
-def handle(order: Order) -> Enriched:
-    return Enriched(order_id=order.order_id, customer=order.customer, amount_cents=round(order.amount * 100),
-                    currency=order.currency, created_at=order.created_at, tags=order.tags,
-                    priority=order.amount > 1000)
+_MODEL = load_model()
+Order, Enriched, handle = _MODEL.Order, _MODEL.Enriched, _MODEL.handle
 
 
 def bare_loop(payloads: list[bytes]) -> float:

@@ -1,7 +1,7 @@
 """Kafka -> Kafka benchmark on a real Apache Kafka broker: two hand-written ceilings, Volley, py-volley.
 
 200,000 JSON orders of about 200 bytes in a 4-partition topic; each run reads them all with a consumer group of
-its own and writes one output per input to a topic of its own, doing the same work per message (``_kafka.py``):
+its own and writes one output per input to a topic of its own, doing the same work per message (``_orders.py``):
 orjson decode, Pydantic v2 validation of ``Order``, the handler (builds an ``Enriched``), JSON-mode dump, orjson
 encode, produce.
 
@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import _kafka_ceilings
-from _kafka import HERE, PARTITIONS, Cluster, N, kafka_address, payload, write_model
+from _kafka import HERE, PARTITIONS, Cluster, N, kafka_address, write_model
+from _orders import payload
 
 PYVOLLEY_N = 30_000
 REPEATS = 3  # the ceilings and Volley alternate; the best of each is compared, which discounts interference

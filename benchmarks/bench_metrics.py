@@ -16,17 +16,15 @@ batch (a figure that machine load does not blur).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Any
 
+from _passthrough import Rates, best_rates, memory_profile, run_pass_through
 from prometheus_client import CollectorRegistry
 
 from volley import Engine
-from volley.memory import MemoryBroker
-from volley.message import OutgoingMessage
 from volley.plugins import Registry, build_registry
 from volley_prometheus import PrometheusObserver, VolleyMetrics
 
@@ -35,42 +33,15 @@ RUNS = int(os.environ.get("BENCH_METRICS_RUNS", "3"))
 MODES = ("off", "on", "recording")
 
 
-def _profile(registry: Registry) -> str:
-    name = "memory-orjson-pydantic"
-    return name if ("profile", name) in registry else "memory"
+def _run(mode: str, n: int, registry: Registry, no_observers: Registry) -> Rates:
+    def engine(kwargs: dict[str, Any]) -> Engine:
+        if mode == "off":
+            return Engine(metrics_port=None, registry=no_observers, **kwargs)
+        if mode == "recording":
+            return Engine(metrics_port=None, registry=registry, **kwargs)
+        return Engine(metrics_port=0, registry=registry, metrics_settings={"metrics_host": "127.0.0.1"}, **kwargs)
 
-
-def _run(mode: str, registry: Registry, no_observers: Registry, n: int = N) -> tuple[float, float]:
-    """(messages per second of wall-clock time, messages per second of process CPU time) for one run."""
-    broker = MemoryBroker(keep_log=False)
-    payload = json.dumps({"id": 1, "name": "benchmark", "value": 3.5}).encode()
-    for start in range(0, n, 10_000):
-        broker.publish_many([OutgoingMessage("bench.in", payload) for _ in range(start, min(n, start + 10_000))])
-    profile = _profile(registry)
-    config: dict[str, Any] = {
-        "in": {"value": "bench.in", "profile": profile, "config": {"broker": broker}},
-        "out": {"value": "bench.out", "profile": profile, "config": {"broker": broker}},
-        "dlq": {"value": "bench.dlq", "profile": "memory-dlq", "config": {"broker": broker}},
-    }
-    kwargs: dict[str, Any] = {"app_name": "bench", "input_queue": "in", "output_queues": ["out"],
-                              "dead_letter_queue": "dlq", "queue_config": config}
-    if mode == "off":
-        app = Engine(metrics_port=None, registry=no_observers, **kwargs)
-    elif mode == "recording":
-        app = Engine(metrics_port=None, registry=registry, **kwargs)
-    else:
-        app = Engine(metrics_port=0, registry=registry, metrics_settings={"metrics_host": "127.0.0.1"}, **kwargs)
-
-    @app.stream_app
-    def handler(message: Any) -> list[tuple[str, Any]]:
-        return [("out", message)]
-
-    started, cpu_started = time.perf_counter(), time.process_time()
-    report = handler.run_until_drained(timeout=600.0, drain_idle_seconds=0.05)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    if report.consumed != n:
-        raise RuntimeError(f"{mode}: consumed {report.consumed} of {n}")
-    return n / elapsed, n / cpu
+    return run_pass_through(mode, n, memory_profile(registry), engine, dead_letters=True)
 
 
 def _observer_cost_per_message(batch: int = 500, batches: int = 2000) -> float:
@@ -96,20 +67,9 @@ def main() -> None:
         raise SystemExit("volley-prometheus is not installed: nothing to measure")
     no_observers = build_registry()
     no_observers.entries["observer"] = {}
-    for mode in MODES:  # warm-up: imports, pydantic's and the allocator's first-use costs
-        _run(mode, registry, no_observers, n=max(1, N // 10))
-    best = dict.fromkeys(MODES, 0.0)
-    best_cpu = dict.fromkeys(MODES, 0.0)
-    for round_ in range(RUNS):
-        for i in range(len(MODES)):
-            mode = MODES[(i + round_) % len(MODES)]
-            rate, cpu_rate = _run(mode, registry, no_observers)
-            if os.environ.get("BENCH_VERBOSE"):
-                print(f"# {mode}: {rate:.0f} msg/s wall, {cpu_rate:.0f} msg/s cpu")
-            best[mode] = max(best[mode], rate)
-            best_cpu[mode] = max(best_cpu[mode], cpu_rate)
+    best, best_cpu = best_rates(MODES, RUNS, N, lambda mode, n: _run(mode, n, registry, no_observers))
     print(f"metrics.messages: {N}")
-    print(f"metrics.profile: {_profile(registry)}")
+    print(f"metrics.profile: {memory_profile(registry)}")
     print(f"metrics.overhead: {best['off'] / best['on'] - 1:.4f}")
     print(f"metrics.off_msgs_per_s: {best['off']:.0f}")
     print(f"metrics.on_msgs_per_s: {best['on']:.0f}")

@@ -23,13 +23,13 @@ engine), with ``otel.overhead_from_parts_<mode>`` (that cost over the pipeline's
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from _passthrough import Rates, best_rates, memory_profile, run_pass_through
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -41,8 +41,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
 from volley import Engine
-from volley.memory import MemoryBroker
-from volley.message import Envelope, OutgoingMessage
+from volley.message import Envelope
 from volley.plugins import Registry, build_registry
 from volley.ports import QueueSpec
 from volley_otel import OtelTracer
@@ -69,48 +68,23 @@ def _provider(mode: str) -> TracerProvider:
     return provider
 
 
-def _profile(registry: Registry) -> str:
-    name = "memory-orjson-pydantic"
-    return name if ("profile", name) in registry else "memory"
+def _run(mode: str, n: int, registry: Registry, without_otel: Registry) -> Rates:
+    provider = _provider(mode) if mode.startswith("sdk_") else None
 
+    def engine(kwargs: dict[str, Any]) -> Engine:
+        kwargs["metrics_port"] = None
+        if mode == "off":
+            return Engine(registry=registry, **kwargs)
+        if mode == "not_installed":
+            return Engine(registry=without_otel, **kwargs)
+        if mode == "api_only":
+            return Engine(registry=registry, tracing="otel", tracing_settings={"log_correlation": False}, **kwargs)
+        return Engine(registry=registry, tracing="otel",
+                      tracing_settings={"tracer_provider": provider, "log_correlation": False}, **kwargs)
 
-def _run(mode: str, registry: Registry, without_otel: Registry, n: int = N) -> tuple[float, float]:
-    """Messages per second of one run in ``mode``: of wall-clock time, and of process CPU time."""
-    broker = MemoryBroker(keep_log=False)
-    payload = json.dumps({"id": 1, "name": "benchmark", "value": 3.5}).encode()
-    for start in range(0, n, 10_000):
-        broker.publish_many([OutgoingMessage("bench.in", payload) for _ in range(start, min(n, start + 10_000))])
-    profile = _profile(registry)
-    config: dict[str, Any] = {
-        "in": {"value": "bench.in", "profile": profile, "config": {"broker": broker}},
-        "out": {"value": "bench.out", "profile": profile, "config": {"broker": broker}},
-    }
-    kwargs: dict[str, Any] = {"app_name": "bench", "input_queue": "in", "output_queues": ["out"],
-                              "queue_config": config, "metrics_port": None}
-    provider: TracerProvider | None = None
-    if mode == "off":
-        app = Engine(registry=registry, **kwargs)
-    elif mode == "not_installed":
-        app = Engine(registry=without_otel, **kwargs)
-    elif mode == "api_only":
-        app = Engine(registry=registry, tracing="otel", tracing_settings={"log_correlation": False}, **kwargs)
-    else:
-        provider = _provider(mode)
-        app = Engine(registry=registry, tracing="otel",
-                     tracing_settings={"tracer_provider": provider, "log_correlation": False}, **kwargs)
-
-    @app.stream_app
-    def handler(message: Any) -> list[tuple[str, Any]]:
-        return [("out", message)]
-
-    started, cpu_started = time.perf_counter(), time.process_time()
-    report = handler.run_until_drained(timeout=600.0, drain_idle_seconds=0.05)
-    if provider is not None:
-        provider.shutdown()  # a batch processor's export of what is left counts too
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    if report.consumed != n:
-        raise RuntimeError(f"{mode}: consumed {report.consumed} of {n}")
-    return n / elapsed, n / cpu
+    # A batch processor's export of what is left counts too.
+    return run_pass_through(mode, n, memory_profile(registry), engine,
+                            finish=provider.shutdown if provider is not None else None)
 
 
 def _sdk_span_us(count: int = 20_000) -> float:
@@ -157,21 +131,10 @@ def main() -> None:
     for entries in without_otel.entries.values():
         for name in [n for n, entry in entries.items() if entry.distribution == "volley-otel"]:
             del entries[name]
-    for mode in MODES:  # warm-up: imports, first-use costs
-        _run(mode, registry, without_otel, n=max(1, N // 10))
-    best = dict.fromkeys(MODES, 0.0)
-    best_cpu = dict.fromkeys(MODES, 0.0)
-    for round_ in range(RUNS):
-        for i in range(len(MODES)):
-            mode = MODES[(i + round_) % len(MODES)]
-            rate, cpu_rate = _run(mode, registry, without_otel)
-            if os.environ.get("BENCH_VERBOSE"):
-                print(f"# {mode}: {rate:.0f} msg/s wall, {cpu_rate:.0f} msg/s cpu")
-            best[mode] = max(best[mode], rate)
-            best_cpu[mode] = max(best_cpu[mode], cpu_rate)
+    best, best_cpu = best_rates(MODES, RUNS, N, lambda mode, n: _run(mode, n, registry, without_otel))
     off, off_cpu = best["off"], best_cpu["off"]
     print(f"otel.messages: {N}")
-    print(f"otel.profile: {_profile(registry)}")
+    print(f"otel.profile: {memory_profile(registry)}")
     for label, mode in (("", "sdk_simple"), ("_batch", "sdk_batch"), ("_sampled_1pct", "sdk_ratio"),
                         ("_api_only", "api_only")):
         print(f"otel.overhead{label}: {off / best[mode] - 1:.4f}")

@@ -2,7 +2,7 @@
 
 Opt-in (``python3 dev.py bench peers``): it installs each peer in a virtualenv of its own (``_venvs.py``) and
 takes several minutes. Each peer is a small program in ``benchmarks/peers/`` that does the same work per message
-as Volley (``_kafka.py``: orjson decode, Pydantic v2 validation of ``Order``, the handler, JSON-mode dump,
+as Volley (``_orders.py``: orjson decode, Pydantic v2 validation of ``Order``, the handler, JSON-mode dump,
 orjson encode, one output per input) on the same 4-partition topic, as a subprocess with its venv's python:
 
 - ``quix``: Quix Streams, at-least-once (its default guarantee, a checkpoint every ``commit_interval`` = 5 s);

@@ -36,42 +36,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import _orders as orders
+
 N = 20_000
 VOLLEY_REPEATS = 3
 HERE = Path(__file__).resolve().parent
-
-# The data model, as a module of its own so that py-volley (another venv) imports the very same classes.
-MODEL_SOURCE = textwrap.dedent('''
-    from datetime import datetime
-
-    from pydantic import BaseModel
-
-
-    class Order(BaseModel):
-        order_id: int
-        customer: str
-        amount: float
-        currency: str
-        created_at: datetime
-        tags: list[str]
-        note: str | None = None
-
-
-    class Enriched(BaseModel):
-        order_id: int
-        customer: str
-        amount_cents: int
-        currency: str
-        created_at: datetime
-        tags: list[str]
-        priority: bool
-
-
-    def handle(order: Order) -> Enriched:
-        return Enriched(order_id=order.order_id, customer=order.customer, amount_cents=round(order.amount * 100),
-                        currency=order.currency, created_at=order.created_at, tags=order.tags,
-                        priority=order.amount > 1000)
-''')
 
 PYVOLLEY_WORKER = textwrap.dedent('''
     import logging
@@ -122,20 +91,8 @@ def redis_address() -> Iterator[tuple[str, int]]:
 
 
 def write_model(directory: Path) -> None:
-    (directory / "bench_rsmq_model.py").write_text(MODEL_SOURCE)
+    orders.write_model(directory, "bench_rsmq_model")
     (directory / "bench_pyvolley_worker.py").write_text(PYVOLLEY_WORKER)
-
-
-def payloads() -> list[bytes]:
-    import orjson
-
-    created = "2026-11-28T08:00:00+00:00"
-    return [
-        orjson.dumps({"order_id": i, "customer": f"customer-{i % 997:04d}", "amount": (i % 10_000) / 7,
-                      "currency": "EUR", "created_at": created, "tags": ["web", "eu", f"t{i % 13}"],
-                      "note": "deliver to the back door, please" if i % 3 else None})
-        for i in range(N)
-    ]
 
 
 class Queues:
@@ -272,7 +229,7 @@ def pyvolley_run(queues: Queues, host: str, port: int, bodies: list[bytes], work
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("volley").setLevel(logging.ERROR)  # "no dead_letter_queue configured" is expected here
-    bodies = payloads()
+    bodies = orders.payloads(N)
     with tempfile.TemporaryDirectory(prefix="bench-rsmq-") as tmp, redis_address() as (host, port):
         workdir = Path(tmp)
         write_model(workdir)

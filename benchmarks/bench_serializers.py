@@ -30,7 +30,7 @@ from typing import Any
 
 import msgpack
 import orjson
-from pydantic import BaseModel
+from _orders import load_model
 
 from volley.plugins import get_registry
 from volley.queues import ResolvedQueue, resolve_queue
@@ -39,14 +39,7 @@ MESSAGES = 1000
 REPEATS = 25
 
 
-class Order(BaseModel):
-    order_id: int
-    customer: str
-    amount: float
-    currency: str
-    created_at: datetime
-    tags: list[str]
-    note: str | None = None
+Order = load_model().Order
 
 
 def make_orders(n: int) -> list[Order]:
