@@ -1,0 +1,228 @@
+"""The RSMQ consumer's settler: a thread that deletes acknowledged messages, makes nacked ones visible again and
+extends the visibility of those still being handled (the heartbeat), in batches, retrying what Redis refuses for
+a while (see ``volley_rsmq.consumer`` for the whole policy).
+
+The consumer's side queues the work under the shared condition; everything that talks to Redis for settling is
+here, on the settler's own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+
+import redis
+
+from volley_rsmq._util import ThrottledLog
+from volley_rsmq.client import RsmqClient, is_transient
+from volley_rsmq.settings import RsmqSettings
+
+logger = logging.getLogger("volley.rsmq")
+
+CHUNK = 1000  # ids per delete transaction / visibility script
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class Held:
+    """A message this consumer received and has not settled yet."""
+
+    __slots__ = ("deadline", "lost", "rc", "since", "warned")
+
+    def __init__(self, rc: int, deadline: float, since: float) -> None:
+        self.rc = rc
+        self.deadline = deadline  # monotonic time at which its visibility timeout expires
+        self.since = since  # monotonic time of receipt
+        self.lost = False  # received again by someone else: nothing left to extend
+        self.warned = False
+
+
+Delivery = tuple[str, int]  # (message id, receive count): one delivery of one message
+Release = tuple[int, str, list[Delivery]]  # (visible again in ms, reason, deliveries)
+
+
+class Settler:
+    """The consumer's settling thread and what it shares with the consumer's side (which queues the work)."""
+
+    qname: str
+    settings: RsmqSettings
+    extended: int
+    _cond: threading.Condition
+    _held: dict[Delivery, Held]
+    _deleting: dict[Delivery, Held]
+    _to_delete: deque[Delivery]
+    _to_release: list[Release]
+    _room_waiters: list[asyncio.Future[None]]
+    _busy: int
+    _stopping: bool
+    _stop_deadline: float
+    _vt_ms: int
+    _trouble: ThrottledLog
+
+    def _wake_room_waiters(self) -> None:
+        """Called with ``_cond`` held, from any thread, when room was made in ``_deleting``."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
+                waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+
+    def _settle_loop(self, client: RsmqClient) -> None:
+        heartbeat = min(max(self._vt_ms / 4000, 0.05), 10.0)
+        next_beat = time.monotonic() + heartbeat
+        backoff = self.settings.retry_backoff_seconds
+        while True:
+            with self._cond:
+                while not (self._to_delete or self._to_release or self._stopping):
+                    wait = next_beat - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                # One transaction of deletes per turn, so the heartbeat below runs between them however long
+                # the queue of deletes is.
+                queue = self._to_delete
+                deletes = [queue.popleft() for _ in range(min(CHUNK, len(queue)))]
+                releases, self._to_release = self._to_release, []
+                self._busy = len(deletes) + len(releases)
+            try:
+                # The heartbeat first, on its own schedule, so that neither a long queue of deletes nor deletes
+                # failing again and again keep it from extending what is held or waits for its delete.
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + heartbeat
+                    try:
+                        self._watch_visibility(client)
+                    except redis.RedisError as exc:
+                        if is_transient(exc):
+                            raise
+                        logger.exception("extending the visibility of messages of RSMQ queue %r failed", self.qname)
+                if deletes:
+                    client.delete(self.qname, [message_id for message_id, _ in deletes])
+                    self._deleted(deletes)
+                    deletes = []
+                while releases:
+                    vt_ms, reason, pairs = releases[0]
+                    for start in range(0, len(pairs), CHUNK):
+                        client.change_visibility(self.qname, vt_ms, pairs[start:start + CHUNK], reason)
+                    releases.pop(0)
+                backoff = self.settings.retry_backoff_seconds
+            except redis.RedisError as exc:
+                if not is_transient(exc):
+                    logger.exception(
+                        "settling messages of RSMQ queue %r failed for good; %d message(s) will be delivered again "
+                        "when their visibility timeout expires", self.qname,
+                        len(deletes) + sum(len(pairs) for _, _, pairs in releases))
+                    self._deleted(deletes)  # not deleted, but no longer pending either
+                else:
+                    with self._cond:  # put back what was not done, in front of anything newer
+                        self._to_delete.extendleft(reversed(deletes))
+                        self._to_release[:0] = releases
+                    if time.monotonic() >= self._stop_deadline:
+                        self._give_up()
+                        return
+                    self._trouble.warning(
+                        "settling messages of RSMQ queue %r failed, will retry: %s", self.qname, exc)
+                    with self._cond:
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, 1.0, heartbeat)  # a retry never holds back the heartbeat long
+            finally:
+                with self._cond:
+                    self._busy = 0
+                    self._cond.notify_all()
+            with self._cond:
+                if self._stopping and not (self._to_delete or self._to_release):
+                    return
+
+    def _deleted(self, deliveries: list[Delivery]) -> None:
+        """Forget deliveries whose delete is done (or abandoned) and let waiting acks and receives go on."""
+        if not deliveries:
+            return
+        with self._cond:
+            deleting = self._deleting
+            for delivery in deliveries:
+                deleting.pop(delivery, None)
+            self._wake_room_waiters()
+
+    def _give_up(self) -> None:
+        with self._cond:
+            left = len(self._deleting) + sum(len(p) for _, _, p in self._to_release)
+            self._to_delete.clear()
+            self._deleting.clear()
+            self._to_release.clear()
+            self._wake_room_waiters()
+        logger.error(
+            "closing RSMQ consumer of %r with %d message(s) not settled (Redis unreachable); they will be "
+            "delivered again when their visibility timeout expires", self.qname, left)
+
+    def _watch_visibility(self, client: RsmqClient) -> None:
+        """Extend the visibility of messages still being processed past half their vt, or warn (see module doc).
+
+        Acknowledged messages whose delete has not reached Redis yet are always extended: letting them expire
+        would only deliver finished work again.
+        """
+        now = time.monotonic()
+        vt = self._vt_ms / 1000
+        extend: list[Delivery] = []
+        with self._cond:
+            for delivery, pending in self._deleting.items():
+                if not pending.lost and pending.deadline - now <= vt / 2:
+                    extend.append(delivery)
+            for (message_id, rc), held in self._held.items():
+                if held.lost or held.deadline - now > vt / 2:
+                    continue
+                if not self.settings.heartbeat:
+                    if held.deadline <= now and not held.warned:
+                        held.warned = True
+                        logger.warning(
+                            "message %s of RSMQ queue %r is still being processed after its visibility timeout "
+                            "(%g s); it may be delivered again and processed twice (raise 'vt', or enable "
+                            "'heartbeat')", message_id, self.qname, vt)
+                    continue
+                if now - held.since >= self.settings.max_extension_seconds:
+                    if not held.warned:
+                        held.warned = True
+                        logger.warning(
+                            "message %s of RSMQ queue %r has been processed for %.0f s, more than "
+                            "max_extension_seconds; its visibility is no longer extended and it will be delivered "
+                            "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
+                    continue
+                extend.append((message_id, rc))
+        if not extend:
+            return
+        lost: set[Delivery] = set()
+        deadline = time.monotonic() + vt  # taken before the scripts run: Redis counts from a later instant
+        for start in range(0, len(extend), CHUNK):
+            lost.update(client.change_visibility(self.qname, self._vt_ms, extend[start:start + CHUNK]))
+        redelivered = 0
+        with self._cond:
+            for delivery in extend:
+                message_id = delivery[0]
+                current = self._held.get(delivery)
+                if current is None:
+                    current = self._deleting.get(delivery)
+                    if current is None:  # deleted meanwhile
+                        continue
+                    if delivery in lost:
+                        current.lost = True
+                        redelivered += 1
+                    else:
+                        current.deadline = deadline
+                        self.extended += 1
+                    continue
+                if delivery in lost:
+                    current.lost = True
+                    logger.warning(
+                        "message %s of RSMQ queue %r was delivered again (here or elsewhere) before its visibility "
+                        "could be extended; it may be processed twice", message_id, self.qname)
+                else:
+                    current.deadline = deadline
+                    self.extended += 1
+        if redelivered:
+            logger.warning(
+                "%d acknowledged message(s) of RSMQ queue %r were delivered again before their delete reached Redis "
+                "(their visibility timeout had expired); they may be processed twice", redelivered, self.qname)
