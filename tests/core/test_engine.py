@@ -17,6 +17,7 @@ from volley.memory import MemoryConsumer
 from volley.message import OutgoingMessage
 from volley.plugins import build_registry
 from volley.ports import InstantlyDrainable
+from volley.run import sync_executor
 from volley.testing import harness
 
 
@@ -504,6 +505,73 @@ def test_a_handler_that_turns_slow_after_calibration_moves_off_the_loop(observed
 
     ticks = ticks_while_blocked(turns_slow, release, acked=30)
     assert ticks >= 20, f"the event loop was blocked: {ticks} ticks"
+
+
+class _Descheduling:
+    """A clock for the sync executor that jumps forward, and the loop thread's wait for a CPU that grows with it
+    when the jump is the OS's doing (the process descheduled on a loaded machine), not the handler's."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.waited = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def jump(self, seconds: float, *, by_the_os: bool) -> None:
+        self.offset += seconds
+        if by_the_os:
+            self.waited += seconds
+
+    def run_queue_wait(self) -> Any:
+        clock = self
+
+        class Waited:
+            def __call__(self) -> float:
+                return clock.waited
+
+            def close(self) -> None:
+                pass
+
+        return Waited()
+
+
+@pytest.mark.parametrize("by_the_os", [True, False])
+def test_a_fast_handler_descheduled_by_the_os_stays_on_the_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                by_the_os: bool) -> None:
+    """Two 30 ms gaps within a second move an inline handler to its thread for good when the handler caused
+    them (it blocked), not when the OS kept the loop thread waiting for a CPU (a loaded machine): then every
+    batch would pay a thread hop for nothing."""
+    clock = _Descheduling()
+    monkeypatch.setattr(sync_executor, "time", clock)
+    monkeypatch.setattr(sync_executor, "RunQueueWait", clock.run_queue_wait, raising=False)
+    broker = MemoryBroker()
+    engine = make_engine(broker, consume_batch_size=5, max_buffered=5)
+    seed(broker, engine, [Item(n) for n in range(40)])
+    threads: dict[int, int] = {}
+
+    @engine.stream_app
+    def fast(item: Item) -> bool:
+        threads[item.n] = threading.get_ident()
+        if item.n in (20, 22):  # past the calibration batches: inline
+            clock.jump(0.03, by_the_os=by_the_os)
+        return True
+
+    loop_thread: list[int] = []
+
+    async def main() -> None:
+        loop_thread.append(threading.get_ident())
+        await fast.run_async(max_messages=40)
+
+    asyncio.run(main())
+    later = {threads[n] for n in range(25, 40)}
+    if by_the_os:
+        assert later == {loop_thread[0]}, "a fast handler left the event loop because the OS descheduled it"
+    else:
+        assert loop_thread[0] not in later, "a handler slow twice within a second still runs on the event loop"
 
 
 def test_backpressure_bounds_unsettled_inputs() -> None:

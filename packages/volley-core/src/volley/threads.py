@@ -4,14 +4,18 @@ Used for sync handlers and by connectors whose client must always be called
 from the same thread (librdkafka serves rebalance callbacks on whichever
 thread polls). Not a ThreadPoolExecutor: its threads are joined at interpreter
 exit, so a call stuck past the shutdown deadline would hang the process.
+
+The calls go through a ``queue.SimpleQueue``: put and get are C calls that allocate no lock object per call,
+where a ``threading.Semaphore`` runs a Python-level Condition (and a fresh waiter lock) for every call that
+waits. The Kafka fetch thread and the handler thread take one call per batch, so this is on the hot path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,8 +24,8 @@ T = TypeVar("T")
 
 class SerialThread:
     def __init__(self, name: str) -> None:
-        self._calls: deque[tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = deque()
-        self._ready = threading.Semaphore(0)
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+                                       | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self.ident = self._thread.ident
@@ -30,14 +34,12 @@ class SerialThread:
         """Queue ``call``; the returned future (of the running loop) gets its result or exception."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._calls.append((call, future, loop))
-        self._ready.release()
+        self._calls.put((call, future, loop))
         return future
 
     def _run(self) -> None:
         while True:
-            self._ready.acquire()
-            item = self._calls.popleft()
+            item = self._calls.get()
             if item is None:
                 return
             call, future, loop = item
@@ -54,8 +56,7 @@ class SerialThread:
 
     def stop(self) -> None:
         """Finish the calls already queued, then end the thread."""
-        self._calls.append(None)
-        self._ready.release()
+        self._calls.put(None)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)

@@ -10,6 +10,10 @@ moves the rest of the batch, and every later batch, to the thread. "thread" mode
 On the thread, finished messages are handed to the loop every ``THREAD_REPORT_SECONDS`` (so a slow handler's
 outputs and acks flow steadily), and the thread checks between messages whether the run gave up on its work:
 after a hung call finally returns at shutdown, nothing more is handled.
+
+A call's time is its wall time less the time the OS kept the thread waiting for a CPU (``preemption.py``): on a
+loaded machine a descheduled process makes fast calls look slow, and moving a fast handler to the thread then
+costs every batch a thread hop and a fight over the GIL.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 
 from volley.message import Envelope
 from volley.run.handling import Handling, Moved
+from volley.run.preemption import RunQueueWait
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
 from volley.run.tokens import Outcome, is_revoked
@@ -56,10 +61,13 @@ class SyncExecutor:
         self._thread_begun = 0
         self._claim = threading.Lock()
         self._last_slow = -1e9
+        self._loop_waited: RunQueueWait | None = None  # opened on the loop thread, by its first slice
         self.worker = SerialThread(f"volley-{app_name}-handler")
 
     def close(self) -> None:
         self.worker.stop()
+        if self._loop_waited is not None:
+            self._loop_waited.close()
 
     async def run(self, batch: Sequence[Envelope]) -> None:
         apply = self.settlement.apply
@@ -99,15 +107,24 @@ class SyncExecutor:
         handle = self.handling.handle
         revoked = self.revoked
         perf = time.perf_counter
+        waited = self._loop_waited
+        if waited is None:
+            waited = self._loop_waited = RunQueueWait()
+        waited_before = waited()  # once per slice: a slice has at most one slow message, and it ends the slice
         previous = self.inline_since = perf()
         deadline = previous + INLINE_SLICE_SECONDS
         try:
             for index in range(start, len(batch)):
                 now = perf()  # one clock read: the slice deadline, and the previous message's time
                 # Only _slow_inline can move the handler to the thread while this loop runs, so it sees every
-                # slow message first (a message slower than SLOW_CALL_SECONDS is past the deadline too).
-                if (now - previous > SLOW_CALL_SECONDS and not self._slow_inline(now, now - previous)) \
-                        or now > deadline:
+                # slow message first (a message slower than SLOW_CALL_SECONDS is past the deadline too). The
+                # OS's part of the slice is not the handler's (at most a slice's worth too much is taken off).
+                if now - previous > SLOW_CALL_SECONDS:
+                    took = now - previous - (waited() - waited_before)
+                    if took > SLOW_CALL_SECONDS and not self._slow_inline(now, took):
+                        out.handled = index - start
+                        return index, None
+                if now > deadline:
                     out.handled = index - start
                     return index, None
                 previous = now
@@ -140,12 +157,23 @@ class SyncExecutor:
 
     def _on_thread(self, batch: Sequence[Envelope], first_failure: Moved | None, *,
                    measure: bool) -> Outcome:
-        """On the handler thread: handle a batch; hand over what is finished every THREAD_REPORT_SECONDS."""
+        """On the handler thread: handle a batch; hand over what is finished every THREAD_REPORT_SECONDS.
+        ``measure``: time every call (calibration)."""
+        waited = RunQueueWait() if measure else None  # opened here: it measures the thread that opens it
+        try:
+            return self._handle_on_thread(batch, first_failure, waited)
+        finally:
+            if waited is not None:
+                waited.close()
+
+    def _handle_on_thread(self, batch: Sequence[Envelope], first_failure: Moved | None,
+                          waited: RunQueueWait | None) -> Outcome:
         settlement = self.settlement
         handle, resume = self.handling.handle, self.handling.resume
         abandoned = self.stop.abandoned.is_set
         revoked = self.revoked
         monotonic, perf = time.monotonic, time.perf_counter
+        waited_before = waited() if waited is not None else 0.0
         out = Outcome(self.slots)
         with self._claim:
             self._thread_batch, self._thread_begun = batch, 0
@@ -178,8 +206,11 @@ class SyncExecutor:
                     handle(env, out)
             finally:  # a BaseException escaping the call ends the run: the thread is not in a call any more
                 self.thread_call_since = 0.0
-            if measure:
+            if waited is not None:
                 took = perf() - called
+                waited_now = waited()
+                took -= waited_now - waited_before  # the OS's part is not the handler's
+                waited_before = waited_now
                 out.slowest = max(out.slowest, took)
                 if took > FAST_CALL_SECONDS:
                     out.slow_calls += 1
