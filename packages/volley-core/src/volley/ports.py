@@ -17,6 +17,21 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from volley.message import Envelope, Headers, OutgoingMessage
+from volley.observer_events import CommitObserver as CommitObserver
+from volley.observer_events import ConsumedObserver as ConsumedObserver
+from volley.observer_events import DataModelTimeObserver as DataModelTimeObserver
+from volley.observer_events import DeadLetterCountObserver as DeadLetterCountObserver
+from volley.observer_events import DepthObserver as DepthObserver
+from volley.observer_events import HeartbeatObserver as HeartbeatObserver
+from volley.observer_events import InFlightObserver as InFlightObserver
+from volley.observer_events import LagObserver as LagObserver
+from volley.observer_events import Observer as Observer
+from volley.observer_events import ProcessTimeObserver as ProcessTimeObserver
+from volley.observer_events import ProducedObserver as ProducedObserver
+from volley.observer_events import ReadyObserver as ReadyObserver
+from volley.observer_events import RetryObserver as RetryObserver
+from volley.observer_events import StartObserver as StartObserver
+from volley.observer_events import StopObserver as StopObserver
 from volley.redaction import redacted_repr
 
 DeliveryFailure = tuple[OutgoingMessage, BaseException]
@@ -314,93 +329,8 @@ class OutputChecker(Protocol):
     def check_output(self, message: Any, model: Any) -> None: ...
 
 
-# An observer implements any subset of the events below: each is a protocol of its own, which MultiObserver
-# checks with isinstance once, when it is built. ``Observer`` is all of them (volley-prometheus is one).
-
-@runtime_checkable
-class StartObserver(Protocol):
-    def on_start(self, app_name: str) -> None: ...
-
-
-@runtime_checkable
-class ConsumedObserver(Protocol):
-    def on_consumed(self, app_name: str, status: str, count: int) -> None: ...
-
-
-@runtime_checkable
-class ProducedObserver(Protocol):
-    def on_produced(self, app_name: str, source: str, destination: str, count: int) -> None: ...
-
-
-@runtime_checkable
-class ProcessTimeObserver(Protocol):
-    def on_process_time(self, app_name: str, process_name: str, seconds: Sequence[float]) -> None: ...
-
-
-@runtime_checkable
-class DataModelTimeObserver(Protocol):
-    def on_data_model_time(self, process: str, seconds: float, count: int) -> None: ...
-
-
-@runtime_checkable
-class DeadLetterCountObserver(Protocol):
-    def on_dead_letter(self, app_name: str, reason: str, count: int) -> None: ...
-
-
-@runtime_checkable
-class RetryObserver(Protocol):
-    def on_retry(self, app_name: str, count: int) -> None: ...
-
-
-@runtime_checkable
-class InFlightObserver(Protocol):
-    def on_in_flight(self, app_name: str, count: int) -> None: ...
-
-
-@runtime_checkable
-class HeartbeatObserver(Protocol):
-    def on_heartbeat(self, app_name: str) -> None:
-        """The engine's loop is alive and made progress; sent at most about once per second."""
-
-
-@runtime_checkable
-class ReadyObserver(Protocol):
-    def on_ready(self, app_name: str, ready: bool) -> None:
-        """Connected and consuming (True), or starting / stopping / partitions lost (False)."""
-
-
-@runtime_checkable
-class LagObserver(Protocol):
-    def on_lag(self, app_name: str, lag: Mapping[PartitionId, int]) -> None: ...
-
-
-@runtime_checkable
-class CommitObserver(Protocol):
-    def on_commit(self, app_name: str, seconds: float) -> None: ...
-
-
-@runtime_checkable
-class DepthObserver(Protocol):
-    def on_depth(self, app_name: str, queue: str, depth: int) -> None: ...
-
-
-@runtime_checkable
-class StopObserver(Protocol):
-    def on_stop(self, app_name: str) -> None: ...
-
-
-@runtime_checkable
-class Observer(
-    StartObserver, ConsumedObserver, ProducedObserver, ProcessTimeObserver, DataModelTimeObserver,
-    DeadLetterCountObserver, RetryObserver, InFlightObserver, HeartbeatObserver, ReadyObserver, LagObserver,
-    CommitObserver, DepthObserver, StopObserver, Protocol,
-):
-    """Receives the engine's events, for metrics. Called on the event loop, mostly once per batch.
-
-    Names follow py-volley's metrics so that dashboards keep working:
-    ``status`` is "success" or "fail"; ``process_name`` is "component" (the
-    handler) or "cycle" (one message end to end).
-    """
+# The observers' events (StartObserver ... StopObserver, and Observer, all of them) are in volley.observer_events,
+# imported above: part of the ports.
 
 
 # ------------------------------------------------------------------ tracing
