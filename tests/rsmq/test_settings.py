@@ -140,3 +140,14 @@ def test_transient_redis_error_replies_are_told_from_permanent_ones() -> None:
     assert not is_transient(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
     assert not is_transient(redis.ResponseError("ERR wrong number of arguments for 'zrem' command"))
     assert not is_transient(redis.ResponseError("BUSYGROUP Consumer Group name already exists"))
+
+
+def test_settings_name_the_redis_password_without_showing_it() -> None:
+    """A traceback with locals, an error tracker or a log line that formats the settings must not print the
+    Redis password (given directly or among the redis options); redis-py still gets it."""
+    settings = parse_settings({"host": "localhost", "password": "hunter2-redis",
+                               "options": {"password": "hunter2-option", "socket_keepalive": True}}, "q", "input")
+    text = repr(settings) + str(settings)
+    assert "hunter2" not in text, text
+    assert "password=" in text and "socket_keepalive" in text, "the settings are named, their values redacted"
+    assert settings.redis_kwargs()["password"] == "hunter2-option", "redis-py gets the real one (options win)"

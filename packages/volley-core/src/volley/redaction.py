@@ -30,13 +30,15 @@ def redacted(config: Mapping[Any, Any]) -> dict[Any, Any]:
 
 
 def redacted_repr(instance: Any) -> str:
-    """A dataclass instance's repr, as the dataclass would write it, with the secrets of its mapping fields
-    replaced: the setting is named, its value is not shown."""
+    """A dataclass instance's repr, as the dataclass would write it, with its secrets replaced (a field named
+    like one, and the secrets of its mapping fields): the setting is named, its value is not shown."""
     fields = ", ".join(
-        f"{field.name}={_shown(getattr(instance, field.name))!r}"
+        f"{field.name}={_shown(field.name, getattr(instance, field.name))!r}"
         for field in dataclasses.fields(instance) if field.repr)
     return f"{type(instance).__qualname__}({fields})"
 
 
-def _shown(value: Any) -> Any:
+def _shown(name: str, value: Any) -> Any:
+    if value is not None and is_secret(name):
+        return REDACTED
     return redacted(value) if isinstance(value, Mapping) else value

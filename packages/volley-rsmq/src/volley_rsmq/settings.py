@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from volley.errors import ConfigurationError
+from volley.redaction import redacted_repr
 
 QNAME_MAX_LEN = 64
 _QNAME_INVALID = re.compile(r"[^A-Za-z0-9._-]")
@@ -121,9 +122,10 @@ def _port(value: Any, what: str) -> int:
     return number
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RsmqSettings:
-    """Everything a consumer or producer needs, resolved and checked."""
+    """Everything a consumer or producer needs, resolved and checked. Its repr names the password without
+    showing it (tracebacks with locals, error trackers and log lines print it)."""
 
     host: str
     port: int
@@ -145,6 +147,9 @@ class RsmqSettings:
     max_pending_deletes: int = 10_000
     connect_timeout_seconds: float = 10.0
     close_timeout_seconds: float = 10.0
+
+    def __repr__(self) -> str:
+        return redacted_repr(self)
 
     @property
     def create_vt(self) -> float:
