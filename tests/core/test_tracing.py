@@ -64,7 +64,9 @@ class FakeRunTracer:
     def __init__(self, owner: FakeTracer) -> None:
         self.owner = owner
 
-    def start(self, members: Sequence[Envelope], batch: bool) -> MessageTrace:
+    def start(self, members: Sequence[Envelope], batch: bool) -> MessageTrace | None:
+        if self.owner.settings.get("skip_untraced") and not any((m.headers or {}).get(HEADER) for m in members):
+            return None  # like a tracer without an SDK: nothing to record or pass on for this input
         parents = [(m.headers or {}).get(HEADER, b"").decode() or None for m in members]
         trace = FakeTrace(next(self.owner.ids), parents, batch, [])
         self.owner.traces.append(trace)
@@ -282,6 +284,44 @@ def test_a_batch_handler_has_one_trace_per_group_continuing_every_member(use_asy
     assert trace.batch and trace.parents == ["up-0", "up-1", "up-2"] and trace.ended == 1
     [record] = broker.produced_records("out")
     assert record.headers == {HEADER: str(trace.id).encode()}
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_an_input_the_tracer_has_nothing_for_is_handled_untraced(use_async: bool) -> None:
+    """``RunTracer.start`` returning None: that input's outputs, retries and dead letter go on without a trace;
+    the others are traced as ever."""
+    broker = MemoryBroker()
+    app = make_engine(broker, max_retries=1, tracing_settings={"skip_untraced": True})
+    broker.publish("in", b"plain")
+    broker.publish("in", b"traced", headers={HEADER: b"up"})
+    broker.publish("in", b"boom")
+    broker.publish("in", b"boom-traced", headers={HEADER: b"up-2"})
+    seen: dict[bytes, list[int]] = {}
+
+    def work(message: bytes) -> list[tuple[str, bytes]]:
+        seen.setdefault(message, []).append(len(CURRENT))
+        if message.startswith(b"boom"):
+            raise ValueError("no")
+        return [("out", message)]
+
+    if use_async:
+        async def handler(message: bytes) -> list[tuple[str, bytes]]:
+            return work(message)
+    else:
+        def handler(message: bytes) -> list[tuple[str, bytes]]:  # type: ignore[misc]
+            return work(message)
+
+    report = app.stream_app(handler).run_until_drained(timeout=10)
+    assert report.acked == 2 and report.dead_lettered == 2
+    assert seen == {b"plain": [0], b"traced": [1], b"boom": [0, 0], b"boom-traced": [1, 1]}
+    traced, failed = tracer().traces
+    assert traced.parents == ["up"] and traced.events == [] and traced.ended == 1
+    assert failed.parents == ["up-2"] and failed.ended == 1
+    assert failed.events == [("retry", 1, "no"), ("fail", "handler", "ValueError"), ("dead_letter", "dlq")]
+    outputs = {r.value: r.headers for r in broker.produced_records("out")}
+    assert outputs == {b"plain": None, b"traced": {HEADER: str(traced.id).encode()}}
+    letters = {r.value: r.headers or {} for r in broker.produced_records("dlq")}
+    assert HEADER not in letters[b"boom"] and letters[b"boom-traced"][HEADER] == str(failed.id).encode()
 
 
 def test_tracing_is_off_by_default_and_binds_nothing() -> None:

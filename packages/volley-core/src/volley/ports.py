@@ -375,9 +375,11 @@ class MessageTrace(Protocol):
 class RunTracer(Protocol):
     """A tracer bound to one run's queues."""
 
-    def start(self, members: Sequence[Envelope], batch: bool) -> MessageTrace:
+    def start(self, members: Sequence[Envelope], batch: bool) -> MessageTrace | None:
         """The trace of one input (``batch`` false, one member) or of a batch handled as one (a batch handler's
-        group), continuing the context each member's headers carry."""
+        group), continuing the context each member's headers carry. None: there is nothing to record or pass on
+        for it (a tracer that records nothing, and an input without trace context): the engine handles it, and
+        settles it if it fails, as if nothing traced."""
 
     def sent(self, records: Sequence[OutgoingMessage]) -> None:
         """Records (already injected) were handed to a producer in one call; called once per call."""

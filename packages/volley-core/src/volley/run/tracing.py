@@ -2,10 +2,12 @@
 
 Bound once per run, and only when the Engine names a tracer: then ``Handling`` wraps its steps with the ones
 below (``traced_handle``, ``traced_resume``, ``traced_process_async``); without one, nothing here is bound and
-the message path has not a single extra branch. The steps themselves stay where they are written once
-(``handling``, ``routing``, ``settlement``); this module only opens a trace around them, adds the trace's
-context to the outputs they produced, and hands the trace of a failed input to settlement, which ends it once
-it knows the input's fate (dead-lettered or given back).
+the message path has not a single extra branch. An input the tracer has nothing for (``RunTracer.start``
+returns None: nothing records and the input carries no context to pass on) goes through the steps as if
+nothing traced. The steps themselves stay where they are written once (``handling``, ``routing``,
+``settlement``); this module only opens a trace around them, adds the trace's context to the outputs they
+produced, and hands the trace of a failed input to settlement, which ends it once it knows the input's fate
+(dead-lettered or given back).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ class Tracing:
 
     # ------------------------------------------------------------------ around handling (per message)
 
-    def start(self, token: Token) -> MessageTrace:
+    def start(self, token: Token) -> MessageTrace | None:
         if type(token) is Envelope:
-            return self.tracer.start([token], False)
+            return self.tracer.start((token,), False)
         return self.tracer.start(members_of(token), True)
 
     def finish(self, trace: MessageTrace, token: Token, out: Outcome, failures: int, sizes: list[int]) -> None:
@@ -55,10 +57,14 @@ class Tracing:
 
     def traced_handle(self, handle: Callable[..., Any]) -> Callable[..., Any]:
         """``Handling.handle`` inside a trace: decode, call (with retries), interpret."""
-        start, finish, live = self.start, self.finish, self.live
+        tracer_start, finish, live = self.tracer.start, self.finish, self.live
 
         def handle_traced(token: Token, out: Outcome, wait: bool = True, message: Any = _NOT_GIVEN) -> Any:
-            trace = live[token] = start(token)
+            trace = (tracer_start((token,), False) if type(token) is Envelope
+                     else tracer_start(token.members, True))  # type: ignore[union-attr]
+            if trace is None:  # nothing to trace for this input
+                return handle(token, out, wait) if message is _NOT_GIVEN else handle(token, out, wait, message)
+            live[token] = trace
             failures = len(out.failures)
             sizes = list(map(len, out.outs))
             activation = trace.activate()
@@ -85,7 +91,10 @@ class Tracing:
         finish, live = self.finish, self.live
 
         def resume_traced(env: Envelope, out: Outcome, moved: Any) -> None:
-            trace: MessageTrace = moved.trace if moved.trace is not None else self.start(env)
+            trace: MessageTrace | None = moved.trace if moved.trace is not None else self.start(env)
+            if trace is None:
+                resume(env, out, moved)
+                return
             live[env] = trace
             failures = len(out.failures)
             sizes = list(map(len, out.outs))
@@ -104,7 +113,11 @@ class Tracing:
         start, finish, live = self.start, self.finish, self.live
 
         async def process_traced(token: Token, message: Any, out: Outcome) -> None:
-            trace = live[token] = start(token)
+            trace = start(token)
+            if trace is None:
+                await process(token, message, out)
+                return
+            live[token] = trace
             failures = len(out.failures)
             sizes = list(map(len, out.outs))
             activation = trace.activate()
@@ -129,18 +142,22 @@ class Tracing:
         if trace is not None:
             trace.retry(attempt, error)
 
-    def _settled_trace(self, token: Token, stage: str, error: BaseException) -> MessageTrace:
-        """The failed input's trace, or (it failed before handling, or after its trace ended) a new one."""
+    def _settled_trace(self, token: Token, stage: str, error: BaseException) -> MessageTrace | None:
+        """The failed input's trace, or (it failed before handling, or after its trace ended) a new one; None when
+        the tracer has nothing for it."""
         trace = self.failed.pop(token, None)
         if trace is None:
             trace = self.start(token)
-            trace.fail(stage, error)
+            if trace is not None:
+                trace.fail(stage, error)
         return trace
 
     def dead_letter(self, token: Token, stage: str, error: BaseException, destination: str,
                     letters: Sequence[OutgoingMessage]) -> None:
         """``token`` failed and goes to the DLQ: each letter carries its trace's context; the trace ends."""
         trace = self._settled_trace(token, stage, error)
+        if trace is None:
+            return
         for letter in letters:
             if letter.headers is None:
                 letter.headers = {}
@@ -149,7 +166,9 @@ class Tracing:
 
     def given_back(self, token: Token, stage: str, error: BaseException) -> None:
         """``token`` failed and there is no DLQ: its trace ends, with the failure."""
-        self._settled_trace(token, stage, error).end()
+        trace = self._settled_trace(token, stage, error)
+        if trace is not None:
+            trace.end()
 
     def sent(self, records: Sequence[OutgoingMessage]) -> None:
         self.tracer.sent(records)
