@@ -15,7 +15,7 @@ from typing import Any
 
 from volley import Engine
 from volley.memory import MemoryBroker
-from volley.message import OutgoingMessage
+from volley.message import Headers, OutgoingMessage
 from volley.plugins import Registry
 
 Rates = tuple[float, float]
@@ -28,13 +28,17 @@ def memory_profile(registry: Registry) -> str:
 
 
 def run_pass_through(mode: str, n: int, profile: str, engine: Callable[[dict[str, Any]], Engine], *,
-                     dead_letters: bool = False, finish: Callable[[], None] | None = None) -> Rates:
+                     dead_letters: bool = False, finish: Callable[[], None] | None = None,
+                     input_headers: Headers | None = None, drain_idle_seconds: float = 0.05) -> Rates:
     """One run of ``n`` messages through the app ``engine`` builds from the Engine arguments it is given;
-    ``finish`` (a tracer's flush) runs before the clock stops."""
+    ``finish`` (a tracer's flush) runs before the clock stops. ``input_headers``: what each input carries
+    (copied per message); ``drain_idle_seconds``: the wait for more input once it is drained (in the time)."""
     broker = MemoryBroker(keep_log=False)
     payload = json.dumps({"id": 1, "name": "benchmark", "value": 3.5}).encode()
     for start in range(0, n, 10_000):
-        broker.publish_many([OutgoingMessage("bench.in", payload) for _ in range(start, min(n, start + 10_000))])
+        broker.publish_many([OutgoingMessage("bench.in", payload, None,
+                                             None if input_headers is None else dict(input_headers))
+                             for _ in range(start, min(n, start + 10_000))])
     config: dict[str, Any] = {
         "in": {"value": "bench.in", "profile": profile, "config": {"broker": broker}},
         "out": {"value": "bench.out", "profile": profile, "config": {"broker": broker}},
@@ -51,7 +55,7 @@ def run_pass_through(mode: str, n: int, profile: str, engine: Callable[[dict[str
         return [("out", message)]
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    report = handler.run_until_drained(timeout=600.0, drain_idle_seconds=0.05)
+    report = handler.run_until_drained(timeout=600.0, drain_idle_seconds=drain_idle_seconds)
     if finish is not None:
         finish()
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from volley import Engine, MemoryBroker
@@ -230,6 +230,46 @@ def test_without_an_sdk_the_context_still_flows_through(recorder: Any) -> None:
     assert recorder.spans() == []
     [out] = broker.produced_records("n-out")
     assert traceparent(out.headers) == UPSTREAM
+
+
+def test_without_an_sdk_the_handler_runs_in_the_upstream_context_and_letters_carry_it(
+        recorder: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """No SDK: the upstream span is current while the handler runs (its log records carry its ids), trace state
+    and baggage go on with it, and a dead letter carries it too."""
+    broker = MemoryBroker()
+    app = make_app(broker, recorder, "c-in", "c-out", dlq="c-dlq", max_retries=0,
+                   settings={"tracer_provider": trace.NoOpTracerProvider()})
+    broker.publish("c-in", b"ok", headers={"traceparent": UPSTREAM.encode()})
+    broker.publish("c-in", b"more", headers={"traceparent": UPSTREAM.encode(), "tracestate": b"v=1",
+                                             "baggage": b"tenant=a"})
+    broker.publish("c-in", b"boom", headers={"traceparent": UPSTREAM.encode()})
+    broker.publish("c-in", b"only-baggage", headers={"baggage": b"tenant=b"})
+    handler_logger = logging.getLogger("tests.otel.handler")
+    current: dict[bytes, tuple[int, Any]] = {}
+
+    @app.stream_app
+    def handler(message: bytes) -> list[tuple[str, bytes]]:
+        current[message] = (trace.get_current_span().get_span_context().span_id, baggage.get_baggage("tenant"))
+        handler_logger.warning("handling %r", message)
+        if message == b"boom":
+            raise ValueError("no")
+        return [("out", message)]
+
+    with caplog.at_level(logging.WARNING, logger="tests.otel.handler"):
+        report = handler.run_until_drained(timeout=10)
+    assert report.acked == 3 and report.dead_lettered == 1
+    assert recorder.spans() == []
+    upstream_span = int(UPSTREAM.split("-")[2], 16)
+    assert current == {b"ok": (upstream_span, None), b"more": (upstream_span, "a"), b"boom": (upstream_span, None),
+                       b"only-baggage": (0, "b")}
+    logged = {r.getMessage(): (r.otelTraceID, r.otelSpanID) for r in caplog.records if r.name == handler_logger.name}
+    assert logged["handling b'ok'"] == (UPSTREAM.split("-")[1], UPSTREAM.split("-")[2])
+    outputs = {r.value: r.headers for r in broker.produced_records("c-out")}
+    assert outputs[b"ok"] == {"traceparent": UPSTREAM.encode()}
+    assert outputs[b"more"] == {"traceparent": UPSTREAM.encode(), "tracestate": b"v=1", "baggage": b"tenant=a"}
+    assert outputs[b"only-baggage"] == {"baggage": b"tenant=b"}
+    [letter] = broker.produced_records("c-dlq")
+    assert letter.headers is not None and letter.headers["traceparent"] == UPSTREAM.encode()
 
 
 @pytest.mark.parametrize("batch", [None, 2], ids=["single", "batch"])

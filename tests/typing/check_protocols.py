@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from volley_kafka.dlq import KafkaBrowser
     from volley_kafka.producer import KafkaProducer
     from volley_kafka.transactional import TransactionalKafkaConsumer
-    from volley_otel.tracer import OtelRunTracer, OtelTrace, OtelTracer
+    from volley_otel.tracer import ContextRunTracer, OtelRunTracer, OtelTrace, OtelTracer
     from volley_prometheus.observer import PrometheusObserver
     from volley_rsmq.browse import RsmqBrowser
     from volley_rsmq.connector import RsmqConnector
@@ -91,8 +91,9 @@ if TYPE_CHECKING:
     ) -> tuple[Connector, Consumer, Producer, Drainable, DepthReporter]:
         return connector, consumer, producer, consumer, consumer
 
-    def tracers(tracer: OtelTracer, run: OtelRunTracer, trace: OtelTrace) -> tuple[Tracer, RunTracer, MessageTrace]:
-        return tracer, run, trace
+    def tracers(tracer: OtelTracer, run: OtelRunTracer, context_only: ContextRunTracer,
+                trace: OtelTrace) -> tuple[Tracer, RunTracer, RunTracer, MessageTrace]:
+        return tracer, run, context_only, trace
 
     def dead_letter_ports(
         memory: MemoryConnector, kafka: KafkaConnector, rsmq: RsmqConnector, sqlite: SqliteConnector,

@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from volley_otel.logs import install_log_correlation
 from volley_otel.propagation import TRACE_HEADERS
-from volley_otel.tracer import OtelRunTracer, OtelTrace, OtelTracer
+from volley_otel.tracer import ContextRunTracer, OtelRunTracer, OtelTrace, OtelTracer
 
-__all__ = ["TRACE_HEADERS", "OtelRunTracer", "OtelTrace", "OtelTracer", "install_log_correlation"]
+__all__ = ["TRACE_HEADERS", "ContextRunTracer", "OtelRunTracer", "OtelTrace", "OtelTracer", "install_log_correlation"]

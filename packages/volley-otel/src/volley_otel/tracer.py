@@ -23,7 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import INVALID_SPAN, Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from volley.errors import ConfigurationError
 from volley.message import Envelope, Headers, OutgoingMessage
@@ -90,26 +90,26 @@ class OtelTracer:
         return cls(app_name, tracer_provider=provider, propagator=propagator,
                    send_spans=settings.get("send_spans", False), log_correlation=settings.get("log_correlation", True))
 
-    def bind(self, source: QueueSpec, outputs: Sequence[QueueSpec]) -> OtelRunTracer:
+    def bind(self, source: QueueSpec, outputs: Sequence[QueueSpec]) -> OtelRunTracer | ContextRunTracer:
         # Resolved at each run's start, not at Engine construction: the application may set its global
         # provider and propagator in between.
         provider = self.tracer_provider or trace.get_tracer_provider()
-        tracer = provider.get_tracer(SCOPE, _version())
         propagation = Propagation(self.propagator or propagate.get_global_textmap())
-        # No SDK configured (the API's own providers): no span can record, only the context is passed on.
-        recording = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
-        return OtelRunTracer(tracer, propagation, source, outputs, send_spans=self.send_spans, recording=recording)
+        if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+            # No SDK configured (the API's own providers): no span can record, only the context is passed on.
+            return ContextRunTracer(propagation)
+        tracer = provider.get_tracer(SCOPE, _version())
+        return OtelRunTracer(tracer, propagation, source, outputs, send_spans=self.send_spans)
 
 
 class OtelRunTracer:
     """The tracer of one run: span names and attributes of its queues, built once."""
 
     def __init__(self, tracer: trace.Tracer, propagation: Propagation, source: QueueSpec,
-                 outputs: Sequence[QueueSpec], *, send_spans: bool, recording: bool = True) -> None:
+                 outputs: Sequence[QueueSpec], *, send_spans: bool) -> None:
         self.tracer = tracer
         self.propagation = propagation
-        self.send_spans = send_spans and recording
-        self.recording = recording
+        self.send_spans = send_spans
         system = messaging_system(source)
         self.kafka = system == "kafka"
         self.name = f"process {source.value}"
@@ -131,35 +131,39 @@ class OtelRunTracer:
         }
 
     def start(self, members: Sequence[Envelope], batch: bool) -> OtelTrace:
-        extract = self.propagation.extract
-        if not self.recording:  # without an SDK: the upstream context, passed on as it came
-            parent = EMPTY_CONTEXT if batch else extract(members[0].headers)
-            if parent is EMPTY_CONTEXT:
-                return INERT
-            return OtelTrace(NonRecordingSpan(trace.get_current_span(parent).get_span_context()), parent,
-                             self.propagation)
-        attributes = self.attributes.copy()
-        if not batch:
-            env = members[0]
-            parent = extract(env.headers)
-            if self.kafka:
-                attributes["messaging.kafka.offset"] = env.position
-                if env.partition is not None:
-                    attributes["messaging.destination.partition.id"] = str(env.partition)
-            else:
-                attributes["messaging.message.id"] = str(env.position)
-            span = self.tracer.start_span(self.name, parent, SpanKind.CONSUMER, attributes)
-            return OtelTrace(span, parent, self.propagation)
+        if batch:
+            return self._start_batch(members)
+        env = members[0]
+        headers = env.headers
+        propagation = self.propagation
+        if not headers or propagation.fields.isdisjoint(headers):
+            parent, plain = EMPTY_CONTEXT, True
+        else:
+            parent, carried = propagation.parent(headers)
+            plain = carried is not None  # nothing but the span context: no baggage to carry on
+        attributes = self.attributes.copy()  # the run's attributes, and this message's own
+        if self.kafka:
+            attributes["messaging.kafka.offset"] = env.position
+            if env.partition is not None:
+                attributes["messaging.destination.partition.id"] = str(env.partition)
+        else:
+            attributes["messaging.message.id"] = str(env.position)
+        span = self.tracer.start_span(self.name, parent, SpanKind.CONSUMER, attributes)
+        return OtelTrace(span, trace.set_span_in_context(span, parent), propagation, plain)
+
+    def _start_batch(self, members: Sequence[Envelope]) -> OtelTrace:
+        span_context_of = self.propagation.span_context
         links: list[Link] = []
         for env in members:
-            context = extract(env.headers)
-            if context is not EMPTY_CONTEXT and len(links) < MAX_LINKS:
-                span_context = trace.get_current_span(context).get_span_context()
-                if span_context.is_valid:
-                    links.append(Link(span_context))
+            span_context = span_context_of(env.headers)
+            if span_context is not None:
+                links.append(Link(span_context))
+                if len(links) == MAX_LINKS:
+                    break
+        attributes = self.attributes.copy()
         attributes["messaging.batch.message_count"] = len(members)
         span = self.tracer.start_span(self.name, EMPTY_CONTEXT, SpanKind.CONSUMER, attributes, links)
-        return OtelTrace(span, EMPTY_CONTEXT, self.propagation)
+        return OtelTrace(span, trace.set_span_in_context(span, EMPTY_CONTEXT), self.propagation, True)
 
     def sent(self, records: Sequence[OutgoingMessage]) -> None:
         """With ``send_spans``: one "send" span per destination of a producer call, linking its records."""
@@ -168,14 +172,14 @@ class OtelRunTracer:
         by_topic: dict[str, list[OutgoingMessage]] = {}
         for record in records:
             by_topic.setdefault(record.topic, []).append(record)
-        extract = self.propagation.extract
+        span_context_of = self.propagation.span_context
         for topic, group in by_topic.items():
             name, base = self.send.get(topic) or (f"send {topic}", {"messaging.destination.name": topic,
                                                                      "messaging.operation.type": "send"})
             links: list[Link] = []
             for record in group[:MAX_LINKS]:
-                span_context = trace.get_current_span(extract(record.headers)).get_span_context()
-                if span_context.is_valid:
+                span_context = span_context_of(record.headers)
+                if span_context is not None:
                     links.append(Link(span_context))
             attributes = dict(base)
             if len(group) > 1:
@@ -183,19 +187,42 @@ class OtelRunTracer:
             self.tracer.start_span(name, EMPTY_CONTEXT, SpanKind.PRODUCER, attributes, links).end()
 
 
+class ContextRunTracer:
+    """The tracer of a run without an SDK (``opentelemetry-api`` alone): no span can record, so a message's trace
+    is only the context it came with, current while the handler runs (its log records carry the upstream ids,
+    spans it starts continue that trace) and carried on by its outputs and dead letters. A message without trace
+    context has nothing to trace: ``start`` returns None and the engine handles it untraced."""
+
+    def __init__(self, propagation: Propagation) -> None:
+        self.propagation = propagation
+
+    def start(self, members: Sequence[Envelope], batch: bool) -> OtelTrace | None:
+        headers = members[0].headers
+        if batch or not headers or self.propagation.fields.isdisjoint(headers):
+            return None  # a batch has no single parent, and nothing records its links
+        parent, carried = self.propagation.parent(headers)
+        if parent is EMPTY_CONTEXT:  # the fields hold nothing the propagator accepts
+            return None
+        # The parent's non-recording span (invalid when only baggage came): its own context is passed on.
+        return OtelTrace(trace.get_current_span(parent), parent, self.propagation, carried is not None, carried)
+
+    def sent(self, records: Sequence[OutgoingMessage]) -> None:
+        pass
+
+
 class OtelTrace:
     """A message's process span, as the engine's ``MessageTrace``."""
 
     __slots__ = ("context", "headers", "plain", "propagation", "span")
 
-    def __init__(self, span: Span, parent: Context, propagation: Propagation) -> None:
+    def __init__(self, span: Span, context: Context, propagation: Propagation, plain: bool,
+                 headers: dict[str, bytes] | None = None) -> None:
         self.span = span
-        # The parent's entries (baggage) stay visible to the handler; without an SDK (the API's non-recording
-        # span) the span carries the parent's own span context, so propagation still goes through.
-        self.context = trace.set_span_in_context(span, parent)
-        self.plain = parent is EMPTY_CONTEXT  # no baggage to carry on
+        # The span in its parent's context: the parent's entries (baggage) stay visible to the handler.
+        self.context = context
+        self.plain = plain  # the context holds no baggage to carry on
         self.propagation = propagation
-        self.headers: dict[str, bytes] | None = None  # injected once, for every output
+        self.headers = headers  # injected once, for every output
 
     def activate(self) -> object:
         return otel_context.attach(self.context)
@@ -242,36 +269,6 @@ class OtelTrace:
 
     def end(self) -> None:
         self.span.end()
-
-
-class InertTrace(OtelTrace):
-    """The trace of a message without trace context when no SDK is configured: nothing to record or pass on."""
-
-    __slots__ = ()
-
-    def activate(self) -> object:
-        return None
-
-    def deactivate(self, activation: object) -> None:
-        pass
-
-    def inject(self, headers: Headers | None) -> Headers | None:
-        return headers
-
-    def retry(self, attempt: int, error: BaseException) -> None:
-        pass
-
-    def fail(self, stage: str, error: BaseException) -> None:
-        pass
-
-    def dead_letter(self, destination: str, headers: Headers) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
-
-
-INERT = InertTrace(INVALID_SPAN, EMPTY_CONTEXT, Propagation(propagate.get_global_textmap()))
 
 
 def _message(error: BaseException) -> str:
