@@ -9,6 +9,7 @@ broker's timing; test_adapter.py and test_races.py cover the real broker and the
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class Step:
 
     events: list[tuple[str, list[Key]]] = field(default_factory=list)
     records: list[FakeMessage] = field(default_factory=list)
+    errors: list[Any] = field(default_factory=list)  # passed to the error callback first, inside the call
 
 
 class ScriptedConsumer(FakeConsumerBase):
@@ -46,12 +48,14 @@ class ScriptedConsumer(FakeConsumerBase):
         super().__init__(config)
         self.steps: deque[Step] = deque()
         self.calls = 0  # poll/consume calls made
+        self.commit_error: tuple[str, confluent_kafka.KafkaError] | None = None  # ("raise" | "report", error)
         ScriptedConsumer.made.append(self)
 
     # the test's side
-    def script(self, *events: tuple[str, list[Key]], records: Sequence[FakeMessage] = ()) -> None:
+    def script(self, *events: tuple[str, list[Key]], records: Sequence[FakeMessage] = (),
+               errors: Sequence[Any] = ()) -> None:
         with self._cond:
-            self.steps.append(Step(list(events), list(records)))
+            self.steps.append(Step(list(events), list(records), list(errors)))
             self._cond.notify_all()
 
     def commits_of(self, key: Key) -> list[int]:
@@ -71,6 +75,8 @@ class ScriptedConsumer(FakeConsumerBase):
     def _run(self, step: Step | None, count: int) -> list[FakeMessage]:
         if step is None:
             return []
+        for error in step.errors:
+            self.config["error_cb"](error)  # librdkafka serves its error callback inside the call too
         for kind, keys in step.events:
             self.fire(kind, keys)
         assert len(step.records) <= count, "the script returns more records than asked for"
@@ -82,6 +88,15 @@ class ScriptedConsumer(FakeConsumerBase):
     def poll(self, timeout: float = -1) -> FakeMessage | None:
         records = self._run(self._step(timeout), 1)
         return records[0] if records else None
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> Any:
+        if self.commit_error is None:
+            return super().commit(offsets, asynchronous)
+        how, error = self.commit_error
+        if how == "raise":
+            raise confluent_kafka.KafkaException(error)
+        self.config["on_commit"](error, list(offsets or ()))  # the commit callback, on the polling thread
+        return None
 
     def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
@@ -337,3 +352,105 @@ async def test_a_partition_revoked_and_assigned_back_in_one_call_starts_clean(sc
         assert [e.attempt for e in again] == [1, 1], "first deliveries of this assignment"
     finally:
         await consumer.close()
+
+
+# ================================================================== fatal errors (static member fenced)
+
+FENCED = ("Fatal error: Broker: Static consumer fenced by other consumer with same group.instance.id: "
+          "OffsetCommit failed: Broker: Static consumer fenced by other consumer with same group.instance.id")
+
+
+def fatal_error() -> confluent_kafka.KafkaError:
+    """A consumer's fatal error as confluent-kafka hands it over (error callback, a record's ``error()``, a failed
+    commit): the code ``_FATAL`` with ``fatal()`` false, the underlying error only in its text."""
+    error = confluent_kafka.KafkaError(confluent_kafka.KafkaError._FATAL, FENCED)
+    assert not error.fatal(), "confluent-kafka's consumer errors never say fatal() (checked against librdkafka 2.16)"
+    return error
+
+
+class ErrorRecord(FakeMessage):
+    """What ``consume`` returns for an error: a message whose ``error()`` is set."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: confluent_kafka.KafkaError) -> None:
+        super().__init__("in", -1, -1001)
+        self._error = error
+
+    def error(self) -> Any:  # type: ignore[override]  # the real Message returns the error here
+        return self._error
+
+
+@pytest.mark.parametrize("arrives", ["record", "error-callback", "commit-raises", "commit-callback"])
+async def test_a_fatal_consumer_error_ends_consuming_with_a_clear_error(scripted: None, arrives: str) -> None:
+    """librdkafka's consumer dies for good on a fatal error (a static member fenced: FENCED_INSTANCE_ID). It
+    must end the run, through ``consume``, whichever way the error arrives: a worker that stays alive and
+    consumes nothing looks healthy and does nothing (the bug: ``KafkaError.fatal()`` is false on all of these)."""
+    from volley.errors import ConsumerFailedError
+
+    consumer, fake = await member(**{"group.instance.id": "worker-0"})
+    try:
+        fake.script(("assign", [P0]), records=records(P0, 0, 1))
+        await consumer.ack(await fetch(consumer))  # a commit is queued: the next fetch sends it
+        if arrives == "record":
+            fake.script(records=[ErrorRecord(fatal_error())])
+        elif arrives == "error-callback":
+            fake.script(errors=[fatal_error()])
+        else:
+            fake.commit_error = ("raise" if arrives == "commit-raises" else "report", fatal_error())
+            fake.script()
+        assert await fetch(consumer) == []
+        fake.script()
+        with pytest.raises(ConsumerFailedError) as failed:
+            await fetch(consumer)
+        message = str(failed.value)
+        assert "Static consumer fenced" in message, message
+        assert "restart the process" in message and "group.instance.id" in message, message
+        with pytest.raises(ConsumerFailedError):
+            await fetch(consumer)  # and every call after it
+    finally:
+        await consumer.close()
+    assert fake.closed
+
+
+async def test_an_engine_whose_kafka_consumer_fails_for_good_stops_and_raises(scripted: None) -> None:
+    """End to end through the engine's port: what was consumed before the fatal error is handled, then the run
+    ends by raising ConsumerFailedError (``volley run`` exits 1) instead of running on with a dead consumer."""
+    from volley import ConsumerFailedError, Engine, MemoryBroker
+
+    broker = MemoryBroker()
+    app = Engine(
+        app_name="fatal-test", input_queue="in", output_queues=["out"],
+        queue_config={
+            "in": {"value": "in", "profile": "confluent", "serializer": "none", "model_handler": "none", "config": {
+                "bootstrap.servers": "fake:9092", "group.id": "g", "volley.startup.timeout.seconds": 0}},
+            "out": {"value": "out", "profile": "memory", "serializer": "none", "model_handler": "none",
+                    "config": {"broker": broker}},
+        },
+        metrics_port=None, poll_interval_seconds=0.05,
+    )
+
+    @app.stream_app
+    def handler(message: Any) -> list[tuple[str, Any]]:
+        return [("out", message)]
+
+    run = asyncio.ensure_future(handler.run_async())
+    fake = await wait_for_member()
+    fake.script(("assign", [P0]), records=records(P0, 0))  # one record a call: the engine may ask for one
+    fake.script(records=records(P0, 1))
+    fake.script(records=records(P0, 2))
+    fake.script(records=[ErrorRecord(fatal_error())])
+    with pytest.raises(ConsumerFailedError, match="Static consumer fenced"):
+        await asyncio.wait_for(run, 30)  # before the fix: still running, consuming nothing
+    assert broker.depth("out") == 3, "what came before the fatal error was handled"
+    assert fake.closed
+
+
+async def wait_for_member(within: float = 10.0) -> ScriptedConsumer:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        subscribed = [c for c in ScriptedConsumer.made if c.callbacks]
+        if subscribed:
+            return subscribed[0]
+        assert asyncio.get_running_loop().time() < deadline, "the engine never subscribed"
+        await asyncio.sleep(0.01)  # polling for the engine's start-up, with a deadline

@@ -231,11 +231,40 @@ def feed(kit: Any, topic: str, count: int, rate: float, halfway: threading.Event
 OUTAGES = {"shorter-than-session": 3.0, "longer-than-session": 16.0}
 
 
+def wait_supervised(condition: Any, within: float, what: str, worker: Worker, restart: Any,
+                    record_property: Any) -> Worker:
+    """``wait_until`` for one worker, restarted as its supervisor would when it stopped for a fatal consumer error
+    (and only then: any other end fails the test). Returns the worker running at the end."""
+    deadline = time.monotonic() + within
+    restarts = 0
+    while not condition():
+        if not worker.alive():
+            code = worker.terminate()
+            text = worker.log.read_text(errors="replace")
+            assert code == 1 and text.count("ConsumerFailedError") > restarts and restarts < 3, \
+                f"the worker died (exit code {code}): {worker.tail()}"
+            restarts += 1
+            print(f"the worker stopped for a fatal consumer error; restarted ({restarts})")
+            worker = restart()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within} s; log: {worker.tail()}")
+        time.sleep(0.05)
+    record_property("restarts_after_fatal_errors", restarts)
+    return worker
+
+
 @pytest.mark.parametrize("outage", sorted(OUTAGES))
-def test_a_broker_outage_mid_stream_loses_nothing(kit: Any, tmp_path: Path, outage: str, group_protocol: str) -> None:
+def test_a_broker_outage_mid_stream_loses_nothing(kit: Any, tmp_path: Path, outage: str, group_protocol: str,
+                                                  record_property: Any) -> None:
     """The broker stops mid-stream and comes back on its ports with its data (services' KafkaBroker.halt/start):
-    the worker, never restarted, finishes the stream with nothing lost. Past the session timeout its partitions
-    are lost and assigned back, the path where a pause used to outlive the assignment."""
+    the worker finishes the stream with nothing lost. Past the session timeout its partitions are lost and
+    assigned back, the path where a pause used to outlive the assignment.
+
+    The worker is a static member (group.instance.id). Now and then, as the coordinator comes back, one of its
+    own requests still under way with its old member id fences it (FENCED_INSTANCE_ID, fatal in librdkafka): it
+    then stops with a ConsumerFailedError and exit code 1, and is restarted as its supervisor would do, with
+    the same id. It must never stay alive consuming nothing (what it did before: see
+    test_a_worker_fenced_out_of_its_group_instance_id_exits_saying_so)."""
     from services.kafka import KafkaBroker
 
     count = 6000
@@ -244,8 +273,11 @@ def test_a_broker_outage_mid_stream_loses_nothing(kit: Any, tmp_path: Path, outa
         source, sink = seed(own, count)
         ends = own.end_offsets(source, PARTITIONS)
         group = own.unique("outage")
-        worker = Worker(own, source, sink, group, "outage-worker-0", tmp_path / "worker.log", seconds=0.002,
-                        protocol=group_protocol)
+        def start() -> Worker:
+            return Worker(own, source, sink, group, "outage-worker-0", tmp_path / "worker.log", seconds=0.002,
+                          protocol=group_protocol)
+
+        worker = start()
         wait_until(lambda: produced(own, sink) >= count / 5, 90, "a fifth of the outputs", [worker])
         broker.halt()
         down_until = time.monotonic() + OUTAGES[outage]
@@ -253,7 +285,8 @@ def test_a_broker_outage_mid_stream_loses_nothing(kit: Any, tmp_path: Path, outa
             assert worker.alive(), f"the worker died while the broker was down: {worker.tail()}"
             time.sleep(0.1)
         broker.start()
-        wait_until(lambda: all_committed(own, group, source, ends), 180, "every input committed", [worker])
+        worker = wait_supervised(lambda: all_committed(own, group, source, ends), 180, "every input committed",
+                                 worker, start, record_property)
         assert worker.terminate() == 0, worker.tail()
         ids = output_ids(own, sink)
     log = (tmp_path / "worker.log").read_text(errors="replace")
@@ -264,3 +297,50 @@ def test_a_broker_outage_mid_stream_loses_nothing(kit: Any, tmp_path: Path, outa
     missing = sorted(set(range(count)) - set(ids))
     assert not missing, f"{len(missing)} ids lost after a {OUTAGES[outage]} s outage, first {missing[:10]}"
     assert set(ids) == set(range(count))
+
+
+def test_a_worker_fenced_out_of_its_group_instance_id_exits_saying_so(kit: Any, tmp_path: Path,
+                                                                      group_protocol: str) -> None:
+    """A static member whose group.instance.id another consumer takes is dead for librdkafka (a fatal error:
+    FENCED_INSTANCE_ID under the classic protocol, UNRELEASED_INSTANCE_ID for the newcomer under KIP-848). The
+    worker must not stay alive consuming nothing: it shuts down and exits non-zero naming the error, for its
+    supervisor to restart it. Under the classic protocol the newcomer fences the member in place; under the
+    consumer protocol the id's holder keeps it and the newcomer fails, so there the worker comes second."""
+    from confluent_kafka import Consumer
+
+    count = 2000
+    source, sink = seed(kit, count)
+    group = kit.unique("fenced")
+    instance = kit.unique("static")
+    settings = {"bootstrap.servers": kit.bootstrap, "group.id": group, "group.instance.id": instance,
+                "group.protocol": group_protocol, "enable.auto.commit": False, "auto.offset.reset": "latest"}
+    log = tmp_path / "worker.log"
+    intruder: Any = None
+    try:
+        if group_protocol == "classic":
+            worker = Worker(kit, source, sink, group, instance, log, seconds=0.005, protocol=group_protocol)
+            wait_until(lambda: "handled its first message" in log.read_text(errors="replace"), 90,
+                       "the worker's first message", [worker])
+            intruder = Consumer({**settings, "session.timeout.ms": 10_000})
+            intruder.subscribe([source])
+        else:
+            intruder = Consumer(settings)
+            intruder.subscribe([source])
+            deadline = time.monotonic() + 60
+            while not intruder.assignment():
+                assert time.monotonic() < deadline, "the first holder of the instance id never got partitions"
+                intruder.poll(0.1)
+            worker = Worker(kit, source, sink, group, instance, log, seconds=0.005, protocol=group_protocol)
+        deadline = time.monotonic() + 60
+        while worker.alive():
+            assert time.monotonic() < deadline, f"the fenced worker is still alive after 60 s: {worker.tail()}"
+            intruder.poll(0.1)  # serve the intruder's membership while waiting for the worker to exit
+        code = worker.process.wait()
+    finally:
+        if intruder is not None:
+            intruder.close()
+    text = log.read_text(errors="replace")
+    assert code == 1, f"exit code {code}: {text[-3000:]}"
+    assert "ConsumerFailedError" in text and "fatal Kafka error" in text, text[-3000:]
+    assert "group.instance.id" in text, "the error names the static membership"
+    assert "kafka-worker: stopped (" in text, f"the run shut down in order: {text[-3000:]}"

@@ -15,6 +15,7 @@ from volley.config import QueueConfig
 from volley.engine import Engine, StreamApp
 from volley.errors import (
     ConfigurationError,
+    ConsumerFailedError,
     DataValidationError,
     DeliveryError,
     HandlerFailedError,
@@ -40,6 +41,7 @@ def __getattr__(name: str) -> str:
 
 __all__ = [
     "ConfigurationError",
+    "ConsumerFailedError",
     "DataValidationError",
     "DeliveryError",
     "Engine",

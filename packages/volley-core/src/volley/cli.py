@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from volley.apps import load_app
 from volley.dlq.command import add_commands as add_dlq_commands
 from volley.engine import StreamApp
-from volley.errors import ConfigurationError, DeliveryError
+from volley.errors import ConfigurationError, ConsumerFailedError, DeliveryError
 from volley.plugins import KINDS, core_requirement, distribution_version, get_registry
 from volley.run import BLOCKED_EXIT_CODE
 
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return SIGPIPE_EXIT_CODE
-    except DeliveryError as exc:
+    except (DeliveryError, ConsumerFailedError) as exc:  # a supervisor restarts the process
         print(f"volley: {exc}", file=sys.stderr)
         return 1
 

@@ -58,5 +58,15 @@ class InvalidRecordError(DeliveryError):
     at stage ``output``, as for any other malformed output."""
 
 
+class ConsumerFailedError(VolleyError):
+    """An input's client failed for good and can neither consume nor commit any more (librdkafka's fatal errors,
+    such as a static group member fenced by another with the same ``group.instance.id``).
+
+    A consumer raises it from ``consume``; the run stops with it (in-flight work finishes within the shutdown
+    deadline) and ``volley run`` exits with status 1, so that a supervisor starts a fresh process. Nothing
+    unacknowledged is lost: it is delivered again.
+    """
+
+
 class HandlerFailedError(VolleyError):
     """A message failed in the handler, exhausted its retries and had no dead-letter queue to go to."""

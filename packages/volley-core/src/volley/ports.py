@@ -76,7 +76,13 @@ class Consumer(Protocol):
         """Connect and subscribe. Misconfiguration must raise here, at start-up, not on first poll."""
 
     async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
-        """Return up to ``max_messages`` envelopes, waiting at most ``timeout`` seconds for the first."""
+        """Return up to ``max_messages`` envelopes, waiting at most ``timeout`` seconds for the first.
+
+        How failures reach the engine: an exception that is not a ``VolleyError`` (a broker outage) is
+        logged and the call retried with backoff; a ``VolleyError`` stops the run, which ends by raising it.
+        A consumer whose client can no longer consume or commit raises ``ConsumerFailedError``, never just
+        returns nothing: a worker that stays alive without consuming looks healthy and does nothing.
+        """
 
     async def ack(self, envelopes: Sequence[Envelope]) -> None:
         """Mark envelopes as finished: their outputs are confirmed, they must never be redelivered.

@@ -33,8 +33,9 @@ end offsets for ``lag()``,              fetch thread        replaced whole / a f
 ``rebalancing``
 ``closing``                             loop                a flag the fetch thread reads
 commit results                          fetch thread        ``on_commit`` callback -> ``call_soon_threadsafe``
-the fatal error (``KafkaErrors``)       either              librdkafka's error callback (fetch thread) or an
-                                                            error record (loop) sets it; the loop stops on it
+the fatal error (``KafkaErrors``)       either              librdkafka's error callback (fetch thread), an
+                                                            error record or a failed commit (loop) sets it;
+                                                            the next ``consume`` raises ConsumerFailedError
 the revoke handler's work               loop                the revoke callback (fetch thread) runs
 (``_releasing`` while it runs)                              ``_release`` on the loop and waits for it;
                                                             given up, it is cancelled, and records fetched
@@ -64,11 +65,12 @@ from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
 
-from volley.errors import VolleyError
+from volley.errors import ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import Observer, PartitionId, QueueSpec, RevokeHandler
 from volley_kafka.fetcher import Fetcher, KafkaErrors, Offsets
 from volley_kafka.offsets import OffsetTracker, TopicPartitionKey
+from volley_kafka.producer import is_fatal
 from volley_kafka.settings import ConsumerSettings
 
 logger = logging.getLogger("volley_kafka")
@@ -166,9 +168,8 @@ class KafkaConsumer:
     # ================================================================== consuming
 
     async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
-        fatal = self._errors.fatal
-        if fatal is not None:
-            raise VolleyError(f"{self._what}: fatal Kafka error: {fatal.str()}")
+        if self._errors.fatal is not None:
+            raise self._failed(self._errors.fatal)
         fetcher = self._fetcher
         if not fetcher.started:
             raise RuntimeError(f"{self._what} is not started")
@@ -193,6 +194,19 @@ class KafkaConsumer:
             # later assignment of the same partitions. They would never be handled, and hold the commits back.
             await asyncio.wait({releasing}, timeout=REVOKE_GRACE)
         return self._envelopes(messages, epoch, assigned)
+
+    def _failed(self, fatal: KafkaError) -> ConsumerFailedError:
+        """librdkafka's consumer is dead (it consumes and commits nothing more): the run must end, so that a
+        fresh process takes over from the last commit. Staying alive would look healthy and do nothing."""
+        hint = ""
+        if self._settings.librdkafka.get("group.instance.id"):
+            hint = (" This is a static member (group.instance.id): another consumer joined with the same id (give "
+                    "each worker its own), or a request of this one that was under way while the group coordinator "
+                    "moved or restarted fenced it; a restarted process rejoins with the same id.")
+        return ConsumerFailedError(
+            f"{self._what}: fatal Kafka error: {fatal.str()}. librdkafka's consumer can neither consume nor commit "
+            f"any more, so the run stops; restart the process (a supervisor, or volley run --workers, does). "
+            f"Messages not committed are delivered again.{hint}")
 
     def _envelopes(self, messages: list[Any], epoch: int, assigned: frozenset[TopicPartitionKey]) -> list[Envelope]:
         """On the loop: envelopes for the engine, and every offset registered with the tracker.
@@ -343,6 +357,9 @@ class KafkaConsumer:
             self._observer.on_commit(self._app_name, time.monotonic() - started)
         if failed:
             self._tracker.commit_failed(failed)
+            if isinstance(error, KafkaError) and is_fatal(error):
+                self._errors.client_error(error)  # the next consume() ends the run
+                return
             logger.warning("%s: commit failed (%s); it is retried with the next one", self._what,
                            error.str() if isinstance(error, KafkaError) else "partition errors")
 

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from volley.errors import ConfigurationError
 from volley_kafka.offsets import TopicPartitionKey
-from volley_kafka.producer import make_client, rdkafka_logger
+from volley_kafka.producer import is_fatal, make_client, rdkafka_logger
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -57,7 +57,7 @@ class KafkaErrors:
         self.fatal: KafkaError | None = None
 
     def client_error(self, error: KafkaError) -> None:
-        if error.fatal():
+        if is_fatal(error):
             self.fatal = error
             logger.error("%s: fatal error: %s", self._what, error.str())
         elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
@@ -69,7 +69,7 @@ class KafkaErrors:
         code = error.code()
         if code in SILENT_ERRORS:
             return
-        if error.fatal():
+        if is_fatal(error):
             self.fatal = error
             logger.error("%s: fatal error: %s", self._what, error.str())
             return

@@ -41,6 +41,17 @@ POLL_SLICE = 0.05
 """How long the poller thread waits in librdkafka for delivery reports before checking its backlog again."""
 
 
+def is_fatal(error: KafkaError) -> bool:
+    """librdkafka's client can no longer work: it must be closed, and a new one built.
+
+    ``KafkaError.fatal()`` alone misses most of them: confluent-kafka sets it only on errors of the transactional
+    API. A fatal error of a consumer (a static member fenced) or of an idempotent producer reaches the error
+    callback, a consumed record's ``error()`` and a failed ``commit()`` as the code ``_FATAL`` with ``fatal()``
+    false (its text names the underlying error).
+    """
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
+
+
 def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, Any]], Any]) -> Any:
     """Build a librdkafka client, turning a rejected setting into a ConfigurationError that names it."""
     try:
@@ -344,7 +355,7 @@ class ProducerClient:
                     self.dispatch()
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
-                if isinstance(error, KafkaError) and error.fatal():
+                if isinstance(error, KafkaError) and is_fatal(error):
                     # librdkafka raises its fatal error (a fenced transactional producer) from poll as well as
                     # reporting it: one clear line, and the reports still flow (as failures).
                     if self.fatal is None:
@@ -358,7 +369,7 @@ class ProducerClient:
                 time.sleep(POLL_SLICE)
 
     def _on_error(self, error: KafkaError) -> None:
-        if error.fatal():
+        if is_fatal(error):
             self.fatal = error
             logger.error("%s: fatal Kafka producer error: %s", self.name, error.str())
         elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):

@@ -42,10 +42,10 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     ResourceType,
 )
 
-from volley.errors import ConfigurationError, VolleyError
+from volley.errors import ConfigurationError, ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import QueueSpec
-from volley_kafka.producer import make_client, rdkafka_logger
+from volley_kafka.producer import is_fatal, make_client, rdkafka_logger
 from volley_kafka.share_settings import ShareSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -236,7 +236,8 @@ class ShareKafkaConsumer:
         """Hand out what members hold; else poll every idle member and wait (up to ``timeout``) for records
         or for a member to become idle. A poll that outlives this call is collected by the next one."""
         if self._fatal is not None:
-            raise VolleyError(f"{self._what}: fatal Kafka error: {self._fatal.str()}")
+            raise ConsumerFailedError(f"{self._what}: fatal Kafka error: {self._fatal.str()}; the consumer cannot "
+                                      "work any more: restart the process")
         if not self._started or self._changed is None:
             raise RuntimeError(f"{self._what} is not started")
         count = max(1, max_messages)
@@ -319,7 +320,7 @@ class ShareKafkaConsumer:
             ))
 
     def _message_error(self, error: KafkaError) -> None:
-        if error.fatal():
+        if is_fatal(error):
             self._fatal = error
             logger.error("%s: fatal error: %s", self._what, error.str())
             return
@@ -403,7 +404,7 @@ class ShareKafkaConsumer:
     # ================================================================== reporting
 
     def _on_error(self, error: KafkaError) -> None:
-        if error.fatal():
+        if is_fatal(error):
             self._fatal = error
             logger.error("%s: fatal error: %s", self._what, error.str())
         elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
