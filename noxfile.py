@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import nox
@@ -107,7 +108,9 @@ def bench(session: nox.Session) -> None:
         area = script.stem.removeprefix("bench_")
         if (only and area not in only) or (not only and area in OPT_IN_BENCHMARKS):
             continue
+        started = time.monotonic()
         session.run("python", str(script), env={"PYTHONPATH": str(ROOT / "tools")})
+        print(f"bench.{area}_seconds: {time.monotonic() - started:.0f}", flush=True)  # the 25-minute budget
 
 
 @nox.session(python="3.11")
