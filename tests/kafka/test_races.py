@@ -617,3 +617,23 @@ def test_a_flush_that_raises_at_close_still_stops_the_client(fake_producer: Any)
     assert client._thread is None or not client._thread.is_alive(), "the poller thread stopped"
     assert reports.ok == Counter(range(5))
     assert client.pending() == 0
+
+
+def test_an_idempotent_producers_fatal_error_fails_every_later_record(fake_producer: Any) -> None:
+    """librdkafka's idempotent producer reports its fatal errors (a broken sequence: the client must be replaced)
+    through the error callback as the code _FATAL with ``fatal()`` false. Records handed over after it fail at
+    once, saying so, instead of going to a client that can send nothing any more."""
+    from volley.errors import DeliveryError
+
+    client, fake = fake_producer()
+    client.acquire()
+    fatal = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Broker received an out of order sequence number")
+    assert not fatal.fatal()
+    fake.config["error_cb"](fatal)  # librdkafka calls it from the producer's poll
+    reports = Reports()
+    client.produce([OutgoingMessage("out", b"after", token=1)], reports)
+    wait_until(lambda: reports.total() >= 1, what="the record's report")
+    client.release(5.0)
+    assert fake.sent == [], "nothing handed to the dead client"
+    assert isinstance(reports.failed.get(1), DeliveryError), reports.failed
+    assert "must be restarted" in str(reports.failed[1])
