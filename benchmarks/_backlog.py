@@ -41,11 +41,11 @@ def memory_kb(pid: int) -> dict[str, int]:
 
 def fill(path: Path, count: int) -> None:
     """``count`` orders into the queue ``orders`` of ``path``, in transactions of CHUNK rows."""
-    from bench_core import make_payloads
+    from _orders import payloads
 
     from volley_sqlite import admin
 
-    bodies = make_payloads(min(count, CHUNK))
+    bodies = payloads(min(count, CHUNK))
     for start in range(0, count, CHUNK):
         admin.publish(path, "orders", bodies[:min(CHUNK, count - start)])
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import time
 
-from bench_core import Enriched, Order, handle
+from _orders import load_model
 
 from volley import Engine
 
+_MODEL = load_model()
+Order, Enriched, handle = _MODEL.Order, _MODEL.Enriched, _MODEL.handle
 PATH = os.environ["BACKLOG_DB"]
 PAUSE = float(os.environ.get("BACKLOG_HANDLER_SECONDS", "0.001"))
 

@@ -66,11 +66,12 @@ def sqlite_run(bodies: list[bytes], directory: Path, synchronous: str = "full") 
 
 def main() -> None:
     sys.path.insert(0, str(HERE))
+    import _orders as orders
     import bench_rsmq
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("volley").setLevel(logging.ERROR)  # "no dead_letter_queue configured" is expected here
-    bodies = bench_rsmq.payloads()
+    bodies = orders.payloads(bench_rsmq.N)
     with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as tmp:
         workdir = Path(tmp)
         bench_rsmq.write_model(workdir)
