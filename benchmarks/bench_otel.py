@@ -23,7 +23,9 @@ Prints ``otel.overhead`` (sdk_simple against off, wall-clock time), ``otel.overh
 process CPU time (``_cpu``: less blurred when other work shares the cores), each throughput, the
 pipeline's CPU time per message without tracing, and two figures that machine load blurs less still (thread CPU
 time): ``otel.sdk_span_us`` (one SDK span started with the process span's attributes and ended, alone),
-``otel.sdk_bare_span_us`` (the same without attributes or span processor: the least any SDK span costs) and
+``otel.sdk_bare_span_us`` (the same without attributes or span processor: the least any SDK span costs),
+``otel.send_spans_us_per_record`` (with ``send_spans``: a producer call's send span linking its 100 records, per
+record) and
 ``otel.tracer_us_per_message_<mode>[_ctx]`` (volley-otel's whole per-message work in that mode, for an input
 without / with a ``traceparent``, replayed outside the engine), with ``otel.overhead_from_parts_<mode>[_ctx]``
 (that cost over the pipeline's CPU time per message).
@@ -49,7 +51,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
 from volley import Engine
-from volley.message import Envelope
+from volley.message import Envelope, OutgoingMessage
 from volley.plugins import Registry, build_registry
 from volley.ports import QueueSpec
 from volley_otel import OtelTracer
@@ -140,6 +142,28 @@ def _tracer_us_per_message(mode: str, count: int = 20_000, *, upstream: bool = F
     return best / (count // 5) * 1e6
 
 
+def _send_spans_us_per_record(records: int = 100, calls: int = 200) -> float:
+    """With ``send_spans`` on: the send span of one producer call of ``records`` records (each linked), per
+    record; best of 5 stretches."""
+    provider = _provider("sdk_simple")
+    spec = QueueSpec(name="in", value="bench.in", connector="memory")
+    run = OtelTracer("bench", tracer_provider=provider, log_correlation=False, send_spans=True).bind(
+        spec, [QueueSpec(name="out", value="bench.out", connector="memory", role="output")])
+    sent = []
+    for position in range(records):
+        trace = run.start([Envelope(b"{}", position=position, source="bench.in")], False)
+        sent.append(OutgoingMessage("bench.out", b"{}", None, trace.inject(None)))
+        trace.end()
+    best = float("inf")
+    for _ in range(5):
+        started = time.thread_time()
+        for _ in range(calls // 5):
+            run.sent(sent)
+        best = min(best, time.thread_time() - started)
+    provider.shutdown()
+    return best / (calls // 5) / records * 1e6
+
+
 def main() -> None:
     logging.getLogger("volley").setLevel(logging.ERROR)
     logging.getLogger("opentelemetry").setLevel(logging.ERROR)  # "Queue full, dropping Span" when load peaks
@@ -167,6 +191,7 @@ def main() -> None:
     print(f"otel.pipeline_cpu_us_per_message: {1e6 / off_cpu:.2f}")
     print(f"otel.sdk_span_us: {_sdk_span_us():.2f}")
     print(f"otel.sdk_bare_span_us: {_sdk_span_us(bare=True):.2f}")
+    print(f"otel.send_spans_us_per_record: {_send_spans_us_per_record():.2f}")
     for mode in ("sdk_simple", "sdk_batch", "sdk_ratio", "api_only"):
         for suffix, upstream in (("", False), ("_ctx", True)):
             tracer_us = _tracer_us_per_message(mode, upstream=upstream)

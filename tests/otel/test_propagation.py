@@ -105,7 +105,8 @@ def test_extraction_reads_what_the_propagator_reads(value: str, extra: dict[str,
 def test_a_context_passed_on_as_it_came_is_what_the_propagator_writes(value: str) -> None:
     """The headers that carry an input's context on unchanged (no SDK) are exactly the propagator's own."""
     propagation = Propagation(get_global_textmap())
-    context, carried = propagation.parent({"traceparent": value.encode("latin-1")})
+    context, span, carried = propagation.parent({"traceparent": value.encode("latin-1")})
+    assert span is trace.get_current_span(context)
     if carried is not None:
         assert carried == reference(get_global_textmap(), context)
         assert carried == {"traceparent": value.encode("latin-1")}
@@ -130,7 +131,7 @@ def test_other_propagators_read_their_own_headers() -> None:
     propagation = Propagation(Custom())
     headers = {"x-trace": b"42", "traceparent": CANONICAL.encode()}
     assert span_context_of(propagation.extract(headers)).trace_id == 42
-    assert propagation.parent(headers)[1] is None
+    assert propagation.parent(headers)[2] is None
     assert propagation.extract({"traceparent": CANONICAL.encode()}) is EMPTY_CONTEXT
 
 

@@ -18,7 +18,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
@@ -90,16 +90,18 @@ class Propagation:
         self.fields = frozenset(propagator.fields) or frozenset(TRACE_HEADERS)
         self.w3c = is_w3c(propagator)
 
-    def parent(self, headers: Headers) -> tuple[Context, dict[str, bytes] | None]:
-        """The context ``headers`` (which carry at least one of the propagator's fields) carry, and, when that is
-        nothing but a span context read from a canonical ``traceparent`` (no trace state, no baggage), the
-        headers that carry it on as they are."""
+    def parent(self, headers: Headers) -> tuple[Context, Span, dict[str, bytes] | None]:
+        """The context ``headers`` (which carry at least one of the propagator's fields) carry, its span, and, when
+        that is nothing but a span context read from a canonical ``traceparent`` (no trace state, no baggage),
+        the headers that carry it on as they are."""
         if self.w3c:
             value = headers.get("traceparent")
             if is_canonical_traceparent(value) and "tracestate" not in headers and "baggage" not in headers:
-                return (trace.set_span_in_context(RemoteParent(value), EMPTY_CONTEXT),  # type: ignore[arg-type]
-                        {"traceparent": value})  # type: ignore[dict-item]
-        return self.propagator.extract(headers, EMPTY_CONTEXT, GETTER), None
+                span = RemoteParent(value)  # type: ignore[arg-type]
+                carried: dict[str, bytes] = {"traceparent": value}  # type: ignore[dict-item]
+                return trace.set_span_in_context(span, EMPTY_CONTEXT), span, carried
+        context = self.propagator.extract(headers, EMPTY_CONTEXT, GETTER)
+        return context, trace.get_current_span(context), None
 
     def extract(self, headers: Headers | None) -> Context:
         """The context ``headers`` carry; the empty context (a new trace) when they carry none."""

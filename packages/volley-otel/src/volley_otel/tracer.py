@@ -139,7 +139,7 @@ class OtelRunTracer:
         if not headers or propagation.fields.isdisjoint(headers):
             parent, plain = EMPTY_CONTEXT, True
         else:
-            parent, carried = propagation.parent(headers)
+            parent, _, carried = propagation.parent(headers)
             plain = carried is not None  # nothing but the span context: no baggage to carry on
         attributes = self.attributes.copy()  # the run's attributes, and this message's own
         if self.kafka:
@@ -200,11 +200,11 @@ class ContextRunTracer:
         headers = members[0].headers
         if batch or not headers or self.propagation.fields.isdisjoint(headers):
             return None  # a batch has no single parent, and nothing records its links
-        parent, carried = self.propagation.parent(headers)
+        parent, span, carried = self.propagation.parent(headers)
         if parent is EMPTY_CONTEXT:  # the fields hold nothing the propagator accepts
             return None
         # The parent's non-recording span (invalid when only baggage came): its own context is passed on.
-        return OtelTrace(trace.get_current_span(parent), parent, self.propagation, carried is not None, carried)
+        return OtelTrace(span, parent, self.propagation, carried is not None, carried)
 
     def sent(self, records: Sequence[OutgoingMessage]) -> None:
         pass
