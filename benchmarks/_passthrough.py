@@ -64,20 +64,29 @@ def run_pass_through(mode: str, n: int, profile: str, engine: Callable[[dict[str
     return n / elapsed, n / cpu
 
 
-def best_rates(modes: Sequence[str], rounds: int, n: int,
-               run: Callable[[str, int], Rates]) -> tuple[dict[str, float], dict[str, float]]:
-    """The best wall-clock and CPU rates of each mode over ``rounds`` rounds, after a warm-up run of each
-    (imports, pydantic's and the allocator's first-use costs). BENCH_VERBOSE=1 prints every run."""
+def rounds_of(modes: Sequence[str], rounds: int, n: int, run: Callable[[str, int], Rates]) -> dict[str, list[Rates]]:
+    """Each mode's rates in each of ``rounds`` rounds, after a warm-up run of each (imports, pydantic's and the
+    allocator's first-use costs). BENCH_VERBOSE=1 prints every run."""
     for mode in modes:
         run(mode, max(1, n // 10))
-    best = dict.fromkeys(modes, 0.0)
-    best_cpu = dict.fromkeys(modes, 0.0)
+    rates: dict[str, list[Rates]] = {mode: [] for mode in modes}
     for round_ in range(rounds):
         for i in range(len(modes)):
             mode = modes[(i + round_) % len(modes)]
             rate, cpu_rate = run(mode, n)
             if os.environ.get("BENCH_VERBOSE"):
                 print(f"# {mode}: {rate:.0f} msg/s wall, {cpu_rate:.0f} msg/s cpu")
-            best[mode] = max(best[mode], rate)
-            best_cpu[mode] = max(best_cpu[mode], cpu_rate)
-    return best, best_cpu
+            rates[mode].append((rate, cpu_rate))
+    return rates
+
+
+def best_of(rates: dict[str, list[Rates]]) -> tuple[dict[str, float], dict[str, float]]:
+    """The best wall-clock and the best CPU rate of each mode."""
+    return ({mode: max(rate for rate, _ in runs) for mode, runs in rates.items()},
+            {mode: max(cpu for _, cpu in runs) for mode, runs in rates.items()})
+
+
+def best_rates(modes: Sequence[str], rounds: int, n: int,
+               run: Callable[[str, int], Rates]) -> tuple[dict[str, float], dict[str, float]]:
+    """The best wall-clock and CPU rates of each mode over ``rounds`` rounds (``rounds_of``)."""
+    return best_of(rounds_of(modes, rounds, n, run))

@@ -20,7 +20,8 @@ drained (no idle wait), its seeding excluded:
 Prints ``otel.overhead`` (sdk_simple against off, wall-clock time), ``otel.overhead_batch``,
 ``otel.overhead_sampled_1pct``, ``otel.overhead_api_only``, ``otel.overhead_api_only_ctx`` (against off_ctx),
 ``otel.overhead_not_installed`` (off against not_installed: the same code, so what is left is noise), each also on
-process CPU time (``_cpu``: less blurred when other work shares the cores), each throughput, the
+process CPU time (``_cpu``: less blurred when other work shares the cores) and as the median of the rounds' CPU
+ratios (``_cpu_median``: how far apart it and ``_cpu`` are tells how much load blurred them), each throughput, the
 pipeline's CPU time per message without tracing, and two figures that machine load blurs less still (thread CPU
 time): ``otel.sdk_span_us`` (one SDK span started with the process span's attributes and ended, alone),
 ``otel.sdk_bare_span_us`` (the same without attributes or span processor: the least any SDK span costs),
@@ -35,11 +36,12 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from _passthrough import Rates, best_rates, memory_profile, run_pass_through
+from _passthrough import Rates, best_of, memory_profile, rounds_of, run_pass_through
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -174,7 +176,14 @@ def main() -> None:
     for entries in without_otel.entries.values():
         for name in [n for n, entry in entries.items() if entry.distribution == "volley-otel"]:
             del entries[name]
-    best, best_cpu = best_rates(MODES, RUNS, N, lambda mode, n: _run(mode, n, registry, without_otel))
+    rates = rounds_of(MODES, RUNS, N, lambda mode, n: _run(mode, n, registry, without_otel))
+    best, best_cpu = best_of(rates)
+
+    def paired_cpu(mode: str, base: str) -> float:
+        """The median over rounds of that round's CPU-time ratio: a second estimate, as load-blurred as the
+        rounds are, whose distance from the best-of figure says how far to trust either."""
+        return statistics.median(b[1] / m[1] - 1 for m, b in zip(rates[mode], rates[base], strict=True))
+
     off, off_cpu = best["off"], best_cpu["off"]
     print(f"otel.messages: {N}")
     print(f"otel.rounds: {RUNS}")
@@ -184,8 +193,10 @@ def main() -> None:
                               ("_api_only_ctx", "api_only_ctx", "off_ctx")):
         print(f"otel.overhead{label}: {best[base] / best[mode] - 1:.4f}")
         print(f"otel.overhead{label}_cpu: {best_cpu[base] / best_cpu[mode] - 1:.4f}")
+        print(f"otel.overhead{label}_cpu_median: {paired_cpu(mode, base):.4f}")
     print(f"otel.overhead_not_installed: {best['not_installed'] / off - 1:.4f}")
     print(f"otel.overhead_not_installed_cpu: {best_cpu['not_installed'] / off_cpu - 1:.4f}")
+    print(f"otel.overhead_not_installed_cpu_median: {paired_cpu('off', 'not_installed'):.4f}")
     for mode in MODES:
         print(f"otel.{mode}_msgs_per_s: {best[mode]:.0f}")
     print(f"otel.pipeline_cpu_us_per_message: {1e6 / off_cpu:.2f}")
