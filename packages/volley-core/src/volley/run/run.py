@@ -96,7 +96,7 @@ class Run:
                 interval_seconds=engine.transaction_interval_seconds,
                 max_messages=engine.transaction_max_messages,
                 wait_settled=lambda deadline: self.wait_settled(deadline, include_inbox=False),
-                on_abort=self._drop_transaction_work)
+                queued=self._queued, on_abort=self._drop_transaction_work)
         self.drain = DrainMonitor(self, self.consumer, self.observer, app_name=self.name, source=self.input.value,
                                   stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
                                   observed=timed)
@@ -314,6 +314,10 @@ class Run:
             logging.shutdown()
             os._exit(BLOCKED_EXIT_CODE)
 
+    def _queued(self) -> int:
+        """Inputs fetched and not yet begun (buffered in the inbox)."""
+        return sum(len(batch) for batch in self.inbox)
+
     async def wait_settled(self, deadline: float, include_inbox: bool = True) -> None:
         """Until nothing is in flight, nor buffered, nor in an open transaction (its commit must not be cut), or
         ``deadline``. Without ``include_inbox``: until all that is in flight is buffered, not begun (a transaction
@@ -323,7 +327,7 @@ class Run:
         def unsettled() -> bool:
             if include_inbox:
                 return bool(settlement.in_flight or inbox or (barrier is not None and barrier.open))
-            return settlement.in_flight > sum(len(batch) for batch in inbox)
+            return settlement.in_flight > self._queued()
 
         while unsettled() and time.monotonic() < deadline:
             settlement.settled.clear()
@@ -338,7 +342,7 @@ class Run:
         settlement = self.settlement
         room = bound - settlement.in_flight
         if self.barrier is not None:  # a transaction takes what it can until it is due; the next one waits
-            room = min(room, self.barrier.room(sum(len(batch) for batch in self.inbox)))
+            room = min(room, self.barrier.room(self._queued()))
         if self.max_messages is not None:
             remaining = self.max_messages - self.report.consumed
             if remaining <= 0 and settlement.in_flight == 0 and not self.inbox \

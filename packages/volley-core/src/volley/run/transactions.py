@@ -26,7 +26,7 @@ logger = logging.getLogger("volley")
 class TransactionBarrier:
     def __init__(self, consumer: Transactional, settlement: Settlement, *, app_name: str, timeout_seconds: float,
                  interval_seconds: float, max_messages: int, wait_settled: Callable[[float], Awaitable[None]],
-                 on_abort: Callable[[], Awaitable[None]]) -> None:
+                 queued: Callable[[], int], on_abort: Callable[[], Awaitable[None]]) -> None:
         self.consumer = consumer
         self.settlement = settlement
         self.app_name = app_name
@@ -34,6 +34,7 @@ class TransactionBarrier:
         self.interval_seconds = interval_seconds
         self.max_messages = max_messages
         self.wait_settled = wait_settled
+        self.queued = queued  # inputs fetched, not begun: they belong to the next transaction
         self.on_abort = on_abort
         self.open = False  # begun, not yet committed or aborted
         self.closing = False  # its commit (or abort) is under way: nothing more joins it, nothing is fetched
@@ -78,9 +79,10 @@ class TransactionBarrier:
             failed, settlement.transaction_failed = settlement.transaction_failed, False
             acker = settlement.acker
             acks, acker.acks = acker.acks, []
-            if settlement.in_flight or failed:
-                logger.error("%s: aborting the transaction (%d unsettled); the batch will be processed again",
-                             self.app_name, settlement.in_flight)
+            unsettled = settlement.in_flight - self.queued()
+            if unsettled or failed:
+                logger.error("%s: aborting the transaction (%d unsettled); its inputs will be processed again",
+                             self.app_name, unsettled)
                 await self.on_abort()
                 await self.consumer.abort()
                 self._forget()
@@ -88,7 +90,7 @@ class TransactionBarrier:
             try:
                 await self.consumer.commit(acks)
             except DeliveryError as exc:  # the consumer aborted and rewound: the batch comes again
-                logger.error("%s: committing the transaction failed (%s); the batch will be processed again",
+                logger.error("%s: committing the transaction failed (%s); its inputs will be processed again",
                              self.app_name, exc)
                 self._forget()
                 return
