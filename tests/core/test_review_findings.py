@@ -20,6 +20,7 @@ import pytest
 
 from volley import Engine, MemoryBroker
 from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
+from volley.errors import DeliveryError
 from volley.message import Envelope, OutgoingMessage
 from volley.plugins import build_registry
 from volley.ports import DeliveryCallback, QueueSpec
@@ -508,3 +509,106 @@ def test_a_transaction_due_by_time_with_batches_fetched_for_the_next_one_commits
     report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.2)
     assert "abort" not in log, log
     assert report.acked == 20 and broker.acked("in") == 20 and outputs(broker) == list(range(20)), report
+
+
+class AbortRacingConsumer(TxConsumer):
+    """Its second fetch is still under way when the transaction aborts, and returns during the abort, before the
+    rewind: records the rewind gives back, so they come again (a real Kafka fetch in the old seek epoch)."""
+
+    def __init__(self, broker: MemoryBroker, queue: str, log: list[Any]) -> None:
+        super().__init__(broker, queue, log)
+        self.fetches = 0
+        self.aborting = asyncio.Event()
+        self.fetched_during_abort = asyncio.Event()
+
+    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
+        self.fetches += 1
+        if self.fetches != 2:
+            return await super().consume(max_messages, timeout)
+        await self.aborting.wait()
+        messages = await super().consume(max_messages, timeout)
+        self.log.append(("fetched-during-abort", len(messages)))
+        self.fetched_during_abort.set()
+        return messages
+
+    async def abort(self) -> None:
+        self.aborting.set()
+        await asyncio.wait_for(self.fetched_during_abort.wait(), 5.0)
+        await super().abort()  # the rewind: gives back what it holds, the batch just fetched included
+
+
+def test_a_batch_fetched_while_the_transaction_aborts_is_not_processed_twice() -> None:
+    """Found in review: an abort cleared the inputs queued for the next transaction before it awaited the
+    consumer's rewind; a fetch that returned meanwhile (records the rewind gives back) stayed queued and was
+    processed in the next transaction, and again once redelivered: a duplicate in committed output."""
+    log: list[Any] = []
+    broker = MemoryBroker()
+    publish(broker, 4)
+    engine = make_engine(broker, Connector(broker, lambda b, q: AbortRacingConsumer(b, q, log)),
+                         consume_batch_size=2, transaction_interval_seconds=0.1, shutdown_timeout_seconds=0.3)
+    calls: list[int] = []
+
+    @engine.stream_app
+    async def handler(item: Item) -> list[tuple[str, Item]]:
+        calls.append(item.n)
+        if len(calls) == 1:
+            await asyncio.sleep(0.6)  # slower than the transaction's deadline: the first transaction aborts
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.2)
+    assert ("fetched-during-abort", 2) in log and log.count("abort") == 1, log
+    assert outputs(broker) == [0, 1, 2, 3], "a batch fetched during the abort was processed twice"
+    assert report.acked == 4 and broker.acked("in") == 4
+    assert report.settled == report.consumed
+
+
+class FailingCommitConsumer(TxConsumer):
+    """Its first commit fails after the broker aborted the transaction, and rewinds (as Kafka's does): every input
+    not committed comes again, also those fetched for the next transaction."""
+
+    def __init__(self, broker: MemoryBroker, queue: str, log: list[Any], calls: list[int]) -> None:
+        super().__init__(broker, queue, log, commit_delay=0.0)
+        self.calls = calls
+        self.begun_at_failure: set[int] | None = None
+        self.queued_at_failure = 0
+
+    async def commit(self, envelopes: Sequence[Envelope]) -> None:
+        if self.begun_at_failure is not None:
+            await super().commit(envelopes)
+            return
+        self.begun_at_failure = set(self.calls)
+        self.queued_at_failure = len(self.held) - len(envelopes)
+        await self.abort()
+        raise DeliveryError("the transaction was aborted: its inputs will be consumed again")
+
+
+def test_inputs_fetched_for_the_next_transaction_are_not_processed_twice_after_a_failed_commit() -> None:
+    """Found in review: a failed commit (the consumer aborts and rewinds) kept the inputs already fetched for the
+    next transaction; they were processed from the queue and again once redelivered."""
+    log: list[Any] = []
+    calls: list[int] = []
+    consumers: list[FailingCommitConsumer] = []
+
+    def make(broker: MemoryBroker, queue: str) -> FailingCommitConsumer:
+        consumers.append(FailingCommitConsumer(broker, queue, log, calls))
+        return consumers[-1]
+
+    broker = MemoryBroker()
+    publish(broker, 20)
+    engine = make_engine(broker, Connector(broker, make), consume_batch_size=5, transaction_interval_seconds=0.02,
+                         shutdown_timeout_seconds=2.0)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        calls.append(item.n)
+        time.sleep(0.01)  # a batch of 5 outlasts the transaction's interval: batches queue for the next one
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.2)
+    consumer = consumers[0]
+    assert consumer.begun_at_failure is not None and consumer.queued_at_failure > 0, "no input was queued"
+    for n in range(20):
+        expected = 2 if n in consumer.begun_at_failure else 1  # again after the rewind, or only then
+        assert calls.count(n) == expected, (n, calls)
+    assert report.acked == 20 and broker.acked("in") == 20
+    assert report.settled == report.consumed

@@ -96,7 +96,7 @@ class Run:
                 interval_seconds=engine.transaction_interval_seconds,
                 max_messages=engine.transaction_max_messages,
                 wait_settled=lambda deadline: self.wait_settled(deadline, include_inbox=False),
-                queued=self._queued, on_abort=self._drop_transaction_work)
+                queued=self._queued, drop_queued=self.inbox.clear, on_abort=self._stop_transaction_work)
         self.drain = DrainMonitor(self, self.consumer, self.observer, app_name=self.name, source=self.input.value,
                                   stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
                                   observed=timed)
@@ -190,10 +190,8 @@ class Run:
                 crashed = crashed or _unexpected_end(self.name, name, task)
         return crashed
 
-    async def _drop_transaction_work(self) -> None:
-        """A transaction aborts: work of its inputs still running (async lanes) must not settle later, and inputs
-        fetched for the next one are dropped too (the consumer rewinds to the last commit: they come again)."""
-        self.inbox.clear()  # still counted in flight: the abort counts them abandoned with the rest
+    async def _stop_transaction_work(self) -> None:
+        """A transaction aborts: work of its inputs still running (async lanes) must not settle later."""
         if isinstance(self.executor, AsyncLanes):
             await self.executor.reset(1.0)
 

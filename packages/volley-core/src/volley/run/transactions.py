@@ -26,7 +26,8 @@ logger = logging.getLogger("volley")
 class TransactionBarrier:
     def __init__(self, consumer: Transactional, settlement: Settlement, *, app_name: str, timeout_seconds: float,
                  interval_seconds: float, max_messages: int, wait_settled: Callable[[float], Awaitable[None]],
-                 queued: Callable[[], int], on_abort: Callable[[], Awaitable[None]]) -> None:
+                 queued: Callable[[], int], drop_queued: Callable[[], None],
+                 on_abort: Callable[[], Awaitable[None]]) -> None:
         self.consumer = consumer
         self.settlement = settlement
         self.app_name = app_name
@@ -35,7 +36,8 @@ class TransactionBarrier:
         self.max_messages = max_messages
         self.wait_settled = wait_settled
         self.queued = queued  # inputs fetched, not begun: they belong to the next transaction
-        self.on_abort = on_abort
+        self.drop_queued = drop_queued  # forgets them: a rewind gives them back too
+        self.on_abort = on_abort  # stops the aborted transaction's work still running
         self.open = False  # begun, not yet committed or aborted
         self.closing = False  # its commit (or abort) is under way: nothing more joins it, nothing is fetched
         self.count = 0  # inputs in the open transaction
@@ -103,6 +105,10 @@ class TransactionBarrier:
             self.count = 0
 
     def _forget(self) -> None:
+        """After the consumer rewound: nothing of the transaction settles, and what was fetched for the next one
+        is dropped, a fetch that returned during the abort or the failed commit included (its records come again
+        from the rewind; no await between the rewind and this, so nothing fetched after it is dropped)."""
+        self.drop_queued()
         settlement = self.settlement
         for env in self._batch:
             env.pending = -1
