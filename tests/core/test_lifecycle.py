@@ -977,3 +977,21 @@ def test_a_handler_raising_a_base_exception_on_the_thread_is_not_reported_as_sti
     still = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
     assert still == []
     assert broker.acked("in") == 0 and broker.depth("in") == 1
+
+
+def test_the_stopped_log_line_says_how_long_the_run_took(caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: "stopped (RunReport(...))" was logged before the run's duration was set, so it always
+    said elapsed_seconds=0.0."""
+    broker = MemoryBroker()
+    engine = make_engine(broker)
+    seed(broker, engine, [Item(n) for n in range(3)])
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Doubled]]:
+        return [("out", Doubled(item.n * 2))]
+
+    with caplog.at_level(logging.INFO, logger="volley"):
+        report = handler.run_until_drained(timeout=10, drain_idle_seconds=0.1)
+    stopped = [line for line in caplog.text.splitlines() if "stopped (RunReport(" in line]  # as logged then
+    assert len(stopped) == 1 and report.elapsed_seconds > 0
+    assert f"elapsed_seconds={report.elapsed_seconds!r}" in stopped[0], stopped[0]

@@ -2,7 +2,8 @@
 
 Each worker is a plain ``volley run`` process, so each is its own Kafka
 consumer-group member or RSMQ receiver. The supervisor restarts a worker that
-dies (with a growing delay, so a worker that cannot start does not spin),
+dies (with a growing delay, so a worker that cannot start does not spin; the
+delay starts over once a worker ran for a minute),
 forwards SIGINT/SIGTERM to every worker and waits for their graceful shutdown
 within a deadline before killing what is left. On Linux, workers also get
 SIGTERM when the supervisor itself dies (``PR_SET_PDEATHSIG``, set by the
@@ -29,6 +30,7 @@ from types import FrameType
 logger = logging.getLogger("volley.workers")
 
 RESTART_DELAY_MAX = 30.0
+STABLE_SECONDS = 60.0  # a worker that ran this long before it exited starts again with the shortest delay
 CONFIGURATION_ERROR_EXIT = 2  # what `volley run` exits with on a ConfigurationError: restarting cannot help
 SHUTDOWN_DEADLINE = float(os.environ.get("VOLLEY_SHUTDOWN_DEADLINE", "45"))
 
@@ -40,6 +42,7 @@ class Supervisor:
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
         self.restarts: dict[int, int] = {}
         self.next_start: dict[int, float] = {}
+        self.started_at: dict[int, float] = {}
         self.stopping = False
         self.failed = False
         self.own_metrics_dir: str | None = None
@@ -54,6 +57,7 @@ class Supervisor:
         # Own process group: a terminal's Ctrl-C reaches the supervisor only, which then stops
         # every worker once, gracefully (a second signal would make a worker exit at once).
         self.processes[index] = subprocess.Popen(command, env=env, process_group=0)
+        self.started_at[index] = time.monotonic()
         logger.info("worker %d started (pid %d)", index, self.processes[index].pid)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -99,6 +103,8 @@ class Supervisor:
                 self._on_signal(signal.SIGTERM, None)
                 return
             if index not in self.next_start:
+                if now - self.started_at.get(index, now) >= STABLE_SECONDS:
+                    self.restarts[index] = 0  # it ran well: this is a new failure, not the same one again
                 count = self.restarts.get(index, 0)
                 delay = min(RESTART_DELAY_MAX, 0.5 * 2**count)
                 self.next_start[index] = now + delay

@@ -111,6 +111,7 @@ class Run:
         self._stopped: asyncio.Event | None = None
         self._finished = threading.Event()
         self._poll_failures = 0
+        self._started = 0.0
 
     # ------------------------------------------------------------------ what drain detection reads
 
@@ -130,7 +131,7 @@ class Run:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> RunReport:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         loop = self._loop = asyncio.get_running_loop()
         self.stop.bind(loop)
         self.settlement.bind(loop)
@@ -166,7 +167,8 @@ class Run:
             finally:
                 if tune_gc:
                     gctune.release()
-                self.report.elapsed_seconds = time.monotonic() - started
+                if not self.report.elapsed_seconds:  # set at the end of _shutdown, unless that raised
+                    self.report.elapsed_seconds = time.monotonic() - started
                 self._finished.set()
         if cancelled is not None:
             raise cancelled
@@ -272,6 +274,7 @@ class Run:
             self.executor.close()
         self.observer.on_ready(self.name, False)  # again: a consumer may have reported ready while it closed
         self.observer.on_stop(self.name)
+        self.report.elapsed_seconds = time.monotonic() - self._started
         logger.info("%s: stopped (%s)", self.name, self.report)
 
     def request_stop(self, error: BaseException | None = None) -> None:
