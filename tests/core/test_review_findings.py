@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from volley import Engine, MemoryBroker
-from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
 from volley.errors import DeliveryError
+from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
 from volley.message import Envelope, OutgoingMessage
 from volley.plugins import build_registry
 from volley.ports import DeliveryCallback, QueueSpec

@@ -15,7 +15,6 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any
 
 from volley import gctune
 from volley.errors import VolleyError
@@ -35,6 +34,7 @@ from volley.run.app import RunnableApp
 from volley.run.drain import DrainMonitor
 from volley.run.handling import Handling
 from volley.run.lanes import AsyncLanes
+from volley.run.parts import output_slots, run_tracing
 from volley.run.rebalance import Rebalance, drop_revoked
 from volley.run.report import RunReport
 from volley.run.retry import RetryPolicy
@@ -42,7 +42,7 @@ from volley.run.routing import Router
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
 from volley.run.sync_executor import SyncExecutor
-from volley.run.tracing import Tracing
+from volley.run.tasks import cancel, unexpected_end
 from volley.run.transactions import TransactionBarrier
 
 logger = logging.getLogger("volley")
@@ -65,7 +65,7 @@ class Run:
         self.observer = engine.observer
         timed = engine.observer.enabled
 
-        producers, routes, dlq = _output_slots(engine)
+        producers, routes, dlq = output_slots(engine)
         self.producers = producers
         self.consumer: Consumer = self.input.make_consumer()
         self.transactional = isinstance(self.consumer, Transactional) and bool(self.consumer.transactional)
@@ -74,7 +74,7 @@ class Run:
                            backoff_max_seconds=engine.retry_backoff_max_seconds, transactional=self.transactional)
         retry = RetryPolicy(self.name, engine.max_retries, engine.retry_backoff_seconds,
                             engine.retry_backoff_max_seconds, self.stop)
-        self.tracing = _tracing(engine, dlq)
+        self.tracing = run_tracing(engine, dlq)
         if self.tracing is not None:
             retry.on_retry = self.tracing.retried
         self.settlement = Settlement(
@@ -189,7 +189,7 @@ class Run:
         crashed: BaseException | None = None
         for name, task in tasks.items():
             if task in done:
-                crashed = crashed or _unexpected_end(self.name, name, task)
+                crashed = crashed or unexpected_end(self.name, name, task)
         return crashed
 
     async def _stop_transaction_work(self) -> None:
@@ -233,12 +233,12 @@ class Run:
         deadline = time.monotonic() + self.engine.shutdown_timeout_seconds
         self.observer.on_ready(self.name, False)
         # 1. Stop consuming. Cancelling a poll is safe: what it would have returned was never acknowledged.
-        await _cancel(tasks["fetch"])
+        await cancel(tasks["fetch"])
         # 2. Finish in-flight work within the deadline.
         await self.wait_settled(deadline)
         # 3. Give up on what is left: no handler call starts after this, no record is produced again.
         self.stop.abandon()
-        await _cancel(tasks["process"])
+        await cancel(tasks["process"])
         if isinstance(self.executor, AsyncLanes):
             await self.executor.close(1.0)
         settlement.cancel_retries()
@@ -460,49 +460,3 @@ class Run:
         wake.clear()
         await wake.wait()
         return True
-
-
-def _output_slots(engine: Any) -> tuple[list[Producer], dict[str, tuple[ResolvedQueue, int]],
-                                        tuple[ResolvedQueue, int] | None]:
-    """One producer per distinct producer object (queues of one connector may share one), and each output
-    queue's (queue, producer slot)."""
-    producers: list[Producer] = []
-    routes: dict[str, tuple[ResolvedQueue, int]] = {}
-    names = list(engine.output_queues)
-    if engine.dead_letter_queue is not None:
-        names.append(engine.dead_letter_queue)
-    slots: dict[int, int] = {}
-    for name in names:
-        queue = engine.queues[name]
-        producer = queue.make_producer()
-        slot = slots.get(id(producer))
-        if slot is None:
-            slot = slots[id(producer)] = len(producers)
-            producers.append(producer)
-        routes[name] = (queue, slot)
-    dlq = routes[engine.dead_letter_queue] if engine.dead_letter_queue is not None else None
-    return producers, routes, dlq
-
-
-def _tracing(engine: Any, dlq: tuple[ResolvedQueue, int] | None) -> Tracing | None:
-    """The run's tracing, bound to its queues, when the Engine names a tracer (``Engine(tracing=...)``)."""
-    if engine.tracer is None:
-        return None
-    outputs = [engine.queues[name].spec for name in engine.output_queues]
-    if dlq is not None:
-        outputs.append(dlq[0].spec)
-    return Tracing(engine.tracer.bind(engine.input.spec, outputs))
-
-
-def _unexpected_end(app_name: str, name: str, task: asyncio.Task[Any]) -> BaseException | None:
-    """Why a task of the run ended before it was asked to: its exception, or its cancellation by someone else."""
-    if task.cancelled():
-        return VolleyError(f"{app_name}: the {name} task was cancelled by something outside the engine "
-                           "(a handler or a library raising CancelledError?); stopping")
-    return task.exception()
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    if not task.done():
-        task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
