@@ -118,12 +118,16 @@ def test_max_deliveries_stays_below_the_brokers_delivery_limit() -> None:
 
 
 async def test_async_handlers_run_concurrently_past_a_slow_record(kit: Any) -> None:
-    """One partition, one slow record: the others are handled (and acknowledged) while it runs."""
+    """One partition, one slow record: the others are handled (and acknowledged) while it runs.
+
+    The group's lock (30 s) outlasts the slow record (at most 20 s): with the test broker's 5 s, a loaded machine
+    let the slow record's lock expire, and each copy the broker handed out again held up one more member."""
     source, sink = kit.topic("share-async-in"), kit.topic("share-async-out")
     count = 300
     produce(kit, source, count)
+    group = share_group(kit, record_lock_ms=30_000)
     engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], metrics_port=None,
-                    queue_config=queues(kit, share_group(kit), source, sink), max_in_flight=50,
+                    queue_config=queues(kit, group, source, sink), max_in_flight=50,
                     poll_interval_seconds=0.2)
     slow_started = asyncio.Event()
     done_while_slow: list[int] = []
