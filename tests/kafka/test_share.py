@@ -1,8 +1,8 @@
 """Kafka share groups (``confluent-share``, KIP-932) through the engine, on the real broker.
 
-Start-up refusals (ordering, exactly-once), the delivery limit, concurrency past a slow record, every member
-getting work on one partition, the poison record's way to the DLQ, a lock that expires under a slow handler,
-and kill -9 of a worker mid-stream.
+Start-up refusals (ordering, exactly-once), the delivery limit, concurrency past a slow record, a record slower
+than its lock not stalling every member, every member getting work on one partition, the poison record's way to
+the DLQ, a lock that expires under a slow handler, and kill -9 of a worker mid-stream.
 """
 
 from __future__ import annotations
@@ -160,6 +160,50 @@ async def test_async_handlers_run_concurrently_past_a_slow_record(kit: Any) -> N
         f"only {len(done_while_slow)} records finished while the slow one ran")
     ids = Counter(json.loads(m.value())["id"] for m in kit.read_topic(sink))
     assert set(ids) == set(range(count))
+
+
+async def test_a_record_slower_than_its_lock_does_not_stall_every_member(kit: Any) -> None:
+    """One record's handler runs far past the group's lock (1 s): the broker hands the record out again, to one
+    member after another, and each copy's handler is as slow. A member gives up what it holds once its lock
+    period passed (its records are the group's again) and polls on, so the other records are all handled while
+    the slow copies still run. Before, every member ended up waiting for a copy and nothing was consumed."""
+    source, sink = kit.topic("share-stall-in"), kit.topic("share-stall-out")
+    count = 200
+    produce(kit, source, count)
+    group = share_group(kit, record_lock_ms=1000)
+    config = queues(kit, group, source, sink)
+    # Two members taking one record batch (20 records) per poll: the others take a few lock periods.
+    config["input"]["config"].update({"volley.share.consumers": 2, "max.poll.records": 20})
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], metrics_port=None,
+                    queue_config=config, max_in_flight=30, poll_interval_seconds=0.2)
+    others: set[int] = set()
+    slow_ends: list[str] = []
+
+    @engine.stream_app
+    async def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if message["id"] == 0:  # every copy is slow: until the others are done, or 8 s
+            deadline = time.monotonic() + 8
+            while len(others) < count - 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            slow_ends.append("others done" if len(others) >= count - 1 else "deadline")
+        else:
+            await asyncio.sleep(0.2)
+            others.add(message["id"])
+        return [("out", message)]
+
+    run = asyncio.ensure_future(handler.run_async())
+    try:
+        deadline = time.monotonic() + 30
+        while not slow_ends and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        handler.stop()
+        await asyncio.wait_for(run, 60)
+    assert slow_ends, "the slow record's handler never ended"
+    assert slow_ends[0] == "others done", (
+        f"only {len(others)} of the {count - 1} other records were handled while the slow one ran (8 s)")
+    ids = Counter(json.loads(m.value())["id"] for m in kit.read_topic(sink))
+    assert set(ids) >= set(range(1, count))
 
 
 async def test_every_member_gets_work_on_one_partition(kit: Any) -> None:

@@ -18,6 +18,14 @@ acknowledgement is refused by the broker when another member holds the record by
 settled meanwhile; so the consumer also compares, per batch, the time since its poll with the group's lock
 duration (read at start). Both are counted (``late_acks``, ``refused_acks``) and logged as possible duplicates.
 
+A member gives up its batch once the group's lock has certainly expired on it (the time since its poll returned is
+past the lock duration): the broker no longer counts those records as the member's, and a member stuck waiting
+for a slow record's ack could not poll again. Every copy of a slow record the broker hands out again would hold up
+one more member, until none consumed anything. So, before members are polled, such a member drops its records
+(a later ack or nack of one is a no-op), sends RELEASE for them on its thread (usually refused: the broker took
+them back already) and polls again. Records it had not handed out yet are never handed out (the broker has them
+again); the ones handed out are counted in ``late_acks`` and logged as possible duplicates.
+
 Closing releases every record still unsettled, so that another member gets it at once instead of after its lock.
 
 Threads: each member's client is only called on its own thread (polls, acknowledgements, commits, close). The
@@ -72,6 +80,7 @@ class _Member:
         self.waiting: deque[Envelope] = deque()  # acquired, not yet handed out
         self.poll: asyncio.Future[list[Any]] | None = None
         self.polled_at = 0.0  # when the poll that acquired the records held began (their locks began no earlier)
+        self.acquired_at = 0.0  # when that poll returned (their locks began no later)
         self.closed = False
 
     @property
@@ -243,6 +252,7 @@ class ShareKafkaConsumer:
         count = max(1, max_messages)
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
+            self._give_up_expired()
             out = self._hand_out(count)
             if out or self._closing:
                 return out
@@ -257,6 +267,37 @@ class ShareKafkaConsumer:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 return self._hand_out(count)
+
+    def _give_up_expired(self) -> None:
+        """Members whose batch's lock has expired give it up and may poll again (see the module docstring)."""
+        lock = self._lock_seconds
+        if lock is None or self._closing:
+            return
+        now = time.monotonic()
+        for member in self._members:
+            if member.poll is not None or member.closed or not member.held or now - member.acquired_at <= lock:
+                continue
+            records = list(member.held.values())
+            unsent = len(member.waiting)
+            handed_out = len(records) - unsent
+            member.held.clear()
+            member.waiting.clear()
+            self.late_acks += handed_out
+            self._log_once("expired", "%s: member %d gave up %d record(s) %.1f s after it acquired them, past the "
+                           "group's record lock (%.1f s), so that it polls again; the broker hands them out again: "
+                           "%d still being handled are possible duplicates (a handler slower than "
+                           "share.record.lock.duration.ms), %d not handed out yet are left to the group",
+                           self._what, member.index, len(records), now - member.acquired_at, lock, handed_out,
+                           unsent)
+            # Queued on the member's thread before its next poll: release first, then poll.
+            release = member.worker.submit(functools.partial(self._acknowledge, member, records,
+                                                             AcknowledgeType.RELEASE))
+            release.add_done_callback(functools.partial(self._released, member))
+
+    def _released(self, member: _Member, release: asyncio.Future[None]) -> None:
+        if not release.cancelled() and release.exception() is not None:
+            self._log_once("expired-release", "%s: member %d: releasing records past their lock failed: %s",
+                           self._what, member.index, release.exception())
 
     def _hand_out(self, count: int) -> list[Envelope]:
         out: list[Envelope] = []
@@ -286,6 +327,7 @@ class ShareKafkaConsumer:
     def _polled(self, member: _Member, poll: asyncio.Future[list[Any]]) -> None:
         """On the loop: the member's new batch becomes its records held and waiting."""
         member.poll = None
+        member.acquired_at = time.monotonic()
         if self._changed is not None:
             self._changed.set()
         if poll.cancelled():
