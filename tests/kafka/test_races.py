@@ -25,6 +25,7 @@ from volley.ports import DeliveryFailure, PartitionId, QueueSpec
 from volley_kafka import KafkaConnector, KafkaConsumer, TransactionalKafkaConsumer
 from volley_kafka import consumer as consumer_module
 from volley_kafka import producer as producer_module
+from volley_kafka import rebalance as rebalance_module
 from volley_kafka.producer import ProducerClient, TransactionAbortedError
 
 RENDEZVOUS = 1.0
@@ -491,7 +492,7 @@ async def test_a_revoke_that_times_out_still_forgets_the_partition_and_its_queue
     """The engine's revoke handler overruns the deadline (here: it ignores cancellation). The partition is
     given up uncommitted, and then: no commit of it is sent later (its new owner may be further on), and
     nothing of it is left behind (is_drained() would stay false for good)."""
-    monkeypatch.setattr(consumer_module, "REVOKE_GRACE", 0.2)
+    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.2)
     consumer, fake = await consumer_of(**{"volley.revoke.timeout.seconds": 0.2})
     p0, p1 = ("in", 0), ("in", 1)
     fake.add("in", 0, [b"a", b"b", b"c"])

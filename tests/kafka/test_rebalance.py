@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from services.processes import WorkerProcess, wait_for
 from volley import Engine
-from volley_kafka import consumer as consumer_module
+from volley_kafka import rebalance as rebalance_module
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -221,7 +221,7 @@ def test_a_revoke_past_its_deadline_commits_nothing_for_the_partition_afterwards
     up (once B committed it to its end, a commit would move it back), and A, unblocked, finishes the partitions
     it owns (also one assigned back while its loop was blocked: the engine used to drop those messages as
     revoked), settles every input it consumed, and reports itself drained."""
-    monkeypatch.setattr(consumer_module, "REVOKE_GRACE", 0.5)
+    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.5)
     source, sink, group = kit.topic("late-in", PARTITIONS), kit.topic("late-out", PARTITIONS), kit.unique("late")
     fast_group(kit, group, group_protocol)
     history = ledger(group)

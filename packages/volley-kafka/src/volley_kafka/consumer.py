@@ -1,9 +1,13 @@
-"""The Kafka consumer's policy: what to hand out, what to commit, rebalance, pause and nack delays.
+"""The Kafka consumer's policy: what to hand out, what to commit, pause and nack delays.
 
-Three modules make the consumer: ``fetcher.py`` (the librdkafka client, the one
+Four modules make the consumer: ``fetcher.py`` (the librdkafka client, the one
 thread that calls it, and the mailbox through which the loop asks it for
 things), ``offsets.py`` (one typed state per partition, the single source of
-truth for offsets, attempts and pending rewinds) and this one, which decides.
+truth for offsets, attempts and pending rewinds), ``rebalance.py`` (what
+happens when partitions are assigned, revoked or lost: the callbacks on the
+fetch thread and the revoke's half on the loop, in ``RebalanceMixin``) and this
+one, which decides everything else: ``KafkaConsumer`` holds the state of all
+of them (its ``__init__`` sets what the mixin declares) and is the port.
 ``transactional.py`` adds exactly-once on top.
 
 Who owns what. A librdkafka consumer call may block while another thread polls
@@ -16,8 +20,9 @@ State                                   Owner (writes)      How it crosses threa
 the librdkafka client, every call       fetch thread        the loop submits work to the fetch thread; the
                                                             rebalance callbacks run inside its poll
 ``PartitionOffsets`` per partition      loop                never; the fetch thread's assignment callback
-(tracker: watermarks, commits,                              asks the loop to forget (``call_soon``, FIFO:
-attempts, pending rewind seeks)                             before that fetch's records are registered)
+(tracker: watermarks, commits,                              (rebalance.py) asks the loop to forget
+attempts, pending rewind seeks)                             (``call_soon``, FIFO: before that fetch's
+                                                            records are registered)
 mailbox: queued commits and seeks       loop appends,       deques: the loop appends at the right, the
                                         fetch thread takes  fetch thread takes from the left and drops
                                                             those of partitions given up
@@ -26,9 +31,10 @@ pause, delayed partitions' frozenset)                       flag; the fetch thre
 seek epoch (``Fetcher.epoch``)          loop                an int the fetch thread reads at fetch start
 engine pause (``_paused``), delay       loop                only as the wanted pause state above
 timers (``_delayed``)
-assignment (``Fetcher.assigned``)       fetch thread        a frozenset replaced whole; each fetch returns
-                                                            it with its records, and the loop drops records
-                                                            of partitions not in it (given up: stale)
+assignment (``Fetcher.assigned``)       fetch thread        a frozenset the rebalance callbacks replace
+                                        (rebalance.py)      whole; each fetch returns it with its records,
+                                                            and the loop drops records of partitions not
+                                                            in it (given up: stale)
 end offsets for ``lag()``,              fetch thread        replaced whole / a flag; read by the loop
 ``rebalancing``
 ``closing``                             loop                a flag the fetch thread reads
@@ -37,9 +43,9 @@ the fatal error (``KafkaErrors``)       either              librdkafka's error c
                                                             error record or a failed commit (loop) sets it;
                                                             the next ``consume`` raises ConsumerFailedError
 the revoke handler's work               loop                the revoke callback (fetch thread) runs
-(``_releasing`` while it runs)                              ``_release`` on the loop and waits for it;
+(``_releasing`` while it runs)          (rebalance.py)      ``_release`` on the loop and waits for it;
                                                             given up, it is cancelled, and records fetched
-                                                            later wait for it to end
+                                                            later wait for it to end (``_wait_released``)
 ``is_drained()``                        caller's thread     asks the loop for the tracker's view, which asks
                                                             the fetch thread for the broker's
 exactly-once transaction calls          txn thread          submitted by the loop (``transactional.py``)
@@ -58,7 +64,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -71,6 +76,7 @@ from volley.ports import Observer, PartitionId, QueueSpec, RevokeHandler
 from volley_kafka.fetcher import Fetcher, KafkaErrors, Offsets
 from volley_kafka.offsets import OffsetTracker, TopicPartitionKey
 from volley_kafka.producer import is_fatal
+from volley_kafka.rebalance import RebalanceMixin
 from volley_kafka.settings import ConsumerSettings
 
 logger = logging.getLogger("volley_kafka")
@@ -82,13 +88,11 @@ librdkafka's pause throws away everything it prefetched for the partitions, and 
 again from the broker: for the short stalls of ordinary backpressure that costs far more than it saves.
 Memory stays bounded meanwhile by librdkafka's own prefetch limits (queued.max.messages.kbytes).
 """
-REVOKE_GRACE = 5.0
-"""How much longer than the revoke timeout the fetch thread waits for the loop's half of a revoke."""
 LAG_INTERVAL = 5.0
 DRAIN_CHECK_TIMEOUT = 30.0
 
 
-class KafkaConsumer:
+class KafkaConsumer(RebalanceMixin):
     """Consumes one topic (or a comma-separated list) as a member of a consumer group. See the module docstring."""
 
     def __init__(self, queue: QueueSpec, settings: ConsumerSettings) -> None:
@@ -189,10 +193,7 @@ class KafkaConsumer:
             return []
         releasing = self._releasing
         if releasing is not None and not releasing.done():
-            # A revoke the fetch thread gave up waiting for (it cancelled the loop half) is still unwinding: the
-            # engine drops every message of the partitions it releases until it returns, and these may be of a
-            # later assignment of the same partitions. They would never be handled, and hold the commits back.
-            await asyncio.wait({releasing}, timeout=REVOKE_GRACE)
+            await self._wait_released(releasing)  # a revoke given up on is still unwinding (rebalance.py)
         return self._envelopes(messages, epoch, assigned)
 
     def _failed(self, fatal: KafkaError) -> ConsumerFailedError:
@@ -363,115 +364,6 @@ class KafkaConsumer:
             logger.warning("%s: commit failed (%s); it is retried with the next one", self._what,
                            error.str() if isinstance(error, KafkaError) else "partition errors")
 
-    # ================================================================== rebalance (fetch thread, then the loop)
-
-    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        keys = {(tp.topic, tp.partition) for tp in partitions}
-        self._fetcher.assigned_now(keys)
-        self._ever_assigned = True
-        # Runs on the loop before this fetch's messages are registered (call_soon is FIFO).
-        self._fetcher.to_loop(self._tracker.forget, keys)
-        logger.info("%s: assigned %s", self._what, _describe(keys))
-        self._report_ready(True)
-
-    def _report_ready(self, ready: bool) -> None:
-        """Tell the observer (fetch thread; the engine's MultiObserver isolates observer failures)."""
-        if self._observer is not None and not self._fetcher.closing:
-            self._observer.on_ready(self._app_name, ready)
-
-    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._partitions_gone(partitions, lost=False)
-
-    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._report_ready(False)  # until the group assigns partitions again
-        self._partitions_gone(partitions, lost=True)
-
-    def _partitions_gone(self, partitions: list[TopicPartition], *, lost: bool) -> None:
-        """Let the engine finish (or abandon) the partitions' work, commit what is finished, forget them.
-
-        Runs inside librdkafka's poll on the fetch thread; the partitions stay ours until it returns.
-        Never raises: an exception here would surface from consume() in the middle of a rebalance.
-        """
-        fetcher = self._fetcher
-        keys = [(tp.topic, tp.partition) for tp in partitions]
-        try:
-            fetcher.forget_committed()
-            if not keys:
-                return
-            logger.info("%s: partitions %s %s", self._what, _describe(keys), "lost" if lost else "revoked")
-            loop = self._loop
-            if fetcher.closing or loop is None or loop.is_closed():
-                return  # close() made the final commit
-            if not lost:
-                fetcher.send_commits()  # older than the final commit below, so they must go first
-            # The partitions stay assigned until released: an exactly-once commit made while the engine
-            # finishes their work must still carry their offsets.
-            fetcher.rebalancing = True
-            abandoned = threading.Event()
-            future = asyncio.run_coroutine_threadsafe(self._release(keys, lost, abandoned), loop)
-            try:
-                offsets = future.result(self._settings.revoke_timeout + REVOKE_GRACE)
-            except concurrent.futures.TimeoutError:
-                abandoned.set()
-                future.cancel()
-                logger.error("%s: releasing %s took longer than %.0f s; giving them up uncommitted", self._what,
-                             _describe(keys), self._settings.revoke_timeout)
-                offsets = []
-                # The loop half did not get to forget them: it does when it can, before any later assignment
-                # of them is registered (call_soon is FIFO).
-                fetcher.to_loop(self._forget, keys)
-            fetcher.given_up(keys, offsets)
-        except Exception:
-            logger.exception("%s: handling the rebalance failed", self._what)
-        finally:
-            fetcher.rebalancing = False
-            fetcher.assigned = fetcher.assigned - set(keys)
-
-    async def _release(self, keys: list[TopicPartitionKey], lost: bool,
-                       abandoned: threading.Event) -> Offsets:
-        """The loop half of a revoke: run the engine's handler, then collect the final offsets and forget.
-
-        ``abandoned``: the fetch thread stopped waiting (and forgets the partitions by itself); the partitions
-        may be ours again by now, so nothing of theirs may be touched from here.
-        """
-        handler = self._revoke_handler
-        deadline = time.monotonic() + self._settings.revoke_timeout
-        self._releasing = task = asyncio.current_task()
-        try:
-            if handler is not None:
-                try:
-                    await asyncio.wait_for(handler(keys), self._settings.revoke_timeout)
-                except TimeoutError:
-                    logger.warning("%s: in-flight work of %s did not finish within %.0f s; committing what did",
-                                   self._what, _describe(keys), self._settings.revoke_timeout)
-                except Exception:
-                    logger.exception("%s: the engine's revoke handler failed", self._what)
-            await self._before_release(max(0.0, deadline - time.monotonic()))
-        finally:
-            if self._releasing is task:
-                self._releasing = None
-        if abandoned.is_set():
-            return []
-        offsets = [] if lost or self.transactional else self._tracker.final(keys)
-        self._forget(keys)
-        return offsets
-
-    def _forget(self, keys: list[TopicPartitionKey]) -> None:
-        """On the loop: drop everything about partitions that are no longer ours (their offsets, attempts and
-        pending rewinds with their state; their queued requests are dropped by the fetch thread)."""
-        self._tracker.forget(keys)
-        dropped = False
-        for key in keys:
-            handle = self._delayed.pop(key, None)
-            if handle is not None:
-                handle.cancel()
-                dropped = True
-        if dropped:
-            self._fetcher.want_pauses(self._hard_paused, frozenset(self._delayed))
-
-    async def _before_release(self, timeout: float) -> None:
-        return None
-
     # ================================================================== flow control
 
     def pause(self) -> None:
@@ -561,6 +453,3 @@ class KafkaConsumer:
     def __repr__(self) -> str:
         return f"KafkaConsumer({self._queue.name!r} <- {self._queue.value!r}, group={self._settings.group_id!r})"
 
-
-def _describe(keys: Any) -> str:
-    return ", ".join(f"{t}[{p}]" for t, p in sorted(keys)) or "none"
