@@ -31,15 +31,14 @@ import asyncio
 import gc
 import logging
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
+import _instructions
 import orjson
 from _orders import load_model
 from _orders import payloads as make_payloads
@@ -174,24 +173,8 @@ def instructions_per_message() -> dict[str, float] | None:
     if valgrind is None or os.environ.get("CORE_INSTRUCTIONS", "1") == "0":
         return None
 
-    def launch(mode: str, count: int) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", sys.executable,
-             __file__, "--count", mode, str(count), str(COUNT_HIGH)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def refs(process: subprocess.Popen[str]) -> int:
-        _, err = process.communicate(timeout=1800)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", err)
-        if process.returncode != 0 or found is None:
-            raise SystemExit(f"bench_core: counting instructions failed ({process.returncode}):\n{err[-2000:]}")
-        return int(found.group(1).replace(",", ""))
-
-    per: dict[str, float] = {}
-    for mode in ("bare", "engine"):
-        low, high = launch(mode, COUNT_LOW), launch(mode, COUNT_HIGH)  # the two run side by side
-        per[mode] = (refs(high) - refs(low)) / (COUNT_HIGH - COUNT_LOW)
-    return per
+    return _instructions.per_message(valgrind, __file__, ("bare", "engine"), COUNT_LOW, COUNT_HIGH,
+                                     extra=(str(COUNT_HIGH),))
 
 
 def main() -> None:

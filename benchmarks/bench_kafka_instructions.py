@@ -19,12 +19,12 @@ many messages share a batch).
 from __future__ import annotations
 
 import logging
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import _instructions
 
 COUNT_LOW = 4_000
 COUNT_HIGH = 16_000
@@ -58,27 +58,6 @@ def counted(mode: str, n: int) -> None:
             raise SystemExit(f"unknown mode {mode!r}")
 
 
-def count(valgrind: str) -> dict[str, float]:
-    def launch(mode: str, n: int) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", sys.executable,
-             __file__, "--count", mode, str(n)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def refs(process: subprocess.Popen[str]) -> int:
-        _, err = process.communicate(timeout=1800)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", err)
-        if process.returncode != 0 or found is None:
-            raise SystemExit(f"bench_kafka_instructions: counting failed ({process.returncode}):\n{err[-3000:]}")
-        return int(found.group(1).replace(",", ""))
-
-    per: dict[str, float] = {}
-    for mode in ("data", "volley", "pipelined"):
-        low, high = launch(mode, COUNT_LOW), launch(mode, COUNT_HIGH)  # side by side: this machine has 2 cores
-        per[mode] = (refs(high) - refs(low)) / (COUNT_HIGH - COUNT_LOW)
-    return per
-
-
 def main() -> None:
     if sys.argv[1:2] == ["--count"]:
         counted(sys.argv[2], int(sys.argv[3]))
@@ -87,7 +66,7 @@ def main() -> None:
     if valgrind is None:
         print("kafka.instructions_skipped: valgrind is not installed (apt-get install valgrind)")
         return
-    per = count(valgrind)
+    per = _instructions.per_message(valgrind, __file__, ("data", "volley", "pipelined"), COUNT_LOW, COUNT_HIGH)
     volley, pipelined = per["volley"] - per["data"], per["pipelined"] - per["data"]
     print(f"kafka.instructions_messages: {COUNT_HIGH - COUNT_LOW}")
     print(f"kafka.instructions_per_msg_volley: {volley:.0f}")
