@@ -25,7 +25,7 @@ def url(observer: PrometheusObserver, path: str) -> str:
 def test_metrics_endpoint_serves_the_registry(served: PrometheusObserver, get: Get) -> None:
     served.on_consumed("svc", "success", 3)
     served.on_produced("svc", "in", "out", 3)
-    served.on_process_time("svc", "cycle", [0.1, 0.2, 0.3])
+    served.on_process_time("svc", "cycle", 0.6, 3)
     reply = get(url(served, "/metrics"))
     assert reply.status == 200
     assert reply.headers["Content-Type"].startswith("text/plain")

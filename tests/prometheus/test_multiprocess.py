@@ -20,7 +20,7 @@ WRITER = textwrap.dedent("""
     observer = PrometheusObserver("mp")          # no port: this worker only writes
     observer.on_start("mp")
     observer.on_consumed("mp", "success", consumed)
-    observer.on_process_time("mp", "cycle", [0.5] * consumed)
+    observer.on_process_time("mp", "cycle", 0.5 * consumed, consumed)
     observer.on_in_flight("mp", in_flight)
     observer.on_ready("mp", True)
     observer.on_lag("mp", {("orders", 0): lag, ("orders", 1): 9})

@@ -9,7 +9,7 @@ from volley.errors import ConfigurationError
 from volley.plugins import build_registry
 from volley.ports import Observer
 from volley_prometheus import SPECS, PrometheusObserver, VolleyMetrics
-from volley_prometheus.observer import MAX_REASONS, observe_many, observe_total
+from volley_prometheus.observer import MAX_REASONS, observe_total
 
 
 def value(metrics: VolleyMetrics, name: str, **labels: str) -> float | None:
@@ -33,8 +33,8 @@ def test_py_volley_metrics_keep_their_names_and_labels(metrics: VolleyMetrics) -
     obs.on_consumed("orders", "success", 2)
     obs.on_consumed("orders", "fail", 1)
     obs.on_produced("orders", "input-topic", "output-topic", 4)
-    obs.on_process_time("orders", "component", [0.5, 0.25, 0.25])
-    obs.on_process_time("orders", "cycle", [1.0, 2.0])
+    obs.on_process_time("orders", "component", 1.0, 3)
+    obs.on_process_time("orders", "cycle", 3.0, 2)
     obs.on_data_model_time("deserialize", 0.3, 3)
     obs.on_heartbeat("orders")
     obs.on_heartbeat("orders")
@@ -152,7 +152,7 @@ def test_batched_summary_equals_one_observe_per_value(values: list[float]) -> No
     registry = CollectorRegistry()
     batched = Summary("batched", "x", registry=registry)
     looped = Summary("looped", "x", registry=registry)
-    observe_many(batched)(values)
+    observe_total(batched)(sum(values), len(values))
     for v in values:
         looped.observe(v)
     assert registry.get_sample_value("batched_count") == registry.get_sample_value("looped_count") == len(values)
@@ -177,9 +177,9 @@ def test_fallback_without_value_objects_still_counts() -> None:
             self.seen.append(amount)
 
     plain = Plain()
-    observe_many(plain)([1.0, 2.0])  # type: ignore[arg-type]
     observe_total(plain)(1.0, 4)  # type: ignore[arg-type]
-    assert plain.seen == [1.0, 2.0, 0.25, 0.25, 0.25, 0.25]
+    observe_total(plain)(1.0, 0)  # type: ignore[arg-type]
+    assert plain.seen == [0.25, 0.25, 0.25, 0.25]
 
 
 @pytest.mark.parametrize(

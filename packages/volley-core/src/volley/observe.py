@@ -83,8 +83,8 @@ class MultiObserver:
     def on_produced(self, app_name: str, source: str, destination: str, count: int) -> None:
         self._each("on_produced", self._produced, app_name, source, destination, count)
 
-    def on_process_time(self, app_name: str, process_name: str, seconds: Sequence[float]) -> None:
-        self._each("on_process_time", self._process_time, app_name, process_name, seconds)
+    def on_process_time(self, app_name: str, process_name: str, seconds: float, count: int) -> None:
+        self._each("on_process_time", self._process_time, app_name, process_name, seconds, count)
 
     def on_data_model_time(self, process: str, seconds: float, count: int) -> None:
         self._each("on_data_model_time", self._data_model_time, process, seconds, count)

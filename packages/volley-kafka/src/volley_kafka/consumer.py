@@ -73,6 +73,7 @@ from confluent_kafka import KafkaError, TopicPartition
 from volley.errors import ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import Observer, PartitionId, QueueSpec, RevokeHandler
+from volley_kafka.envelope import KafkaEnvelope
 from volley_kafka.fetcher import Fetcher, KafkaErrors, Offsets
 from volley_kafka.offsets import OffsetTracker, TopicPartitionKey
 from volley_kafka.producer import is_fatal
@@ -263,19 +264,8 @@ class KafkaConsumer(RebalanceMixin):
             else:
                 run.append(offset)
                 expected = offset + 1
-            kind, stamp = m.timestamp()
-            headers = m.headers()
-            append(Envelope(
-                m.value() or b"",
-                m.key(),
-                dict(headers) if headers else None,
-                topic,
-                partition,
-                offset,
-                stamp / 1000.0 if kind else None,
-                attempts.get(offset, 1) if attempts else 1,
-                m,
-            ))
+            append(KafkaEnvelope(m.value() or b"", topic, partition, offset,
+                                 attempts.get(offset, 1) if attempts else 1, m))
         if run:
             state.register(run)
         return out

@@ -24,6 +24,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import confluent_kafka
@@ -77,12 +78,19 @@ class TransactionAbortedError(DeliveryError):
 class _Bucket:
     """Delivery reports waiting to be handed to one engine callback."""
 
-    __slots__ = ("callback", "failed", "ok")
+    __slots__ = ("callback", "failed", "ok", "report")
 
     def __init__(self, callback: DeliveryCallback) -> None:
         self.callback = callback
         self.ok: list[OutgoingMessage] = []
         self.failed: list[DeliveryFailure] = []
+        self.report = self._report  # bound once: each record's delivery callback is partial(report, record)
+
+    def _report(self, message: OutgoingMessage, err: Any, _msg: Any) -> None:
+        if err is None:
+            self.ok.append(message)
+        else:
+            self.failed.append(_failure(message, err))
 
 
 PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
@@ -97,25 +105,14 @@ def _failure(message: OutgoingMessage, error: Any) -> DeliveryFailure:
     return (message, DeliveryError(f"Kafka refused the record for {message.topic!r}: {error}"))
 
 
-class _Report:
-    """The delivery callback of one record: a slotted object, not a closure.
+def _report(bucket: _Bucket, message: OutgoingMessage) -> Callable[[Any, Any], None]:
+    """The delivery callback of one record: a partial of its bucket's bound ``report``, not a closure.
 
-    A closure costs three garbage-collected objects per record (function, defaults, cells), and with
-    hundreds of thousands of records alive inside librdkafka the collector's passes over them cost more
-    than the produce call itself. One small object per record is what correlating reports needs.
+    A closure costs three garbage-collected objects per record (function, defaults, cells), and with hundreds
+    of thousands of records alive inside librdkafka the collector's passes over them cost more than the produce
+    call itself. One partial per record (built and called in C) is what correlating reports needs.
     """
-
-    __slots__ = ("bucket", "message")
-
-    def __init__(self, bucket: _Bucket, message: OutgoingMessage) -> None:
-        self.bucket = bucket
-        self.message = message
-
-    def __call__(self, err: Any, _msg: Any) -> None:
-        if err is None:
-            self.bucket.ok.append(self.message)
-        else:
-            self.bucket.failed.append(_failure(self.message, err))
+    return partial(bucket.report, message)
 
 
 class ProducerClient:
@@ -233,12 +230,12 @@ class ProducerClient:
             self._to_backlog(messages, 0, bucket)
             return
         produce = self.producer.produce
-        report = _Report
+        report = bucket.report
         sent = 0
         try:
             for m in messages:  # the fast path: no checks that a C call makes anyway
                 partition = m.partition
-                produce(m.topic, m.value, m.key, -1 if partition is None else partition, report(bucket, m), None, 0,
+                produce(m.topic, m.value, m.key, -1 if partition is None else partition, partial(report, m), None, 0,
                         m.headers)
                 sent += 1
         except BufferError:
@@ -258,7 +255,7 @@ class ProducerClient:
             m = messages[index]
             partition = m.partition
             try:
-                produce(m.topic, m.value, m.key, -1 if partition is None else partition, _Report(bucket, m), None, 0,
+                produce(m.topic, m.value, m.key, -1 if partition is None else partition, _report(bucket, m), None, 0,
                         m.headers)
             except BufferError:
                 # librdkafka's queue is full: serve delivery reports to make room, once; then let the
@@ -294,7 +291,7 @@ class ProducerClient:
                 partition = message.partition
                 try:
                     self.producer.produce(message.topic, message.value, message.key,
-                                          -1 if partition is None else partition, _Report(bucket, message), None, 0,
+                                          -1 if partition is None else partition, _report(bucket, message), None, 0,
                                           message.headers)
                 except BufferError:
                     if time.monotonic() >= deadline:

@@ -12,7 +12,7 @@ import glob
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import Gauge, Summary
@@ -30,7 +30,6 @@ DEFAULT_MAX_SILENCE = 30.0
 MAX_REASONS = 50
 """Distinct dead-letter reasons kept per app; further ones are counted as "other" to bound cardinality."""
 
-ObserveMany = Callable[[Sequence[float]], None]
 ObserveTotal = Callable[[float, int], None]
 
 
@@ -64,33 +63,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
-
-
-def observe_many(child: Summary) -> ObserveMany:
-    """A function recording many observations on a summary child at the cost of one.
-
-    A summary is a count and a sum, so a batch adds ``len(values)`` and
-    ``sum(values)``, exactly what as many ``observe`` calls would add, with two
-    locked increments instead of 2 x n. Relies on prometheus-client's value
-    objects (``_count``/``_sum``, also used in multiprocess mode); falls back to
-    one ``observe`` per value if they are not there.
-    """
-    count_inc, sum_inc = _value_incs(child)
-    if count_inc is None or sum_inc is None:
-        observe = child.observe
-
-        def each(values: Sequence[float]) -> None:
-            for value in values:
-                observe(value)
-
-        return each
-
-    def batch(values: Sequence[float]) -> None:
-        if values:
-            count_inc(len(values))
-            sum_inc(sum(values))
-
-    return batch
 
 
 def observe_total(child: Summary) -> ObserveTotal:
@@ -136,7 +108,7 @@ class _App:
         self.name = name
         self.consumed: dict[str, Callable[[float], None]] = {}
         self.produced: dict[tuple[str, str], Callable[[float], None]] = {}
-        self.process: dict[str, ObserveMany] = {}
+        self.process: dict[str, ObserveTotal] = {}
         self.dlq: dict[str, Callable[[float], None]] = {}
         self.lag: dict[PartitionId, Gauge] = {}
         self.depth: dict[str, Gauge] = {}
@@ -153,8 +125,8 @@ class _App:
         inc = self.produced[source, destination] = self.m.produced.labels(self.name, source, destination).inc
         return inc
 
-    def bind_process(self, process_name: str) -> ObserveMany:
-        fn = self.process[process_name] = observe_many(self.m.process_time.labels(self.name, process_name))
+    def bind_process(self, process_name: str) -> ObserveTotal:
+        fn = self.process[process_name] = observe_total(self.m.process_time.labels(self.name, process_name))
         return fn
 
     def bind_dlq(self, reason: str) -> Callable[[float], None]:
@@ -288,10 +260,11 @@ class PrometheusObserver:
         inc = app.produced.get((source, destination)) or app.bind_produced(source, destination)
         inc(count)
 
-    def on_process_time(self, app_name: str, process_name: str, seconds: Sequence[float]) -> None:
+    def on_process_time(self, app_name: str, process_name: str, seconds: float, count: int) -> None:
+        """``seconds`` is the time ``count`` messages took together; each counts as one observation."""
         app = self._apps.get(app_name) or self._app(app_name)
         observe = app.process.get(process_name) or app.bind_process(process_name)
-        observe(seconds)
+        observe(seconds, count)
 
     def on_data_model_time(self, process: str, seconds: float, count: int) -> None:
         """``seconds`` is the time ``count`` messages took together; each counts as one observation."""

@@ -101,7 +101,7 @@ def _decoder(queue: ResolvedQueue, max_deliveries: int) -> Callable[[Envelope, O
 
 def _contexts(queue_name: str, app_name: str) -> Callable[[Token], MessageContext]:
     def context(token: Token) -> MessageContext:
-        first = token if type(token) is Envelope else token.members[0]  # type: ignore[union-attr]
+        first = token if isinstance(token, Envelope) else token.members[0]
         return MessageContext(first, queue_name, app_name)
 
     return context
@@ -172,9 +172,9 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
         if timed:
             t3 = perf()
             out.construct += t1 - t0
-            out.component.append(t2 - t1)
+            out.component += t2 - t1
             out.deconstruct += t3 - t2
-            out.cycle.append(t3 - t0)
+            out.timed += 1
         return None
 
     return handle
@@ -217,9 +217,8 @@ def _async_processor(app: RunnableApp, context: Callable[[Token], MessageContext
                 error = exc
             else:
                 if timed:
-                    elapsed = perf() - started
-                    out.component.append(elapsed)
-                    out.cycle.append(elapsed)
+                    out.component += perf() - started
+                    out.timed += 1
                 interpret(token, result, out)
                 return
             failures += 1

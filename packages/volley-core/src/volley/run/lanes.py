@@ -88,7 +88,7 @@ class AsyncLanes:
         try:
             while queue and not self.closed:
                 token, message = queue[0]
-                if self.revoked and type(token) is Envelope and is_revoked(token, self.revoked):
+                if self.revoked and isinstance(token, Envelope) and is_revoked(token, self.revoked):
                     queue.popleft()
                     settlement.abandon(1)
                     continue
@@ -135,7 +135,7 @@ class AsyncLanes:
         dropped = 0
         for queue in self.lanes.values():
             kept = [item for index, item in enumerate(queue)
-                    if index == 0 or type(item[0]) is not Envelope or not is_revoked(item[0], revoked)]
+                    if index == 0 or not isinstance(item[0], Envelope) or not is_revoked(item[0], revoked)]
             dropped += len(queue) - len(kept)
             if len(kept) != len(queue):
                 queue.clear()

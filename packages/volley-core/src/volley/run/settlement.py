@@ -107,14 +107,14 @@ class Settlement:
             observer.on_consumed(name, "success", ok)
         if out.failures:
             observer.on_consumed(name, "fail", len(out.failures))
-        if out.component:
-            observer.on_process_time(name, "component", out.component)
-        if out.cycle:
-            observer.on_process_time(name, "cycle", out.cycle)
-        if out.construct:
-            observer.on_data_model_time("construct", out.construct, len(out.cycle))
-        if out.deconstruct:
-            observer.on_data_model_time("deconstruct", out.deconstruct, len(out.cycle))
+        timed = out.timed
+        if timed:
+            observer.on_process_time(name, "component", out.component, timed)
+            observer.on_process_time(name, "cycle", out.construct + out.component + out.deconstruct, timed)
+            if out.construct:
+                observer.on_data_model_time("construct", out.construct, timed)
+            if out.deconstruct:
+                observer.on_data_model_time("deconstruct", out.deconstruct, timed)
 
     def apply_threadsafe(self, out: Outcome) -> None:
         """From the handler thread: apply ``out`` on the loop, in order with everything else it was sent."""
@@ -192,7 +192,7 @@ class Settlement:
                 retrying.pop(message, None)
             token.pending -= 1
             if token.pending == 0:
-                if type(token) is Envelope:
+                if isinstance(token, Envelope):
                     done.append(token)
                 elif type(token) is DeadLetter:
                     self._dead_letter_landed(token)
@@ -271,10 +271,10 @@ class Settlement:
         self.acker.wake.set()
 
     def settle_ok(self, token: Token) -> None:
-        if type(token) is Envelope:
+        if isinstance(token, Envelope):
             self._acked([token])
         else:  # a group; members marked -1 were dropped with an aborted transaction
-            self._acked([m for m in token.members if m.pending != -1])  # type: ignore[union-attr]
+            self._acked([m for m in token.members if m.pending != -1])
 
     def _acked(self, envelopes: list[Envelope]) -> None:
         """Inputs done: to be acknowledged, counted once."""

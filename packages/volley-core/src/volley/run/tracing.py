@@ -33,7 +33,7 @@ class Tracing:
     # ------------------------------------------------------------------ around handling (per message)
 
     def start(self, token: Token) -> MessageTrace | None:
-        if type(token) is Envelope:
+        if isinstance(token, Envelope):
             return self.tracer.start((token,), False)
         return self.tracer.start(members_of(token), True)
 
@@ -60,8 +60,8 @@ class Tracing:
         tracer_start, finish, live = self.tracer.start, self.finish, self.live
 
         def handle_traced(token: Token, out: Outcome, wait: bool = True, message: Any = _NOT_GIVEN) -> Any:
-            trace = (tracer_start((token,), False) if type(token) is Envelope
-                     else tracer_start(token.members, True))  # type: ignore[union-attr]
+            trace = (tracer_start((token,), False) if isinstance(token, Envelope)
+                     else tracer_start(token.members, True))
             if trace is None:  # nothing to trace for this input
                 return handle(token, out, wait) if message is _NOT_GIVEN else handle(token, out, wait, message)
             live[token] = trace
