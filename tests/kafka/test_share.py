@@ -118,10 +118,13 @@ def test_max_deliveries_stays_below_the_brokers_delivery_limit() -> None:
 
 
 async def test_async_handlers_run_concurrently_past_a_slow_record(kit: Any) -> None:
-    """One partition, one slow record: the others are handled (and acknowledged) while it runs.
+    """One partition, one slow record: the others are handled (and acknowledged) while it runs, or before it.
 
     The group's lock (30 s) outlasts the slow record (at most 20 s): with the test broker's 5 s, a loaded machine
-    let the slow record's lock expire, and each copy the broker handed out again held up one more member."""
+    let the slow record's lock expire, and each copy the broker handed out again held up one more member. What is
+    counted is how many others were done when the slow record's call returned: on a loaded machine the members
+    holding later records may finish them before the slow record's call even begins (CI once saw only 99 of them
+    finish after it began), which stalls nothing either."""
     source, sink = kit.topic("share-async-in"), kit.topic("share-async-out")
     count = 300
     produce(kit, source, count)
@@ -129,8 +132,8 @@ async def test_async_handlers_run_concurrently_past_a_slow_record(kit: Any) -> N
     engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], metrics_port=None,
                     queue_config=queues(kit, group, source, sink), max_in_flight=50,
                     poll_interval_seconds=0.2)
-    slow_started = asyncio.Event()
-    done_while_slow: list[int] = []
+    done: list[int] = []  # the other records, as their calls finish
+    done_when_slow_returned: list[int] = []
     running = 0
     most = 0
 
@@ -141,14 +144,13 @@ async def test_async_handlers_run_concurrently_past_a_slow_record(kit: Any) -> N
         most = max(most, running)
         try:
             if message["id"] == 0:
-                slow_started.set()
                 deadline = time.monotonic() + 20
-                while len(done_while_slow) < count - 1 and time.monotonic() < deadline:
+                while len(done) < count - 1 and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
+                done_when_slow_returned.append(len(done))
             else:
                 await asyncio.sleep(0.01)
-                if slow_started.is_set():
-                    done_while_slow.append(message["id"])
+                done.append(message["id"])
             return [("out", message)]
         finally:
             running -= 1
@@ -156,8 +158,8 @@ async def test_async_handlers_run_concurrently_past_a_slow_record(kit: Any) -> N
     report = await asyncio.wait_for(handler.run_async(max_messages=count), 60)
     assert report.acked == count and report.failed == 0
     assert most > 10, f"at most {most} handler calls ran at once"
-    assert len(done_while_slow) >= count - 1 - 100, (
-        f"only {len(done_while_slow)} records finished while the slow one ran")
+    assert done_when_slow_returned and done_when_slow_returned[0] >= count - 1 - 100, (
+        f"only {done_when_slow_returned} other records were done when the slow one returned")
     ids = Counter(json.loads(m.value())["id"] for m in kit.read_topic(sink))
     assert set(ids) == set(range(count))
 
