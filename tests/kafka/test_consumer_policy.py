@@ -454,3 +454,34 @@ async def wait_for_member(within: float = 10.0) -> ScriptedConsumer:
             return subscribed[0]
         assert asyncio.get_running_loop().time() < deadline, "the engine never subscribed"
         await asyncio.sleep(0.01)  # polling for the engine's start-up, with a deadline
+
+
+@pytest.mark.parametrize(("code", "rebalance"), [(confluent_kafka.KafkaError.UNKNOWN_MEMBER_ID, True),
+                                                 (confluent_kafka.KafkaError.ILLEGAL_GENERATION, True),
+                                                 (confluent_kafka.KafkaError.REQUEST_TIMED_OUT, False)])
+async def test_a_commit_refused_for_a_rebalance_says_what_becomes_of_it(scripted: None, code: int, rebalance: bool,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A commit the group refuses because this member was removed from it, or its generation is over, is not
+    "retried with the next one" for partitions the rebalance takes away: their new owner reads them again from
+    the last committed offset. The warning says so; other failures are retried as it said before."""
+    consumer, fake = await member()
+    try:
+        fake.script(("assign", [P0]), records=records(P0, 0, 1))
+        await consumer.ack(await fetch(consumer))  # a commit is queued: the next fetch sends it
+        fake.commit_error = ("report", confluent_kafka.KafkaError(code))
+        fake.script()
+        with caplog.at_level("WARNING", logger="volley_kafka"):
+            assert await fetch(consumer) == []
+            deadline = asyncio.get_running_loop().time() + 10
+            while not any("commit failed" in r.getMessage() for r in caplog.records):
+                assert asyncio.get_running_loop().time() < deadline, "no warning about the failed commit"
+                await asyncio.sleep(0.01)
+        warning = next(r.getMessage() for r in caplog.records if "commit failed" in r.getMessage())
+        if rebalance:
+            assert "retried with the next one" not in warning, warning
+            assert "rebalance" in warning and "read again" in warning and "still owns" in warning, warning
+        else:
+            assert "retried with the next one" in warning, warning
+    finally:
+        fake.commit_error = None
+        await consumer.close()

@@ -82,6 +82,11 @@ from volley_kafka.settings import ConsumerSettings
 
 logger = logging.getLogger("volley_kafka")
 
+REBALANCE_REFUSALS = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
+                                KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_MEMBER_EPOCH,
+                                KafkaError.STALE_MEMBER_EPOCH})
+"""Commit errors that mean the group moved on without this member's generation (both group protocols)."""
+
 HARD_PAUSE_AFTER = 1.0
 """A pause shorter than this only stops handing out messages; a longer one pauses the partitions in librdkafka.
 
@@ -351,8 +356,14 @@ class KafkaConsumer(RebalanceMixin):
             if isinstance(error, KafkaError) and is_fatal(error):
                 self._errors.client_error(error)  # the next consume() ends the run
                 return
-            logger.warning("%s: commit failed (%s); it is retried with the next one", self._what,
-                           error.str() if isinstance(error, KafkaError) else "partition errors")
+            reason = error.str() if isinstance(error, KafkaError) else "partition errors"
+            if isinstance(error, KafkaError) and error.code() in REBALANCE_REFUSALS:
+                logger.warning("%s: commit failed (%s): the group is rebalancing or removed this member. It is "
+                               "retried for the partitions this member still owns once the rebalance is done; "
+                               "those it lost are read again by their new owner from their last committed offset",
+                               self._what, reason)
+            else:
+                logger.warning("%s: commit failed (%s); it is retried with the next one", self._what, reason)
 
     # ================================================================== flow control
 
