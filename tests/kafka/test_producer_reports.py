@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
+from volley.errors import DeliveryError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryFailure
 from volley_kafka import producer as producer_module
@@ -33,6 +35,8 @@ class HeldProducer:
         self.served_on: list[int] = []  # the thread of each report
         self.closed = False
         self.polls_after_close = 0
+        self.polls_on: list[int] = []  # the thread of each poll call
+        self.raise_once: BaseException | None = None  # the next poll raises this (after serving nothing)
 
     def produce(self, topic: str, value: bytes, key: Any, partition: int, on_delivery: Any, timestamp: Any,
                 flags: Any, headers: Any) -> None:
@@ -48,6 +52,10 @@ class HeldProducer:
         if self.closed:
             self.polls_after_close += 1
             raise RuntimeError("Producer has been closed")
+        self.polls_on.append(threading.get_ident())
+        error, self.raise_once = self.raise_once, None
+        if error is not None:
+            raise error
         with self._lock:
             ready, self.ready = self.ready, []
         for report in ready:
@@ -77,12 +85,15 @@ class HeldProducer:
 
 
 class Delivered:
-    def __init__(self) -> None:
+    def __init__(self, failures_allowed: bool = False) -> None:
         self.tokens: list[int] = []
+        self.failed: dict[int, BaseException] = {}
+        self.failures_allowed = failures_allowed
 
     def __call__(self, delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
-        assert not failed
+        assert self.failures_allowed or not failed
         self.tokens.extend(int(m.token) for m in delivered)
+        self.failed.update((int(m.token), exc) for m, exc in failed)
 
 
 async def until(check: Callable[[], bool], what: str, within: float = 10.0) -> None:
@@ -146,3 +157,62 @@ async def test_no_poll_on_the_loop_after_the_client_closed(held: Any) -> None:
     assert delivered.tokens == [1], "the close flushed the record"
     await until(lambda: client._loop_serve is None, "the loop's polling ended")
     assert fake.polls_after_close == 0
+
+
+async def test_a_fatal_error_raised_by_the_loops_poll_is_not_lost(held: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """librdkafka raises a fatal error (an idempotent producer's broken sequence, a fenced transactional id) once,
+    from whichever poll serves it, instead of calling the error callback. Raised by the loop's poll it must be
+    kept and reported as the poller does: later records fail at once, saying the producer must be restarted."""
+    client, fake = held()
+    fake.raise_once = KafkaException(KafkaError(KafkaError._FATAL, "Fatal error: out of order sequence number",
+                                                fatal=True))
+    delivered = Delivered(failures_allowed=True)
+    with caplog.at_level("ERROR", logger="volley_kafka"):
+        client.produce([OutgoingMessage("out", b"a", token=1)], delivered)
+        await until(lambda: client.fatal is not None, "the fatal error kept")
+    assert any("fatal Kafka producer error" in r.getMessage() for r in caplog.records)
+    client.produce([OutgoingMessage("out", b"b", token=2)], delivered)
+    client.dispatch()
+    assert isinstance(delivered.failed.get(2), DeliveryError) and "must be restarted" in str(delivered.failed[2])
+
+
+async def test_the_loop_stops_polling_when_no_report_comes_and_the_poller_takes_over(held: Any,
+                                                                                    monkeypatch: Any) -> None:
+    """Records stuck in flight (a broker down: up to message.timeout.ms) must not keep the loop polling every
+    millisecond: once LOOP_HOLD has passed with no report, the loop stops and the poller thread waits in
+    librdkafka instead, and serves what comes."""
+    monkeypatch.setattr(producer_module, "LOOP_HOLD", 0.05)
+    client, fake = held()
+    client.acquire()
+    delivered = Delivered()
+    loop_thread = threading.get_ident()
+    client.produce([OutgoingMessage("out", b"a", token=3)], delivered)
+    await until(lambda: client._loop_serve is None and fake.polls_on.count(loop_thread) > 1,
+                "the loop's polling ended")
+    polled = fake.polls_on.count(loop_thread)
+    assert polled <= 0.05 / producer_module.LOOP_SERVE_INTERVAL + 5, f"{polled} polls on the loop"
+    fake.deliver()
+    await until(lambda: delivered.tokens == [3], "the report")
+    assert client._thread is not None
+    assert fake.served_on == [client._thread.ident], "served by the poller"
+
+
+async def test_a_loop_that_ended_with_a_serve_pending_does_not_keep_the_next_loop_from_serving(held: Any) -> None:
+    """A shared client outlives an event loop that ended while its serve was scheduled: the next loop that
+    produces serves its own reports (no poller thread runs here)."""
+    client, fake = held()
+    first = Delivered()
+
+    def on_an_earlier_loop() -> None:
+        async def produce() -> None:
+            client.produce([OutgoingMessage("out", b"a", token=1)], first)
+
+        asyncio.run(produce())  # ends with the loop's serve still scheduled: the record is in flight
+
+    await asyncio.to_thread(on_an_earlier_loop)
+    fake.deliver()
+    delivered = Delivered()
+    client.produce([OutgoingMessage("out", b"b", token=2)], delivered)
+    fake.deliver()
+    await until(lambda: delivered.tokens == [2] and first.tokens == [1], "both reports, served on this loop")
+    assert fake.served_on[-2:] == [threading.get_ident()] * 2

@@ -4,9 +4,11 @@
 (a C call each, no I/O). Delivery reports are collected by a per-record
 callback and passed to the engine in batches. While the loop is producing, the
 loop serves them itself (``poll(0)`` right after producing, then every
-``LOOP_SERVE_INTERVAL`` while records are in flight); a poller thread serves
-them otherwise, and takes over when librdkafka's local queue is full, so that
-the loop never blocks on a slow broker. Why the loop: librdkafka calls each
+``LOOP_SERVE_INTERVAL`` while records are in flight and it produced or served a
+report within ``LOOP_HOLD``); a poller thread serves them otherwise (records
+stuck on a broker that does not answer wait for it inside librdkafka, not in a
+loop polling every millisecond), and takes over when librdkafka's local queue
+is full, so that the loop never blocks on a slow broker. Why the loop: librdkafka calls each
 record's callback with the GIL taken for that one record, so a poller thread
 serving reports while the loop runs Python takes the GIL from the loop once
 per record (two thread switches each); on the loop the same callbacks cost no
@@ -49,7 +51,9 @@ POLL_SLICE = 0.05
 LOOP_SERVE_INTERVAL = 0.001
 """While records are in flight, how often the event loop serves delivery reports itself."""
 LOOP_HOLD = 0.02
-"""The poller thread leaves delivery reports to the event loop while the loop served them within this long."""
+"""The poller thread leaves delivery reports to the event loop while the loop produced or served one within this
+long; the loop stops polling once this long has passed without either (records stuck: the poller waits for
+them inside librdkafka instead)."""
 
 
 def is_fatal(error: KafkaError) -> bool:
@@ -152,8 +156,9 @@ class ProducerClient:
         self.transactions_ready = False
         self.in_transaction = False  # set by the exactly-once consumer around begin / commit / abort
         self._delay_warned = False
-        self._loop_served = 0.0  # when the event loop last served delivery reports (time.monotonic())
+        self._loop_served = 0.0  # when the event loop last produced or served a report (time.monotonic())
         self._loop_serve: asyncio.Handle | asyncio.TimerHandle | None = None  # the loop's next serve, if due
+        self._serve_loop: asyncio.AbstractEventLoop | None = None  # the loop that _loop_serve belongs to
         self._loop_poll_lock = threading.Lock()  # a poll on the loop against the close of the client
 
     # ------------------------------------------------------------------ lifecycle
@@ -216,8 +221,10 @@ class ProducerClient:
         bucket = self._buckets.get(on_delivery)
         if bucket is None:
             bucket = self._buckets.setdefault(on_delivery, _Bucket(on_delivery))
-        if self._loop_serve is None:
+        if self._loop_serve is None or self._serve_loop is None or self._serve_loop.is_closed():
             self._serve_on_loop_soon()
+        else:
+            self._loop_served = time.monotonic()
         if self.closed and self._thread is not None and not self._running:
             error = DeliveryError("the Kafka producer is closed")
             bucket.failed.extend((m, error) for m in messages)
@@ -343,24 +350,30 @@ class ProducerClient:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not called on a loop (a tool producing from a thread): the poller serves them
             return
+        self._loop_served = time.monotonic()
+        self._serve_loop = loop
         self._loop_serve = loop.call_soon(self._serve_on_loop, loop)
 
     def _serve_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Serve the delivery reports that are in, on the loop, and again shortly while records are in flight."""
+        """Serve the delivery reports that are in, on the loop, and again shortly while records are in flight and
+        reports keep coming (LOOP_HOLD)."""
         self._loop_serve = None
         with self._loop_poll_lock:
             if self.closed:
                 return
-            self._loop_served = time.monotonic()
             try:
-                self.producer.poll(0)
-            except Exception:  # the poller thread polls again, and reports what this was
-                self._loop_served = 0.0
+                served = self.producer.poll(0)
+            except Exception as exc:
+                self._loop_served = 0.0  # the poller thread serves from now on
+                self._poll_failed(exc)
                 self._wake.set()
                 return
             in_flight = len(self.producer)
+        now = time.monotonic()
+        if served:
+            self._loop_served = now
         self.dispatch()
-        if in_flight and self._loop_serve is None:
+        if in_flight and self._loop_serve is None and now - self._loop_served < LOOP_HOLD:
             self._loop_serve = loop.call_later(LOOP_SERVE_INTERVAL, self._serve_on_loop, loop)
 
     # ------------------------------------------------------------------ delivery reports (any thread)
@@ -399,20 +412,22 @@ class ProducerClient:
                 if self._wake.is_set():
                     self._wake.clear()
                     self.dispatch()
-            except KafkaException as exc:
-                error = exc.args[0] if exc.args else None
-                if isinstance(error, KafkaError) and is_fatal(error):
-                    # librdkafka raises its fatal error (a fenced transactional producer) from poll as well as
-                    # reporting it: one clear line, and the reports still flow (as failures).
-                    if self.fatal is None:
-                        self._on_error(error)
-                    self.dispatch()
-                else:
-                    logger.exception("%s: polling for delivery reports failed", self.name)
+            except Exception as exc:
+                self._poll_failed(exc)
                 time.sleep(POLL_SLICE)
-            except Exception:
-                logger.exception("%s: polling for delivery reports failed", self.name)
-                time.sleep(POLL_SLICE)
+
+    def _poll_failed(self, exc: Exception) -> None:
+        """A poll raised (the poller's or the loop's)."""
+        error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+        if isinstance(error, KafkaError) and is_fatal(error):
+            # librdkafka raises its fatal error (a fenced transactional producer, an idempotent producer's broken
+            # sequence) from the one poll that serves it instead of calling the error callback: one clear line,
+            # and the reports still flow (as failures).
+            if self.fatal is None:
+                self._on_error(error)
+            self.dispatch()
+        else:
+            logger.error("%s: polling for delivery reports failed", self.name, exc_info=exc)
 
     def _on_error(self, error: KafkaError) -> None:
         if is_fatal(error):
