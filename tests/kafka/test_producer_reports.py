@@ -37,10 +37,13 @@ class HeldProducer:
         self.polls_after_close = 0
         self.polls_on: list[int] = []  # the thread of each poll call
         self.raise_once: BaseException | None = None  # the next poll raises this (after serving nothing)
+        self.room: int | None = None  # records the local queue holds (None: no limit)
 
     def produce(self, topic: str, value: bytes, key: Any, partition: int, on_delivery: Any, timestamp: Any,
                 flags: Any, headers: Any) -> None:
         with self._lock:
+            if self.room is not None and len(self.held) + len(self.ready) >= self.room:
+                raise BufferError("Local: Queue full")
             self.held.append(on_delivery)
 
     def deliver(self) -> None:
@@ -216,3 +219,19 @@ async def test_a_loop_that_ended_with_a_serve_pending_does_not_keep_the_next_loo
     fake.deliver()
     await until(lambda: delivered.tokens == [2] and first.tokens == [1], "both reports, served on this loop")
     assert fake.served_on[-2:] == [threading.get_ident()] * 2
+
+
+async def test_a_poll_that_raises_while_making_room_fails_no_record_already_handed_over(held: Any) -> None:
+    """The second record finds librdkafka's queue full and the poll meant to make room raises (a fatal error).
+    produce() must not raise: the engine would take every record of the call for failed, the first one too,
+    which librdkafka still reports later; a record reported twice can settle its input before its other
+    outputs are confirmed. Each record is reported exactly once."""
+    client, fake = held()
+    fake.room = 1
+    fake.raise_once = KafkaException(KafkaError(KafkaError._FATAL, "Fatal error: fenced", fatal=True))
+    delivered = Delivered(failures_allowed=True)
+    client.produce([OutgoingMessage("out", b"a", token=1), OutgoingMessage("out", b"b", token=2)], delivered)
+    assert client.fatal is not None
+    assert await asyncio.to_thread(client.release, 1.0) is True
+    assert delivered.tokens == [1], "the record handed over is delivered, once"
+    assert list(delivered.failed) == [2], "the one left waiting for room fails, once"

@@ -73,10 +73,10 @@ from confluent_kafka import KafkaError, TopicPartition
 from volley.errors import ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import Observer, PartitionId, QueueSpec, RevokeHandler
+from volley_kafka.clients import is_fatal
 from volley_kafka.envelope import KafkaEnvelope
 from volley_kafka.fetcher import Fetcher, KafkaErrors, Offsets
 from volley_kafka.offsets import OffsetTracker, TopicPartitionKey
-from volley_kafka.producer import is_fatal
 from volley_kafka.rebalance import RebalanceMixin
 from volley_kafka.settings import ConsumerSettings
 

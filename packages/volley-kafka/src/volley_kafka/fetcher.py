@@ -22,8 +22,8 @@ import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from volley.errors import ConfigurationError
+from volley_kafka.clients import is_fatal, make_client, rdkafka_logger
 from volley_kafka.offsets import TopicPartitionKey
-from volley_kafka.producer import is_fatal, make_client, rdkafka_logger
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
 

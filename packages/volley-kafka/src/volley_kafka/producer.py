@@ -41,10 +41,10 @@ from confluent_kafka import KafkaError, KafkaException
 from volley.errors import ConfigurationError, DeliveryError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
+from volley_kafka.clients import is_fatal, make_client, rdkafka_logger
 from volley_kafka.settings import ProducerSettings, brokers_of
 
 logger = logging.getLogger("volley_kafka")
-rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
 
 POLL_SLICE = 0.05
 """How long the poller thread waits in librdkafka for delivery reports before checking its backlog again."""
@@ -54,32 +54,6 @@ LOOP_HOLD = 0.02
 """The poller thread leaves delivery reports to the event loop while the loop produced or served one within this
 long; the loop stops polling once this long has passed without either (records stuck: the poller waits for
 them inside librdkafka instead)."""
-
-
-def is_fatal(error: KafkaError) -> bool:
-    """librdkafka's client can no longer work: it must be closed, and a new one built.
-
-    ``KafkaError.fatal()`` alone misses most of them: confluent-kafka sets it only on errors of the transactional
-    API. A fatal error of a consumer (a static member fenced) or of an idempotent producer reaches the error
-    callback, a consumed record's ``error()`` and a failed ``commit()`` as the code ``_FATAL`` with ``fatal()``
-    false (its text names the underlying error).
-    """
-    return bool(error.fatal()) or error.code() == KafkaError._FATAL
-
-
-def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, Any]], Any]) -> Any:
-    """Build a librdkafka client, turning a rejected setting into a ConfigurationError that names it."""
-    try:
-        return factory(config)
-    except KafkaException as exc:
-        error = exc.args[0] if exc.args else exc
-        text = error.str() if isinstance(error, KafkaError) else str(error)
-        raise ConfigurationError(
-            f"{what}: librdkafka rejected the configuration: {text}. Settings in the queue's config are passed to "
-            "librdkafka as they are (see librdkafka's CONFIGURATION.md); Volley's own ones start with 'volley.'"
-        ) from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{what}: invalid Kafka configuration: {exc}") from None
 
 
 class TransactionAbortedError(DeliveryError):
@@ -286,7 +260,11 @@ class ProducerClient:
                 # poller thread, which may block, send the rest in order.
                 if not refused:
                     refused = True
-                    self.producer.poll(0)
+                    try:
+                        self.producer.poll(0)
+                    except Exception as exc:  # kept (a fatal error), not raised: records before it are handed over
+                        self._poll_failed(exc, dispatch=False)
+                        self._wake.set()  # the poller hands over what the poll collected
                     continue
                 self._to_backlog(messages, index, bucket)
                 return
@@ -416,8 +394,9 @@ class ProducerClient:
                 self._poll_failed(exc)
                 time.sleep(POLL_SLICE)
 
-    def _poll_failed(self, exc: Exception) -> None:
-        """A poll raised (the poller's or the loop's)."""
+    def _poll_failed(self, exc: Exception, *, dispatch: bool = True) -> None:
+        """A poll raised (the poller's, the loop's, or the one making room inside ``produce``, which must not hand
+        reports to the engine while the engine is producing: ``dispatch=False``)."""
         error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
         if isinstance(error, KafkaError) and is_fatal(error):
             # librdkafka raises its fatal error (a fenced transactional producer, an idempotent producer's broken
@@ -425,7 +404,8 @@ class ProducerClient:
             # and the reports still flow (as failures).
             if self.fatal is None:
                 self._on_error(error)
-            self.dispatch()
+            if dispatch:
+                self.dispatch()
         else:
             logger.error("%s: polling for delivery reports failed", self.name, exc_info=exc)
 

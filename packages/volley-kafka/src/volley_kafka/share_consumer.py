@@ -53,7 +53,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 from volley.errors import ConfigurationError, ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import QueueSpec
-from volley_kafka.producer import is_fatal, make_client, rdkafka_logger
+from volley_kafka.clients import is_fatal, make_client, rdkafka_logger
 from volley_kafka.share_settings import ShareSettings
 from volley_kafka.worker import BlockingWorker
 

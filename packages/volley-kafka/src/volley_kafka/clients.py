@@ -1,0 +1,40 @@
+"""Building librdkafka clients and reading their errors: what the producer, the consumers and the share
+consumer share."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+
+from volley.errors import ConfigurationError
+
+rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
+
+
+def is_fatal(error: KafkaError) -> bool:
+    """librdkafka's client can no longer work: it must be closed, and a new one built.
+
+    ``KafkaError.fatal()`` alone misses most of them: confluent-kafka sets it only on errors of the transactional
+    API. A fatal error of a consumer (a static member fenced) or of an idempotent producer reaches the error
+    callback, a consumed record's ``error()`` and a failed ``commit()`` as the code ``_FATAL`` with ``fatal()``
+    false (its text names the underlying error).
+    """
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
+
+
+def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, Any]], Any]) -> Any:
+    """Build a librdkafka client, turning a rejected setting into a ConfigurationError that names it."""
+    try:
+        return factory(config)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else exc
+        text = error.str() if isinstance(error, KafkaError) else str(error)
+        raise ConfigurationError(
+            f"{what}: librdkafka rejected the configuration: {text}. Settings in the queue's config are passed to "
+            "librdkafka as they are (see librdkafka's CONFIGURATION.md); Volley's own ones start with 'volley.'"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{what}: invalid Kafka configuration: {exc}") from None
