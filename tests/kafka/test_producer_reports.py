@@ -1,9 +1,9 @@
 """Where the Kafka producer's delivery reports are served: on the event loop while it produces.
 
-librdkafka calls each record's delivery callback with the GIL taken for that one record. Served by the poller
-thread while the loop runs Python, every report takes the GIL from the loop (two thread switches a record); on
-the loop they cost none. A fake ``confluent_kafka.Producer`` whose records are reported only once the test lets
-them makes it deterministic: no poller thread runs in these tests unless one says so.
+librdkafka takes the GIL for each record's delivery callback on its own. Served by the poller thread while the
+loop runs Python, every report contends with the loop for the GIL; on the loop they cost no contention. A fake
+``confluent_kafka.Producer`` whose records are reported only once the test lets them makes it deterministic: no
+poller thread runs in these tests unless one says so.
 """
 
 from __future__ import annotations

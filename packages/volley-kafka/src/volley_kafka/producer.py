@@ -8,12 +8,12 @@ loop serves them itself (``poll(0)`` right after producing, then every
 report within ``LOOP_HOLD``); a poller thread serves them otherwise (records
 stuck on a broker that does not answer wait for it inside librdkafka, not in a
 loop polling every millisecond), and takes over when librdkafka's local queue
-is full, so that the loop never blocks on a slow broker. Why the loop: librdkafka calls each
-record's callback with the GIL taken for that one record, so a poller thread
-serving reports while the loop runs Python takes the GIL from the loop once
-per record (two thread switches each); on the loop the same callbacks cost no
-switch at all. A record is reported exactly once: delivered, failed, or
-purged at close.
+is full, so that the loop never blocks on a slow broker. Why the loop:
+librdkafka takes the GIL for each record's callback on its own, so a poller
+thread serving reports while the loop runs Python contends with the loop for
+the GIL once per record (measured on a real broker: 1.1-1.8 µs of the poller
+thread's CPU per message, none once the loop serves them). A record is reported
+exactly once: delivered, failed, or purged at close.
 
 Threads and the backlog (records waiting for room in librdkafka's queue):
 
