@@ -1,5 +1,6 @@
 """Stand-ins for confluent-kafka's clients, shared by the tests that make a race or a rebalance deterministic
-(test_consumer_policy.py scripts each call, test_races.py serves in-memory partitions).
+(test_consumer_policy.py scripts each call, test_races.py serves in-memory partitions), and the making of
+producer clients over a fake ``confluent_kafka.Producer`` (test_races.py, test_producer_reports.py).
 
 What both consumers share is here: a record as the adapter reads it, the subscription's callbacks fired inside
 a call on the polling thread (as librdkafka fires them), pauses that outlive the assignment (as in librdkafka),
@@ -9,12 +10,33 @@ and every commit and seek recorded. Imported by name (``tests/kafka`` is on pyte
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import pytest
 from confluent_kafka import TopicPartition
 
+from volley_kafka import producer as producer_module
+from volley_kafka.producer import ProducerClient
+
 Key = tuple[str, int]
+
+
+def producer_clients(monkeypatch: pytest.MonkeyPatch, fake: type[Any],
+                     name: str) -> Iterator[Callable[..., tuple[ProducerClient, Any]]]:
+    """For a fixture (``yield from``): a maker of ProducerClients over ``fake``; each is released afterwards."""
+    made: list[ProducerClient] = []
+
+    def make(config: dict[str, Any] | None = None) -> tuple[ProducerClient, Any]:
+        monkeypatch.setattr(producer_module.confluent_kafka, "Producer", fake)
+        client = ProducerClient(config or {"bootstrap.servers": "fake:9092"}, name)
+        made.append(client)
+        return client, client.producer
+
+    yield make
+    for client in made:
+        if not client.closed:
+            client.release(1.0)
 
 
 class FakeMessage:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+from kafka_fakes import producer_clients
 
 from volley.errors import DeliveryError
 from volley.message import OutgoingMessage
@@ -108,19 +109,8 @@ async def until(check: Callable[[], bool], what: str, within: float = 10.0) -> N
 
 
 @pytest.fixture
-def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], tuple[ProducerClient, HeldProducer]]]:
-    made: list[ProducerClient] = []
-
-    def make() -> tuple[ProducerClient, HeldProducer]:
-        monkeypatch.setattr(producer_module.confluent_kafka, "Producer", HeldProducer)
-        client = ProducerClient({"bootstrap.servers": "fake:9092"}, "held")
-        made.append(client)
-        return client, client.producer
-
-    yield make
-    for client in made:
-        if not client.closed:
-            client.release(1.0)
+def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[ProducerClient, Any]]]:
+    yield from producer_clients(monkeypatch, HeldProducer, "held")
 
 
 async def test_the_loop_serves_the_reports_of_what_it_produced(held: Any) -> None:

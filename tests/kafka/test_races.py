@@ -12,19 +12,18 @@ import contextlib
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import confluent_kafka
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from kafka_fakes import FakeConsumerBase, FakeMessage, Key
+from kafka_fakes import FakeConsumerBase, FakeMessage, Key, producer_clients
 
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryFailure, PartitionId, QueueSpec
 from volley_kafka import KafkaConnector, KafkaConsumer, TransactionalKafkaConsumer
 from volley_kafka import consumer as consumer_module
-from volley_kafka import producer as producer_module
 from volley_kafka import rebalance as rebalance_module
 from volley_kafka.producer import ProducerClient, TransactionAbortedError
 
@@ -281,19 +280,8 @@ def fake_of(consumer: KafkaConsumer) -> FakeConsumer:
 
 
 @pytest.fixture
-def fake_producer(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[ProducerClient, FakeProducer]]:
-    made: list[ProducerClient] = []
-
-    def make(config: dict[str, Any] | None = None) -> tuple[ProducerClient, FakeProducer]:
-        monkeypatch.setattr(producer_module.confluent_kafka, "Producer", FakeProducer)
-        client = ProducerClient(config or {"bootstrap.servers": "fake:9092"}, "fake")
-        made.append(client)
-        return client, client.producer
-
-    yield make
-    for client in made:
-        if not client.closed:
-            client.release(1.0)
+def fake_producer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[ProducerClient, Any]]]:
+    yield from producer_clients(monkeypatch, FakeProducer, "fake")
 
 
 def test_backlog_sent_by_poller_and_flush_at_once_reports_each_record_once(fake_producer: Any) -> None:
