@@ -225,3 +225,25 @@ async def test_a_poll_that_raises_while_making_room_fails_no_record_already_hand
     assert await asyncio.to_thread(client.release, 1.0) is True
     assert delivered.tokens == [1], "the record handed over is delivered, once"
     assert list(delivered.failed) == [2], "the one left waiting for room fails, once"
+
+
+@pytest.mark.parametrize("callback", ["oauth_cb", "stats_cb", "throttle_cb"])
+async def test_a_client_with_a_callback_of_the_users_is_polled_only_by_its_poller(held: Any, callback: str) -> None:
+    """librdkafka runs the callbacks a user puts in the queue's config (an OAUTHBEARER token refresh, statistics,
+    throttling) inside poll(), next to the delivery reports. A token fetch over HTTP may block for seconds
+    (confluent-kafka before 2.13 runs oauth_cb in poll), which must not be on the event loop: such a client is
+    polled by its poller thread only, as before the loop served reports, also when its queue is full."""
+    client, fake = held({"bootstrap.servers": "fake:9092", callback: lambda *_args: None})
+    client.acquire()
+    fake.room = 1
+    delivered = Delivered()
+    loop_thread = threading.get_ident()
+    client.produce([OutgoingMessage("out", b"a", token=1), OutgoingMessage("out", b"b", token=2)], delivered)
+    await asyncio.sleep(0)  # the loop's first serve, scheduled by produce(), would run in this iteration
+    fake.deliver()  # the first record; the second waits for room, then the poller sends it
+    await until(lambda: delivered.tokens == [1] and len(fake) == 1, "the first report, the second record sent")
+    fake.deliver()
+    await until(lambda: delivered.tokens == [1, 2], "both reports")
+    assert loop_thread not in fake.polls_on, "a poll on the event loop"
+    assert client._thread is not None
+    assert set(fake.served_on) == {client._thread.ident}

@@ -13,6 +13,12 @@ from volley.errors import ConfigurationError
 
 rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
 
+USER_CALLBACKS = ("oauth_cb", "stats_cb", "throttle_cb")
+"""Callbacks a user may give librdkafka in the queue's config. librdkafka runs them inside ``poll()``, next to the
+delivery reports, so on the event loop if the loop served the producer's reports. One may block (a token fetched
+over HTTP; confluent-kafka before 2.13 runs ``oauth_cb`` in ``poll()``), so a producer with any of them is polled by
+its poller thread only."""
+
 
 def is_fatal(error: KafkaError) -> bool:
     """librdkafka's client can no longer work: it must be closed, and a new one built.

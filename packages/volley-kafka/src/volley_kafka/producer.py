@@ -12,8 +12,10 @@ is full, so that the loop never blocks on a slow broker. Why the loop:
 librdkafka takes the GIL for each record's callback on its own, so a poller
 thread serving reports while the loop runs Python contends with the loop for
 the GIL once per record (measured on a real broker: 1.1-1.8 µs of the poller
-thread's CPU per message, none once the loop serves them). A record is reported
-exactly once: delivered, failed, or purged at close.
+thread's CPU per message, none once the loop serves them). A client whose
+config carries a callback of the user's (``clients.USER_CALLBACKS``) is polled by
+its poller thread only: librdkafka runs those inside ``poll()`` too, and one may
+block. A record is reported exactly once: delivered, failed, or purged at close.
 
 Threads and the backlog (records waiting for room in librdkafka's queue):
 
@@ -41,7 +43,7 @@ from confluent_kafka import KafkaError, KafkaException
 from volley.errors import ConfigurationError, DeliveryError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
-from volley_kafka.clients import is_fatal, make_client, rdkafka_logger
+from volley_kafka.clients import USER_CALLBACKS, is_fatal, make_client, rdkafka_logger
 from volley_kafka.settings import ProducerSettings, brokers_of
 
 logger = logging.getLogger("volley_kafka")
@@ -111,6 +113,7 @@ class ProducerClient:
         self.name = name
         self.brokers = brokers_of(config)
         self.transactional = "transactional.id" in config
+        self.loop_serves = not any(config.get(name) is not None for name in USER_CALLBACKS)
         rd_config = dict(config)
         rd_config["error_cb"] = self._on_error
         rd_config["logger"] = rdkafka_logger
@@ -195,10 +198,11 @@ class ProducerClient:
         bucket = self._buckets.get(on_delivery)
         if bucket is None:
             bucket = self._buckets.setdefault(on_delivery, _Bucket(on_delivery))
-        if self._loop_serve is None or self._serve_loop is None or self._serve_loop.is_closed():
-            self._serve_on_loop_soon()
-        else:
-            self._loop_served = time.monotonic()
+        if self.loop_serves:
+            if self._loop_serve is None or self._serve_loop is None or self._serve_loop.is_closed():
+                self._serve_on_loop_soon()
+            else:
+                self._loop_served = time.monotonic()
         if self.closed and self._thread is not None and not self._running:
             error = DeliveryError("the Kafka producer is closed")
             bucket.failed.extend((m, error) for m in messages)
@@ -256,9 +260,10 @@ class ProducerClient:
                 produce(m.topic, m.value, m.key, -1 if partition is None else partition, _report(bucket, m), None, 0,
                         m.headers)
             except BufferError:
-                # librdkafka's queue is full: serve delivery reports to make room, once; then let the
-                # poller thread, which may block, send the rest in order.
-                if not refused:
+                # librdkafka's queue is full: serve delivery reports to make room, once (unless the user's
+                # callbacks keep polls off the loop); then let the poller thread, which may block, send the rest
+                # in order.
+                if not refused and self.loop_serves:
                     refused = True
                     try:
                         self.producer.poll(0)
