@@ -9,96 +9,20 @@ other; an output whose first produce() raised counts as produced.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from engine_fakes import Connector, Item, TxConsumer, make_engine, outputs, publish
 
-from volley import Engine, MemoryBroker
+from volley import MemoryBroker
 from volley.errors import DeliveryError
-from volley.memory import MemoryConnector, MemoryConsumer, MemoryProducer
+from volley.memory import MemoryConsumer, MemoryProducer
 from volley.message import Envelope, OutgoingMessage
-from volley.plugins import build_registry
-from volley.ports import DeliveryCallback, QueueSpec
+from volley.ports import DeliveryCallback
 from volley.run import sync_executor
-
-
-@dataclass
-class Item:
-    n: int
-
-
-class TxConsumer(MemoryConsumer):
-    """A transactional consumer (ports.Transactional): commit acks the batch, abort gives it all back."""
-
-    transactional = True
-
-    def __init__(self, broker: MemoryBroker, queue: str, log: list[Any], commit_delay: float = 0.05) -> None:
-        super().__init__(broker, queue)
-        self.log, self.held, self.commit_delay = log, list[Envelope](), commit_delay
-
-    async def consume(self, max_messages: int, timeout: float) -> Sequence[Envelope]:
-        messages = await super().consume(max_messages, timeout)
-        self.held.extend(messages)
-        return messages
-
-    async def begin(self) -> None:
-        self.log.append("begin")
-
-    async def commit(self, envelopes: Sequence[Envelope]) -> None:
-        self.log.append(("commit-start", len(envelopes)))
-        await asyncio.sleep(self.commit_delay)
-        await super().ack(envelopes)
-        self.held = [e for e in self.held if e not in envelopes]
-        self.log.append(("commit-done", len(envelopes)))
-
-    async def abort(self) -> None:
-        self.log.append("abort")
-        await super().nack(self.held, 0.0)
-        self.held = []
-
-    async def ack(self, envelopes: Sequence[Envelope]) -> None:
-        raise AssertionError("ack() in transactional mode")
-
-
-class Connector(MemoryConnector):
-    def __init__(self, broker: MemoryBroker, consumer: Any = None, producer: Any = None) -> None:
-        self.broker, self.consumer, self.producer = broker, consumer, producer
-
-    def create_consumer(self, queue: QueueSpec) -> MemoryConsumer:
-        return self.consumer(self.broker, queue.value) if self.consumer else MemoryConsumer(self.broker, queue.value)
-
-    def create_producer(self, queue: QueueSpec) -> MemoryProducer:
-        return self.producer(self.broker) if self.producer else MemoryProducer(self.broker)
-
-
-def make_engine(broker: MemoryBroker, connector: Connector, *, profile: str = "memory", ordering: str = "partition",
-                **settings: Any) -> Engine:
-    registry = build_registry()
-    registry.entries["observer"] = {}
-    queues = {"in": {"value": "in", "profile": profile, "data_model": Item, "consumer": connector,
-                     "ordering": ordering, "config": {"broker": broker}},
-              "out": {"value": "out", "profile": "memory", "data_model": Item, "producer": connector,
-                      "config": {"broker": broker}},
-              "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}}}
-    options: dict[str, Any] = {"metrics_port": None, "poll_interval_seconds": 0.02, "retry_backoff_seconds": 0.0,
-                               "shutdown_timeout_seconds": 1.0, "registry": registry}
-    options.update(settings)
-    return Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
-                  queue_config=queues, **options)
-
-
-def publish(broker: MemoryBroker, count: int) -> None:
-    for n in range(count):
-        broker.publish("in", json.dumps({"n": n}).encode())
-
-
-def outputs(broker: MemoryBroker) -> list[int]:
-    return sorted(json.loads(value)["n"] for value in broker.produced("out"))
 
 
 def test_a_stop_during_the_commit_lets_the_commit_finish() -> None:

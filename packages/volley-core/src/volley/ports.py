@@ -150,7 +150,10 @@ class Transactional(Protocol):
 
     The engine then works in barrier mode: ``begin`` before producing a batch's
     outputs, ``commit`` once every output is confirmed, ``abort`` if anything in
-    the batch failed to deliver (the consumer rewinds to its last commit).
+    the batch failed to deliver (the consumer rewinds to its last commit). While
+    ``commit`` or ``abort`` runs, the engine goes on calling ``consume`` and
+    handling what it returns; it produces nothing before the next ``begin``,
+    which it calls only once the commit has returned.
     """
 
     @property

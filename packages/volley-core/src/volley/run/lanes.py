@@ -37,10 +37,12 @@ class AsyncLanes:
         self.active = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
+        self.idle = asyncio.Event()  # no lane has work
+        self.idle.set()
 
     async def run(self, batch: Sequence[Envelope]) -> None:
         """Decode the batch and queue each message on its lane (the lanes run on their own)."""
-        out = Outcome(self.slots)
+        out = Outcome(self.slots, 0, self.settlement.generation)
         if self.handling.batch_size:
             for group, chunk in self.handling.decode_groups(batch, out):
                 self._enqueue("batch", group, chunk)
@@ -71,6 +73,7 @@ class AsyncLanes:
             queue.append((token, message))
             return
         self.lanes[lane] = deque([(token, message)])
+        self.idle.clear()
         if self.active < self.max_in_flight:
             self._start(lane)
         else:
@@ -90,7 +93,7 @@ class AsyncLanes:
                 token, message = queue[0]
                 if self.revoked and isinstance(token, Envelope) and is_revoked(token, self.revoked):
                     queue.popleft()
-                    settlement.abandon(1)
+                    self._abandon(1)
                     continue
                 out = await self._handle(token, message)
                 queue.popleft()
@@ -108,10 +111,17 @@ class AsyncLanes:
                 waiting = self.waiting.popleft()
                 if waiting in self.lanes:
                     self._start(waiting)
+            if not self.lanes:
+                self.idle.set()
+
+    async def quiesce(self) -> None:
+        """Until every message handed over so far is handled (a transaction closes: its inputs' work is done)."""
+        await self.idle.wait()
 
     async def _handle(self, token: Token, message: Any) -> Outcome:
         """Call, interpret, time one message (or group) of a lane."""
-        out = Outcome(self.slots, len(members_of(token)))
+        # An aborted transaction resets the lanes (no await between the two), so work begun after it is new work.
+        out = Outcome(self.slots, len(members_of(token)), self.settlement.generation)
         try:
             await self.handling.process_async(token, message, out)
         except asyncio.CancelledError as exc:
@@ -140,14 +150,24 @@ class AsyncLanes:
             if len(kept) != len(queue):
                 queue.clear()
                 queue.extend(kept)
-        self.settlement.abandon(dropped)
+        self._abandon(dropped)
+
+    def _abandon(self, count: int) -> None:
+        """Handed-over inputs dropped (their partition revoked): counted through an outcome, which waits with
+        the others while a transaction ends."""
+        if count:
+            out = Outcome(self.slots, 0, self.settlement.generation)
+            out.abandoned = count
+            self.settlement.apply(out)
 
     async def reset(self, timeout: float) -> None:
         """Drop all queued and running work (its transaction aborted), then take new work again."""
         await self.close(timeout)
         self.lanes.clear()
+        self.waiting.clear()
         self.active = 0
         self.closed = False
+        self.idle.set()
 
 
 def _forget_cancellation() -> None:

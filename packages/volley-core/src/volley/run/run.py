@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from volley import gctune
 from volley.errors import VolleyError
@@ -94,9 +95,9 @@ class Run:
                 self.consumer, self.settlement, app_name=self.name,
                 timeout_seconds=engine.shutdown_timeout_seconds,
                 interval_seconds=engine.transaction_interval_seconds,
-                max_messages=engine.transaction_max_messages,
-                wait_settled=lambda deadline: self.wait_settled(deadline, include_inbox=False),
-                queued=self._queued, drop_queued=self.inbox.clear, on_abort=self._stop_transaction_work)
+                max_messages=engine.transaction_max_messages, wait_until=self.wait_until,
+                quiesce=self._quiesce, queued=self._queued, drop_queued=self.inbox.clear,
+                on_abort=self._stop_transaction_work, wake=self._wake_processing, crash=self.request_stop)
         self.drain = DrainMonitor(self, self.consumer, self.observer, app_name=self.name, source=self.input.value,
                                   stop_when_drained=stop_when_drained, drain_idle_seconds=drain_idle_seconds,
                                   observed=timed)
@@ -126,7 +127,7 @@ class Run:
     @property
     def idle(self) -> bool:
         return (not self.stop.is_stopping and self.settlement.in_flight == 0 and not self.inbox
-                and not self.acker.pending() and not (self.barrier is not None and self.barrier.open))
+                and not self.acker.pending() and not (self.barrier is not None and self.barrier.busy))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -197,6 +198,15 @@ class Run:
         if isinstance(self.executor, AsyncLanes):
             await self.executor.reset(1.0)
 
+    async def _quiesce(self) -> None:
+        """A transaction closes: the work of its inputs (async lanes run on their own) must be done first."""
+        if isinstance(self.executor, AsyncLanes):
+            await self.executor.quiesce()
+
+    def _wake_processing(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
     def _executor(self) -> SyncExecutor | AsyncLanes:
         if self.app.is_async:
             return AsyncLanes(self.handling, self.settlement, ordering=self.input.ordering,
@@ -239,6 +249,8 @@ class Run:
         # 3. Give up on what is left: no handler call starts after this, no record is produced again.
         self.stop.abandon()
         await cancel(tasks["process"])
+        if self.barrier is not None:  # a transaction still committing: its commit must not be cut
+            await self.barrier.close(deadline - time.monotonic())
         if isinstance(self.executor, AsyncLanes):
             await self.executor.close(1.0)
         settlement.cancel_retries()
@@ -319,17 +331,16 @@ class Run:
         """Inputs fetched and not yet begun (buffered in the inbox)."""
         return sum(len(batch) for batch in self.inbox)
 
-    async def wait_settled(self, deadline: float, include_inbox: bool = True) -> None:
-        """Until nothing is in flight, nor buffered, nor in an open transaction (its commit must not be cut), or
-        ``deadline``. Without ``include_inbox``: until all that is in flight is buffered, not begun (a transaction
-        closing: what was fetched meanwhile belongs to the next one)."""
+    async def wait_settled(self, deadline: float) -> None:
+        """Until nothing is in flight, nor buffered, nor in a transaction (its commit must not be cut), or
+        ``deadline``."""
         settlement, barrier, inbox = self.settlement, self.barrier, self.inbox
+        await self.wait_until(lambda: bool(settlement.in_flight or inbox or (barrier is not None and barrier.busy)),
+                              deadline)
 
-        def unsettled() -> bool:
-            if include_inbox:
-                return bool(settlement.in_flight or inbox or (barrier is not None and barrier.open))
-            return settlement.in_flight > self._queued()
-
+    async def wait_until(self, unsettled: Callable[[], bool], deadline: float) -> None:
+        """While ``unsettled()`` says so, until ``deadline``: woken by every settlement, reports handled meanwhile."""
+        settlement = self.settlement
         while unsettled() and time.monotonic() < deadline:
             settlement.settled.clear()
             with contextlib.suppress(TimeoutError):
@@ -347,7 +358,7 @@ class Run:
         if self.max_messages is not None:
             remaining = self.max_messages - self.report.consumed
             if remaining <= 0 and settlement.in_flight == 0 and not self.inbox \
-                    and not (self.barrier is not None and self.barrier.open):
+                    and not (self.barrier is not None and self.barrier.busy):
                 self.request_stop()
             room = min(room, remaining)
         return room
@@ -436,8 +447,8 @@ class Run:
                 batch = drop_revoked(batch, revoked, settlement)
                 if not batch:
                     continue
-            if barrier is not None:
-                await barrier.add(batch)
+            if barrier is not None and not await barrier.add(batch):
+                continue  # fetched before an abort's rewind: it comes again
             await executor.run(batch)
             if barrier is not None and (barrier.due() or revoked):
                 await barrier.finish()

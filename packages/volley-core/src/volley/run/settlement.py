@@ -70,6 +70,11 @@ class Settlement:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self.open_letters: list[DeadLetter] = []  # of the open transaction: dropped with it when it aborts
+        # Exactly-once: while a transaction settles and commits, the next one's outcomes wait here (its outputs
+        # may not be produced before it begins); an abort drops them and moves the generation on, so that work
+        # it gave up, still running, settles nothing (see Outcome.generation and transactions.py).
+        self.staged: list[Outcome] | None = None
+        self.generation = 0
         self.callbacks: list[DeliveryCallback] = [self._callback(slot) for slot in range(len(self.producers))]
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -79,8 +84,14 @@ class Settlement:
     # ------------------------------------------------------------------ outcomes of handling (on the loop)
 
     def apply(self, out: Outcome) -> None:
-        if self.closed:
+        if self.closed or out.generation != self.generation:
             return
+        if self.staged is not None:
+            self.staged.append(out)
+            return
+        self._settle(out)
+
+    def _settle(self, out: Outcome) -> None:
         if out.retries:
             self.report.retries += out.retries
             self.observer.on_retry(self.app_name, out.retries)
@@ -115,6 +126,22 @@ class Settlement:
                 observer.on_data_model_time("construct", out.construct, timed)
             if out.deconstruct:
                 observer.on_data_model_time("deconstruct", out.deconstruct, timed)
+
+    def stage(self) -> None:
+        """From now on outcomes wait (a transaction closed: what is handled meanwhile belongs to the next one)."""
+        if self.staged is None:
+            self.staged = []
+
+    def unstage(self) -> None:
+        """Apply what waited, in order (the next transaction has begun)."""
+        staged, self.staged = self.staged, None
+        for out in staged or ():
+            self.apply(out)
+
+    def give_up_work(self) -> None:
+        """An aborted transaction: outcomes waiting, and those of work still running, settle nothing."""
+        self.staged = None
+        self.generation += 1
 
     def apply_threadsafe(self, out: Outcome) -> None:
         """From the handler thread: apply ``out`` on the loop, in order with everything else it was sent."""

@@ -70,14 +70,16 @@ class SyncExecutor:
             self._loop_waited.close()
 
     async def run(self, batch: Sequence[Envelope]) -> None:
-        apply = self.settlement.apply
+        settlement = self.settlement
+        apply = settlement.apply
+        generation = settlement.generation  # moved on by an aborted transaction: this work is then given up
         if self.handling.batch_size:
-            apply(await self.worker.submit(lambda: self._batches(batch)))
+            apply(await self.worker.submit(lambda: self._batches(batch, generation)))
             return
         if self.calibrating:
             # Only a handler that proved fast runs inline: one that blocks from the start never touches the loop.
             self.calibrating -= 1
-            out = await self.worker.submit(lambda: self._on_thread(batch, None, measure=True))
+            out = await self.worker.submit(lambda: self._on_thread(batch, None, generation, measure=True))
             apply(out)
             # A few slow calls are expected (the first call warms caches, a GC pause lands in one).
             if out.slow_calls > max(1, len(batch) // 50):
@@ -90,16 +92,19 @@ class SyncExecutor:
             return
         start = 0
         moved: Moved | None = None
-        while start < len(batch) and self.inline and moved is None and not self.stop.abandoned.is_set():
-            out = Outcome(self.slots)
+        abandoned = self.stop.abandoned.is_set
+        while start < len(batch) and self.inline and moved is None and not abandoned():
+            out = Outcome(self.slots, 0, generation)
             start, moved = self._slice(batch, start, out)
             apply(out)
             if start < len(batch):
                 await asyncio.sleep(0)  # let I/O, acks and delivery reports through between slices
-        if start < len(batch) and not self.stop.abandoned.is_set():
+                if settlement.generation != generation:
+                    return  # its transaction aborted meanwhile: the rest is consumed again
+        if start < len(batch) and not abandoned():
             rest = batch[start:] if start else batch
             first_failure = moved
-            apply(await self.worker.submit(lambda: self._on_thread(rest, first_failure, measure=False)))
+            apply(await self.worker.submit(lambda: self._on_thread(rest, first_failure, generation, measure=False)))
 
     def _slice(self, batch: Sequence[Envelope], start: int, out: Outcome) -> tuple[int, Moved | None]:
         """On the loop: handle from ``start`` until the slice ends; return where to resume and, when a call
@@ -155,18 +160,18 @@ class SyncExecutor:
             logger.info("%s: %s: sync handler calls now run on their own thread, off the event loop",
                         self.app_name, why)
 
-    def _on_thread(self, batch: Sequence[Envelope], first_failure: Moved | None, *,
+    def _on_thread(self, batch: Sequence[Envelope], first_failure: Moved | None, generation: int, *,
                    measure: bool) -> Outcome:
         """On the handler thread: handle a batch; hand over what is finished every THREAD_REPORT_SECONDS.
         ``measure``: time every call (calibration)."""
         waited = RunQueueWait() if measure else None  # opened here: it measures the thread that opens it
         try:
-            return self._handle_on_thread(batch, first_failure, waited)
+            return self._handle_on_thread(batch, first_failure, generation, waited)
         finally:
             if waited is not None:
                 waited.close()
 
-    def _handle_on_thread(self, batch: Sequence[Envelope], first_failure: Moved | None,
+    def _handle_on_thread(self, batch: Sequence[Envelope], first_failure: Moved | None, generation: int,
                           waited: RunQueueWait | None) -> Outcome:
         settlement = self.settlement
         handle, resume = self.handling.handle, self.handling.resume
@@ -174,7 +179,7 @@ class SyncExecutor:
         revoked = self.revoked
         monotonic, perf = time.monotonic, time.perf_counter
         waited_before = waited() if waited is not None else 0.0
-        out = Outcome(self.slots)
+        out = Outcome(self.slots, 0, generation)
         with self._claim:
             self._thread_batch, self._thread_begun = batch, 0
         reported = 0  # messages of the batch already handed to the loop
@@ -189,7 +194,7 @@ class SyncExecutor:
                 out.handled = index - reported
                 reported, posted = index, now
                 settlement.apply_threadsafe(out)
-                following = Outcome(self.slots)
+                following = Outcome(self.slots, 0, generation)
                 following.slowest, following.slow_calls = out.slowest, out.slow_calls
                 out = following
             with self._claim:
@@ -228,8 +233,8 @@ class SyncExecutor:
                 if is_revoked(env, revoked):
                     env.pending = -1
 
-    def _batches(self, batch: Sequence[Envelope]) -> Outcome:
-        out = Outcome(self.slots, len(batch))
+    def _batches(self, batch: Sequence[Envelope], generation: int) -> Outcome:
+        out = Outcome(self.slots, len(batch), generation)
         self.thread_call_since = time.perf_counter()
         try:
             self.handling.handle_batch(batch, out, self.stop.abandoned.is_set)

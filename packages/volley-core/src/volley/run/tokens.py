@@ -57,13 +57,16 @@ class Outcome:
 
     ``handled`` counts the inputs it covers (for the consumed metric); the timing totals are kept only when
     an observer is installed; ``slowest`` and ``slow_calls`` serve the sync executor's calibration.
+    ``generation`` is settlement's when the work began: an aborted transaction moves settlement's on, and an
+    outcome of work it gave up (still running when it aborted) then settles nothing.
     """
 
-    __slots__ = ("abandoned", "acks", "component", "construct", "deconstruct", "failures", "handled", "nacks",
-                 "outs", "retries", "slow_calls", "slowest", "timed")
+    __slots__ = ("abandoned", "acks", "component", "construct", "deconstruct", "failures", "generation", "handled",
+                 "nacks", "outs", "retries", "slow_calls", "slowest", "timed")
 
-    def __init__(self, slots: int, handled: int = 0) -> None:
+    def __init__(self, slots: int, handled: int = 0, generation: int = 0) -> None:
         self.handled = handled
+        self.generation = generation
         self.abandoned = 0  # skipped: their partition was being revoked
         self.slowest = 0.0
         self.slow_calls = 0
