@@ -13,6 +13,7 @@ import asyncio
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import confluent_kafka
@@ -95,6 +96,11 @@ class ScriptedConsumer(FakeConsumerBase):
         how, error = self.commit_error
         if how == "raise":
             raise confluent_kafka.KafkaException(error)
+        if how == "partitions":  # no top-level error: each partition carries it (a TopicPartition's error)
+            refused = [SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=tp.offset, error=error)
+                       for tp in offsets or ()]
+            self.config["on_commit"](None, refused)
+            return None
         self.config["on_commit"](error, list(offsets or ()))  # the commit callback, on the polling thread
         return None
 
@@ -456,19 +462,23 @@ async def wait_for_member(within: float = 10.0) -> ScriptedConsumer:
         await asyncio.sleep(0.01)  # polling for the engine's start-up, with a deadline
 
 
+@pytest.mark.parametrize("how", ["report", "partitions"])
 @pytest.mark.parametrize(("code", "rebalance"), [(confluent_kafka.KafkaError.UNKNOWN_MEMBER_ID, True),
                                                  (confluent_kafka.KafkaError.ILLEGAL_GENERATION, True),
                                                  (confluent_kafka.KafkaError.REQUEST_TIMED_OUT, False)])
 async def test_a_commit_refused_for_a_rebalance_says_what_becomes_of_it(scripted: None, code: int, rebalance: bool,
+                                                                        how: str,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """A commit the group refuses because this member was removed from it, or its generation is over, is not
     "retried with the next one" for partitions the rebalance takes away: their new owner reads them again from
-    the last committed offset. The warning says so; other failures are retried as it said before."""
+    the last committed offset. The warning says so; other failures are retried as it said before. The same when
+    librdkafka reports the refusal on each partition only, with no error for the whole commit ("partitions"):
+    the warning said "partition errors" and "retried with the next one" whatever the partitions' error was."""
     consumer, fake = await member()
     try:
         fake.script(("assign", [P0]), records=records(P0, 0, 1))
         await consumer.ack(await fetch(consumer))  # a commit is queued: the next fetch sends it
-        fake.commit_error = ("report", confluent_kafka.KafkaError(code))
+        fake.commit_error = (how, confluent_kafka.KafkaError(code))
         fake.script()
         with caplog.at_level("WARNING", logger="volley_kafka"):
             assert await fetch(consumer) == []
@@ -477,6 +487,7 @@ async def test_a_commit_refused_for_a_rebalance_says_what_becomes_of_it(scripted
                 assert asyncio.get_running_loop().time() < deadline, "no warning about the failed commit"
                 await asyncio.sleep(0.01)
         warning = next(r.getMessage() for r in caplog.records if "commit failed" in r.getMessage())
+        assert confluent_kafka.KafkaError(code).str() in warning, warning
         if rebalance:
             assert "retried with the next one" not in warning, warning
             assert "rebalance" in warning and "read again" in warning and "still owns" in warning, warning

@@ -291,9 +291,12 @@ class Fetcher:
         """librdkafka's commit callback (fetch thread)."""
         # None: a synchronous commit (revoke, close), which is not timed.
         started = self._commit_started.popleft() if self._commit_started else None
-        failed = [(tp.topic, tp.partition, tp.offset) for tp in partitions if tp.error is not None]
+        refused = [tp for tp in partitions if tp.error is not None]
+        failed = [(tp.topic, tp.partition, tp.offset) for tp in refused]
         if error is not None and error.code() != KafkaError._NO_OFFSET:
             failed = [(tp.topic, tp.partition, tp.offset) for tp in partitions]
+        elif error is None and refused:
+            error = refused[0].error  # refused per partition only: the loop names the reason (a rebalance, say)
         if started is not None or failed:
             self.to_loop(self._on_commit_settled, error, failed, started)
 
