@@ -247,3 +247,21 @@ async def test_a_client_with_a_callback_of_the_users_is_polled_only_by_its_polle
     assert loop_thread not in fake.polls_on, "a poll on the event loop"
     assert client._thread is not None
     assert set(fake.served_on) == {client._thread.ident}
+
+
+async def test_an_error_callback_of_the_users_is_called_after_volleys(held: Any,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """An error_cb in the queue's config was replaced by Volley's without a word: a user's alerting on client
+    errors stayed silent. Both run now, Volley's first (a fatal error is kept); what the user's raises is logged."""
+    seen: list[Any] = []
+
+    def users(error: Any) -> None:
+        seen.append(error)
+        raise RuntimeError("the user's callback failed")
+
+    client, fake = held({"bootstrap.servers": "fake:9092", "error_cb": users})
+    fatal = KafkaError(KafkaError._FATAL, "Fatal error: fenced", fatal=True)
+    with caplog.at_level("ERROR", logger="volley_kafka"):
+        fake.config["error_cb"](fatal)  # librdkafka calls it from a poll
+    assert client.fatal is fatal and seen == [fatal]
+    assert any("error_cb given in the queue's Kafka config raised" in r.getMessage() for r in caplog.records)

@@ -11,6 +11,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from volley.errors import ConfigurationError
 
+logger = logging.getLogger("volley_kafka")
 rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
 
 USER_CALLBACKS = ("oauth_cb", "stats_cb", "throttle_cb")
@@ -29,6 +30,31 @@ def is_fatal(error: KafkaError) -> bool:
     false (its text names the underlying error).
     """
     return bool(error.fatal()) or error.code() == KafkaError._FATAL
+
+
+def with_callbacks(config: dict[str, Any], **ours: Callable[..., None]) -> dict[str, Any]:
+    """``config`` for librdkafka with Volley's callbacks (``error_cb``, ``on_commit``) and its logger.
+
+    A callback the user set under the same name is called too, after Volley's, with the same arguments; what it
+    raises is logged (it runs on a librdkafka-serving thread). A ``logger`` of the user's replaces Volley's.
+    """
+    result = dict(config)
+    for name, callback in ours.items():
+        theirs = config.get(name)
+        result[name] = callback if theirs is None else _both(callback, theirs, name)
+    result.setdefault("logger", rdkafka_logger)
+    return result
+
+
+def _both(ours: Callable[..., None], theirs: Callable[..., Any], name: str) -> Callable[..., None]:
+    def both(*args: Any) -> None:
+        ours(*args)
+        try:
+            theirs(*args)
+        except Exception:
+            logger.exception("the %s given in the queue's Kafka config raised", name)
+
+    return both
 
 
 def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, Any]], Any]) -> Any:

@@ -22,7 +22,7 @@ import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from volley.errors import ConfigurationError
-from volley_kafka.clients import is_fatal, make_client, rdkafka_logger
+from volley_kafka.clients import is_fatal, make_client, with_callbacks
 from volley_kafka.offsets import TopicPartitionKey
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
@@ -98,10 +98,7 @@ class Fetcher:
         self._what = what
         self._name = name
         self._on_commit_settled = on_commit_settled
-        config = dict(settings.librdkafka)
-        config["on_commit"] = self._on_commit_result
-        config["error_cb"] = on_error
-        config["logger"] = rdkafka_logger
+        config = with_callbacks(settings.librdkafka, on_commit=self._on_commit_result, error_cb=on_error)
         self.client: Any = make_client(config, what, confluent_kafka.Consumer)
         self._worker: BlockingWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,9 +152,7 @@ class Fetcher:
     def _metadata(self, timeout: float) -> Any:
         """The start-up check, on a throwaway client: asked on the group member itself, librdkafka would
         notice a topic created later only at its periodic metadata refresh (five minutes by default)."""
-        config = dict(self._settings.librdkafka)
-        config["logger"] = rdkafka_logger
-        probe: Any = make_client(config, self._what, confluent_kafka.Consumer)
+        probe: Any = make_client(with_callbacks(self._settings.librdkafka), self._what, confluent_kafka.Consumer)
         try:
             return probe.list_topics(timeout=timeout)
         except KafkaException as exc:

@@ -43,7 +43,7 @@ from confluent_kafka import KafkaError, KafkaException
 from volley.errors import ConfigurationError, DeliveryError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
-from volley_kafka.clients import USER_CALLBACKS, is_fatal, make_client, rdkafka_logger
+from volley_kafka.clients import USER_CALLBACKS, is_fatal, make_client, with_callbacks
 from volley_kafka.settings import ProducerSettings, brokers_of
 
 logger = logging.getLogger("volley_kafka")
@@ -114,10 +114,8 @@ class ProducerClient:
         self.brokers = brokers_of(config)
         self.transactional = "transactional.id" in config
         self.loop_serves = not any(config.get(name) is not None for name in USER_CALLBACKS)
-        rd_config = dict(config)
-        rd_config["error_cb"] = self._on_error
-        rd_config["logger"] = rdkafka_logger
-        self.producer: Any = make_client(rd_config, name, confluent_kafka.Producer)
+        self.producer: Any = make_client(with_callbacks(config, error_cb=self._on_error), name,
+                                         confluent_kafka.Producer)
         self._buckets: dict[DeliveryCallback, _Bucket] = {}
         self._backlog: deque[tuple[OutgoingMessage, _Bucket]] = deque()
         self._backlog_lock = threading.Lock()  # appending (loop) against removing (the drainer)

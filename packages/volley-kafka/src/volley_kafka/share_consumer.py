@@ -53,7 +53,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 from volley.errors import ConfigurationError, ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import QueueSpec
-from volley_kafka.clients import is_fatal, make_client, rdkafka_logger
+from volley_kafka.clients import is_fatal, make_client, with_callbacks
 from volley_kafka.share_settings import ShareSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -97,9 +97,7 @@ class ShareKafkaConsumer:
         self._what = f"Kafka share consumer of queue {queue.name!r} ({queue.value})"
         self._members: list[_Member] = []
         for index in range(settings.consumers):
-            config = dict(settings.librdkafka)
-            config["error_cb"] = self._on_error
-            config["logger"] = rdkafka_logger
+            config = with_callbacks(settings.librdkafka, error_cb=self._on_error)
             client = make_client(config, self._what, confluent_kafka.ShareConsumer)
             client.set_acknowledgement_commit_callback(self._on_acknowledged)
             self._members.append(_Member(index, client, f"volley-kafka-share-{queue.name}-{index}"))
@@ -137,8 +135,7 @@ class ShareKafkaConsumer:
         """A throwaway admin client: no broker answering is a start-up error, a missing topic a warning; then the
         group's own settings (see _check_group)."""
         config = {k: v for k, v in self._settings.librdkafka.items() if k.startswith(CONNECTION_PREFIXES)}
-        config["logger"] = rdkafka_logger
-        admin = make_client(config, self._what, AdminClient)
+        admin = make_client(with_callbacks(config), self._what, AdminClient)
         try:
             metadata = admin.list_topics(timeout=timeout)
         except KafkaException as exc:
