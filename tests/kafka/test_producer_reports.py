@@ -227,7 +227,7 @@ async def test_a_poll_that_raises_while_making_room_fails_no_record_already_hand
     assert list(delivered.failed) == [2], "the one left waiting for room fails, once"
 
 
-@pytest.mark.parametrize("callback", ["oauth_cb", "stats_cb", "throttle_cb"])
+@pytest.mark.parametrize("callback", ["error_cb", "oauth_cb", "stats_cb", "throttle_cb"])
 async def test_a_client_with_a_callback_of_the_users_is_polled_only_by_its_poller(held: Any, callback: str) -> None:
     """librdkafka runs the callbacks a user puts in the queue's config (an OAUTHBEARER token refresh, statistics,
     throttling) inside poll(), next to the delivery reports. A token fetch over HTTP may block for seconds

@@ -14,7 +14,7 @@ from volley.errors import ConfigurationError
 logger = logging.getLogger("volley_kafka")
 rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
 
-USER_CALLBACKS = ("oauth_cb", "stats_cb", "throttle_cb")
+USER_CALLBACKS = ("error_cb", "oauth_cb", "stats_cb", "throttle_cb")
 """Callbacks a user may give librdkafka in the queue's config. librdkafka runs them inside ``poll()``, next to the
 delivery reports, so on the event loop if the loop served the producer's reports. One may block (a token fetched
 over HTTP; confluent-kafka before 2.13 runs ``oauth_cb`` in ``poll()``), so a producer with any of them is polled by
