@@ -18,11 +18,11 @@ import pytest
 from engine_fakes import Connector, Item, TxConsumer, make_engine, outputs, publish
 
 from volley import MemoryBroker
-from volley.errors import DeliveryError
+from volley.errors import DeliveryError, VolleyError
 from volley.memory import MemoryProducer
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryCallback
-from volley.run import sync_executor
+from volley.run import sync_executor, transactions
 
 MODES = [("sync", "inline"), ("sync", "thread"), ("async", "auto")]
 
@@ -163,3 +163,166 @@ def test_a_stop_while_one_transaction_commits_and_the_next_one_waits_commits_bot
     report = asyncio.run(main())
     assert log.count(("commit-done", 5)) == 2, log
     assert report.acked == 10 and broker.acked("in") == 10 and outputs(broker) == list(range(10)), report
+
+
+# ------------------------------------------------------------------ found by review (each failed before its fix)
+
+class FatalCommit(TxConsumer):
+    """Its commit fails for good (a fenced producer) while the next transaction's inputs wait, handled and staged."""
+
+    async def commit(self, envelopes: Sequence[Envelope]) -> None:
+        self.log.append(("commit-start", len(envelopes)))
+        await asyncio.sleep(self.commit_delay)
+        raise VolleyError("fatal error committing a transaction: fenced")
+
+
+@pytest.mark.parametrize(("handler_kind", "mode"), MODES)
+def test_a_fatal_commit_ends_the_run_without_waiting_out_the_shutdown_deadline(handler_kind: str, mode: str) -> None:
+    """The staged inputs of the next transaction can never settle: they are given up at once (they come again),
+    instead of shutdown waiting its whole deadline (8 s here) for them."""
+    log: list[Any] = []
+    handled: list[int] = []
+    broker = MemoryBroker()
+    publish(broker, 10)
+    engine = make_engine(broker, Connector(broker, lambda b, q: FatalCommit(b, q, log, commit_delay=0.3)),
+                         consume_batch_size=5, transaction_max_messages=5, transaction_interval_seconds=30.0,
+                         shutdown_timeout_seconds=8.0, sync_handler_mode="auto" if mode == "inline" else mode)
+    if handler_kind == "async":
+        @engine.stream_app
+        async def handler(item: Item) -> list[tuple[str, Item]]:
+            handled.append(item.n)
+            return [("out", item)]
+    else:
+        @engine.stream_app
+        def handler(item: Item) -> list[tuple[str, Item]]:
+            handled.append(item.n)
+            return [("out", item)]
+
+    started = time.monotonic()
+    with pytest.raises(VolleyError, match="fenced"):
+        handler.run_until_drained(timeout=30, drain_idle_seconds=0.3)
+    took = time.monotonic() - started
+    assert took < 5.0, f"the run took {took:.1f} s to end after the fatal commit (shutdown deadline 8 s)"
+    assert broker.acked("in") == 0, "nothing was committed"
+
+
+class SlowReports(MemoryProducer):
+    """Confirms each record 0.4 s after it was produced: a transaction's reports come after the next one opened."""
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        asyncio.get_running_loop().call_later(0.4, super().produce, list(messages), on_delivery)
+
+
+class FailSecondCommit(TxConsumer):
+    def __init__(self, broker: MemoryBroker, queue: str, log: list[Any]) -> None:
+        super().__init__(broker, queue, log)
+        self.commits = 0
+
+    async def commit(self, envelopes: Sequence[Envelope]) -> None:
+        self.commits += 1
+        if self.commits == 2:
+            self.log.append(("commit-fail", len(envelopes)))
+            await self.abort()
+            raise DeliveryError("the transaction was aborted: its inputs will be consumed again")
+        await super().commit(envelopes)
+
+
+def test_an_abort_does_not_take_back_what_the_transaction_before_it_committed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second transaction opens while the first one's reports are still coming; the first commits, then the
+    second's commit fails. The report counts the first five acked (the broker has them), not abandoned."""
+    log: list[Any] = []
+    closed: list[float] = []
+    finish = transactions.TransactionBarrier.finish
+
+    async def noting_finish(self: transactions.TransactionBarrier) -> None:
+        await finish(self)
+        closed.append(time.monotonic())
+
+    monkeypatch.setattr(transactions.TransactionBarrier, "finish", noting_finish)
+    broker = MemoryBroker()
+    publish(broker, 5)
+    engine = make_engine(broker, Connector(broker, lambda b, q: FailSecondCommit(b, q, log), SlowReports),
+                         consume_batch_size=5, transaction_max_messages=10, transaction_interval_seconds=0.05,
+                         shutdown_timeout_seconds=3.0)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        deadline = time.monotonic() + 10
+        while not closed and time.monotonic() < deadline:  # the first one closed after its interval
+            await asyncio.sleep(0.005)
+        assert ("commit-start", 5) not in log, "the first transaction waits for its reports (0.4 s)"
+        for n in range(5, 10):  # the second one opens while the first one's reports are still coming
+            broker.publish("in", json.dumps({"n": n}).encode())
+        while broker.acked("in") < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    report = asyncio.run(main())
+    assert ("commit-fail", 5) in log, log
+    assert broker.acked("in") == 10, log
+    assert report.acked == broker.acked("in"), (report, log)
+
+
+class AbortsFirstCommit(TxConsumer):
+    def __init__(self, broker: MemoryBroker, queue: str, log: list[Any]) -> None:
+        super().__init__(broker, queue, log, commit_delay=0.3)
+        self.failed = False
+
+    async def commit(self, envelopes: Sequence[Envelope]) -> None:
+        if self.failed:
+            await super().commit(envelopes)
+            return
+        self.failed = True
+        self.log.append(("commit-start", len(envelopes)))
+        await asyncio.sleep(self.commit_delay)
+        await self.abort()
+        raise DeliveryError("the transaction was aborted: its inputs will be consumed again")
+
+
+def test_an_async_handler_that_outlives_the_abort_settles_nothing_of_the_aborted_work() -> None:
+    """An abort resets the lanes, waiting at most a second for their tasks. A handler whose cleanup takes longer
+    survives it: its lane must not go on through the aborted work's queue (handled again, its outputs sent
+    outside any transaction, its acks counted for inputs already given up)."""
+    log: list[Any] = []
+    handled: list[int] = []
+    broker = MemoryBroker()
+    publish(broker, 10)
+    engine = make_engine(broker, Connector(broker, lambda b, q: AbortsFirstCommit(b, q, log),
+                                           lambda b: LoggingProducer(b, log)),
+                         consume_batch_size=5, transaction_max_messages=5, transaction_interval_seconds=30.0,
+                         shutdown_timeout_seconds=5.0)
+    slow_once = [True]
+    cleaned_up = asyncio.Event()
+
+    @engine.stream_app
+    async def handler(item: Item) -> list[tuple[str, Item]]:
+        handled.append(item.n)
+        if item.n == 5 and slow_once[0]:
+            slow_once[0] = False
+            try:
+                await asyncio.sleep(60)  # still running when the first commit fails
+            finally:
+                await asyncio.sleep(1.3)  # its cleanup outlasts the reset's second
+                cleaned_up.set()
+        return [("out", item)]
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        deadline = time.monotonic() + 20
+        while not (cleaned_up.is_set() and broker.acked("in") == 10) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    report = asyncio.run(main())
+    abort = log.index("abort")
+    sent_after = sorted(entry[1] for entry in log[abort:] if isinstance(entry, tuple) and entry[0] == "sent")
+    assert sent_after == list(range(10)), f"each input's output sent once after the abort: {log}"
+    assert broker.acked("in") == 10 and report.acked == 10, report
+    assert report.settled == report.consumed, report

@@ -88,14 +88,17 @@ class AsyncLanes:
     async def _run_lane(self, lane: Any) -> None:
         queue = self.lanes[lane]
         settlement = self.settlement
+        # An aborted transaction moves the generation on and resets the lanes: a task of an earlier generation
+        # that outlives the reset (a handler slow to unwind) handles nothing more, and its work settles nothing.
+        generation = settlement.generation
         try:
-            while queue and not self.closed:
+            while queue and not self.closed and settlement.generation == generation:
                 token, message = queue[0]
                 if self.revoked and isinstance(token, Envelope) and is_revoked(token, self.revoked):
                     queue.popleft()
                     self._abandon(1)
                     continue
-                out = await self._handle(token, message)
+                out = await self._handle(token, message, generation)
                 queue.popleft()
                 settlement.apply(out)
         except asyncio.CancelledError:
@@ -104,28 +107,31 @@ class AsyncLanes:
             logger.exception("volley: an async lane failed")
             self.crash(exc)
         finally:
-            if self.lanes.get(lane) is queue and not queue:
-                del self.lanes[lane]
-            self.active -= 1
-            while self.waiting and self.active < self.max_in_flight and not self.closed:
-                waiting = self.waiting.popleft()
-                if waiting in self.lanes:
-                    self._start(waiting)
-            if not self.lanes:
-                self.idle.set()
+            if settlement.generation == generation:  # else reset() did the bookkeeping of the lanes it dropped
+                self._lane_ended(lane, queue)
+
+    def _lane_ended(self, lane: Any, queue: deque[tuple[Token, Any]]) -> None:
+        if self.lanes.get(lane) is queue and not queue:
+            del self.lanes[lane]
+        self.active -= 1
+        while self.waiting and self.active < self.max_in_flight and not self.closed:
+            waiting = self.waiting.popleft()
+            if waiting in self.lanes:
+                self._start(waiting)
+        if not self.lanes:
+            self.idle.set()
 
     async def quiesce(self) -> None:
         """Until every message handed over so far is handled (a transaction closes: its inputs' work is done)."""
         await self.idle.wait()
 
-    async def _handle(self, token: Token, message: Any) -> Outcome:
-        """Call, interpret, time one message (or group) of a lane."""
-        # An aborted transaction resets the lanes (no await between the two), so work begun after it is new work.
-        out = Outcome(self.slots, len(members_of(token)), self.settlement.generation)
+    async def _handle(self, token: Token, message: Any, generation: int) -> Outcome:
+        """Call, interpret, time one message (or group) of a lane (a task of ``generation``)."""
+        out = Outcome(self.slots, len(members_of(token)), generation)
         try:
             await self.handling.process_async(token, message, out)
         except asyncio.CancelledError as exc:
-            if self.closed:  # ours: shutdown or an aborted transaction
+            if self.closed or self.settlement.generation != generation:  # ours: shutdown or an aborted transaction
                 raise
             _forget_cancellation()
             out.failures.append((token, "handler", exc))  # the handler cancelled its own task

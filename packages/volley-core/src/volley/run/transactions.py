@@ -76,13 +76,16 @@ class TransactionBarrier:
         generation = self.settlement.generation
         if self._aborting:
             await self.ended()
-        if self.settlement.generation != generation or self._broken:
-            return False  # counted as abandoned by the abort (or at shutdown)
+        if self.settlement.generation != generation:
+            return False  # in flight when the abort gave up its work: counted as abandoned there
+        if self._broken:  # fetched after a fatal error gave up the work in flight: it comes again
+            self.settlement.abandon(len(batch))
+            return False
         if not self.open:
             self.open = True
             self._started = time.monotonic()
-            self._counts_at_begin = self.settlement.report.settled_counts()
             if self._ending is None:  # else the ending one begins it once committed
+                self._counts_at_begin = self.settlement.report.settled_counts()
                 await self.consumer.begin()
         self._batch.extend(batch)
         self.count += len(batch)
@@ -169,12 +172,18 @@ class TransactionBarrier:
                 return
             await acker.flush()
             if self.open:  # the next transaction took inputs meanwhile: it begins before their outputs go out
+                # Counted from here: what this one settled (its reports came in after the next one opened) is
+                # committed, and an abort of the next one must not take it back.
+                self._counts_at_begin = settlement.report.settled_counts()
                 await consumer.begin()
             settlement.unstage()
             settlement.notify()  # wakes the fetcher for the next transaction
         except Exception as exc:  # a fatal error of the consumer's: no transaction can follow
             self._broken = True
-            self.open = False
+            # Nothing in flight can settle any more (the next one's outcomes wait staged, and would never be
+            # applied): give it all up now, or shutdown waits its whole deadline for it. It comes again.
+            with contextlib.suppress(Exception):
+                await self._forget(batch, letters, counts)
             self.crash(exc)
         finally:
             self._aborting = False
