@@ -896,6 +896,37 @@ def test_bug14_produced_counts_each_output_once_however_often_it_was_produced() 
     assert recorder.produced["out"] == 5, f"on_produced counted {recorder.produced['out']} for 5 outputs"
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["one-producer-for-all", "a-producer-each"])
+def test_produced_is_counted_per_topic_whether_or_not_queues_share_a_producer(shared: bool) -> None:
+    """The produced metric counts a producer's batch at once when the producer serves one topic, and per record's
+    topic when several queues (outputs and the DLQ) share it: either way each topic gets exactly its records."""
+    broker = MemoryBroker()
+    if shared:
+        one = MemoryProducer(broker)
+        factory = ProducerConnector(lambda: one)
+    else:
+        factory = ProducerConnector(lambda: MemoryProducer(broker))
+    queues = make_queues(broker, out={"producer": factory}, other={"value": "other", "profile": "memory",
+                                                                  "data_model": Doubled, "config": {"broker": broker},
+                                                                  "producer": factory},
+                         dlq={"producer": factory})
+    recorder = Recorder()
+    engine = make_engine(broker, queues=queues, output_queues=("out", "other"), observers=[recorder])
+    seed(broker, engine, [Item(n) for n in range(9)])
+    broker.publish("in", b"not json")
+
+    @engine.stream_app
+    def split(item: Item) -> list[tuple[str, Doubled]]:
+        outputs = [("out" if item.n % 3 else "other", Doubled(item.n))]
+        return [*outputs, ("out", Doubled(-item.n))] if item.n == 4 else outputs
+
+    report = split.run_until_drained(timeout=10)
+    assert report.acked == 9 and report.dead_lettered == 1, report
+    assert len({id(p) for p in factory.made}) == (1 if shared else 3)
+    assert dict(recorder.produced) == {"out": 7, "other": 3, "dlq": 1}, recorder.produced
+    assert report.produced == 11
+
+
 # ------------------------------------------------------------------ suspected bugs
 
 

@@ -43,7 +43,11 @@ class TestShareContract(ConnectorContract):
     # fetched in the background and gave back as it closed (or a member whose close librdkafka left hanging).
     counts_attempts: ClassVar[bool] = False
     creates_queues_on_produce: ClassVar[bool] = True
-    max_wait_seconds: ClassVar[float] = 15.0
+    # Longer than the group's record lock (share.record.lock.duration.ms, 30 s by default): librdkafka 2.16's share
+    # consumer (a preview) can hang in close() right after it joined, and the records that member had fetched in
+    # the background (never handed to Volley, so not released by it) come back only when their lock expires. Seen
+    # in the state machine: "member 0 did not close within 4 s", then a record back after 30 s, past a 15 s wait.
+    max_wait_seconds: ClassVar[float] = 40.0
 
     @pytest.fixture(autouse=True)
     def _bootstrap(self, kafka_bootstrap: str) -> None:

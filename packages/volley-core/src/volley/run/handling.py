@@ -170,11 +170,7 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
             t2 = perf()
         interpret(token, result, out)
         if timed:
-            t3 = perf()
-            out.construct += t1 - t0
-            out.component += t2 - t1
-            out.deconstruct += t3 - t2
-            out.timed += 1
+            out.stamps += (t0, t1, t2, perf())  # added up per outcome by settlement (Outcome.step_totals)
         return None
 
     return handle
@@ -216,9 +212,9 @@ def _async_processor(app: RunnableApp, context: Callable[[Token], MessageContext
             except Exception as exc:
                 error = exc
             else:
-                if timed:
-                    out.component += perf() - started
-                    out.timed += 1
+                if timed:  # the call alone: no decoding step here, and interpreting is not timed
+                    called = perf()
+                    out.stamps += (started, started, called, called)
                 interpret(token, result, out)
                 return
             failures += 1

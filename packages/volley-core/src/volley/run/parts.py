@@ -32,6 +32,15 @@ def output_slots(engine: Any) -> tuple[list[Producer], dict[str, tuple[ResolvedQ
     return producers, routes, dlq
 
 
+def slot_topics(routes: dict[str, tuple[ResolvedQueue, int]], slots: int) -> list[str | None]:
+    """Per producer slot, the one topic its records go to, or None when queues of several topics share it (the
+    produced metric then counts each batch per topic)."""
+    topics: list[set[str]] = [set() for _ in range(slots)]
+    for queue, slot in routes.values():
+        topics[slot].add(queue.value)
+    return [next(iter(names)) if len(names) == 1 else None for names in topics]
+
+
 def run_tracing(engine: Any, dlq: tuple[ResolvedQueue, int] | None) -> Tracing | None:
     """The run's tracing, bound to its queues, when the Engine names a tracer (``Engine(tracing=...)``)."""
     if engine.tracer is None:

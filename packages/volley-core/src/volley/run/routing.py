@@ -36,27 +36,28 @@ class Router:
         def interpret(token: Token, result: Any, out: Outcome) -> None:
             """A handler's return value into ``out``: True or None acks, False gives back, a list of outputs is
             encoded into ``out.outs`` (setting ``token.pending``), anything else is a failure at ``output``."""
-            if result is True or result is None:
+            if type(result) is list:
+                if len(result) == 1:
+                    # The common case, one (queue, message) output, without the general path's checks.
+                    item = result[0]
+                    if type(item) is tuple and len(item) == 2:
+                        bound = single(item[0])
+                        if bound is not None:
+                            encode, topic, slot = bound
+                            try:
+                                value = encode(item[1])
+                            except Exception as exc:
+                                out.failures.append((token, "output", exc))
+                                return
+                            token.pending = 1
+                            out.outs[slot].append(OutgoingMessage(topic, value, None, None, None, None, token))
+                            return
+            elif result is True or result is None:
                 out.acks.append(token)
                 return
-            if result is False:
+            elif result is False:
                 out.nacks.append(token)
                 return
-            if type(result) is list and len(result) == 1:
-                # The common case, one (queue, message) output, without the general path's checks.
-                item = result[0]
-                if type(item) is tuple and len(item) == 2:
-                    bound = single(item[0])
-                    if bound is not None:
-                        encode, topic, slot = bound
-                        try:
-                            value = encode(item[1])
-                        except Exception as exc:
-                            out.failures.append((token, "output", exc))
-                            return
-                        token.pending = 1
-                        out.outs[slot].append(OutgoingMessage(topic, value, None, None, None, None, token))
-                        return
             general(token, result, out)
 
         return interpret

@@ -35,7 +35,7 @@ from volley.run.app import RunnableApp
 from volley.run.drain import DrainMonitor
 from volley.run.handling import Handling
 from volley.run.lanes import AsyncLanes
-from volley.run.parts import output_slots, run_tracing
+from volley.run.parts import output_slots, run_tracing, slot_topics
 from volley.run.rebalance import Rebalance, drop_revoked
 from volley.run.report import RunReport
 from volley.run.retry import RetryPolicy
@@ -82,7 +82,7 @@ class Run:
             app_name=self.name, source=self.input.value, producers=producers, dlq=dlq, acker=self.acker,
             observer=self.observer, timed=timed, max_retries=engine.max_retries, backoff=retry.delay,
             on_failure=engine.on_failure, transactional=self.transactional, stop=self.stop,
-            request_stop=self.request_stop, tracing=self.tracing)
+            request_stop=self.request_stop, tracing=self.tracing, slot_topics=slot_topics(routes, len(producers)))
         self.handling = Handling(app, self.input, Router(routes), retry, max_deliveries=engine.max_deliveries,
                                  timed=timed, tracing=self.tracing)
         self.inbox: deque[list[Envelope]] = deque()

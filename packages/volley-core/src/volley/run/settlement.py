@@ -39,7 +39,7 @@ class Settlement:
                  dlq: tuple[ResolvedQueue, int] | None, acker: Acker, observer: Observer, timed: bool,
                  max_retries: int, backoff: Callable[[int], float], on_failure: str, transactional: bool,
                  stop: StopSignal, request_stop: Callable[[BaseException], None],
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, slot_topics: Sequence[str | None] = ()) -> None:
         self.app_name = app_name
         self.source = source
         self.producers = list(producers)
@@ -55,6 +55,8 @@ class Settlement:
         self.stop = stop
         self.request_stop = request_stop
         self.tracing = tracing
+        # Per producer slot, its one topic (None: several share it): the produced metric counts by slot then.
+        self._slot_topics: list[str | None] = list(slot_topics) or [None] * len(self.producers)
         self.in_flight = 0
         self.last_activity = time.monotonic()
         self.transaction_failed = False
@@ -118,14 +120,14 @@ class Settlement:
             observer.on_consumed(name, "success", ok)
         if out.failures:
             observer.on_consumed(name, "fail", len(out.failures))
-        timed = out.timed
-        if timed:
-            observer.on_process_time(name, "component", out.component, timed)
-            observer.on_process_time(name, "cycle", out.construct + out.component + out.deconstruct, timed)
-            if out.construct:
-                observer.on_data_model_time("construct", out.construct, timed)
-            if out.deconstruct:
-                observer.on_data_model_time("deconstruct", out.deconstruct, timed)
+        if out.stamps:
+            timed, construct, component, deconstruct = out.step_totals()
+            observer.on_process_time(name, "component", component, timed)
+            observer.on_process_time(name, "cycle", construct + component + deconstruct, timed)
+            if construct:
+                observer.on_data_model_time("construct", construct, timed)
+            if deconstruct:
+                observer.on_data_model_time("deconstruct", deconstruct, timed)
 
     def stage(self) -> None:
         """From now on outcomes wait (a transaction closed: what is handled meanwhile belongs to the next one)."""
@@ -166,7 +168,7 @@ class Settlement:
 
     def _produce(self, slot: int, messages: list[OutgoingMessage], *, first: bool) -> None:
         if first:  # a record produced again is counted once, when first handed over (even if that call raised)
-            self._count_produced(messages)
+            self._count_produced(slot, messages)
             if self.tracing is not None:
                 self.tracing.sent(messages)
         try:
@@ -174,9 +176,13 @@ class Settlement:
         except Exception as exc:  # the producer refused the whole call: every record failed
             self.handle_reports(slot, (), [(m, exc) for m in messages])
 
-    def _count_produced(self, messages: list[OutgoingMessage]) -> None:
+    def _count_produced(self, slot: int, messages: list[OutgoingMessage]) -> None:
         self.report.produced += len(messages)
         if self.timed:
+            topic = self._slot_topics[slot]
+            if topic is not None:
+                self.observer.on_produced(self.app_name, self.source, topic, len(messages))
+                return
             counts: dict[str, int] = {}
             for m in messages:
                 counts[m.topic] = counts.get(m.topic, 0) + 1

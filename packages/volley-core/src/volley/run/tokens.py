@@ -9,6 +9,8 @@ an aborted transaction), whose late reports are ignored.
 
 from __future__ import annotations
 
+from operator import sub
+
 from volley.errors import MessageError
 from volley.message import Envelope, OutgoingMessage
 
@@ -61,8 +63,8 @@ class Outcome:
     outcome of work it gave up (still running when it aborted) then settles nothing.
     """
 
-    __slots__ = ("abandoned", "acks", "component", "construct", "deconstruct", "failures", "generation", "handled",
-                 "nacks", "outs", "retries", "slow_calls", "slowest", "timed")
+    __slots__ = ("abandoned", "acks", "failures", "generation", "handled", "nacks", "outs", "retries", "slow_calls",
+                 "slowest", "stamps")
 
     def __init__(self, slots: int, handled: int = 0, generation: int = 0) -> None:
         self.handled = handled
@@ -75,12 +77,19 @@ class Outcome:
         self.failures: list[tuple[Token, str, BaseException]] = []
         self.outs: list[list[OutgoingMessage]] = [[] for _ in range(slots)]
         self.retries = 0
-        # Only when an observer is installed: how many messages were timed, and their seconds in total per step
-        # (decoding, the handler call, interpreting the result); a message's cycle is the three together.
-        self.timed = 0
-        self.construct = 0.0
-        self.component = 0.0
-        self.deconstruct = 0.0
+        # Only when an observer is installed: four clock readings per timed message, appended as they are taken
+        # (started, decoded, called, interpreted); settlement adds the steps up per outcome (``step_totals``).
+        # Appending four floats is the cheapest exact record on the per-message path: three subtractions and four
+        # running totals per message cost it about twice as many bytecodes.
+        self.stamps: list[float] = []
+
+    def step_totals(self) -> tuple[int, float, float, float]:
+        """How many messages were timed, and their seconds in total per step: construct (decoding), component
+        (the handler call), deconstruct (interpreting the result); a message's cycle is the three together."""
+        stamps = self.stamps
+        started, decoded, called, done = stamps[0::4], stamps[1::4], stamps[2::4], stamps[3::4]
+        return (len(done), sum(map(sub, decoded, started)), sum(map(sub, called, decoded)),
+                sum(map(sub, done, called)))
 
     def failure(self, token: Token, stage: str, exc: BaseException) -> None:
         self.failures.append((token, stage, exc))
