@@ -382,6 +382,27 @@ def test_unknown_output_queue_is_reported_with_the_known_ones() -> None:
         dead.headers["volley-error-reason"]
 
 
+@pytest.mark.parametrize("name", [["out"], {"queue": "out"}], ids=["list", "dict"])
+def test_an_unhashable_queue_name_in_a_single_output_goes_to_the_dlq_and_the_run_goes_on(name: Any) -> None:
+    """Found in review: the one-output fast path looked the name up outside its try, so an unhashable name (a
+    list, a dict) raised TypeError out of interpreting and ended the run, where any other bad output goes to the
+    dead-letter queue at stage ``output``."""
+    engine = make_engine(MemoryBroker())
+
+    @engine.stream_app
+    def odd(item: Item) -> list[tuple[Any, Doubled]]:
+        return [(name, Doubled(item.n))] if item.n == 1 else [("out", Doubled(item.n))]
+
+    h = harness(odd)
+    for n in range(3):
+        h.send(Item(n))
+    result = h.run()
+    [dead] = result.dead_letters
+    assert dead.headers is not None and dead.headers["volley-error-stage"] == b"output"
+    assert dead.headers["volley-error-type"] == b"TypeError"
+    assert len(result.outputs("out")) == 2
+
+
 def test_a_bad_second_output_sends_nothing() -> None:
     engine = make_engine(MemoryBroker())
 

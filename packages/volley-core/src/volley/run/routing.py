@@ -41,7 +41,10 @@ class Router:
                     # The common case, one (queue, message) output, without the general path's checks.
                     item = result[0]
                     if type(item) is tuple and len(item) == 2:
-                        bound = single(item[0])
+                        try:
+                            bound = single(item[0])
+                        except TypeError:  # an unhashable name: the general path makes it a failure at output
+                            bound = None
                         if bound is not None:
                             encode, topic, slot = bound
                             try:

@@ -57,8 +57,8 @@ FAILED = Failed()
 class Outcome:
     """What handling some messages produced, applied by settlement on the event loop.
 
-    ``handled`` counts the inputs it covers (for the consumed metric); the timing totals are kept only when
-    an observer is installed; ``slowest`` and ``slow_calls`` serve the sync executor's calibration.
+    ``handled`` counts the inputs it covers (for the consumed metric); clock readings (``stamps``) are kept
+    only when an observer is installed; ``slowest`` and ``slow_calls`` serve the sync executor's calibration.
     ``generation`` is settlement's when the work began: an aborted transaction moves settlement's on, and an
     outcome of work it gave up (still running when it aborted) then settles nothing.
     """
