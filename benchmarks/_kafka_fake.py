@@ -13,9 +13,10 @@ Not a test double for correctness: rebalances, errors and back-pressure are not 
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 import confluent_kafka
@@ -26,6 +27,7 @@ COMMITTED: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)  # group ->
 PRODUCED: dict[str, int] = defaultdict(int)  # topic -> records reported delivered
 TOPICS: dict[str, list[Message]] = {}  # topic -> its records, in the order the consumer hands them out
 ENDS: dict[str, list[int]] = {}  # topic -> end offset of each partition
+_COUNTING = threading.Lock()  # PRODUCED is updated by whichever thread polls
 
 
 class FakeConsumer:
@@ -109,10 +111,15 @@ class FakeConsumer:
 
 
 class FakeProducer:
-    """Takes records; its next ``poll`` reports every one delivered (waiting about 2 ms when none is pending)."""
+    """Takes records; its next ``poll`` reports every one delivered (waiting about 2 ms when none is pending).
+
+    Thread-safe like librdkafka: the event loop produces and polls while a poller thread may poll too. The
+    pending records are a deque (``append`` and ``popleft`` are atomic), and ``PRODUCED`` is updated under a
+    lock once per poll, so that no record is reported twice, lost, or left uncounted.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self._pending: list[tuple[str, Any]] = []
+        self._pending: deque[tuple[str, Any]] = deque()
 
     def produce(self, topic: str, value: Any = None, key: Any = None, partition: int = -1, on_delivery: Any = None,
                 timestamp: int = 0, headers: Any = None, callback: Any = None) -> None:
@@ -124,12 +131,25 @@ class FakeProducer:
             if timeout and timeout > 0:
                 time.sleep(min(timeout, 0.002))
             return 0
-        self._pending = []
-        for topic, report in pending:
-            PRODUCED[topic] += 1
+        taken: list[tuple[str, Any]] = []
+        take = pending.popleft
+        left = len(pending)  # what is there now: records produced meanwhile wait for the next poll
+        while left:
+            try:
+                taken.append(take())
+            except IndexError:  # another thread's poll took the rest meanwhile
+                break
+            left -= 1
+        counts: dict[str, int] = defaultdict(int)
+        for topic, _ in taken:
+            counts[topic] += 1
+        with _COUNTING:  # counted before they are reported: a program that saw its last report finds them all
+            for topic, count in counts.items():
+                PRODUCED[topic] += count
+        for _, report in taken:
             if report is not None:
                 report(None, None)
-        return len(pending)
+        return len(taken)
 
     def flush(self, timeout: float = -1) -> int:
         while self._pending:
