@@ -115,7 +115,7 @@ class FakeProducer:
 
     Thread-safe like librdkafka: the event loop produces and polls while a poller thread may poll too. The
     pending records are a deque (``append`` and ``popleft`` are atomic), and ``PRODUCED`` is updated under a
-    lock once per poll, so that no record is reported twice, lost, or left uncounted.
+    lock, so that no record is reported twice, lost, or left uncounted.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -140,12 +140,9 @@ class FakeProducer:
             except IndexError:  # another thread's poll took the rest meanwhile
                 break
             left -= 1
-        counts: dict[str, int] = defaultdict(int)
-        for topic, _ in taken:
-            counts[topic] += 1
         with _COUNTING:  # counted before they are reported: a program that saw its last report finds them all
-            for topic, count in counts.items():
-                PRODUCED[topic] += count
+            for topic, _ in taken:
+                PRODUCED[topic] += 1
         for _, report in taken:
             if report is not None:
                 report(None, None)

@@ -39,7 +39,7 @@ class Settlement:
                  dlq: tuple[ResolvedQueue, int] | None, acker: Acker, observer: Observer, timed: bool,
                  max_retries: int, backoff: Callable[[int], float], on_failure: str, transactional: bool,
                  stop: StopSignal, request_stop: Callable[[BaseException], None],
-                 tracing: Tracing | None = None, slot_topics: Sequence[str | None] = ()) -> None:
+                 slot_topics: Sequence[str | None], tracing: Tracing | None = None) -> None:
         self.app_name = app_name
         self.source = source
         self.producers = list(producers)
@@ -56,7 +56,7 @@ class Settlement:
         self.request_stop = request_stop
         self.tracing = tracing
         # Per producer slot, its one topic (None: several share it): the produced metric counts by slot then.
-        self._slot_topics: list[str | None] = list(slot_topics) or [None] * len(self.producers)
+        self._slot_topics = list(slot_topics)
         self.in_flight = 0
         self.last_activity = time.monotonic()
         self.transaction_failed = False
