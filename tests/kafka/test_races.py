@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from kafka_fakes import FakeConsumerBase, FakeMessage, Key, producer_clients
 
+from volley.errors import DeliveryError
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryFailure, PartitionId, QueueSpec
 from volley_kafka import KafkaConnector, KafkaConsumer, TransactionalKafkaConsumer
@@ -46,6 +47,7 @@ class FakeProducer:
         self.transaction_state = "ready"  # ready -> open -> ready (commit or abort); a failed abort stays open
         self.abort_failures = 0  # abort_transaction raises this many times first
         self.flush_error: BaseException | None = None  # flush raises this once
+        self.abort_gate: threading.Event | None = None  # abort_transaction waits for it (a slow coordinator)
 
     def set_room(self, room: int) -> None:
         with self._lock:
@@ -116,6 +118,8 @@ class FakeProducer:
 
     def abort_transaction(self, *_args: Any) -> None:
         self.transaction_calls.append("abort")
+        if self.abort_gate is not None:
+            assert self.abort_gate.wait(30), "the test never opened the abort gate"
         if self.abort_failures > 0:
             self.abort_failures -= 1
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "abort timed out", retriable=True))
@@ -509,6 +513,111 @@ async def test_a_revoke_that_times_out_still_forgets_the_partition_and_its_queue
         let_go.set()
         await consumer.close()
     assert not [c for c in fake.commits[revoked_at:] if c[0] == p0], "nor at close"
+
+
+@pytest.mark.parametrize("stubborn", [False, True], ids=["handler-overruns", "handler-ignores-the-cancel"])
+@pytest.mark.parametrize("lost", [False, True], ids=["revoked", "lost"])
+async def test_a_revoke_past_its_deadline_aborts_the_open_transaction_before_the_partition_goes(
+        fakes: None, monkeypatch: pytest.MonkeyPatch, lost: bool, stubborn: bool) -> None:
+    """Exactly-once: the engine's work overruns the revoke deadline with a transaction open. Its outputs include
+    those of the revoked partition's inputs, whose offsets can no longer be sent with it (the partition is gone
+    when the engine commits). Committing it later would make those outputs visible while the partition's next
+    owner handles the same inputs again (duplicates, seen on a real broker in test_rebalance's zombie test). The
+    transaction is aborted before the partition is released, and the engine's later commit of it is refused
+    (its inputs come again), never sent. A handler that even ignores the cancellation (the fetch thread gives the
+    partition up without waiting for it) cannot get the transaction committed either."""
+    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.3)
+    consumer, fake, client, producer = await transactional(**{"volley.revoke.timeout.seconds": 0.2})
+    p0, p1 = ("in", 0), ("in", 1)
+    fake.add("in", 0, [b"a", b"b"])
+    fake.add("in", 1, [b"c", b"d"])
+    fake.rebalance("assign", [p0, p1])
+    let_go = asyncio.Event()
+    released_calls: list[str] = []
+    kind = "lost" if lost else "revoke"
+    try:
+        got = await take(consumer, 4)
+        await consumer.begin()
+        producer.set_room(10)
+        reports = Reports()
+        client.produce([OutgoingMessage("out", b"out-%d" % i, token=i) for i in range(4)], reports)
+
+        async def overrunning(partitions: Sequence[PartitionId]) -> None:
+            try:
+                await asyncio.sleep(3600)  # the engine's work is not done by the deadline
+            except asyncio.CancelledError:
+                if stubborn:
+                    await let_go.wait()
+                raise
+
+        consumer.set_revoke_handler(overrunning)
+        original = fake.callbacks[kind]
+
+        def gone(client_: Any, partitions: list[TopicPartition]) -> None:
+            original(client_, partitions)
+            released_calls.extend(producer.transaction_calls)  # what had happened when the partition went
+
+        fake.callbacks[kind] = gone
+        fake.rebalance(kind, [p1])
+        for _ in range(3):
+            await consumer.consume(10, 0.05)
+        assert released_calls, "the revoke ran"
+        if not stubborn:
+            assert released_calls[-1] == "abort", \
+                f"the open transaction was not aborted before release: {released_calls}"
+        with pytest.raises(DeliveryError):
+            await consumer.commit(got)  # the engine's barrier, once its work is done
+        assert "commit" not in producer.transaction_calls, \
+            "a transaction with the revoked partition's outputs committed without its offsets"
+        assert producer.transaction_calls[-1] == "abort"
+        await consumer.begin()  # the app goes on with the next transaction
+        again = await take(consumer, 2)
+        assert sorted(e.position for e in again) == [0, 1], "the kept partition's inputs come again"
+        await consumer.commit(again)
+        assert producer.transaction_calls[-1] == "commit"
+    finally:
+        let_go.set()
+        await consumer.close()
+
+
+async def test_the_engines_commit_waits_for_an_abort_the_revoke_began_and_does_not_abort_twice(
+        fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The abort begun at a revoke's deadline outlives the revoke (the fetch thread stops waiting for it). The
+    engine's commit of the doomed transaction, and the next begin, wait for it: a second abort_transaction, or a
+    begin while the first abort runs, would fail in librdkafka (no transaction / one still aborting)."""
+    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.2)
+    consumer, fake, _, producer = await transactional(**{"volley.revoke.timeout.seconds": 0.2})
+    p0, p1 = ("in", 0), ("in", 1)
+    fake.add("in", 0, [b"a"])
+    fake.add("in", 1, [b"b"])
+    fake.rebalance("assign", [p0, p1])
+    gate = producer.abort_gate = threading.Event()
+    try:
+        got = await take(consumer, 2)
+        await consumer.begin()
+
+        async def overrunning(partitions: Sequence[PartitionId]) -> None:
+            await asyncio.sleep(3600)
+
+        consumer.set_revoke_handler(overrunning)
+        fake.rebalance("revoke", [p1])
+        deadline = time.monotonic() + 10
+        while "abort" not in producer.transaction_calls:
+            assert time.monotonic() < deadline, "the revoke did not abort the open transaction"
+            await consumer.consume(10, 0.05)
+        committing = asyncio.ensure_future(consumer.commit(got))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not committing.done(), "the commit did not wait for the abort in progress"
+        gate.set()
+        with pytest.raises(DeliveryError):
+            await asyncio.wait_for(committing, 10)
+        assert producer.transaction_calls.count("abort") == 1, producer.transaction_calls
+        await consumer.begin()
+        assert producer.transaction_calls[-1] == "begin"
+    finally:
+        gate.set()
+        await consumer.close()
 
 
 async def test_a_nack_during_the_revoke_drain_does_not_seek_the_partition_when_it_comes_back(fakes: None) -> None:

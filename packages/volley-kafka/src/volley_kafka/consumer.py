@@ -34,7 +34,10 @@ timers (``_delayed``)
 assignment (``Fetcher.assigned``)       fetch thread        a frozenset the rebalance callbacks replace
                                         (rebalance.py)      whole; each fetch returns it with its records,
                                                             and the loop drops records of partitions not
-                                                            in it (given up: stale)
+                                                            in it (given up: stale); ``Fetcher.releases``
+                                                            counts shrinks, moved first (``release``), so an
+                                                            exactly-once commit that reads the smaller set
+                                                            sees the count moved too
 end offsets for ``lag()``,              fetch thread        replaced whole / a flag; read by the loop
 ``rebalancing``
 ``closing``                             loop                a flag the fetch thread reads

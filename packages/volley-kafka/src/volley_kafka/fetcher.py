@@ -104,6 +104,7 @@ class Fetcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         # written by the fetch thread, read anywhere (replaced whole, never mutated)
         self.assigned: frozenset[TopicPartitionKey] = frozenset()
+        self.releases = 0  # times partitions left ``assigned`` (counted before they leave: see ``release``)
         self.high_watermarks: dict[TopicPartitionKey, int] = {}  # for lag()
         self.rebalancing = False  # a rebalance callback is waiting for the loop: no consumer calls from there
         # written by the loop, read by the fetch thread
@@ -336,6 +337,13 @@ class Fetcher:
         # assignment would stay paused for good. Make its state the wanted one, whichever it is.
         self._pause_dirty = True
 
+    def release(self, keys: set[TopicPartitionKey]) -> None:
+        """The partitions are no longer ours. ``releases`` moves first: a reader on the loop that sees the smaller
+        ``assigned`` also sees the count moved (an exactly-once commit refuses a transaction open across it)."""
+        if keys & self.assigned:
+            self.releases += 1
+            self.assigned = self.assigned - keys
+
     def given_up(self, keys: list[TopicPartitionKey], final: Offsets) -> None:
         """The end of a revoke or loss: no longer ours; commit ``final`` (a revoke's last commit).
 
@@ -344,7 +352,7 @@ class Fetcher:
         incremental rebalance) would skip past the offset committed here.
         """
         gone = set(keys)
-        self.assigned = self.assigned - gone
+        self.release(gone)
         self._drop_requests(gone)
         if final:
             self.commit_sync(final, "on revoke")

@@ -126,7 +126,7 @@ class RebalanceMixin:
             logger.exception("%s: handling the rebalance failed", self._what)
         finally:
             fetcher.rebalancing = False
-            fetcher.assigned = fetcher.assigned - set(keys)
+            fetcher.release(set(keys))
 
     # ================================================================== the loop
 

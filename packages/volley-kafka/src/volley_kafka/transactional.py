@@ -48,6 +48,10 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         self._open = False
         self._idle: asyncio.Event | None = None
         self._acquired = False
+        self._committing = False  # a commit's offsets are computed and it is being sent
+        self._begun_at = 0  # the fetcher's release count when the open transaction began
+        self._doomed = False  # aborted at a revoke's deadline: the engine's commit of it must fail
+        self._revoke_abort: asyncio.Task[None] | None = None  # that abort, until it is done (it outlives the revoke)
 
     @property
     def transactional(self) -> bool:
@@ -77,6 +81,8 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         await super().start()
 
     async def begin(self) -> None:
+        if self._revoke_abort is not None:
+            await self._revoke_aborted()
         if self._open:
             return
         try:
@@ -84,6 +90,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         except KafkaException as exc:
             raise VolleyError(f"{self._what}: cannot begin a transaction: {exc}") from exc
         self._open = True
+        self._begun_at = self._fetcher.releases
         self._client.in_transaction = True
         assert self._idle is not None
         self._idle.clear()
@@ -91,10 +98,21 @@ class TransactionalKafkaConsumer(KafkaConsumer):
     async def commit(self, envelopes: Sequence[Envelope]) -> None:
         """Send the finished inputs' watermarks with the transaction and commit it."""
         assert self._txn_worker is not None
+        # Read before the release count (the fetch thread moves the count first): the partitions these offsets
+        # cover are either still ours, or the count shows that some left.
+        assigned = self._fetcher.assigned
+        if self._doomed or (self._open and self._fetcher.releases != self._begun_at):
+            # Partitions were released while the transaction was open: the outputs of their inputs are in it, but
+            # their offsets can no longer be sent. Committed, those outputs would become visible while the
+            # partitions' new owner handles the same inputs again.
+            logger.warning("%s: partitions were revoked while the transaction was open; aborting it", self._what)
+            await self.abort()
+            raise DeliveryError(f"{self._what}: the transaction was aborted: partitions were revoked before it "
+                                "committed; its inputs will be consumed again")
         if not self._open:
             await self.begin()
         self._finish(envelopes)
-        offsets = self._tracker.committable(self._fetcher.assigned)
+        offsets = self._tracker.committable(assigned)
         producer = self._client.producer
         group_metadata = self._fetcher.client.consumer_group_metadata
         timeout = self._settings.revoke_timeout
@@ -115,9 +133,11 @@ class TransactionalKafkaConsumer(KafkaConsumer):
                     raise
 
         started = time.monotonic()
+        self._committing = True
         try:
             await self._txn_worker.submit(work)
         except KafkaException as exc:
+            self._committing = False
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.fatal():
                 self._errors.fatal = error
@@ -127,6 +147,8 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             await self.abort()
             raise DeliveryError(f"{self._what}: the transaction was aborted: {exc}; its inputs will be consumed "
                                 "again") from exc
+        finally:
+            self._committing = False
         self._tracker.mark_committed(offsets)
         self._closed_transaction()
         if self._observer is not None:
@@ -134,6 +156,19 @@ class TransactionalKafkaConsumer(KafkaConsumer):
 
     async def abort(self) -> None:
         """Abort the open transaction and rewind every partition to its last committed offset."""
+        self._doomed = False
+        try:
+            if self._revoke_abort is not None:
+                await self._revoke_aborted()
+            await self._abort_open(flush=True)
+        finally:
+            targets = {key: state.restart for key, state in self._tracker.partitions.items() if state.restart >= 0}
+            self._rewind(targets)
+            self._closed_transaction()
+
+    async def _abort_open(self, *, flush: bool) -> None:
+        """Abort the open transaction on the broker (nothing to do when none is open); ``flush``: let what was
+        accepted be delivered into it first."""
         assert self._txn_worker is not None
         producer = self._client.producer
         timeout = self._settings.revoke_timeout
@@ -147,10 +182,11 @@ class TransactionalKafkaConsumer(KafkaConsumer):
                 "the record's transaction was aborted before it was sent; its input is consumed again"))
             # Let what was accepted be delivered first (into the doomed transaction): purged records would
             # be reported as failures, and a failure is what an engine retries.
-            try:
-                client.flush_blocking(min(timeout, 10.0))
-            except Exception as exc:  # whatever went wrong, the abort must still happen
-                logger.warning("%s: flushing before the abort: %s; aborting anyway", self._what, exc)
+            if flush:
+                try:
+                    client.flush_blocking(min(timeout, 10.0))
+                except Exception as exc:  # whatever went wrong, the abort must still happen
+                    logger.warning("%s: flushing before the abort: %s; aborting anyway", self._what, exc)
             # librdkafka expects a failed or timed-out abort to be called again; until one succeeds, no
             # transaction can begin.
             for attempt in range(1, ABORT_ATTEMPTS + 1):
@@ -174,10 +210,6 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             if isinstance(error, KafkaError) and error.fatal():
                 self._errors.fatal = error
             logger.error("%s: aborting the transaction failed: %s", self._what, exc)
-        finally:
-            targets = {key: state.restart for key, state in self._tracker.partitions.items() if state.restart >= 0}
-            self._rewind(targets)
-            self._closed_transaction()
 
     def _rewind(self, targets: Mapping[TopicPartitionKey, int]) -> None:
         """Forget everything from each target on, finished or not, and seek there (an aborted transaction)."""
@@ -206,8 +238,39 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             return
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
+            return
         except TimeoutError:
-            logger.warning("%s: the open transaction did not finish before the revoke deadline", self._what)
+            pass
+        if self._revoke_abort is not None:  # an earlier revoke is aborting it already
+            await asyncio.shield(self._revoke_aborted())
+            return
+        if self._committing:  # its offsets were taken while the partitions were ours: it may go on
+            logger.warning("%s: the transaction was still committing at the revoke deadline", self._what)
+            return
+        # Committed after the partitions went, it would carry their inputs' outputs without their offsets (see
+        # commit): abort it now, while they are ours. The engine's commit of it then fails, and its inputs come
+        # again (the rewind happens then, when the engine gives their work up).
+        logger.warning("%s: the open transaction did not finish before the revoke deadline; aborting it, its inputs "
+                       "will be processed again", self._what)
+        self._doomed = True
+        task = self._revoke_abort = asyncio.ensure_future(self._abort_at_revoke())
+        await asyncio.shield(task)  # if the fetch thread stops waiting, the abort still finishes
+
+    async def _abort_at_revoke(self) -> None:
+        try:
+            await self._abort_open(flush=False)
+        except Exception as exc:  # ends in the engine's commit failing, which aborts (and reports) again
+            logger.error("%s: aborting the transaction at the revoke deadline failed: %s", self._what, exc)
+        finally:
+            self._closed_transaction()
+
+    async def _revoke_aborted(self) -> None:
+        """Until the abort at a revoke's deadline is done: nothing else may run a transaction meanwhile."""
+        task = self._revoke_abort
+        if task is not None:
+            await asyncio.wait({task})
+            if self._revoke_abort is task:
+                self._revoke_abort = None
 
     async def _before_close(self) -> None:
         if self._open:
