@@ -606,15 +606,131 @@ async def test_the_engines_commit_waits_for_an_abort_the_revoke_began_and_does_n
             assert time.monotonic() < deadline, "the revoke did not abort the open transaction"
             await consumer.consume(10, 0.05)
         committing = asyncio.ensure_future(consumer.commit(got))
+        beginning = asyncio.ensure_future(consumer.begin())  # librdkafka refuses a begin while aborting
         for _ in range(20):
             await asyncio.sleep(0)
         assert not committing.done(), "the commit did not wait for the abort in progress"
+        assert not beginning.done(), "begin did not wait for the abort in progress"
         gate.set()
         with pytest.raises(DeliveryError):
             await asyncio.wait_for(committing, 10)
+        await asyncio.wait_for(beginning, 10)
+        assert producer.transaction_calls.count("abort") == 1, producer.transaction_calls
+        assert producer.transaction_calls[-1] == "begin"
+    finally:
+        gate.set()
+        await consumer.close()
+
+
+async def until(check: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not reached within {within} s"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("at_deadline", ["committing", "idle"])
+async def test_inputs_of_a_partition_released_after_they_were_fetched_never_commit_in_a_later_transaction(
+        fakes: None, monkeypatch: pytest.MonkeyPatch, at_deadline: str) -> None:
+    """Exactly-once overlap: while one transaction (T1) commits, the next one's inputs (T2) are fetched and handled,
+    their outputs staged until T2 begins, after T1's commit. A revoke whose deadline meets T1 still committing (its
+    offsets cover the partition: it may go on), or no transaction open at all, releases the partition; T2 then
+    begins after the release, with outputs of the released partition's inputs. Its commit must be refused: the
+    partition's new owner handles those inputs again."""
+    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.3)
+    consumer, fake, client, producer = await transactional(**{"volley.revoke.timeout.seconds": 0.2})
+    p0, p1 = ("in", 0), ("in", 1)
+    fake.add("in", 0, [b"a"])
+    fake.add("in", 1, [b"b"])
+    fake.rebalance("assign", [p0, p1])
+    gate = threading.Event()
+    if at_deadline == "committing":
+        commit_transaction = producer.commit_transaction
+
+        def slow_commit(*args: Any) -> None:
+            assert gate.wait(30), "the test never let the commit through"
+            commit_transaction(*args)
+
+        producer.commit_transaction = slow_commit  # type: ignore[method-assign]
+    else:
+        gate.set()
+    try:
+        t1 = await take(consumer, 2)
+        await consumer.begin()
+        fake.add("in", 0, [b"c"])
+        fake.add("in", 1, [b"d"])
+        t2 = await take(consumer, 2)  # the next transaction's inputs: handled meanwhile, outputs staged
+        committing = asyncio.ensure_future(consumer.commit(t1))
+        if at_deadline == "committing":
+            await until(lambda: consumer._committing, "T1 committing")
+        else:
+            await committing
+
+        async def overrunning(partitions: Sequence[PartitionId]) -> None:
+            await asyncio.sleep(3600)
+
+        consumer.set_revoke_handler(overrunning)
+        fake.rebalance("revoke", [p1])
+        deadline = time.monotonic() + 10
+        while p1 in consumer._fetcher.assigned:
+            assert time.monotonic() < deadline, "the partition was not released"
+            await consumer.consume(10, 0.05)
+        gate.set()
+        await asyncio.wait_for(committing, 10)
+        assert producer.transaction_calls.count("commit") == 1, "T1 committed"
+        await consumer.begin()  # the barrier: T2 begins once T1 committed, and its staged outputs go out
+        producer.set_room(10)
+        client.produce([OutgoingMessage("out", b"out-" + e.value, token=i) for i, e in enumerate(t2)], Reports())
+        with pytest.raises(DeliveryError):
+            await consumer.commit(t2)
+        assert producer.transaction_calls.count("commit") == 1, \
+            f"T2, with the released partition's outputs, committed: {producer.transaction_calls}"
+        again = await take(consumer, 1)
+        assert [(e.partition, e.position) for e in again] == [(0, 1)], "the kept partition's T2 input comes again"
+        await consumer.begin()
+        await consumer.commit(again)
+        assert producer.transaction_calls[-1] == "commit", "a transaction of inputs fetched after it commits"
+    finally:
+        gate.set()
+        await consumer.close()
+
+
+async def test_a_revoke_deadline_during_the_engines_abort_neither_aborts_twice_nor_dooms_the_next_transaction(
+        fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine is aborting a transaction (its transaction still open until the broker answers) when a revoke's
+    deadline passes: the revoke must not abort it a second time (librdkafka refuses an abort with none open, and
+    it would be retried for seconds while nothing can begin), nor leave the next transaction doomed."""
+    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.3)
+    consumer, fake, _, producer = await transactional(**{"volley.revoke.timeout.seconds": 0.2})
+    p0, p1 = ("in", 0), ("in", 1)
+    fake.add("in", 0, [b"a"])
+    fake.add("in", 1, [b"b"])
+    fake.rebalance("assign", [p0, p1])
+    gate = producer.abort_gate = threading.Event()
+    try:
+        await take(consumer, 2)
+        await consumer.begin()
+        aborting = asyncio.ensure_future(consumer.abort())  # the barrier's _end: its inputs did not settle
+        await until(lambda: "abort" in producer.transaction_calls, "the engine's abort under way")
+
+        async def overrunning(partitions: Sequence[PartitionId]) -> None:
+            await asyncio.sleep(3600)
+
+        consumer.set_revoke_handler(overrunning)
+        fake.rebalance("revoke", [p1])
+        deadline = time.monotonic() + 10
+        while p1 in consumer._fetcher.assigned:
+            assert time.monotonic() < deadline, "the partition was not released"
+            await consumer.consume(10, 0.05)
+        gate.set()
+        await asyncio.wait_for(aborting, 10)
         assert producer.transaction_calls.count("abort") == 1, producer.transaction_calls
         await consumer.begin()
-        assert producer.transaction_calls[-1] == "begin"
+        again = await take(consumer, 1)
+        assert [(e.partition, e.position) for e in again] == [(0, 0)], "the kept partition's input comes again"
+        await consumer.commit(again)
+        assert producer.transaction_calls[-2:] == [f"offsets:generation-{fake.generation}", "commit"], \
+            producer.transaction_calls
     finally:
         gate.set()
         await consumer.close()

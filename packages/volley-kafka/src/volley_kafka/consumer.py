@@ -35,9 +35,11 @@ assignment (``Fetcher.assigned``)       fetch thread        a frozenset the reba
                                         (rebalance.py)      whole; each fetch returns it with its records,
                                                             and the loop drops records of partitions not
                                                             in it (given up: stale); ``Fetcher.releases``
-                                                            counts shrinks, moved first (``release``), so an
-                                                            exactly-once commit that reads the smaller set
-                                                            sees the count moved too
+                                                            counts shrinks (``released``: what left at each),
+                                                            moved first (``release``), so an exactly-once
+                                                            commit that reads the smaller set sees the count
+                                                            moved; each envelope carries the count of its
+                                                            fetch (``era``)
 end offsets for ``lag()``,              fetch thread        replaced whole / a flag; read by the loop
 ``rebalancing``
 ``closing``                             loop                a flag the fetch thread reads
@@ -196,14 +198,14 @@ class KafkaConsumer(RebalanceMixin):
                 self._hard_paused = True
                 self._want_pauses()
             timeout = 0.0  # only serve the group protocol; the engine resumes us as soon as there is room
-        epoch, assigned, messages = await fetcher.submit(functools.partial(fetcher.fetch, max(1, max_messages),
+        epoch, assigned, era, messages = await fetcher.submit(functools.partial(fetcher.fetch, max(1, max_messages),
                                                                            timeout))
         if not messages:
             return []
         releasing = self._releasing
         if releasing is not None and not releasing.done():
             await self._wait_released(releasing)  # a revoke given up on is still unwinding (rebalance.py)
-        return self._envelopes(messages, epoch, assigned)
+        return self._envelopes(messages, epoch, assigned, era)
 
     def _failed(self, fatal: KafkaError) -> ConsumerFailedError:
         """librdkafka's consumer is dead (it consumes and commits nothing more): the run must end, so that a
@@ -218,7 +220,8 @@ class KafkaConsumer(RebalanceMixin):
             f"any more, so the run stops; restart the process (a supervisor, or volley run --workers, does). "
             f"Messages not committed are delivered again.{hint}")
 
-    def _envelopes(self, messages: list[Any], epoch: int, assigned: frozenset[TopicPartitionKey]) -> list[Envelope]:
+    def _envelopes(self, messages: list[Any], epoch: int, assigned: frozenset[TopicPartitionKey],
+                   era: int) -> list[Envelope]:
         """On the loop: envelopes for the engine, and every offset registered with the tracker.
 
         This is the per-message hot path: the offset bookkeeping of PartitionOffsets.consumed is inlined,
@@ -273,7 +276,7 @@ class KafkaConsumer(RebalanceMixin):
                 run.append(offset)
                 expected = offset + 1
             append(KafkaEnvelope(m.value() or b"", topic, partition, offset,
-                                 attempts.get(offset, 1) if attempts else 1, m))
+                                 attempts.get(offset, 1) if attempts else 1, m, era))
         if run:
             state.register(run)
         return out

@@ -14,9 +14,13 @@ from volley.message import Envelope, Headers
 
 
 class KafkaEnvelope(Envelope):
-    __slots__ = ()
+    """``era``: how many times partitions had been released (``Fetcher.releases``) when the record was fetched; an
+    exactly-once commit refuses inputs whose partition was released since (transactional.py)."""
 
-    def __init__(self, value: bytes, source: str, partition: int, offset: int, attempt: int, record: Any) -> None:
+    __slots__ = ("era",)
+
+    def __init__(self, value: bytes, source: str, partition: int, offset: int, attempt: int, record: Any,
+                 era: int = 0) -> None:
         self.value = value
         self.source = source
         self.partition = partition
@@ -24,6 +28,7 @@ class KafkaEnvelope(Envelope):
         self.attempt = attempt
         self.handle = record
         self.pending = 0
+        self.era = era
 
     @property
     def key(self) -> bytes | None:

@@ -37,8 +37,8 @@ ERROR_LOG_INTERVAL = 30.0
 SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
 
 Offsets = list[tuple[str, int, int]]
-Fetched = tuple[int, frozenset[TopicPartitionKey], list[Any]]
-"""The seek epoch the fetch started in, the assignment when it ended, the records."""
+Fetched = tuple[int, frozenset[TopicPartitionKey], int, list[Any]]
+"""The seek epoch the fetch started in, the assignment when it ended and its release count, the records."""
 CommitSettled = Callable[[KafkaError | None, Offsets, float | None], None]
 
 
@@ -105,6 +105,7 @@ class Fetcher:
         # written by the fetch thread, read anywhere (replaced whole, never mutated)
         self.assigned: frozenset[TopicPartitionKey] = frozenset()
         self.releases = 0  # times partitions left ``assigned`` (counted before they leave: see ``release``)
+        self.released: list[frozenset[TopicPartitionKey]] = []  # [i]: the partitions that left at release i + 1
         self.high_watermarks: dict[TopicPartitionKey, int] = {}  # for lag()
         self.rebalancing = False  # a rebalance callback is waiting for the loop: no consumer calls from there
         # written by the loop, read by the fetch thread
@@ -235,7 +236,7 @@ class Fetcher:
             self._refresh_watermarks()
         # Records of partitions given up during this or an earlier call (a rebalance callback ran inside it;
         # librdkafka returns what it had collected before) are dropped by the loop against this assignment.
-        return epoch, self.assigned, messages
+        return epoch, self.assigned, self.releases, messages
 
     def _refresh_watermarks(self) -> None:
         """librdkafka's cached end offsets of the assigned partitions, for lag()."""
@@ -341,6 +342,7 @@ class Fetcher:
         """The partitions are no longer ours. ``releases`` moves first: a reader on the loop that sees the smaller
         ``assigned`` also sees the count moved (an exactly-once commit refuses a transaction open across it)."""
         if keys & self.assigned:
+            self.released.append(frozenset(keys))  # before the count: a reader of the count finds its entry
             self.releases += 1
             self.assigned = self.assigned - keys
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import time
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
@@ -20,12 +22,14 @@ from volley.errors import ConfigurationError, DeliveryError, VolleyError
 from volley.message import Envelope
 from volley.ports import QueueSpec
 from volley_kafka.consumer import KafkaConsumer
+from volley_kafka.envelope import KafkaEnvelope
 from volley_kafka.offsets import TopicPartitionKey
 from volley_kafka.producer import ProducerClient, TransactionAbortedError
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
 
 logger = logging.getLogger("volley_kafka")
+_ERA = operator.attrgetter("era")  # KafkaEnvelope.era
 
 ABORT_ATTEMPTS = 10
 """How many times an exactly-once abort is tried before the app gives up (the next begin then stops it)."""
@@ -49,7 +53,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         self._idle: asyncio.Event | None = None
         self._acquired = False
         self._committing = False  # a commit's offsets are computed and it is being sent
-        self._begun_at = 0  # the fetcher's release count when the open transaction began
+        self._aborting = False  # an abort() is in progress
         self._doomed = False  # aborted at a revoke's deadline: the engine's commit of it must fail
         self._revoke_abort: asyncio.Task[None] | None = None  # that abort, until it is done (it outlives the revoke)
 
@@ -90,7 +94,6 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         except KafkaException as exc:
             raise VolleyError(f"{self._what}: cannot begin a transaction: {exc}") from exc
         self._open = True
-        self._begun_at = self._fetcher.releases
         self._client.in_transaction = True
         assert self._idle is not None
         self._idle.clear()
@@ -101,11 +104,12 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         # Read before the release count (the fetch thread moves the count first): the partitions these offsets
         # cover are either still ours, or the count shows that some left.
         assigned = self._fetcher.assigned
-        if self._doomed or (self._open and self._fetcher.releases != self._begun_at):
-            # Partitions were released while the transaction was open: the outputs of their inputs are in it, but
+        if self._doomed or self._released_since_fetched(envelopes):
+            # Inputs of partitions released since they were fetched: their outputs are in the transaction (this
+            # one, or the one begun after the release with what was handled while the last one committed), but
             # their offsets can no longer be sent. Committed, those outputs would become visible while the
             # partitions' new owner handles the same inputs again.
-            logger.warning("%s: partitions were revoked while the transaction was open; aborting it", self._what)
+            logger.warning("%s: partitions were revoked before the transaction committed; aborting it", self._what)
             await self.abort()
             raise DeliveryError(f"{self._what}: the transaction was aborted: partitions were revoked before it "
                                 "committed; its inputs will be consumed again")
@@ -154,14 +158,39 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         if self._observer is not None:
             self._observer.on_commit(self._app_name, time.monotonic() - started)
 
+    def _released_since_fetched(self, envelopes: Sequence[Envelope]) -> bool:
+        """Whether the partition of any of these inputs was released after the input was fetched."""
+        fetcher = self._fetcher
+        current = fetcher.releases
+        if not envelopes or not current:
+            return False
+        inputs = cast("Sequence[KafkaEnvelope]", envelopes)
+        if min(map(_ERA, inputs)) == current:  # the common case: no release since the oldest was fetched
+            return False
+        released = fetcher.released
+        gone_since: dict[int, frozenset[TopicPartitionKey]] = {}
+        for e in inputs:
+            era = e.era
+            if era == current:
+                continue
+            gone = gone_since.get(era)
+            if gone is None:
+                gone = gone_since[era] = frozenset().union(*released[era:current])
+            if (e.source, e.partition) in gone:
+                return True
+        return False
+
     async def abort(self) -> None:
         """Abort the open transaction and rewind every partition to its last committed offset."""
         self._doomed = False
+        self._aborting = True
         try:
             if self._revoke_abort is not None:
                 await self._revoke_aborted()
             await self._abort_open(flush=True)
         finally:
+            self._aborting = False
+            self._doomed = False  # a revoke's deadline met while it ran: this abort was that one too
             targets = {key: state.restart for key, state in self._tracker.partitions.items() if state.restart >= 0}
             self._rewind(targets)
             self._closed_transaction()
@@ -241,6 +270,8 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             return
         except TimeoutError:
             pass
+        if self._aborting:  # the engine is aborting it already (and gives its work up)
+            return
         if self._revoke_abort is not None:  # an earlier revoke is aborting it already
             await asyncio.shield(self._revoke_aborted())
             return
@@ -259,7 +290,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
     async def _abort_at_revoke(self) -> None:
         try:
             await self._abort_open(flush=False)
-        except Exception as exc:  # ends in the engine's commit failing, which aborts (and reports) again
+        except Exception as exc:  # still doomed: the engine's commit fails; a failed abort stops the next begin
             logger.error("%s: aborting the transaction at the revoke deadline failed: %s", self._what, exc)
         finally:
             self._closed_transaction()
@@ -273,6 +304,9 @@ class TransactionalKafkaConsumer(KafkaConsumer):
                 self._revoke_abort = None
 
     async def _before_close(self) -> None:
+        task = self._revoke_abort
+        if task is not None:  # an abort begun at a revoke's deadline: the producer must outlive it
+            await asyncio.wait({task}, timeout=self._settings.revoke_timeout + ABORT_BACKOFF_MAX)
         if self._open:
             logger.info("%s: aborting the unfinished transaction at close", self._what)
             await self.abort()
