@@ -580,31 +580,46 @@ async def test_a_revoke_past_its_deadline_aborts_the_open_transaction_before_the
         await consumer.close()
 
 
+Transactional = tuple[TransactionalKafkaConsumer, FakeConsumer, ProducerClient, FakeProducer]
+
+
+async def eos_on_two_partitions(monkeypatch: pytest.MonkeyPatch) -> Transactional:
+    """An exactly-once consumer with a short revoke deadline, assigned in[0] (record a) and in[1] (record b)."""
+    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.3)
+    consumer, fake, client, producer = await transactional(**{"volley.revoke.timeout.seconds": 0.2})
+    fake.add("in", 0, [b"a"])
+    fake.add("in", 1, [b"b"])
+    fake.rebalance("assign", [("in", 0), ("in", 1)])
+    return consumer, fake, client, producer
+
+
+async def revoke_overrunning(consumer: KafkaConsumer, fake: FakeConsumer, key: Key) -> None:
+    """Revoke ``key`` while the engine's work overruns the revoke deadline; until the partition is released."""
+
+    async def overrunning(partitions: Sequence[PartitionId]) -> None:
+        await asyncio.sleep(3600)
+
+    consumer.set_revoke_handler(overrunning)
+    fake.rebalance("revoke", [key])
+    deadline = time.monotonic() + 10
+    while key in consumer._fetcher.assigned:
+        assert time.monotonic() < deadline, "the partition was not released"
+        await consumer.consume(10, 0.05)
+
+
 async def test_the_engines_commit_waits_for_an_abort_the_revoke_began_and_does_not_abort_twice(
         fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The abort begun at a revoke's deadline outlives the revoke (the fetch thread stops waiting for it). The
     engine's commit of the doomed transaction, and the next begin, wait for it: a second abort_transaction, or a
     begin while the first abort runs, would fail in librdkafka (no transaction / one still aborting)."""
-    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.2)
-    consumer, fake, _, producer = await transactional(**{"volley.revoke.timeout.seconds": 0.2})
-    p0, p1 = ("in", 0), ("in", 1)
-    fake.add("in", 0, [b"a"])
-    fake.add("in", 1, [b"b"])
-    fake.rebalance("assign", [p0, p1])
+    consumer, fake, _, producer = await eos_on_two_partitions(monkeypatch)
+    p1 = ("in", 1)
     gate = producer.abort_gate = threading.Event()
     try:
         got = await take(consumer, 2)
         await consumer.begin()
-
-        async def overrunning(partitions: Sequence[PartitionId]) -> None:
-            await asyncio.sleep(3600)
-
-        consumer.set_revoke_handler(overrunning)
-        fake.rebalance("revoke", [p1])
-        deadline = time.monotonic() + 10
-        while "abort" not in producer.transaction_calls:
-            assert time.monotonic() < deadline, "the revoke did not abort the open transaction"
-            await consumer.consume(10, 0.05)
+        await revoke_overrunning(consumer, fake, p1)  # its abort waits at the gate, and outlives the revoke
+        assert "abort" in producer.transaction_calls, "the revoke did not abort the open transaction"
         committing = asyncio.ensure_future(consumer.commit(got))
         beginning = asyncio.ensure_future(consumer.begin())  # librdkafka refuses a begin while aborting
         for _ in range(20):
@@ -637,12 +652,8 @@ async def test_inputs_of_a_partition_released_after_they_were_fetched_never_comm
     offsets cover the partition: it may go on), or no transaction open at all, releases the partition; T2 then
     begins after the release, with outputs of the released partition's inputs. Its commit must be refused: the
     partition's new owner handles those inputs again."""
-    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.3)
-    consumer, fake, client, producer = await transactional(**{"volley.revoke.timeout.seconds": 0.2})
-    p0, p1 = ("in", 0), ("in", 1)
-    fake.add("in", 0, [b"a"])
-    fake.add("in", 1, [b"b"])
-    fake.rebalance("assign", [p0, p1])
+    consumer, fake, client, producer = await eos_on_two_partitions(monkeypatch)
+    p1 = ("in", 1)
     gate = threading.Event()
     if at_deadline == "committing":
         commit_transaction = producer.commit_transaction
@@ -665,16 +676,7 @@ async def test_inputs_of_a_partition_released_after_they_were_fetched_never_comm
             await until(lambda: consumer._committing, "T1 committing")
         else:
             await committing
-
-        async def overrunning(partitions: Sequence[PartitionId]) -> None:
-            await asyncio.sleep(3600)
-
-        consumer.set_revoke_handler(overrunning)
-        fake.rebalance("revoke", [p1])
-        deadline = time.monotonic() + 10
-        while p1 in consumer._fetcher.assigned:
-            assert time.monotonic() < deadline, "the partition was not released"
-            await consumer.consume(10, 0.05)
+        await revoke_overrunning(consumer, fake, p1)
         gate.set()
         await asyncio.wait_for(committing, 10)
         assert producer.transaction_calls.count("commit") == 1, "T1 committed"
@@ -700,28 +702,15 @@ async def test_a_revoke_deadline_during_the_engines_abort_neither_aborts_twice_n
     """The engine is aborting a transaction (its transaction still open until the broker answers) when a revoke's
     deadline passes: the revoke must not abort it a second time (librdkafka refuses an abort with none open, and
     it would be retried for seconds while nothing can begin), nor leave the next transaction doomed."""
-    monkeypatch.setattr(rebalance_module, "REVOKE_GRACE", 0.3)
-    consumer, fake, _, producer = await transactional(**{"volley.revoke.timeout.seconds": 0.2})
-    p0, p1 = ("in", 0), ("in", 1)
-    fake.add("in", 0, [b"a"])
-    fake.add("in", 1, [b"b"])
-    fake.rebalance("assign", [p0, p1])
+    consumer, fake, _, producer = await eos_on_two_partitions(monkeypatch)
+    p1 = ("in", 1)
     gate = producer.abort_gate = threading.Event()
     try:
         await take(consumer, 2)
         await consumer.begin()
         aborting = asyncio.ensure_future(consumer.abort())  # the barrier's _end: its inputs did not settle
         await until(lambda: "abort" in producer.transaction_calls, "the engine's abort under way")
-
-        async def overrunning(partitions: Sequence[PartitionId]) -> None:
-            await asyncio.sleep(3600)
-
-        consumer.set_revoke_handler(overrunning)
-        fake.rebalance("revoke", [p1])
-        deadline = time.monotonic() + 10
-        while p1 in consumer._fetcher.assigned:
-            assert time.monotonic() < deadline, "the partition was not released"
-            await consumer.consume(10, 0.05)
+        await revoke_overrunning(consumer, fake, p1)
         gate.set()
         await asyncio.wait_for(aborting, 10)
         assert producer.transaction_calls.count("abort") == 1, producer.transaction_calls
