@@ -66,7 +66,7 @@ class Connector(MemoryConnector):
 
 
 def make_engine(broker: MemoryBroker, connector: Connector, *, profile: str = "memory", ordering: str = "partition",
-                **settings: Any) -> Engine:
+                batch_size: int | None = None, **settings: Any) -> Engine:
     registry = build_registry()
     registry.entries["observer"] = {}
     queues = {"in": {"value": "in", "profile": profile, "data_model": Item, "consumer": connector,
@@ -74,6 +74,8 @@ def make_engine(broker: MemoryBroker, connector: Connector, *, profile: str = "m
               "out": {"value": "out", "profile": "memory", "data_model": Item, "producer": connector,
                       "config": {"broker": broker}},
               "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}}}
+    if batch_size:  # a batch handler
+        queues["in"]["batch_size"] = batch_size
     options: dict[str, Any] = {"metrics_port": None, "poll_interval_seconds": 0.02, "retry_backoff_seconds": 0.0,
                                "shutdown_timeout_seconds": 1.0, "registry": registry}
     options.update(settings)

@@ -18,7 +18,7 @@ import pytest
 from engine_fakes import Connector, Item, TxConsumer, make_engine, outputs, publish
 
 from volley import MemoryBroker
-from volley.errors import DeliveryError, VolleyError
+from volley.errors import DeliveryError, TransactionAbortedError, VolleyError
 from volley.memory import MemoryProducer
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryCallback
@@ -326,3 +326,104 @@ def test_an_async_handler_that_outlives_the_abort_settles_nothing_of_the_aborted
     assert sent_after == list(range(10)), f"each input's output sent once after the abort: {log}"
     assert broker.acked("in") == 10 and report.acked == 10, report
     assert report.settled == report.consumed, report
+
+
+class AbortedFirstRecord(MemoryProducer):
+    """Reports its first record unsent because its transaction is over (as Kafka's producer does for the records
+    an abort purged), and sends every other one."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        self.refused = False
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        if not self.refused and messages:
+            self.refused = True
+            on_delivery((), [(messages[0], TransactionAbortedError("its transaction is over"))])
+            messages = messages[1:]
+        if messages:
+            super().produce(messages, on_delivery)
+
+
+class GiveBackLog(TxConsumer):
+    """Notes what the engine gives back (nack); an abort's own rewind is not a give-back."""
+
+    def __init__(self, broker: MemoryBroker, queue: str, log: list[Any]) -> None:
+        super().__init__(broker, queue, log)
+        self.given_back: list[Envelope] = []
+
+    async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
+        self.given_back.extend(envelopes)
+        await super().nack(envelopes, delay)
+
+
+def test_a_record_unsent_because_its_transaction_is_over_aborts_it_without_giving_its_input_back() -> None:
+    """Not the record's fault: the abort rewinds its input to the last commit. Given back as a failure, the input
+    would count a delivery against max_deliveries (repeated aborts would dead-letter healthy messages) and pause
+    its partition for the redelivery delay."""
+    log: list[Any] = []
+    consumers: list[GiveBackLog] = []
+
+    def make(broker: MemoryBroker, queue: str) -> GiveBackLog:
+        consumers.append(GiveBackLog(broker, queue, log))
+        return consumers[-1]
+
+    broker = MemoryBroker()
+    publish(broker, 10)
+    engine = make_engine(broker, Connector(broker, make, AbortedFirstRecord), consume_batch_size=5,
+                         transaction_max_messages=5, transaction_interval_seconds=30.0, shutdown_timeout_seconds=2.0)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.2)
+    assert "abort" in log, log
+    assert consumers[0].given_back == [], "the input was given back as a failure"
+    assert report.failed == 0 and not report.errors, report
+    assert report.acked == 10 and broker.acked("in") == 10, report
+    assert set(outputs(broker)) == set(range(10))
+
+
+class FailsFirstBatchLate(MemoryProducer):
+    """Reports every record of its first call failed, a second later; sends every later one."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        self.refused = False
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        if not self.refused:
+            self.refused = True
+            failures = [(m, DeliveryError("the broker lost it")) for m in messages]
+            asyncio.get_running_loop().call_later(1.0, on_delivery, (), failures)
+            return
+        super().produce(messages, on_delivery)
+
+
+def test_a_failure_reported_after_its_batch_handlers_transaction_aborted_changes_nothing() -> None:
+    """A batch handler's outputs belong to its group of inputs. Their transaction aborts (unsettled at its deadline),
+    which gives up every input; the failure reports that come after must neither give the inputs back a second
+    time (counted failed, nacked) nor fail the next transaction."""
+    log: list[Any] = []
+    consumers: list[GiveBackLog] = []
+
+    def make(broker: MemoryBroker, queue: str) -> GiveBackLog:
+        consumers.append(GiveBackLog(broker, queue, log))
+        return consumers[-1]
+
+    broker = MemoryBroker()
+    publish(broker, 5)
+    engine = make_engine(broker, Connector(broker, make, FailsFirstBatchLate), consume_batch_size=5,
+                         transaction_max_messages=5, transaction_interval_seconds=0.05, shutdown_timeout_seconds=0.5,
+                         batch_size=5)
+
+    @engine.stream_app
+    def handler(items: list[Item]) -> list[tuple[str, Item]]:
+        return [("out", item) for item in items]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=1.5)
+    assert log.count("abort") == 1, log
+    assert consumers[0].given_back == [], "the late failures gave the inputs back again"
+    assert report.failed == 0, report
+    assert report.acked == 5 and broker.acked("in") == 5, report

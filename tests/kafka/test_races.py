@@ -26,6 +26,7 @@ from volley.ports import DeliveryFailure, PartitionId, QueueSpec
 from volley_kafka import KafkaConnector, KafkaConsumer, TransactionalKafkaConsumer
 from volley_kafka import consumer as consumer_module
 from volley_kafka import rebalance as rebalance_module
+from volley_kafka import transactional as transactional_module
 from volley_kafka.producer import ProducerClient, TransactionAbortedError
 
 RENDEZVOUS = 1.0
@@ -723,6 +724,62 @@ async def test_a_revoke_deadline_during_the_engines_abort_neither_aborts_twice_n
     finally:
         gate.set()
         await consumer.close()
+
+
+async def test_a_commit_between_the_loop_forgetting_a_partition_and_the_fetch_thread_releasing_it_is_refused(
+        fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop half of a revoke has forgotten in[1] (its offsets) and returned; the fetch thread has not counted
+    the release yet. A commit in that window must not send in[0]'s offset alone with in[1]'s outputs."""
+    consumer, fake, client, producer = await eos_on_two_partitions(monkeypatch)
+    p1 = ("in", 1)
+    fetcher = consumer._fetcher
+    release = fetcher.release
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow_release(keys: set[Key]) -> None:
+        if p1 in keys and p1 in fetcher.assigned:
+            entered.set()
+            assert gate.wait(30), "the test never let the release through"
+        release(keys)
+
+    fetcher.release = slow_release  # type: ignore[method-assign]
+    polling = None
+    try:
+        got = await take(consumer, 2)
+        fake.rebalance("revoke", [p1])
+        polling = asyncio.ensure_future(consumer.consume(10, 0.05))
+        await until(entered.is_set, "the fetch thread releasing in[1]")
+        assert p1 not in consumer._tracker.partitions and p1 in fetcher.assigned, "in the window"
+        await consumer.begin()
+        producer.set_room(10)
+        client.produce([OutgoingMessage("out", b"out-" + e.value, token=i) for i, e in enumerate(got)], Reports())
+        with pytest.raises(DeliveryError):
+            await consumer.commit(got)
+        assert "commit" not in producer.transaction_calls, producer.transaction_calls
+    finally:
+        gate.set()
+        if polling is not None:
+            await asyncio.wait({polling}, timeout=5)
+        await consumer.close()
+
+
+async def test_close_waits_a_bounded_time_for_an_abort_begun_at_a_revoke(
+        fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The abort a revoke began hangs (an unreachable coordinator): close waits for it within its bound and goes
+    on, instead of waiting for it again without one."""
+    monkeypatch.setattr(transactional_module, "ABORT_BACKOFF_MAX", 0.3)
+    consumer, fake, _, producer = await eos_on_two_partitions(monkeypatch)
+    gate = producer.abort_gate = threading.Event()
+    try:
+        await take(consumer, 2)
+        await consumer.begin()
+        await revoke_overrunning(consumer, fake, ("in", 1))
+        assert "abort" in producer.transaction_calls and not gate.is_set(), "the revoke's abort hangs"
+        closing = asyncio.ensure_future(consumer.close())
+        done, _ = await asyncio.wait({closing}, timeout=5.0)
+        assert done, "close waited for the revoke's abort past its bound (0.5 s)"
+    finally:
+        gate.set()
 
 
 async def test_a_nack_during_the_revoke_drain_does_not_seek_the_partition_when_it_comes_back(fakes: None) -> None:

@@ -58,6 +58,13 @@ class InvalidRecordError(DeliveryError):
     at stage ``output``, as for any other malformed output."""
 
 
+class TransactionAbortedError(DeliveryError):
+    """A record of an exactly-once app that was not sent because its transaction is over (aborted, or none was
+    open): not the record's fault. The abort rewinds the input to the last commit, where it is consumed again, so
+    the record is not retried and the input is not given back (which would count a delivery against
+    ``max_deliveries``); the engine counts it abandoned and the transaction aborts."""
+
+
 class ConsumerFailedError(VolleyError):
     """An input's client failed for good and can neither consume nor commit any more (librdkafka's fatal errors,
     such as a static group member fenced by another with the same ``group.instance.id``).

@@ -289,8 +289,10 @@ class KafkaConsumer(RebalanceMixin):
         if now >= self._next_commit:
             self._commit_async(now)
 
-    def _finish(self, envelopes: Sequence[Envelope]) -> None:
+    def _finish(self, envelopes: Sequence[Envelope]) -> int:
+        """Mark the inputs finished; returns how many belonged to partitions no longer tracked (released)."""
         partitions = self._tracker.partitions
+        unknown = 0
         last_topic: str | None = None
         last_partition: int | None = -1
         state: Any = None
@@ -304,6 +306,7 @@ class KafkaConsumer(RebalanceMixin):
                 outstanding = None if state is None else state.outstanding
                 in_order = state is not None and not state.done and not state.redeliver and not state.attempts
             if outstanding is None:
+                unknown += 1
                 continue
             position = e.position
             if in_order and outstanding and outstanding[0] == position:
@@ -311,6 +314,7 @@ class KafkaConsumer(RebalanceMixin):
             else:
                 state.finished(position)
                 in_order = not state.done and not state.redeliver and not state.attempts
+        return unknown
 
     async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
         """Give messages back: seek each partition to its earliest nacked offset and hand out only those again.

@@ -40,7 +40,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from volley.errors import ConfigurationError, DeliveryError
+from volley.errors import ConfigurationError, DeliveryError, TransactionAbortedError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 from volley_kafka.clients import USER_CALLBACKS, is_fatal, make_client, with_callbacks
@@ -56,13 +56,6 @@ LOOP_HOLD = 0.02
 """The poller thread leaves delivery reports to the event loop while the loop produced or served one within this
 long; the loop stops polling once this long has passed without either (records stuck: the poller waits for
 them inside librdkafka instead)."""
-
-
-class TransactionAbortedError(DeliveryError):
-    """A record of an exactly-once app that was not sent: its transaction was aborted, or none was open.
-
-    Its input is consumed again from the last committed offset, so the record must not be retried.
-    """
 
 
 class _Bucket:

@@ -14,17 +14,17 @@ import logging
 import operator
 import time
 from collections.abc import Mapping, Sequence
-from typing import cast
+from typing import NoReturn, cast
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from volley.errors import ConfigurationError, DeliveryError, VolleyError
+from volley.errors import ConfigurationError, DeliveryError, TransactionAbortedError, VolleyError
 from volley.message import Envelope
 from volley.ports import QueueSpec
 from volley_kafka.consumer import KafkaConsumer
 from volley_kafka.envelope import KafkaEnvelope
 from volley_kafka.offsets import TopicPartitionKey
-from volley_kafka.producer import ProducerClient, TransactionAbortedError
+from volley_kafka.producer import ProducerClient
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -105,17 +105,11 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         # cover are either still ours, or the count shows that some left.
         assigned = self._fetcher.assigned
         if self._doomed or self._released_since_fetched(envelopes):
-            # Inputs of partitions released since they were fetched: their outputs are in the transaction (this
-            # one, or the one begun after the release with what was handled while the last one committed), but
-            # their offsets can no longer be sent. Committed, those outputs would become visible while the
-            # partitions' new owner handles the same inputs again.
-            logger.warning("%s: partitions were revoked before the transaction committed; aborting it", self._what)
-            await self.abort()
-            raise DeliveryError(f"{self._what}: the transaction was aborted: partitions were revoked before it "
-                                "committed; its inputs will be consumed again")
+            await self._refuse()
         if not self._open:
             await self.begin()
-        self._finish(envelopes)
+        if self._finish(envelopes):  # released, and forgotten by the loop, before the fetch thread counted it
+            await self._refuse()
         offsets = self._tracker.committable(assigned)
         producer = self._client.producer
         group_metadata = self._fetcher.client.consumer_group_metadata
@@ -157,6 +151,16 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         self._closed_transaction()
         if self._observer is not None:
             self._observer.on_commit(self._app_name, time.monotonic() - started)
+
+    async def _refuse(self) -> NoReturn:
+        """Inputs of partitions released since they were fetched: their outputs are in the transaction (this one,
+        or the one begun after the release with what was handled while the last one committed), but their offsets
+        can no longer be sent. Committed, those outputs would become visible while the partitions' new owner
+        handles the same inputs again: abort it instead, and the engine processes its inputs again."""
+        logger.warning("%s: partitions were revoked before the transaction committed; aborting it", self._what)
+        await self.abort()
+        raise DeliveryError(f"{self._what}: the transaction was aborted: partitions were revoked before it "
+                            "committed; its inputs will be consumed again")
 
     def _released_since_fetched(self, envelopes: Sequence[Envelope]) -> bool:
         """Whether the partition of any of these inputs was released after the input was fetched."""
@@ -306,7 +310,10 @@ class TransactionalKafkaConsumer(KafkaConsumer):
     async def _before_close(self) -> None:
         task = self._revoke_abort
         if task is not None:  # an abort begun at a revoke's deadline: the producer must outlive it
-            await asyncio.wait({task}, timeout=self._settings.revoke_timeout + ABORT_BACKOFF_MAX)
+            done, _ = await asyncio.wait({task}, timeout=self._settings.revoke_timeout + ABORT_BACKOFF_MAX)
+            if not done:  # it closes the transaction itself; another abort would only wait for it
+                logger.warning("%s: the abort begun at a revoke is still running at close", self._what)
+                return
         if self._open:
             logger.info("%s: aborting the unfinished transaction at close", self._what)
             await self.abort()

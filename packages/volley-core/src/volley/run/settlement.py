@@ -18,7 +18,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from volley.errors import DeliveryError, HandlerFailedError, InvalidRecordError, MessageError
+from volley.errors import DeliveryError, HandlerFailedError, InvalidRecordError, MessageError, TransactionAbortedError
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, Observer, Producer
 from volley.queues import ResolvedQueue, classify
@@ -26,7 +26,7 @@ from volley.run.acking import Acker
 from volley.run.deadletters import announce, letters
 from volley.run.report import RunReport
 from volley.run.stopping import StopSignal
-from volley.run.tokens import AnyToken, DeadLetter, Outcome, Token, describe, members_of, reason_of
+from volley.run.tokens import AnyToken, DeadLetter, Group, Outcome, Token, describe, members_of, reason_of
 from volley.run.tracing import Tracing
 
 logger = logging.getLogger("volley")
@@ -240,6 +240,15 @@ class Settlement:
         token: AnyToken | None = message.token
         attempts = self._retrying.pop(message, (0, None))[0] + 1
         if token is None or token.pending < 0:
+            return
+        if type(token) is Group and all(m.pending == -1 for m in token.members):
+            return  # given up with its inputs (an aborted transaction marks the inputs, not their groups)
+        if self.transactional and isinstance(exc, TransactionAbortedError):
+            # Its transaction is over, and the abort rewinds the input to the last commit: not the record's fault,
+            # so neither a retry nor a give-back (that would count a delivery against max_deliveries).
+            token.pending = -1
+            self.transaction_failed = True
+            self.abandon(len(members_of(token.failed if type(token) is DeadLetter else token)))
             return
         if isinstance(exc, InvalidRecordError) and type(token) is not DeadLetter:
             token.pending = -1  # the record itself is wrong (a partition the topic lacks): the message's fault
