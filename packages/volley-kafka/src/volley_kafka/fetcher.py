@@ -38,7 +38,7 @@ SILENT_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
 
 Offsets = list[tuple[str, int, int]]
 Fetched = tuple[int, frozenset[TopicPartitionKey], int, list[Any]]
-"""The seek epoch the fetch started in, the assignment when it ended and its release count, the records."""
+"""The seek epoch and the release count the fetch started in, the assignment when it ended, the records."""
 CommitSettled = Callable[[KafkaError | None, Offsets, float | None], None]
 
 
@@ -215,6 +215,7 @@ class Fetcher:
         """What is ready now, else wait for the first message and take what followed it."""
         consumer = self.client
         epoch = self.epoch
+        releases = self.releases  # at the start, like the epoch: a release during this call counts as after it
         self.serve()
         messages: list[Any] = consumer.consume(count, 0)
         if not messages and timeout > 0:
@@ -236,7 +237,7 @@ class Fetcher:
             self._refresh_watermarks()
         # Records of partitions given up during this or an earlier call (a rebalance callback ran inside it;
         # librdkafka returns what it had collected before) are dropped by the loop against this assignment.
-        return epoch, self.assigned, self.releases, messages
+        return epoch, self.assigned, releases, messages
 
     def _refresh_watermarks(self) -> None:
         """librdkafka's cached end offsets of the assigned partitions, for lag()."""
