@@ -340,8 +340,9 @@ class Fetcher:
         self._pause_dirty = True
 
     def release(self, keys: set[TopicPartitionKey]) -> None:
-        """The partitions are no longer ours. ``releases`` moves first: a reader on the loop that sees the smaller
-        ``assigned`` also sees the count moved (an exactly-once commit refuses a transaction open across it)."""
+        """The partitions are no longer ours. ``released`` and ``releases`` move first: a reader on the loop that sees
+        the smaller ``assigned`` also sees the count moved (an exactly-once commit refuses inputs of these
+        partitions fetched before it: transactional.py)."""
         if keys & self.assigned:
             self.released.append(frozenset(keys))  # before the count: a reader of the count finds its entry
             self.releases += 1

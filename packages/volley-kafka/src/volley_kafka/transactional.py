@@ -213,8 +213,8 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             # send them later, into the next transaction.
             client.discard_backlog(TransactionAbortedError(
                 "the record's transaction was aborted before it was sent; its input is consumed again"))
-            # Let what was accepted be delivered first (into the doomed transaction): purged records would
-            # be reported as failures, and a failure is what an engine retries.
+            # Let what was accepted be delivered first (into the doomed transaction), so that its reports come
+            # in now rather than as purges; at a revoke's deadline there is no time for that.
             if flush:
                 try:
                     client.flush_blocking(min(timeout, 10.0))
