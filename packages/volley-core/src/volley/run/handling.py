@@ -148,11 +148,12 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
     call, wants_context = app.call, app.wants_context
     perf = time.perf_counter
 
-    def handle(token: Token, out: Outcome, wait: bool = True, message: Any = UNDECODED) -> Moved | None:
+    def handle(token: Token, out: Outcome, wait: bool = True, message: Any = UNDECODED,
+               t0: float = 0.0) -> Moved | None:
         """Decode (unless ``message`` is given: a batch's group), call the sync handler (with retries), interpret
         the result into ``out``. ``Moved``: a call failed, a retry is due and ``wait`` is false; the caller goes
-        on where waiting is allowed (``resume``)."""
-        if timed:
+        on where waiting is allowed (``resume``). ``t0``: the clock read just now by the caller, if it did."""
+        if timed and not t0:
             t0 = perf()
         if message is UNDECODED:
             message = decode(token, out)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 
 from volley.message import Envelope
-from volley.run.handling import Handling, Moved
+from volley.run.handling import UNDECODED, Handling, Moved
 from volley.run.preemption import RunQueueWait
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
@@ -136,7 +136,7 @@ class SyncExecutor:
                 if revoked and is_revoked(batch[index], revoked):
                     out.abandoned += 1
                     continue
-                moved = handle(batch[index], out, False)
+                moved = handle(batch[index], out, False, UNDECODED, now)
                 if moved is not None:
                     self._go_threaded(f"the handler raised {type(moved.error).__name__}")
                     out.handled = index - start
