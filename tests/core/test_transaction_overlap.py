@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from engine_fakes import Connector, Item, TxConsumer, make_engine, outputs, publish
 
-from volley import MemoryBroker
+from volley import Engine, MemoryBroker
 from volley.errors import DeliveryError, TransactionAbortedError, VolleyError
 from volley.memory import MemoryProducer
 from volley.message import Envelope, OutgoingMessage
@@ -357,10 +357,10 @@ class GiveBackLog(TxConsumer):
         await super().nack(envelopes, delay)
 
 
-def test_a_record_unsent_because_its_transaction_is_over_aborts_it_without_giving_its_input_back() -> None:
-    """Not the record's fault: the abort rewinds its input to the last commit. Given back as a failure, the input
-    would count a delivery against max_deliveries (repeated aborts would dead-letter healthy messages) and pause
-    its partition for the redelivery delay."""
+def logging_give_backs(producer: Any, count: int,
+                       **settings: Any) -> tuple[list[Any], list[GiveBackLog], MemoryBroker, Engine]:
+    """An exactly-once engine (transactions of five inputs) over ``count`` published inputs, whose consumer notes
+    what the engine gives back, and whose outputs go to ``producer(broker)``."""
     log: list[Any] = []
     consumers: list[GiveBackLog] = []
 
@@ -369,9 +369,18 @@ def test_a_record_unsent_because_its_transaction_is_over_aborts_it_without_givin
         return consumers[-1]
 
     broker = MemoryBroker()
-    publish(broker, 10)
-    engine = make_engine(broker, Connector(broker, make, AbortedFirstRecord), consume_batch_size=5,
-                         transaction_max_messages=5, transaction_interval_seconds=30.0, shutdown_timeout_seconds=2.0)
+    publish(broker, count)
+    engine = make_engine(broker, Connector(broker, make, producer), consume_batch_size=5, transaction_max_messages=5,
+                         **settings)
+    return log, consumers, broker, engine
+
+
+def test_a_record_unsent_because_its_transaction_is_over_aborts_it_without_giving_its_input_back() -> None:
+    """Not the record's fault: the abort rewinds its input to the last commit. Given back as a failure, the input
+    would count a delivery against max_deliveries (repeated aborts would dead-letter healthy messages) and pause
+    its partition for the redelivery delay."""
+    log, consumers, broker, engine = logging_give_backs(AbortedFirstRecord, 10, transaction_interval_seconds=30.0,
+                                                        shutdown_timeout_seconds=2.0)
 
     @engine.stream_app
     def handler(item: Item) -> list[tuple[str, Item]]:
@@ -405,18 +414,8 @@ def test_a_failure_reported_after_its_batch_handlers_transaction_aborted_changes
     """A batch handler's outputs belong to its group of inputs. Their transaction aborts (unsettled at its deadline),
     which gives up every input; the failure reports that come after must neither give the inputs back a second
     time (counted failed, nacked) nor fail the next transaction."""
-    log: list[Any] = []
-    consumers: list[GiveBackLog] = []
-
-    def make(broker: MemoryBroker, queue: str) -> GiveBackLog:
-        consumers.append(GiveBackLog(broker, queue, log))
-        return consumers[-1]
-
-    broker = MemoryBroker()
-    publish(broker, 5)
-    engine = make_engine(broker, Connector(broker, make, FailsFirstBatchLate), consume_batch_size=5,
-                         transaction_max_messages=5, transaction_interval_seconds=0.05, shutdown_timeout_seconds=0.5,
-                         batch_size=5)
+    log, consumers, broker, engine = logging_give_backs(FailsFirstBatchLate, 5, transaction_interval_seconds=0.05,
+                                                        shutdown_timeout_seconds=0.5, batch_size=5)
 
     @engine.stream_app
     def handler(items: list[Item]) -> list[tuple[str, Item]]:
