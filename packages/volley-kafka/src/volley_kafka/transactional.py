@@ -135,7 +135,6 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         try:
             await self._txn_worker.submit(work)
         except KafkaException as exc:
-            self._committing = False
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.fatal():
                 self._errors.fatal = error
