@@ -25,6 +25,7 @@ from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryFailure, PartitionId, QueueSpec
 from volley_kafka import KafkaConnector, KafkaConsumer, TransactionalKafkaConsumer
 from volley_kafka import consumer as consumer_module
+from volley_kafka import fetcher as fetcher_module
 from volley_kafka import rebalance as rebalance_module
 from volley_kafka import transactional as transactional_module
 from volley_kafka.producer import ProducerClient, TransactionAbortedError
@@ -696,6 +697,36 @@ async def test_inputs_of_a_partition_released_after_they_were_fetched_never_comm
         assert producer.transaction_calls[-1] == "commit", "a transaction of inputs fetched after it commits"
     finally:
         gate.set()
+        await consumer.close()
+
+
+async def test_the_release_history_stays_bounded_and_an_input_fetched_before_it_never_commits(
+        fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived exactly-once worker rebalanced thousands of times: the history of released partitions that each
+    commit checks its inputs against (``era``) keeps only the latest releases. An input fetched before the oldest
+    one kept may have lost its partition since: its transaction is refused and it comes again, and inputs fetched
+    after commit as usual."""
+    consumer, _, _, producer = await eos_on_two_partitions(monkeypatch)
+    fetcher = consumer._fetcher
+    kept = fetcher_module.RELEASES_KEPT
+    try:
+        got = await take(consumer, 2)
+        elsewhere = {("in", 7)}  # another partition, assigned and released over and over
+        for _ in range(5 * kept):
+            fetcher.assigned_now(elsewhere)
+            fetcher.release(elsewhere)
+        assert fetcher.releases == 5 * kept
+        assert len(fetcher._released[1]) <= 2 * kept, "the release history grows with every rebalance"
+        await consumer.begin()
+        with pytest.raises(DeliveryError):
+            await consumer.commit(got)
+        assert "commit" not in producer.transaction_calls, "inputs older than the release history committed"
+        again = await take(consumer, 2)  # the abort rewound both partitions
+        assert sorted((e.partition, e.position) for e in again) == [(0, 0), (1, 0)]
+        await consumer.begin()
+        await consumer.commit(again)
+        assert producer.transaction_calls[-1] == "commit", "inputs fetched after the releases commit"
+    finally:
         await consumer.close()
 
 

@@ -35,7 +35,7 @@ assignment (``Fetcher.assigned``)       fetch thread        a frozenset the reba
                                         (rebalance.py)      whole; each fetch returns it with its records,
                                                             and the loop drops records of partitions not
                                                             in it (given up: stale); ``Fetcher.releases``
-                                                            counts shrinks (``released``: what left at each),
+                                                            counts shrinks (``released_since``: what left),
                                                             moved first (``release``), so an exactly-once
                                                             commit that reads the smaller set sees the count
                                                             moved; each envelope carries the count of its

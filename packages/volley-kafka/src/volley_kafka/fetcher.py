@@ -29,6 +29,10 @@ from volley_kafka.worker import BlockingWorker
 
 logger = logging.getLogger("volley_kafka")
 
+# How many of the latest releases Fetcher.released_since answers for: an input in flight across more rebalances
+# than this is treated as released (an exactly-once commit refuses it; its input comes again).
+RELEASES_KEPT = 1_000
+
 POLL_SLICE = 0.2
 """Longest single wait inside librdkafka, so that close and cancellation are served promptly."""
 WATERMARK_INTERVAL = 1.0
@@ -105,7 +109,9 @@ class Fetcher:
         # written by the fetch thread, read anywhere (replaced whole, never mutated)
         self.assigned: frozenset[TopicPartitionKey] = frozenset()
         self.releases = 0  # times partitions left ``assigned`` (counted before they leave: see ``release``)
-        self.released: list[frozenset[TopicPartitionKey]] = []  # [i]: the partitions that left at release i + 1
+        # (base, history): history[i] holds the partitions that left at release base + i + 1; the latest
+        # RELEASES_KEPT to 2 * RELEASES_KEPT are kept (``released_since``), the tuple is replaced whole when trimmed
+        self._released: tuple[int, list[frozenset[TopicPartitionKey]]] = (0, [])
         self.high_watermarks: dict[TopicPartitionKey, int] = {}  # for lag()
         self.rebalancing = False  # a rebalance callback is waiting for the loop: no consumer calls from there
         # written by the loop, read by the fetch thread
@@ -340,13 +346,26 @@ class Fetcher:
         self._pause_dirty = True
 
     def release(self, keys: set[TopicPartitionKey]) -> None:
-        """The partitions are no longer ours. ``released`` and ``releases`` move first: a reader on the loop that sees
+        """The partitions are no longer ours. The history and ``releases`` move first: a reader on the loop that sees
         the smaller ``assigned`` also sees the count moved (an exactly-once commit refuses inputs of these
         partitions fetched before it: transactional.py)."""
         if keys & self.assigned:
-            self.released.append(frozenset(keys))  # before the count: a reader of the count finds its entry
+            base, history = self._released
+            if len(history) >= 2 * RELEASES_KEPT:  # a long-lived worker rebalanced thousands of times: keep it bounded
+                base, history = base + len(history) - RELEASES_KEPT, history[-RELEASES_KEPT:]
+            history.append(frozenset(keys))  # before the count: a reader of the count finds its entry
+            self._released = (base, history)
             self.releases += 1
             self.assigned = self.assigned - keys
+
+    def released_since(self, era: int, releases: int) -> frozenset[TopicPartitionKey] | None:
+        """Any thread: the partitions that left after release ``era`` up to release ``releases`` (a value of
+        ``self.releases`` read before this call); None when that history is no longer kept (RELEASES_KEPT
+        releases or more ago), which a caller must take as "any of them may have left"."""
+        base, history = self._released
+        if era < base:
+            return None
+        return frozenset().union(*history[era - base:releases - base])
 
     def given_up(self, keys: list[TopicPartitionKey], final: Offsets) -> None:
         """The end of a revoke or loss: no longer ours; commit ``final`` (a revoke's last commit).

@@ -170,7 +170,6 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         inputs = cast("Sequence[KafkaEnvelope]", envelopes)
         if min(map(_ERA, inputs)) == current:  # the common case: no release since the oldest was fetched
             return False
-        released = fetcher.released
         gone_since: dict[int, frozenset[TopicPartitionKey]] = {}
         for e in inputs:
             era = e.era
@@ -178,7 +177,10 @@ class TransactionalKafkaConsumer(KafkaConsumer):
                 continue
             gone = gone_since.get(era)
             if gone is None:
-                gone = gone_since[era] = frozenset().union(*released[era:current])
+                left = fetcher.released_since(era, current)
+                if left is None:  # fetched more rebalances ago than the fetcher remembers: refuse, to be safe
+                    return True
+                gone = gone_since[era] = left
             if (e.source, e.partition) in gone:
                 return True
         return False
