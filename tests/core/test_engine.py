@@ -7,16 +7,18 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import engine_fakes as fakes
 import pytest
 
 from volley import Engine, HandlerFailedError, MemoryBroker, MessageContext
-from volley.memory import MemoryConsumer
-from volley.message import OutgoingMessage
+from volley.memory import MemoryConsumer, MemoryProducer
+from volley.message import Envelope, OutgoingMessage
 from volley.plugins import build_registry
-from volley.ports import InstantlyDrainable
+from volley.ports import DeliveryCallback, InstantlyDrainable
 from volley.run import sync_executor
 from volley.testing import harness
 
@@ -53,6 +55,36 @@ def make_engine(broker: MemoryBroker, *, dlq: bool = True, batch_size: int | Non
 def seed(broker: MemoryBroker, engine: Engine, items: list[Item]) -> None:
     for item in items:
         broker.publish("in", engine.input.encode(item), key=item.key.encode())
+
+
+def test_the_one_output_fast_path_builds_the_record_the_constructor_builds() -> None:
+    """routing's one-output path sets an OutgoingMessage's fields in place (no __init__ call per output): every slot
+    must hold what ``OutgoingMessage(topic, value, token=input)`` holds, and none may be left unset."""
+    handed: list[OutgoingMessage] = []
+
+    class Recording(MemoryProducer):
+        def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+            handed.extend(messages)
+            super().produce(messages, on_delivery)
+
+    broker = MemoryBroker()
+    engine = fakes.make_engine(broker, fakes.Connector(broker, producer=Recording))
+    fakes.publish(broker, 3)
+
+    @engine.stream_app
+    def forward(item: fakes.Item) -> list[tuple[str, fakes.Item]]:
+        return [("out", fakes.Item(item.n + 1))]
+
+    assert forward.run_until_drained(timeout=10).acked == 3
+    assert len(handed) == 3
+
+    def slots(record: OutgoingMessage) -> dict[str, Any]:
+        return {name: getattr(record, name, "<unset>") for name in OutgoingMessage.__slots__}
+
+    for record in handed:
+        assert type(record) is OutgoingMessage
+        assert slots(record) == slots(OutgoingMessage(record.topic, record.value, token=record.token))
+        assert record.topic == "out" and isinstance(record.token, Envelope)
 
 
 def test_outputs_are_produced_and_inputs_acked() -> None:

@@ -28,6 +28,7 @@ from volley_kafka import consumer as consumer_module
 from volley_kafka import fetcher as fetcher_module
 from volley_kafka import rebalance as rebalance_module
 from volley_kafka import transactional as transactional_module
+from volley_kafka.envelope import KafkaEnvelope
 from volley_kafka.producer import ProducerClient, TransactionAbortedError
 
 RENDEZVOUS = 1.0
@@ -352,6 +353,30 @@ async def consumer_of(**extra: Any) -> tuple[KafkaConsumer, FakeConsumer]:
     consumer = KafkaConnector().create_consumer(spec(**extra))
     await consumer.start()
     return consumer, fake_of(consumer)
+
+
+async def test_a_consumed_record_becomes_the_envelope_the_constructor_builds(fakes: None) -> None:
+    """``_envelopes`` sets a KafkaEnvelope's fields in place (no __init__ call per record): every slot must hold
+    what ``KafkaEnvelope(...)`` puts there, and none may be left unset."""
+    consumer, fake = await consumer_of()
+    try:
+        fake.add("in", 0, [b"a", b"b"])
+        fake.rebalance("assign", [("in", 0)])
+        got = await take(consumer, 2)
+
+        def slots(env: Envelope) -> dict[str, Any]:
+            names = [name for cls in type(env).__mro__ for name in getattr(cls, "__slots__", ())]
+            return {name: getattr(env, name, "<unset>") for name in names}
+
+        for env in got:
+            assert type(env) is KafkaEnvelope
+            built = KafkaEnvelope(env.value, env.source, env.partition, env.position, env.attempt, env.handle,
+                                  env.era)
+            assert slots(env) == slots(built)
+        assert [(e.value, e.source, e.partition, e.position, e.attempt, e.pending) for e in got] == \
+            [(b"a", "in", 0, 0, 1, 0), (b"b", "in", 0, 1, 1, 0)]
+    finally:
+        await consumer.close()
 
 
 @pytest.mark.parametrize("resumed", ["while revoked", "after the revoke"])
