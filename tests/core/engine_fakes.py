@@ -54,6 +54,23 @@ class TxConsumer(MemoryConsumer):
         raise AssertionError("ack() in transactional mode")
 
 
+class RevocableConsumer(MemoryConsumer):
+    """A consumer whose partitions can be taken away (ports.RebalanceAware); the test calls ``revoke``."""
+
+    latest: RevocableConsumer | None = None
+
+    def __init__(self, broker: MemoryBroker, queue: str) -> None:
+        super().__init__(broker, queue)
+        self.handler: Any = None
+        RevocableConsumer.latest = self
+
+    def set_revoke_handler(self, handler: Any) -> None:
+        self.handler = handler
+
+    async def revoke(self, partitions: list[tuple[str, int]]) -> None:
+        await self.handler(partitions)
+
+
 class Connector(MemoryConnector):
     def __init__(self, broker: MemoryBroker, consumer: Any = None, producer: Any = None) -> None:
         self.broker, self.consumer, self.producer = broker, consumer, producer

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from engine_fakes import Connector, Item, TxConsumer, make_engine, outputs, publish
+from engine_fakes import Connector, Item, RevocableConsumer, TxConsumer, make_engine, outputs, publish
 
 from volley import MemoryBroker
 from volley.errors import DeliveryError
@@ -186,23 +186,6 @@ def test_an_output_whose_first_produce_raised_counts_as_produced() -> None:
     report = handler.run_until_drained(timeout=10, drain_idle_seconds=0.2)
     assert outputs(broker) == [0, 1, 2]
     assert report.produced == 3 and report.acked == 3
-
-
-class RevocableConsumer(MemoryConsumer):
-    """A consumer whose partitions can be taken away (ports.RebalanceAware); the test calls ``revoke``."""
-
-    latest: RevocableConsumer | None = None
-
-    def __init__(self, broker: MemoryBroker, queue: str) -> None:
-        super().__init__(broker, queue)
-        self.handler: Any = None
-        RevocableConsumer.latest = self
-
-    def set_revoke_handler(self, handler: Any) -> None:
-        self.handler = handler
-
-    async def revoke(self, partitions: list[tuple[str, int]]) -> None:
-        await self.handler(partitions)
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])

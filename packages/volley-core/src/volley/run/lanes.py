@@ -17,7 +17,7 @@ from volley.message import Envelope
 from volley.ports import PartitionId
 from volley.run.handling import Handling
 from volley.run.settlement import Settlement
-from volley.run.tokens import FAILED, Outcome, Token, is_revoked, members_of
+from volley.run.tokens import FAILED, Outcome, Token, any_revoked, is_revoked, members_of
 
 logger = logging.getLogger("volley")
 
@@ -146,16 +146,30 @@ class AsyncLanes:
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=timeout)
 
+    def holds(self, revoked: set[PartitionId]) -> bool:
+        """Whether a running lane is handling a message (or a batch handler's group) of these partitions."""
+        waiting = set(self.waiting)
+        return any(queue and lane not in waiting and any_revoked(queue[0][0], revoked)
+                   for lane, queue in self.lanes.items())
+
     def drop_queued(self, revoked: set[PartitionId]) -> None:
-        """Drop queued messages (not the one each lane is handling) of partitions being revoked."""
+        """Drop queued messages of partitions being revoked: all of a lane still waiting to start, all but the one
+        being handled of a running lane."""
         dropped = 0
-        for queue in self.lanes.values():
-            kept = [item for index, item in enumerate(queue)
-                    if index == 0 or not isinstance(item[0], Envelope) or not is_revoked(item[0], revoked)]
+        waiting = set(self.waiting)
+        for lane, queue in list(self.lanes.items()):
+            handling = lane not in waiting  # its first message is in its call
+            kept = [item for index, item in enumerate(queue) if (index == 0 and handling)
+                    or not isinstance(item[0], Envelope) or not is_revoked(item[0], revoked)]
             dropped += len(queue) - len(kept)
             if len(kept) != len(queue):
                 queue.clear()
                 queue.extend(kept)
+            if not queue:  # only a waiting lane can empty here: it never starts
+                del self.lanes[lane]
+                self.waiting.remove(lane)
+        if not self.lanes:
+            self.idle.set()
         self._abandon(dropped)
 
     def _abandon(self, count: int) -> None:

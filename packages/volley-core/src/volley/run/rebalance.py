@@ -1,8 +1,11 @@
-"""Rebalance: before partitions are taken away, abandon their queued work, finish the rest, flush outputs.
+"""Rebalance: before partitions are taken away, abandon their queued work, finish theirs under way, flush outputs.
 
 The consumer awaits ``on_revoke`` before it commits and forgets the partitions (``RebalanceAware``). While the
 partitions are being revoked, lanes, the handler thread and the processor skip their queued messages
-(``revoked``); what is still queued when the revoke ends is dropped too.
+(``revoked``); what is still queued when the revoke ends is dropped too. The revoke waits only for the revoked
+partitions' work under way (``Run.wait_revoked``: a call in progress, records to produce again), then flushes
+the producers and acks: work of the partitions kept goes on meanwhile and does not hold the rebalance up. In a
+transaction it waits for all work, which the transaction it commits holds.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ def drop_revoked(batch: list[Envelope], revoked: set[PartitionId], settlement: S
 
 class Rebalance:
     def __init__(self, settlement: Settlement, inbox: deque[list[Envelope]], *, timeout_seconds: float,
-                 wait_settled: Callable[[float], Awaitable[None]]) -> None:
+                 wait_released: Callable[[set[PartitionId], float], Awaitable[None]]) -> None:
         self.drop_queued: Callable[[set[PartitionId]], None] = lambda _revoked: None  # the executor's, once built
         self.settlement = settlement
         self.inbox = inbox
         self.timeout_seconds = timeout_seconds
-        self.wait_settled = wait_settled
+        self.wait_released = wait_released
         self.revoked: set[PartitionId] = set()
 
     async def on_revoke(self, partitions: Sequence[PartitionId]) -> None:
@@ -42,7 +45,7 @@ class Rebalance:
             self.inbox.extend(kept)
             deadline = time.monotonic() + self.timeout_seconds
             settlement.flush_outputs()
-            await self.wait_settled(deadline)
+            await self.wait_released(self.revoked, deadline)
             for producer in settlement.producers:
                 await producer.flush(max(0.1, deadline - time.monotonic()))
             settlement.drain_reports()

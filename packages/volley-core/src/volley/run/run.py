@@ -23,6 +23,7 @@ from volley.message import Envelope
 from volley.ports import (
     Consumer,
     Instrumented,
+    PartitionId,
     Pausable,
     Producer,
     ReadinessReporter,
@@ -87,7 +88,7 @@ class Run:
                                  timed=timed, tracing=self.tracing)
         self.inbox: deque[list[Envelope]] = deque()
         self.rebalance = Rebalance(self.settlement, self.inbox, timeout_seconds=engine.shutdown_timeout_seconds,
-                                   wait_settled=self.wait_settled)
+                                   wait_released=self.wait_revoked)
         self.barrier: TransactionBarrier | None = None
         if self.transactional:
             assert isinstance(self.consumer, Transactional)
@@ -337,6 +338,16 @@ class Run:
         settlement, barrier, inbox = self.settlement, self.barrier, self.inbox
         await self.wait_until(lambda: bool(settlement.in_flight or inbox or (barrier is not None and barrier.busy)),
                               deadline)
+
+    async def wait_revoked(self, revoked: set[PartitionId], deadline: float) -> None:
+        """A revoke: until no work of those partitions is under way (a call, a record waiting to be produced
+        again), or ``deadline``; work of other partitions goes on meanwhile. In a transaction, until nothing is
+        (``wait_settled``): the revoke commits it, with all the work it holds."""
+        executor, settlement = self.executor, self.settlement
+        if self.barrier is not None or executor is None:
+            await self.wait_settled(deadline)
+            return
+        await self.wait_until(lambda: executor.holds(revoked) or settlement.retrying_for(revoked), deadline)
 
     async def wait_until(self, unsettled: Callable[[], bool], deadline: float) -> None:
         """While ``unsettled()`` says so, until ``deadline``: woken by every settlement, reports handled meanwhile."""

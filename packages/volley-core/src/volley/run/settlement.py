@@ -26,7 +26,7 @@ from volley.run.acking import Acker
 from volley.run.deadletters import announce, letters
 from volley.run.report import RunReport
 from volley.run.stopping import StopSignal
-from volley.run.tokens import AnyToken, DeadLetter, Group, Outcome, Token, describe, members_of, reason_of
+from volley.run.tokens import AnyToken, DeadLetter, Group, Outcome, Token, any_revoked, describe, members_of, reason_of
 from volley.run.tracing import Tracing
 
 logger = logging.getLogger("volley")
@@ -297,6 +297,10 @@ class Settlement:
         self.transaction_failed = True
         if self.on_failure == "stop" and not self.transactional:
             self.request_stop(error)
+
+    def retrying_for(self, revoked: set[tuple[str, int]]) -> bool:
+        """Whether a record of an input of these partitions waits to be produced again (a revoke waits for it)."""
+        return any(m.token is not None and any_revoked(m.token, revoked) for m in self._retrying)
 
     def cancel_retries(self) -> None:
         """Shutdown: records waiting to be produced again stay unsent; their inputs are abandoned."""

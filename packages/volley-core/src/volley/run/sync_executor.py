@@ -22,14 +22,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from volley.message import Envelope
 from volley.run.handling import UNDECODED, Handling, Moved
 from volley.run.preemption import RunQueueWait
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
-from volley.run.tokens import Outcome, is_revoked
+from volley.run.tokens import Outcome, any_revoked, is_revoked
 from volley.threads import SerialThread
 
 logger = logging.getLogger("volley")
@@ -59,6 +59,13 @@ class SyncExecutor:
         # Its messages before this index are begun (finished, or in the call): drop_queued leaves them alone. The
         # thread takes each next message, and drop_queued marks what is left, under this lock.
         self._thread_begun = 0
+        # Its messages before this index were handed to the loop; those from here to ``_thread_begun`` are its work
+        # under way (a revoke waits for it: ``holds``). Both move under the lock; a batch stays until it is applied.
+        self._thread_reported = 0
+        self._group_batch: Sequence[Envelope] = ()  # a batch handler's batch while its call runs, until applied
+        # Partitions given up while a batch was being handled inline: the rest of that batch skips their messages
+        # (the revoke that gave them up may end before the batch does). Cleared when the next batch begins.
+        self._dropped: set[tuple[str, int]] = set()
         self._claim = threading.Lock()
         self._last_slow = -1e9
         self._loop_waited: RunQueueWait | None = None  # opened on the loop thread, by its first slice
@@ -73,14 +80,18 @@ class SyncExecutor:
         settlement = self.settlement
         apply = settlement.apply
         generation = settlement.generation  # moved on by an aborted transaction: this work is then given up
+        self._dropped.clear()  # the inbox lost their messages when they were revoked
         if self.handling.batch_size:
-            apply(await self.worker.submit(lambda: self._batches(batch, generation)))
+            self._group_batch = batch
+            try:
+                apply(await self.worker.submit(lambda: self._batches(batch, generation)))
+            finally:
+                self._group_batch = ()
             return
         if self.calibrating:
             # Only a handler that proved fast runs inline: one that blocks from the start never touches the loop.
             self.calibrating -= 1
-            out = await self.worker.submit(lambda: self._on_thread(batch, None, generation, measure=True))
-            apply(out)
+            out = await self._thread_applied(lambda: self._on_thread(batch, None, generation, measure=True))
             # A few slow calls are expected (the first call warms caches, a GC pause lands in one).
             if out.slow_calls > max(1, len(batch) // 50):
                 self.calibrating = 0
@@ -104,13 +115,24 @@ class SyncExecutor:
         if start < len(batch) and not abandoned():
             rest = batch[start:] if start else batch
             first_failure = moved
-            apply(await self.worker.submit(lambda: self._on_thread(rest, first_failure, generation, measure=False)))
+            await self._thread_applied(lambda: self._on_thread(rest, first_failure, generation, measure=False))
+
+    async def _thread_applied(self, work: Callable[[], Outcome]) -> Outcome:
+        """Run ``work`` (a batch) on the handler thread and apply what it returns at the end; only then is none
+        of that batch under way (``holds``)."""
+        try:
+            out = await self.worker.submit(work)
+            self.settlement.apply(out)
+            return out
+        finally:
+            with self._claim:
+                self._thread_batch, self._thread_begun, self._thread_reported = (), 0, 0
 
     def _slice(self, batch: Sequence[Envelope], start: int, out: Outcome) -> tuple[int, Moved | None]:
         """On the loop: handle from ``start`` until the slice ends; return where to resume and, when a call
         failed and must be retried on the thread, its first failure."""
         handle = self.handling.handle
-        revoked = self.revoked
+        revoked = self.revoked | self._dropped if self._dropped else self.revoked
         perf = time.perf_counter
         waited = self._loop_waited
         if waited is None:
@@ -181,22 +203,24 @@ class SyncExecutor:
         waited_before = waited() if waited is not None else 0.0
         out = Outcome(self.slots, 0, generation)
         with self._claim:
-            self._thread_batch, self._thread_begun = batch, 0
+            self._thread_batch, self._thread_begun, self._thread_reported = batch, 0, 0
         reported = 0  # messages of the batch already handed to the loop
         posted = monotonic()
         index = 0
+        source, partition = None, None  # of the previous message
         for index, env in enumerate(batch):
             if abandoned():  # shutdown gave up on this work: the rest is delivered again
                 out.handled = index - reported
                 return out
             now = settlement.last_activity = monotonic()  # progress for the health probe, even mid-batch
-            if now - posted >= THREAD_REPORT_SECONDS and index > reported:
+            # Also before a call on another partition, and before every call while partitions are being revoked:
+            # a revoke then waits only for its own partitions' call, never for one of a partition it leaves alone.
+            switched = env.partition != partition or env.source != source
+            source, partition = env.source, env.partition
+            if (now - posted >= THREAD_REPORT_SECONDS or revoked or switched) and index > reported:
                 out.handled = index - reported
                 reported, posted = index, now
-                settlement.apply_threadsafe(out)
-                following = Outcome(self.slots, 0, generation)
-                following.slowest, following.slow_calls = out.slowest, out.slow_calls
-                out = following
+                out = self._hand_over(out, index, generation)
             with self._claim:
                 dropped = env.pending == -1 or (revoked and is_revoked(env, revoked))  # its partition was given up
                 self._thread_begun = index + 1
@@ -220,14 +244,32 @@ class SyncExecutor:
                 if took > FAST_CALL_SECONDS:
                     out.slow_calls += 1
         out.handled = len(batch) - reported
-        with self._claim:
-            self._thread_batch = ()
         return out
+
+    def _hand_over(self, out: Outcome, index: int, generation: int) -> Outcome:
+        """On the thread: hand ``out`` (the batch's messages before ``index``) to the loop; returns the next one."""
+        self.settlement.apply_threadsafe(out)
+        with self._claim:
+            self._thread_reported = index
+        following = Outcome(self.slots, 0, generation)
+        following.slowest, following.slow_calls = out.slowest, out.slow_calls
+        return following
+
+    def holds(self, revoked: set[tuple[str, int]]) -> bool:
+        """On the loop: whether work of these partitions is under way on the handler thread: in its call, or
+        finished and not handed over yet (a batch handler's whole batch). Inline slices never are while the loop
+        runs something else."""
+        with self._claim:
+            under_way = self._thread_batch[self._thread_reported:self._thread_begun]
+            group = self._group_batch
+        return any(is_revoked(e, revoked) for e in under_way) or any(any_revoked(e, revoked) for e in group)
 
     def drop_queued(self, revoked: set[tuple[str, int]]) -> None:
         """On the loop, when a revoke ends: messages of those partitions that the thread has not begun are
         dropped (marked; the thread skips and abandons them), as their partitions now belong to another member.
-        Those it finished but has not handed over yet, and the one in its call, settle as usual."""
+        Those it finished but has not handed over yet, and the one in its call, settle as usual. The rest of a
+        batch being handled inline skips them too."""
+        self._dropped.update(revoked)
         with self._claim:
             for env in self._thread_batch[self._thread_begun:]:
                 if is_revoked(env, revoked):

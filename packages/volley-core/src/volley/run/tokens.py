@@ -104,6 +104,11 @@ def members_of(token: AnyToken) -> list[Envelope]:
     return [token] if isinstance(token, Envelope) else token.members
 
 
+def any_revoked(token: AnyToken, revoked: set[tuple[str, int]]) -> bool:
+    """Whether any input of ``token`` belongs to a partition being taken away."""
+    return any((e.source, e.partition) in revoked for e in members_of(token))
+
+
 def describe(token: AnyToken) -> str:
     """Where to find the input(s) of a token, for logs and errors."""
     if isinstance(token, Envelope):
