@@ -211,6 +211,60 @@ def test_a_message_waiting_out_a_redelivery_delay_is_handled_by_the_partitions_n
     assert history.backwards() == []
 
 
+def test_a_member_joining_gets_its_partition_without_waiting_for_the_work_the_worker_keeps(
+        kit: Any, ledger: Any, members: Any, group_protocol: str) -> None:
+    """Incremental rebalances (the consumer protocol; cooperative-sticky under classic): worker A's handler thread
+    is blocked in a call on one partition, with the other partition's inputs queued behind it. B joins and one
+    partition moves to B. A's revoke must wait only for the moved partition's work under way (the call, if it is
+    the moved partition's: the test then lets that partition's calls through), not for the partition A keeps,
+    whose calls stay blocked: before, B waited for A's revoke deadline (30 s here)."""
+    source, sink, group = kit.topic("scope-in", PARTITIONS), kit.topic("scope-out", PARTITIONS), kit.unique("scope")
+    fast_group(kit, group, group_protocol)
+    history = ledger(group)
+    seed(kit, source, range(20), per_partition=10)
+    gates = {p: threading.Event() for p in range(PARTITIONS)}
+    in_call = threading.Event()
+
+    def blocked(message: dict[str, Any], msg_ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        in_call.set()
+        assert gates[msg_ctx.partition].wait(90), "the test never opened the gate"
+        return output(message, msg_ctx, "a")
+
+    cooperative = {"partition.assignment.strategy": "cooperative-sticky"} if group_protocol == "classic" else {}
+    app_a = make_app(kit, "scope-a", group, source, sink, blocked, protocol=group_protocol, consume_batch_size=20,
+                     sync_handler_mode="thread",
+                     consumer_config={"volley.revoke.timeout.seconds": 30, **cooperative})
+    try:
+        a = members(app_a, "a")
+        wait_for(lambda: in_call.is_set() and a.assignment() == all_partitions(source), 30, "A blocked in a call",
+                 alive(a))
+        b = members(make_app(kit, "scope-b", group, source, sink, passing("b"), protocol=group_protocol,
+                             consumer_config=cooperative), "b")
+        joined = time.monotonic()
+
+        def b_assigned() -> bool:
+            revoking = app_a._run.rebalance.revoked if app_a._run is not None else set()
+            for _, partition in revoking:  # the moved partition's call may be the blocked one: let it through
+                gates[partition].set()
+            return bool(b.assignment())
+
+        wait_for(b_assigned, 60, "B's partition", alive(a, b))
+        took = time.monotonic() - joined
+        moved = {p for _, p in b.assignment()}
+        kept = set(range(PARTITIONS)) - moved
+        assert kept and not any(gates[p].is_set() for p in kept), "A's kept partition's calls are still blocked"
+        assert took < 15, f"B got its partition {took:.1f} s after joining: A's revoke waited for the kept work"
+    finally:
+        for gate in gates.values():
+            gate.set()
+    wait_for(lambda: committed_to_end(kit, group, source), 60, "every input committed", alive(a, b))
+    a.stop()
+    b.stop()
+    missing = sorted(set(range(20)) - {o["id"] for o in outputs(kit, sink)})
+    assert not missing, f"inputs never handled: {missing}"
+    assert history.backwards() == []
+
+
 @pytest.mark.parametrize("stuck", ["handler thread", "event loop"])
 def test_a_revoke_past_its_deadline_commits_nothing_for_the_partition_afterwards_and_the_worker_drains(
         kit: Any, ledger: Any, members: Any, gate: threading.Event, group_protocol: str, stuck: str,
