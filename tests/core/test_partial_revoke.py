@@ -24,12 +24,13 @@ from volley.run import sync_executor
 DEADLINE = 5.0  # the revoke's (shutdown_timeout_seconds): the old code waited all of it
 
 
-def two_partitions(kept: int, revoked: int) -> MemoryBroker:
-    """``revoked`` messages on partition 0 (taken away), ``kept`` on partition 1; n counts from 0 on partition 0."""
+def two_partitions(first: int, second: int) -> MemoryBroker:
+    """``first`` messages on partition 0 (n from 0), then ``second`` on partition 1. A batch takes them
+    round-robin over the partitions: 0, first, 1, first + 1, ..."""
     broker = MemoryBroker(partitions=2)
-    for n in range(revoked):
+    for n in range(first):
         broker.publish("in", json.dumps({"n": n}).encode(), partition=0)
-    for n in range(revoked, revoked + kept):
+    for n in range(first, first + second):
         broker.publish("in", json.dumps({"n": n}).encode(), partition=1)
     return broker
 
@@ -43,13 +44,14 @@ async def until(check: Any, what: str, within: float = 10.0) -> None:
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_revoke_does_not_wait_for_the_work_of_the_partitions_kept(kind: str) -> None:
-    """Partition 1's handler calls block; partition 0 (fast) is revoked meanwhile. The revoke must end at once,
-    with partition 0's finished message acked and its others dropped, while partition 1's work goes on."""
-    broker = two_partitions(kept=3, revoked=3)  # a batch, round-robin: 0, 3, 1, 4, 2, 5
+    """Partition 0's handler calls block (kept); partition 1 is revoked meanwhile. The revoke must end at once:
+    partition 1's messages not begun are dropped (async lanes have finished them already), and partition 0's work
+    goes on. The old code waited for partition 0's work, until the revoke deadline."""
+    broker = two_partitions(3, 3)  # a batch, round-robin: 0, 3, 1, 4, 2, 5
     engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=6,
                          shutdown_timeout_seconds=DEADLINE, sync_handler_mode="thread")
     calls: list[int] = []
-    before: list[int] = []  # calls made when the revoke began (async lanes finish partition 0 first)
+    before: list[int] = []  # calls made when the revoke began (async lanes finish partition 1 first)
     blocked = threading.Event()
     go = threading.Event()
     go_async = asyncio.Event()
@@ -58,27 +60,29 @@ def test_a_revoke_does_not_wait_for_the_work_of_the_partitions_kept(kind: str) -
         @engine.stream_app
         def handler(item: Item) -> list[tuple[str, Item]]:
             calls.append(item.n)
-            if item.n >= 3:
+            if item.n < 3:
                 blocked.set()
-                assert go.wait(30), "the test never let partition 1's calls through"
+                assert go.wait(30), "the test never let partition 0's calls through"
             return [("out", item)]
     else:
         @engine.stream_app
         async def handler(item: Item) -> list[tuple[str, Item]]:
             calls.append(item.n)
-            if item.n >= 3:
+            if item.n < 3:
                 blocked.set()
                 await go_async.wait()
             return [("out", item)]
 
     async def main() -> tuple[float, int, Any]:
         task = asyncio.ensure_future(handler.run_async())
-        await until(lambda: blocked.is_set() and 0 in calls, "a call on partition 1 under way, message 0 handled")
+        await until(blocked.is_set, "a call on partition 0 under way")
+        if kind == "async":
+            await until(lambda: {3, 4, 5} <= set(calls), "partition 1's lane through")
         consumer = RevocableConsumer.latest
         assert consumer is not None
         before.extend(calls)
         began = time.monotonic()
-        await asyncio.wait_for(consumer.revoke([("in", 0)]), 2 * DEADLINE)
+        await asyncio.wait_for(consumer.revoke([("in", 1)]), 2 * DEADLINE)
         took = time.monotonic() - began
         acked_by_then = broker.acked("in")
         go.set()
@@ -89,10 +93,10 @@ def test_a_revoke_does_not_wait_for_the_work_of_the_partitions_kept(kind: str) -
 
     took, acked_by_then, report = asyncio.run(main())
     assert took < DEADLINE / 2, f"the revoke waited {took:.1f} s for the partition it does not take away"
-    finished = [n for n in before if n < 3]
-    assert acked_by_then >= len(finished), "partition 0's finished messages were not acked before it went"
-    assert [n for n in calls[len(before):] if n < 3] == [], f"partition 0 handled after its revoke: {calls}"
-    assert outputs(broker) == sorted(calls) and {3, 4, 5} <= set(calls)
+    finished = [n for n in before if n >= 3]
+    assert acked_by_then >= len(finished), "partition 1's finished messages were not acked before it went"
+    assert [n for n in calls[len(before):] if n >= 3] == [], f"partition 1 handled after its revoke: {calls}"
+    assert outputs(broker) == sorted(calls) and {0, 1, 2} <= set(calls)
     assert report.acked == len(calls) and report.abandoned == 6 - len(calls), report
 
 
@@ -102,7 +106,7 @@ def test_messages_of_a_partition_given_up_mid_batch_are_not_handled_inline_after
     must leave the rest of that batch's messages of the revoked partition unhandled: they belong to the new owner.
     """
     monkeypatch.setattr(sync_executor, "CALIBRATION_BATCHES", 0)  # inline from the first batch
-    broker = two_partitions(kept=20, revoked=20)  # one batch, round-robin: 0, 20, 1, 21, ...
+    broker = two_partitions(20, 20)  # one batch, round-robin: 0, 20, 1, 21, ...
     engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=40,
                          shutdown_timeout_seconds=DEADLINE)
     calls: list[int] = []
@@ -137,3 +141,244 @@ def test_messages_of_a_partition_given_up_mid_batch_are_not_handled_inline_after
     assert [n for n in after if n < 20] == [], f"partition 0 handled after it was revoked: {after}"
     assert len(calls) < 40 and report.abandoned == 40 - len(calls), report
     assert report.acked == len(calls)
+
+
+# ------------------------------------------------------------------ found by review: revoked work after the revoke
+# Each failed on the first version of this change (4a9bd07); all pass with the engine before it, which waited for
+# everything.
+
+
+def test_inline_batch_moved_to_the_thread_after_a_revoke_handles_the_revoked_partition(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inline: the revoke ends between slices (_dropped = {p0}); a later call on partition 1 raises once (a retry
+    is due), so the rest of the batch goes to the handler thread, which ignores _dropped."""
+    monkeypatch.setattr(sync_executor, "CALIBRATION_BATCHES", 0)
+    broker = two_partitions(20, 20)  # one batch, round-robin: 0, 20, 1, 21, ...
+    engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=40,
+                         shutdown_timeout_seconds=DEADLINE)
+    calls: list[tuple[int, bool]] = []  # (n, the revoke had ended)
+    revoke: list[asyncio.Task[None]] = []
+    raised: list[int] = []
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        ended = bool(revoke) and revoke[0].done()
+        calls.append((item.n, ended))
+        if item.n == 21:  # end this slice; the loop runs the revoke in between
+            consumer = RevocableConsumer.latest
+            assert consumer is not None
+            revoke.append(asyncio.get_running_loop().create_task(consumer.revoke([("in", 0)])))
+            time.sleep(sync_executor.INLINE_SLICE_SECONDS * 1.5)
+        elif ended and item.n >= 20 and not raised:  # partition 1, after the revoke: fails once
+            raised.append(item.n)
+            raise RuntimeError("transient")
+        return [("out", item)]
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        await until(lambda: handler.report is not None and handler.report.settled == 40, "every input settled")
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    # (before 4a9bd07 the revoke waited for the whole batch: it never ended mid-batch)
+    late = [n for n, ended in calls if ended and n < 20]
+    assert late == [], f"partition 0 handled after its revoke returned: {late}"
+
+
+def test_async_batch_groups_of_a_revoked_partition_queued_behind_a_kept_group_run_after_the_revoke() -> None:
+    """Async batch handler: the lane's head group is partition 1's; a group of partition 0 waits behind it.
+    holds() looks at the head only and drop_queued keeps Groups: partition 0's group is handled after the revoke."""
+    broker = two_partitions(2, 2)  # round-robin: 0(p0), 2(p1), 1(p0), 3(p1)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=4, batch_size=1,
+                         shutdown_timeout_seconds=DEADLINE)
+    calls: list[tuple[int, bool]] = []
+    revoked = asyncio.Event()
+    go: asyncio.Event | None = None
+
+    @engine.stream_app
+    async def handler(items: list[Item]) -> list[tuple[str, Item]]:
+        for item in items:
+            calls.append((item.n, revoked.is_set()))
+            if item.n == 2:
+                assert go is not None
+                await go.wait()
+        return [("out", item) for item in items]
+
+    async def main() -> tuple[int, Any]:
+        nonlocal go
+        go = asyncio.Event()
+        task = asyncio.ensure_future(handler.run_async())
+        await until(lambda: any(n == 2 for n, _ in calls), "partition 1's group under way")
+        consumer = RevocableConsumer.latest
+        assert consumer is not None
+        asyncio.get_running_loop().call_later(0.3, go.set)  # partition 1's call ends soon, revoke or not
+        await asyncio.wait_for(consumer.revoke([("in", 0)]), 10)
+        revoked.set()
+        acked = broker.acked("in")
+        await until(lambda: handler.report is not None and handler.report.settled == 4, "every input settled")
+        handler.stop()
+        return acked, await asyncio.wait_for(task, 10)
+
+    _acked, _report = asyncio.run(main())
+    late = [n for n, after in calls if after and n < 2]
+    assert late == [], f"partition 0 handled after its revoke returned: {late}"
+
+
+def test_a_thread_batch_submitted_before_a_revoke_but_not_yet_begun_is_handled_after_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread mode: the batch is submitted to the handler thread, which has not registered it (_thread_batch)
+    yet when the revoke runs (GIL, OS scheduling; modelled by a gate). holds() is false, drop_queued marks
+    nothing, and once the thread starts, partition 0's messages are handled after the revoke returned."""
+    broker = two_partitions(3, 3)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=6,
+                         shutdown_timeout_seconds=DEADLINE, sync_handler_mode="thread")
+    entered, gate = threading.Event(), threading.Event()
+    original = sync_executor.SyncExecutor._on_thread
+
+    def late_start(self: Any, *args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        gate.wait(10)  # the thread is slow to start (the loop holds the GIL, the OS has not scheduled it)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sync_executor.SyncExecutor, "_on_thread", late_start)
+    calls: list[tuple[int, bool]] = []
+    ended = threading.Event()
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        calls.append((item.n, ended.is_set()))
+        return [("out", item)]
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        await until(entered.is_set, "the batch submitted")
+        consumer = RevocableConsumer.latest
+        assert consumer is not None
+        asyncio.get_running_loop().call_later(0.3, gate.set)  # the thread starts soon, revoke or not
+        await asyncio.wait_for(consumer.revoke([("in", 0)]), 10)
+        ended.set()
+        await until(lambda: handler.report is not None and handler.report.settled == 6, "every input settled")
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    late = [n for n, after in calls if after and n < 3]
+    assert late == [], f"partition 0 handled after its revoke returned: {late}"
+
+
+def test_a_revoked_partitions_result_handed_over_but_not_yet_applied_is_not_acked_by_the_revoke() -> None:
+    """The thread hands over partition 0's finished message (call_soon_threadsafe) and then moves
+    _thread_reported on; a revoke task whose wakeup was already queued ahead of that callback sees holds()
+    false and returns before the result is applied: not acked (committed) by the revoke, and its output is
+    produced after the partition was given up."""
+    broker = two_partitions(1, 1)  # batch: 0 (p0), 1 (p1)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=2,
+                         shutdown_timeout_seconds=DEADLINE, sync_handler_mode="thread")
+    in_call, release0, handed, go = (threading.Event() for _ in range(4))
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        if item.n == 0:
+            in_call.set()
+            assert release0.wait(10)
+        else:
+            handed.set()  # the thread handed message 0 over before this call
+            assert go.wait(10)
+        return [("out", item)]
+
+    seen: list[tuple[int, int]] = []
+
+    async def revoke_and_look(consumer: RevocableConsumer) -> None:
+        await consumer.revoke([("in", 0)])
+        seen.append((broker.acked("in"), len(broker.produced("out"))))  # as the Kafka consumer commits here
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        await until(in_call.is_set, "message 0 in its call")
+        consumer = RevocableConsumer.latest
+        assert consumer is not None
+        settlement = consumer.handler.__self__.settlement
+        revoking = asyncio.ensure_future(revoke_and_look(consumer))
+        await asyncio.sleep(0.05)  # the revoke waits: message 0 is under way
+        assert not revoking.done()
+        settlement.settled.set()  # something of another partition settles: the revoke's wait wakes ...
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # ... its wakeup is queued (Python 3.11 wait_for: inner task, then waiter)
+        release0.set()
+        assert handed.wait(10)  # meanwhile the thread handed message 0 over (queued behind the wakeup)
+        threading.Timer(0.3, go.set).start()  # message 1's call ends soon, revoke or not
+        await revoking
+        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    acked, produced = seen[0]
+    assert acked >= 1, f"message 0 finished before the revoke returned, yet acked={acked} produced={produced}"
+
+
+class LateReportProducer:
+    """Stores at once, reports 20 ms later (as a real producer does); the first report of partition 0's output
+    (n == 0) is a failure."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker, self.outstanding, self.failed_once = broker, 0, False
+
+    async def start(self) -> None:
+        return None
+
+    def produce(self, messages: Any, on_delivery: Any) -> None:
+        self.outstanding += len(messages)
+        loop = asyncio.get_running_loop()
+        for message in messages:
+            if json.loads(message.value)["n"] == 0 and not self.failed_once:
+                self.failed_once = True
+                loop.call_later(0.02, self._report, on_delivery, [], [(message, ConnectionError("broker gone"))])
+            else:
+                loop.call_later(0.02, self._report, on_delivery, [message], [], True)
+
+    def _report(self, on_delivery: Any, delivered: Any, failed: Any, store: bool = False) -> None:
+        if store:
+            self.broker.publish_many(delivered)
+        self.outstanding -= len(delivered) + len(failed)
+        on_delivery(delivered, failed)
+
+    async def flush(self, timeout: float) -> None:
+        while self.outstanding:
+            await asyncio.sleep(0.001)
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_record_of_a_revoked_partition_whose_delivery_fails_during_the_revokes_flush_is_retried_after_it() -> None:
+    """wait_revoked checks retrying_for before the flush only: a delivery failure reported during the flush
+    schedules a retry the revoke no longer waits for; the input is acked after the partition was given up."""
+    broker = two_partitions(1, 1)  # batch: 0 (p0), 1 (p1)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer, LateReportProducer), consume_batch_size=2,
+                         shutdown_timeout_seconds=DEADLINE, sync_handler_mode="thread", retry_backoff_seconds=0.05)
+    in_call1 = threading.Event()
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        if item.n == 1:
+            in_call1.set()
+            time.sleep(0.5)  # partition 1 (kept) is slow
+        return [("out", item)]
+
+    seen: list[int] = []
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        await until(in_call1.is_set, "message 0 handled, message 1 in its call")
+        consumer = RevocableConsumer.latest
+        assert consumer is not None
+        await asyncio.wait_for(consumer.revoke([("in", 0)]), 10)
+        seen.append(broker.acked("in"))
+        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    assert seen[0] >= 1, "partition 0's input was acked only after its revoke returned (a retried delivery)"

@@ -147,10 +147,16 @@ class AsyncLanes:
             await asyncio.wait(set(self.tasks), timeout=timeout)
 
     def holds(self, revoked: set[PartitionId]) -> bool:
-        """Whether a running lane is handling a message (or a batch handler's group) of these partitions."""
+        """Whether a running lane is handling a message of these partitions, or any lane holds a batch handler's
+        group with one (a group is handled whole, never split: the revoke waits for it, as ``drop_queued`` keeps
+        it)."""
         waiting = set(self.waiting)
-        return any(queue and lane not in waiting and any_revoked(queue[0][0], revoked)
-                   for lane, queue in self.lanes.items())
+        for lane, queue in self.lanes.items():
+            if queue and lane not in waiting and any_revoked(queue[0][0], revoked):
+                return True
+            if any(not isinstance(token, Envelope) and any_revoked(token, revoked) for token, _ in queue):
+                return True
+        return False
 
     def drop_queued(self, revoked: set[PartitionId]) -> None:
         """Drop queued messages of partitions being revoked: all of a lane still waiting to start, all but the one

@@ -44,11 +44,15 @@ class Rebalance:
             self.inbox.clear()
             self.inbox.extend(kept)
             deadline = time.monotonic() + self.timeout_seconds
-            settlement.flush_outputs()
-            await self.wait_released(self.revoked, deadline)
-            for producer in settlement.producers:
-                await producer.flush(max(0.1, deadline - time.monotonic()))
-            settlement.drain_reports()
+            while True:
+                settlement.flush_outputs()
+                await self.wait_released(self.revoked, deadline)
+                for producer in settlement.producers:
+                    await producer.flush(max(0.1, deadline - time.monotonic()))
+                settlement.drain_reports()
+                # A delivery failure reported by the flush schedules a retry or a dead letter: wait for it too.
+                if not settlement.unsent_for(self.revoked) or time.monotonic() >= deadline:
+                    break
             await settlement.acker.flush()
         finally:
             # Past the deadline, work queued in lanes for these partitions would otherwise run after they were

@@ -340,14 +340,14 @@ class Run:
                               deadline)
 
     async def wait_revoked(self, revoked: set[PartitionId], deadline: float) -> None:
-        """A revoke: until no work of those partitions is under way (a call, a record waiting to be produced
-        again), or ``deadline``; work of other partitions goes on meanwhile. In a transaction, until nothing is
-        (``wait_settled``): the revoke commits it, with all the work it holds."""
+        """A revoke: until no work of those partitions is under way (a call, a result not handed over, a record
+        buffered or waiting to be produced again), or ``deadline``; work of other partitions goes on meanwhile.
+        In a transaction, until nothing is (``wait_settled``): the revoke commits it, with all the work it holds."""
         executor, settlement = self.executor, self.settlement
         if self.barrier is not None or executor is None:
             await self.wait_settled(deadline)
             return
-        await self.wait_until(lambda: executor.holds(revoked) or settlement.retrying_for(revoked), deadline)
+        await self.wait_until(lambda: executor.holds(revoked) or settlement.unsent_for(revoked), deadline)
 
     async def wait_until(self, unsettled: Callable[[], bool], deadline: float) -> None:
         """While ``unsettled()`` says so, until ``deadline``: woken by every settlement, reports handled meanwhile."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -145,12 +146,18 @@ class Settlement:
         self.staged = None
         self.generation += 1
 
-    def apply_threadsafe(self, out: Outcome) -> None:
-        """From the handler thread: apply ``out`` on the loop, in order with everything else it was sent."""
+    def apply_threadsafe(self, out: Outcome, then: Callable[[], None] | None = None) -> None:
+        """From the handler thread: apply ``out`` on the loop, in order with everything else it was sent; then
+        call ``then`` there (once applied)."""
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is acked, all comes again
-                loop.call_soon_threadsafe(self.apply, out)
+                loop.call_soon_threadsafe(self._apply_then, out, then)
+
+    def _apply_then(self, out: Outcome, then: Callable[[], None] | None) -> None:
+        self.apply(out)
+        if then is not None:
+            then()
 
     # ------------------------------------------------------------------ producing
 
@@ -298,9 +305,11 @@ class Settlement:
         if self.on_failure == "stop" and not self.transactional:
             self.request_stop(error)
 
-    def retrying_for(self, revoked: set[tuple[str, int]]) -> bool:
-        """Whether a record of an input of these partitions waits to be produced again (a revoke waits for it)."""
-        return any(m.token is not None and any_revoked(m.token, revoked) for m in self._retrying)
+    def unsent_for(self, revoked: set[tuple[str, int]]) -> bool:
+        """Whether a record of an input of these partitions is buffered or waits to be produced again (a revoke
+        waits for it): a retry, or a dead letter, scheduled after a delivery failure."""
+        return any(m.token is not None and any_revoked(m.token, revoked)
+                   for m in itertools.chain(self._retrying, *self._out))
 
     def cancel_retries(self) -> None:
         """Shutdown: records waiting to be produced again stay unsent; their inputs are abandoned."""

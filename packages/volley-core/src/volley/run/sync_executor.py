@@ -19,6 +19,7 @@ costs every batch a thread hop and a fight over the GIL.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ FAST_CALL_SECONDS = 0.002
 SLOW_CALL_SECONDS = 0.02
 VERY_SLOW_CALL_SECONDS = 0.2
 THREAD_REPORT_SECONDS = 0.01
+SWITCH_REPORT_SECONDS = 0.005  # sooner before a call on another partition (see _handle_on_thread)
 CALIBRATION_BATCHES = 2
 
 
@@ -91,7 +93,7 @@ class SyncExecutor:
         if self.calibrating:
             # Only a handler that proved fast runs inline: one that blocks from the start never touches the loop.
             self.calibrating -= 1
-            out = await self._thread_applied(lambda: self._on_thread(batch, None, generation, measure=True))
+            out = await self._thread_applied(batch, lambda: self._on_thread(batch, None, generation, measure=True))
             # A few slow calls are expected (the first call warms caches, a GC pause lands in one).
             if out.slow_calls > max(1, len(batch) // 50):
                 self.calibrating = 0
@@ -115,11 +117,14 @@ class SyncExecutor:
         if start < len(batch) and not abandoned():
             rest = batch[start:] if start else batch
             first_failure = moved
-            await self._thread_applied(lambda: self._on_thread(rest, first_failure, generation, measure=False))
+            await self._thread_applied(rest, lambda: self._on_thread(rest, first_failure, generation, measure=False))
 
-    async def _thread_applied(self, work: Callable[[], Outcome]) -> Outcome:
-        """Run ``work`` (a batch) on the handler thread and apply what it returns at the end; only then is none
-        of that batch under way (``holds``)."""
+    async def _thread_applied(self, batch: Sequence[Envelope], work: Callable[[], Outcome]) -> Outcome:
+        """Run ``work`` (``batch``) on the handler thread and apply what it returns at the end. The batch is the
+        thread's from now on (a revoke marks what it has not begun, ``drop_queued``), and none of it is under way
+        any more (``holds``) only once applied."""
+        with self._claim:
+            self._thread_batch, self._thread_begun, self._thread_reported = batch, 0, 0
         try:
             out = await self.worker.submit(work)
             self.settlement.apply(out)
@@ -198,13 +203,11 @@ class SyncExecutor:
         settlement = self.settlement
         handle, resume = self.handling.handle, self.handling.resume
         abandoned = self.stop.abandoned.is_set
-        revoked = self.revoked
+        revoked, given_up = self.revoked, self._dropped
         monotonic, perf = time.monotonic, time.perf_counter
         waited_before = waited() if waited is not None else 0.0
         out = Outcome(self.slots, 0, generation)
-        with self._claim:
-            self._thread_batch, self._thread_begun, self._thread_reported = batch, 0, 0
-        reported = 0  # messages of the batch already handed to the loop
+        reported = 0  # messages of the batch already handed to the loop (registered by _thread_applied)
         posted = monotonic()
         index = 0
         source, partition = None, None  # of the previous message
@@ -213,16 +216,20 @@ class SyncExecutor:
                 out.handled = index - reported
                 return out
             now = settlement.last_activity = monotonic()  # progress for the health probe, even mid-batch
-            # Also before a call on another partition, and before every call while partitions are being revoked:
-            # a revoke then waits only for its own partitions' call, never for one of a partition it leaves alone.
+            # Also before every call while partitions are being revoked (a revoke waits only for its partitions'
+            # results not handed over), and sooner before a call on another partition: what finished of one
+            # partition seldom waits for a long call on another.
             switched = env.partition != partition or env.source != source
             source, partition = env.source, env.partition
-            if (now - posted >= THREAD_REPORT_SECONDS or revoked or switched) and index > reported:
+            since = now - posted
+            if (since >= THREAD_REPORT_SECONDS or revoked or (switched and since >= SWITCH_REPORT_SECONDS)) \
+                    and index > reported:
                 out.handled = index - reported
                 reported, posted = index, now
-                out = self._hand_over(out, index, generation)
-            with self._claim:
-                dropped = env.pending == -1 or (revoked and is_revoked(env, revoked))  # its partition was given up
+                out = self._hand_over(out, batch, index, generation)
+            with self._claim:  # its partition is being, or was, given up (the batch's rest may come from inline)
+                dropped = env.pending == -1 or (revoked and is_revoked(env, revoked)) \
+                    or (given_up and is_revoked(env, given_up))
                 self._thread_begun = index + 1
             if dropped:
                 out.abandoned += 1
@@ -246,14 +253,20 @@ class SyncExecutor:
         out.handled = len(batch) - reported
         return out
 
-    def _hand_over(self, out: Outcome, index: int, generation: int) -> Outcome:
-        """On the thread: hand ``out`` (the batch's messages before ``index``) to the loop; returns the next one."""
-        self.settlement.apply_threadsafe(out)
-        with self._claim:
-            self._thread_reported = index
+    def _hand_over(self, out: Outcome, batch: Sequence[Envelope], index: int, generation: int) -> Outcome:
+        """On the thread: hand ``out`` (``batch``'s messages before ``index``) to the loop; returns the next one."""
+        self.settlement.apply_threadsafe(out, functools.partial(self._handed, batch, index))
         following = Outcome(self.slots, 0, generation)
         following.slowest, following.slow_calls = out.slowest, out.slow_calls
         return following
+
+    def _handed(self, batch: Sequence[Envelope], index: int) -> None:
+        """On the loop, once the loop applied what the thread handed over: those messages are no longer under
+        way; a revoke waiting on them looks again."""
+        with self._claim:
+            if self._thread_batch is batch:
+                self._thread_reported = index
+        self.settlement.settled.set()
 
     def holds(self, revoked: set[tuple[str, int]]) -> bool:
         """On the loop: whether work of these partitions is under way on the handler thread: in its call, or
@@ -269,8 +282,8 @@ class SyncExecutor:
         dropped (marked; the thread skips and abandons them), as their partitions now belong to another member.
         Those it finished but has not handed over yet, and the one in its call, settle as usual. The rest of a
         batch being handled inline skips them too."""
-        self._dropped.update(revoked)
         with self._claim:
+            self._dropped.update(revoked)
             for env in self._thread_batch[self._thread_begun:]:
                 if is_revoked(env, revoked):
                     env.pending = -1
