@@ -10,6 +10,7 @@ waited that long.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 from engine_fakes import Connector, Item, RevocableConsumer, make_engine, outputs
 
 from volley import MemoryBroker
+from volley.memory import MemoryProducer
 from volley.run import sync_executor
 
 DEADLINE = 5.0  # the revoke's (shutdown_timeout_seconds): the old code waited all of it
@@ -382,3 +384,112 @@ def test_a_record_of_a_revoked_partition_whose_delivery_fails_during_the_revokes
 
     asyncio.run(main())
     assert seen[0] >= 1, "partition 0's input was acked only after its revoke returned (a retried delivery)"
+
+
+# ------------------------------------------------------------------ found by a second review (of ce1e65d)
+
+
+class GatedFlushProducer(MemoryProducer):
+    """Stores and confirms at once (MemoryProducer); ``flush`` says it began and waits for ``gate`` (as a real
+    flush waits for the broker)."""
+
+    latest: GatedFlushProducer | None = None
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        self.gate = asyncio.Event()
+        self.flushing = asyncio.Event()
+        GatedFlushProducer.latest = self
+
+    async def flush(self, timeout: float) -> None:
+        self.flushing.set()
+        await self.gate.wait()
+
+
+def test_an_async_lane_started_as_the_revoke_ends_does_not_handle_the_revoked_partition() -> None:
+    """max_in_flight=1: partition 0's lane (kept) runs, partition 1's lane (revoked) waits. The revoke does not
+    wait for it (holds skips waiting lanes) and goes on to flush. The kept call ends in the same loop iteration as
+    the flush, just after it: _lane_ended starts partition 1's lane (its task not run yet). The revoke's finally
+    then sees that lane as running ("not in waiting"), keeps its head as "in its call", and clears ``revoked``:
+    the lane's first step handles partition 1's message after the revoke returned. (Before 4a9bd07 the revoke
+    waited for partition 0's call, and partition 1's lane then skipped its message.)"""
+    broker = two_partitions(1, 1)  # batch: 0 (p0, kept), 1 (p1, revoked)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer, GatedFlushProducer), consume_batch_size=2,
+                         shutdown_timeout_seconds=DEADLINE, max_in_flight=1)
+    calls: list[tuple[int, bool]] = []
+    ended = [False]
+
+    @engine.stream_app
+    async def handler(item: Item) -> list[tuple[str, Item]]:
+        calls.append((item.n, ended[0]))
+        if item.n == 0:
+            producer = GatedFlushProducer.latest
+            assert producer is not None
+            with contextlib.suppress(TimeoutError):  # the revoke's flush began (or the old revoke waits for us)
+                await asyncio.wait_for(producer.flushing.wait(), 0.5)
+            producer.gate.set()  # the revoke's flush returns (its wakeup is queued first) ...
+        return [("out", item)]  # ... and this lane ends, starting the waiting lane of partition 1
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        await until(lambda: any(n == 0 for n, _ in calls), "partition 0's call under way")
+        consumer = RevocableConsumer.latest
+        assert consumer is not None
+
+        async def revoke() -> None:
+            await consumer.revoke([("in", 1)])
+            ended[0] = True  # in the step the revoke returns in (the Kafka consumer commits and forgets there)
+
+        await asyncio.wait_for(revoke(), 10)
+        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    report = asyncio.run(main())
+    late = [n for n, after in calls if after and n == 1]
+    assert late == [], f"partition 1 handled after its revoke returned: {calls} ({report})"
+    assert report.acked == 1 and report.abandoned == 1, report
+
+
+def test_a_revoked_partitions_finished_message_does_not_wait_for_a_call_on_a_kept_partition() -> None:
+    """Handler thread: partition 0's message (revoked) finishes in well under SWITCH_REPORT_SECONDS, then a long
+    call on partition 1 (kept) begins. The hand-over before that call is rate-limited, so partition 0's result
+    stays in the thread's Outcome; holds() counts it as under way and the revoke waits for partition 1's call,
+    here until the revoke deadline. It returns with partition 0's input unacked, and its output is produced and
+    its input acked after the revoke returned (its partition belongs to another member by then)."""
+    broker = two_partitions(1, 1)  # batch: 0 (p0, revoked), 1 (p1, kept)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=2,
+                         shutdown_timeout_seconds=2.0, sync_handler_mode="thread")
+    in_call, release = threading.Event(), threading.Event()
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        if item.n == 1:
+            in_call.set()
+            assert release.wait(30)  # partition 1: a long call (a slow service)
+        return [("out", item)]
+
+    seen: list[tuple[float, int, int]] = []
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        await until(in_call.is_set, "message 0 finished, message 1 in its call")
+        await asyncio.sleep(0.05)
+        consumer = RevocableConsumer.latest
+        assert consumer is not None
+        began = time.monotonic()
+
+        async def revoke() -> None:
+            await consumer.revoke([("in", 0)])
+            seen.append((time.monotonic() - began, broker.acked("in"), len(broker.produced("out"))))
+
+        await asyncio.wait_for(revoke(), 10)
+        release.set()
+        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    took, acked, produced = seen[0]
+    assert took < 1.0 and acked == 1 and produced == 1, \
+        f"the revoke took {took:.2f} s (waiting for partition 1's call); acked={acked} produced={produced} then"

@@ -34,6 +34,7 @@ class AsyncLanes:
         self.slots = len(settlement.producers)
         self.lanes: dict[Any, deque[tuple[Token, Any]]] = {}
         self.waiting: deque[Any] = deque()
+        self.calling: dict[Any, Token] = {}  # lane -> the token its task is handling (awaiting its call)
         self.active = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
@@ -98,7 +99,12 @@ class AsyncLanes:
                     queue.popleft()
                     self._abandon(1)
                     continue
-                out = await self._handle(token, message, generation)
+                self.calling[lane] = token
+                try:
+                    out = await self._handle(token, message, generation)
+                finally:
+                    if self.calling.get(lane) is token:  # (a task outliving a reset must not clear a new one's)
+                        del self.calling[lane]
                 queue.popleft()
                 settlement.apply(out)
         except asyncio.CancelledError:
@@ -147,31 +153,27 @@ class AsyncLanes:
             await asyncio.wait(set(self.tasks), timeout=timeout)
 
     def holds(self, revoked: set[PartitionId]) -> bool:
-        """Whether a running lane is handling a message of these partitions, or any lane holds a batch handler's
-        group with one (a group is handled whole, never split: the revoke waits for it, as ``drop_queued`` keeps
-        it)."""
-        waiting = set(self.waiting)
-        for lane, queue in self.lanes.items():
-            if queue and lane not in waiting and any_revoked(queue[0][0], revoked):
-                return True
-            if any(not isinstance(token, Envelope) and any_revoked(token, revoked) for token, _ in queue):
-                return True
-        return False
+        """Whether a lane is handling a message of these partitions, or holds a batch handler's group with one (a
+        group is handled whole, never split: the revoke waits for it, as ``drop_queued`` keeps it)."""
+        if any(any_revoked(token, revoked) for token in self.calling.values()):
+            return True
+        return any(not isinstance(token, Envelope) and any_revoked(token, revoked)
+                   for queue in self.lanes.values() for token, _ in queue)
 
     def drop_queued(self, revoked: set[PartitionId]) -> None:
-        """Drop queued messages of partitions being revoked: all of a lane still waiting to start, all but the one
-        being handled of a running lane."""
+        """Drop queued messages of partitions being revoked, all but the one each lane is handling (in its call):
+        a lane started but not yet running, or waiting to start, drops its first one too."""
         dropped = 0
         waiting = set(self.waiting)
         for lane, queue in list(self.lanes.items()):
-            handling = lane not in waiting  # its first message is in its call
-            kept = [item for index, item in enumerate(queue) if (index == 0 and handling)
+            calling = self.calling.get(lane)
+            kept = [item for index, item in enumerate(queue) if (index == 0 and item[0] is calling)
                     or not isinstance(item[0], Envelope) or not is_revoked(item[0], revoked)]
             dropped += len(queue) - len(kept)
             if len(kept) != len(queue):
                 queue.clear()
                 queue.extend(kept)
-            if not queue:  # only a waiting lane can empty here: it never starts
+            if not queue and lane in waiting:  # it never starts (a started lane's task ends an empty one)
                 del self.lanes[lane]
                 self.waiting.remove(lane)
         if not self.lanes:
@@ -191,6 +193,7 @@ class AsyncLanes:
         await self.close(timeout)
         self.lanes.clear()
         self.waiting.clear()
+        self.calling.clear()
         self.active = 0
         self.closed = False
         self.idle.set()

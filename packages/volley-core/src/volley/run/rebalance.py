@@ -10,6 +10,7 @@ transaction it waits for all work, which the transaction it commits holds.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,6 +19,8 @@ from volley.message import Envelope
 from volley.ports import PartitionId
 from volley.run.settlement import Settlement
 from volley.run.tokens import is_revoked
+
+logger = logging.getLogger("volley")
 
 
 def drop_revoked(batch: list[Envelope], revoked: set[PartitionId], settlement: Settlement) -> list[Envelope]:
@@ -48,7 +51,11 @@ class Rebalance:
                 settlement.flush_outputs()
                 await self.wait_released(self.revoked, deadline)
                 for producer in settlement.producers:
-                    await producer.flush(max(0.1, deadline - time.monotonic()))
+                    try:
+                        await producer.flush(max(0.1, deadline - time.monotonic()))
+                    except Exception as exc:  # what was confirmed is still acked below
+                        logger.warning("%s: flushing a producer for a rebalance failed: %s", settlement.app_name,
+                                       exc)
                 settlement.drain_reports()
                 # A delivery failure reported by the flush schedules a retry or a dead letter: wait for it too.
                 if not settlement.unsent_for(self.revoked) or time.monotonic() >= deadline:

@@ -146,18 +146,13 @@ class Settlement:
         self.staged = None
         self.generation += 1
 
-    def apply_threadsafe(self, out: Outcome, then: Callable[[], None] | None = None) -> None:
-        """From the handler thread: apply ``out`` on the loop, in order with everything else it was sent; then
-        call ``then`` there (once applied)."""
+    def call_threadsafe(self, callback: Callable[[], None]) -> None:
+        """From the handler thread: call ``callback`` on the loop (it applies what the thread finished), in order
+        with everything else sent there."""
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is acked, all comes again
-                loop.call_soon_threadsafe(self._apply_then, out, then)
-
-    def _apply_then(self, out: Outcome, then: Callable[[], None] | None) -> None:
-        self.apply(out)
-        if then is not None:
-            then()
+                loop.call_soon_threadsafe(callback)
 
     # ------------------------------------------------------------------ producing
 

@@ -19,7 +19,6 @@ costs every batch a thread hop and a fight over the GIL.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -40,7 +39,6 @@ FAST_CALL_SECONDS = 0.002
 SLOW_CALL_SECONDS = 0.02
 VERY_SLOW_CALL_SECONDS = 0.2
 THREAD_REPORT_SECONDS = 0.01
-SWITCH_REPORT_SECONDS = 0.005  # sooner before a call on another partition (see _handle_on_thread)
 CALIBRATION_BATCHES = 2
 
 
@@ -64,6 +62,7 @@ class SyncExecutor:
         # Its messages before this index were handed to the loop; those from here to ``_thread_begun`` are its work
         # under way (a revoke waits for it: ``holds``). Both move under the lock; a batch stays until it is applied.
         self._thread_reported = 0
+        self._parked: list[tuple[Outcome, int]] = []  # the thread's finished outcomes (and where each ends), in order
         self._group_batch: Sequence[Envelope] = ()  # a batch handler's batch while its call runs, until applied
         # Partitions given up while a batch was being handled inline: the rest of that batch skips their messages
         # (the revoke that gave them up may end before the batch does). Cleared when the next batch begins.
@@ -127,9 +126,11 @@ class SyncExecutor:
             self._thread_batch, self._thread_begun, self._thread_reported = batch, 0, 0
         try:
             out = await self.worker.submit(work)
+            self._collect()  # what it parked comes first
             self.settlement.apply(out)
             return out
         finally:
+            self._collect()
             with self._claim:
                 self._thread_batch, self._thread_begun, self._thread_reported = (), 0, 0
 
@@ -216,17 +217,18 @@ class SyncExecutor:
                 out.handled = index - reported
                 return out
             now = settlement.last_activity = monotonic()  # progress for the health probe, even mid-batch
-            # Also before every call while partitions are being revoked (a revoke waits only for its partitions'
-            # results not handed over), and sooner before a call on another partition: what finished of one
-            # partition seldom waits for a long call on another.
+            # What finished is parked before a call on another partition (the loop applies it when it collects:
+            # a revoke does, so it never waits for a call on a partition it leaves alone), and handed over (the loop
+            # woken to collect) every THREAD_REPORT_SECONDS and before every call while partitions are revoked.
             switched = env.partition != partition or env.source != source
             source, partition = env.source, env.partition
-            since = now - posted
-            if (since >= THREAD_REPORT_SECONDS or revoked or (switched and since >= SWITCH_REPORT_SECONDS)) \
-                    and index > reported:
+            due = bool(revoked) or now - posted >= THREAD_REPORT_SECONDS
+            if (due or switched) and index > reported:
                 out.handled = index - reported
-                reported, posted = index, now
-                out = self._hand_over(out, batch, index, generation)
+                reported = index
+                if due:
+                    posted = now
+                out = self._park(out, index, generation, wake=due)
             with self._claim:  # its partition is being, or was, given up (the batch's rest may come from inline)
                 dropped = env.pending == -1 or (revoked and is_revoked(env, revoked)) \
                     or (given_up and is_revoked(env, given_up))
@@ -253,25 +255,36 @@ class SyncExecutor:
         out.handled = len(batch) - reported
         return out
 
-    def _hand_over(self, out: Outcome, batch: Sequence[Envelope], index: int, generation: int) -> Outcome:
-        """On the thread: hand ``out`` (``batch``'s messages before ``index``) to the loop; returns the next one."""
-        self.settlement.apply_threadsafe(out, functools.partial(self._handed, batch, index))
+    def _park(self, out: Outcome, index: int, generation: int, *, wake: bool) -> Outcome:
+        """On the thread: ``out`` (the batch's messages before ``index``) is finished; the loop applies it when it
+        next collects (woken to do so now if ``wake``). Returns the outcome to fill next."""
+        with self._claim:
+            self._parked.append((out, index))
+        if wake:
+            self.settlement.call_threadsafe(self._collect)
         following = Outcome(self.slots, 0, generation)
         following.slowest, following.slow_calls = out.slowest, out.slow_calls
         return following
 
-    def _handed(self, batch: Sequence[Envelope], index: int) -> None:
-        """On the loop, once the loop applied what the thread handed over: those messages are no longer under
-        way; a revoke waiting on them looks again."""
+    def _collect(self) -> None:
+        """On the loop: apply what the thread parked, in order; those messages are no longer under way (a revoke
+        waiting on them looks again)."""
         with self._claim:
-            if self._thread_batch is batch:
-                self._thread_reported = index
-        self.settlement.settled.set()
+            parked, self._parked = self._parked, []
+            if parked:
+                self._thread_reported = parked[-1][1]
+        if parked:
+            out = parked[0][0]
+            for later, _ in parked[1:]:
+                out.absorb(later)  # one settlement for them all (parked per partition run: often many)
+            self.settlement.apply(out)
+            self.settlement.settled.set()
 
     def holds(self, revoked: set[tuple[str, int]]) -> bool:
         """On the loop: whether work of these partitions is under way on the handler thread: in its call, or
         finished and not handed over yet (a batch handler's whole batch). Inline slices never are while the loop
         runs something else."""
+        self._collect()
         with self._claim:
             under_way = self._thread_batch[self._thread_reported:self._thread_begun]
             group = self._group_batch
