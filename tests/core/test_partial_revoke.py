@@ -452,11 +452,11 @@ def test_an_async_lane_started_as_the_revoke_ends_does_not_handle_the_revoked_pa
 
 
 def test_a_revoked_partitions_finished_message_does_not_wait_for_a_call_on_a_kept_partition() -> None:
-    """Handler thread: partition 0's message (revoked) finishes in well under SWITCH_REPORT_SECONDS, then a long
-    call on partition 1 (kept) begins. The hand-over before that call is rate-limited, so partition 0's result
-    stays in the thread's Outcome; holds() counts it as under way and the revoke waits for partition 1's call,
-    here until the revoke deadline. It returns with partition 0's input unacked, and its output is produced and
-    its input acked after the revoke returned (its partition belongs to another member by then)."""
+    """Handler thread: partition 0's message (revoked) finishes at once, then a long call on partition 1 (kept)
+    begins. When the hand-over before that call was rate-limited, partition 0's result stayed in the thread's
+    Outcome; holds() counted it as under way and the revoke waited for partition 1's call, here until the revoke
+    deadline, returning with partition 0's input unacked (its output produced and its input acked after the
+    revoke, when the partition belonged to another member). The thread now parks its outcome at every switch."""
     broker = two_partitions(1, 1)  # batch: 0 (p0, revoked), 1 (p1, kept)
     engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=2,
                          shutdown_timeout_seconds=2.0, sync_handler_mode="thread")
@@ -493,3 +493,70 @@ def test_a_revoked_partitions_finished_message_does_not_wait_for_a_call_on_a_kep
     took, acked, produced = seen[0]
     assert took < 1.0 and acked == 1 and produced == 1, \
         f"the revoke took {took:.2f} s (waiting for partition 1's call); acked={acked} produced={produced} then"
+
+
+# ------------------------------------------------------------------ found by a third review (of ed66d68)
+
+
+@pytest.mark.parametrize("first_call", [0.007, 0.02])
+def test_a_result_finished_before_a_long_call_on_another_partition_is_acked_during_it(
+        monkeypatch: pytest.MonkeyPatch, first_call: float) -> None:
+    """Outside a revoke too: an outcome parked at a partition switch wakes the loop (at most every few ms), so a
+    finished result's output and ack do not wait for a long call on another partition."""
+    if first_call > 0.01:  # only the switch can hand it over
+        monkeypatch.setattr(sync_executor, "THREAD_REPORT_SECONDS", 1.0)
+    broker = two_partitions(1, 1)
+    engine = make_engine(broker, Connector(broker), consume_batch_size=2, sync_handler_mode="thread")
+    in_call, release = threading.Event(), threading.Event()
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        if item.n == 0:
+            time.sleep(first_call)  # the call's length is the condition under test
+        else:
+            in_call.set()
+            assert release.wait(30)
+        return [("out", item)]
+
+    async def main() -> None:
+        task = asyncio.ensure_future(handler.run_async())
+        try:
+            await until(in_call.is_set, "partition 1's call under way")
+            await until(lambda: len(broker.produced("out")) == 1 and broker.acked("in") == 1,
+                        "partition 0's result produced and acked during partition 1's call", within=5.0)
+        finally:
+            release.set()
+        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
+        handler.stop()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+class FailingFlush(MemoryProducer):
+    async def flush(self, timeout: float) -> None:
+        raise TimeoutError("1 record(s) not confirmed")
+
+
+def test_a_failing_flush_during_a_revoke_still_acks_what_finished() -> None:
+    """librdkafka's flush raises when its time is up: the revoke logs it and still acks what was confirmed (it
+    skipped the acks before, so finished work was not committed and the new owner did it again)."""
+    broker = two_partitions(1, 1)
+    engine = make_engine(broker, Connector(broker, RevocableConsumer, FailingFlush), consume_batch_size=2,
+                         sync_handler_mode="thread", shutdown_timeout_seconds=2.0)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(handler.run_async())
+        await until(lambda: handler.report is not None and handler.report.settled == 2, "both inputs handled")
+        consumer = RevocableConsumer.latest
+        assert consumer is not None
+        await consumer.revoke([("in", 0)])
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    report = asyncio.run(main())
+    assert report.acked == 2 and broker.acked("in") == 2, report

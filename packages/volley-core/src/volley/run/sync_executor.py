@@ -39,6 +39,7 @@ FAST_CALL_SECONDS = 0.002
 SLOW_CALL_SECONDS = 0.02
 VERY_SLOW_CALL_SECONDS = 0.2
 THREAD_REPORT_SECONDS = 0.01
+SWITCH_WAKE_SECONDS = 0.005  # an outcome parked at a partition switch wakes the loop at most this often
 CALIBRATION_BATCHES = 2
 
 
@@ -122,6 +123,7 @@ class SyncExecutor:
         """Run ``work`` (``batch``) on the handler thread and apply what it returns at the end. The batch is the
         thread's from now on (a revoke marks what it has not begun, ``drop_queued``), and none of it is under way
         any more (``holds``) only once applied."""
+        self._collect()  # (only a batch cancelled at shutdown can leave something parked)
         with self._claim:
             self._thread_batch, self._thread_begun, self._thread_reported = batch, 0, 0
         try:
@@ -218,17 +220,19 @@ class SyncExecutor:
                 return out
             now = settlement.last_activity = monotonic()  # progress for the health probe, even mid-batch
             # What finished is parked before a call on another partition (the loop applies it when it collects:
-            # a revoke does, so it never waits for a call on a partition it leaves alone), and handed over (the loop
-            # woken to collect) every THREAD_REPORT_SECONDS and before every call while partitions are revoked.
+            # a revoke does, so it never waits for a call on a partition it leaves alone; the loop is woken to
+            # collect at most every SWITCH_WAKE_SECONDS for it), every THREAD_REPORT_SECONDS and before every call
+            # while partitions are revoked (the loop woken).
             switched = env.partition != partition or env.source != source
             source, partition = env.source, env.partition
-            due = bool(revoked) or now - posted >= THREAD_REPORT_SECONDS
-            if (due or switched) and index > reported:
+            since = now - posted
+            wake = bool(revoked) or since >= THREAD_REPORT_SECONDS or (switched and since >= SWITCH_WAKE_SECONDS)
+            if (wake or switched) and index > reported:
                 out.handled = index - reported
                 reported = index
-                if due:
+                if wake:
                     posted = now
-                out = self._park(out, index, generation, wake=due)
+                out = self._park(out, index, generation, wake=wake)
             with self._claim:  # its partition is being, or was, given up (the batch's rest may come from inline)
                 dropped = env.pending == -1 or (revoked and is_revoked(env, revoked)) \
                     or (given_up and is_revoked(env, given_up))
@@ -276,7 +280,11 @@ class SyncExecutor:
         if parked:
             out = parked[0][0]
             for later, _ in parked[1:]:
-                out.absorb(later)  # one settlement for them all (parked per partition run: often many)
+                if later.generation == out.generation:
+                    out.absorb(later)  # one settlement for them all (parked per partition run: often many)
+                else:
+                    self.settlement.apply(out)
+                    out = later
             self.settlement.apply(out)
             self.settlement.settled.set()
 
