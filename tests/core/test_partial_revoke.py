@@ -146,11 +146,11 @@ def test_messages_of_a_partition_given_up_mid_batch_are_not_handled_inline_after
 
 
 # ------------------------------------------------------------------ found by review: revoked work after the revoke
-# Each failed on the first version of this change (4a9bd07); all pass with the engine before it, which waited for
-# everything.
+# Each failed on the first version of this change (4a9bd07), whose defect its docstring describes; all pass with
+# the engine before it, which waited for everything.
 
 
-def test_inline_batch_moved_to_the_thread_after_a_revoke_handles_the_revoked_partition(
+def test_the_rest_of_an_inline_batch_moved_to_the_thread_after_a_revoke_skips_the_revoked_partition(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Inline: the revoke ends between slices (_dropped = {p0}); a later call on partition 1 raises once (a retry
     is due), so the rest of the batch goes to the handler thread, which ignores _dropped."""
@@ -188,7 +188,7 @@ def test_inline_batch_moved_to_the_thread_after_a_revoke_handles_the_revoked_par
     assert late == [], f"partition 0 handled after its revoke returned: {late}"
 
 
-def test_async_batch_groups_of_a_revoked_partition_queued_behind_a_kept_group_run_after_the_revoke() -> None:
+def test_an_async_batch_group_of_a_revoked_partition_queued_behind_a_kept_group_is_waited_for() -> None:
     """Async batch handler: the lane's head group is partition 1's; a group of partition 0 waits behind it.
     holds() looks at the head only and drop_queued keeps Groups: partition 0's group is handled after the revoke."""
     broker = two_partitions(2, 2)  # round-robin: 0(p0), 2(p1), 1(p0), 3(p1)
@@ -227,7 +227,7 @@ def test_async_batch_groups_of_a_revoked_partition_queued_behind_a_kept_group_ru
     assert late == [], f"partition 0 handled after its revoke returned: {late}"
 
 
-def test_a_thread_batch_submitted_before_a_revoke_but_not_yet_begun_is_handled_after_it(
+def test_a_thread_batch_submitted_before_a_revoke_but_not_yet_begun_skips_the_revoked_partition(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Thread mode: the batch is submitted to the handler thread, which has not registered it (_thread_batch)
     yet when the revoke runs (GIL, OS scheduling; modelled by a gate). holds() is false, drop_queued marks
@@ -269,7 +269,7 @@ def test_a_thread_batch_submitted_before_a_revoke_but_not_yet_begun_is_handled_a
     assert late == [], f"partition 0 handled after its revoke returned: {late}"
 
 
-def test_a_revoked_partitions_result_handed_over_but_not_yet_applied_is_not_acked_by_the_revoke() -> None:
+def test_a_revoked_partitions_result_handed_over_before_the_revoke_returned_is_acked_by_it() -> None:
     """The thread hands over partition 0's finished message (call_soon_threadsafe) and then moves
     _thread_reported on; a revoke task whose wakeup was already queued ahead of that callback sees holds()
     false and returns before the result is applied: not acked (committed) by the revoke, and its output is
@@ -354,7 +354,7 @@ class LateReportProducer:
         return None
 
 
-def test_a_record_of_a_revoked_partition_whose_delivery_fails_during_the_revokes_flush_is_retried_after_it() -> None:
+def test_a_revoked_partitions_record_failing_during_the_revokes_flush_is_retried_before_it_ends() -> None:
     """wait_revoked checks retrying_for before the flush only: a delivery failure reported during the flush
     schedules a retry the revoke no longer waits for; the input is acked after the partition was given up."""
     broker = two_partitions(1, 1)  # batch: 0 (p0), 1 (p1)
@@ -387,6 +387,7 @@ def test_a_record_of_a_revoked_partition_whose_delivery_fails_during_the_revokes
 
 
 # ------------------------------------------------------------------ found by a second review (of ce1e65d)
+# (the docstrings describe the defect as it was in ce1e65d)
 
 
 class GatedFlushProducer(MemoryProducer):
