@@ -44,6 +44,13 @@ async def until(check: Any, what: str, within: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def settled_and_stopped(handler: Any, task: asyncio.Future[Any], inputs: int) -> Any:
+    """Once ``inputs`` inputs have settled, stop the app; its run's report."""
+    await until(lambda: handler.report is not None and handler.report.settled == inputs, "every input settled")
+    handler.stop()
+    return await asyncio.wait_for(task, 10)
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_revoke_does_not_wait_for_the_work_of_the_partitions_kept(kind: str) -> None:
     """Partition 0's handler calls block (kept); partition 1 is revoked meanwhile. The revoke must end at once:
@@ -89,9 +96,7 @@ def test_a_revoke_does_not_wait_for_the_work_of_the_partitions_kept(kind: str) -
         acked_by_then = broker.acked("in")
         go.set()
         go_async.set()
-        await until(lambda: handler.report is not None and handler.report.settled == 6, "every input settled")
-        handler.stop()
-        return took, acked_by_then, await asyncio.wait_for(task, 10)
+        return took, acked_by_then, await settled_and_stopped(handler, task, 6)
 
     took, acked_by_then, report = asyncio.run(main())
     assert took < DEADLINE / 2, f"the revoke waited {took:.1f} s for the partition it does not take away"
@@ -133,9 +138,7 @@ def test_messages_of_a_partition_given_up_mid_batch_are_not_handled_inline_after
         task = asyncio.ensure_future(handler.run_async())
         await until(lambda: bool(revoke) and revoke[0].done(), "the revoke ended")
         revoke[0].result()
-        await until(lambda: handler.report is not None and handler.report.settled == 40, "every input settled")
-        handler.stop()
-        return await asyncio.wait_for(task, 10)
+        return await settled_and_stopped(handler, task, 40)
 
     report = asyncio.run(main())
     after = calls[revoked_after[0]:]
@@ -178,9 +181,7 @@ def test_the_rest_of_an_inline_batch_moved_to_the_thread_after_a_revoke_skips_th
 
     async def main() -> Any:
         task = asyncio.ensure_future(handler.run_async())
-        await until(lambda: handler.report is not None and handler.report.settled == 40, "every input settled")
-        handler.stop()
-        return await asyncio.wait_for(task, 10)
+        return await settled_and_stopped(handler, task, 40)
 
     asyncio.run(main())
     # (before 4a9bd07 the revoke waited for the whole batch: it never ended mid-batch)
@@ -218,9 +219,7 @@ def test_an_async_batch_group_of_a_revoked_partition_queued_behind_a_kept_group_
         await asyncio.wait_for(consumer.revoke([("in", 0)]), 10)
         revoked.set()
         acked = broker.acked("in")
-        await until(lambda: handler.report is not None and handler.report.settled == 4, "every input settled")
-        handler.stop()
-        return acked, await asyncio.wait_for(task, 10)
+        return acked, await settled_and_stopped(handler, task, 4)
 
     _acked, _report = asyncio.run(main())
     late = [n for n, after in calls if after and n < 2]
@@ -260,9 +259,7 @@ def test_a_thread_batch_submitted_before_a_revoke_but_not_yet_begun_skips_the_re
         asyncio.get_running_loop().call_later(0.3, gate.set)  # the thread starts soon, revoke or not
         await asyncio.wait_for(consumer.revoke([("in", 0)]), 10)
         ended.set()
-        await until(lambda: handler.report is not None and handler.report.settled == 6, "every input settled")
-        handler.stop()
-        return await asyncio.wait_for(task, 10)
+        return await settled_and_stopped(handler, task, 6)
 
     asyncio.run(main())
     late = [n for n, after in calls if after and n < 3]
@@ -311,9 +308,7 @@ def test_a_revoked_partitions_result_handed_over_before_the_revoke_returned_is_a
         assert handed.wait(10)  # meanwhile the thread handed message 0 over (queued behind the wakeup)
         threading.Timer(0.3, go.set).start()  # message 1's call ends soon, revoke or not
         await revoking
-        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
-        handler.stop()
-        return await asyncio.wait_for(task, 10)
+        return await settled_and_stopped(handler, task, 2)
 
     asyncio.run(main())
     acked, produced = seen[0]
@@ -378,9 +373,7 @@ def test_a_revoked_partitions_record_failing_during_the_revokes_flush_is_retried
         assert consumer is not None
         await asyncio.wait_for(consumer.revoke([("in", 0)]), 10)
         seen.append(broker.acked("in"))
-        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
-        handler.stop()
-        return await asyncio.wait_for(task, 10)
+        return await settled_and_stopped(handler, task, 2)
 
     asyncio.run(main())
     assert seen[0] >= 1, "partition 0's input was acked only after its revoke returned (a retried delivery)"
@@ -442,9 +435,7 @@ def test_an_async_lane_started_as_the_revoke_ends_does_not_handle_the_revoked_pa
             ended[0] = True  # in the step the revoke returns in (the Kafka consumer commits and forgets there)
 
         await asyncio.wait_for(revoke(), 10)
-        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
-        handler.stop()
-        return await asyncio.wait_for(task, 10)
+        return await settled_and_stopped(handler, task, 2)
 
     report = asyncio.run(main())
     late = [n for n, after in calls if after and n == 1]
@@ -486,9 +477,7 @@ def test_a_revoked_partitions_finished_message_does_not_wait_for_a_call_on_a_kep
 
         await asyncio.wait_for(revoke(), 10)
         release.set()
-        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
-        handler.stop()
-        return await asyncio.wait_for(task, 10)
+        return await settled_and_stopped(handler, task, 2)
 
     asyncio.run(main())
     took, acked, produced = seen[0]
@@ -527,9 +516,7 @@ def test_a_result_finished_before_a_long_call_on_another_partition_is_acked_duri
                         "partition 0's result produced and acked during partition 1's call", within=5.0)
         finally:
             release.set()
-        await until(lambda: handler.report is not None and handler.report.settled == 2, "every input settled")
-        handler.stop()
-        await asyncio.wait_for(task, 10)
+        await settled_and_stopped(handler, task, 2)
 
     asyncio.run(main())
 
