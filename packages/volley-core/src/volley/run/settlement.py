@@ -302,8 +302,9 @@ class Settlement:
 
     def unsent_for(self, revoked: set[tuple[str, int]]) -> bool:
         """Whether a record of an input of these partitions is buffered or waits to be produced again (a revoke
-        waits for it): a retry, or a dead letter, scheduled after a delivery failure."""
-        return any(m.token is not None and any_revoked(m.token, revoked)
+        waits for it): a retry, or a dead letter, scheduled after a delivery failure. Not a record whose input
+        was given up meanwhile (``pending < 0``): its retry is never made."""
+        return any(m.token is not None and m.token.pending >= 0 and any_revoked(m.token, revoked)
                    for m in itertools.chain(self._retrying, *self._out))
 
     def cancel_retries(self) -> None:
