@@ -190,7 +190,8 @@ def test_the_rest_of_an_inline_batch_moved_to_the_thread_after_a_revoke_skips_th
     assert late == [], f"partition 0 handled after its revoke returned: {late}"
 
 
-def test_an_async_batch_group_of_a_revoked_partition_queued_behind_a_kept_group_is_waited_for() -> None:
+def test_an_async_batch_group_of_a_revoked_partition_queued_behind_a_kept_group_is_not_handled_after_the_revoke(
+) -> None:
     """Async batch handler: the lane's head group is partition 1's; a group of partition 0 waits behind it.
     holds() looks at the head only and drop_queued keeps Groups: partition 0's group is handled after the revoke."""
     broker = two_partitions(2, 2)  # round-robin: 0(p0), 2(p1), 1(p0), 3(p1)
@@ -599,3 +600,46 @@ def test_a_revoke_does_not_wait_for_the_retry_of_a_record_whose_input_was_alread
 
     asyncio.run(main())
     assert took[0] < 1.5, f"the revoke took {took[0]:.1f} s: it waited for a retry that will never be made"
+
+
+def test_an_async_batch_group_of_revoked_partitions_only_is_dropped_not_handled_and_not_waited_for() -> None:
+    """Async batch handler: a queued group whose every member is of a revoked partition was kept by drop_queued
+    and counted by holds(): the revoke waited for the kept group's call ahead of it (here until its 3 s call
+    ended), then the lane handled the revoked group during the revoke, for a partition given up."""
+    broker = two_partitions(2, 2)  # round-robin: 0(p0), 2(p1), 1(p0), 3(p1); groups of one
+    engine = make_engine(broker, Connector(broker, RevocableConsumer), consume_batch_size=4, batch_size=1,
+                         shutdown_timeout_seconds=DEADLINE, max_in_flight=1)
+    calls: list[int] = []
+    go: asyncio.Event | None = None
+
+    @engine.stream_app
+    async def handler(items: list[Item]) -> list[tuple[str, Item]]:
+        for item in items:
+            calls.append(item.n)
+            if item.n == 2:
+                assert go is not None
+                await go.wait()
+        return [("out", item) for item in items]
+
+    took: list[float] = []
+
+    async def main() -> Any:
+        nonlocal go
+        go = asyncio.Event()
+        task = asyncio.ensure_future(handler.run_async())
+        await until(lambda: 2 in calls, "partition 1's group under way")
+        assert calls == [0, 2], calls  # partition 0's second group (n=1) waits for a lane (max_in_flight=1)
+        consumer = RevocableConsumer.latest
+        assert consumer is not None
+        asyncio.get_running_loop().call_later(3.0, go.set)
+        started = time.monotonic()
+        await asyncio.wait_for(consumer.revoke([("in", 0)]), 10)
+        took.append(time.monotonic() - started)
+        await until(lambda: 3 in calls, "partition 1's last group handled")
+        handler.stop()
+        return await asyncio.wait_for(task, 10)
+
+    report = asyncio.run(main())
+    assert 1 not in calls, f"partition 0's queued group was handled after its partition was revoked: {calls}"
+    assert took[0] < 1.5, f"the revoke took {took[0]:.1f} s: it waited for a group it gives up"
+    assert report.abandoned >= 1

@@ -95,9 +95,9 @@ class AsyncLanes:
         try:
             while queue and not self.closed and settlement.generation == generation:
                 token, message = queue[0]
-                if self.revoked and isinstance(token, Envelope) and is_revoked(token, self.revoked):
+                if self.revoked and _given_up(token, self.revoked):
                     queue.popleft()
-                    self._abandon(1)
+                    self._abandon(len(members_of(token)))
                     continue
                 self.calling[lane] = token
                 try:
@@ -153,23 +153,27 @@ class AsyncLanes:
             await asyncio.wait(set(self.tasks), timeout=timeout)
 
     def holds(self, revoked: set[PartitionId]) -> bool:
-        """Whether a lane is handling a message of these partitions, or holds a batch handler's group with one (a
-        group is handled whole, never split: the revoke waits for it, as ``drop_queued`` keeps it)."""
+        """Whether a lane is handling a message of these partitions, or holds a batch handler's group with one and
+        with a member of a partition kept (a group is handled whole, never split: the revoke waits for it, as
+        ``drop_queued`` keeps it; a queued group of revoked partitions only is dropped)."""
         if any(any_revoked(token, revoked) for token in self.calling.values()):
             return True
-        return any(not isinstance(token, Envelope) and any_revoked(token, revoked)
+        return any(not isinstance(token, Envelope) and any_revoked(token, revoked) and not _given_up(token, revoked)
                    for queue in self.lanes.values() for token, _ in queue)
 
     def drop_queued(self, revoked: set[PartitionId]) -> None:
-        """Drop queued messages of partitions being revoked, all but the one each lane is handling (in its call):
-        a lane started but not yet running, or waiting to start, drops its first one too."""
+        """Drop queued messages (and batch groups) of partitions being revoked, all but the one each lane is
+        handling (in its call): a lane started but not yet running, or waiting to start, drops its first one too."""
         dropped = 0
         waiting = set(self.waiting)
         for lane, queue in list(self.lanes.items()):
             calling = self.calling.get(lane)
-            kept = [item for index, item in enumerate(queue) if (index == 0 and item[0] is calling)
-                    or not isinstance(item[0], Envelope) or not is_revoked(item[0], revoked)]
-            dropped += len(queue) - len(kept)
+            kept: list[tuple[Token, Any]] = []
+            for index, item in enumerate(queue):
+                if (index == 0 and item[0] is calling) or not _given_up(item[0], revoked):
+                    kept.append(item)
+                else:
+                    dropped += len(members_of(item[0]))
             if len(kept) != len(queue):
                 queue.clear()
                 queue.extend(kept)
@@ -197,6 +201,14 @@ class AsyncLanes:
         self.active = 0
         self.closed = False
         self.idle.set()
+
+
+def _given_up(token: Token, revoked: set[PartitionId]) -> bool:
+    """Whether ``token`` is skipped, not handled: a message of a partition being revoked, or a batch handler's group
+    whose every member is one (a group with a member of a partition kept is handled whole)."""
+    if isinstance(token, Envelope):
+        return is_revoked(token, revoked)
+    return all(is_revoked(member, revoked) for member in token.members)
 
 
 def _forget_cancellation() -> None:
