@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from volley.apps import load_app
 from volley.dlq.command import add_commands as add_dlq_commands
 from volley.engine import StreamApp
-from volley.errors import ConfigurationError, ConsumerFailedError, DeliveryError
+from volley.errors import BrokerUnavailableError, ConfigurationError, ConsumerFailedError, DeliveryError
 from volley.plugins import KINDS, core_requirement, distribution_version, get_registry
 from volley.run import BLOCKED_EXIT_CODE
 
@@ -55,6 +55,8 @@ async def _run_all(apps: Sequence[StreamApp]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigurationError(f"--workers must be 1 or more, got {args.workers}")
     if args.workers > 1:
         from volley.workers import supervise
 
@@ -133,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return int(args.func(args))
+    except BrokerUnavailableError as exc:  # not answering yet, or an outage: a supervisor restarts the process
+        print(f"volley: broker unavailable: {exc}", file=sys.stderr)
+        return 1
     except ConfigurationError as exc:
         print(f"volley: configuration error: {exc}", file=sys.stderr)
         return 2

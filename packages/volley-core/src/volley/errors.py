@@ -14,6 +14,13 @@ class ConfigurationError(VolleyError, ValueError):
     """
 
 
+class BrokerUnavailableError(ConfigurationError):
+    """No broker answered at start-up. The address may be wrong, or the broker not up yet (or down): unlike other
+    configuration errors, starting again later can help, so ``volley run`` exits with 1 (as for an outage
+    mid-stream), not 2, and ``volley run --workers N`` restarts the worker with its growing delay. A
+    ``ConfigurationError``, for callers that catch that."""
+
+
 class UnknownComponentError(ConfigurationError, KeyError):
     """A profile, connector, serializer or model handler name that no installed plugin provides."""
 

@@ -3,7 +3,9 @@
 Each worker is a plain ``volley run`` process, so each is its own Kafka
 consumer-group member or RSMQ receiver. The supervisor restarts a worker that
 dies (with a growing delay, so a worker that cannot start does not spin; the
-delay starts over once a worker ran for a minute),
+delay starts over once a worker ran for a minute; a worker whose broker does not
+answer at start exits 1 and is restarted too, one with a configuration error
+exits 2 and stops them all),
 forwards SIGINT/SIGTERM to every worker and waits for their graceful shutdown
 within a deadline before killing what is left. On Linux, workers also get
 SIGTERM when the supervisor itself dies (``PR_SET_PDEATHSIG``, set by the
@@ -31,14 +33,32 @@ logger = logging.getLogger("volley.workers")
 
 RESTART_DELAY_MAX = 30.0
 STABLE_SECONDS = 60.0  # a worker that ran this long before it exited starts again with the shortest delay
+RESTART_DOUBLINGS_MAX = 16  # 0.5 * 2**16 s is far past RESTART_DELAY_MAX: more doublings change nothing
 CONFIGURATION_ERROR_EXIT = 2  # what `volley run` exits with on a ConfigurationError: restarting cannot help
-SHUTDOWN_DEADLINE = float(os.environ.get("VOLLEY_SHUTDOWN_DEADLINE", "45"))
+SHUTDOWN_DEADLINE_DEFAULT = 45.0
+
+
+def shutdown_deadline() -> float:
+    """``VOLLEY_SHUTDOWN_DEADLINE`` (seconds, default 45): how long the workers get to stop gracefully."""
+    from volley.errors import ConfigurationError
+
+    text = os.environ.get("VOLLEY_SHUTDOWN_DEADLINE", "")
+    if not text.strip():
+        return SHUTDOWN_DEADLINE_DEFAULT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigurationError(f"VOLLEY_SHUTDOWN_DEADLINE must be a positive number of seconds, got {text!r}")
+    return value
 
 
 class Supervisor:
-    def __init__(self, apps: Sequence[str], workers: int) -> None:
+    def __init__(self, apps: Sequence[str], workers: int, deadline: float = SHUTDOWN_DEADLINE_DEFAULT) -> None:
         self.apps = list(apps)
         self.workers = workers
+        self.deadline = deadline
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
         self.restarts: dict[int, int] = {}
         self.next_start: dict[int, float] = {}
@@ -56,9 +76,12 @@ class Supervisor:
         command = [sys.executable, "-m", "volley.cli", "run", *self.apps]
         # Own process group: a terminal's Ctrl-C reaches the supervisor only, which then stops
         # every worker once, gracefully (a second signal would make a worker exit at once).
-        self.processes[index] = subprocess.Popen(command, env=env, process_group=0)
+        process = subprocess.Popen(command, env=env, process_group=0)
+        self.processes[index] = process
         self.started_at[index] = time.monotonic()
-        logger.info("worker %d started (pid %d)", index, self.processes[index].pid)
+        logger.info("worker %d started (pid %d)", index, process.pid)
+        if self.stopping and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the signal came while it was being started: it missed it
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.stopping:
@@ -80,6 +103,8 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             for index in range(self.workers):
+                if self.stopping:  # a signal came while the first ones started
+                    break
                 self._spawn(index)
             while not self.stopping:
                 self._watch()
@@ -106,7 +131,7 @@ class Supervisor:
                 if now - self.started_at.get(index, now) >= STABLE_SECONDS:
                     self.restarts[index] = 0  # it ran well: this is a new failure, not the same one again
                 count = self.restarts.get(index, 0)
-                delay = min(RESTART_DELAY_MAX, 0.5 * 2**count)
+                delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** min(count, RESTART_DOUBLINGS_MAX))
                 self.next_start[index] = now + delay
                 logger.error("worker %d (pid %d) exited with %d; restarting in %.1f s", index, process.pid, code,
                              delay)
@@ -116,7 +141,7 @@ class Supervisor:
                 self._spawn(index)
 
     def _wait_all(self) -> int:
-        deadline = time.monotonic() + SHUTDOWN_DEADLINE
+        deadline = time.monotonic() + self.deadline
         worst = 0
         for index, process in self.processes.items():
             try:
@@ -135,6 +160,7 @@ class Supervisor:
 def supervise(apps: Sequence[str], workers: int) -> int:
     from volley.apps import load_app  # imports the engine: only when supervising
 
+    deadline = shutdown_deadline()
     for target in apps:  # fail here, once, on a bad module:app, rather than in N restarting workers
         load_app(target)
-    return Supervisor(apps, workers).run()
+    return Supervisor(apps, workers, deadline).run()

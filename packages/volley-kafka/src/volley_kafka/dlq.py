@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from volley.errors import ConfigurationError
+from volley.errors import BrokerUnavailableError
 from volley.message import Envelope
 from volley.ports import QueueSpec
 from volley_kafka.settings import CONSUMER_ONLY, browser_settings
@@ -57,7 +57,7 @@ class KafkaBrowser:
         try:
             metadata = consumer.list_topics(self.topic, timeout=30)
         except KafkaException as exc:
-            raise ConfigurationError(f"cannot reach Kafka for topic {self.topic!r}: {exc}") from exc
+            raise BrokerUnavailableError(f"cannot reach Kafka for topic {self.topic!r}: {exc}") from exc
         topic = metadata.topics.get(self.topic)
         if topic is None or topic.error is not None or not topic.partitions:
             return  # no such topic yet: no dead letters

@@ -21,7 +21,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from volley.errors import ConfigurationError
+from volley.errors import BrokerUnavailableError, ConfigurationError
 from volley_kafka.clients import is_fatal, make_client, with_callbacks
 from volley_kafka.offsets import TopicPartitionKey
 from volley_kafka.settings import ConsumerSettings
@@ -165,7 +165,7 @@ class Fetcher:
             return probe.list_topics(timeout=timeout)
         except KafkaException as exc:
             brokers = self._settings.librdkafka.get("bootstrap.servers")
-            raise ConfigurationError(
+            raise BrokerUnavailableError(
                 f"{self._what}: no Kafka broker of {brokers} answered within {timeout:.0f} s "
                 f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
                 "volley.startup.timeout.seconds"

@@ -40,7 +40,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from volley.errors import ConfigurationError, DeliveryError, TransactionAbortedError
+from volley.errors import BrokerUnavailableError, DeliveryError, TransactionAbortedError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 from volley_kafka.clients import USER_CALLBACKS, is_fatal, make_client, with_callbacks
@@ -479,7 +479,7 @@ def _check_reachable(client: Any, brokers: frozenset[str], timeout: float, queue
     try:
         client.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise ConfigurationError(
+        raise BrokerUnavailableError(
             f"queue {queue.name!r}: no Kafka broker of {', '.join(sorted(brokers))} answered within {timeout:.0f} s "
             f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
             "volley.startup.timeout.seconds"

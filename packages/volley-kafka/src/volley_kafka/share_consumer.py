@@ -50,7 +50,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     ResourceType,
 )
 
-from volley.errors import ConfigurationError, ConsumerFailedError
+from volley.errors import BrokerUnavailableError, ConfigurationError, ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import QueueSpec
 from volley_kafka.clients import is_fatal, make_client, with_callbacks
@@ -140,7 +140,7 @@ class ShareKafkaConsumer:
             metadata = admin.list_topics(timeout=timeout)
         except KafkaException as exc:
             brokers = self._settings.librdkafka.get("bootstrap.servers")
-            raise ConfigurationError(
+            raise BrokerUnavailableError(
                 f"{self._what}: no Kafka broker of {brokers} answered within {timeout:.0f} s "
                 f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
                 "volley.startup.timeout.seconds"

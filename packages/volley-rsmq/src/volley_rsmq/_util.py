@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from volley.errors import ConfigurationError
+from volley.errors import BrokerUnavailableError, ConfigurationError
 from volley_rsmq.client import RETRIABLE_ERRORS, RsmqClient
 
 logger = logging.getLogger("volley.rsmq")
@@ -50,7 +50,7 @@ def connect(client: RsmqClient, timeout: float) -> None:
             ) from exc
         except RETRIABLE_ERRORS as exc:
             if time.monotonic() >= deadline:
-                raise ConfigurationError(
+                raise BrokerUnavailableError(
                     f"cannot reach Redis at {settings.host}:{settings.port} (db {settings.db}) within "
                     f"{timeout:g} s: {exc}; check the RSMQ config 'host'/'port' or REDIS_HOST, or raise "
                     "'connect_timeout_seconds'"
