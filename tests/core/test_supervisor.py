@@ -172,7 +172,7 @@ def test_workers_started_before_their_broker_is_up_are_restarted_with_a_delay(tm
     (tmp_path / "unreachable_app.py").write_text(UNREACHABLE_APP)
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     single = subprocess.run([sys.executable, "-m", "volley.cli", "run", "unreachable_app:app"], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     assert single.returncode == 1 and "volley: broker unavailable: " in single.stderr, single.stderr[-600:]
     supervisor = subprocess.Popen([sys.executable, "-m", "volley.cli", "run", "unreachable_app:app", "--workers", "2"],
                                   env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True, process_group=0)
@@ -199,7 +199,7 @@ def test_a_bad_shutdown_deadline_is_a_configuration_error_not_a_traceback() -> N
     was a ValueError traceback (exit 1) instead of ``volley: configuration error: ...`` (exit 2)."""
     env = {**os.environ, "VOLLEY_SHUTDOWN_DEADLINE": "45s"}
     done = subprocess.run([sys.executable, "-m", "volley.cli", "run", "nosuchmodule_review:app", "--workers", "2"],
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
     assert "Traceback" not in done.stderr, done.stderr[-600:]
     assert done.returncode == 2 and "VOLLEY_SHUTDOWN_DEADLINE" in done.stderr
 
@@ -208,5 +208,5 @@ def test_a_bad_shutdown_deadline_is_a_configuration_error_not_a_traceback() -> N
 def test_a_worker_count_below_one_is_refused(count: str) -> None:
     """``--workers 0`` (or negative: an empty $WORKERS in a template) ran one worker, silently."""
     done = subprocess.run([sys.executable, "-m", "volley.cli", "run", "nosuchmodule_review:app", "--workers", count],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "--workers must be 1 or more" in done.stderr, done.stderr[-400:]

@@ -7,10 +7,16 @@ finds it still there. The journal tells the next run what happened to it:
 - ``intent`` without ``sent``: the kill came while it was in flight, so its republish may or may not have
   landed. It is sent again (at-least-once) and counted as a possible duplicate in the summary.
 
-It also counts how often the same letter (by a digest of its key and value) was replayed, for the loop guard.
-On Kafka, whose topics cannot drop single records, ``sent`` entries past the replay group's committed offset
-are the only record that a letter was moved, so keep the journal until the commit has passed them (a later
-complete run keeps only what it still needs). Each write is flushed and fsynced before the step it guards.
+A ``sent`` entry names the letter by its id in the queue *and* a digest of its content (key and value): an id
+can name another letter later (a Kafka topic deleted and created again starts its offsets at 0), and that letter
+was never sent.
+
+It also keeps, per digest, the replay count the letter carried when it was last sent, for the loop guard where a
+destination drops headers. On Kafka, whose topics cannot drop single records, ``sent`` entries past the replay
+group's committed offset are the only record that a letter was moved, so keep the journal until the commit has
+passed them. After each run the journal keeps only what a later run may still need (see ``_Replay.compact``).
+Each write is flushed and fsynced before the step it guards. The journal is read again once its lock is held:
+what another replay wrote until then counts.
 """
 
 from __future__ import annotations
@@ -57,45 +63,79 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.intended: set[str] = set()
-        self.sent: set[str] = set()
+        self.sent: dict[str, str | None] = {}
+        """Confirmed at their destination: id -> the digest of the letter sent under that id."""
         self.replays: Counter[str] = Counter()
-        if path.exists():
-            with path.open(encoding="utf-8") as lines:
-                for line in lines:
-                    self._load(line)
+        """Per digest, the replay count a letter with that content carried when it was last sent."""
         self._file: TextIO | None = None
         self._lock: TextIO | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the file (a line that is not whole JSON, or not UTF-8, is one a kill cut short: skipped)."""
+        self.intended, self.sent, self.replays = set(), {}, Counter()
+        try:
+            if self.path.exists():
+                with self.path.open(encoding="utf-8", errors="replace") as lines:
+                    for line in lines:
+                        self._load(line)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read the replay journal {self.path}: {exc}; pass --journal or set "
+                                     "VOLLEY_DLQ_JOURNAL_DIR to a readable place") from exc
+
+    def _count(self, digest: str, replays: int) -> None:
+        if replays > 0:
+            self.replays[digest] = max(self.replays[digest], replays)
 
     def _load(self, line: str) -> None:
         try:
             entry = json.loads(line)
             op = entry["op"]
             if op == "replays":
-                self.replays.update({str(k): int(v) for k, v in entry["counts"].items()})
+                for digest, count in entry["counts"].items():
+                    self._count(str(digest), int(count))
                 return
             ids = [str(i) for i in entry["ids"]]
             digests = [str(d) for d in entry.get("digests", ())]
+            counts = [int(n) for n in entry.get("replays", [1] * len(digests))]
         except (ValueError, KeyError, TypeError, AttributeError):
             return  # a line cut short by the kill that left it: its step did not happen
         if op == "sent":
-            self.sent.update(ids)
-            self.replays.update(digests)
+            known: list[str | None] = list(digests) if len(digests) == len(ids) else [None] * len(ids)
+            self.sent.update(zip(ids, known, strict=True))
+            for digest, count in zip(digests, counts, strict=False):
+                self._count(digest, count)
         else:
             self.intended.update(ids)
 
+    def is_sent(self, letter_id: str, digest: str) -> bool:
+        """Whether a run confirmed this letter at its destination: the same id with the same content (an entry
+        of a journal that did not record digests matches any)."""
+        if letter_id not in self.sent:
+            return False
+        recorded = self.sent[letter_id]
+        return recorded is None or recorded == digest
+
     def lock(self) -> None:
-        """Hold the journal for this process (an advisory lock on a file beside it), or refuse at once."""
-        if self._lock is not None or fcntl is None:
+        """Hold the journal for this process (an advisory lock on a file beside it), or refuse at once; then read
+        it again (another replay may have written it since it was opened)."""
+        if self._lock is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.with_suffix(".lock").open("a", encoding="utf-8")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise JournalBusyError(f"another volley dlq replay of this queue is running (it holds {self.path}); "
-                                   "wait for it, or stop it first") from None
-        self._lock = handle
+        if fcntl is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle = self.path.with_suffix(".lock").open("a", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigurationError(f"cannot use the replay journal {self.path}: {exc}; pass --journal or set "
+                                         "VOLLEY_DLQ_JOURNAL_DIR to a writable place") from exc
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise JournalBusyError(f"another volley dlq replay of this queue is running (it holds "
+                                       f"{self.path}); wait for it, or stop it first") from None
+            self._lock = handle
+        self.reload()
 
     def _write(self, entry: dict[str, Any]) -> None:
         if self._file is None:
@@ -111,26 +151,37 @@ class Journal:
             self._write({"op": "intent", "ids": listed})
             self.intended.update(listed)
 
-    def record_sent(self, ids: Iterable[str], digests: Iterable[str] = ()) -> None:
-        listed, replayed = list(ids), list(digests)
+    def record_sent(self, ids: Iterable[str], digests: Iterable[str], replays: Iterable[int]) -> None:
+        """Letters confirmed at their destination: their ids, digests, and the replay count each now carries."""
+        listed, named, counts = list(ids), list(digests), list(replays)
         if listed:
-            self._write({"op": "sent", "ids": listed, "digests": replayed})
-            self.sent.update(listed)
-            self.replays.update(replayed)
+            self._write({"op": "sent", "ids": listed, "digests": named, "replays": counts})
+            self.sent.update(zip(listed, named, strict=True))
+            for digest, count in zip(named, counts, strict=True):
+                self._count(digest, count)
 
     def in_doubt(self, letter_id: str) -> bool:
         """Its republish began in a run that was killed before the broker confirmed it."""
         return letter_id in self.intended and letter_id not in self.sent
 
-    def rewrite(self, keep_sent: Iterable[str]) -> None:
-        """After a complete run: keep only the ``sent`` entries still needed, and the replay counts."""
+    def rewrite(self, keep_sent: Iterable[str], keep_intended: Iterable[str] = ()) -> None:
+        """After a run: keep only the ``sent`` and in-doubt ``intent`` entries a later run may still need, and the
+        replay counts."""
         self.close_file()
-        keep = sorted(set(keep_sent))
-        self.intended, self.sent = set(), set(keep)
+        sent = {i: self.sent[i] for i in sorted(set(keep_sent)) if i in self.sent}
+        doubt = sorted(set(keep_intended) - set(sent))
+        self.intended, self.sent = set(doubt), sent
         temporary = self.path.with_suffix(".tmp")
         with temporary.open("w", encoding="utf-8") as out:
-            if keep:
-                out.write(json.dumps({"op": "sent", "ids": keep}) + "\n")
+            if doubt:
+                out.write(json.dumps({"op": "intent", "ids": doubt}) + "\n")
+            known = [i for i, digest in sent.items() if digest is not None]
+            if known:
+                out.write(json.dumps({"op": "sent", "ids": known, "digests": [sent[i] for i in known],
+                                      "replays": [0] * len(known)}) + "\n")
+            unknown = [i for i, digest in sent.items() if digest is None]
+            if unknown:
+                out.write(json.dumps({"op": "sent", "ids": unknown}) + "\n")
             if self.replays:
                 out.write(json.dumps({"op": "replays", "counts": dict(self.replays)}) + "\n")
             out.flush()

@@ -161,6 +161,9 @@ class _Replay:
         self.producers: dict[tuple[int, str], Producer] = {}
         self.pacer = _Pacer(options.rate)
         self.remaining = options.limit
+        self.read_to_end = False  # browsed until the queue had nothing more (not stopped by --limit)
+        self.seen: set[str] = set()  # ids of letters browsed that the journal names
+        self.settled: set[str] = set()  # ids of letters this run took out (or committed past)
         self.batch_size = options.batch_size
         if options.rate is not None:  # small batches, about ten a second, so that the rate holds over any second
             self.batch_size = max(1, min(self.batch_size, int(options.rate / 10)))
@@ -186,6 +189,7 @@ class _Replay:
                 asked = self.batch_size if self.remaining is None else min(self.batch_size, self.remaining)
                 batch = await browser.browse(asked)
                 if not batch:
+                    self.read_to_end = True
                     break
                 chosen, finished = self.choose(batch)
                 if settling is None:
@@ -195,13 +199,28 @@ class _Replay:
                     await self.move(*settling, chosen, finished)
                 if self.progress is not None:
                     self.progress.update(self.summary, len(batch))
-            if settling is not None and settling[0].removes_each:
-                settling[1].rewrite(())  # everything it confirmed has left the queue: only the replay counts stay
+            if settling is not None:
+                self.compact(*settling)
         finally:
             await self._close(browser)
         if self.progress is not None:
             self.progress.done()
         return self.summary
+
+    def compact(self, browser: SettlingBrowser, journal: Journal) -> None:
+        """Keep in the journal what a later run may still need: a ``sent`` entry while its letter may still be in
+        the queue (Kafka: above the replay group's commit), an in-doubt intent while its letter was not sent
+        again. A letter this run did not see although it read the queue to its end is gone (or, on Kafka, below
+        the commit it started from); one it took out of a queue that removes each letter is gone too (on Kafka it
+        is kept: a skipped letter before it may hold the commit below it). A run that stopped early (``--limit``)
+        keeps everything else."""
+        def maybe_there(letter_id: str) -> bool:
+            if letter_id in self.settled:  # Kafka: still in the topic, and maybe above the commit
+                return not browser.removes_each
+            return letter_id in self.seen or not self.read_to_end
+
+        journal.rewrite([i for i in journal.sent if maybe_there(i)],
+                        [i for i in journal.intended if i not in journal.sent and maybe_there(i)])
 
     async def _close(self, browser: QueueBrowser) -> None:
         if self.journal is not None:
@@ -219,7 +238,10 @@ class _Replay:
         finished: list[Envelope] = []
         for envelope in batch:
             letter = DeadLetter.read(envelope)
-            if self.journal is not None and letter.id in self.journal.sent:
+            journal = self.journal
+            if journal is not None and (letter.id in journal.sent or letter.id in journal.intended):
+                self.seen.add(letter.id)
+            if journal is not None and journal.is_sent(letter.id, letter.digest):
                 finished.append(envelope)
             elif not options.filter.matches(letter):
                 summary.skipped_by_filter += 1
@@ -244,6 +266,7 @@ class _Replay:
                    finished: list[Envelope]) -> None:
         if finished:
             await browser.settle(finished)
+            self.settled.update(DeadLetter.read(e).id for e in finished)
             if browser.removes_each:
                 self.summary.finished_from_journal += len(finished)
             else:
@@ -253,6 +276,7 @@ class _Replay:
         await self.pacer.wait_for(len(chosen))
         await _send(self.dlq, chosen, self.producers, journal, self.summary, self.options, self.hook)
         await browser.settle([letter.envelope for letter, _, _ in chosen])
+        self.settled.update(letter.id for letter, _, _ in chosen)
         by_source = Counter(letter.source_queue or name for letter, _, name in chosen)
         for source, count in by_source.items():
             self.dlq.count_replayed(source, count)
@@ -267,10 +291,12 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen,
     confirmations = _Confirmations()
     used: list[Producer] = []
     groups: dict[tuple[int, str], list[OutgoingMessage]] = {}
-    for letter, queue, name in chosen:
+    # The count each copy carries now: identical letters (the same key and value) are not replays of each other.
+    counts = [max(letter.replays, journal.replays[letter.digest]) + 1 for letter, _, _ in chosen]
+    for (letter, queue, name), count in zip(chosen, counts, strict=True):
         groups.setdefault((id(queue), name), []).append(
-            OutgoingMessage(name, letter.envelope.value, letter.key,
-                            letter.replay_headers(journal.replays[letter.digest]), token=letter.id))
+            OutgoingMessage(name, letter.envelope.value, letter.key, letter.replay_headers(count - 1),
+                            token=letter.id))
         if (id(queue), name) not in producers:
             producer = dlq.make_producer(queue, name)
             await producer.start()
@@ -293,7 +319,7 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen,
                             "queue")
     total = summary.moved + len(chosen)
     hook(total, "confirmed")
-    journal.record_sent(ids, [letter.digest for letter, _, _ in chosen])
+    journal.record_sent(ids, [letter.digest for letter, _, _ in chosen], counts)
     hook(total, "journaled")
     summary.moved = total
     summary.by_destination.update(name for _, _, name in chosen)
