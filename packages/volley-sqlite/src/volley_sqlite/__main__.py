@@ -10,6 +10,7 @@ Without ``--path``, ``$VOLLEY_SQLITE_PATH`` or ``volley.sqlite3`` in the current
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     compact = commands.add_parser("compact", help="delete acked rows past a retention and shrink the file")
     compact.add_argument("--retention", type=float, default=0.0, help="keep acked rows younger than this (s)")
     args = parser.parse_args(argv)
+    if args.command != "publish" and not os.path.exists(args.path or admin.default_path()):
+        parser.error(f"no queue database at {args.path or admin.default_path()!r}")
     if args.command == "stats":
         for queue, counts in admin.stats(args.path).items():
             print(queue, " ".join(f"{name}={count}" for name, count in counts.items()))

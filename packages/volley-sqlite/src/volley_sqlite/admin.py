@@ -40,9 +40,10 @@ def publish(path: str | os.PathLike[str] | None, queue: str, values: Iterable[by
         try:
             count = schema.ensure_queue(db, queue, partitions)
             now = time.time()
+            offset = schema.last_id(db)  # one message per call still goes round the partitions
             rows = []
             for index, value in enumerate(values):
-                partition = schema.partition_for(key, count) if key is not None else index % count
+                partition = schema.partition_for(key, count) if key is not None else (offset + index) % count
                 rows.append(schema.row_for(OutgoingMessage(queue, value, key, headers, delay=delay), partition, now,
                                            0.0))
             schema.insert(db, rows)

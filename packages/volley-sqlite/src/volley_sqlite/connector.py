@@ -87,13 +87,13 @@ class SqliteConsumer:
             return schema.take(conn, queue, owner, limit, lease, ordered, partitions)
 
         def probe(conn: sqlite3.Connection) -> bool:
-            return schema.anything_ready(conn, queue)
+            return schema.anything_ready(conn, queue, owner if ordered else None)
 
         def abandoned(batch: list[Envelope]) -> None:
             """A consume cancelled while its take ran: those messages are leased to us; give them back now."""
             if batch and self._db is db:
                 ids = [e.position for e in batch]
-                db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, 0.0),
+                db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, 0.0, undelivered=True),
                                               lambda _r, _e: None, wakes=queue))
 
         while True:

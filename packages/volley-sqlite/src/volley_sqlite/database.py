@@ -250,6 +250,8 @@ class Database:
                         db.execute("ROLLBACK")
                 results.extend((op, None, exc) for op in writes)
                 woken = []
+        if any(error is not None for _op, _result, error in results):
+            self._partitions.clear()  # a rolled-back savepoint or group may have created a queue: read them again
         for op, result, error in results:
             try:
                 op.done(result, error)

@@ -71,6 +71,7 @@ def connect(path: str, synchronous: str = "full", busy_timeout: float = 30.0) ->
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"{path!r} cannot use write-ahead logging (journal_mode is {mode})")
         db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        db.execute("PRAGMA journal_size_limit = 2097152")  # a checkpointed WAL is cut back to 2 MiB
         # In one write transaction, so that processes opening a new file at once do not trip over each other.
         db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
     except BaseException:
@@ -154,8 +155,16 @@ _READY_PROBE = ("SELECT 1 FROM volley_messages WHERE queue = ? AND acked_at IS N
                 "LIMIT 1")
 
 
-def anything_ready(db: sqlite3.Connection, queue: str) -> bool:
-    return db.execute(_READY_PROBE, (queue, time.time())).fetchone() is not None
+def anything_ready(db: sqlite3.Connection, queue: str, owner: str | None = None) -> bool:
+    """A read outside any transaction. With ``owner`` (ordered queues): ready in a partition no other consumer holds."""
+    now = time.time()
+    if owner is None:
+        return db.execute(_READY_PROBE, (queue, now)).fetchone() is not None
+    return db.execute(
+        "SELECT 1 FROM volley_messages m WHERE m.queue = ? AND m.acked_at IS NULL AND m.visible_at <= ? "
+        "AND NOT EXISTS (SELECT 1 FROM volley_messages h WHERE h.queue = m.queue AND h.partition = m.partition "
+        "AND h.owner IS NOT NULL AND h.owner != ? AND h.visible_at > ? AND h.acked_at IS NULL) LIMIT 1",
+        (queue, now, owner, now)).fetchone() is not None
 
 
 def _allowed_partitions(db: sqlite3.Connection, queue: str, owner: str, partitions: int, lease: float,
@@ -198,12 +207,13 @@ def take(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: floa
          partitions: int) -> list[Envelope]:
     """Hand out up to ``limit`` ready messages, oldest first, and lease them to ``owner`` for ``lease`` seconds."""
     now = time.time()
-    allowed = _allowed_partitions(db, queue, owner, partitions, lease, now) if ordered and partitions > 1 else None
+    allowed = _allowed_partitions(db, queue, owner, partitions, lease, now) if ordered else None
     if allowed is not None and not allowed:
         return []
     sql = ("SELECT id, partition, value, key, headers, created_at, attempts FROM volley_messages "
-           "INDEXED BY volley_messages_pending WHERE queue = ? AND acked_at IS NULL AND visible_at <= ?")
-    params: list[Any] = [queue, now]
+           "INDEXED BY volley_messages_pending WHERE queue = ? AND acked_at IS NULL AND visible_at <= ? "
+           "AND owner IS NOT ?")  # our own lapsed rows are still in our engine's hands
+    params: list[Any] = [queue, now, owner]
     if allowed is not None:
         sql += f" AND partition IN ({_marks(len(allowed))})"
         params += allowed
@@ -241,17 +251,22 @@ def settle(db: sqlite3.Connection, owner: str, ids: Sequence[int], retention: fl
     return count
 
 
-def give_back(db: sqlite3.Connection, owner: str, ids: Sequence[int] | None, delay: float) -> int:
-    """Release this owner's deliveries (all of them when ``ids`` is None), visible again after ``delay``."""
+def give_back(db: sqlite3.Connection, owner: str, ids: Sequence[int] | None, delay: float,
+              undelivered: bool = False) -> int:
+    """Release this owner's deliveries (all of them when ``ids`` is None), visible again after ``delay``.
+
+    ``undelivered``: the take that leased them never reached the engine (a cancelled consume), so it does not
+    count as a delivery: their attempt count goes back down."""
     visible_at = time.time() + max(0.0, delay)
+    uncount = ", attempts = max(attempts - 1, 0)" if undelivered else ""
     if ids is None:
-        cursor = db.execute("UPDATE volley_messages SET owner = NULL, visible_at = ? "
+        cursor = db.execute(f"UPDATE volley_messages SET owner = NULL, visible_at = ?{uncount} "  # noqa: S608
                             "WHERE owner = ? AND acked_at IS NULL", (visible_at, owner))
         return cursor.rowcount
     count = 0
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
-        cursor = db.execute(f"UPDATE volley_messages SET owner = NULL, visible_at = ? WHERE owner = ? "  # noqa: S608
+        cursor = db.execute(f"UPDATE volley_messages SET owner = NULL, visible_at = ?{uncount} WHERE owner = ? "  # noqa: S608
                             f"AND acked_at IS NULL AND id IN ({_marks(len(chunk))})",
                             (visible_at, owner, *chunk))
         count += cursor.rowcount
@@ -259,10 +274,11 @@ def give_back(db: sqlite3.Connection, owner: str, ids: Sequence[int] | None, del
 
 
 def renew(db: sqlite3.Connection, queue: str, owner: str, lease: float) -> None:
-    """The heartbeat: extend the leases this owner still holds (not lapsed ones), and say it is alive."""
+    """The heartbeat: extend the leases of everything this owner holds, and say it is alive. A lease that lapsed
+    while this thread was stalled (a write lock held longer than ``vt`` by another process) is renewed too: the
+    owner is unchanged only while nobody took the message since, and ``take`` never hands a consumer its own."""
     now = time.time()
-    db.execute("UPDATE volley_messages SET visible_at = ? WHERE owner = ? AND acked_at IS NULL AND visible_at > ?",
-               (now + lease, owner, now))
+    db.execute("UPDATE volley_messages SET visible_at = ? WHERE owner = ? AND acked_at IS NULL", (now + lease, owner))
     db.execute("INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)",
                (queue, owner, now + lease))
 
@@ -314,7 +330,7 @@ def compact(db: sqlite3.Connection, queue: str | None, retention: float, vacuum_
     free = db.execute("PRAGMA freelist_count").fetchone()[0]
     if free:
         # incremental_vacuum returns one row per freed page; it must run to the end to take effect.
-        db.execute(f"PRAGMA incremental_vacuum({int(vacuum_pages)})").fetchall()
+        db.executescript(f"PRAGMA incremental_vacuum({int(vacuum_pages)});")  # execute() frees one page only
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     return int(deleted)
 

@@ -5,6 +5,7 @@ Every mistake is a ``ConfigurationError`` that names the key and what to write i
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def parse_settings(config: Mapping[str, Any], queue: str) -> SqliteSettings:
             raise ConfigurationError(
                 f"sqlite queue {queue!r}: {key} must be a number of seconds, got {config[key]!r}"
             ) from None
-        if number < 0 or (number == 0 and not zero_allowed):
+        if not math.isfinite(number) or number < 0 or (number == 0 and not zero_allowed):
             raise ConfigurationError(f"sqlite queue {queue!r}: {key} must be positive, got {config[key]!r}")
         values[attribute] = number
     for key in _BOOLEANS:
