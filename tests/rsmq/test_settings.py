@@ -64,7 +64,7 @@ def test_missing_host_says_how_to_set_it(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"vt": 0}, "q", "'vt' must be greater than 0"),
         ({"vt": "soon"}, "q", "'vt' must be a number"),
         ({"delay": -1}, "q", "'delay' must be at least 0"),
-        ({"maxsize": 0}, "q", "'maxsize' must be a positive byte count or -1"),
+        ({"maxsize": 0}, "q", "'maxsize' must be a byte count from 1024 to 65565"),
         ({"port": "http"}, "q", "'port' must be an integer"),
         ({"port": 70000}, "q", "between 1 and 65535"),
         ({"options": {"decode_responses": True}}, "q", "decode_responses must be false"),

@@ -56,7 +56,7 @@ from volley.message import Envelope
 from volley.ports import Observer
 from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
-from volley_rsmq.client import ReceiveResult, RsmqClient, is_transient, sent_time
+from volley_rsmq.client import Received, ReceiveResult, RsmqClient, is_transient, sent_time
 from volley_rsmq.settings import VT_DEFAULT, RsmqSettings
 from volley_rsmq.settler import Delivery, Held, Release, Settler
 
@@ -90,6 +90,7 @@ class RsmqConsumer(Settler):
         self._closed = False
         self._vt_ms = 0
         self._last_receive_empty = False
+        self._receive_backoff = 0.0
         self._last_remaining = -1
         self._unwrap = settings.headers == "envelope"
         self._trouble = ThrottledLog()
@@ -99,6 +100,7 @@ class RsmqConsumer(Settler):
         self._last_visible = 0
         self._next_depth_report = 0.0
         self.extended = 0  # visibility extensions done (for tests and metrics)
+        self.received_again = 0  # messages received again while this consumer still held them (not handed out)
         self.over_bound = 0  # acks queued beyond max_pending_deletes after waiting close_timeout_seconds
 
     # ------------------------------------------------------------------ lifecycle
@@ -143,24 +145,29 @@ class RsmqConsumer(Settler):
         if self._closed:
             return
         self._closed = True
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.close_timeout_seconds
+        if self._executor is not None:  # a receive whose poll was cancelled must land in _held before the release
+            shutdown = loop.run_in_executor(None, self._executor.shutdown, True)
+            await asyncio.wait({shutdown}, timeout=max(0.0, give_up_at - loop.time()))
         with self._cond:
             self._stopping = True
             self._stop_deadline = time.monotonic() + self.settings.close_timeout_seconds
-            abandoned = [delivery for delivery, held in self._held.items() if not held.lost]
+            abandoned = [(delivery[0], held.rc) for delivery, held in self._held.items() if not held.lost]
             self._held.clear()
             if abandoned:
                 # Not finished by the engine: let another consumer have them now rather than after their vt.
                 self._to_release.append((0, "", abandoned))
             self._cond.notify_all()
         settler = self._settler
-        if settler is not None:
-            await asyncio.get_running_loop().run_in_executor(None, settler.join)
+        if settler is not None:  # a call Redis never answers must not hold close past its deadline
+            await loop.run_in_executor(None, settler.join, max(0.0, give_up_at - loop.time()) + 0.5)
+            if settler.is_alive():
+                self._give_up()
         with self._cond:
             self._wake_room_waiters()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
         if self._client is not None:
-            self._client.close()
+            self._client.close()  # disconnects in-use sockets too: a blocked call ends with an error
 
     # ------------------------------------------------------------------ consuming
 
@@ -176,10 +183,12 @@ class RsmqConsumer(Settler):
             if not await self._wait_for_room(deadline):  # the delete queue is full: do not add to the backlog
                 return []
             envelopes = await loop.run_in_executor(executor, self._receive, max(1, max_messages))
-            if envelopes is None:  # Redis trouble: back off harder than for an empty queue
-                pause = max(pause, self.settings.retry_backoff_seconds)
-                envelopes = []
-            elif self._observer is not None and loop.time() >= self._next_depth_report:
+            if envelopes is None:  # Redis trouble: back off, doubling across calls up to 1 s
+                self._receive_backoff = min(1.0, max(self._receive_backoff * 2, self.settings.retry_backoff_seconds))
+                await asyncio.sleep(max(0.0, min(self._receive_backoff, deadline - loop.time())))
+                return []
+            self._receive_backoff = 0.0
+            if self._observer is not None and loop.time() >= self._next_depth_report:
                 self._next_depth_report = loop.time() + 1.0
                 self._observer.on_depth(self._app_name, self.qname, self._last_visible)
             if envelopes or self._stopping:
@@ -213,7 +222,10 @@ class RsmqConsumer(Settler):
         unwrap = self._unwrap
         envelopes: list[Envelope] = []
         held: list[tuple[tuple[str, int], Held]] = []
-        for message in result.messages:
+        messages = result.messages
+        if any(message.rc > 1 for message in messages):  # received before: maybe by this consumer, still held
+            messages = self._not_held(messages, deadline)
+        for message in messages:
             value, key, headers = message.body, None, None
             if unwrap:
                 value, key, headers = envelope_codec.unwrap(value)
@@ -230,6 +242,24 @@ class RsmqConsumer(Settler):
             self._last_remaining = result.remaining
             self._last_visible = result.visible
         return envelopes
+
+    def _not_held(self, messages: list[Received], deadline: float) -> list[Received]:
+        """The messages this consumer does not hold already. One it holds came back because its ``vt`` passed
+        while it waited in the engine's buffer or was being handled (``heartbeat: false``, or a heartbeat too
+        late): the engine has it, so it is not handed out a second time; the delivery it holds now counts (its
+        receive count, and its new ``vt``) for what is done with it next."""
+        with self._cond:
+            holding = {delivery[0]: entry for delivery, entry in self._held.items() if not entry.lost}
+            holding.update((delivery[0], entry) for delivery, entry in self._deleting.items() if not entry.lost)
+            fresh = []
+            for message in messages:
+                entry = holding.get(message.id)
+                if entry is None:
+                    fresh.append(message)
+                    continue
+                entry.rc, entry.deadline, entry.warned = message.rc, deadline, False
+                self.received_again += 1
+            return fresh
 
     # ------------------------------------------------------------------ settling
 

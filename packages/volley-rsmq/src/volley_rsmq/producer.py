@@ -91,7 +91,7 @@ class RsmqProducer:
             self._stop_deadline = time.monotonic()
             self._cond.notify_all()
         thread, self._thread = self._thread, None
-        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 1.0)  # daemon: a hung call is left
         if self._client is not None:
             self._client.close()
 

@@ -40,7 +40,9 @@ IGNORED_KEYS = ("exceptions", "quiet", "encode", "qname")
 HEADER_MODES = ("drop", "envelope")
 
 VT_DEFAULT = 30.0  # PyRSMQ's createQueue default
-MAXSIZE_DEFAULT = 65565  # PyRSMQ's createQueue default (sic)
+MAXSIZE_DEFAULT = 65565  # PyRSMQ's createQueue default (sic), and the largest it accepts
+MAXSIZE_MIN = 1024  # the smallest maxsize PyRSMQ accepts
+SECONDS_MAX = 9_999_999  # the longest vt and delay PyRSMQ accepts
 
 
 def _number(config: Mapping[str, Any], key: str, default: float, minimum: float, *, strict: bool = False) -> float:
@@ -206,11 +208,18 @@ def parse_settings(config: Mapping[str, Any], queue_value: str, role: str) -> Rs
 
     vt = _number(config, "vt", 0.0, 0.0, strict=True) if config.get("vt") is not None else None
     delay = _number(config, "delay", 0.0, 0.0) if config.get("delay") is not None else None
+    for key, seconds in (("vt", vt), ("delay", delay)):
+        if seconds is not None and seconds > SECONDS_MAX:
+            raise ConfigurationError(f"RSMQ config {key!r} must be at most {SECONDS_MAX} seconds (RSMQ's limit; "
+                                     f"PyRSMQ would store its default instead), got {seconds:g}")
     maxsize: int | None = None
     if config.get("maxsize") is not None:
         raw = config["maxsize"]
-        if not isinstance(raw, int) or isinstance(raw, bool) or not (raw == -1 or raw >= 1):
-            raise ConfigurationError(f"RSMQ config 'maxsize' must be a positive byte count or -1, got {raw!r}")
+        in_range = isinstance(raw, int) and (raw == -1 or MAXSIZE_MIN <= raw <= MAXSIZE_DEFAULT)
+        if not in_range or isinstance(raw, bool):
+            raise ConfigurationError(f"RSMQ config 'maxsize' must be a byte count from {MAXSIZE_MIN} to "
+                                     f"{MAXSIZE_DEFAULT} (RSMQ's limits; PyRSMQ would store its default instead), "
+                                     f"or -1 for no limit, got {raw!r}")
         maxsize = raw
 
     headers = str(config.get("headers", "envelope" if role == "dlq" else "drop"))

@@ -167,11 +167,13 @@ class Settler:
         """
         now = time.monotonic()
         vt = self._vt_ms / 1000
-        extend: list[Delivery] = []
+        # (key, (id, current receive count)): a message received again while held keeps its key, the delivery the
+        # engine has, and its entry the receive count Redis knows now (consumer._not_held).
+        extend: list[tuple[Delivery, Delivery]] = []
         with self._cond:
             for delivery, pending in self._deleting.items():
                 if not pending.lost and pending.deadline - now <= vt / 2:
-                    extend.append(delivery)
+                    extend.append((delivery, (delivery[0], pending.rc)))
             for (message_id, rc), held in self._held.items():
                 if held.lost or held.deadline - now > vt / 2:
                     continue
@@ -191,30 +193,31 @@ class Settler:
                             "max_extension_seconds; its visibility is no longer extended and it will be delivered "
                             "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
                     continue
-                extend.append((message_id, rc))
+                extend.append(((message_id, rc), (message_id, held.rc)))
         if not extend:
             return
         lost: set[Delivery] = set()
         deadline = time.monotonic() + vt  # taken before the scripts run: Redis counts from a later instant
-        for start in range(0, len(extend), CHUNK):
-            lost.update(client.change_visibility(self.qname, self._vt_ms, extend[start:start + CHUNK]))
+        pairs = [pair for _, pair in extend]
+        for start in range(0, len(pairs), CHUNK):
+            lost.update(client.change_visibility(self.qname, self._vt_ms, pairs[start:start + CHUNK]))
         redelivered = 0
         with self._cond:
-            for delivery in extend:
+            for delivery, pair in extend:
                 message_id = delivery[0]
                 current = self._held.get(delivery)
                 if current is None:
                     current = self._deleting.get(delivery)
                     if current is None:  # deleted meanwhile
                         continue
-                    if delivery in lost:
+                    if pair in lost:
                         current.lost = True
                         redelivered += 1
                     else:
                         current.deadline = deadline
                         self.extended += 1
                     continue
-                if delivery in lost:
+                if pair in lost:
                     current.lost = True
                     logger.warning(
                         "message %s of RSMQ queue %r was delivered again (here or elsewhere) before its visibility "
