@@ -16,6 +16,7 @@ from volley.dlq import DeadLetterQueue, Journal, LetterFilter, ReplayOptions, re
 from volley.dlq import command as dlq_command
 from volley.dlq.letter import REPLAY_COUNT
 from volley.engine import StreamApp
+from volley.errors import DeliveryError
 from volley.memory import MemoryBroker
 from volley.testing.deadletters import DLQ, INPUT, OUTPUT, Fix, scenario_app
 
@@ -191,3 +192,61 @@ def test_a_journal_path_that_cannot_be_written_is_a_clear_error_before_anything_
     assert code == 2
     assert "journal" in capsys.readouterr().err
     assert broker.depth(DLQ_NAME) == 1 and not broker.produced_records(SOURCE)
+
+
+# ------------------------------------------------------------------ from the same review's "suspected" list
+
+
+def test_a_letter_whose_source_is_the_dead_letter_queue_itself_is_left_not_sent_round(
+        app: StreamApp, broker: MemoryBroker, tmp_path: Path) -> None:
+    """``--to`` naming the dead-letter queue was refused, but a letter whose ``volley-source-queue`` named it (a
+    worker consuming its own dead-letter queue wrote it) was sent into the dead-letter queue again and taken
+    out: it went round in place, its replay count raised each time."""
+    letter(broker, "h0", "handler")
+    broker.publish(DLQ_NAME, b"{}", b"self", {"volley-error-stage": b"handler",
+                                               "volley-source-queue": DLQ_NAME.encode()})
+    summary = run(replay(DeadLetterQueue(app), Journal(tmp_path / "j"), ReplayOptions()))
+    assert (summary.moved, summary.left_without_source) == (1, 1)
+    assert [e.key for e in broker.browse(DLQ_NAME, -1, 1 << 60, 100)] == [b"self"]
+
+
+class PartlyFailing:
+    """A destination producer that refuses the record of key ``h1`` and confirms the others."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+
+    async def start(self) -> None:
+        return None
+
+    def produce(self, messages: Any, on_delivery: Any) -> None:
+        good = [m for m in messages if m.key != b"h1"]
+        self.broker.publish_many(good)
+        on_delivery(good, [(m, ConnectionError("refused")) for m in messages if m.key == b"h1"])
+
+    async def flush(self, timeout: float) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def test_the_letters_confirmed_in_a_batch_that_partly_failed_are_not_sent_again(
+        app: StreamApp, broker: MemoryBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of three of which the destination refused one: the run stopped with a DeliveryError before the
+    journal recorded the two it had confirmed, so the next run sent them again (as possible duplicates)."""
+    from volley.dlq import target
+
+    for key in ("h0", "h1", "h2"):
+        letter(broker, key, "handler")
+    path = tmp_path / "journal.jsonl"
+    with monkeypatch.context() as patched:
+        patched.setattr(target.DeadLetterQueue, "make_producer", lambda self, queue, name: PartlyFailing(broker))
+        with pytest.raises(DeliveryError):
+            run(replay(DeadLetterQueue(app), Journal(path), ReplayOptions(batch_size=3)))
+    assert sent_to_source(broker) == {b"h0": 1, b"h2": 1}
+    again = run(replay(DeadLetterQueue(app), Journal(path), ReplayOptions()))
+    assert sent_to_source(broker) == {b"h0": 1, b"h1": 1, b"h2": 1}
+    # h1 counts as a possible duplicate: a refusal can be ambiguous (a Kafka message timeout may have been stored)
+    assert (again.moved, again.finished_from_journal, again.possible_duplicates) == (1, 2, 1)
+    assert broker.depth(DLQ_NAME) == 0

@@ -210,3 +210,26 @@ def test_a_worker_count_below_one_is_refused(count: str) -> None:
     done = subprocess.run([sys.executable, "-m", "volley.cli", "run", "nosuchmodule_review:app", "--workers", count],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "--workers must be 1 or more" in done.stderr, done.stderr[-400:]
+
+
+def test_a_graceful_stop_while_a_worker_waits_to_restart_exits_0(fakes: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor counted the old crash of a worker waiting out its restart delay in its own exit status: a
+    graceful stop then exited 1, as if a worker had failed to stop. It also left PROMETHEUS_MULTIPROC_DIR pointing
+    at the directory it had just removed (a library caller's later metrics failed)."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    sup = workers.Supervisor(["app:app"], 2)
+    rounds = 0
+
+    def watch() -> None:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            FakeProcess.started[0].code = 1  # worker 0 crashes: it waits 0.5 s to start again
+        workers.Supervisor._watch(sup)
+        if rounds == 2:
+            assert 0 in sup.next_start
+            sup._on_signal(signal.SIGTERM, None)
+
+    monkeypatch.setattr(sup, "_watch", watch)
+    assert sup.run() == 0
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ

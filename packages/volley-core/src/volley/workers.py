@@ -115,6 +115,8 @@ class Supervisor:
                 signal.signal(sig, handler)
             if self.own_metrics_dir:
                 shutil.rmtree(self.own_metrics_dir, ignore_errors=True)
+                if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == self.own_metrics_dir:
+                    del os.environ["PROMETHEUS_MULTIPROC_DIR"]  # not left pointing at the directory just removed
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -144,6 +146,8 @@ class Supervisor:
         deadline = time.monotonic() + self.deadline
         worst = 0
         for index, process in self.processes.items():
+            if index in self.next_start:  # it had exited and waited to start again: its exit was reported then
+                continue
             try:
                 code = process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

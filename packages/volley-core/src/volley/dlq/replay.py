@@ -307,12 +307,17 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen,
         used.append(producer)
     for producer in used:
         await producer.flush(options.flush_timeout)
+    confirmed = {str(m.token) for m in confirmations.delivered}
+    if confirmations.failed or len(confirmed) < len(ids):
+        # What was confirmed is journaled, so that the next run takes it out instead of sending it again.
+        done = [(letter.id, letter.digest, count) for (letter, _, _), count in zip(chosen, counts, strict=True)
+                if letter.id in confirmed]
+        journal.record_sent([i for i, _, _ in done], [d for _, d, _ in done], [c for _, _, c in done])
     if confirmations.failed:
         record, error = confirmations.failed[0]
         raise DeliveryError(f"{len(confirmations.failed)} replayed letter(s) were not confirmed by their broker "
                             f"(first: {record.token} to {record.topic}: {error}); they stay in the dead-letter queue, "
                             "run the replay again once the destination is back")
-    confirmed = {str(m.token) for m in confirmations.delivered}
     missing = [i for i in ids if i not in confirmed]
     if missing:
         raise DeliveryError(f"{len(missing)} replayed letter(s) got no delivery report; they stay in the dead-letter "

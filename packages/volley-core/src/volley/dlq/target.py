@@ -57,8 +57,8 @@ class DeadLetterQueue:
             if to in self.queues:
                 return self.queues[to], self.queues[to].value
             return self.input, to
-        if not letter.source_queue:
-            return None
+        if not letter.source_queue or letter.source_queue == self.queue.value:
+            return None  # (one that names the dead-letter queue itself would go round in place, as --to would)
         for queue in self.queues.values():
             if queue.value == letter.source_queue and queue.spec.role == "input":
                 return queue, queue.value
