@@ -368,3 +368,26 @@ async def test_the_write_ahead_log_shrinks_back_after_a_burst(tmp_path: Path) ->
         assert file_size(wal) <= 4_000_000, f"the write-ahead log stays at {file_size(wal)} bytes"
     finally:
         await consumer.close()
+
+
+# ------------------------------------------------------------------------------------ from the "suspected" list
+
+
+async def test_an_ack_of_a_message_another_consumer_took_meanwhile_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ack of a message this consumer no longer held (another took it after the lease lapsed) matched no row
+    and said nothing, although the message may now be processed twice (the RSMQ connector warns)."""
+    path = tmp_path / "q.sqlite3"
+    await produce(path, records("jobs", 2), partitions=1)
+    consumer = await open_consumer(path, partitions=1, ordered=False)
+    try:
+        got = await consumer.consume(2, 1.0)
+        assert len(got) == 2
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:  # another worker took one
+            db.execute("UPDATE volley_messages SET owner = 'someone-else' WHERE id = ?", (got[0].position,))
+        with caplog.at_level("WARNING", logger="volley_sqlite"):
+            await consumer.ack(got)
+        assert "1 acknowledged message(s) were no longer held by this consumer" in caplog.text
+    finally:
+        await consumer.close()

@@ -114,7 +114,11 @@ class SqliteConsumer:
         db = self._require()
         ids = list(map(_position, envelopes))
         owner, retention = self.owner, self.settings.retention_seconds
-        await db.call(lambda conn: schema.settle(conn, owner, ids, retention))
+        settled = await db.call(lambda conn: schema.settle(conn, owner, ids, retention))
+        if settled < len(ids):
+            logger.warning("sqlite queue %r: %d acknowledged message(s) were no longer held by this consumer (another "
+                           "took them after their lease lapsed, or they were deleted); they may be processed twice",
+                           self.queue, len(ids) - settled)
 
     async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
         if not envelopes:
