@@ -105,9 +105,11 @@ def test_implicit_acknowledgement_fails_at_startup() -> None:
 
 
 def test_max_deliveries_stays_below_the_brokers_delivery_limit() -> None:
-    """The broker archives a record after its delivery count limit (5 by default): the DLQ must come first."""
-    assert offline_engine().max_deliveries == 4  # Engine's default 10, bounded by the default limit 5
-    assert offline_engine(config={"volley.share.delivery.limit": 8}).max_deliveries == 7
+    """The broker archives a record after its delivery count limit (5 by default): the DLQ must come first, with a
+    delivery to spare for a dead letter that fails."""
+    assert offline_engine().max_deliveries == 3  # Engine's default 10, bounded by the default limit 5
+    assert offline_engine(config={"volley.share.delivery.limit": 8}).max_deliveries == 6
+    assert offline_engine(config={"volley.share.delivery.limit": 2}).max_deliveries == 1
     engine = Engine(app_name="share", input_queue="input", metrics_port=None, max_deliveries=2,
                     queue_config={"input": {"value": "t", "profile": "confluent-share",
                                             "config": {"bootstrap.servers": "127.0.0.1:9", "group.id": "g"}}})

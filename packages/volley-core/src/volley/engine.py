@@ -133,13 +133,17 @@ class Engine:
 
     def _bound_deliveries(self) -> None:
         """A broker that gives up on a record after N deliveries (a share group archives it, which drops it)
-        would never show the engine delivery N + 1: the record goes to the DLQ on delivery N at the latest."""
+        would never show the engine delivery N + 1. A record still failing goes to the DLQ on delivery N - 1, so
+        that one delivery is left should its dead letter fail to be written (given back on delivery N, the
+        broker archives it: lost)."""
         limit = self.input.delivery_limit
-        if limit is not None and self.max_deliveries >= limit:
+        if limit is not None and self.max_deliveries >= limit - 1:
+            bounded = max(1, limit - 2)
             logger.info("%s: the input %r is redelivered at most %d times by its broker; a record still failing "
-                        "goes to the dead-letter queue on its delivery %d (max_deliveries=%d is above it)",
-                        self.app_name, self.input_queue, limit, limit, self.max_deliveries)
-            self.max_deliveries = max(1, limit - 1)
+                        "goes to the dead-letter queue on its delivery %d, leaving one for a dead letter that "
+                        "fails (max_deliveries=%d is above it)", self.app_name, self.input_queue, limit,
+                        bounded + 1, self.max_deliveries)
+            self.max_deliveries = bounded
 
     def _build_observer(self, observers: Sequence[Observer] | None,
                         metrics_settings: Mapping[str, Any] | None) -> MultiObserver:

@@ -108,6 +108,9 @@ class ShareKafkaConsumer:
         self._started = False
         self._logged: dict[str, float] = {}
         self._lock_seconds: float | None = None  # the group's share.record.lock.duration.ms, read at start
+        self._delivery_limit = settings.delivery_limit  # the group's share.delivery.count.limit (read at start)
+        self.archived = 0
+        """Records given back (RELEASE) on their last delivery: the broker archives them, so they are lost."""
         self.late_acks = 0
         """Records settled after their lock had expired: the broker had handed them out again (or will), so
         each is a possible duplicate. Counted on the loop, when the group's lock duration is known."""
@@ -168,6 +171,8 @@ class ShareKafkaConsumer:
         self._lock_seconds = lock_ms / 1000.0 if lock_ms is not None else None
         limit = _integer(values.get("share.delivery.count.limit"))
         declared = self._settings.delivery_limit
+        if limit is not None:
+            self._delivery_limit = limit
         if limit is not None and limit < declared:
             raise ConfigurationError(
                 f"{self._what}: share group {group!r} gives up on a record after {limit} deliveries (its "
@@ -220,8 +225,20 @@ class ShareKafkaConsumer:
         finally:
             member.worker.stop()
 
+    def _archived(self, messages: list[Any]) -> None:
+        """Records released on their last delivery are archived by the broker: say they are lost, loudly."""
+        last = [m for m in messages if (m.delivery_count() or 1) >= self._delivery_limit]
+        if not last:
+            return
+        self.archived += len(last)
+        logger.error("%s: %d record(s) given back on their last delivery (the group's share.delivery.count.limit "
+                     "is %d): the broker archives them, so they are lost and were not dead-lettered: %s",
+                     self._what, len(last), self._delivery_limit,
+                     ", ".join(f"{m.topic()}[{m.partition()}]@{m.offset()}" for m in last[:10]))
+
     def _release(self, member: _Member, unsettled: list[Any]) -> None:
         """On the member's thread: give back what it holds, and wait (briefly) for the broker to take it."""
+        self._archived(unsettled)
         self._acknowledge(member, unsettled, AcknowledgeType.RELEASE)
         try:
             member.client.commit_sync(CLOSE_TIMEOUT)
@@ -280,6 +297,7 @@ class ShareKafkaConsumer:
             member.held.clear()
             member.waiting.clear()
             self.late_acks += handed_out
+            self._archived(records)  # past their lock on their last delivery: the broker archived them
             self._log_once("expired", "%s: member %d gave up %d record(s) %.1f s after it acquired them, past the "
                            "group's record lock (%.1f s), so that it polls again; the broker hands them out again: "
                            "%d still being handled are possible duplicates (a handler slower than "
@@ -394,6 +412,8 @@ class ShareKafkaConsumer:
             member = members[index]
             if member.closed:
                 continue
+            if kind == AcknowledgeType.RELEASE:
+                self._archived(messages)
             if lock is not None and now - member.polled_at > lock:
                 self.late_acks += len(messages)
                 self._log_once("late", "%s: %d record(s) settled %.1f s after they were acquired, past the group's "
