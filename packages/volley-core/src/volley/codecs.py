@@ -18,19 +18,28 @@ class JsonSerializer:
 
     def __init__(self) -> None:
         self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        self._decode = json.loads
+        # JSON has no NaN or infinities: Python's json reads NaN and Infinity unless told not to. (A number too
+        # large for a double, 1e400, still reads as infinity: refusing it would cost a call per number.)
+        self._decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
 
     def serialize(self, message: Any) -> bytes:
         try:
             return self._encoder.encode(message).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise SerializationError(f"cannot encode {type(message).__name__} as JSON: {exc}", message) from exc
 
     def deserialize(self, message: bytes) -> Any:
         try:
-            return self._decode(message)
+            raw: Any = message  # bytes on the per-message path; text too, as json.loads reads both
+            if not isinstance(raw, str):  # as json.loads reads bytes: UTF-8, -16 or -32
+                raw = bytes(raw).decode(json.detect_encoding(raw), "surrogatepass")
+            return self._decode(raw)
         except (ValueError, TypeError, RecursionError) as exc:
             raise SerializationError(f"invalid JSON: {exc}", message) from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (JSON has no NaN or infinities)")
 
 
 class RawSerializer:

@@ -133,12 +133,49 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
             f"YAML configuration {os.fspath(path)!r} does not exist; pass yaml_config_path= or queue_config="
         )
     try:
-        document = yaml.safe_load(file.read_text())
+        document = yaml.load(file.read_text(), Loader=_unique_keys_loader(yaml))  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigurationError(f"YAML configuration {os.fspath(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(document, Mapping) or "queues" not in document:
         raise ConfigurationError(f"YAML configuration {os.fspath(path)!r} must have a top-level 'queues:' mapping")
     return normalize_queue_config(document["queues"])
+
+
+def _unique_keys_loader(yaml: Any) -> Any:
+    """A SafeLoader that refuses a mapping giving a key twice: safe_load keeps the last one silently, so a
+    copy-pasted queue block (or a setting written twice) would replace the first without a word."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc,name-defined,unused-ignore]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given more than once in the same mapping", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _named_entries(config: list[Any] | tuple[Any, ...]) -> list[tuple[str, Any]]:
+    """A list of QueueConfig (or dicts with a 'name'): (name, settings) pairs, each name once."""
+    pairs: list[tuple[str, Any]] = []
+    for entry in config:
+        if isinstance(entry, QueueConfig):
+            pairs.append((entry.name, entry.to_dict()))
+        elif isinstance(entry, Mapping) and "name" in entry:
+            pairs.append((str(entry["name"]), dict(entry)))
+        else:
+            raise ConfigurationError(
+                f"queue_config list entries must be QueueConfig objects or dicts with a 'name'; got {entry!r}"
+            )
+    names = [name for name, _ in pairs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigurationError(f"queue_config names the queue(s) {twice} more than once; give each queue one entry")
+    return pairs
 
 
 def normalize_queue_config(config: Any) -> dict[str, dict[str, Any]]:
@@ -148,17 +185,7 @@ def normalize_queue_config(config: Any) -> dict[str, dict[str, Any]]:
     if isinstance(config, Mapping):
         items = config.items()
     elif isinstance(config, (list, tuple)):
-        pairs: list[tuple[str, Any]] = []
-        for entry in config:
-            if isinstance(entry, QueueConfig):
-                pairs.append((entry.name, entry.to_dict()))
-            elif isinstance(entry, Mapping) and "name" in entry:
-                pairs.append((str(entry["name"]), dict(entry)))
-            else:
-                raise ConfigurationError(
-                    f"queue_config list entries must be QueueConfig objects or dicts with a 'name'; got {entry!r}"
-                )
-        items = pairs
+        items = _named_entries(config)
     else:
         raise ConfigurationError(
             f"queue_config must be a list of QueueConfig, a dict of queue name to settings, or None; got "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import signal
 import threading
@@ -21,7 +22,7 @@ from volley.config import QueueConfig, is_none_name, load_yaml, normalize_queue_
 from volley.errors import ConfigurationError
 from volley.observe import MultiObserver
 from volley.plugins import Registry, get_registry
-from volley.ports import CheckedConnector, Observer, Tracer
+from volley.ports import CheckedConnector, DeclaresMetricsSettings, Observer, Tracer
 from volley.queues import ResolvedQueue, resolve_queue
 from volley.run import BLOCKED_EXIT_CODE, Run, RunReport
 
@@ -75,12 +76,17 @@ class Engine:
         }
         self.app_name = app_name
         self.input_queue = input_queue
+        if isinstance(output_queues, (str, bytes)):
+            raise ConfigurationError(
+                f"output_queues must be a list of queue names, got the string {output_queues!r}: "
+                f"write output_queues=[{output_queues!r}]"
+            )
         self.output_queues = list(output_queues or [])
         self.dead_letter_queue = dead_letter_queue
         self.metrics_port = metrics_port
         self.poll_interval_seconds = _positive(poll_interval_seconds, "poll_interval_seconds", allow_zero=True)
-        self.max_in_flight = int(_positive(max_in_flight, "max_in_flight"))
-        self.consume_batch_size = int(_positive(consume_batch_size, "consume_batch_size"))
+        self.max_in_flight = _count(max_in_flight, "max_in_flight")
+        self.consume_batch_size = _count(consume_batch_size, "consume_batch_size")
         self.max_buffered = int(
             _positive(max_buffered, "max_buffered")
             if max_buffered is not None
@@ -90,7 +96,7 @@ class Engine:
         self.retry_backoff_seconds = _positive(retry_backoff_seconds, "retry_backoff_seconds", allow_zero=True)
         self.retry_backoff_max_seconds = _positive(retry_backoff_max_seconds, "retry_backoff_max_seconds",
                                                    allow_zero=True)
-        self.max_deliveries = int(_positive(max_deliveries, "max_deliveries"))
+        self.max_deliveries = _count(max_deliveries, "max_deliveries")
         self.redelivery_delay_seconds = _positive(redelivery_delay_seconds, "redelivery_delay_seconds",
                                                   allow_zero=True)
         if on_failure not in FAILURE_POLICIES:
@@ -102,7 +108,7 @@ class Engine:
         self.tune_gc = bool(tune_gc)
         self.shutdown_timeout_seconds = _positive(shutdown_timeout_seconds, "shutdown_timeout_seconds")
         self.transaction_interval_seconds = _positive(transaction_interval_seconds, "transaction_interval_seconds")
-        self.transaction_max_messages = int(_positive(transaction_max_messages, "transaction_max_messages"))
+        self.transaction_max_messages = _count(transaction_max_messages, "transaction_max_messages")
         self.registry = registry or get_registry()
 
         self.queue_config = config = _load_queue_config(queue_config, yaml_config_path)
@@ -152,6 +158,7 @@ class Engine:
         built: list[Observer] = list(observers or [])
         plugins = self.registry.names("observer")
         factories = [self.registry.get("observer", name) for name in plugins]
+        _check_metrics_settings(settings, plugins, factories)
         built.extend(factory(self.app_name, self.metrics_port, settings) for factory in factories)
         if self.metrics_port is not None and not plugins and not observers:
             warnings.warn(
@@ -319,6 +326,23 @@ class StreamApp:
         return self._run.report if self._run is not None else None
 
 
+def _check_metrics_settings(settings: Mapping[str, Any], plugins: Sequence[str], factories: Sequence[Any]) -> None:
+    """Refuse a metrics_settings key no observer plugin reads (a misspelled ``metrics_hots`` would bind every
+    interface). Plugins say which keys they read (``ports.DeclaresMetricsSettings``); when one does not, unknown
+    keys may be its own and are let through."""
+    declared = [factory.settings_keys if isinstance(factory, DeclaresMetricsSettings) else None
+                for factory in factories]
+    if not settings or any(keys is None for keys in declared):
+        return
+    known: set[str] = set().union(*(keys for keys in declared if keys is not None))
+    unknown = sorted(set(settings) - known, key=str)
+    if unknown:
+        raise ConfigurationError(
+            f"metrics_settings has unknown key(s) {unknown}; the installed observer plugin(s) "
+            f"{', '.join(plugins) or '(none)'} read {sorted(known)}"
+        )
+
+
 def _wants_context(func: Callable[..., Any]) -> bool:
     try:
         parameters = list(inspect.signature(func).parameters.values())
@@ -345,14 +369,27 @@ def _context_is_keyword_only(func: Callable[..., Any]) -> bool:
 
 
 def _positive(value: float | None, name: str, *, allow_zero: bool = False) -> float:
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigurationError(f"{name} must be {'0 or more' if allow_zero else 'positive'}, got {value!r}")
+    """A number (not a string, not a bool), not NaN, 0 or more (or positive)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0
+            or (value == 0 and not allow_zero)):
+        raise ConfigurationError(
+            f"{name} must be a number, {'0 or more' if allow_zero else 'positive'}; got {value!r}"
+        )
     return float(value)
 
 
+def _count(value: Any, name: str) -> int:
+    """A whole number, 1 or more (``int(0.5)`` would have made it 0)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a whole number, 1 or more; got {value!r}")
+    return value
+
+
 def _non_negative(value: int, name: str) -> int:
-    if value < 0:
-        raise ConfigurationError(f"{name} must be 0 or more, got {value}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be a whole number, 0 or more; got {value!r}")
     return value
 
 

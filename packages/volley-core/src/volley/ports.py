@@ -469,6 +469,15 @@ class DeadLetterObserver(Protocol):
     def on_dead_letters_purged(self, app_name: str, source_queue: str, count: int) -> None: ...
 
 
+@runtime_checkable
+class DeclaresMetricsSettings(Protocol):
+    """An observer factory (registered with ``volley_register_observers``) that names the ``metrics_settings`` keys
+    it reads. When every installed observer factory does, the Engine refuses any other key: a misspelled
+    ``metrics_hots`` would otherwise be ignored, and the metrics bound to every interface."""
+
+    settings_keys: frozenset[str]
+
+
 # ================================================================== delivery terms (share groups)
 # What a connector's consumers promise about delivery where it is less than a partitioned log's. The engine
 # reads it once, when it resolves the input queue, so that a setting the connector cannot honour fails at
@@ -483,8 +492,9 @@ class DeliveryTerms:
     ``key`` can be honoured; False (Kafka share groups): any member may get any record at any time, and only
     ``ordering: none`` is accepted. ``exactly_once``: the consumer can commit its inputs with its outputs
     (``Transactional``). ``delivery_limit``: the broker gives up on a record after this many deliveries
-    (Kafka share groups archive it, which drops it), so the engine dead-letters a record at its last delivery
-    at the latest, whatever ``max_deliveries`` says; None: no such limit.
+    (Kafka share groups archive it, which drops it), so the engine dead-letters a record at its next-to-last
+    delivery at the latest (the last is left for a dead letter that fails), whatever ``max_deliveries`` says;
+    None: no such limit.
     """
 
     ordered: bool = True

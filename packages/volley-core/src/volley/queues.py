@@ -8,6 +8,8 @@ and the per-message path only calls pre-bound functions.
 from __future__ import annotations
 
 import logging
+import math
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -108,8 +110,19 @@ def _data_model(value: Any, queue: str) -> Any:
     if is_none_name(value):
         return None
     if isinstance(value, str):
-        return import_dotted(value, f"data_model of queue {queue!r}")
+        value = import_dotted(value, f"data_model of queue {queue!r}")
+    if not _is_type_like(value):
+        raise ConfigurationError(
+            f"data_model of queue {queue!r} must be a class (or a type expression such as list[Model]), got "
+            f"{value!r} of type {type(value).__qualname__}"
+        )
     return value
+
+
+def _is_type_like(value: Any) -> bool:
+    """A class, a generic alias (``list[Model]``), a union, or another construct of the typing module."""
+    return (isinstance(value, (type, types.GenericAlias, types.UnionType))
+            or type(value).__module__ in ("typing", "typing_extensions"))
 
 
 def _connector_part(registry: Registry, value: Any, queue: str, role: str) -> Any:
@@ -221,6 +234,11 @@ def resolve_queue(
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigurationError(f"batch_size of queue {name!r} must be a positive integer, got {batch_size!r}")
     value = resolve_env(str(merged["value"]))
+    if not value.strip():
+        raise ConfigurationError(
+            f"queue {name!r} has an empty 'value' once environment variables are substituted "
+            f"({merged['value']!r}): set the variable, or give a default with ${{VAR:-default}}"
+        )
     spec = QueueSpec(
         name=name, value=value, connector=str(connector_name or "custom"), config=config, app_name=app_name, role=role
     )
@@ -238,7 +256,7 @@ def resolve_queue(
         model_handler=handler,
         data_model=data_model,
         batch_size=batch_size,
-        batch_timeout_seconds=float(merged.get("batch_timeout_seconds") or 0.0),
+        batch_timeout_seconds=_batch_timeout(name, merged.get("batch_timeout_seconds")),
         ordering=ordering,
         deserialize=serializer.deserialize,
         # A serializer may offer its library's raw decode: the pipeline turns whatever it raises into a
@@ -250,6 +268,16 @@ def resolve_queue(
         encode=_bind_encode(name, serializer, handler, data_model),
         delivery_limit=terms.delivery_limit if terms is not None else None,
     )
+
+
+def _batch_timeout(name: str, value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigurationError(
+            f"batch_timeout_seconds of queue {name!r} must be a finite number of seconds, 0 or more; got {value!r}"
+        )
+    return float(value)
 
 
 def _ordering(name: str, wanted: Any, terms: DeliveryTerms | None) -> str:
@@ -276,8 +304,16 @@ def _merge_profile(registry: Registry, settings: Mapping[str, Any]) -> tuple[dic
     if profile is not None:
         merged.update(registry.get("profile", str(profile)))
     merged.update({k: v for k, v in settings.items() if k != "profile" and v is not None})
-    config = dict(registry.get("profile", str(profile)).get("config") or {}) if profile is not None else {}
-    config.update(settings.get("config") or {})
+    profile_config = registry.get("profile", str(profile)).get("config") if profile is not None else None
+    queue_config = settings.get("config")
+    for source, given in ((f"profile {profile!r}", profile_config), ("the queue", queue_config)):
+        if given is not None and not isinstance(given, Mapping):
+            raise ConfigurationError(
+                f"config of queue {settings.get('name')!r} (from {source}) must be a mapping of connector settings, "
+                f"got {type(given).__name__} {given!r}"
+            )
+    config = dict(profile_config or {})
+    config.update(queue_config or {})
     return merged, resolve_env(config)
 
 

@@ -155,7 +155,7 @@ class PrometheusObserver:
     ) -> None:
         if metrics_port is not None and not (isinstance(metrics_port, int) and 0 <= metrics_port <= 65535):
             raise ConfigurationError(f"metrics_port must be an int from 0 to 65535 or None, got {metrics_port!r}")
-        if max_silence <= 0:
+        if not max_silence > 0:  # also NaN, which would make /healthz never fail
             raise ConfigurationError(f"health_max_silence_seconds must be positive, got {max_silence!r}")
         self._multiprocess = multiprocess_dir()
         if self._multiprocess is not None and not os.path.isdir(self._multiprocess):

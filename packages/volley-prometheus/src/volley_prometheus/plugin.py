@@ -15,6 +15,11 @@ def create_observer(app_name: str, metrics_port: int | None, settings: Mapping[s
     return PrometheusObserver.from_settings(app_name, metrics_port, settings)
 
 
+# The metrics_settings keys this plugin reads: the Engine refuses any other (volley.engine).
+create_observer.settings_keys = frozenset(  # type: ignore[attr-defined]
+    {"metrics_host", "health_max_silence_seconds", "prometheus_metrics", "clock"})
+
+
 @hookimpl
 def volley_register_observers(register: Register) -> None:
     register("prometheus", create_observer)
