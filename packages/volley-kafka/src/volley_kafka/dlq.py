@@ -59,6 +59,11 @@ class KafkaBrowser:
         except KafkaException as exc:
             raise BrokerUnavailableError(f"cannot reach Kafka for topic {self.topic!r}: {exc}") from exc
         topic = metadata.topics.get(self.topic)
+        if topic is not None and topic.error is not None and topic.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+            # (a leader being elected, ...): reading nothing here would count as reading the queue to its end, and the
+            # replay journal would forget the letters it still needs
+            raise BrokerUnavailableError(f"cannot read the partitions of topic {self.topic!r}: {topic.error}; "
+                                         "try again")
         if topic is None or topic.error is not None or not topic.partitions:
             return  # no such topic yet: no dead letters
         partitions = sorted(topic.partitions)

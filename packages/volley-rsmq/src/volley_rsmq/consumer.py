@@ -80,6 +80,7 @@ class RsmqConsumer(Settler):
         self._held: dict[Delivery, Held] = {}
         # Acknowledged, delete queued or under way: kept hidden by the heartbeat until the delete is done.
         self._deleting: dict[Delivery, Held] = {}
+        self._recently_deleted: dict[str, None] = {}  # ids whose delete reached Redis lately (settler._deleted)
         self._to_delete: deque[Delivery] = deque()
         self._to_release: list[Release] = []
         self._max_pending = settings.max_pending_deletes
@@ -251,11 +252,13 @@ class RsmqConsumer(Settler):
         with self._cond:
             holding = {delivery[0]: entry for delivery, entry in self._held.items() if not entry.lost}
             holding.update((delivery[0], entry) for delivery, entry in self._deleting.items() if not entry.lost)
+            deleted = self._recently_deleted
             fresh = []
             for message in messages:
                 entry = holding.get(message.id)
                 if entry is None:
-                    fresh.append(message)
+                    if message.id not in deleted:  # (acked and deleted while this receive was under way)
+                        fresh.append(message)
                     continue
                 entry.rc, entry.deadline, entry.warned = message.rc, deadline, False
                 self.received_again += 1

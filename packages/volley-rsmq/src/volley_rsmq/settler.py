@@ -24,6 +24,7 @@ from volley_rsmq.settings import RsmqSettings
 logger = logging.getLogger("volley.rsmq")
 
 CHUNK = 1000  # ids per delete transaction / visibility script
+RECENTLY_DELETED = 10_000  # deleted ids remembered against a receive that took one again just before its delete
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -57,6 +58,7 @@ class Settler:
     _cond: threading.Condition
     _held: dict[Delivery, Held]
     _deleting: dict[Delivery, Held]
+    _recently_deleted: dict[str, None]
     _to_delete: deque[Delivery]
     _to_release: list[Release]
     _room_waiters: list[asyncio.Future[None]]
@@ -139,13 +141,18 @@ class Settler:
                     return
 
     def _deleted(self, deliveries: list[Delivery]) -> None:
-        """Forget deliveries whose delete is done (or abandoned) and let waiting acks and receives go on."""
+        """Forget deliveries whose delete is done (or abandoned) and let waiting acks and receives go on. Their ids
+        are remembered for a while: a receive under way meanwhile may have taken one again just before its delete
+        (``consumer._not_held`` drops it)."""
         if not deliveries:
             return
         with self._cond:
-            deleting = self._deleting
+            deleting, recent = self._deleting, self._recently_deleted
             for delivery in deliveries:
                 deleting.pop(delivery, None)
+                recent[delivery[0]] = None
+            while len(recent) > RECENTLY_DELETED:
+                del recent[next(iter(recent))]
             self._wake_room_waiters()
 
     def _give_up(self) -> None:
@@ -210,12 +217,16 @@ class Settler:
                     current = self._deleting.get(delivery)
                     if current is None:  # deleted meanwhile
                         continue
+                    if current.rc != pair[1]:  # received again meanwhile (consumer._not_held): newer than this
+                        continue
                     if pair in lost:
                         current.lost = True
                         redelivered += 1
                     else:
                         current.deadline = deadline
                         self.extended += 1
+                    continue
+                if current.rc != pair[1]:
                     continue
                 if pair in lost:
                     current.lost = True

@@ -80,7 +80,7 @@ async def inspect(dlq: DeadLetterQueue, letter_filter: LetterFilter, journal: Jo
                 break
             for envelope in batch:
                 letter = DeadLetter.read(envelope)
-                if journal is not None and journal.is_sent(letter.id, letter.digest):
+                if journal is not None and journal.is_sent(letter.id, letter.fingerprint):
                     result.already_replayed += 1
                     continue
                 result.total += 1

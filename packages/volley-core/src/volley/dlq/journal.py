@@ -7,9 +7,9 @@ finds it still there. The journal tells the next run what happened to it:
 - ``intent`` without ``sent``: the kill came while it was in flight, so its republish may or may not have
   landed. It is sent again (at-least-once) and counted as a possible duplicate in the summary.
 
-A ``sent`` entry names the letter by its id in the queue *and* a digest of its content (key and value): an id
-can name another letter later (a Kafka topic deleted and created again starts its offsets at 0), and that letter
-was never sent.
+A ``sent`` entry names the letter by its id in the queue *and* its fingerprint (key, value, headers, time written):
+an id can name another letter later (a Kafka topic deleted and created again starts its offsets at 0), even one
+of the same key and value (the replayed message failed again), and that letter was never sent.
 
 It also keeps, per digest, the replay count the letter carried when it was last sent, for the loop guard where a
 destination drops headers. On Kafka, whose topics cannot drop single records, ``sent`` entries past the replay
@@ -64,7 +64,7 @@ class Journal:
         self.path = path
         self.intended: set[str] = set()
         self.sent: dict[str, str | None] = {}
-        """Confirmed at their destination: id -> the digest of the letter sent under that id."""
+        """Confirmed at their destination: id -> the fingerprint of the letter sent under that id."""
         self.replays: Counter[str] = Counter()
         """Per digest, the replay count a letter with that content carried when it was last sent."""
         self._file: TextIO | None = None
@@ -98,23 +98,24 @@ class Journal:
             ids = [str(i) for i in entry["ids"]]
             digests = [str(d) for d in entry.get("digests", ())]
             counts = [int(n) for n in entry.get("replays", [1] * len(digests))]
+            prints = [str(f) for f in entry.get("prints", ())]
         except (ValueError, KeyError, TypeError, AttributeError):
             return  # a line cut short by the kill that left it: its step did not happen
         if op == "sent":
-            known: list[str | None] = list(digests) if len(digests) == len(ids) else [None] * len(ids)
+            known: list[str | None] = list(prints) if len(prints) == len(ids) else [None] * len(ids)
             self.sent.update(zip(ids, known, strict=True))
             for digest, count in zip(digests, counts, strict=False):
                 self._count(digest, count)
         else:
             self.intended.update(ids)
 
-    def is_sent(self, letter_id: str, digest: str) -> bool:
-        """Whether a run confirmed this letter at its destination: the same id with the same content (an entry
-        of a journal that did not record digests matches any)."""
+    def is_sent(self, letter_id: str, fingerprint: str) -> bool:
+        """Whether a run confirmed this very letter at its destination: the same id and fingerprint (an entry of a
+        journal that did not record fingerprints matches any)."""
         if letter_id not in self.sent:
             return False
         recorded = self.sent[letter_id]
-        return recorded is None or recorded == digest
+        return recorded is None or recorded == fingerprint
 
     def lock(self) -> None:
         """Hold the journal for this process (an advisory lock on a file beside it), or refuse at once; then read
@@ -124,7 +125,7 @@ class Journal:
         if fcntl is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                handle = self.path.with_suffix(".lock").open("a", encoding="utf-8")
+                handle = self.path.with_name(self.path.name + ".lock").open("a", encoding="utf-8")
             except OSError as exc:
                 raise ConfigurationError(f"cannot use the replay journal {self.path}: {exc}; pass --journal or set "
                                          "VOLLEY_DLQ_JOURNAL_DIR to a writable place") from exc
@@ -151,12 +152,14 @@ class Journal:
             self._write({"op": "intent", "ids": listed})
             self.intended.update(listed)
 
-    def record_sent(self, ids: Iterable[str], digests: Iterable[str], replays: Iterable[int]) -> None:
-        """Letters confirmed at their destination: their ids, digests, and the replay count each now carries."""
-        listed, named, counts = list(ids), list(digests), list(replays)
+    def record_sent(self, ids: Iterable[str], prints: Iterable[str], digests: Iterable[str],
+                    replays: Iterable[int]) -> None:
+        """Letters confirmed at their destination: their ids and fingerprints, and the replay count each now carries
+        (by content digest)."""
+        listed, printed, named, counts = list(ids), list(prints), list(digests), list(replays)
         if listed:
-            self._write({"op": "sent", "ids": listed, "digests": named, "replays": counts})
-            self.sent.update(zip(listed, named, strict=True))
+            self._write({"op": "sent", "ids": listed, "prints": printed, "digests": named, "replays": counts})
+            self.sent.update(zip(listed, printed, strict=True))
             for digest, count in zip(named, counts, strict=True):
                 self._count(digest, count)
 
@@ -171,15 +174,14 @@ class Journal:
         sent = {i: self.sent[i] for i in sorted(set(keep_sent)) if i in self.sent}
         doubt = sorted(set(keep_intended) - set(sent))
         self.intended, self.sent = set(doubt), sent
-        temporary = self.path.with_suffix(".tmp")
+        temporary = self.path.with_name(self.path.name + ".rewrite")  # (never the journal itself, whatever its name)
         with temporary.open("w", encoding="utf-8") as out:
             if doubt:
                 out.write(json.dumps({"op": "intent", "ids": doubt}) + "\n")
-            known = [i for i, digest in sent.items() if digest is not None]
+            known = [i for i, fingerprint in sent.items() if fingerprint is not None]
             if known:
-                out.write(json.dumps({"op": "sent", "ids": known, "digests": [sent[i] for i in known],
-                                      "replays": [0] * len(known)}) + "\n")
-            unknown = [i for i, digest in sent.items() if digest is None]
+                out.write(json.dumps({"op": "sent", "ids": known, "prints": [sent[i] for i in known]}) + "\n")
+            unknown = [i for i, fingerprint in sent.items() if fingerprint is None]
             if unknown:
                 out.write(json.dumps({"op": "sent", "ids": unknown}) + "\n")
             if self.replays:

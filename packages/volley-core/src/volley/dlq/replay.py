@@ -161,6 +161,7 @@ class _Replay:
         self.producers: dict[tuple[int, str], Producer] = {}
         self.pacer = _Pacer(options.rate)
         self.remaining = options.limit
+        self.counted: Counter[str] = Counter(journal.replays) if journal is not None else Counter()
         self.read_to_end = False  # browsed until the queue had nothing more (not stopped by --limit)
         self.seen: set[str] = set()  # ids of letters browsed that the journal names
         self.settled: set[str] = set()  # ids of letters this run took out (or committed past)
@@ -178,6 +179,9 @@ class _Replay:
                                 "settle()), so a replay could not avoid sending them twice; use --dry-run to see "
                                 "what would be sent")
         self.journal.lock()
+        # The replay counts as they were before this run: identical letters sent in different batches of it are
+        # not replays of each other (each batch would read the count the one before recorded).
+        self.counted = Counter(self.journal.replays)
         return browser, self.journal
 
     async def run(self) -> ReplaySummary:
@@ -241,7 +245,7 @@ class _Replay:
             journal = self.journal
             if journal is not None and (letter.id in journal.sent or letter.id in journal.intended):
                 self.seen.add(letter.id)
-            if journal is not None and journal.is_sent(letter.id, letter.digest):
+            if journal is not None and journal.is_sent(letter.id, letter.fingerprint):
                 finished.append(envelope)
             elif not options.filter.matches(letter):
                 summary.skipped_by_filter += 1
@@ -259,8 +263,7 @@ class _Replay:
 
     def replays_of(self, letter: DeadLetter) -> int:
         """Its replay counter, or the journal's count of its content where a destination dropped the header."""
-        counted = self.journal.replays[letter.digest] if self.journal is not None else 0
-        return max(letter.replays, counted)
+        return max(letter.replays, self.counted[letter.digest])
 
     async def move(self, browser: SettlingBrowser, journal: Journal, chosen: Chosen,
                    finished: list[Envelope]) -> None:
@@ -274,7 +277,7 @@ class _Replay:
         if not chosen:
             return
         await self.pacer.wait_for(len(chosen))
-        await _send(self.dlq, chosen, self.producers, journal, self.summary, self.options, self.hook)
+        await _send(self.dlq, chosen, self.producers, journal, self.counted, self.summary, self.options, self.hook)
         await browser.settle([letter.envelope for letter, _, _ in chosen])
         self.settled.update(letter.id for letter, _, _ in chosen)
         by_source = Counter(letter.source_queue or name for letter, _, name in chosen)
@@ -282,9 +285,9 @@ class _Replay:
             self.dlq.count_replayed(source, count)
 
 
-async def _send(dlq: DeadLetterQueue, chosen: Chosen,
-                producers: dict[tuple[int, str], Producer], journal: Journal, summary: ReplaySummary,
-                options: ReplayOptions, hook: Callable[[int, str], None]) -> None:
+async def _send(dlq: DeadLetterQueue, chosen: Chosen, producers: dict[tuple[int, str], Producer], journal: Journal,
+                counted: Counter[str], summary: ReplaySummary, options: ReplayOptions,
+                hook: Callable[[int, str], None]) -> None:
     ids = [letter.id for letter, _, _ in chosen]
     summary.possible_duplicates += sum(journal.in_doubt(i) for i in ids)
     journal.record_intent(ids)
@@ -292,7 +295,7 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen,
     used: list[Producer] = []
     groups: dict[tuple[int, str], list[OutgoingMessage]] = {}
     # The count each copy carries now: identical letters (the same key and value) are not replays of each other.
-    counts = [max(letter.replays, journal.replays[letter.digest]) + 1 for letter, _, _ in chosen]
+    counts = [max(letter.replays, counted[letter.digest]) + 1 for letter, _, _ in chosen]
     for (letter, queue, name), count in zip(chosen, counts, strict=True):
         groups.setdefault((id(queue), name), []).append(
             OutgoingMessage(name, letter.envelope.value, letter.key, letter.replay_headers(count - 1),
@@ -310,9 +313,9 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen,
     confirmed = {str(m.token) for m in confirmations.delivered}
     if confirmations.failed or len(confirmed) < len(ids):
         # What was confirmed is journaled, so that the next run takes it out instead of sending it again.
-        done = [(letter.id, letter.digest, count) for (letter, _, _), count in zip(chosen, counts, strict=True)
-                if letter.id in confirmed]
-        journal.record_sent([i for i, _, _ in done], [d for _, d, _ in done], [c for _, _, c in done])
+        done = [(letter, count) for (letter, _, _), count in zip(chosen, counts, strict=True) if letter.id in confirmed]
+        journal.record_sent([d.id for d, _ in done], [d.fingerprint for d, _ in done], [d.digest for d, _ in done],
+                            [c for _, c in done])
     if confirmations.failed:
         record, error = confirmations.failed[0]
         raise DeliveryError(f"{len(confirmations.failed)} replayed letter(s) were not confirmed by their broker "
@@ -324,7 +327,8 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen,
                             "queue")
     total = summary.moved + len(chosen)
     hook(total, "confirmed")
-    journal.record_sent(ids, [letter.digest for letter, _, _ in chosen], counts)
+    journal.record_sent(ids, [letter.fingerprint for letter, _, _ in chosen],
+                        [letter.digest for letter, _, _ in chosen], counts)
     hook(total, "journaled")
     summary.moved = total
     summary.by_destination.update(name for _, _, name in chosen)
