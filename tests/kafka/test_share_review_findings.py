@@ -93,11 +93,8 @@ async def test_a_dead_letter_that_cannot_be_written_on_the_last_delivery_is_not_
         f"{[r.getMessage()[:160] for r in caplog.records if r.levelno >= logging.ERROR]}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: stale copies are skipped now (tests/core/test_given_up.py), but each acquisition counts a delivery, and "
-    "a share fetch acquires whole record batches (60 records here, past max.poll.records=20): records acquired "
-    "but not handled within the lock reach the limit; only a lock longer than what a worker holds avoids it "
-    "(confluent-kafka 2.16 has no RENEW acknowledgement)"))
+@pytest.mark.xfail(strict=True, reason="open: a record given up past its lock must not reach a handler (and a member "
+                   "must not acquire it again while its stale copy is queued in the engine); see session 31's note")
 async def test_records_held_past_their_lock_are_not_dead_lettered_without_ever_being_handled(kit: Any) -> None:
     """A worker acquires more than it handles within the group's lock (one member, 20-record polls, 1 s lock,
     10 records/s): each lock period the member gives its batch up and acquires it again, and each acquisition

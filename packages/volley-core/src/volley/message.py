@@ -29,11 +29,6 @@ class Envelope:
     ``handle`` is reserved for the connector that produced the envelope (a
     native message object, a receipt) and ``pending`` for the engine's
     bookkeeping of unconfirmed outputs; neither is part of the user API.
-    ``pending == -1`` means given up: nothing settles for it any more, and the
-    engine skips it (counted abandoned) if it has not begun handling it. A
-    consumer may set it on an envelope it handed out and no longer holds (a
-    share group's record past its lock), so that no handler spends time on a
-    stale copy; set it only while ``pending`` is 0, and on the event loop.
     """
 
     __slots__ = (

@@ -24,10 +24,7 @@ for a slow record's ack could not poll again. Every copy of a slow record the br
 one more member, until none consumed anything. So, before members are polled, such a member drops its records
 (a later ack or nack of one is a no-op), sends RELEASE for them on its thread (usually refused: the broker took
 them back already) and polls again. Records it had not handed out yet are never handed out (the broker has them
-again); the ones handed out are counted in ``late_acks`` and logged as possible duplicates, and those the engine
-has not begun are marked given up (``Envelope.pending = -1``), so that the engine skips them: a stale copy queued
-ahead of the fresh one would otherwise be handled first, and each lock period would count one more delivery for
-the fresh copies behind it, until records no handler failed on reached ``max_deliveries``.
+again); the ones handed out are counted in ``late_acks`` and logged as possible duplicates.
 
 Closing releases every record still unsettled, so that another member gets it at once instead of after its lock.
 
@@ -81,7 +78,6 @@ class _Member:
         self.worker = BlockingWorker(name)
         self.held: dict[RecordKey, Any] = {}  # acquired and not yet settled (handed out or not)
         self.waiting: deque[Envelope] = deque()  # acquired, not yet handed out
-        self.handed: dict[RecordKey, Envelope] = {}  # handed out to the engine, not yet settled
         self.poll: asyncio.Future[list[Any]] | None = None
         self.polled_at = 0.0  # when the poll that acquired the records held began (their locks began no earlier)
         self.acquired_at = 0.0  # when that poll returned (their locks began no later)
@@ -298,23 +294,16 @@ class ShareKafkaConsumer:
             records = list(member.held.values())
             unsent = len(member.waiting)
             handed_out = len(records) - unsent
-            stale = 0
-            for env in member.handed.values():  # not begun yet by the engine: no handler for a stale copy
-                if env.pending == 0:
-                    env.pending = -1
-                    stale += 1
             member.held.clear()
             member.waiting.clear()
-            member.handed.clear()
             self.late_acks += handed_out
             self._archived(records)  # past their lock on their last delivery: the broker archived them
             self._log_once("expired", "%s: member %d gave up %d record(s) %.1f s after it acquired them, past the "
                            "group's record lock (%.1f s), so that it polls again; the broker hands them out again: "
-                           "%d handed out are possible duplicates (a handler slower than "
-                           "share.record.lock.duration.ms, or more records held than handled within the lock; "
-                           "%d of them not finished are given up: skipped unless begun), %d not handed out yet are "
-                           "left to the group", self._what, member.index, len(records), now - member.acquired_at,
-                           lock, handed_out, stale, unsent)
+                           "%d still being handled are possible duplicates (a handler slower than "
+                           "share.record.lock.duration.ms), %d not handed out yet are left to the group",
+                           self._what, member.index, len(records), now - member.acquired_at, lock, handed_out,
+                           unsent)
             # Queued on the member's thread before its next poll: release first, then poll.
             release = member.worker.submit(functools.partial(self._acknowledge, member, records,
                                                              AcknowledgeType.RELEASE))
@@ -328,11 +317,9 @@ class ShareKafkaConsumer:
     def _hand_out(self, count: int) -> list[Envelope]:
         out: list[Envelope] = []
         for member in self._members:
-            waiting, handed = member.waiting, member.handed
+            waiting = member.waiting
             while waiting and len(out) < count:
-                env = waiting.popleft()
-                handed[(env.source, env.partition, env.position)] = env  # type: ignore[index]  # ints here
-                out.append(env)
+                out.append(waiting.popleft())
             if len(out) >= count:
                 break
         return out
@@ -417,7 +404,6 @@ class ShareKafkaConsumer:
             key = (env.source, env.partition, env.position)
             if member.held.get(key) is message:
                 del member.held[key]
-                member.handed.pop(key, None)
                 by_member.setdefault(index, []).append(message)
         calls = []
         lock = self._lock_seconds

@@ -237,9 +237,6 @@ def _grouper(decode: Callable[[Envelope, Outcome], Any],
         good: list[Envelope] = []
         messages: list[Any] = []
         for env in batch:
-            if env.pending == -1:  # given up before it was begun (Envelope's docstring)
-                out.abandoned += 1
-                continue
             message = decode(env, out)
             if message is not FAILED:
                 good.append(env)

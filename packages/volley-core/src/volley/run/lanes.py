@@ -64,8 +64,8 @@ class AsyncLanes:
                     self._enqueue(lane, env, message)
                 else:
                     queue.append((env, message))
-        if out.failures or out.abandoned:  # (the abandoned: given up before they were begun)
-            out.handled = len(out.failures) + out.abandoned
+        if out.failures:
+            out.handled = len(out.failures)
             self.settlement.apply(out)
 
     def _enqueue(self, lane: Any, token: Token, message: Any) -> None:
@@ -95,7 +95,7 @@ class AsyncLanes:
         try:
             while queue and not self.closed and settlement.generation == generation:
                 token, message = queue[0]
-                if _given_up(token, self.revoked):
+                if self.revoked and _given_up(token, self.revoked):
                     queue.popleft()
                     self._abandon(len(members_of(token)))
                     continue
@@ -204,12 +204,11 @@ class AsyncLanes:
 
 
 def _given_up(token: Token, revoked: set[PartitionId]) -> bool:
-    """Whether ``token`` is skipped, not handled: a message given up (``pending == -1``: by its consumer, or with
-    an aborted transaction) or of a partition being revoked, or a batch handler's group whose every member is one
-    (a group with a member still wanted is handled whole)."""
+    """Whether ``token`` is skipped, not handled: a message of a partition being revoked, or a batch handler's group
+    whose every member is one (a group with a member of a partition kept is handled whole)."""
     if isinstance(token, Envelope):
-        return token.pending == -1 or bool(revoked and is_revoked(token, revoked))
-    return all(member.pending == -1 or (revoked and is_revoked(member, revoked)) for member in token.members)
+        return is_revoked(token, revoked)
+    return all(is_revoked(member, revoked) for member in token.members)
 
 
 def _forget_cancellation() -> None:

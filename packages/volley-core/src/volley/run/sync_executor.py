@@ -163,11 +163,10 @@ class SyncExecutor:
                     out.handled = index - start
                     return index, None
                 previous = now
-                env = batch[index]
-                if env.pending == -1 or (revoked and is_revoked(env, revoked)):  # given up (Envelope's docstring)
+                if revoked and is_revoked(batch[index], revoked):
                     out.abandoned += 1
                     continue
-                moved = handle(env, out, False, UNDECODED, now)
+                moved = handle(batch[index], out, False, UNDECODED, now)
                 if moved is not None:
                     self._go_threaded(f"the handler raised {type(moved.error).__name__}")
                     out.handled = index - start
