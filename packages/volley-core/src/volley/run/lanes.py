@@ -193,7 +193,11 @@ class AsyncLanes:
             self.settlement.apply(out)
 
     async def reset(self, timeout: float) -> None:
-        """Drop all queued and running work (its transaction aborted), then take new work again."""
+        """Drop all queued and running work (its transaction aborted), then take new work again. The queues are
+        emptied before the wait for the cancelled lanes: a revoke meanwhile must not drop (and count abandoned a
+        second time) what the abort already gave up."""
+        self.lanes.clear()
+        self.waiting.clear()
         await self.close(timeout)
         self.lanes.clear()
         self.waiting.clear()
