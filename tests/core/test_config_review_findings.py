@@ -187,3 +187,10 @@ def test_json_serializer_encoding_a_too_deep_value_raises_serialization_error() 
         deep = [deep]
     with pytest.raises(SerializationError):
         JsonSerializer().serialize(deep)
+
+
+def test_tune_gc_that_is_not_a_bool_is_refused() -> None:
+    """``tune_gc="no"`` (a YAML or environment string) was ``bool("no")``: True, the opposite of what was asked."""
+    broker = MemoryBroker()
+    with pytest.raises(ConfigurationError, match="tune_gc must be True or False"):
+        engine(queues(broker), tune_gc="no")

@@ -105,7 +105,9 @@ class Engine:
         if sync_handler_mode not in ("auto", "thread"):
             raise ConfigurationError(f"sync_handler_mode must be 'auto' or 'thread', got {sync_handler_mode!r}")
         self.sync_handler_mode = sync_handler_mode
-        self.tune_gc = bool(tune_gc)
+        if not isinstance(tune_gc, bool):  # ("no" would have meant True)
+            raise ConfigurationError(f"tune_gc must be True or False, got {tune_gc!r}")
+        self.tune_gc = tune_gc
         self.shutdown_timeout_seconds = _positive(shutdown_timeout_seconds, "shutdown_timeout_seconds")
         self.transaction_interval_seconds = _positive(transaction_interval_seconds, "transaction_interval_seconds")
         self.transaction_max_messages = _count(transaction_max_messages, "transaction_max_messages")
