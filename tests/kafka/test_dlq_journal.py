@@ -110,15 +110,7 @@ def test_new_letters_of_a_recreated_dead_letter_topic_are_not_swallowed_by_an_ol
     app = scenario_app(topics.config(), Fix())
     path = tmp_path / "journal.jsonl"
     assert asyncio.run(replay(DeadLetterQueue(app), Journal(path), ReplayOptions())).moved == 3
-    topics.delete("dlq")
-    for attempt in range(100):  # topic deletion is asynchronous on the broker
-        try:
-            topics.create("dlq")
-            break
-        except Exception:
-            if attempt == 99:
-                raise
-            time.sleep(0.1)
+    recreate_dlq(topics)
     topics.letters(["new0", "new1"])
     app = scenario_app(topics.config(), Fix())
     seen = asyncio.run(inspect(DeadLetterQueue(app), LetterFilter(), Journal(path)))
@@ -126,3 +118,36 @@ def test_new_letters_of_a_recreated_dead_letter_topic_are_not_swallowed_by_an_ol
     replayed = topics.keys_in("orders")
     assert sorted(k for k in replayed if k.startswith("new")) == ["new0", "new1"], (
         f"inspect: total {seen.total}, already replayed {seen.already_replayed}; replay: {summary.as_dict()}")
+
+
+# ------------------------------------------------------------------ found by a second review of the fixes
+
+
+def recreate_dlq(topics: Topics) -> None:
+    topics.delete("dlq")
+    for attempt in range(100):  # topic deletion is asynchronous on the broker
+        try:
+            topics.create("dlq")
+            return
+        except Exception:
+            if attempt == 99:
+                raise
+            time.sleep(0.1)  # polling the broker's asynchronous deletion, not synchronisation between threads
+
+
+def test_a_replayed_letter_that_fails_again_into_a_recreated_topic_is_not_swallowed(topics: Topics,
+                                                                                  tmp_path: Path) -> None:
+    """journal.py names a sent letter by partition:offset and a digest of key and value only. On Kafka the
+    journal keeps a settled letter's entry until a later complete run no longer sees it, so right after a
+    replay it still holds ``0:0 -> digest(k, v)``. The operator re-creates the DLQ topic (the case a49bb0f
+    targets); the replayed message fails again and its new dead letter - the same key and value - lands at
+    offset 0. The next replay takes it for "already replayed", commits past it and sends it nowhere: lost."""
+    topics.letters(["same"])
+    app = scenario_app(topics.config(), Fix())
+    path = tmp_path / "journal.jsonl"
+    assert asyncio.run(replay(DeadLetterQueue(app), Journal(path), ReplayOptions())).moved == 1
+    recreate_dlq(topics)
+    topics.letters(["same"])  # the replayed message failed again: the same key and value, at offset 0
+    app = scenario_app(topics.config(), Fix())
+    summary = asyncio.run(replay(DeadLetterQueue(app), Journal(path), ReplayOptions()))
+    assert topics.keys_in("orders") == ["same", "same"], summary.as_dict()

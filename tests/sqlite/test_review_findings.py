@@ -8,43 +8,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlite_parts import open_consumer, produce, records, spec
 
 from volley.errors import ConfigurationError
 from volley.message import OutgoingMessage
-from volley.ports import QueueSpec
 from volley.testing.contract import DeliveryRecorder, deadline_in, drain_until
 from volley_sqlite import SqliteConnector, SqliteConsumer, SqliteProducer, admin, parse_settings, schema
-
-
-def spec(path: Path, name: str = "jobs", role: str = "input", **config: Any) -> QueueSpec:
-    return QueueSpec(name=name, value=name, connector="sqlite", config={"path": str(path), **config}, role=role)
-
-
-async def open_consumer(path: Path, name: str = "jobs", **config: Any) -> SqliteConsumer:
-    consumer = SqliteConnector().create_consumer(spec(path, name, **config))
-    await consumer.start()
-    return consumer
-
-
-async def produce(path: Path, messages: Sequence[OutgoingMessage], **config: Any) -> None:
-    producer = SqliteConnector().create_producer(spec(path, role="output", **config))
-    await producer.start()
-    try:
-        recorder = DeliveryRecorder()
-        producer.produce(messages, recorder)
-        await producer.flush(10)
-        recorder.assert_all_delivered(messages)
-    finally:
-        await producer.close()
-
-
-def records(name: str, count: int, *, start: int = 0, key: bytes | None = None) -> list[OutgoingMessage]:
-    return [OutgoingMessage(name, f"m-{i:05d}".encode(), key, token=i) for i in range(start, start + count)]
 
 
 def file_size(path: str | Path) -> int:
