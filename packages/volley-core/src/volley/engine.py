@@ -147,10 +147,9 @@ class Engine:
         limit = self.input.delivery_limit
         if limit is not None and self.max_deliveries >= limit - 1:
             bounded = max(1, limit - 2)
-            logger.info("%s: the input %r is redelivered at most %d times by its broker; a record still failing "
-                        "goes to the dead-letter queue on its delivery %d, leaving one for a dead letter that "
-                        "fails (max_deliveries=%d is above it)", self.app_name, self.input_queue, limit,
-                        bounded + 1, self.max_deliveries)
+            logger.info("%s: the input %r is delivered at most %d times by its broker; a record still failing "
+                        "goes to the dead-letter queue on its delivery %d (max_deliveries=%d is above it)",
+                        self.app_name, self.input_queue, limit, bounded + 1, self.max_deliveries)
             self.max_deliveries = bounded
 
     def _build_observer(self, observers: Sequence[Observer] | None,
