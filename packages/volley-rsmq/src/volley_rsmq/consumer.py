@@ -45,7 +45,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,7 +80,7 @@ class RsmqConsumer(Settler):
         self._held: dict[Delivery, Held] = {}
         # Acknowledged, delete queued or under way: kept hidden by the heartbeat until the delete is done.
         self._deleting: dict[Delivery, Held] = {}
-        self._recently_deleted: dict[str, None] = {}  # ids whose delete reached Redis lately (settler._deleted)
+        self._recently_deleted: OrderedDict[str, None] = OrderedDict()  # ids deleted lately (settler._deleted)
         self._to_delete: deque[Delivery] = deque()
         self._to_release: list[Release] = []
         self._max_pending = settings.max_pending_deletes

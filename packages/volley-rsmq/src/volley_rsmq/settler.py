@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import redis
 
@@ -58,7 +58,7 @@ class Settler:
     _cond: threading.Condition
     _held: dict[Delivery, Held]
     _deleting: dict[Delivery, Held]
-    _recently_deleted: dict[str, None]
+    _recently_deleted: OrderedDict[str, None]
     _to_delete: deque[Delivery]
     _to_release: list[Release]
     _room_waiters: list[asyncio.Future[None]]
@@ -152,7 +152,8 @@ class Settler:
                 deleting.pop(delivery, None)
                 recent[delivery[0]] = None
             while len(recent) > RECENTLY_DELETED:
-                del recent[next(iter(recent))]
+                # (an OrderedDict: a plain dict's next(iter()) walks every slot deleted at its front, ~9 us a message)
+                recent.popitem(last=False)
             self._wake_room_waiters()
 
     def _give_up(self) -> None:
