@@ -311,24 +311,23 @@ async def _send(dlq: DeadLetterQueue, chosen: Chosen, producers: dict[tuple[int,
     for producer in used:
         await producer.flush(options.flush_timeout)
     confirmed = {str(m.token) for m in confirmations.delivered}
-    if confirmations.failed or len(confirmed) < len(ids):
-        # What was confirmed is journaled, so that the next run takes it out instead of sending it again.
-        done = [(letter, count) for (letter, _, _), count in zip(chosen, counts, strict=True) if letter.id in confirmed]
-        journal.record_sent([d.id for d, _ in done], [d.fingerprint for d, _ in done], [d.digest for d, _ in done],
-                            [c for _, c in done])
+    missing = [i for i in ids if i not in confirmed]
+    total = summary.moved + len(chosen)
+    if not confirmations.failed and not missing:
+        hook(total, "confirmed")
+    # What was confirmed is journaled (all of the batch, or what a partly failed one got through), so that the next
+    # run takes it out instead of sending it again.
+    done = [(letter, count) for (letter, _, _), count in zip(chosen, counts, strict=True) if letter.id in confirmed]
+    journal.record_sent([d.id for d, _ in done], [d.fingerprint for d, _ in done], [d.digest for d, _ in done],
+                        [c for _, c in done])
     if confirmations.failed:
         record, error = confirmations.failed[0]
         raise DeliveryError(f"{len(confirmations.failed)} replayed letter(s) were not confirmed by their broker "
                             f"(first: {record.token} to {record.topic}: {error}); they stay in the dead-letter queue, "
                             "run the replay again once the destination is back")
-    missing = [i for i in ids if i not in confirmed]
     if missing:
         raise DeliveryError(f"{len(missing)} replayed letter(s) got no delivery report; they stay in the dead-letter "
                             "queue")
-    total = summary.moved + len(chosen)
-    hook(total, "confirmed")
-    journal.record_sent(ids, [letter.fingerprint for letter, _, _ in chosen],
-                        [letter.digest for letter, _, _ in chosen], counts)
     hook(total, "journaled")
     summary.moved = total
     summary.by_destination.update(name for _, _, name in chosen)
