@@ -87,7 +87,7 @@ class SqliteConsumer:
             return schema.take(conn, queue, owner, limit, lease, ordered, partitions)
 
         def probe(conn: sqlite3.Connection) -> bool:
-            return schema.anything_ready(conn, queue, owner if ordered else None)
+            return schema.anything_ready(conn, queue, partitions, owner if ordered else None)
 
         def abandoned(batch: list[Envelope]) -> None:
             """A consume cancelled while its take ran: those messages are leased to us; give them back now."""

@@ -19,6 +19,7 @@ partitions out fairly.
 from __future__ import annotations
 
 import math
+import operator
 import sqlite3
 import struct
 import time
@@ -52,6 +53,9 @@ CREATE TABLE IF NOT EXISTS volley_messages (
 CREATE INDEX IF NOT EXISTS volley_messages_pending ON volley_messages (queue, id) WHERE acked_at IS NULL;
 CREATE INDEX IF NOT EXISTS volley_messages_owner ON volley_messages (owner) WHERE owner IS NOT NULL;
 CREATE INDEX IF NOT EXISTS volley_messages_acked ON volley_messages (queue, acked_at) WHERE acked_at IS NOT NULL;
+-- What is ready in a partition: the probes, and takes while few rows are ready. Files made before it get it here.
+CREATE INDEX IF NOT EXISTS volley_messages_ready ON volley_messages (queue, partition, visible_at)
+    WHERE acked_at IS NULL;
 CREATE TABLE IF NOT EXISTS volley_consumers (
     queue       TEXT NOT NULL,
     owner       TEXT NOT NULL,
@@ -151,20 +155,33 @@ def row_for(message: OutgoingMessage, partition: int, now: float, default_delay:
 
 # ---------------------------------------------------------------------------------------------- consuming
 
-_READY_PROBE = ("SELECT 1 FROM volley_messages WHERE queue = ? AND acked_at IS NULL AND visible_at <= ? "
-                "LIMIT 1")
+_READY_IN = ("FROM volley_messages INDEXED BY volley_messages_ready WHERE queue = ? AND acked_at IS NULL "
+             "AND visible_at <= ? AND partition IN ")
 
 
-def anything_ready(db: sqlite3.Connection, queue: str, owner: str | None = None) -> bool:
+def _ready(db: sqlite3.Connection, queue: str, partitions: Sequence[int], now: float, limit: int) -> list[int]:
+    """Up to ``limit`` ids of rows ready in these partitions, in no particular order: a seek per partition in the
+    ready index (which holds ids), whatever the backlog."""
+    sql = f"SELECT id {_READY_IN}({_marks(len(partitions))}) LIMIT ?"
+    return [row[0] for row in db.execute(sql, (queue, now, *partitions, limit))]
+
+
+def _held_by_others(db: sqlite3.Connection, queue: str, owner: str, now: float) -> set[int]:
+    """The partitions in which another consumer holds a message (read through the index of held rows: as many rows
+    as are in flight, not the backlog)."""
+    return {row[0] for row in db.execute(
+        "SELECT DISTINCT partition FROM volley_messages INDEXED BY volley_messages_owner WHERE owner IS NOT NULL "
+        "AND owner != ? AND queue = ? AND visible_at > ? AND acked_at IS NULL", (owner, queue, now))}
+
+
+def anything_ready(db: sqlite3.Connection, queue: str, partitions: int, owner: str | None = None) -> bool:
     """A read outside any transaction. With ``owner`` (ordered queues): ready in a partition no other consumer holds."""
     now = time.time()
-    if owner is None:
-        return db.execute(_READY_PROBE, (queue, now)).fetchone() is not None
-    return db.execute(
-        "SELECT 1 FROM volley_messages m WHERE m.queue = ? AND m.acked_at IS NULL AND m.visible_at <= ? "
-        "AND NOT EXISTS (SELECT 1 FROM volley_messages h WHERE h.queue = m.queue AND h.partition = m.partition "
-        "AND h.owner IS NOT NULL AND h.owner != ? AND h.visible_at > ? AND h.acked_at IS NULL) LIMIT 1",
-        (queue, now, owner, now)).fetchone() is not None
+    candidates: Sequence[int] = range(partitions)
+    if owner is not None:
+        theirs = _held_by_others(db, queue, owner, now)
+        candidates = [p for p in candidates if p not in theirs]
+    return bool(candidates) and bool(_ready(db, queue, candidates, now, 1))
 
 
 def _allowed_partitions(db: sqlite3.Connection, queue: str, owner: str, partitions: int, lease: float,
@@ -196,11 +213,41 @@ def _allowed_partitions(db: sqlite3.Connection, queue: str, owner: str, partitio
                 break
             if partition in theirs or partition in mine:
                 continue
-            probe = db.execute("SELECT 1 FROM volley_messages WHERE queue = ? AND acked_at IS NULL AND partition = ? "
-                               "AND visible_at <= ? LIMIT 1", (queue, partition, now)).fetchone()
-            if probe is not None:
+            if _ready(db, queue, (partition,), now, 1):
                 allowed.append(partition)
     return allowed
+
+
+_first = operator.itemgetter(0)
+_COLUMNS = "SELECT id, partition, value, key, headers, created_at, attempts FROM volley_messages "
+
+
+def _oldest_ready(db: sqlite3.Connection, queue: str, owner: str, limit: int, partitions: Sequence[int],
+                  only_these: bool, now: float) -> list[Any]:
+    """The ``limit`` oldest ready rows of these partitions (by id: production order), not our own lapsed ones.
+
+    No single index gives both "ready now" and "oldest first". While at most ``limit`` rows are ready (an idle or
+    keeping-up consumer, however many rows are delayed or held), the ready index finds every one of them. With more
+    ready than that (a backlog to work through), the oldest are at the front of the pending index, which is read
+    in id order past the rows not ready (held: what is in flight; delayed: only those older than the backlog).
+    ``only_these``: the partitions are a choice (ordered queues), not simply all of them. Never our own lapsed
+    rows: they are still in our engine's hands."""
+    ready = _ready(db, queue, partitions, now, limit + 1)
+    if len(ready) <= limit:
+        rows: list[Any] = []
+        for start in range(0, len(ready), 500):
+            chunk = ready[start:start + 500]
+            rows += db.execute(f"{_COLUMNS}WHERE id IN ({_marks(len(chunk))}) AND owner IS NOT ?",
+                               (*chunk, owner)).fetchall()
+        rows.sort(key=_first)
+        return rows
+    sql = (f"{_COLUMNS}INDEXED BY volley_messages_pending WHERE queue = ? AND acked_at IS NULL AND visible_at <= ? "
+           "AND owner IS NOT ?")
+    params: list[Any] = [queue, now, owner]
+    if only_these:
+        sql += f" AND partition IN ({_marks(len(partitions))})"
+        params += partitions
+    return db.execute(sql + " ORDER BY id LIMIT ?", (*params, limit)).fetchall()
 
 
 def take(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: float, ordered: bool,
@@ -210,16 +257,8 @@ def take(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: floa
     allowed = _allowed_partitions(db, queue, owner, partitions, lease, now) if ordered else None
     if allowed is not None and not allowed:
         return []
-    sql = ("SELECT id, partition, value, key, headers, created_at, attempts FROM volley_messages "
-           "INDEXED BY volley_messages_pending WHERE queue = ? AND acked_at IS NULL AND visible_at <= ? "
-           "AND owner IS NOT ?")  # our own lapsed rows are still in our engine's hands
-    params: list[Any] = [queue, now, owner]
-    if allowed is not None:
-        sql += f" AND partition IN ({_marks(len(allowed))})"
-        params += allowed
-    sql += " ORDER BY id LIMIT ?"
-    params.append(limit)
-    rows = db.execute(sql, params).fetchall()
+    rows = _oldest_ready(db, queue, owner, limit, range(partitions) if allowed is None else allowed,
+                         allowed is not None, now)
     if not rows:
         return []
     until = now + lease
