@@ -129,23 +129,34 @@ class SqliteConsumer:
         await db.call(lambda conn: schema.give_back(conn, owner, ids, delay), wakes=self.queue if delay <= 0 else None)
 
     async def close(self) -> None:
-        """Give back whatever is still held, at once (another consumer may take it), and leave the queue."""
+        """Give back whatever is still held, at once (another consumer may take it), and leave the queue.
+
+        Within ``close_timeout_seconds``: past it (another process holds the write lock) the give-back stays
+        queued and runs if the lock comes free within the busy timeout; else the leases lapse after ``vt``."""
         db, self._db = self._db, None
         if db is None:
             return
-        db.remove_lessee(self.owner)
+        db.remove_lessee(self.owner)  # no more heartbeats: what is not given back comes back after vt at the latest
         if self._wakeup is not None:
             db.remove_waiter(self.queue, self._wakeup)
         queue, owner = self.queue, self.owner
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.close_timeout_seconds
 
         def leave(conn: sqlite3.Connection) -> None:
             schema.give_back(conn, owner, None, 0.0)
             schema.leave(conn, queue, owner)
 
         try:
-            await db.call(leave, wakes=queue)
+            await asyncio.wait_for(db.call(leave, wakes=queue), self.settings.close_timeout_seconds)
+        except TimeoutError:
+            logger.warning("sqlite queue %r: the messages this consumer held were not given back within "
+                           "close_timeout_seconds (%.1f s; the write lock of %s is held elsewhere); they are given "
+                           "back if it comes free within the busy timeout, else delivered again after vt (%.1f s)",
+                           queue, self.settings.close_timeout_seconds, self.settings.path,
+                           self.settings.visibility_timeout_seconds)
         finally:
-            await asyncio.to_thread(databases.release, db)
+            await asyncio.to_thread(databases.release, db, max(0.0, give_up_at - loop.time()))
 
     async def depth(self) -> int:
         queue = self.queue
@@ -246,10 +257,12 @@ class SqliteProducer:
         db, self._db = self._db, None
         if db is None:
             return
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.close_timeout_seconds
         try:
-            await self.flush(self.settings.busy_timeout_seconds + 30.0)
+            await self.flush(self.settings.close_timeout_seconds)  # raises past it, naming the writes left
         finally:
-            await asyncio.to_thread(databases.release, db)
+            await asyncio.to_thread(databases.release, db, max(0.0, give_up_at - loop.time()))
 
 
 class SqliteConnector:

@@ -307,11 +307,17 @@ class Database:
                 lessee.next_compaction = now + lessee.compaction_interval
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Finish the queued operations and close, waiting ``timeout`` seconds at most. A thread still waiting then
+        (for a write lock another process holds: up to the busy timeout) finishes behind the caller and closes."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, timeout))
+            if self._thread.is_alive():
+                logger.warning("sqlite database %s: still waiting for the write lock (another process holds it) "
+                               "after %.1f s; its last operations finish or fail in the background, within the busy "
+                               "timeout (%.1f s)", self.path, timeout, self.busy_timeout)
 
 
 @contextlib.contextmanager
@@ -339,15 +345,16 @@ def acquire(key: tuple[str, str, float]) -> Database:
         return database
 
 
-def release(database: Database) -> None:
-    """Give a database back; the last user closes it (after the operations still queued)."""
+def release(database: Database, timeout: float = 30.0) -> None:
+    """Give a database back; the last user closes it (after the operations still queued, waiting ``timeout``
+    seconds at most for them)."""
     with _registry_lock:
         database.refs -= 1
         if database.refs > 0:
             return
         if _registry.get(database.key) is database:
             del _registry[database.key]
-    database.stop()
+    database.stop(timeout)
 
 
 def chunks(items: Sequence[T], size: int = 500) -> Iterable[Sequence[T]]:

@@ -48,6 +48,9 @@ class SqliteSettings:
     """0: an ack deletes the message. Otherwise acked rows are kept this long (for inspection), then compacted."""
     compaction_interval_seconds: float = 60.0
     """How often a consumer deletes acked rows past their retention and returns free pages to the file system."""
+    close_timeout_seconds: float = 10.0
+    """How long closing waits to give back held messages (a consumer) or for writes to commit (a producer), e.g.
+    while another process holds the write lock; then it returns, logs what is left, and lets that finish behind it."""
 
     @property
     def database_key(self) -> tuple[str, str, float]:
@@ -64,6 +67,7 @@ _NUMBERS: dict[str, tuple[str, bool]] = {
     "delay": ("delay", True),
     "retention_seconds": ("retention_seconds", True),
     "compaction_interval_seconds": ("compaction_interval_seconds", False),
+    "close_timeout_seconds": ("close_timeout_seconds", True),
 }
 _BOOLEANS = ("heartbeat", "ordered")
 KNOWN_KEYS = ("path", "partitions", "synchronous", *_NUMBERS, *_BOOLEANS)
