@@ -48,4 +48,4 @@ def run_tracing(engine: Any, dlq: tuple[ResolvedQueue, int] | None) -> Tracing |
     outputs = [engine.queues[name].spec for name in engine.output_queues]
     if dlq is not None:
         outputs.append(dlq[0].spec)
-    return Tracing(engine.tracer.bind(engine.input.spec, outputs))
+    return Tracing(engine.tracer.bind(engine.input.spec, outputs), engine.app_name)

@@ -44,7 +44,7 @@ from volley.run.routing import Router
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
 from volley.run.sync_executor import SyncExecutor
-from volley.run.tasks import cancel, unexpected_end
+from volley.run.tasks import cancel, failed, unexpected_end
 from volley.run.transactions import TransactionBarrier
 
 logger = logging.getLogger("volley")
@@ -191,7 +191,11 @@ class Run:
         crashed: BaseException | None = None
         for name, task in tasks.items():
             if task in done:
-                crashed = crashed or unexpected_end(self.name, name, task)
+                error = unexpected_end(self.name, name, task)
+                if error is not None:  # said now, not only when the shutdown is over
+                    logger.error("%s: the %s task failed: %s: %s; stopping", self.name, name,
+                                 type(error).__qualname__, error, exc_info=error)
+                crashed = crashed or error
         return crashed
 
     async def _stop_transaction_work(self) -> None:
@@ -245,8 +249,9 @@ class Run:
         self.observer.on_ready(self.name, False)
         # 1. Stop consuming. Cancelling a poll is safe: what it would have returned was never acknowledged.
         await cancel(tasks["fetch"])
-        # 2. Finish in-flight work within the deadline.
-        await self.wait_settled(deadline)
+        # 2. Finish in-flight work within the deadline (unless processing itself failed: then nothing will).
+        if not failed(tasks["process"]):
+            await self.wait_settled(deadline)
         # 3. Give up on what is left: no handler call starts after this, no record is produced again.
         self.stop.abandon()
         await cancel(tasks["process"])
@@ -256,13 +261,7 @@ class Run:
             await self.executor.close(1.0)
         settlement.cancel_retries()
         # 4. Flush the producers so that outputs in flight are confirmed (and their inputs acked).
-        settlement.flush_outputs()
-        for producer in self.producers:
-            try:
-                await producer.flush(max(0.1, deadline - time.monotonic()))
-            except Exception as exc:
-                logger.error("%s: flushing a producer at shutdown failed: %s", self.name, exc)
-        settlement.drain_reports()
+        await self._flush_outputs(deadline)
         if settlement.in_flight:
             logger.warning("%s: shutting down with %d input(s) unfinished; they stay unacknowledged and will be "
                            "delivered again", self.name, settlement.in_flight)
@@ -289,6 +288,16 @@ class Run:
         self.observer.on_stop(self.name)
         self.report.elapsed_seconds = time.monotonic() - self._started
         logger.info("%s: stopped (%s)", self.name, self.report)
+
+    async def _flush_outputs(self, deadline: float) -> None:
+        """Shutdown step 4: outputs in flight confirmed, their reports taken (their inputs can then be acked)."""
+        self.settlement.flush_outputs()
+        for producer in self.producers:
+            try:
+                await producer.flush(max(0.1, deadline - time.monotonic()))
+            except Exception as exc:
+                logger.error("%s: flushing a producer at shutdown failed: %s", self.name, exc)
+        self.settlement.drain_reports()
 
     def request_stop(self, error: BaseException | None = None) -> None:
         """On the loop. ``error``: the run ends by raising it (the first one wins)."""

@@ -16,6 +16,11 @@ def unexpected_end(app_name: str, name: str, task: asyncio.Task[Any]) -> BaseExc
     return task.exception()
 
 
+def failed(task: asyncio.Task[Any]) -> bool:
+    """The task ended by raising or by being cancelled (not by returning)."""
+    return task.done() and (task.cancelled() or task.exception() is not None)
+
+
 async def cancel(task: asyncio.Task[Any]) -> None:
     if not task.done():
         task.cancel()

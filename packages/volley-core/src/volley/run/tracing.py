@@ -8,25 +8,123 @@ nothing traced. The steps themselves stay where they are written once (``handlin
 ``settlement``); this module only opens a trace around them, adds the trace's context to the outputs they
 produced, and hands the trace of a failed input to settlement, which ends it once it knows the input's fate
 (dead-lettered or given back).
+
+Tracing is observability: a tracer that raises (a bug in a span processor or exporter of the user's SDK, a
+propagator refusing a header) must not stop the pipeline. The run's tracer is wrapped once in ``GuardedTracer``:
+an exception from any of its calls is logged (once per run and kind of call) and counted, and the message goes
+on, untraced from that point when its trace could not start.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from volley.message import Envelope, OutgoingMessage
+from volley.message import Envelope, Headers, OutgoingMessage
 from volley.ports import MessageTrace, RunTracer
 from volley.run.tokens import Outcome, Token, members_of
 
+logger = logging.getLogger("volley")
+
 _NOT_GIVEN: Any = object()  # handle()'s ``message`` left out: the envelope is decoded there
+_NOT_ACTIVE: Any = object()  # activate() raised: nothing to deactivate
+
+
+class GuardedTracer:
+    """A run's tracer whose every call is kept from raising into the message path (see the module docstring).
+
+    One Python call more per tracer call, paid only by runs that trace (a span of an SDK costs far more)."""
+
+    def __init__(self, tracer: RunTracer, app_name: str = "") -> None:
+        self.tracer = tracer
+        self.app_name = app_name
+        self.failures = 0  # tracer calls that raised, over the run
+        self._logged: set[str] = set()
+
+    def failed(self, call: str, exc: Exception) -> None:
+        self.failures += 1
+        if call not in self._logged:
+            self._logged.add(call)
+            logger.error("%s: the tracer's %s raised %s: %s; the message is handled on (further failures of this "
+                         "call are not logged)", self.app_name, call, type(exc).__qualname__, exc, exc_info=exc)
+
+    def start(self, members: Sequence[Envelope], batch: bool) -> MessageTrace | None:
+        try:
+            trace = self.tracer.start(members, batch)
+        except Exception as exc:
+            self.failed("start", exc)
+            return None  # handled untraced
+        return None if trace is None else GuardedTrace(trace, self)
+
+    def sent(self, records: Sequence[OutgoingMessage]) -> None:
+        try:
+            self.tracer.sent(records)
+        except Exception as exc:
+            self.failed("sent", exc)
+
+
+class GuardedTrace:
+    """One message's trace, its calls guarded like ``GuardedTracer``'s."""
+
+    __slots__ = ("guard", "trace")
+
+    def __init__(self, trace: MessageTrace, guard: GuardedTracer) -> None:
+        self.trace = trace
+        self.guard = guard
+
+    def activate(self) -> object:
+        try:
+            return self.trace.activate()
+        except Exception as exc:
+            self.guard.failed("activate", exc)
+            return _NOT_ACTIVE
+
+    def deactivate(self, activation: object) -> None:
+        if activation is _NOT_ACTIVE:
+            return
+        try:
+            self.trace.deactivate(activation)
+        except Exception as exc:
+            self.guard.failed("deactivate", exc)
+
+    def inject(self, headers: Headers | None) -> Headers | None:
+        try:
+            return self.trace.inject(headers)
+        except Exception as exc:
+            self.guard.failed("inject", exc)
+            return headers  # the output goes without the trace's context
+
+    def retry(self, attempt: int, error: BaseException) -> None:
+        try:
+            self.trace.retry(attempt, error)
+        except Exception as exc:
+            self.guard.failed("retry", exc)
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        try:
+            self.trace.fail(stage, error)
+        except Exception as exc:
+            self.guard.failed("fail", exc)
+
+    def dead_letter(self, destination: str, headers: Headers) -> None:
+        try:
+            self.trace.dead_letter(destination, headers)
+        except Exception as exc:
+            self.guard.failed("dead_letter", exc)
+
+    def end(self) -> None:
+        try:
+            self.trace.end()
+        except Exception as exc:
+            self.guard.failed("end", exc)
 
 
 class Tracing:
     """One run's tracing: the traces being handled, and those of failed inputs waiting for settlement."""
 
-    def __init__(self, tracer: RunTracer) -> None:
-        self.tracer = tracer
+    def __init__(self, tracer: RunTracer, app_name: str = "") -> None:
+        self.tracer = GuardedTracer(tracer, app_name)
         self.live: dict[Token, MessageTrace] = {}  # being handled: retries find their trace here
         self.failed: dict[Token, MessageTrace] = {}  # failed, not yet settled (dead letter or give-back)
 
