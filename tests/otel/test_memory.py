@@ -82,7 +82,7 @@ def test_a_two_hop_pipeline_is_one_trace(recorder: Any, use_async: bool, caplog:
     assert hop1.kind is SpanKind.CONSUMER and hop1.status.status_code is StatusCode.UNSET
     assert dict(hop1.attributes or {}) == {
         "messaging.system": "memory", "messaging.destination.name": "orders", "messaging.operation.type": "process",
-        "messaging.message.id": "0",
+        "messaging.operation.name": "process", "messaging.message.id": "0",
     }
     # The handler's own spans are children of the message's span; its log records carry the ids.
     works = recorder.named("handler work")

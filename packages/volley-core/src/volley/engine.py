@@ -212,9 +212,9 @@ class StreamApp:
         self.is_async = inspect.iscoroutinefunction(func)
         self.wants_context = _wants_context(func)
         # What the pipeline calls: func itself, or an adapter passing msg_ctx by keyword when the handler
-        # declares it keyword-only (``def handler(msg, *, msg_ctx)``).
+        # declares it keyword-only (``def handler(msg, *, msg_ctx)``) or not second.
         self.call: Callable[..., Any] = func
-        if self.wants_context and _context_is_keyword_only(func):
+        if self.wants_context and _context_by_keyword(func):
             if self.is_async:
                 async def call_async(message: Any, context: Any) -> Any:
                     return await func(message, msg_ctx=context)
@@ -354,8 +354,8 @@ def _wants_context(func: Callable[..., Any]) -> bool:
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if any(p.kind == p.VAR_POSITIONAL for p in parameters):
         return True
-    if len(positional) >= 2:
-        return True
+    if len(positional) >= 2 and positional[1].default is positional[1].empty:
+        return True  # a second parameter with a default is the handler's own (``limit=10``), unless msg_ctx
     if not positional:
         raise ConfigurationError(
             f"handler {getattr(func, '__qualname__', func)!r} must take the message as its first argument "
@@ -364,9 +364,15 @@ def _wants_context(func: Callable[..., Any]) -> bool:
     return False
 
 
-def _context_is_keyword_only(func: Callable[..., Any]) -> bool:
-    parameter = inspect.signature(func).parameters.get("msg_ctx")
-    return parameter is not None and parameter.kind == parameter.KEYWORD_ONLY
+def _context_by_keyword(func: Callable[..., Any]) -> bool:
+    """msg_ctx is passed by keyword when it is keyword-only or not the second parameter
+    (``def handler(message, limit=10, msg_ctx=None)``)."""
+    parameters = list(inspect.signature(func).parameters.values())
+    names = [p.name for p in parameters]
+    if "msg_ctx" not in names:
+        return False
+    parameter = parameters[names.index("msg_ctx")]
+    return parameter.kind == parameter.KEYWORD_ONLY or names.index("msg_ctx") != 1
 
 
 def _positive(value: float | None, name: str, *, allow_zero: bool = False) -> float:

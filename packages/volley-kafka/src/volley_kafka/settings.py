@@ -42,7 +42,8 @@ PYVOLLEY_KEYS = {
     "poll_interval": "Engine(poll_interval_seconds=...)",
     "stop_on_failure": "Engine(on_failure='stop' | 'continue')",
     "batch_size": "the queue's batch_size= setting (or Engine(consume_batch_size=...))",
-    "batch_time_seconds": "the queue's batch_timeout_seconds= setting",
+    "batch_time_seconds": "nothing: a batch is what one fetch brought (up to the queue's batch_size); Volley "
+                          "does not wait to fill one",
     "poll_thread_timeout": "nothing (Volley's producer polls on its own thread)",
 }
 
@@ -124,7 +125,7 @@ def split_config(config: Mapping[str, Any], queue: QueueSpec,
                 )
             volley[key] = value
         elif key in PYVOLLEY_KEYS:
-            logger.info("queue %r: ignoring py-volley setting %r in config; Volley takes it from %s",
+            logger.info("queue %r: ignoring py-volley setting %r in config; in Volley: %s",
                         queue.name, key, PYVOLLEY_KEYS[key])
         else:
             rdkafka[key] = value

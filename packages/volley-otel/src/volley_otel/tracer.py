@@ -112,23 +112,36 @@ class OtelRunTracer:
         self.send_spans = send_spans
         system = messaging_system(source)
         self.kafka = system == "kafka"
+        # The subscription as configured: a Kafka input may name several topics ("orders,refunds"), which is
+        # no destination's name; each span is named after its message's own topic (``by_source``), and only a
+        # batch mixing topics is named after the subscription, without messaging.destination.name.
         self.name = f"process {source.value}"
         attributes: dict[str, Any] = {
             "messaging.system": system,
-            "messaging.destination.name": source.value,
+            "messaging.operation.name": "process",
             "messaging.operation.type": "process",
         }
         group = (source.config.get("group.id") or os.environ.get("KAFKA_CONSUMER_GROUP")) if self.kafka else None
         if group:
             attributes["messaging.consumer.group.name"] = str(group)
         self.attributes = attributes
+        self.by_source: dict[str, tuple[str, dict[str, Any]]] = {}  # bound once per topic seen
         self.send: dict[str, tuple[str, dict[str, Any]]] = {
             spec.value: (f"send {spec.value}", {
                 "messaging.system": messaging_system(spec),
                 "messaging.destination.name": spec.value,
+                "messaging.operation.name": "send",
                 "messaging.operation.type": "send",
             }) for spec in outputs
         }
+
+    def _of(self, source: str) -> tuple[str, dict[str, Any]]:
+        """The span name and attributes of messages from ``source``."""
+        bound = self.by_source.get(source)
+        if bound is None:
+            bound = self.by_source[source] = (f"process {source}",
+                                              {**self.attributes, "messaging.destination.name": source})
+        return bound
 
     def start(self, members: Sequence[Envelope], batch: bool) -> OtelTrace:
         if batch:
@@ -141,14 +154,15 @@ class OtelRunTracer:
         else:
             parent, _, carried = propagation.parent(headers)
             plain = carried is not None  # nothing but the span context: no baggage to carry on
-        attributes = self.attributes.copy()  # the run's attributes, and this message's own
+        name, base = self.by_source.get(env.source) or self._of(env.source)
+        attributes = base.copy()  # the run's attributes, and this message's own
         if self.kafka:
             attributes["messaging.kafka.offset"] = env.position
             if env.partition is not None:
                 attributes["messaging.destination.partition.id"] = str(env.partition)
         else:
             attributes["messaging.message.id"] = str(env.position)
-        span = self.tracer.start_span(self.name, parent, SpanKind.CONSUMER, attributes)
+        span = self.tracer.start_span(name, parent, SpanKind.CONSUMER, attributes)
         return OtelTrace(span, trace.set_span_in_context(span, parent), propagation, plain)
 
     def _start_batch(self, members: Sequence[Envelope]) -> OtelTrace:
@@ -160,9 +174,14 @@ class OtelRunTracer:
                 links.append(Link(span_context))
                 if len(links) == MAX_LINKS:
                     break
-        attributes = self.attributes.copy()
+        source = members[0].source
+        if all(env.source == source for env in members):
+            name, base = self._of(source)
+        else:
+            name, base = self.name, self.attributes
+        attributes = base.copy()
         attributes["messaging.batch.message_count"] = len(members)
-        span = self.tracer.start_span(self.name, EMPTY_CONTEXT, SpanKind.CONSUMER, attributes, links)
+        span = self.tracer.start_span(name, EMPTY_CONTEXT, SpanKind.CONSUMER, attributes, links)
         return OtelTrace(span, trace.set_span_in_context(span, EMPTY_CONTEXT), self.propagation, True)
 
     def sent(self, records: Sequence[OutgoingMessage]) -> None:
@@ -175,6 +194,7 @@ class OtelRunTracer:
         span_context_of = self.propagation.span_context
         for topic, group in by_topic.items():
             name, base = self.send.get(topic) or (f"send {topic}", {"messaging.destination.name": topic,
+                                                                     "messaging.operation.name": "send",
                                                                      "messaging.operation.type": "send"})
             links: list[Link] = []
             for record in group[:MAX_LINKS]:

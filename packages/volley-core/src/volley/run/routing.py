@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from types import GeneratorType
 from typing import Any
 
 from volley.message import Headers, OutgoingMessage, to_bytes
@@ -76,7 +77,13 @@ class Router:
 
     def route_general(self, token: Token, result: Any, out: Outcome) -> None:
         """Any return value: every output checked, all or nothing."""
-        if not isinstance(result, (list, tuple)):
+        if isinstance(result, GeneratorType):  # py-volley iterated whatever it was given
+            try:
+                result = list(result)
+            except Exception as exc:
+                out.failures.append((token, "output", exc))
+                return
+        elif not isinstance(result, (list, tuple)):
             out.failures.append((token, "output", TypeError(
                 f"handler returned {type(result).__qualname__}; it must return True, False, or a list of "
                 "(queue_name, message) / (queue_name, message, kwargs) tuples")))
@@ -97,6 +104,8 @@ class Router:
             outs[slot].append(message)
 
     def _record(self, token: Token, item: Any) -> tuple[int, OutgoingMessage]:
+        if type(item) is list:  # ["out", message]: py-volley unpacked it like a tuple
+            item = tuple(item)
         if not isinstance(item, tuple) or len(item) not in (2, 3):
             raise TypeError(f"each output must be a (queue_name, message) or (queue_name, message, kwargs) tuple, "
                             f"got {item!r:.200}")
@@ -129,8 +138,11 @@ def _key(key: Any, queue: str) -> bytes | None:
 def _headers(headers: Any, queue: str) -> Headers | None:
     if headers is None:
         return None
-    if not isinstance(headers, Mapping):
-        raise TypeError(f"the headers of an output to {queue!r} must be a dict, got {type(headers).__qualname__}")
+    if isinstance(headers, (list, tuple)):  # confluent-kafka's form: (name, value) pairs
+        headers = _header_pairs(headers, queue)
+    elif not isinstance(headers, Mapping):
+        raise TypeError(f"the headers of an output to {queue!r} must be a dict or a list of (name, value) pairs, "
+                        f"got {type(headers).__qualname__}")
     result: Headers = {}
     for name, value in headers.items():
         if not isinstance(value, (bytes, str)):
@@ -138,6 +150,21 @@ def _headers(headers: Any, queue: str) -> Headers | None:
                             f"got {type(value).__qualname__}")
         result[str(name)] = to_bytes(value) or b""
     return result
+
+
+def _header_pairs(pairs: list[Any] | tuple[Any, ...], queue: str) -> dict[Any, Any]:
+    """A list of (name, value) pairs as a mapping. A name given twice is refused rather than one value lost:
+    Volley's headers are a mapping (one value per name) on every connector."""
+    mapping: dict[Any, Any] = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"each header of an output to {queue!r} given as a list must be a (name, value) pair, "
+                            f"got {pair!r:.100}")
+        name, value = pair
+        if name in mapping:
+            raise TypeError(f"header {name!r} of an output to {queue!r} is given twice; a header has one value")
+        mapping[name] = value
+    return mapping
 
 
 def _partition(partition: Any, queue: str) -> int | None:

@@ -91,21 +91,29 @@ class Harness:
             self.send(message, **kwargs)
 
     def run(self, timeout: float = 30.0, drain_idle_seconds: float = 0.05) -> AppResult:
-        """Run the app until its input is drained; return what it produced."""
+        """Run the app until its input is drained; return what this run produced (not earlier runs)."""
+        marks = self._marks()
         report = self.app.run_until_drained(timeout=timeout, drain_idle_seconds=drain_idle_seconds)
-        return self._result(report)
+        return self._result(report, marks)
 
     async def run_async(self, timeout: float = 30.0, drain_idle_seconds: float = 0.05) -> AppResult:
+        marks = self._marks()
         report = await asyncio.wait_for(
             self.app.run_async(stop_when_drained=True, drain_idle_seconds=drain_idle_seconds), timeout
         )
-        return self._result(report)
+        return self._result(report, marks)
 
-    def _result(self, report: RunReport) -> AppResult:
-        outputs: dict[str, list[Envelope]] = {}
-        for name, queue in self.engine.queues.items():
-            if name != self.engine.input_queue:
-                outputs[name] = self.broker.produced_records(queue.value)
+    def _outputs(self) -> dict[str, list[Envelope]]:
+        return {name: self.broker.produced_records(queue.value) for name, queue in self.engine.queues.items()
+                if name != self.engine.input_queue}
+
+    def _marks(self) -> dict[str, Any]:
+        """The position of the latest record of each output queue before a run (the broker's positions grow)."""
+        return {name: records[-1].position if records else -1 for name, records in self._outputs().items()}
+
+    def _result(self, report: RunReport, marks: dict[str, Any]) -> AppResult:
+        outputs = {name: [r for r in records if r.position > marks.get(name, -1)]
+                   for name, records in self._outputs().items()}
         return AppResult(report=report, harness=self, raw_outputs=outputs)
 
 

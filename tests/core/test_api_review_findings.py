@@ -1,0 +1,172 @@
+"""Found by a review of the API as a py-volley user would use it; each test failed before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from volley import Engine, MemoryBroker, MessageContext
+from volley.testing import harness
+
+
+@dataclass
+class Item:
+    n: int
+
+
+def make_engine() -> Engine:
+    broker = MemoryBroker()
+    queues: dict[str, Any] = {
+        "in": {"value": "in", "profile": "memory", "data_model": Item, "config": {"broker": broker}},
+        "out": {"value": "out", "profile": "memory", "data_model": Item, "config": {"broker": broker}},
+        "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}},
+    }
+    return Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+                  queue_config=queues, metrics_port=None, poll_interval_seconds=0.02, retry_backoff_seconds=0.0)
+
+
+def test_a_second_parameter_with_a_default_is_not_given_the_context() -> None:
+    """``def handler(message, limit=10)`` was called with the MessageContext as ``limit``."""
+    engine = make_engine()
+    seen: list[Any] = []
+
+    @engine.stream_app
+    def handler(item: Item, limit: int = 10) -> list[tuple[str, Item]]:
+        seen.append(limit)
+        return [("out", Item(item.n + limit))]
+
+    h = harness(handler)
+    h.send(Item(1))
+    result = h.run()
+    assert seen == [10]
+    assert result.outputs("out") == [Item(11)] and result.dead_letters == []
+
+
+@pytest.mark.parametrize("style", ["msg_ctx default", "no default", "keyword-only", "msg_ctx third"])
+def test_the_context_still_reaches_the_handlers_that_ask_for_it(style: str) -> None:
+    engine = make_engine()
+    seen: list[Any] = []
+
+    if style == "msg_ctx default":
+        def handler(item: Item, msg_ctx: MessageContext | None = None) -> bool:
+            seen.append(msg_ctx)
+            return True
+    elif style == "no default":
+        def handler(item: Item, ctx: MessageContext) -> bool:  # type: ignore[misc]
+            seen.append(ctx)
+            return True
+    elif style == "keyword-only":
+        def handler(item: Item, *, msg_ctx: MessageContext) -> bool:  # type: ignore[misc]
+            seen.append(msg_ctx)
+            return True
+    else:
+        def handler(item: Item, limit: int = 10,  # type: ignore[misc]
+                    msg_ctx: MessageContext | None = None) -> bool:
+            seen.append(msg_ctx)
+            assert limit == 10
+            return True
+
+    h = harness(engine.stream_app(handler))
+    h.send(Item(1))
+    h.run()
+    assert len(seen) == 1 and isinstance(seen[0], MessageContext)
+
+
+@pytest.mark.parametrize("headers", [
+    [("trace", b"abc"), ("tenant", "acme")],
+    (("trace", b"abc"), ("tenant", "acme")),
+], ids=["list", "tuple"])
+def test_output_headers_may_be_a_list_of_pairs_like_confluent_kafka_takes(headers: Any) -> None:
+    """py-volley handed headers to confluent-kafka, which takes a list of (name, value) pairs; that list
+    dead-lettered every message ("must be a dict")."""
+    engine = make_engine()
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item, dict[str, Any]]]:
+        return [("out", item, {"headers": headers})]
+
+    h = harness(handler)
+    h.send(Item(1))
+    result = h.run()
+    assert result.dead_letters == []
+    [record] = result.raw("out")
+    assert record.headers == {"trace": b"abc", "tenant": b"acme"}
+
+
+@pytest.mark.parametrize(("headers", "words"), [
+    ([("a", b"1"), ("a", b"2")], "given twice"),
+    ([("a", b"1", b"x")], "(name, value) pair"),
+    (["a"], "(name, value) pair"),
+])
+def test_header_pairs_that_cannot_be_a_mapping_are_a_clear_output_failure(headers: Any, words: str) -> None:
+    engine = make_engine()
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item, dict[str, Any]]]:
+        return [("out", item, {"headers": headers})]
+
+    h = harness(handler)
+    h.send(Item(1))
+    [dead] = h.run().dead_letters
+    assert dead.headers is not None and dead.headers["volley-error-stage"] == b"output"
+    assert words in dead.headers["volley-error-reason"].decode()
+
+
+@pytest.mark.parametrize("shape", ["generator", "list items", "list of list items"])
+def test_outputs_as_py_volley_iterated_them(shape: str) -> None:
+    """py-volley unpacked whatever the handler returned: a generator of tuples, or [queue, message] lists."""
+    engine = make_engine()
+
+    @engine.stream_app
+    def handler(item: Item) -> Any:
+        if shape == "generator":
+            def outputs() -> Iterator[tuple[str, Item]]:
+                yield ("out", item)
+                yield ("out", Item(item.n + 1))
+            return outputs()
+        if shape == "list items":
+            return [["out", item], ["out", Item(item.n + 1)]]
+        return [["out", item, {"key": "k"}], ["out", Item(item.n + 1)]]
+
+    h = harness(handler)
+    h.send(Item(1))
+    result = h.run()
+    assert result.dead_letters == []
+    assert result.outputs("out") == [Item(1), Item(2)]
+
+
+@pytest.mark.parametrize("returned", ["out", b"out", {"out": 1}], ids=["str", "bytes", "dict"])
+def test_iterables_that_are_not_outputs_still_fail_at_output(returned: Any) -> None:
+    engine = make_engine()
+
+    @engine.stream_app
+    def handler(item: Item) -> Any:
+        return returned
+
+    h = harness(handler)
+    h.send(Item(1))
+    [dead] = h.run().dead_letters
+    assert dead.headers is not None and dead.headers["volley-error-stage"] == b"output"
+
+
+def test_a_harness_result_holds_only_what_its_own_run_produced() -> None:
+    """``h.run()`` twice: the second result's outputs() and raw() held the first run's outputs too."""
+    engine = make_engine()
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)] if item.n else [("out", Item(-1)), ("dlq-me", item)]
+
+    h = harness(handler)
+    h.send(Item(1))
+    first = h.run()
+    h.send(Item(2))
+    h.send(Item(0))  # dead-lettered (unknown queue)
+    second = h.run()
+    assert first.outputs("out") == [Item(1)] and first.dead_letters == []
+    assert second.outputs("out") == [Item(2)]
+    assert len(second.dead_letters) == 1
+    assert len(second.raw("out")) == 1
