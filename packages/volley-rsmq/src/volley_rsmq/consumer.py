@@ -21,7 +21,9 @@ How a message moves:
   header, so a message that ends in the dead-letter queue after too many
   deliveries carries its last error;
 - ``close`` makes every message still held visible at once and waits (up to
-  ``close_timeout_seconds``) for queued deletes.
+  ``close_timeout_seconds``) for queued deletes. A receive that Redis answers
+  after ``close`` stopped waiting for it makes its messages visible again at
+  once instead of handing them out.
 
 Visibility-timeout policy (``heartbeat: true``, the default): a message whose
 handler still runs when half its ``vt`` has passed gets its visibility
@@ -58,7 +60,7 @@ from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
 from volley_rsmq.client import Received, ReceiveResult, RsmqClient, is_transient, sent_time
 from volley_rsmq.settings import VT_DEFAULT, RsmqSettings
-from volley_rsmq.settler import Delivery, Held, Release, Settler
+from volley_rsmq.settler import CHUNK, Delivery, Held, Release, Settler
 
 logger = logging.getLogger("volley.rsmq")
 
@@ -238,11 +240,33 @@ class RsmqConsumer(Settler):
             )
             held.append(((message.id, message.rc), Held(message.rc, deadline, now)))
         with self._cond:
-            self._held.update(held)
-            self._last_receive_empty = not envelopes
-            self._last_remaining = result.remaining
-            self._last_visible = result.visible
+            late = self._stopping  # close() stopped waiting for this receive and has released what it held
+            if not late:
+                self._held.update(held)
+                self._last_receive_empty = not envelopes
+                self._last_remaining = result.remaining
+                self._last_visible = result.visible
+        if late:
+            self._give_back_late([delivery for delivery, _ in held])
+            return []
         return envelopes
+
+    def _give_back_late(self, deliveries: list[Delivery]) -> None:
+        """Make visible at once the messages of a receive answered after ``close`` gave up waiting for it: nobody
+        will hand them out, and they would stay hidden for their whole ``vt``. One attempt, on the receive thread
+        (the settler has stopped); if it fails they come back after their ``vt``."""
+        if not deliveries:
+            return
+        try:
+            for start in range(0, len(deliveries), CHUNK):
+                self._require_client().change_visibility(self.qname, 0, deliveries[start:start + CHUNK])
+        except redis.RedisError as exc:
+            logger.warning("RSMQ queue %r: %d message(s) received after close could not be made visible again (%s); "
+                           "they will be delivered again when their visibility timeout expires", self.qname,
+                           len(deliveries), exc)
+            return
+        logger.info("RSMQ queue %r: %d message(s) received after close were made visible again", self.qname,
+                    len(deliveries))
 
     def _not_held(self, messages: list[Received], deadline: float) -> list[Received]:
         """The messages this consumer does not hold already. One it holds came back because its ``vt`` passed
