@@ -90,3 +90,86 @@ async def test_a_receive_answered_after_close_gives_its_messages_back_at_once(
     finally:
         await other.close()
     assert len(got) == 3, f"{3 - len(got)} of 3 messages received after close stay hidden for vt=60 s"
+
+
+# ---------------------------------------------------------------------- a give-back racing a receive of its message
+
+
+async def consume_one(consumer: Any) -> Any:
+    [envelope] = await receive_all(consumer, 1, within=5)
+    return envelope
+
+
+async def test_a_give_back_landing_after_a_receive_again_keeps_its_delay(
+    rsmq_config: dict[str, Any], qname: str, raw_redis: redis.Redis
+) -> None:
+    """The message's vt passed while the engine still had it; a receive of this consumer takes it again (rc 2)
+    and, before that receive's answer is looked at, the engine gives the delivery it has back with a 5 s delay
+    (nack): the nack no longer finds it held and its visibility change (for rc 1) is refused as lost. The
+    receive's copy then matches nothing held and is handed out at once: the message is handled again right away
+    instead of after the delay the engine asked for."""
+    config = {**rsmq_config, "vt": 30, "heartbeat": False}
+    consumer = await started(config, qname)
+    loop = asyncio.get_running_loop()
+    try:
+        seed(config, qname, 1)
+        first = await consume_one(consumer)
+        raw_redis.zadd(f"rsmq:{qname}", {first.position: 0})  # its vt passed while it waited in the buffer
+        client = consumer._client
+        assert client is not None
+        real_receive = client.receive
+
+        def receive(*args: Any, **kwargs: Any) -> Any:
+            result = real_receive(*args, **kwargs)  # the script ran: received again (rc 2)
+            if result.messages:
+                # The event loop and the settler, at this instant: the engine gives it back for 5 s, the change
+                # reaches Redis (refused: rc 1 is no longer the delivery).
+                asyncio.run_coroutine_threadsafe(consumer.nack([first], 5.0), loop).result(5)
+                with consumer._cond:
+                    assert consumer._cond.wait_for(lambda: not consumer._to_release and not consumer._busy, 5)
+            return result
+
+        client.receive = receive  # type: ignore[method-assign]
+        again = list(await consumer.consume(10, 0.5))
+        assert not again, (
+            f"given back for 5 s, yet handed out again at once: {[(e.position, e.attempt) for e in again]}")
+        await consumer.settled(5)
+        assert 3500 < visible_in_ms(raw_redis, qname, first.position) <= 5000, "the nack's delay was not kept"
+    finally:
+        await consumer.close()
+
+
+async def test_a_give_back_queued_before_a_receive_again_keeps_its_delay(
+    rsmq_config: dict[str, Any], qname: str, raw_redis: redis.Redis
+) -> None:
+    """The other order: the engine's nack (5 s) is queued; before the settler's visibility change reaches Redis
+    the message's vt passes and this consumer's receive takes it again (rc 2). The nack no longer holds it, so the
+    copy is handed out at once, and the change for rc 1 is refused: the delay is lost."""
+    config = {**rsmq_config, "vt": 30, "heartbeat": False}
+    consumer = await started(config, qname)
+    try:
+        seed(config, qname, 1)
+        first = await consume_one(consumer)
+        client = consumer._client
+        assert client is not None
+        real_change = client.change_visibility
+        handed_out: list[Any] = []
+        raced = threading.Event()
+
+        def change_visibility(q: str, vt_ms: int, held: Any, reason: str = "") -> Any:
+            if not raced.is_set() and vt_ms == 5000:
+                # The receive thread, at this instant: the message's vt passed, it is received again (rc 2).
+                raw_redis.zadd(f"rsmq:{qname}", {first.position: 0})
+                handed_out.extend(consumer._receive(10) or [])
+                raced.set()
+            return real_change(q, vt_ms, held, reason)
+
+        client.change_visibility = change_visibility  # type: ignore[method-assign]
+        await consumer.nack([first], 5.0)
+        assert await asyncio.to_thread(raced.wait, 5)
+        await consumer.settled(5)
+        assert not handed_out, (
+            f"given back for 5 s, yet handed out again at once: {[(e.position, e.attempt) for e in handed_out]}")
+        assert 3500 < visible_in_ms(raw_redis, qname, first.position) <= 5000, "the nack's delay was not kept"
+    finally:
+        await consumer.close()

@@ -60,7 +60,7 @@ from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
 from volley_rsmq.client import Received, ReceiveResult, RsmqClient, is_transient, sent_time
 from volley_rsmq.settings import VT_DEFAULT, RsmqSettings
-from volley_rsmq.settler import CHUNK, Delivery, Held, Release, Settler
+from volley_rsmq.settler import CHUNK, Delivery, GivenBack, Held, Release, Settler
 
 logger = logging.getLogger("volley.rsmq")
 
@@ -85,6 +85,9 @@ class RsmqConsumer(Settler):
         self._recently_deleted: OrderedDict[str, None] = OrderedDict()  # ids deleted lately (settler._deleted)
         self._to_delete: deque[Delivery] = deque()
         self._to_release: list[Release] = []
+        # Given back with a delay not over yet, by id: a receive of this consumer that took one again (its vt
+        # passed) before the give-back reached Redis must not hand it out, but give it back for the rest of it.
+        self._giving_back: dict[str, GivenBack] = {}
         self._max_pending = settings.max_pending_deletes
         self._room_waiters: list[asyncio.Future[None]] = []  # ack/consume calls waiting for room in _deleting
         self._busy = 0  # settles taken by the settler and not finished yet
@@ -272,16 +275,26 @@ class RsmqConsumer(Settler):
         """The messages this consumer does not hold already. One it holds came back because its ``vt`` passed
         while it waited in the engine's buffer or was being handled (``heartbeat: false``, or a heartbeat too
         late): the engine has it, so it is not handed out a second time; the delivery it holds now counts (its
-        receive count, and its new ``vt``) for what is done with it next."""
+        receive count, and its new ``vt``) for what is done with it next. One it gave back with a delay that has
+        not passed (its give-back reached Redis after this receive, and was refused) is given back again, under
+        its new receive count, for the rest of that delay."""
         with self._cond:
             holding = {delivery[0]: entry for delivery, entry in self._held.items() if not entry.lost}
             holding.update((delivery[0], entry) for delivery, entry in self._deleting.items() if not entry.lost)
-            deleted = self._recently_deleted
+            deleted, giving_back = self._recently_deleted, self._giving_back
+            now = time.monotonic()
             fresh = []
             for message in messages:
                 entry = holding.get(message.id)
                 if entry is None:
-                    if message.id not in deleted:  # (acked and deleted while this receive was under way)
+                    given = giving_back.pop(message.id, None) if giving_back else None
+                    if given is not None and given.visible_at > now and message.rc > given.rc:
+                        given.rc = message.rc
+                        giving_back[message.id] = given
+                        self._to_release.append((max(1, round((given.visible_at - now) * 1000)), given.reason,
+                                                 [(message.id, message.rc)]))
+                        self._cond.notify()
+                    elif message.id not in deleted:  # (acked and deleted while this receive was under way)
                         fresh.append(message)
                     continue
                 entry.rc, entry.deadline, entry.warned = message.rc, deadline, False
@@ -352,14 +365,18 @@ class RsmqConsumer(Settler):
         """Like ``nack``, and remember ``reason`` (the handler's error) for the next delivery's headers."""
         if not envelopes:
             return
+        delay_ms = max(0, round(delay * 1000))
         with self._cond:
             pairs = []
+            visible_at = time.monotonic() + delay_ms / 1000
             for env in envelopes:
                 held = self._held.pop((env.position, env.attempt), None)
                 if held is not None and not held.lost:
                     pairs.append((env.position, held.rc))
+                    if delay_ms:
+                        self._giving_back[env.position] = GivenBack(held.rc, visible_at, reason)
             if pairs:
-                self._to_release.append((max(0, round(delay * 1000)), reason, pairs))
+                self._to_release.append((delay_ms, reason, pairs))
                 self._cond.notify()
 
     # ------------------------------------------------------------------ introspection

@@ -45,6 +45,17 @@ class Held:
         self.warned = False
 
 
+class GivenBack:
+    """A message this consumer gave back with a delay (nack) whose delay has not passed yet."""
+
+    __slots__ = ("rc", "reason", "visible_at")
+
+    def __init__(self, rc: int, visible_at: float, reason: str) -> None:
+        self.rc = rc  # the receive count its visibility change is (or was last) meant for
+        self.visible_at = visible_at  # monotonic time before which it must not be delivered again
+        self.reason = reason
+
+
 Delivery = tuple[str, int]  # (message id, receive count): one delivery of one message
 Release = tuple[int, str, list[Delivery]]  # (visible again in ms, reason, deliveries)
 
@@ -61,6 +72,7 @@ class Settler:
     _recently_deleted: OrderedDict[str, None]
     _to_delete: deque[Delivery]
     _to_release: list[Release]
+    _giving_back: dict[str, GivenBack]
     _room_waiters: list[asyncio.Future[None]]
     _busy: int
     _stopping: bool
@@ -110,7 +122,8 @@ class Settler:
                 while releases:
                     vt_ms, reason, pairs = releases[0]
                     for start in range(0, len(pairs), CHUNK):
-                        client.change_visibility(self.qname, vt_ms, pairs[start:start + CHUNK], reason)
+                        chunk = pairs[start:start + CHUNK]
+                        self._given_back(chunk, client.change_visibility(self.qname, vt_ms, chunk, reason))
                     releases.pop(0)
                 backoff = self.settings.retry_backoff_seconds
             except redis.RedisError as exc:
@@ -156,12 +169,31 @@ class Settler:
                 recent.popitem(last=False)
             self._wake_room_waiters()
 
+    def _given_back(self, pairs: list[Delivery], lost: list[Delivery]) -> None:
+        """Forget the delays of the give-backs Redis applied. One refused as lost stays remembered until its delay
+        has passed: the delivery may have been received again by this consumer, whose receive has not been looked
+        at yet (``consumer._not_held`` then gives the new delivery back for what is left of the delay)."""
+        giving_back = self._giving_back
+        if not giving_back:
+            return
+        with self._cond:
+            refused = set(lost)
+            for pair in pairs:
+                entry = giving_back.get(pair[0])
+                if entry is not None and entry.rc == pair[1] and pair not in refused:
+                    del giving_back[pair[0]]
+            if refused:  # entries refused earlier whose delay is over: nothing left to keep
+                now = time.monotonic()
+                for message_id in [i for i, entry in giving_back.items() if entry.visible_at <= now]:
+                    del giving_back[message_id]
+
     def _give_up(self) -> None:
         with self._cond:
             left = len(self._deleting) + sum(len(p) for _, _, p in self._to_release)
             self._to_delete.clear()
             self._deleting.clear()
             self._to_release.clear()
+            self._giving_back.clear()
             self._wake_room_waiters()
         logger.error(
             "closing RSMQ consumer of %r with %d message(s) not settled (Redis unreachable); they will be "
