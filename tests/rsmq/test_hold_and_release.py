@@ -173,3 +173,33 @@ async def test_a_give_back_queued_before_a_receive_again_keeps_its_delay(
         assert 3500 < visible_in_ms(raw_redis, qname, first.position) <= 5000, "the nack's delay was not kept"
     finally:
         await consumer.close()
+
+
+# ---------------------------------------------------------------------- the extension budget of a message that waited
+
+
+async def test_a_message_that_waited_behind_others_gets_its_whole_extension_budget(
+    rsmq_config: dict[str, Any], qname: str
+) -> None:
+    """max_extension_seconds (3 s here) bounds how long a message *being processed* is kept hidden. It was counted
+    from the receipt: three messages received in one batch and handled one after the other, 2 s each (well within
+    the budget), and the third, begun at 4 s, had spent its budget waiting: it became visible at about 3.5 s and
+    another worker received it while this one was about to handle it (processed twice)."""
+    config = {**rsmq_config, "vt": 1, "max_extension_seconds": 3}
+    consumer = await started(config, qname)
+    other = await started(config, qname)
+    try:
+        seed(config, qname, 3)
+        batch = await receive_all(consumer, 3, within=5)
+        assert len(batch) == 3
+        taken: list[Any] = []
+        for envelope in batch:  # the engine: one handler call after another, 2 s each, acked when done
+            handler_done = time.monotonic() + 2.0
+            while time.monotonic() < handler_done:  # meanwhile another worker polls the queue
+                taken.extend(await other.consume(10, min(0.1, max(0.0, handler_done - time.monotonic()))))
+            await consumer.ack([envelope])
+        assert not taken, (f"{[(e.value, e.attempt) for e in taken]} received by another worker while this one "
+                           "held it, within max_extension_seconds of its handling")
+    finally:
+        await consumer.close()
+        await other.close()

@@ -27,8 +27,11 @@ How a message moves:
 
 Visibility-timeout policy (``heartbeat: true``, the default): a message whose
 handler still runs when half its ``vt`` has passed gets its visibility
-extended by another ``vt``, for at most ``max_extension_seconds`` of holding
-in all; past that a warning is logged and the message is left to expire (it
+extended by another ``vt``, for at most ``max_extension_seconds`` of handling,
+counted from when every message handed out before it was settled or let go
+(the consumer cannot see a handler start; the engine begins messages in the
+order it receives them), not from its receipt: one that waited in the engine's
+buffer behind slower ones keeps its whole budget; past that a warning is logged and the message is left to expire (it
 will then be delivered again: at-least-once). With ``heartbeat: false`` no
 extension happens and a warning is logged when a held message's ``vt``
 expires, since it may then be processed twice.
@@ -93,6 +96,7 @@ class RsmqConsumer(Settler):
         self._busy = 0  # settles taken by the settler and not finished yet
         self._stopping = False
         self._stop_deadline = float("inf")
+        self._let_go_at = 0.0
         self._closed = False
         self._vt_ms = 0
         self._last_receive_empty = False
@@ -329,6 +333,7 @@ class RsmqConsumer(Settler):
                         deleting[delivery] = entry
                         queue.append(delivery)
                     done += room
+                    self._let_go_at = now
                     self._cond.notify()
                 if done >= len(envelopes):
                     return
@@ -368,7 +373,9 @@ class RsmqConsumer(Settler):
         delay_ms = max(0, round(delay * 1000))
         with self._cond:
             pairs = []
-            visible_at = time.monotonic() + delay_ms / 1000
+            now = time.monotonic()
+            visible_at = now + delay_ms / 1000
+            self._let_go_at = now
             for env in envelopes:
                 held = self._held.pop((env.position, env.attempt), None)
                 if held is not None and not held.lost:

@@ -35,13 +35,17 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 class Held:
     """A message this consumer received and has not settled yet."""
 
-    __slots__ = ("deadline", "lost", "rc", "since", "warned")
+    __slots__ = ("deadline", "lost", "rc", "received", "since", "spent", "warned")
 
-    def __init__(self, rc: int, deadline: float, since: float) -> None:
+    def __init__(self, rc: int, deadline: float, received: float) -> None:
         self.rc = rc
         self.deadline = deadline  # monotonic time at which its visibility timeout expires
-        self.since = since  # monotonic time of receipt
+        self.received = received  # monotonic time of receipt
+        # When its handling began, as far as the consumer can tell (the messages handed out before it were all
+        # settled or let go): max_extension_seconds counts from here. None: it still waits behind them.
+        self.since: float | None = None
         self.lost = False  # received again by someone else: nothing left to extend
+        self.spent = False  # held past max_extension_seconds: no longer extended
         self.warned = False
 
 
@@ -77,6 +81,7 @@ class Settler:
     _busy: int
     _stopping: bool
     _stop_deadline: float
+    _let_go_at: float  # monotonic time a held message was last settled, or let go (lost, or past its budget)
     _vt_ms: int
     _trouble: ThrottledLog
 
@@ -210,12 +215,22 @@ class Settler:
         # (key, (id, current receive count)): a message received again while held keeps its key, the delivery the
         # engine has, and its entry the receive count Redis knows now (consumer._not_held).
         extend: list[tuple[Delivery, Delivery]] = []
+        budget = self.settings.max_extension_seconds
         with self._cond:
             for delivery, pending in self._deleting.items():
                 if not pending.lost and pending.deadline - now <= vt / 2:
                     extend.append((delivery, (delivery[0], pending.rc)))
+            # Handed out in this order, and handled in it as far as the consumer can tell: a message's budget
+            # starts once every message before it is settled or let go, not when it was received (one that
+            # waited in the engine's buffer behind slower ones would have spent it before its handler began).
+            behind = False
             for (message_id, rc), held in self._held.items():
-                if held.lost or held.deadline - now > vt / 2:
+                if held.lost or held.spent:
+                    continue
+                if held.since is None and not behind:
+                    held.since = min(now, max(held.received, self._let_go_at))
+                behind = True
+                if held.deadline - now > vt / 2:
                     continue
                 if not self.settings.heartbeat:
                     if held.deadline <= now and not held.warned:
@@ -225,13 +240,13 @@ class Settler:
                             "(%g s); it may be delivered again and processed twice (raise 'vt', or enable "
                             "'heartbeat')", message_id, self.qname, vt)
                     continue
-                if now - held.since >= self.settings.max_extension_seconds:
-                    if not held.warned:
-                        held.warned = True
-                        logger.warning(
-                            "message %s of RSMQ queue %r has been processed for %.0f s, more than "
-                            "max_extension_seconds; its visibility is no longer extended and it will be delivered "
-                            "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
+                if held.since is not None and now - held.since >= budget:
+                    held.spent = True
+                    self._let_go_at = now
+                    logger.warning(
+                        "message %s of RSMQ queue %r has been processed for %.0f s, more than "
+                        "max_extension_seconds; its visibility is no longer extended and it will be delivered "
+                        "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
                     continue
                 extend.append(((message_id, rc), (message_id, held.rc)))
         if not extend:
@@ -263,6 +278,7 @@ class Settler:
                     continue
                 if pair in lost:
                     current.lost = True
+                    self._let_go_at = max(self._let_go_at, time.monotonic())
                     logger.warning(
                         "message %s of RSMQ queue %r was delivered again (here or elsewhere) before its visibility "
                         "could be extended; it may be processed twice", message_id, self.qname)
