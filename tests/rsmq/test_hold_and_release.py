@@ -203,3 +203,27 @@ async def test_a_message_that_waited_behind_others_gets_its_whole_extension_budg
     finally:
         await consumer.close()
         await other.close()
+
+
+async def test_messages_waiting_behind_a_stuck_handler_are_let_go_within_two_budgets(
+    rsmq_config: dict[str, Any], qname: str
+) -> None:
+    """The other side of counting the budget from the start of handling: a handler stuck on the first of five
+    buffered messages. Each message behind it would begin its budget only when the one before it was let go, so
+    the n-th was held n budgets (n hours by default, thousands for a full buffer) while other workers had
+    nothing to do. Once the stuck one is let go, every message waiting behind it starts its budget at once: all
+    are let go within two budgets of their receipt (here 1 s each: by about 2.5 s, not 5.5 s)."""
+    config = {**rsmq_config, "vt": 1, "max_extension_seconds": 1}
+    consumer = await started(config, qname)
+    other = await started(config, qname)
+    try:
+        seed(config, qname, 5)
+        batch = await receive_all(consumer, 5, within=5)
+        assert len(batch) == 5
+        received = time.monotonic()
+        taken = await receive_all(other, 5, within=4.0)  # the engine never settles any: its handler is stuck
+        assert len(taken) == 5, (f"{5 - len(taken)} of 5 messages still held {time.monotonic() - received:.1f} s "
+                                 "after their receipt with max_extension_seconds=1")
+    finally:
+        await consumer.close()
+        await other.close()

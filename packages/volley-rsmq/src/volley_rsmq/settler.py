@@ -223,12 +223,15 @@ class Settler:
             # Handed out in this order, and handled in it as far as the consumer can tell: a message's budget
             # starts once every message before it is settled or let go, not when it was received (one that
             # waited in the engine's buffer behind slower ones would have spent it before its handler began).
-            behind = False
+            # Once one is let go past its budget (a stuck handler, most likely), every message waiting behind it
+            # starts its budget at once rather than one after another: a full buffer is not held for a budget
+            # per message.
+            behind = stuck = False
             for (message_id, rc), held in self._held.items():
                 if held.lost or held.spent:
                     continue
-                if held.since is None and not behind:
-                    held.since = min(now, max(held.received, self._let_go_at))
+                if held.since is None and (stuck or not behind):
+                    held.since = now if stuck else min(now, max(held.received, self._let_go_at))
                 behind = True
                 if held.deadline - now > vt / 2:
                     continue
@@ -241,7 +244,7 @@ class Settler:
                             "'heartbeat')", message_id, self.qname, vt)
                     continue
                 if held.since is not None and now - held.since >= budget:
-                    held.spent = True
+                    held.spent = stuck = True
                     self._let_go_at = now
                     logger.warning(
                         "message %s of RSMQ queue %r has been processed for %.0f s, more than "
