@@ -21,12 +21,17 @@ How a message moves:
   header, so a message that ends in the dead-letter queue after too many
   deliveries carries its last error;
 - ``close`` makes every message still held visible at once and waits (up to
-  ``close_timeout_seconds``) for queued deletes.
+  ``close_timeout_seconds``) for queued deletes. A receive that Redis answers
+  after ``close`` stopped waiting for it makes its messages visible again at
+  once instead of handing them out.
 
 Visibility-timeout policy (``heartbeat: true``, the default): a message whose
 handler still runs when half its ``vt`` has passed gets its visibility
-extended by another ``vt``, for at most ``max_extension_seconds`` of holding
-in all; past that a warning is logged and the message is left to expire (it
+extended by another ``vt``, for at most ``max_extension_seconds`` of handling,
+counted from when every message handed out before it was settled or let go
+(the consumer cannot see a handler start; the engine begins messages in the
+order it receives them), not from its receipt: one that waited in the engine's
+buffer behind slower ones keeps its whole budget; past that a warning is logged and the message is left to expire (it
 will then be delivered again: at-least-once). With ``heartbeat: false`` no
 extension happens and a warning is logged when a held message's ``vt``
 expires, since it may then be processed twice.
@@ -58,7 +63,7 @@ from volley_rsmq import envelope as envelope_codec
 from volley_rsmq._util import ThrottledLog, connect
 from volley_rsmq.client import Received, ReceiveResult, RsmqClient, is_transient, sent_time
 from volley_rsmq.settings import VT_DEFAULT, RsmqSettings
-from volley_rsmq.settler import Delivery, Held, Release, Settler
+from volley_rsmq.settler import CHUNK, Delivery, GivenBack, Held, Release, Settler
 
 logger = logging.getLogger("volley.rsmq")
 
@@ -83,11 +88,15 @@ class RsmqConsumer(Settler):
         self._recently_deleted: OrderedDict[str, None] = OrderedDict()  # ids deleted lately (settler._deleted)
         self._to_delete: deque[Delivery] = deque()
         self._to_release: list[Release] = []
+        # Given back with a delay not over yet, by id: a receive of this consumer that took one again (its vt
+        # passed) before the give-back reached Redis must not hand it out, but give it back for the rest of it.
+        self._giving_back: dict[str, GivenBack] = {}
         self._max_pending = settings.max_pending_deletes
         self._room_waiters: list[asyncio.Future[None]] = []  # ack/consume calls waiting for room in _deleting
         self._busy = 0  # settles taken by the settler and not finished yet
         self._stopping = False
         self._stop_deadline = float("inf")
+        self._let_go_at = 0.0
         self._closed = False
         self._vt_ms = 0
         self._last_receive_empty = False
@@ -238,26 +247,58 @@ class RsmqConsumer(Settler):
             )
             held.append(((message.id, message.rc), Held(message.rc, deadline, now)))
         with self._cond:
-            self._held.update(held)
-            self._last_receive_empty = not envelopes
-            self._last_remaining = result.remaining
-            self._last_visible = result.visible
+            late = self._stopping  # close() stopped waiting for this receive and has released what it held
+            if not late:
+                self._held.update(held)
+                self._last_receive_empty = not envelopes
+                self._last_remaining = result.remaining
+                self._last_visible = result.visible
+        if late:
+            self._give_back_late([delivery for delivery, _ in held])
+            return []
         return envelopes
+
+    def _give_back_late(self, deliveries: list[Delivery]) -> None:
+        """Make visible at once the messages of a receive answered after ``close`` gave up waiting for it: nobody
+        will hand them out, and they would stay hidden for their whole ``vt``. One attempt, on the receive thread
+        (the settler has stopped); if it fails they come back after their ``vt``."""
+        if not deliveries:
+            return
+        try:
+            for start in range(0, len(deliveries), CHUNK):
+                self._require_client().change_visibility(self.qname, 0, deliveries[start:start + CHUNK])
+        except redis.RedisError as exc:
+            logger.warning("RSMQ queue %r: %d message(s) received after close could not be made visible again (%s); "
+                           "they will be delivered again when their visibility timeout expires", self.qname,
+                           len(deliveries), exc)
+            return
+        logger.info("RSMQ queue %r: %d message(s) received after close were made visible again", self.qname,
+                    len(deliveries))
 
     def _not_held(self, messages: list[Received], deadline: float) -> list[Received]:
         """The messages this consumer does not hold already. One it holds came back because its ``vt`` passed
         while it waited in the engine's buffer or was being handled (``heartbeat: false``, or a heartbeat too
         late): the engine has it, so it is not handed out a second time; the delivery it holds now counts (its
-        receive count, and its new ``vt``) for what is done with it next."""
+        receive count, and its new ``vt``) for what is done with it next. One it gave back with a delay that has
+        not passed (its give-back reached Redis after this receive, and was refused) is given back again, under
+        its new receive count, for the rest of that delay."""
         with self._cond:
             holding = {delivery[0]: entry for delivery, entry in self._held.items() if not entry.lost}
             holding.update((delivery[0], entry) for delivery, entry in self._deleting.items() if not entry.lost)
-            deleted = self._recently_deleted
+            deleted, giving_back = self._recently_deleted, self._giving_back
+            now = time.monotonic()
             fresh = []
             for message in messages:
                 entry = holding.get(message.id)
                 if entry is None:
-                    if message.id not in deleted:  # (acked and deleted while this receive was under way)
+                    given = giving_back.pop(message.id, None) if giving_back else None
+                    if given is not None and given.visible_at > now and message.rc > given.rc:
+                        given.rc = message.rc
+                        giving_back[message.id] = given
+                        self._to_release.append((max(1, round((given.visible_at - now) * 1000)), given.reason,
+                                                 [(message.id, message.rc)]))
+                        self._cond.notify()
+                    elif message.id not in deleted:  # (acked and deleted while this receive was under way)
                         fresh.append(message)
                     continue
                 entry.rc, entry.deadline, entry.warned = message.rc, deadline, False
@@ -292,6 +333,7 @@ class RsmqConsumer(Settler):
                         deleting[delivery] = entry
                         queue.append(delivery)
                     done += room
+                    self._let_go_at = now
                     self._cond.notify()
                 if done >= len(envelopes):
                     return
@@ -328,14 +370,20 @@ class RsmqConsumer(Settler):
         """Like ``nack``, and remember ``reason`` (the handler's error) for the next delivery's headers."""
         if not envelopes:
             return
+        delay_ms = max(0, round(delay * 1000))
         with self._cond:
             pairs = []
+            now = time.monotonic()
+            visible_at = now + delay_ms / 1000
+            self._let_go_at = now
             for env in envelopes:
                 held = self._held.pop((env.position, env.attempt), None)
                 if held is not None and not held.lost:
                     pairs.append((env.position, held.rc))
+                    if delay_ms:
+                        self._giving_back[env.position] = GivenBack(held.rc, visible_at, reason)
             if pairs:
-                self._to_release.append((max(0, round(delay * 1000)), reason, pairs))
+                self._to_release.append((delay_ms, reason, pairs))
                 self._cond.notify()
 
     # ------------------------------------------------------------------ introspection

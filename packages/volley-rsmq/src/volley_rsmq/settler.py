@@ -35,14 +35,29 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 class Held:
     """A message this consumer received and has not settled yet."""
 
-    __slots__ = ("deadline", "lost", "rc", "since", "warned")
+    __slots__ = ("deadline", "lost", "rc", "received", "since", "spent", "warned")
 
-    def __init__(self, rc: int, deadline: float, since: float) -> None:
+    def __init__(self, rc: int, deadline: float, received: float) -> None:
         self.rc = rc
         self.deadline = deadline  # monotonic time at which its visibility timeout expires
-        self.since = since  # monotonic time of receipt
+        self.received = received  # monotonic time of receipt
+        # When its handling began, as far as the consumer can tell (the messages handed out before it were all
+        # settled or let go): max_extension_seconds counts from here. None: it still waits behind them.
+        self.since: float | None = None
         self.lost = False  # received again by someone else: nothing left to extend
+        self.spent = False  # held past max_extension_seconds: no longer extended
         self.warned = False
+
+
+class GivenBack:
+    """A message this consumer gave back with a delay (nack) whose delay has not passed yet."""
+
+    __slots__ = ("rc", "reason", "visible_at")
+
+    def __init__(self, rc: int, visible_at: float, reason: str) -> None:
+        self.rc = rc  # the receive count its visibility change is (or was last) meant for
+        self.visible_at = visible_at  # monotonic time before which it must not be delivered again
+        self.reason = reason
 
 
 Delivery = tuple[str, int]  # (message id, receive count): one delivery of one message
@@ -61,10 +76,12 @@ class Settler:
     _recently_deleted: OrderedDict[str, None]
     _to_delete: deque[Delivery]
     _to_release: list[Release]
+    _giving_back: dict[str, GivenBack]
     _room_waiters: list[asyncio.Future[None]]
     _busy: int
     _stopping: bool
     _stop_deadline: float
+    _let_go_at: float  # monotonic time a held message was last settled, or let go (lost, or past its budget)
     _vt_ms: int
     _trouble: ThrottledLog
 
@@ -110,7 +127,8 @@ class Settler:
                 while releases:
                     vt_ms, reason, pairs = releases[0]
                     for start in range(0, len(pairs), CHUNK):
-                        client.change_visibility(self.qname, vt_ms, pairs[start:start + CHUNK], reason)
+                        chunk = pairs[start:start + CHUNK]
+                        self._given_back(chunk, client.change_visibility(self.qname, vt_ms, chunk, reason))
                     releases.pop(0)
                 backoff = self.settings.retry_backoff_seconds
             except redis.RedisError as exc:
@@ -156,12 +174,31 @@ class Settler:
                 recent.popitem(last=False)
             self._wake_room_waiters()
 
+    def _given_back(self, pairs: list[Delivery], lost: list[Delivery]) -> None:
+        """Forget the delays of the give-backs Redis applied. One refused as lost stays remembered until its delay
+        has passed: the delivery may have been received again by this consumer, whose receive has not been looked
+        at yet (``consumer._not_held`` then gives the new delivery back for what is left of the delay)."""
+        giving_back = self._giving_back
+        if not giving_back:
+            return
+        with self._cond:
+            refused = set(lost)
+            for pair in pairs:
+                entry = giving_back.get(pair[0])
+                if entry is not None and entry.rc == pair[1] and pair not in refused:
+                    del giving_back[pair[0]]
+            if refused:  # entries refused earlier whose delay is over: nothing left to keep
+                now = time.monotonic()
+                for message_id in [i for i, entry in giving_back.items() if entry.visible_at <= now]:
+                    del giving_back[message_id]
+
     def _give_up(self) -> None:
         with self._cond:
             left = len(self._deleting) + sum(len(p) for _, _, p in self._to_release)
             self._to_delete.clear()
             self._deleting.clear()
             self._to_release.clear()
+            self._giving_back.clear()
             self._wake_room_waiters()
         logger.error(
             "closing RSMQ consumer of %r with %d message(s) not settled (Redis unreachable); they will be "
@@ -178,12 +215,25 @@ class Settler:
         # (key, (id, current receive count)): a message received again while held keeps its key, the delivery the
         # engine has, and its entry the receive count Redis knows now (consumer._not_held).
         extend: list[tuple[Delivery, Delivery]] = []
+        budget = self.settings.max_extension_seconds
         with self._cond:
             for delivery, pending in self._deleting.items():
                 if not pending.lost and pending.deadline - now <= vt / 2:
                     extend.append((delivery, (delivery[0], pending.rc)))
+            # Handed out in this order, and handled in it as far as the consumer can tell: a message's budget
+            # starts once every message before it is settled or let go, not when it was received (one that
+            # waited in the engine's buffer behind slower ones would have spent it before its handler began).
+            # Once one is let go past its budget (a stuck handler, most likely), every message waiting behind it
+            # starts its budget at once rather than one after another: a full buffer is not held for a budget
+            # per message.
+            behind = stuck = False
             for (message_id, rc), held in self._held.items():
-                if held.lost or held.deadline - now > vt / 2:
+                if held.lost or held.spent:
+                    continue
+                if held.since is None and (stuck or not behind):
+                    held.since = now if stuck else min(now, max(held.received, self._let_go_at))
+                behind = True
+                if held.deadline - now > vt / 2:
                     continue
                 if not self.settings.heartbeat:
                     if held.deadline <= now and not held.warned:
@@ -193,13 +243,13 @@ class Settler:
                             "(%g s); it may be delivered again and processed twice (raise 'vt', or enable "
                             "'heartbeat')", message_id, self.qname, vt)
                     continue
-                if now - held.since >= self.settings.max_extension_seconds:
-                    if not held.warned:
-                        held.warned = True
-                        logger.warning(
-                            "message %s of RSMQ queue %r has been processed for %.0f s, more than "
-                            "max_extension_seconds; its visibility is no longer extended and it will be delivered "
-                            "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
+                if held.since is not None and now - held.since >= budget:
+                    held.spent = stuck = True
+                    self._let_go_at = now
+                    logger.warning(
+                        "message %s of RSMQ queue %r has been processed for %.0f s, more than "
+                        "max_extension_seconds; its visibility is no longer extended and it will be delivered "
+                        "again in %.1f s", message_id, self.qname, now - held.since, max(held.deadline - now, 0))
                     continue
                 extend.append(((message_id, rc), (message_id, held.rc)))
         if not extend:
@@ -231,6 +281,7 @@ class Settler:
                     continue
                 if pair in lost:
                     current.lost = True
+                    self._let_go_at = max(self._let_go_at, time.monotonic())
                     logger.warning(
                         "message %s of RSMQ queue %r was delivered again (here or elsewhere) before its visibility "
                         "could be extended; it may be processed twice", message_id, self.qname)
