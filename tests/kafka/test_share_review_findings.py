@@ -14,7 +14,11 @@ import pytest
 from confluent_kafka import Producer
 
 from volley import Engine
+from volley.ports import QueueSpec
+from volley_kafka.connector import KafkaConnector
 from volley_kafka.share_admin import configure_share_group
+from volley_kafka.share_connector import ShareConnector
+from volley_kafka.share_consumer import ShareKafkaConsumer
 
 pytestmark = pytest.mark.kafka
 
@@ -142,3 +146,32 @@ async def test_records_held_past_their_lock_are_not_dead_lettered_without_ever_b
         f"{len(never_handled)} of them never reached the handler: {never_handled[:10]}); stage "
         f"{dict(letters[0].headers()).get('volley-error-stage')!r}, reason "
         f"{dict(letters[0].headers()).get('volley-error-reason')!r}")
+
+
+
+async def test_a_record_acquired_late_in_a_long_poll_is_not_reported_as_a_late_ack(kit: Any) -> None:
+    """A record's lock begins when the poll slice that acquired it began, not when the whole poll began: a poll
+    that waited empty (here 2 s of a 10 s consume, with a 1 s lock) and then got records counted their quick acks
+    as settled past the lock ("possible duplicates") that were none."""
+    source = kit.topic("share-poll-late-in")
+    group = share_group(kit, record_lock_ms=1000)
+    consumer = ShareConnector(KafkaConnector()).create_consumer(QueueSpec(
+        name="input", value=source, connector="confluent-share", app_name="late",
+        config={"bootstrap.servers": kit.bootstrap, "group.id": group, "volley.share.consumers": 1}))
+    await consumer.start()
+    try:
+        assert isinstance(consumer, ShareKafkaConsumer)
+        consuming = asyncio.ensure_future(consumer.consume(10, 10.0))
+        deadline = time.monotonic() + 10
+        while consumer._members[0].poll is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(2.0)  # the scenario itself: the poll has waited empty past the 1 s lock
+        produce(kit, source, [json.dumps({"id": n}).encode() for n in range(5)])
+        got = list(await consuming)
+        while len(got) < 5 and time.monotonic() < deadline + 10:
+            got += await consumer.consume(10, 1.0)
+        assert len(got) == 5
+        await consumer.ack(got)
+        assert consumer.late_acks == 0
+    finally:
+        await consumer.close()

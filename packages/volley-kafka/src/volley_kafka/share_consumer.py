@@ -79,7 +79,7 @@ class _Member:
         self.held: dict[RecordKey, Any] = {}  # acquired and not yet settled (handed out or not)
         self.waiting: deque[Envelope] = deque()  # acquired, not yet handed out
         self.poll: asyncio.Future[list[Any]] | None = None
-        self.polled_at = 0.0  # when the poll that acquired the records held began (their locks began no earlier)
+        self.polled_at = 0.0  # when the poll slice that acquired the records held began (their locks began no earlier)
         self.acquired_at = 0.0  # when that poll returned (their locks began no later)
         self.closed = False
 
@@ -335,6 +335,9 @@ class ShareKafkaConsumer:
         deadline = time.monotonic() + timeout
         client = member.client
         while True:
+            # The records a slice acquires are locked from within it: their lock began no earlier than this (the
+            # late-ack check compares with it; the start of the whole poll would make a quick ack look late).
+            member.polled_at = time.monotonic()
             batch = client.poll(min(POLL_SLICE, max(0.0, deadline - time.monotonic())))
             if batch or self._closing or time.monotonic() >= deadline:
                 return list(batch)
