@@ -7,10 +7,15 @@ process here is a fresh interpreter started with the variable already set.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from volley_prometheus.server import MetricsServer
 
 WRITER = textwrap.dedent("""
     import sys
@@ -73,28 +78,50 @@ def test_two_writers_one_reader_aggregate(tmp_path: Path) -> None:
     assert 'volley_consumer_lag{partition="1",topic="orders",volley_app="mp"} 0.0' in lines
 
 
+SECOND_WORKER = textwrap.dedent("""
+    import logging, sys
+    from volley.errors import ConfigurationError
+    from volley_prometheus import PrometheusObserver
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    observer = PrometheusObserver("mp", int(sys.argv[1]), host="127.0.0.1")
+    try:
+        observer.on_start("mp")
+    except ConfigurationError as exc:
+        print("refused:", exc)
+    else:
+        observer.on_consumed("mp", "success", 1)
+        print("serving:", observer.port)
+        observer.on_stop("mp")
+""")
+
+
 def test_a_second_worker_on_the_same_port_leaves_serving_to_the_first(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    code = textwrap.dedent("""
-        import logging, socket
-        from volley_prometheus import PrometheusObserver
-
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        with socket.socket() as first_worker:
-            first_worker.bind(("127.0.0.1", 0))
-            first_worker.listen()
-            port = first_worker.getsockname()[1]
-            observer = PrometheusObserver("mp", port, host="127.0.0.1")
-            observer.on_start("mp")                     # no exception: the port's owner serves the aggregate
-            observer.on_consumed("mp", "success", 1)
-            print("serving:", observer.port)
-            observer.on_stop("mp")
-    """)
-    done = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    first = MetricsServer("127.0.0.1", 0, CollectorRegistry(), str(tmp_path))  # the worker of this run that bound
+    first.start()
+    try:
+        done = subprocess.run([sys.executable, "-W", "error", "-c", SECOND_WORKER, str(first.port)], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        first.stop()
     assert done.returncode == 0, done.stderr
     assert "serving: None" in done.stdout
-    assert "another worker serves the multiprocess metrics" in done.stderr
+    assert "served by another worker of this run" in done.stderr
+
+
+def test_a_worker_whose_port_an_unrelated_process_holds_fails_at_start(tmp_path: Path) -> None:
+    """It used to log "another worker serves the multiprocess metrics" and carry on: nothing served the run."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    with socket.socket() as unrelated:
+        unrelated.bind(("127.0.0.1", 0))
+        unrelated.listen()
+        done = subprocess.run([sys.executable, "-W", "error", "-c", SECOND_WORKER, str(unrelated.getsockname()[1])],
+                              env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout
+    assert "not a worker of this run" in done.stdout
+    assert "Choose a free metrics_port" in done.stdout
 
 
 def test_missing_multiprocess_directory_is_a_configuration_error(tmp_path: Path) -> None:

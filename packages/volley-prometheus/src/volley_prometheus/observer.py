@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from volley.errors import ConfigurationError
 from volley.ports import PartitionId
 from volley_prometheus.metrics import VolleyMetrics, default_metrics, multiprocess_dir
-from volley_prometheus.server import Clock, HealthState, MetricsServer, acquire_server, release_server
+from volley_prometheus.server import Clock, HealthState, MetricsServer, acquire_or_defer, release_server
 
 log = logging.getLogger("volley_prometheus")
 
@@ -216,19 +216,10 @@ class PrometheusObserver:
         self.health.beat()
         if self.metrics_port is None or self._server is not None:
             return
-        try:
-            self._server = acquire_server(self.host, self.metrics_port, self.metrics.registry, self._multiprocess,
-                                          self.health)
-        except OSError as exc:
-            if self._multiprocess is not None:
-                # Another worker process serves the aggregate of every process on that port.
-                log.warning("metrics port %s:%d not served by this process (%s); another worker serves the "
-                            "multiprocess metrics", self.host, self.metrics_port, exc)
-                return
-            raise ConfigurationError(
-                f"cannot serve metrics on {self.host}:{self.metrics_port}: {exc}. Choose a free metrics_port, "
-                "or metrics_port=None to turn the endpoint off"
-            ) from exc
+        # None when a sibling worker of this run serves the port (multiprocess mode); any other bind failure
+        # is a ConfigurationError saying what to change, which stops the app at start-up.
+        self._server = acquire_or_defer(self.host, self.metrics_port, self.metrics.registry, self._multiprocess,
+                                        self.health)
 
     def on_stop(self, app_name: str) -> None:
         app = self._app(app_name)
