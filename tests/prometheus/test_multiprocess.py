@@ -29,7 +29,7 @@ WRITER = textwrap.dedent("""
     observer.on_in_flight("mp", in_flight)
     observer.on_ready("mp", True)
     observer.on_lag("mp", {("orders", 0): lag, ("orders", 1): 9})
-    observer.on_lag("mp", {("orders", 0): lag})  # partition 1 revoked: zeroed (label removal would warn)
+    observer.on_lag("mp", {("orders", 0): lag})  # partition 1 revoked: its series is withdrawn
     observer.on_commit("mp", 0.02)
     observer.on_heartbeat("mp")
     # The process exits without on_stop, as a live worker would look to the reader.
@@ -75,7 +75,8 @@ def test_two_writers_one_reader_aggregate(tmp_path: Path) -> None:
     assert 'volley_messages_in_flight{volley_app="mp"} 7.0' in lines
     assert 'volley_ready{volley_app="mp"} 2.0' in lines
     assert 'volley_consumer_lag{partition="0",topic="orders",volley_app="mp"} 50.0' in lines
-    assert 'volley_consumer_lag{partition="1",topic="orders",volley_app="mp"} 0.0' in lines
+    # Partition 1 was revoked from both: it has no lag series (it used to read 0.0, "caught up").
+    assert not [line for line in lines if 'partition="1"' in line], lines
 
 
 SECOND_WORKER = textwrap.dedent("""
@@ -94,6 +95,33 @@ SECOND_WORKER = textwrap.dedent("""
         print("serving:", observer.port)
         observer.on_stop("mp")
 """)
+
+
+REVOKER = textwrap.dedent("""
+    import sys
+    from volley_prometheus import PrometheusObserver
+
+    observer = PrometheusObserver("mp")
+    observer.on_start("mp")
+    for step in sys.argv[1:]:                    # "p=lag,p=lag" is one lag report; "-" is an empty one
+        observer.on_lag("mp", {("orders", int(p)): int(v) for p, v in
+                               (pair.split("=") for pair in step.split(",") if pair != "-")})
+""")
+
+
+def lag_lines(env: dict[str, str]) -> set[str]:
+    return {line for line in sample_lines(run(READER, env)) if line.startswith("volley_consumer_lag")}
+
+
+def test_a_revoked_partition_has_no_lag_until_a_worker_reports_it_again(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run(REVOKER, env, "0=5,1=7", "0=5")                   # worker A loses partition 1 in a rebalance
+    assert lag_lines(env) == {'volley_consumer_lag{partition="0",topic="orders",volley_app="mp"} 5.0'}
+    run(REVOKER, env, "1=4")                              # worker B gets it and reports after A withdrew it
+    assert lag_lines(env) == {'volley_consumer_lag{partition="0",topic="orders",volley_app="mp"} 5.0',
+                              'volley_consumer_lag{partition="1",topic="orders",volley_app="mp"} 4.0'}
+    run(REVOKER, env, "0=3", "-")                         # worker C owns partition 0 for a while, then nothing
+    assert lag_lines(env) == {'volley_consumer_lag{partition="1",topic="orders",volley_app="mp"} 4.0'}
 
 
 def test_a_second_worker_on_the_same_port_leaves_serving_to_the_first(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from volley.errors import ConfigurationError
 from volley.ports import PartitionId
-from volley_prometheus.metrics import VolleyMetrics, default_metrics, multiprocess_dir
+from volley_prometheus.metrics import WITHDRAWN, VolleyMetrics, default_metrics, multiprocess_dir
 from volley_prometheus.server import Clock, HealthState, MetricsServer, acquire_or_defer, release_server
 
 log = logging.getLogger("volley_prometheus")
@@ -225,6 +225,9 @@ class PrometheusObserver:
         app = self._app(app_name)
         app.ready(0)
         app.in_flight(0)
+        for key, gauge in list(app.lag.items()):  # a stopped consumer owns no partition
+            del app.lag[key]
+            self._withdraw_lag(app_name, key, gauge)
         self.health.ready = False
         self.health.stopped = True
         server, self._server = self._server, None
@@ -285,7 +288,7 @@ class PrometheusObserver:
     # ------------------------------------------------------------------ connector reports
 
     def on_lag(self, app_name: str, lag: Mapping[PartitionId, int]) -> None:
-        """The lag of every partition the consumer owns now; partitions no longer in it are dropped."""
+        """The lag of every partition the consumer owns now; partitions no longer in it are withdrawn."""
         app = self._app(app_name)
         gauges = app.lag
         for key, value in lag.items():
@@ -294,11 +297,20 @@ class PrometheusObserver:
                 gauge = gauges[key] = self.metrics.lag.labels(app_name, key[0], str(key[1]))
             gauge.set(value)
         for key in [k for k in gauges if k not in lag]:
-            gone = gauges.pop(key)
-            if self._multiprocess is not None:
-                gone.set(0)  # label removal is not supported in multiprocess mode
-            else:
-                self.metrics.lag.remove(app_name, key[0], str(key[1]))
+            self._withdraw_lag(app_name, key, gauges.pop(key))
+
+    def _withdraw_lag(self, app_name: str, key: PartitionId, gauge: Gauge) -> None:
+        """A partition this worker no longer owns has no lag series here: a 0 would read as "caught up".
+
+        Single-process: the labelled child is removed. Multiprocess: prometheus-client cannot remove a label
+        set there (it only warns), so the partition's value becomes NaN, its withdrawal mark: the aggregate this
+        package serves leaves such series out, and a worker that owns the partition reports it again (the most
+        recent report wins).
+        """
+        if self._multiprocess is not None:
+            gauge.set(WITHDRAWN)
+        else:
+            self.metrics.lag.remove(app_name, key[0], str(key[1]))
 
     def on_commit(self, app_name: str, seconds: float) -> None:
         app = self._app(app_name)

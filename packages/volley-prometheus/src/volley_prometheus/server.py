@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import http.client
 import logging
+import math
 import os
 import selectors
 import socket
@@ -29,10 +30,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from volley.errors import ConfigurationError
+from volley_prometheus.metrics import WITHDRAWABLE
 
 log = logging.getLogger("volley_prometheus")
 
@@ -143,6 +146,19 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+class WithoutWithdrawn:
+    """The multiprocess aggregate without the series withdrawn by a NaN (see ``metrics.WITHDRAWN``)."""
+
+    def __init__(self, collector: Collector) -> None:
+        self._collector = collector
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._collector.collect():
+            if metric.name in WITHDRAWABLE:
+                metric.samples = [s for s in metric.samples if not math.isnan(s.value)]
+            yield metric
+
+
 class MetricsServer:
     """Serves one registry (or the multiprocess aggregate) and the health of the apps attached to it."""
 
@@ -154,7 +170,8 @@ class MetricsServer:
         self.run = run_id(multiprocess_dir) if multiprocess_dir is not None else None
         if multiprocess_dir is not None:
             aggregate = CollectorRegistry()
-            MultiProcessCollector(aggregate, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            merged = MultiProcessCollector(None, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            aggregate.register(WithoutWithdrawn(merged))
             self._collector: Collector = aggregate
         else:
             self._collector = registry
