@@ -35,47 +35,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter
 from pydantic_core import to_json, to_jsonable_python
 
-from volley.errors import ConfigurationError, DataValidationError, SerializationError
+from volley.errors import ConfigurationError, DataValidationError
+from volley_serializers._pydantic_errors import (
+    dump_failed,
+    model_name,
+    one_line,
+    parse_failed,
+    validation_reason,
+    wrong_output,
+)
+from volley_serializers._pydantic_schema import runs_own_code
 
 Validate = Callable[[Any], Any]
 Dump = Callable[[Any], Any]
-
-MAX_REASON_CHARS = 500
-MAX_REASON_ERRORS = 3
-
-
-def model_name(schema: Any) -> str:
-    """How error messages name a data model: the class name, or the type expression."""
-    return schema.__qualname__ if isinstance(schema, type) else repr(schema)
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
-
-
-def validation_reason(exc: BaseException, schema: Any) -> str:
-    """A one-line reason for the DLQ headers: which fields failed and why, never the (possibly huge) input."""
-    if isinstance(exc, ValidationError):
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:MAX_REASON_ERRORS]]
-        if len(errors) > MAX_REASON_ERRORS:
-            parts.append(f"and {len(errors) - MAX_REASON_ERRORS} more")
-        count = f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}"
-        return _one_line(f"{count} for {exc.title}: {'; '.join(parts)}")
-    return _one_line(f"{model_name(schema)}: {type(exc).__name__}: {exc}")
-
-
-def wrong_output(schema: Any, message: Any, queue: str | None = None) -> TypeError:
-    name = model_name(schema)
-    where = "the queue's" if queue is None else f"queue {queue!r}'s"
-    return TypeError(
-        f"{where} data model is {name}, but the handler produced {type(message).__qualname__}: "
-        f"return {name} instances (or change the queue's data_model)"
-    )
 
 
 def _is_model_class(schema: Any) -> bool:
@@ -90,7 +65,7 @@ def _complete(schema: type[BaseModel]) -> type[BaseModel]:
         except Exception as exc:
             name = model_name(schema)
             raise ConfigurationError(
-                f"data model {name} is not fully defined ({_one_line(str(exc))}); define every type it refers to "
+                f"data model {name} is not fully defined ({one_line(str(exc))}); define every type it refers to "
                 f"and call {name}.model_rebuild() before building the Engine"
             ) from exc
     return schema
@@ -101,7 +76,7 @@ def _adapter(schema: Any) -> TypeAdapter[Any]:
         return TypeAdapter(schema)
     except Exception as exc:
         raise ConfigurationError(
-            f"data model {schema!r} is not a type Pydantic can validate: {_one_line(str(exc))}"
+            f"data model {schema!r} is not a type Pydantic can validate: {one_line(str(exc))}"
         ) from exc
 
 
@@ -152,10 +127,14 @@ class PydanticModelHandler:
         """Pydantic's own validation into ``schema``, without Volley's error wrapping.
 
         For the engine's hot loop: when it raises, the engine calls ``bind(schema)``'s function on the same
-        data, which raises the error that says what is wrong. Validation has no side effects, so that is safe.
+        data, which raises the error that says what is wrong. That is only safe for validation that runs no
+        code of the application's: a schema with validators (or post-init hooks) anywhere in it gets
+        ``bind(schema)``'s function itself, so that it is validated once and its first error is the reason.
         """
         if schema is None:
             return _identity
+        if self._runs_own_code(schema):
+            return self.bind(schema)
         return self._validator(schema).validate_python  # type: ignore[no-any-return]
 
     def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
@@ -201,7 +180,7 @@ class PydanticModelHandler:
         try:
             return to_python(model, mode="json")
         except Exception as exc:
-            raise _dump_failed(model, exc) from exc
+            raise dump_failed(model, exc) from exc
 
     def _deconstruct_new_type(self, model: Any) -> Any:
         """First output of a type: remember its serializer (a class attribute lookup through Pydantic's metaclass
@@ -219,6 +198,12 @@ class PydanticModelHandler:
         if _is_model_class(schema):
             return _complete(schema).__pydantic_validator__
         return _adapter(schema).validator
+
+    def _runs_own_code(self, schema: Any) -> bool:
+        """Whether validating into ``schema`` calls validators or hooks of the application's."""
+        if _is_model_class(schema):
+            return runs_own_code(_complete(schema).__pydantic_core_schema__)
+        return runs_own_code(_adapter(schema).core_schema)
 
     def _make_validate(self, schema: Any) -> Validate:
         validate_python = self._validator(schema).validate_python
@@ -239,7 +224,7 @@ class PydanticModelHandler:
                 try:
                     return to_python(model, mode="json", warnings="error")
                 except Exception as exc:
-                    raise _dump_failed(model, exc, schema) from exc
+                    raise dump_failed(model, exc, schema) from exc
 
             return dump_typed
         to_python = _complete(schema).__pydantic_serializer__.to_python
@@ -250,7 +235,7 @@ class PydanticModelHandler:
                 try:
                     return to_python(model, mode="json")
                 except Exception as exc:
-                    raise _dump_failed(model, exc) from exc
+                    raise dump_failed(model, exc) from exc
             if isinstance(model, schema):  # a subclass: dump it as its own class, as model_dump would
                 return generic(model)
             raise wrong_output(schema, model, queue)
@@ -262,12 +247,7 @@ class PydanticModelHandler:
         try:
             return to_jsonable_python(model)
         except Exception as exc:
-            raise _dump_failed(model, exc) from exc
-
-
-def _dump_failed(model: Any, exc: BaseException, schema: Any = None) -> SerializationError:
-    what = type(model).__qualname__ if schema is None else f"{type(model).__qualname__} as {model_name(schema)}"
-    return SerializationError(_one_line(f"cannot dump {what}: {type(exc).__name__}: {exc}"), model)
+            raise dump_failed(model, exc) from exc
 
 
 class PydanticParserModelHandler(PydanticModelHandler):
@@ -287,7 +267,7 @@ class PydanticParserModelHandler(PydanticModelHandler):
         try:
             return dump_json(model)
         except Exception as exc:
-            raise _dump_failed(model, exc) from exc
+            raise dump_failed(model, exc) from exc
 
     def _deconstruct_new_type(self, model: Any) -> Any:
         serializer = getattr(type(model), "__pydantic_serializer__", None)
@@ -295,13 +275,15 @@ class PydanticParserModelHandler(PydanticModelHandler):
             try:
                 return to_json(model)
             except Exception as exc:
-                raise _dump_failed(model, exc) from exc
+                raise dump_failed(model, exc) from exc
         self._to_json[type(model)] = serializer.to_json
         return self.deconstruct(model)
 
     def bind_unchecked(self, schema: Any) -> Validate:
         if schema is None:
             return _identity
+        if self._runs_own_code(schema):
+            return self.bind(schema)  # validated once: see PydanticModelHandler.bind_unchecked
         return self._validator(schema).validate_json  # type: ignore[no-any-return]
 
     def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
@@ -315,7 +297,7 @@ class PydanticParserModelHandler(PydanticModelHandler):
             try:
                 return validate_json(message)
             except Exception as exc:
-                raise _parse_failed(exc, schema, message) from exc
+                raise parse_failed(exc, schema, message) from exc
 
         return validate
 
@@ -327,7 +309,7 @@ class PydanticParserModelHandler(PydanticModelHandler):
                 try:
                     return to_json_typed(model, warnings="error")
                 except Exception as exc:
-                    raise _dump_failed(model, exc, schema) from exc
+                    raise dump_failed(model, exc, schema) from exc
 
             return dump_typed
         dump_json = _complete(schema).__pydantic_serializer__.to_json
@@ -338,26 +320,12 @@ class PydanticParserModelHandler(PydanticModelHandler):
                 try:
                     return dump_json(model)
                 except Exception as exc:
-                    raise _dump_failed(model, exc) from exc
+                    raise dump_failed(model, exc) from exc
             if isinstance(model, schema):
                 return generic(model)
             raise wrong_output(schema, model, queue)
 
         return dump
-
-
-def _parse_failed(exc: BaseException, schema: Any, message: Any) -> DataValidationError | SerializationError:
-    reason = validation_reason(exc, schema)
-    if isinstance(exc, ValidationError):
-        kinds = {e["type"] for e in exc.errors(include_url=False, include_context=False, include_input=False)}
-        if "json_invalid" in kinds:
-            return SerializationError(reason, message)
-        if "json_type" in kinds:
-            reason = _one_line(
-                f"{reason} (pydantic-parser reads raw bytes: configure this queue with serializer 'none', "
-                "or use model_handler 'pydantic' after a serializer)"
-            )
-    return DataValidationError(reason, message)
 
 
 class PydanticListModelHandler(PydanticModelHandler):
@@ -379,7 +347,7 @@ class PydanticListModelHandler(PydanticModelHandler):
             try:
                 models.append(validate(item))
             except DataValidationError as exc:
-                raise DataValidationError(_one_line(f"item {index}: {exc.reason}"), message) from exc
+                raise DataValidationError(one_line(f"item {index}: {exc.reason}"), message) from exc
         return models
 
     def deconstruct(self, model: Any) -> Any:
@@ -388,7 +356,7 @@ class PydanticListModelHandler(PydanticModelHandler):
             try:
                 return to_python(model, mode="json")
             except Exception as exc:
-                raise _dump_failed(model, exc) from exc
+                raise dump_failed(model, exc) from exc
         if isinstance(model, (list, tuple)):
             single = PydanticModelHandler.deconstruct
             return [single(self, m) for m in model]
