@@ -32,3 +32,46 @@ def runs_own_code(core_schema: Any) -> bool:
         elif isinstance(node, (list, tuple)):
             pending.extend(node)
     return False
+
+
+_RUNTIME_TYPED = frozenset({"any", "function-plain", "is-instance", "callable", "json", "generator", "complex"})
+"""Core schema types whose Python-mode dump is whatever the value is at run time (or is not plain data)."""
+_NOT_SCHEMA = frozenset({"metadata", "default", "expected", "members", "config", "function", "cls", "ref",
+                         "serialization"})
+"""Keys of a schema node that hold values, classes or settings rather than schemas of the data."""
+
+
+NO_TREE, CHECK_TREE, PLAIN_TREE = 0, 1, 2
+"""What a Python-mode dump needs before msgpack: nothing; a check that msgpack reads it back (runtime-typed
+content, where keys other than ``str`` are possible but rare); :func:`volley_serializers._plain.plain_tree`."""
+
+
+def plain_tree_need(core_schema: Any) -> int:
+    """What a Python-mode dump by ``core_schema`` needs for msgpack: ``PLAIN_TREE``, ``CHECK_TREE`` or ``NO_TREE``.
+
+    msgpack readers refuse map keys other than ``str`` or ``bytes``, and a ``timedelta`` is exact only as an
+    ISO 8601 duration: a typed dict with other keys, a ``timedelta`` or a serializer function needs the plain
+    tree; content typed only at run time (``Any``, extra fields, plain validators, arbitrary types) a check.
+    """
+    need = NO_TREE
+    pending: list[Any] = [core_schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (list, tuple)):
+            pending.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        serialization = node.get("serialization")
+        if (kind == "timedelta"
+                or (kind == "dict" and (node.get("keys_schema") or {}).get("type") not in ("str", "bytes", "any"))
+                or (isinstance(serialization, dict) and str(serialization.get("type", "")).startswith("function"))):
+            return PLAIN_TREE
+        config = node.get("config")
+        if kind in _RUNTIME_TYPED or (kind == "dict" and (node.get("keys_schema") or {}).get("type") == "any") or (
+                node.get("extra_behavior") == "allow"
+                or (isinstance(config, dict) and config.get("extra_fields_behavior") == "allow")):
+            need = CHECK_TREE
+        pending.extend(value for key, value in node.items() if key not in _NOT_SCHEMA)
+    return need

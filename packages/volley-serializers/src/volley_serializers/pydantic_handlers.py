@@ -15,6 +15,9 @@ about the same as Python mode followed by orjson (orjson then has no
 datetimes to format) and less with msgpack, which would otherwise need a
 conversion hook per datetime. ``bytes`` fields follow the model's
 ``ser_json_bytes`` setting (UTF-8 by default; set ``"base64"`` for binary).
+The exception is a serializer whose ``dump_mode`` is ``"python"`` (msgpack):
+the engine's fused encode (``bind_fast_encode``) dumps in Python mode for it,
+so bytes stay bytes (see ``volley_serializers.msgpack_serializer``).
 
 Errors: data that does not fit the model raises
 :class:`volley.errors.DataValidationError`; bytes that are not JSON at all
@@ -39,6 +42,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic_core import to_json, to_jsonable_python
 
 from volley.errors import ConfigurationError, DataValidationError
+from volley_serializers._plain import plain_tree
 from volley_serializers._pydantic_errors import (
     dump_failed,
     model_name,
@@ -47,7 +51,7 @@ from volley_serializers._pydantic_errors import (
     validation_reason,
     wrong_output,
 )
-from volley_serializers._pydantic_schema import runs_own_code
+from volley_serializers._pydantic_schema import CHECK_TREE, PLAIN_TREE, plain_tree_need, runs_own_code
 
 Validate = Callable[[Any], Any]
 Dump = Callable[[Any], Any]
@@ -82,6 +86,12 @@ def _adapter(schema: Any) -> TypeAdapter[Any]:
 
 def _identity(message: Any) -> Any:
     return message
+
+
+def wants_python_mode(serialize: Callable[[Any], bytes]) -> bool:
+    """Whether ``serialize`` (a serializer's bound ``unchecked_serialize``) belongs to a serializer that takes
+    models in Python mode: one whose ``dump_mode`` is ``"python"`` (msgpack)."""
+    return getattr(getattr(serialize, "__self__", None), "dump_mode", "json") == "python"
 
 
 class PydanticModelHandler:
@@ -146,6 +156,8 @@ class PydanticModelHandler:
         which handles those and raises the error that says what is wrong. None when ``schema`` is not a model
         class.
         """
+        if wants_python_mode(serialize):
+            return self._python_mode_encode(schema, serialize, fallback)
         if not _is_model_class(schema):
             return None
         to_python = _complete(schema).__pydantic_serializer__.to_python
@@ -159,6 +171,56 @@ class PydanticModelHandler:
             return fallback(message)
 
         return encode
+
+    def _python_mode_encode(self, schema: Any, serialize: Callable[[Any], bytes],
+                            fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+        """For a serializer that carries Python values (msgpack): outputs are dumped in Python mode (bytes stay
+        bytes), made readable where the schema says they may not be (``plain_tree_need``). Anything that fails
+        goes to ``fallback``, the checked JSON-mode encoder: it refuses a wrong output with the error that says
+        so, and still encodes a model that only JSON mode can dump (a custom type with a JSON-only serializer).
+        """
+        model_class = _is_model_class(schema)
+        if model_class:
+            to_python = _complete(schema).__pydantic_serializer__.to_python
+            need = plain_tree_need(schema.__pydantic_core_schema__)
+        else:
+            adapter = _adapter(schema)
+            to_python, need = adapter.serializer.to_python, plain_tree_need(adapter.core_schema)
+        found = getattr(getattr(serialize, "__self__", None), "unchecked_deserialize", None)
+        reread: Callable[[bytes], Any] = found if callable(found) else _identity
+        if need == CHECK_TREE and not callable(found):
+            need = PLAIN_TREE
+        accepts = self._accepts
+
+        def dump_and_pack(dumped: Any) -> bytes:
+            if need == PLAIN_TREE:
+                return serialize(plain_tree(dumped))
+            packed = serialize(dumped)
+            if need == CHECK_TREE:
+                try:
+                    reread(packed)
+                except ValueError:  # a map key msgpack readers refuse: written as a string instead
+                    return serialize(plain_tree(dumped))
+            return packed
+
+        def encode(message: Any) -> bytes:
+            try:
+                if not model_class:
+                    return dump_and_pack(to_python(message, warnings="error"))
+                if type(message) is schema:
+                    return dump_and_pack(to_python(message))
+                if accepts(message, schema):  # a subclass, a list of models: the serializer dumps each one
+                    return serialize(message)
+            except Exception:  # noqa: S110 - the checked path below explains it
+                pass
+            return fallback(message)
+
+        return encode
+
+    @staticmethod
+    def _accepts(message: Any, schema: type) -> bool:
+        """Whether ``message`` is an output of the queue's model (a subclass is one)."""
+        return isinstance(message, schema)
 
     def check_output(self, message: Any, schema: Any) -> None:
         """Raise ``TypeError`` unless ``message`` is an instance of the queue's data model (when that is a class)."""
@@ -361,6 +423,12 @@ class PydanticListModelHandler(PydanticModelHandler):
             single = PydanticModelHandler.deconstruct
             return [single(self, m) for m in model]
         return self._deconstruct_new_type(model)
+
+    @staticmethod
+    def _accepts(message: Any, schema: type) -> bool:
+        if isinstance(message, (list, tuple)):
+            return all(isinstance(item, schema) for item in message)
+        return isinstance(message, schema)
 
     def check_output(self, message: Any, schema: Any) -> None:
         if not isinstance(schema, type) or isinstance(message, schema):
