@@ -35,12 +35,12 @@ def exercised(metrics: VolleyMetrics) -> VolleyMetrics:
     obs.on_in_flight("app", 1)
     obs.on_heartbeat("app")
     obs.on_ready("app", True)
-    obs.on_lag("app", {("t", 0): 1})
     obs.on_commit("app", 0.01)
     obs.on_depth("app", "q", 1)
     obs.on_dead_letters_replayed("app", "in", 1)
     obs.on_dead_letters_purged("app", "in", 1)
     obs.on_stop("app")
+    obs.on_lag("app", {("t", 0): 1})  # after on_stop, which withdraws the lag of every partition
     return metrics
 
 

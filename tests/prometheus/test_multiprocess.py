@@ -7,10 +7,15 @@ process here is a fresh interpreter started with the variable already set.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from volley_prometheus.server import MetricsServer
 
 WRITER = textwrap.dedent("""
     import sys
@@ -24,7 +29,7 @@ WRITER = textwrap.dedent("""
     observer.on_in_flight("mp", in_flight)
     observer.on_ready("mp", True)
     observer.on_lag("mp", {("orders", 0): lag, ("orders", 1): 9})
-    observer.on_lag("mp", {("orders", 0): lag})  # partition 1 revoked: zeroed (label removal would warn)
+    observer.on_lag("mp", {("orders", 0): lag})  # partition 1 revoked: its series is withdrawn
     observer.on_commit("mp", 0.02)
     observer.on_heartbeat("mp")
     # The process exits without on_stop, as a live worker would look to the reader.
@@ -70,31 +75,81 @@ def test_two_writers_one_reader_aggregate(tmp_path: Path) -> None:
     assert 'volley_messages_in_flight{volley_app="mp"} 7.0' in lines
     assert 'volley_ready{volley_app="mp"} 2.0' in lines
     assert 'volley_consumer_lag{partition="0",topic="orders",volley_app="mp"} 50.0' in lines
-    assert 'volley_consumer_lag{partition="1",topic="orders",volley_app="mp"} 0.0' in lines
+    # Partition 1 was revoked from both: it has no lag series (it used to read 0.0, "caught up").
+    assert not [line for line in lines if 'partition="1"' in line], lines
+
+
+SECOND_WORKER = textwrap.dedent("""
+    import logging, sys
+    from volley.errors import ConfigurationError
+    from volley_prometheus import PrometheusObserver
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    observer = PrometheusObserver("mp", int(sys.argv[1]), host="127.0.0.1")
+    try:
+        observer.on_start("mp")
+    except ConfigurationError as exc:
+        print("refused:", exc)
+    else:
+        observer.on_consumed("mp", "success", 1)
+        print("serving:", observer.port)
+        observer.on_stop("mp")
+""")
+
+
+REVOKER = textwrap.dedent("""
+    import sys
+    from volley_prometheus import PrometheusObserver
+
+    observer = PrometheusObserver("mp")
+    observer.on_start("mp")
+    for step in sys.argv[1:]:                    # "p=lag,p=lag" is one lag report; "-" is an empty one
+        observer.on_lag("mp", {("orders", int(p)): int(v) for p, v in
+                               (pair.split("=") for pair in step.split(",") if pair != "-")})
+""")
+
+
+def lag_lines(env: dict[str, str]) -> set[str]:
+    return {line for line in sample_lines(run(READER, env)) if line.startswith("volley_consumer_lag")}
+
+
+def test_a_revoked_partition_has_no_lag_until_a_worker_reports_it_again(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run(REVOKER, env, "0=5,1=7", "0=5")                   # worker A loses partition 1 in a rebalance
+    assert lag_lines(env) == {'volley_consumer_lag{partition="0",topic="orders",volley_app="mp"} 5.0'}
+    run(REVOKER, env, "1=4")                              # worker B gets it and reports after A withdrew it
+    assert lag_lines(env) == {'volley_consumer_lag{partition="0",topic="orders",volley_app="mp"} 5.0',
+                              'volley_consumer_lag{partition="1",topic="orders",volley_app="mp"} 4.0'}
+    run(REVOKER, env, "0=3", "-")                         # worker C owns partition 0 for a while, then nothing
+    assert lag_lines(env) == {'volley_consumer_lag{partition="1",topic="orders",volley_app="mp"} 4.0'}
 
 
 def test_a_second_worker_on_the_same_port_leaves_serving_to_the_first(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    code = textwrap.dedent("""
-        import logging, socket
-        from volley_prometheus import PrometheusObserver
-
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        with socket.socket() as first_worker:
-            first_worker.bind(("127.0.0.1", 0))
-            first_worker.listen()
-            port = first_worker.getsockname()[1]
-            observer = PrometheusObserver("mp", port, host="127.0.0.1")
-            observer.on_start("mp")                     # no exception: the port's owner serves the aggregate
-            observer.on_consumed("mp", "success", 1)
-            print("serving:", observer.port)
-            observer.on_stop("mp")
-    """)
-    done = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    first = MetricsServer("127.0.0.1", 0, CollectorRegistry(), str(tmp_path))  # the worker of this run that bound
+    first.start()
+    try:
+        done = subprocess.run([sys.executable, "-W", "error", "-c", SECOND_WORKER, str(first.port)], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        first.stop()
     assert done.returncode == 0, done.stderr
     assert "serving: None" in done.stdout
-    assert "another worker serves the multiprocess metrics" in done.stderr
+    assert "served by another worker of this run" in done.stderr
+
+
+def test_a_worker_whose_port_an_unrelated_process_holds_fails_at_start(tmp_path: Path) -> None:
+    """It used to log "another worker serves the multiprocess metrics" and carry on: nothing served the run."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    with socket.socket() as unrelated:
+        unrelated.bind(("127.0.0.1", 0))
+        unrelated.listen()
+        done = subprocess.run([sys.executable, "-W", "error", "-c", SECOND_WORKER, str(unrelated.getsockname()[1])],
+                              env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout
+    assert "not a worker of this run" in done.stdout
+    assert "Choose a free metrics_port" in done.stdout
 
 
 def test_missing_multiprocess_directory_is_a_configuration_error(tmp_path: Path) -> None:

@@ -102,6 +102,19 @@ def test_lag_of_a_partition_no_longer_owned_disappears(metrics: VolleyMetrics) -
     assert value(metrics, "volley_consumer_lag", volley_app="orders", topic="t", partition="1") == 3
 
 
+def test_stop_withdraws_the_lag_of_every_partition(metrics: VolleyMetrics) -> None:
+    """A stopped worker owns no partition: its last lag report must not stay as if it still did."""
+    obs = PrometheusObserver("orders", metrics=metrics)
+    obs.on_start("orders")
+    obs.on_lag("orders", {("t", 0): 5, ("t", 1): 7})
+    obs.on_stop("orders")
+    assert value(metrics, "volley_consumer_lag", volley_app="orders", topic="t", partition="0") is None
+    assert value(metrics, "volley_consumer_lag", volley_app="orders", topic="t", partition="1") is None
+    obs.on_start("orders")
+    obs.on_lag("orders", {("t", 1): 2})  # started again: reported again
+    assert value(metrics, "volley_consumer_lag", volley_app="orders", topic="t", partition="1") == 2
+
+
 def test_stop_withdraws_readiness_and_in_flight(metrics: VolleyMetrics) -> None:
     obs = PrometheusObserver("orders", metrics=metrics)
     obs.on_start("orders")

@@ -159,12 +159,18 @@ def test_models_round_trip_through_every_pair(serializer: str, handler: str, ord
 @given(order=orders)
 @settings(max_examples=30, deadline=None)
 def test_models_round_trip_through_the_handlers_own_methods(serializer: str, handler: str, order: Order) -> None:
-    """construct / deconstruct (the protocol) agree with the engine's bound fast paths."""
+    """construct / deconstruct (the protocol) agree with the engine's bound fast paths.
+
+    With msgpack the engine hands the serializer the model itself (Python mode: bytes stay bytes), while
+    ``deconstruct`` keeps returning JSON-mode data: the bytes may differ, the model read back may not.
+    """
     queue = resolve(serializer, handler, Order)
     h = queue.model_handler
     wire = queue.serializer.serialize(h.deconstruct(order))
-    assert wire == queue.encode(order)
+    if serializer != "msgpack":
+        assert wire == queue.encode(order)
     assert h.construct(queue.serializer.deserialize(wire), Order) == order
+    assert h.construct(queue.serializer.deserialize(queue.encode(order)), Order) == order
 
 
 @given(fields=st.dictionaries(st.text(), json_values, max_size=6))

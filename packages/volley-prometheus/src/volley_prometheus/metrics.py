@@ -10,7 +10,9 @@ Gauges carry a multiprocess mode for ``PROMETHEUS_MULTIPROC_DIR`` setups:
 in-flight messages and readiness add up over the live worker processes, lag
 and queue depth take the most recent report (every worker of an RSMQ queue
 sees the same depth, and a Kafka partition moves between workers on
-rebalance, so summing would count twice).
+rebalance, so summing would count twice). A partition's lag is withdrawn when
+the worker no longer owns it: its series is removed, or in multiprocess mode
+marked NaN, which the aggregate served by this package leaves out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from typing import Final
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+WITHDRAWN: Final = float("nan")
+"""In multiprocess mode, the value that withdraws a gauge's series (prometheus-client cannot remove labels there)."""
+WITHDRAWABLE: Final = frozenset({"volley_consumer_lag"})
+"""Gauges whose NaN samples the multiprocess aggregate leaves out: their series was withdrawn."""
 
 COMMIT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 

@@ -20,8 +20,8 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from volley.errors import ConfigurationError
 from volley.ports import PartitionId
-from volley_prometheus.metrics import VolleyMetrics, default_metrics, multiprocess_dir
-from volley_prometheus.server import Clock, HealthState, MetricsServer, acquire_server, release_server
+from volley_prometheus.metrics import WITHDRAWN, VolleyMetrics, default_metrics, multiprocess_dir
+from volley_prometheus.server import Clock, HealthState, MetricsServer, acquire_or_defer, release_server
 
 log = logging.getLogger("volley_prometheus")
 
@@ -216,24 +216,18 @@ class PrometheusObserver:
         self.health.beat()
         if self.metrics_port is None or self._server is not None:
             return
-        try:
-            self._server = acquire_server(self.host, self.metrics_port, self.metrics.registry, self._multiprocess,
-                                          self.health)
-        except OSError as exc:
-            if self._multiprocess is not None:
-                # Another worker process serves the aggregate of every process on that port.
-                log.warning("metrics port %s:%d not served by this process (%s); another worker serves the "
-                            "multiprocess metrics", self.host, self.metrics_port, exc)
-                return
-            raise ConfigurationError(
-                f"cannot serve metrics on {self.host}:{self.metrics_port}: {exc}. Choose a free metrics_port, "
-                "or metrics_port=None to turn the endpoint off"
-            ) from exc
+        # None when a sibling worker of this run serves the port (multiprocess mode); any other bind failure
+        # is a ConfigurationError saying what to change, which stops the app at start-up.
+        self._server = acquire_or_defer(self.host, self.metrics_port, self.metrics.registry, self._multiprocess,
+                                        self.health)
 
     def on_stop(self, app_name: str) -> None:
         app = self._app(app_name)
         app.ready(0)
         app.in_flight(0)
+        for key, gauge in list(app.lag.items()):  # a stopped consumer owns no partition
+            del app.lag[key]
+            self._withdraw_lag(app_name, key, gauge)
         self.health.ready = False
         self.health.stopped = True
         server, self._server = self._server, None
@@ -294,7 +288,7 @@ class PrometheusObserver:
     # ------------------------------------------------------------------ connector reports
 
     def on_lag(self, app_name: str, lag: Mapping[PartitionId, int]) -> None:
-        """The lag of every partition the consumer owns now; partitions no longer in it are dropped."""
+        """The lag of every partition the consumer owns now; partitions no longer in it are withdrawn."""
         app = self._app(app_name)
         gauges = app.lag
         for key, value in lag.items():
@@ -303,11 +297,20 @@ class PrometheusObserver:
                 gauge = gauges[key] = self.metrics.lag.labels(app_name, key[0], str(key[1]))
             gauge.set(value)
         for key in [k for k in gauges if k not in lag]:
-            gone = gauges.pop(key)
-            if self._multiprocess is not None:
-                gone.set(0)  # label removal is not supported in multiprocess mode
-            else:
-                self.metrics.lag.remove(app_name, key[0], str(key[1]))
+            self._withdraw_lag(app_name, key, gauges.pop(key))
+
+    def _withdraw_lag(self, app_name: str, key: PartitionId, gauge: Gauge) -> None:
+        """A partition this worker no longer owns has no lag series here: a 0 would read as "caught up".
+
+        Single-process: the labelled child is removed. Multiprocess: prometheus-client cannot remove a label
+        set there (it only warns), so the partition's value becomes NaN, its withdrawal mark: the aggregate this
+        package serves leaves such series out, and a worker that owns the partition reports it again (the most
+        recent report wins).
+        """
+        if self._multiprocess is not None:
+            gauge.set(WITHDRAWN)
+        else:
+            self.metrics.lag.remove(app_name, key[0], str(key[1]))
 
     def on_commit(self, app_name: str, seconds: float) -> None:
         app = self._app(app_name)

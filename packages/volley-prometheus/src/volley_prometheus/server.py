@@ -3,12 +3,23 @@
 One server per (host, port) in a process: several engines that name the same
 metrics port share it, and the probes answer for all of them (healthy only if
 every one is). Port 0 asks the OS for a free port and is never shared.
+
+In multiprocess mode every response names the run it aggregates in the
+``X-Volley-Aggregate`` header (an id derived from ``PROMETHEUS_MULTIPROC_DIR``).
+A worker that finds its port taken asks the holder for that header: a sibling
+of the same run already serves every worker's metrics, and the worker carries
+on without a server; anything else holding the port is a start-up error.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
+import hashlib
+import http.client
 import logging
+import math
+import os
 import selectors
 import socket
 import threading
@@ -19,12 +30,29 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from volley.errors import ConfigurationError
+from volley_prometheus.metrics import WITHDRAWABLE
 
 log = logging.getLogger("volley_prometheus")
 
 Clock = Callable[[], float]
+
+AGGREGATE_HEADER = "X-Volley-Aggregate"
+"""The response header that names the run whose multiprocess aggregate a server serves."""
+PROBE_TIMEOUT = 2.0
+"""How long a worker waits for the holder of its metrics port to answer."""
+BIND_ATTEMPTS = 20
+"""Binds tried while the port's holder refuses connections (it is closing, or has bound and not yet listened)."""
+BIND_RETRY_PAUSE = 0.05
+
+
+def run_id(multiprocess_dir: str) -> str:
+    """The id of the run whose workers share ``multiprocess_dir``: the same for every worker, and for no other run."""
+    return hashlib.sha256(os.path.realpath(multiprocess_dir).encode()).hexdigest()[:16]
 
 
 class HealthState:
@@ -106,6 +134,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if volley.run is not None:
+            self.send_header(AGGREGATE_HEADER, volley.run)
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
@@ -116,6 +146,19 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+class WithoutWithdrawn:
+    """The multiprocess aggregate without the series withdrawn by a NaN (see ``metrics.WITHDRAWN``)."""
+
+    def __init__(self, collector: Collector) -> None:
+        self._collector = collector
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._collector.collect():
+            if metric.name in WITHDRAWABLE:
+                metric.samples = [s for s in metric.samples if not math.isnan(s.value)]
+            yield metric
+
+
 class MetricsServer:
     """Serves one registry (or the multiprocess aggregate) and the health of the apps attached to it."""
 
@@ -124,9 +167,11 @@ class MetricsServer:
         self.requested_port = port
         self._states: list[HealthState] = []
         self._lock = threading.Lock()
+        self.run = run_id(multiprocess_dir) if multiprocess_dir is not None else None
         if multiprocess_dir is not None:
             aggregate = CollectorRegistry()
-            MultiProcessCollector(aggregate, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            merged = MultiProcessCollector(None, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            aggregate.register(WithoutWithdrawn(merged))
             self._collector: Collector = aggregate
         else:
             self._collector = registry
@@ -228,6 +273,75 @@ def acquire_server(host: str, port: int, registry: CollectorRegistry, multiproce
                 _servers[key] = server
         server.attach(state)
         return server
+
+
+def acquire_or_defer(host: str, port: int, registry: CollectorRegistry, multiprocess_dir: str | None,
+                     state: HealthState) -> MetricsServer | None:
+    """:func:`acquire_server`, or None when a sibling worker of the same run already serves ``port``.
+
+    Any other failure to bind is a ``ConfigurationError`` that says what to change: a port held by an
+    unrelated process (or by another run), no permission, an address that is not this machine's.
+    """
+    attempts = BIND_ATTEMPTS
+    while True:
+        try:
+            return acquire_server(host, port, registry, multiprocess_dir, state)
+        except OSError as exc:
+            if multiprocess_dir is None or exc.errno != errno.EADDRINUSE:
+                raise ConfigurationError(bind_advice(host, port, exc, multiprocess_dir)) from exc
+            owner = probe_run(host, port)
+            if owner is not None and owner == run_id(multiprocess_dir):
+                log.info("metrics port %s:%d is served by another worker of this run (the aggregate of every "
+                         "worker); this process does not serve it", host, port)
+                return None
+            attempts -= 1
+            if owner is not None or attempts <= 0:
+                raise ConfigurationError(bind_advice(host, port, exc, multiprocess_dir, owner)) from exc
+            # Nothing accepts connections there: the holder is closing, or has bound and not listened yet.
+            time.sleep(BIND_RETRY_PAUSE)
+
+
+def probe_run(host: str, port: int) -> str | None:
+    """What the server holding ``host:port`` names in ``X-Volley-Aggregate``: the run id, ``""`` when it
+    answers without one (or not as HTTP), None when nothing accepts connections there."""
+    connect_to = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    connection = http.client.HTTPConnection(connect_to, port, timeout=PROBE_TIMEOUT)
+    try:
+        connection.request("HEAD", "/")
+        return connection.getresponse().getheader(AGGREGATE_HEADER) or ""
+    except ConnectionRefusedError:
+        return None
+    except (OSError, http.client.HTTPException):
+        return ""
+    finally:
+        connection.close()
+
+
+def bind_advice(host: str, port: int, exc: OSError, multiprocess_dir: str | None, owner: str | None = None) -> str:
+    """Why the metrics server cannot bind, and what to change."""
+    where = f"cannot serve metrics on {host}:{port}"
+    off = "or metrics_port=None to turn the endpoint off"
+    if isinstance(exc, socket.gaierror):
+        return (f"{where}: metrics_host {host!r} does not resolve ({exc}); set metrics_host to an address of this "
+                f"machine (\"0.0.0.0\" for every interface), {off}")
+    if exc.errno == errno.EADDRINUSE:
+        if multiprocess_dir is None:
+            holder = "another process"
+        elif owner:
+            holder = "the metrics server of another run (PROMETHEUS_MULTIPROC_DIR differs), not a worker of this run"
+        elif owner is None:
+            holder = "a socket that accepts no connections, not a worker of this run"
+        else:
+            holder = "a process that is not a worker of this run (it does not serve this run's aggregate)"
+        return (f"{where}: the port is taken by {holder} ({exc}). Choose a free metrics_port, stop what holds "
+                f"the port, {off}")
+    if exc.errno == errno.EACCES:
+        return (f"{where}: permission denied ({exc}); ports below 1024 need privileges: choose a metrics_port "
+                f"of 1024 or above, {off}")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{where}: {host} is not an address of this machine ({exc}); set metrics_host to one of its "
+                f"addresses (\"0.0.0.0\" for every interface), {off}")
+    return f"{where}: {exc}. Choose a free metrics_port or another metrics_host, {off}"
 
 
 def release_server(server: MetricsServer, state: HealthState) -> None:

@@ -38,3 +38,30 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, int):  # msgpack asks about the integers it cannot pack
         raise OverflowError(f"integer out of range ({value.bit_length()} bits): at most 64 bits are supported")
     raise TypeError(f"Type is not serializable: {type(value).__qualname__}")
+
+
+def plain_tree(value: Any) -> Any:
+    """A Pydantic Python-mode dump made safe for msgpack readers: map keys that are not ``str`` or ``bytes``
+    become strings (as in JSON mode: ``1`` -> ``"1"``), ``timedelta`` becomes Pydantic's ISO 8601 duration
+    (exact, where float seconds round). Everything else is left to the serializer's ``default`` hook."""
+    if isinstance(value, dict):
+        return {key if isinstance(key, (str, bytes)) else _plain_key(key): plain_tree(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain_tree(item) for item in value]
+    if isinstance(value, timedelta):
+        from pydantic_core import to_jsonable_python  # only reached while dumping a Pydantic model
+
+        return to_jsonable_python(value)
+    return value
+
+
+def _plain_key(key: Any) -> str:
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    if isinstance(key, (int, float)):
+        return str(key)
+    plain = plain_tree(key) if isinstance(key, timedelta) else to_plain(key)
+    return plain if isinstance(plain, str) else str(plain)

@@ -15,6 +15,9 @@ about the same as Python mode followed by orjson (orjson then has no
 datetimes to format) and less with msgpack, which would otherwise need a
 conversion hook per datetime. ``bytes`` fields follow the model's
 ``ser_json_bytes`` setting (UTF-8 by default; set ``"base64"`` for binary).
+The exception is a serializer whose ``dump_mode`` is ``"python"`` (msgpack):
+the engine's fused encode (``bind_fast_encode``) dumps in Python mode for it,
+so bytes stay bytes (see ``volley_serializers.msgpack_serializer``).
 
 Errors: data that does not fit the model raises
 :class:`volley.errors.DataValidationError`; bytes that are not JSON at all
@@ -35,47 +38,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter
 from pydantic_core import to_json, to_jsonable_python
 
-from volley.errors import ConfigurationError, DataValidationError, SerializationError
+from volley.errors import ConfigurationError, DataValidationError
+from volley_serializers._plain import plain_tree
+from volley_serializers._pydantic_errors import (
+    dump_failed,
+    model_name,
+    one_line,
+    parse_failed,
+    validation_reason,
+    wrong_output,
+)
+from volley_serializers._pydantic_schema import CHECK_TREE, PLAIN_TREE, plain_tree_need, runs_own_code
 
 Validate = Callable[[Any], Any]
 Dump = Callable[[Any], Any]
-
-MAX_REASON_CHARS = 500
-MAX_REASON_ERRORS = 3
-
-
-def model_name(schema: Any) -> str:
-    """How error messages name a data model: the class name, or the type expression."""
-    return schema.__qualname__ if isinstance(schema, type) else repr(schema)
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
-
-
-def validation_reason(exc: BaseException, schema: Any) -> str:
-    """A one-line reason for the DLQ headers: which fields failed and why, never the (possibly huge) input."""
-    if isinstance(exc, ValidationError):
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:MAX_REASON_ERRORS]]
-        if len(errors) > MAX_REASON_ERRORS:
-            parts.append(f"and {len(errors) - MAX_REASON_ERRORS} more")
-        count = f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}"
-        return _one_line(f"{count} for {exc.title}: {'; '.join(parts)}")
-    return _one_line(f"{model_name(schema)}: {type(exc).__name__}: {exc}")
-
-
-def wrong_output(schema: Any, message: Any, queue: str | None = None) -> TypeError:
-    name = model_name(schema)
-    where = "the queue's" if queue is None else f"queue {queue!r}'s"
-    return TypeError(
-        f"{where} data model is {name}, but the handler produced {type(message).__qualname__}: "
-        f"return {name} instances (or change the queue's data_model)"
-    )
 
 
 def _is_model_class(schema: Any) -> bool:
@@ -90,7 +69,7 @@ def _complete(schema: type[BaseModel]) -> type[BaseModel]:
         except Exception as exc:
             name = model_name(schema)
             raise ConfigurationError(
-                f"data model {name} is not fully defined ({_one_line(str(exc))}); define every type it refers to "
+                f"data model {name} is not fully defined ({one_line(str(exc))}); define every type it refers to "
                 f"and call {name}.model_rebuild() before building the Engine"
             ) from exc
     return schema
@@ -101,12 +80,18 @@ def _adapter(schema: Any) -> TypeAdapter[Any]:
         return TypeAdapter(schema)
     except Exception as exc:
         raise ConfigurationError(
-            f"data model {schema!r} is not a type Pydantic can validate: {_one_line(str(exc))}"
+            f"data model {schema!r} is not a type Pydantic can validate: {one_line(str(exc))}"
         ) from exc
 
 
 def _identity(message: Any) -> Any:
     return message
+
+
+def wants_python_mode(serialize: Callable[[Any], bytes]) -> bool:
+    """Whether ``serialize`` (a serializer's bound ``unchecked_serialize``) belongs to a serializer that takes
+    models in Python mode: one whose ``dump_mode`` is ``"python"`` (msgpack)."""
+    return getattr(getattr(serialize, "__self__", None), "dump_mode", "json") == "python"
 
 
 class PydanticModelHandler:
@@ -152,10 +137,14 @@ class PydanticModelHandler:
         """Pydantic's own validation into ``schema``, without Volley's error wrapping.
 
         For the engine's hot loop: when it raises, the engine calls ``bind(schema)``'s function on the same
-        data, which raises the error that says what is wrong. Validation has no side effects, so that is safe.
+        data, which raises the error that says what is wrong. That is only safe for validation that runs no
+        code of the application's: a schema with validators (or post-init hooks) anywhere in it gets
+        ``bind(schema)``'s function itself, so that it is validated once and its first error is the reason.
         """
         if schema is None:
             return _identity
+        if self._runs_own_code(schema):
+            return self.bind(schema)
         return self._validator(schema).validate_python  # type: ignore[no-any-return]
 
     def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
@@ -167,6 +156,8 @@ class PydanticModelHandler:
         which handles those and raises the error that says what is wrong. None when ``schema`` is not a model
         class.
         """
+        if wants_python_mode(serialize):
+            return self._python_mode_encode(schema, serialize, fallback)
         if not _is_model_class(schema):
             return None
         to_python = _complete(schema).__pydantic_serializer__.to_python
@@ -180,6 +171,56 @@ class PydanticModelHandler:
             return fallback(message)
 
         return encode
+
+    def _python_mode_encode(self, schema: Any, serialize: Callable[[Any], bytes],
+                            fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+        """For a serializer that carries Python values (msgpack): outputs are dumped in Python mode (bytes stay
+        bytes), made readable where the schema says they may not be (``plain_tree_need``). Anything that fails
+        goes to ``fallback``, the checked JSON-mode encoder: it refuses a wrong output with the error that says
+        so, and still encodes a model that only JSON mode can dump (a custom type with a JSON-only serializer).
+        """
+        model_class = _is_model_class(schema)
+        if model_class:
+            to_python = _complete(schema).__pydantic_serializer__.to_python
+            need = plain_tree_need(schema.__pydantic_core_schema__)
+        else:
+            adapter = _adapter(schema)
+            to_python, need = adapter.serializer.to_python, plain_tree_need(adapter.core_schema)
+        found = getattr(getattr(serialize, "__self__", None), "unchecked_deserialize", None)
+        reread: Callable[[bytes], Any] = found if callable(found) else _identity
+        if need == CHECK_TREE and not callable(found):
+            need = PLAIN_TREE
+        accepts = self._accepts
+
+        def dump_and_pack(dumped: Any) -> bytes:
+            if need == PLAIN_TREE:
+                return serialize(plain_tree(dumped))
+            packed = serialize(dumped)
+            if need == CHECK_TREE:
+                try:
+                    reread(packed)
+                except ValueError:  # a map key msgpack readers refuse: written as a string instead
+                    return serialize(plain_tree(dumped))
+            return packed
+
+        def encode(message: Any) -> bytes:
+            try:
+                if not model_class:
+                    return dump_and_pack(to_python(message, warnings="error"))
+                if type(message) is schema:
+                    return dump_and_pack(to_python(message))
+                if accepts(message, schema):  # a subclass, a list of models: the serializer dumps each one
+                    return serialize(message)
+            except Exception:  # noqa: S110 - the checked path below explains it
+                pass
+            return fallback(message)
+
+        return encode
+
+    @staticmethod
+    def _accepts(message: Any, schema: type) -> bool:
+        """Whether ``message`` is an output of the queue's model (a subclass is one)."""
+        return isinstance(message, schema)
 
     def check_output(self, message: Any, schema: Any) -> None:
         """Raise ``TypeError`` unless ``message`` is an instance of the queue's data model (when that is a class)."""
@@ -201,7 +242,7 @@ class PydanticModelHandler:
         try:
             return to_python(model, mode="json")
         except Exception as exc:
-            raise _dump_failed(model, exc) from exc
+            raise dump_failed(model, exc) from exc
 
     def _deconstruct_new_type(self, model: Any) -> Any:
         """First output of a type: remember its serializer (a class attribute lookup through Pydantic's metaclass
@@ -219,6 +260,12 @@ class PydanticModelHandler:
         if _is_model_class(schema):
             return _complete(schema).__pydantic_validator__
         return _adapter(schema).validator
+
+    def _runs_own_code(self, schema: Any) -> bool:
+        """Whether validating into ``schema`` calls validators or hooks of the application's."""
+        if _is_model_class(schema):
+            return runs_own_code(_complete(schema).__pydantic_core_schema__)
+        return runs_own_code(_adapter(schema).core_schema)
 
     def _make_validate(self, schema: Any) -> Validate:
         validate_python = self._validator(schema).validate_python
@@ -239,7 +286,7 @@ class PydanticModelHandler:
                 try:
                     return to_python(model, mode="json", warnings="error")
                 except Exception as exc:
-                    raise _dump_failed(model, exc, schema) from exc
+                    raise dump_failed(model, exc, schema) from exc
 
             return dump_typed
         to_python = _complete(schema).__pydantic_serializer__.to_python
@@ -250,7 +297,7 @@ class PydanticModelHandler:
                 try:
                     return to_python(model, mode="json")
                 except Exception as exc:
-                    raise _dump_failed(model, exc) from exc
+                    raise dump_failed(model, exc) from exc
             if isinstance(model, schema):  # a subclass: dump it as its own class, as model_dump would
                 return generic(model)
             raise wrong_output(schema, model, queue)
@@ -262,12 +309,7 @@ class PydanticModelHandler:
         try:
             return to_jsonable_python(model)
         except Exception as exc:
-            raise _dump_failed(model, exc) from exc
-
-
-def _dump_failed(model: Any, exc: BaseException, schema: Any = None) -> SerializationError:
-    what = type(model).__qualname__ if schema is None else f"{type(model).__qualname__} as {model_name(schema)}"
-    return SerializationError(_one_line(f"cannot dump {what}: {type(exc).__name__}: {exc}"), model)
+            raise dump_failed(model, exc) from exc
 
 
 class PydanticParserModelHandler(PydanticModelHandler):
@@ -287,7 +329,7 @@ class PydanticParserModelHandler(PydanticModelHandler):
         try:
             return dump_json(model)
         except Exception as exc:
-            raise _dump_failed(model, exc) from exc
+            raise dump_failed(model, exc) from exc
 
     def _deconstruct_new_type(self, model: Any) -> Any:
         serializer = getattr(type(model), "__pydantic_serializer__", None)
@@ -295,13 +337,15 @@ class PydanticParserModelHandler(PydanticModelHandler):
             try:
                 return to_json(model)
             except Exception as exc:
-                raise _dump_failed(model, exc) from exc
+                raise dump_failed(model, exc) from exc
         self._to_json[type(model)] = serializer.to_json
         return self.deconstruct(model)
 
     def bind_unchecked(self, schema: Any) -> Validate:
         if schema is None:
             return _identity
+        if self._runs_own_code(schema):
+            return self.bind(schema)  # validated once: see PydanticModelHandler.bind_unchecked
         return self._validator(schema).validate_json  # type: ignore[no-any-return]
 
     def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
@@ -315,7 +359,7 @@ class PydanticParserModelHandler(PydanticModelHandler):
             try:
                 return validate_json(message)
             except Exception as exc:
-                raise _parse_failed(exc, schema, message) from exc
+                raise parse_failed(exc, schema, message) from exc
 
         return validate
 
@@ -327,7 +371,7 @@ class PydanticParserModelHandler(PydanticModelHandler):
                 try:
                     return to_json_typed(model, warnings="error")
                 except Exception as exc:
-                    raise _dump_failed(model, exc, schema) from exc
+                    raise dump_failed(model, exc, schema) from exc
 
             return dump_typed
         dump_json = _complete(schema).__pydantic_serializer__.to_json
@@ -338,26 +382,12 @@ class PydanticParserModelHandler(PydanticModelHandler):
                 try:
                     return dump_json(model)
                 except Exception as exc:
-                    raise _dump_failed(model, exc) from exc
+                    raise dump_failed(model, exc) from exc
             if isinstance(model, schema):
                 return generic(model)
             raise wrong_output(schema, model, queue)
 
         return dump
-
-
-def _parse_failed(exc: BaseException, schema: Any, message: Any) -> DataValidationError | SerializationError:
-    reason = validation_reason(exc, schema)
-    if isinstance(exc, ValidationError):
-        kinds = {e["type"] for e in exc.errors(include_url=False, include_context=False, include_input=False)}
-        if "json_invalid" in kinds:
-            return SerializationError(reason, message)
-        if "json_type" in kinds:
-            reason = _one_line(
-                f"{reason} (pydantic-parser reads raw bytes: configure this queue with serializer 'none', "
-                "or use model_handler 'pydantic' after a serializer)"
-            )
-    return DataValidationError(reason, message)
 
 
 class PydanticListModelHandler(PydanticModelHandler):
@@ -379,7 +409,7 @@ class PydanticListModelHandler(PydanticModelHandler):
             try:
                 models.append(validate(item))
             except DataValidationError as exc:
-                raise DataValidationError(_one_line(f"item {index}: {exc.reason}"), message) from exc
+                raise DataValidationError(one_line(f"item {index}: {exc.reason}"), message) from exc
         return models
 
     def deconstruct(self, model: Any) -> Any:
@@ -388,11 +418,17 @@ class PydanticListModelHandler(PydanticModelHandler):
             try:
                 return to_python(model, mode="json")
             except Exception as exc:
-                raise _dump_failed(model, exc) from exc
+                raise dump_failed(model, exc) from exc
         if isinstance(model, (list, tuple)):
             single = PydanticModelHandler.deconstruct
             return [single(self, m) for m in model]
         return self._deconstruct_new_type(model)
+
+    @staticmethod
+    def _accepts(message: Any, schema: type) -> bool:
+        if isinstance(message, (list, tuple)):
+            return all(isinstance(item, schema) for item in message)
+        return isinstance(message, schema)
 
     def check_output(self, message: Any, schema: Any) -> None:
         if not isinstance(schema, type) or isinstance(message, schema):

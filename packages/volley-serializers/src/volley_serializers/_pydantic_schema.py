@@ -1,0 +1,77 @@
+"""What a Pydantic core schema says about validation: whether it runs code of the application's own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CODE_TYPES = frozenset({"function-before", "function-after", "function-wrap", "function-plain", "call"})
+"""Core schema types whose validation calls a Python function (validators, ``validate_call``)."""
+_CODE_FLAGS = ("post_init", "custom_init")
+"""Keys of model and dataclass schemas that make validation call ``model_post_init``, ``__post_init__`` or a custom
+``__init__``."""
+_NOT_VALIDATION = frozenset({"serialization", "metadata"})
+"""Keys whose contents do not take part in validation (a serializer's ``function-plain`` runs only when dumping)."""
+
+
+def runs_own_code(core_schema: Any) -> bool:
+    """Whether validating with ``core_schema`` may call Python code: a validator of the model or of any type in
+    it, a post-init hook, a custom ``__init__``. Such validation may have side effects or cost, and may answer
+    differently when called again, so it must not be repeated. Conservative: Pydantic's own function-based
+    types (``EmailStr``, say) count as well."""
+    pending: list[Any] = [core_schema]
+    seen: set[int] = set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            if node.get("type") in _CODE_TYPES or any(node.get(flag) for flag in _CODE_FLAGS):
+                return True
+            pending.extend(value for key, value in node.items() if key not in _NOT_VALIDATION)
+        elif isinstance(node, (list, tuple)):
+            pending.extend(node)
+    return False
+
+
+_RUNTIME_TYPED = frozenset({"any", "function-plain", "is-instance", "callable", "json", "generator", "complex"})
+"""Core schema types whose Python-mode dump is whatever the value is at run time (or is not plain data)."""
+_NOT_SCHEMA = frozenset({"metadata", "default", "expected", "members", "config", "function", "cls", "ref",
+                         "serialization"})
+"""Keys of a schema node that hold values, classes or settings rather than schemas of the data."""
+
+
+NO_TREE, CHECK_TREE, PLAIN_TREE = 0, 1, 2
+"""What a Python-mode dump needs before msgpack: nothing; a check that msgpack reads it back (runtime-typed
+content, where keys other than ``str`` are possible but rare); :func:`volley_serializers._plain.plain_tree`."""
+
+
+def plain_tree_need(core_schema: Any) -> int:
+    """What a Python-mode dump by ``core_schema`` needs for msgpack: ``PLAIN_TREE``, ``CHECK_TREE`` or ``NO_TREE``.
+
+    msgpack readers refuse map keys other than ``str`` or ``bytes``, and a ``timedelta`` is exact only as an
+    ISO 8601 duration: a typed dict with other keys, a ``timedelta`` or a serializer function needs the plain
+    tree; content typed only at run time (``Any``, extra fields, plain validators, arbitrary types) a check.
+    """
+    need = NO_TREE
+    pending: list[Any] = [core_schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (list, tuple)):
+            pending.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        serialization = node.get("serialization")
+        if (kind == "timedelta"
+                or (kind == "dict" and (node.get("keys_schema") or {}).get("type") not in ("str", "bytes", "any"))
+                or (isinstance(serialization, dict) and str(serialization.get("type", "")).startswith("function"))):
+            return PLAIN_TREE
+        config = node.get("config")
+        if kind in _RUNTIME_TYPED or (kind == "dict" and (node.get("keys_schema") or {}).get("type") == "any") or (
+                node.get("extra_behavior") == "allow"
+                or (isinstance(config, dict) and config.get("extra_fields_behavior") == "allow")):
+            need = CHECK_TREE
+        pending.extend(value for key, value in node.items() if key not in _NOT_SCHEMA)
+    return need
