@@ -127,6 +127,10 @@ class AsyncLanes:
         if not self.lanes:
             self.idle.set()
 
+    def working(self) -> bool:
+        """Whether a lane has work: the lanes run on their own tasks, so it is finished without the process task."""
+        return not self.idle.is_set()
+
     async def quiesce(self) -> None:
         """Until every message handed over so far is handled (a transaction closes: its inputs' work is done)."""
         await self.idle.wait()

@@ -42,9 +42,10 @@ from volley.run.report import RunReport
 from volley.run.retry import RetryPolicy
 from volley.run.routing import Router
 from volley.run.settlement import Settlement
+from volley.run.shutdown import shut_down
 from volley.run.stopping import StopSignal
 from volley.run.sync_executor import SyncExecutor
-from volley.run.tasks import cancel, failed, unexpected_end
+from volley.run.tasks import unexpected_end
 from volley.run.transactions import TransactionBarrier
 
 logger = logging.getLogger("volley")
@@ -108,6 +109,7 @@ class Run:
         self.last_poll = 0.0
         self.still_running: str | None = None  # a handler call that outlived shutdown, named for app()
         self._stop_error: BaseException | None = None
+        self._crashed: BaseException | None = None  # the first task failure seen before the shutdown
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
@@ -165,7 +167,7 @@ class Run:
         finally:
             self.stop.stop()
             try:
-                await self._shutdown(tasks)
+                await shut_down(self, tasks)
             finally:
                 if tune_gc:
                     gctune.release()
@@ -193,6 +195,7 @@ class Run:
             if task in done:
                 error = unexpected_end(self.name, name, task)
                 if error is not None:  # said now, not only when the shutdown is over
+                    self._crashed = self._crashed or error
                     logger.error("%s: the %s task failed: %s: %s; stopping", self.name, name,
                                  type(error).__qualname__, error, exc_info=error)
                 crashed = crashed or error
@@ -242,62 +245,6 @@ class Run:
             raise
         if not (isinstance(self.consumer, ReadinessReporter) and self.consumer.reports_readiness):
             self.observer.on_ready(self.name, True)  # else the consumer says when (Kafka: once assigned)
-
-    async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
-        settlement = self.settlement
-        deadline = time.monotonic() + self.engine.shutdown_timeout_seconds
-        self.observer.on_ready(self.name, False)
-        # 1. Stop consuming. Cancelling a poll is safe: what it would have returned was never acknowledged.
-        await cancel(tasks["fetch"])
-        # 2. Finish in-flight work within the deadline (unless processing itself failed: then nothing will).
-        if not failed(tasks["process"]):
-            await self.wait_settled(deadline)
-        # 3. Give up on what is left: no handler call starts after this, no record is produced again.
-        self.stop.abandon()
-        await cancel(tasks["process"])
-        if self.barrier is not None:  # a transaction still committing: its commit must not be cut
-            await self.barrier.close(deadline - time.monotonic())
-        if isinstance(self.executor, AsyncLanes):
-            await self.executor.close(1.0)
-        settlement.cancel_retries()
-        # 4. Flush the producers so that outputs in flight are confirmed (and their inputs acked).
-        await self._flush_outputs(deadline)
-        if settlement.in_flight:
-            logger.warning("%s: shutting down with %d input(s) unfinished; they stay unacknowledged and will be "
-                           "delivered again", self.name, settlement.in_flight)
-            settlement.abandon(settlement.in_flight)
-        settlement.closed = True  # late results of a hung handler call and late reports change nothing now
-        # 5. Acknowledge what is finished (an ack in progress completes).
-        await self.acker.close(tasks["ack"], max(1.0, deadline - time.monotonic()))
-        await self.drain.close(tasks["monitor"])
-        # 6. Close the parts.
-        parts: list[Consumer | Producer] = [self.consumer, *self.producers]
-        for part in parts:
-            try:
-                await part.close()
-            except Exception as exc:
-                logger.error("%s: closing %r failed: %s", self.name, part, exc)
-        if isinstance(self.executor, SyncExecutor):
-            if self.executor.thread_call_since:
-                self.still_running = getattr(self.app.func, "__qualname__", repr(self.app.func))
-                logger.error("%s: the handler %s is still running a call past the shutdown deadline (%.1f s); "
-                             "its message was not acknowledged and will be delivered again", self.name,
-                             self.still_running, self.engine.shutdown_timeout_seconds)
-            self.executor.close()
-        self.observer.on_ready(self.name, False)  # again: a consumer may have reported ready while it closed
-        self.observer.on_stop(self.name)
-        self.report.elapsed_seconds = time.monotonic() - self._started
-        logger.info("%s: stopped (%s)", self.name, self.report)
-
-    async def _flush_outputs(self, deadline: float) -> None:
-        """Shutdown step 4: outputs in flight confirmed, their reports taken (their inputs can then be acked)."""
-        self.settlement.flush_outputs()
-        for producer in self.producers:
-            try:
-                await producer.flush(max(0.1, deadline - time.monotonic()))
-            except Exception as exc:
-                logger.error("%s: flushing a producer at shutdown failed: %s", self.name, exc)
-        self.settlement.drain_reports()
 
     def request_stop(self, error: BaseException | None = None) -> None:
         """On the loop. ``error``: the run ends by raising it (the first one wins)."""

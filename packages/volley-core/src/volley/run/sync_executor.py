@@ -73,6 +73,11 @@ class SyncExecutor:
         self._loop_waited: RunQueueWait | None = None  # opened on the loop thread, by its first slice
         self.worker = SerialThread(f"volley-{app_name}-handler")
 
+    def working(self) -> bool:
+        """Whether work would still finish without the process task: no, since the task awaiting the handler
+        thread's batch is what hands the end of it over (what the thread parked meanwhile is collected anyway)."""
+        return False
+
     def close(self) -> None:
         self.worker.stop()
         if self._loop_waited is not None:
