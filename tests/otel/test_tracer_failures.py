@@ -85,5 +85,8 @@ def test_a_raising_span_processor_does_not_stop_the_pipeline(where: str, kind: s
     failures = [r for r in caplog.records if "the tracer's" in r.getMessage()]
     assert len(failures) == 1, [r.getMessage() for r in caplog.records]  # once per kind of call, not per message
     assert f"bug at {where}" in failures[0].getMessage()
+    # Counted for the whole run, not only logged once: every failing call.
+    assert report.tracer_failures == processor.calls, report
+    assert [e for e in report.errors if e.startswith("tracer ")] != []
     # Not the 20 s shutdown deadline spent waiting for work a dead task would never finish.
     assert time.monotonic() - started < 10

@@ -7,6 +7,7 @@ from typing import Any
 
 from volley.ports import Producer
 from volley.queues import ResolvedQueue
+from volley.run.report import RunReport
 from volley.run.tracing import Tracing
 
 
@@ -41,11 +42,11 @@ def slot_topics(routes: dict[str, tuple[ResolvedQueue, int]], slots: int) -> lis
     return [next(iter(names)) if len(names) == 1 else None for names in topics]
 
 
-def run_tracing(engine: Any, dlq: tuple[ResolvedQueue, int] | None) -> Tracing | None:
+def run_tracing(engine: Any, dlq: tuple[ResolvedQueue, int] | None, report: RunReport) -> Tracing | None:
     """The run's tracing, bound to its queues, when the Engine names a tracer (``Engine(tracing=...)``)."""
     if engine.tracer is None:
         return None
     outputs = [engine.queues[name].spec for name in engine.output_queues]
     if dlq is not None:
         outputs.append(dlq[0].spec)
-    return Tracing(engine.tracer.bind(engine.input.spec, outputs), engine.app_name)
+    return Tracing(engine.tracer.bind(engine.input.spec, outputs), engine.app_name, report)

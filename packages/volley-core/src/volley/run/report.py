@@ -15,7 +15,8 @@ class RunReport:
     after a failure (no DLQ, or the DLQ or an output could not be written); ``abandoned`` those unfinished at
     shutdown or on a partition revoke, or settled in a transaction that aborted (they are delivered again).
     ``produced`` counts distinct outputs handed to producers (a re-produced output once). ``errors`` keeps the
-    first ``MAX_ERRORS`` failure lines; ``errors_dropped`` counts the ones after.
+    first ``MAX_ERRORS`` failure lines; ``errors_dropped`` counts the ones after. ``tracer_failures`` counts
+    the tracer's calls that raised (the first of each kind of call is also an ``errors`` line).
     """
 
     consumed: int = 0
@@ -29,6 +30,7 @@ class RunReport:
     elapsed_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     errors_dropped: int = 0
+    tracer_failures: int = 0  # tracer calls that raised (the messages were handled on; see run/tracing.py)
 
     @property
     def settled(self) -> int:

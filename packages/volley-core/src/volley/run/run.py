@@ -77,7 +77,7 @@ class Run:
                            backoff_max_seconds=engine.retry_backoff_max_seconds, transactional=self.transactional)
         retry = RetryPolicy(self.name, engine.max_retries, engine.retry_backoff_seconds,
                             engine.retry_backoff_max_seconds, self.stop)
-        self.tracing = run_tracing(engine, dlq)
+        self.tracing = run_tracing(engine, dlq, self.report)
         if self.tracing is not None:
             retry.on_retry = self.tracing.retried
         self.settlement = Settlement(

@@ -23,6 +23,7 @@ from typing import Any
 
 from volley.message import Envelope, Headers, OutgoingMessage
 from volley.ports import MessageTrace, RunTracer
+from volley.run.report import RunReport
 from volley.run.tokens import Outcome, Token, members_of
 
 logger = logging.getLogger("volley")
@@ -36,16 +37,17 @@ class GuardedTracer:
 
     One Python call more per tracer call, paid only by runs that trace (a span of an SDK costs far more)."""
 
-    def __init__(self, tracer: RunTracer, app_name: str = "") -> None:
+    def __init__(self, tracer: RunTracer, app_name: str = "", report: RunReport | None = None) -> None:
         self.tracer = tracer
         self.app_name = app_name
-        self.failures = 0  # tracer calls that raised, over the run
+        self.report = report if report is not None else RunReport()  # its tracer_failures count the failures
         self._logged: set[str] = set()
 
     def failed(self, call: str, exc: Exception) -> None:
-        self.failures += 1
+        self.report.tracer_failures += 1
         if call not in self._logged:
             self._logged.add(call)
+            self.report.add_error(f"tracer {call}: {type(exc).__qualname__}: {exc}")
             logger.error("%s: the tracer's %s raised %s: %s; the message is handled on (further failures of this "
                          "call are not logged)", self.app_name, call, type(exc).__qualname__, exc, exc_info=exc)
 
@@ -123,8 +125,8 @@ class GuardedTrace:
 class Tracing:
     """One run's tracing: the traces being handled, and those of failed inputs waiting for settlement."""
 
-    def __init__(self, tracer: RunTracer, app_name: str = "") -> None:
-        self.tracer = GuardedTracer(tracer, app_name)
+    def __init__(self, tracer: RunTracer, app_name: str = "", report: RunReport | None = None) -> None:
+        self.tracer = GuardedTracer(tracer, app_name, report)
         self.live: dict[Token, MessageTrace] = {}  # being handled: retries find their trace here
         self.failed: dict[Token, MessageTrace] = {}  # failed, not yet settled (dead letter or give-back)
 
