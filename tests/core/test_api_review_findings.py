@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from volley import Engine, MemoryBroker, MessageContext
+from volley.errors import ConfigurationError
 from volley.testing import harness
 
 
@@ -170,3 +171,49 @@ def test_a_harness_result_holds_only_what_its_own_run_produced() -> None:
     assert second.outputs("out") == [Item(2)]
     assert len(second.dead_letters) == 1
     assert len(second.raw("out")) == 1
+
+
+def test_a_second_parameter_with_a_default_keeps_it_beside_var_positional() -> None:
+    engine = make_engine()
+    seen: list[Any] = []
+
+    @engine.stream_app
+    def handler(item: Item, limit: int = 10, *rest: Any) -> bool:
+        seen.append((limit, rest))
+        return True
+
+    h = harness(handler)
+    h.send(Item(1))
+    h.run()
+    assert seen == [(10, ())]
+
+
+def test_a_positional_only_msg_ctx_that_is_not_second_is_refused_at_construction() -> None:
+    engine = make_engine()
+
+    def handler(item: Item, limit: int = 10, msg_ctx: MessageContext | None = None, /) -> bool:
+        return True
+
+    with pytest.raises(ConfigurationError, match="positional-only"):
+        engine.stream_app(handler)
+
+
+def test_an_object_with_an_async_call_is_awaited() -> None:
+    engine = make_engine()
+
+    class Handler:
+        def __init__(self) -> None:
+            self.seen: list[Item] = []
+
+        async def __call__(self, item: Item) -> list[tuple[str, Item]]:
+            self.seen.append(item)
+            return [("out", item)]
+
+    handler = Handler()
+    app = engine.stream_app(handler)
+    assert app.is_async
+    h = harness(app)
+    h.send(Item(3))
+    result = h.run()
+    assert handler.seen == [Item(3)]
+    assert result.outputs("out") == [Item(3)] and result.dead_letters == []

@@ -209,7 +209,8 @@ class StreamApp:
     def __init__(self, engine: Engine, func: Callable[..., Any]) -> None:
         self.engine = engine
         self.func = func
-        self.is_async = inspect.iscoroutinefunction(func)
+        # (an object whose __call__ is ``async def`` is a coroutine function too)
+        self.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
         self.wants_context = _wants_context(func)
         # What the pipeline calls: func itself, or an adapter passing msg_ctx by keyword when the handler
         # declares it keyword-only (``def handler(msg, *, msg_ctx)``) or not second.
@@ -352,10 +353,11 @@ def _wants_context(func: Callable[..., Any]) -> bool:
     if any(p.name == "msg_ctx" for p in parameters):
         return True
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2:
+        # A second parameter with a default is the handler's own (``limit=10``), unless it is named msg_ctx.
+        return positional[1].default is positional[1].empty
     if any(p.kind == p.VAR_POSITIONAL for p in parameters):
         return True
-    if len(positional) >= 2 and positional[1].default is positional[1].empty:
-        return True  # a second parameter with a default is the handler's own (``limit=10``), unless msg_ctx
     if not positional:
         raise ConfigurationError(
             f"handler {getattr(func, '__qualname__', func)!r} must take the message as its first argument "
@@ -372,7 +374,14 @@ def _context_by_keyword(func: Callable[..., Any]) -> bool:
     if "msg_ctx" not in names:
         return False
     parameter = parameters[names.index("msg_ctx")]
-    return parameter.kind == parameter.KEYWORD_ONLY or names.index("msg_ctx") != 1
+    if names.index("msg_ctx") == 1:
+        return parameter.kind == parameter.KEYWORD_ONLY
+    if parameter.kind == parameter.POSITIONAL_ONLY:
+        raise ConfigurationError(
+            f"handler {getattr(func, '__qualname__', func)!r} takes msg_ctx positional-only but not as its second "
+            "parameter, so Volley cannot pass it: make msg_ctx the second parameter, or let it be passed by keyword"
+        )
+    return True
 
 
 def _positive(value: float | None, name: str, *, allow_zero: bool = False) -> float:
