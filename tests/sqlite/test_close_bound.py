@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlite_parts import open_consumer, produce, records, spec
 
+from volley.errors import ConfigurationError
 from volley.testing.contract import DeliveryRecorder
 from volley_sqlite import SqliteConnector, admin
 
@@ -82,3 +83,10 @@ async def test_a_producer_closes_within_its_bound_while_the_write_lock_is_held_e
         if locker.in_transaction:
             locker.execute("ROLLBACK")
         locker.close()
+
+
+def test_a_close_timeout_of_zero_is_refused_at_construction(tmp_path: Path) -> None:
+    """0 was accepted: every close then gave up at once, logged that the write lock was held elsewhere when
+    nothing held it, and left the give-back to a daemon thread that an exiting process cut short."""
+    with pytest.raises(ConfigurationError, match="close_timeout_seconds must be positive"):
+        SqliteConnector().create_consumer(spec(tmp_path / "q.sqlite3", close_timeout_seconds=0))

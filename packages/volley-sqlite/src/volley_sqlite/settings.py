@@ -67,7 +67,7 @@ _NUMBERS: dict[str, tuple[str, bool]] = {
     "delay": ("delay", True),
     "retention_seconds": ("retention_seconds", True),
     "compaction_interval_seconds": ("compaction_interval_seconds", False),
-    "close_timeout_seconds": ("close_timeout_seconds", True),
+    "close_timeout_seconds": ("close_timeout_seconds", False),  # 0 would give up on every close at once
 }
 _BOOLEANS = ("heartbeat", "ordered")
 KNOWN_KEYS = ("path", "partitions", "synchronous", *_NUMBERS, *_BOOLEANS)
