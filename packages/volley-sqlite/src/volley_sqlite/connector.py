@@ -28,6 +28,7 @@ from volley_sqlite.settings import SqliteSettings, parse_settings
 
 logger = logging.getLogger("volley_sqlite")
 _position = operator.attrgetter("position")
+_NOTHING = schema.Taken([])  # what a take gives when the probe found nothing ready (its list is never handed out)
 
 
 class SqliteConsumer:
@@ -44,6 +45,12 @@ class SqliteConsumer:
         self._partitions = settings.partitions
         self._wakeup: asyncio.Event | None = None
         self._closed = False
+        self._suspects = False
+        """The last take found suspects (``recovery``): they come one at a time, each once this consumer holds
+        nothing else, so its settles wake its waiting consume at once (not at the next poll)."""
+        self._alone: int | None = None
+        """The suspect this consumer holds: nothing else is leased to it until that one is settled (the take
+        cannot tell: once the last suspect is handed out, there are none left to see)."""
 
     async def start(self) -> None:
         if self._db is not None:
@@ -80,30 +87,35 @@ class SqliteConsumer:
         assert self._wakeup is not None
         queue, owner, limit = self.queue, self.owner, max(1, max_messages)
         lease, ordered, partitions = self.settings.visibility_timeout_seconds, self.settings.ordered, self._partitions
+        heartbeat = self.settings.heartbeat
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
 
-        def run(conn: sqlite3.Connection) -> list[Envelope]:
-            return schema.take(conn, queue, owner, limit, lease, ordered, partitions)
+        def run(conn: sqlite3.Connection) -> schema.Taken:
+            return schema.lease_out(conn, queue, owner, limit, lease, ordered, partitions, heartbeat)
 
         def probe(conn: sqlite3.Connection) -> bool:
             return schema.anything_ready(conn, queue, partitions, owner if ordered else None)
 
-        def abandoned(batch: list[Envelope]) -> None:
+        def abandoned(taken: schema.Taken) -> None:
             """A consume cancelled while its take ran: those messages are leased to us; give them back now."""
-            if batch and self._db is db:
-                ids = [e.position for e in batch]
+            if taken.envelopes and self._db is db:
+                ids = [e.position for e in taken.envelopes]
                 db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, 0.0, undelivered=True),
                                               lambda _r, _e: None, wakes=queue))
 
         while True:
             self._wakeup.clear()
-            batch = await db.call(run, probe=probe, empty=[], abandoned=abandoned)
-            if batch:
-                return batch
+            if self._alone is None:
+                taken = await db.call(run, probe=probe, empty=_NOTHING, abandoned=abandoned)
+                self._suspects = taken.suspects
+                if taken.envelopes:
+                    if taken.suspects:
+                        self._alone = taken.envelopes[0].position
+                    return taken.envelopes
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return batch
+                return []
             # Writers in this process wake us at once; other processes' writes are seen at the next poll.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), min(remaining, self.settings.poll_interval_seconds))
@@ -114,7 +126,10 @@ class SqliteConsumer:
         db = self._require()
         ids = list(map(_position, envelopes))
         owner, retention = self.owner, self.settings.retention_seconds
-        settled = await db.call(lambda conn: schema.settle(conn, owner, ids, retention))
+        try:
+            settled = await db.call(lambda conn: schema.settle(conn, owner, ids, retention))
+        finally:
+            self._settled(ids)  # even when it failed: a consumer must not wait for a settle that never comes
         if settled < len(ids):
             logger.warning("sqlite queue %r: %d acknowledged message(s) were no longer held by this consumer (another "
                            "took them after their lease lapsed, or they were deleted); they may be processed twice",
@@ -126,7 +141,18 @@ class SqliteConsumer:
         db = self._require()
         ids = list(map(_position, envelopes))
         owner = self.owner
-        await db.call(lambda conn: schema.give_back(conn, owner, ids, delay), wakes=self.queue if delay <= 0 else None)
+        try:
+            await db.call(lambda conn: schema.give_back(conn, owner, ids, delay),
+                          wakes=self.queue if delay <= 0 else None)
+        finally:
+            self._settled(ids)
+
+    def _settled(self, ids: Sequence[int]) -> None:
+        """While suspects are about, a settle may let this consumer take the next one: its consume looks again now."""
+        if self._alone is not None and self._alone in ids:
+            self._alone = None
+        if self._suspects and self._wakeup is not None:
+            self._wakeup.set()
 
     async def close(self) -> None:
         """Give back whatever is still held, at once (another consumer may take it), and leave the queue.

@@ -13,7 +13,8 @@ yet compacted; a row is
 ``attempts`` is raised each time a row is handed out, so it survives restarts
 and counts deliveries to consumers that died. ``volley_consumers`` lists live
 consumers (renewed by the heartbeat) so that ordered queues can share their
-partitions out fairly.
+partitions out fairly, and the dead ones while they own rows: what a consumer
+held when it died is handed out one message at a time (``recovery``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import struct
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from volley.message import Envelope, Headers, OutgoingMessage
+from volley_sqlite import recovery
 
 SCHEMA_VERSION = 1
 
@@ -184,17 +187,24 @@ def anything_ready(db: sqlite3.Connection, queue: str, partitions: int, owner: s
     return bool(candidates) and bool(_ready(db, queue, candidates, now, 1))
 
 
+_REGISTER = "INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)"
+_REGISTER_IF_NEW = "INSERT OR IGNORE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)"
+
+
 def _allowed_partitions(db: sqlite3.Connection, queue: str, owner: str, partitions: int, lease: float,
-                        now: float) -> list[int] | None:
+                        now: float, heartbeat: bool) -> list[int] | None:
     """For an ordered queue: the partitions this consumer may take from now (None: all of them).
 
     A partition in which another consumer holds a message is not available:
     its messages are handed out in order, by one consumer at a time. Beyond
     that each live consumer takes at most its fair share, and stops taking
     from partitions above its share so that they drain and pass to others.
+
+    A consumer without heartbeat says it is alive with each take. One with a heartbeat is registered by it alone:
+    its registration must not outlive the leases the heartbeat renewed, or rows of a consumer that died would
+    look ready while it still looked alive, and be handed out in a batch rather than one at a time (recovery).
     """
-    db.execute("INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)",
-               (queue, owner, now + lease))
+    db.execute(_REGISTER_IF_NEW if heartbeat else _REGISTER, (queue, owner, now + lease))
     others = db.execute("SELECT count(*) FROM volley_consumers WHERE queue = ? AND owner != ? AND alive_until > ?",
                         (queue, owner, now)).fetchone()[0]
     held = db.execute("SELECT DISTINCT partition, owner = ? FROM volley_messages INDEXED BY volley_messages_owner "
@@ -250,27 +260,50 @@ def _oldest_ready(db: sqlite3.Connection, queue: str, owner: str, limit: int, pa
     return db.execute(sql + " ORDER BY id LIMIT ?", (*params, limit)).fetchall()
 
 
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What a take handed out, and whether it found suspects (``recovery``) in the partitions it may take from:
+    then it hands out one of them alone, or nothing while the consumer still holds something."""
+
+    envelopes: list[Envelope]
+    suspects: bool = False
+
+
 def take(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: float, ordered: bool,
-         partitions: int) -> list[Envelope]:
+         partitions: int, heartbeat: bool = True) -> list[Envelope]:
     """Hand out up to ``limit`` ready messages, oldest first, and lease them to ``owner`` for ``lease`` seconds."""
+    return lease_out(db, queue, owner, limit, lease, ordered, partitions, heartbeat).envelopes
+
+
+def lease_out(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: float, ordered: bool,
+              partitions: int, heartbeat: bool = True) -> Taken:
+    """:func:`take`, saying whether suspects were about: a message a dead consumer held is handed out alone, to a
+    consumer that holds nothing else, and before anything else of the partitions this consumer may take from."""
     now = time.time()
-    allowed = _allowed_partitions(db, queue, owner, partitions, lease, now) if ordered else None
+    allowed = _allowed_partitions(db, queue, owner, partitions, lease, now, heartbeat) if ordered else None
     if allowed is not None and not allowed:
-        return []
-    rows = _oldest_ready(db, queue, owner, limit, range(partitions) if allowed is None else allowed,
-                         allowed is not None, now)
-    if not rows:
-        return []
+        return Taken([])
+    dead = recovery.dead_owners(db, queue, owner, now)
+    suspect = recovery.oldest_suspect(db, queue, dead, allowed, now) if dead else None
+    if suspect is not None:
+        if recovery.holds_anything(db, owner):
+            return Taken([], suspects=True)  # what it holds must be settled first
+        rows = db.execute(f"{_COLUMNS}WHERE id = ?", (suspect,)).fetchall()
+    else:
+        rows = _oldest_ready(db, queue, owner, limit, range(partitions) if allowed is None else allowed,
+                             allowed is not None, now)
+        if not rows:
+            return Taken([])
     until = now + lease
     for start in range(0, len(rows), 500):
         ids = [row[0] for row in rows[start:start + 500]]
         db.execute(f"UPDATE volley_messages SET owner = ?, visible_at = ?, attempts = attempts + 1 "  # noqa: S608
                    f"WHERE id IN ({_marks(len(ids))})", (owner, until, *ids))
-    return [
+    return Taken([
         Envelope(value, key, decode_headers(headers) if headers is not None else None, queue, partition, message_id,
                  created_at, attempts + 1)
         for message_id, partition, value, key, headers, created_at, attempts in rows
-    ]
+    ], suspect is not None)
 
 
 def settle(db: sqlite3.Connection, owner: str, ids: Sequence[int], retention: float) -> int:
@@ -318,14 +351,14 @@ def renew(db: sqlite3.Connection, queue: str, owner: str, lease: float) -> None:
     owner is unchanged only while nobody took the message since, and ``take`` never hands a consumer its own."""
     now = time.time()
     db.execute("UPDATE volley_messages SET visible_at = ? WHERE owner = ? AND acked_at IS NULL", (now + lease, owner))
-    db.execute("INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)",
-               (queue, owner, now + lease))
+    db.execute(_REGISTER, (queue, owner, now + lease))
 
 
 def join(db: sqlite3.Connection, queue: str, owner: str, lease: float) -> None:
-    """Count this consumer among the queue's live ones (for the fair share of partitions) from the start."""
-    db.execute("INSERT OR REPLACE INTO volley_consumers (queue, owner, alive_until) VALUES (?, ?, ?)",
-               (queue, owner, time.time() + lease))
+    """Count this consumer among the queue's live ones (for the fair share of partitions) from the start, and
+    register as dead the owners of leased rows that are not registered (files written before ``recovery``)."""
+    db.execute(_REGISTER, (queue, owner, time.time() + lease))
+    recovery.register_orphans(db, queue)
 
 
 def leave(db: sqlite3.Connection, queue: str, owner: str) -> None:
@@ -348,7 +381,8 @@ def depth(db: sqlite3.Connection, queue: str) -> int:
 
 
 def compact(db: sqlite3.Connection, queue: str | None, retention: float, vacuum_pages: int = 2000) -> int:
-    """Delete acked rows older than ``retention`` seconds and dead consumers, then give free pages back.
+    """Delete acked rows older than ``retention`` seconds and consumers dead for an hour that own nothing, then
+    give free pages back.
 
     Returns the number of rows deleted. Runs in short transactions of its own.
     """
@@ -361,7 +395,7 @@ def compact(db: sqlite3.Connection, queue: str | None, retention: float, vacuum_
         else:
             deleted = db.execute("DELETE FROM volley_messages WHERE queue = ? AND acked_at IS NOT NULL "
                                  "AND acked_at <= ?", (queue, cutoff)).rowcount
-        db.execute("DELETE FROM volley_consumers WHERE alive_until < ?", (time.time() - 3600,))
+        db.execute(recovery.FORGET_DEAD_CONSUMERS, (time.time() - 3600,))
     except BaseException:
         db.execute("ROLLBACK")
         raise
