@@ -1,6 +1,6 @@
 """A sqlite -> sqlite pass-through worker that dies (SIGKILL, by its own hand) on one poison message.
 
-    python sqlite_poison_worker.py DATABASE INPUT OUTPUT DLQ VT MAX_DELIVERIES POISON
+    python sqlite_poison_worker.py DATABASE INPUT OUTPUT DLQ VT MAX_DELIVERIES POISON ORDERED
 
 Run (and restarted after each death) by tests/sqlite/test_crash_poison.py. It stands for a segfault in a C
 extension or an OOM kill: the process is gone without a chance to nack, give back or close. Each output carries
@@ -19,7 +19,7 @@ from typing import Any
 def main(argv: list[str]) -> None:
     from volley import Engine, MessageContext
 
-    path, source, output, dlq, vt, max_deliveries, poison = argv
+    path, source, output, dlq, vt, max_deliveries, poison, ordered = argv
     config = {"path": path, "partitions": 4}
     raw = {"connector": "sqlite", "serializer": "none", "model_handler": "none"}
     app = Engine(
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
         output_queues=["out"],
         dead_letter_queue="dlq",
         queue_config={
-            "in": {**raw, "value": source, "config": {**config, "vt": float(vt)}},
+            "in": {**raw, "value": source, "config": {**config, "vt": float(vt), "ordered": ordered}},
             "out": {**raw, "value": output, "config": config},
             "dlq": {**raw, "value": dlq, "config": config},
         },

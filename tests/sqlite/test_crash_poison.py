@@ -41,15 +41,16 @@ def value(index: int) -> bytes:
     return b"poison" if index == POISON_INDEX else f"m-{index:05d}".encode()
 
 
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "competing"])
 def test_a_message_that_kills_its_worker_is_dead_lettered_alone(
     tmp_path: Path, worker_processes: list[WorkerProcess], capsys: pytest.CaptureFixture[str],
-    record_property: Callable[[str, Any], None],
+    record_property: Callable[[str, Any], None], ordered: bool,
 ) -> None:
     path = tmp_path / "poison.sqlite3"
     source, output, dlq = "poison-in", "poison-out", "poison-dlq"
     admin.publish(path, source, [value(i) for i in range(TOTAL)], partitions=4)
     worker = WorkerProcess([sys.executable, str(WORKER), str(path), source, output, dlq, str(VT),
-                            str(MAX_DELIVERIES), "poison"], tmp_path / "worker.log")
+                            str(MAX_DELIVERIES), "poison", str(ordered)], tmp_path / "worker.log")
     worker_processes.append(worker)
     deaths: list[float] = []
 
@@ -86,7 +87,8 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_alone(
     assert set(handled) == {value(i) for i in range(TOTAL) if i != POISON_INDEX}, "an innocent message is missing"
     attempts = Counter(int(m.headers["attempt"]) for m in outputs if m.headers)
     assert max(attempts) <= 2, f"innocent messages were delivered up to {max(attempts)} times: {attempts}"
-    line = (f"sqlite poison test: {TOTAL} messages, {len(deaths)} worker deaths, 1 dead letter, "
+    line = (f"sqlite poison test ({'ordered' if ordered else 'competing'}): {TOTAL} messages, "
+            f"{len(deaths)} worker deaths, 1 dead letter, "
             f"{len(outputs) - len(handled)} duplicate output(s), outputs by delivery count "
             f"{dict(sorted(attempts.items()))}, "
             f"{elapsed:.1f} s (from the last death to the end: {time.monotonic() - deaths[-1]:.1f} s)")
