@@ -37,10 +37,11 @@ def died_holding(path: Path, count: int, owner: str = "dead", registered: bool =
 
 
 @pytest.mark.parametrize("ordered", [True, False])
-async def test_a_dead_consumers_messages_come_one_at_a_time_before_anything_else(tmp_path: Path,
-                                                                                   ordered: bool) -> None:
+async def test_a_dead_consumers_messages_come_one_at_a_time_before_anything_else(
+    tmp_path: Path, ordered: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
     """One at a time, oldest first, the next only once the one before is settled; the messages nobody died
-    holding wait until the suspects are cleared, then come in batches again."""
+    holding wait until the suspects are cleared, then come in batches again. The log says why, once."""
     path = tmp_path / "q.sqlite3"
     await produce(path, records(QUEUE, 30), partitions=2)
     suspects = died_holding(path, 10)
@@ -58,6 +59,8 @@ async def test_a_dead_consumers_messages_come_one_at_a_time_before_anything_else
         rest = await consumer.consume(100, 1.0)
         assert len(rest) == 20 and {e.attempt for e in rest} == {1}, "the others do not come in a batch again"
         await consumer.ack(rest)
+        said = [r.getMessage() for r in caplog.records if "died holding messages" in r.getMessage()]
+        assert len(said) == 1, said
     finally:
         await consumer.close()
 

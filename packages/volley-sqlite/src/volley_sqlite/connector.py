@@ -48,6 +48,7 @@ class SqliteConsumer:
         self._suspects = False
         """The last take found suspects (``recovery``): they come one at a time, each once this consumer holds
         nothing else, so its settles wake its waiting consume at once (not at the next poll)."""
+        self._next_suspects_log = 0.0  # said at most once a minute
         self._alone: int | None = None
         """The suspect this consumer holds: nothing else is leased to it until that one is settled (the take
         cannot tell: once the last suspect is handed out, there are none left to see)."""
@@ -108,6 +109,11 @@ class SqliteConsumer:
             self._wakeup.clear()
             if self._alone is None:
                 taken = await db.call(run, probe=probe, empty=_NOTHING, abandoned=abandoned)
+                if taken.suspects and not self._suspects and loop.time() >= self._next_suspects_log:
+                    self._next_suspects_log = loop.time() + 60.0
+                    logger.warning("sqlite queue %r: a consumer died holding messages; any of them may be what killed "
+                                   "it, so they are handed out one at a time, before the others of their partitions",
+                                   queue)
                 self._suspects = taken.suspects
                 if taken.envelopes:
                     if taken.suspects:
