@@ -179,3 +179,28 @@ def test_compaction_keeps_a_dead_consumer_while_it_owns_messages(tmp_path: Path)
     with schema.connect(str(path)) as db:
         owners = {row[0] for row in db.execute("SELECT owner FROM volley_consumers")}
     assert owners == {"owns"}
+
+
+def test_a_take_does_not_keep_a_consumer_with_a_heartbeat_alive_past_the_leases_it_renewed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ordered take used to register its consumer as alive for another ``vt``, without renewing what it held:
+    when it died, what it had taken before its last take lapsed while it still looked alive, and was handed out in
+    a batch. Only the heartbeat (which renews both) keeps a consumer with a heartbeat registered."""
+    clock = [time.time()]
+    monkeypatch.setattr(schema.time, "time", lambda: clock[0])  # time.time itself: nothing else here reads it
+    db = schema.connect(str(tmp_path / "q.sqlite3"), "off")
+    try:
+        schema.ensure_queue(db, QUEUE, 2)
+        schema.insert(db, [(QUEUE, 0, f"early-{i}".encode(), None, None, clock[0], clock[0]) for i in range(3)])
+        schema.join(db, QUEUE, "worker", 30)
+        early = schema.take(db, QUEUE, "worker", 100, 30, True, 2)
+        assert len(early) == 3
+        clock[0] += 20  # no heartbeat since: the worker died, say, right after its next take
+        schema.insert(db, [(QUEUE, 1, b"late", None, None, clock[0], clock[0])])
+        assert len(schema.take(db, QUEUE, "worker", 100, 30, True, 2)) == 1
+        clock[0] += 15  # the early leases lapsed; the late one runs 15 s more
+        taken = schema.lease_out(db, QUEUE, "survivor", 100, 30, True, 2)
+        assert taken.suspects and [e.value for e in taken.envelopes] == [b"early-0"], taken
+    finally:
+        db.close()
