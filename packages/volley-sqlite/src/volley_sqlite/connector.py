@@ -50,6 +50,9 @@ class SqliteConsumer:
         nothing else, so its settles wake its waiting consume at once (not at the next poll)."""
         self._next_suspects_log = 0.0  # said at most once a minute
         self._alone: int | None = None
+        # Handed to the engine and not settled by it yet (an ack or nack, even one that failed): while suspects are
+        # about, a suspect is taken only when this is empty.
+        self._outstanding: set[int] = set()
         """The suspect this consumer holds: nothing else is leased to it until that one is settled (the take
         cannot tell: once the last suspect is handed out, there are none left to see)."""
 
@@ -92,8 +95,11 @@ class SqliteConsumer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
 
+        outstanding = self._outstanding
+
         def run(conn: sqlite3.Connection) -> schema.Taken:
-            return schema.lease_out(conn, queue, owner, limit, lease, ordered, partitions, heartbeat)
+            return schema.lease_out(conn, queue, owner, limit, lease, ordered, partitions, heartbeat,
+                                    holding=bool(outstanding))
 
         def probe(conn: sqlite3.Connection) -> bool:
             return schema.anything_ready(conn, queue, partitions, owner if ordered else None)
@@ -118,6 +124,7 @@ class SqliteConsumer:
                 if taken.envelopes:
                     if taken.suspects:
                         self._alone = taken.envelopes[0].position
+                    outstanding.update(map(_position, taken.envelopes))
                     return taken.envelopes
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -134,6 +141,11 @@ class SqliteConsumer:
         owner, retention = self.owner, self.settings.retention_seconds
         try:
             settled = await db.call(lambda conn: schema.settle(conn, owner, ids, retention))
+        except BaseException:
+            # The engine takes them as given back ("delivered again"): they must not stay leased to us, renewed by
+            # the heartbeat for ever. Given back as soon as the database takes it (it may be what failed).
+            self._give_back_behind(db, ids, 0.0)
+            raise
         finally:
             self._settled(ids)  # even when it failed: a consumer must not wait for a settle that never comes
         if settled < len(ids):
@@ -150,11 +162,23 @@ class SqliteConsumer:
         try:
             await db.call(lambda conn: schema.give_back(conn, owner, ids, delay),
                           wakes=self.queue if delay <= 0 else None)
+        except BaseException:  # tried once more behind (see ack): not leased to us, renewed, for ever
+            self._give_back_behind(db, ids, delay)
+            raise
         finally:
             self._settled(ids)
 
+    def _give_back_behind(self, db: Database, ids: Sequence[int], delay: float) -> None:
+        """Queue a give-back of deliveries whose settle failed, without waiting for it (the database may be what
+        failed: it runs when it can, and if it cannot, the leases lapse once the heartbeat stops)."""
+        owner = self.owner
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: close gives back everything
+            db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, delay),
+                                          lambda _r, _e: None, wakes=self.queue))
+
     def _settled(self, ids: Sequence[int]) -> None:
         """While suspects are about, a settle may let this consumer take the next one: its consume looks again now."""
+        self._outstanding.difference_update(ids)
         if self._alone is not None and self._alone in ids:
             self._alone = None
         if self._suspects and self._wakeup is not None:

@@ -276,17 +276,22 @@ def take(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: floa
 
 
 def lease_out(db: sqlite3.Connection, queue: str, owner: str, limit: int, lease: float, ordered: bool,
-              partitions: int, heartbeat: bool = True) -> Taken:
+              partitions: int, heartbeat: bool = True, holding: bool | None = None) -> Taken:
     """:func:`take`, saying whether suspects were about: a message a dead consumer held is handed out alone, to a
-    consumer that holds nothing else, and before anything else of the partitions this consumer may take from."""
+    consumer that holds nothing else, and before anything else of the partitions this consumer may take from.
+
+    ``holding``: whether the consumer's engine still has deliveries of it to settle (the connector knows; a row
+    whose ack failed is not one of them, though it stays leased). None: whether it leases any row."""
     now = time.time()
     allowed = _allowed_partitions(db, queue, owner, partitions, lease, now, heartbeat) if ordered else None
     if allowed is not None and not allowed:
         return Taken([])
+    if not ordered and not heartbeat:  # (an ordered take registered it above) alive as long as its leases run
+        db.execute(_REGISTER, (queue, owner, now + lease))
     dead = recovery.dead_owners(db, queue, owner, now)
     suspect = recovery.oldest_suspect(db, queue, dead, allowed, now) if dead else None
     if suspect is not None:
-        if recovery.holds_anything(db, owner):
+        if recovery.holds_anything(db, owner) if holding is None else holding:
             return Taken([], suspects=True)  # what it holds must be settled first
         rows = db.execute(f"{_COLUMNS}WHERE id = ?", (suspect,)).fetchall()
     else:
