@@ -121,8 +121,9 @@ class Settlement:
             observer.on_consumed(name, "success", ok)
         if out.failures:
             observer.on_consumed(name, "fail", len(out.failures))
-        if out.stamps:
-            timed, construct, component, deconstruct = out.step_totals()
+        timed = out.timed
+        if timed:
+            construct, component, deconstruct = out.construct, out.component, out.deconstruct
             observer.on_process_time(name, "component", component, timed)
             observer.on_process_time(name, "cycle", construct + component + deconstruct, timed)
             if construct:
