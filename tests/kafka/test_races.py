@@ -379,6 +379,41 @@ async def test_a_consumed_record_becomes_the_envelope_the_constructor_builds(fak
         await consumer.close()
 
 
+async def test_offsets_with_gaps_are_tracked_and_finished_in_any_order(fakes: None) -> None:
+    """``_envelopes`` registers each run of consecutive offsets as a range (a gap, from compaction or a transaction
+    marker, starts a new one) and ``_finish`` removes a run that is the oldest outstanding offsets in order at
+    once: whatever order inputs finish in, the watermark is the lowest unfinished offset, or one past the last."""
+    consumer, _fake = await consumer_of()
+    try:
+        assigned = frozenset({("in", 0), ("in", 1)})
+        tracker = consumer._tracker
+        consumer._fetcher.assigned = assigned
+        offsets = {0: [3, 4, 5, 9, 10, 12], 1: [0, 1, 2]}
+        records = [FakeMessage("in", 0, o) for o in offsets[0][:4]] + [FakeMessage("in", 1, o) for o in offsets[1]] \
+            + [FakeMessage("in", 0, o) for o in offsets[0][4:]]
+        envelopes = consumer._envelopes(records, consumer._fetcher.epoch, assigned, 0)  # type: ignore[arg-type]
+        assert [(e.partition, e.position) for e in envelopes] == [(r.partition(), r.offset()) for r in records]
+        p0, p1 = tracker.partition("in", 0), tracker.partition("in", 1)
+        assert (list(p0.outstanding), p0.next, p0.first) == (offsets[0], 13, 3)
+        assert (list(p1.outstanding), p1.next) == (offsets[1], 3)
+        by_offset = {(e.partition, e.position): e for e in envelopes}
+
+        def finish(*keys: tuple[int, int]) -> int:
+            return consumer._finish([by_offset[k] for k in keys])
+
+        assert finish((0, 4), (0, 9)) == 0  # ahead of their turn: 3 still runs
+        assert tracker.watermark("in", 0) == 3
+        assert finish((1, 0), (1, 1), (0, 3), (0, 5)) == 0  # in order, then the head: 3, 4, 5 and 9 are done
+        assert (tracker.watermark("in", 0), tracker.watermark("in", 1)) == (10, 2)
+        assert finish((0, 10), (0, 12), (1, 2)) == 0  # in order, runs of two partitions
+        assert (tracker.watermark("in", 0), tracker.watermark("in", 1)) == (13, 3)
+        assert not p0.done and not p0.outstanding and not p1.outstanding
+        tracker.forget([("in", 1)])
+        assert finish((1, 0), (1, 1)) == 2  # a partition no longer tracked: counted, nothing else
+    finally:
+        await consumer.close()
+
+
 @pytest.mark.parametrize("resumed", ["while revoked", "after the revoke"])
 async def test_a_partition_paused_when_revoked_is_resumed_when_assigned_back(fakes: None, resumed: str,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:

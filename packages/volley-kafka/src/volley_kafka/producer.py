@@ -67,13 +67,21 @@ class _Bucket:
         self.callback = callback
         self.ok: list[OutgoingMessage] = []
         self.failed: list[DeliveryFailure] = []
-        self.report = self._report  # bound once: each record's delivery callback is partial(report, record)
+        self.report = _reporter(self.ok.append, self.failed.append)  # each record's is partial(report, record)
 
-    def _report(self, message: OutgoingMessage, err: Any, _msg: Any) -> None:
+
+def _reporter(delivered: Callable[[OutgoingMessage], None],
+              failed: Callable[[DeliveryFailure], None]) -> Callable[[OutgoingMessage, Any, Any], None]:
+    """A bucket's delivery callback, bound once: a function of its own lists' ``append`` (the lists are emptied in
+    place, never replaced), so a report costs no bound-method call and no attribute look-up."""
+
+    def report(message: OutgoingMessage, err: Any, _msg: Any) -> None:
         if err is None:
-            self.ok.append(message)
+            delivered(message)
         else:
-            self.failed.append(_failure(message, err))
+            failed(_failure(message, err))
+
+    return report
 
 
 PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})

@@ -41,16 +41,17 @@ class Router:
             if type(result) is list:
                 if len(result) == 1:
                     # The common case, one (queue, message) output, without the general path's checks.
-                    item = result[0]
+                    item, = result
                     if type(item) is tuple and len(item) == 2:
+                        name, payload = item
                         try:
-                            bound = single(item[0])
+                            bound = single(name)
                         except TypeError:  # an unhashable name: the general path makes it a failure at output
                             bound = None
                         if bound is not None:
                             encode, topic, slot = bound
                             try:
-                                value = encode(item[1])
+                                value = encode(payload)
                             except Exception as exc:
                                 out.failures.append((token, "output", exc))
                                 return

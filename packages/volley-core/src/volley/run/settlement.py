@@ -121,8 +121,9 @@ class Settlement:
             observer.on_consumed(name, "success", ok)
         if out.failures:
             observer.on_consumed(name, "fail", len(out.failures))
-        if out.stamps:
-            timed, construct, component, deconstruct = out.step_totals()
+        timed = out.timed
+        if timed:
+            construct, component, deconstruct = out.construct, out.component, out.deconstruct
             observer.on_process_time(name, "component", component, timed)
             observer.on_process_time(name, "cycle", construct + component + deconstruct, timed)
             if construct:
@@ -217,26 +218,33 @@ class Settlement:
                        failed: Sequence[DeliveryFailure]) -> None:
         if self.closed:
             return
-        retrying = self._retrying
+        if self._retrying:
+            self._no_longer_retrying(delivered)
         done: list[Envelope] = []  # inputs whose last record this report confirmed: settled together
         for message in delivered:
             token = message.token
             if token is None:
                 continue
-            if retrying:
-                retrying.pop(message, None)
-            token.pending -= 1
-            if token.pending == 0:
-                if isinstance(token, Envelope):
-                    done.append(token)
-                elif type(token) is DeadLetter:
-                    self._dead_letter_landed(token)
-                else:
-                    self.settle_ok(token)
+            if token.pending != 1:  # more records to confirm, or settled already (-1: late reports change nothing)
+                token.pending -= 1
+                continue
+            token.pending = 0
+            if isinstance(token, Envelope):
+                done.append(token)
+            elif type(token) is DeadLetter:
+                self._dead_letter_landed(token)
+            else:
+                self.settle_ok(token)
         if done:
             self._acked(done)
         for message, exc in failed:
             self._delivery_failed(slot, message, exc)
+
+    def _no_longer_retrying(self, delivered: Sequence[OutgoingMessage]) -> None:
+        """Records produced again after a failed delivery: delivered now (looked up once per report)."""
+        retrying = self._retrying
+        for message in delivered:
+            retrying.pop(message, None)
 
     def _delivery_failed(self, slot: int, message: OutgoingMessage, exc: BaseException) -> None:
         token: AnyToken | None = message.token
