@@ -140,6 +140,21 @@ def payloads_for(serializer: str, orders: list[Order]) -> list[bytes]:
     return [library_codecs()[serializer][1](o.model_dump(mode="json")) for o in orders]
 
 
+def same_message(serializer: str, handler: str, written: bytes, expected: bytes) -> bool:
+    """The same bytes; or, for msgpack with a Pydantic model, the same model read back: Volley's msgpack writes a
+    model in Python mode (bytes stay bytes, datetimes as msgpack-friendly strings), the direct code in JSON mode,
+    so the bytes may differ while the message is the same."""
+    if written == expected:
+        return True
+    if serializer != "msgpack" or handler == "none":
+        return False
+    def model(data: bytes) -> Any:
+        read = msgpack.unpackb(data)
+        return [Order.model_validate(o) for o in read] if isinstance(read, list) else Order.model_validate(read)
+
+    return bool(model(written) == model(expected))
+
+
 def bench_pair(serializer: str, handler: str, orders: list[Order]) -> dict[str, float]:
     payloads = payloads_for(serializer, orders)
     variants = {
@@ -150,8 +165,8 @@ def bench_pair(serializer: str, handler: str, orders: list[Order]) -> dict[str, 
     if handler != "none":
         variants["bound"] = bound_round_trip(serializer, handler)
     expected = variants["direct"](payloads[0])
-    for name, round_trip in variants.items():  # all three do the same work and write the same bytes
-        assert round_trip(payloads[0]) == expected, (serializer, handler, name)
+    for name, round_trip in variants.items():  # all three do the same work and write the same message
+        assert same_message(serializer, handler, round_trip(payloads[0]), expected), (serializer, handler, name)
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(REPEATS):
         for name, round_trip in variants.items():
