@@ -84,3 +84,23 @@ def test_a_consumer_without_heartbeat_stays_registered_while_it_takes(tmp_path: 
         assert alive == {"w0", "w1", "me"}
     finally:
         db.close()
+
+
+
+async def test_a_suspect_whose_handling_a_close_cut_short_is_handed_out_alone_again(tmp_path: Path) -> None:
+    """A graceful close (SIGTERM, the shutdown deadline passed) while a suspect was handled alone gave it back like
+    any message: it lost its mark, and the next consumer took it in a batch (if it is the poison, the batch's
+    counts went with it)."""
+    path = tmp_path / "q.sqlite3"
+    await produce(path, records(QUEUE, 20), partitions=1)
+    suspects = died_holding_free(path, 3)
+    first = await open_consumer(path, partitions=1)
+    alone = await first.consume(100, 1.0)
+    assert [e.position for e in alone] == suspects[:1]
+    await first.close()  # its handler did not finish
+    second = await open_consumer(path, partitions=1)
+    try:
+        again = await second.consume(100, 1.0)
+        assert [e.position for e in again] == suspects[:1], "the cut-short suspect came back in a batch"
+    finally:
+        await second.close()

@@ -195,11 +195,14 @@ class SqliteConsumer:
         db.remove_lessee(self.owner)  # no more heartbeats: what is not given back comes back after vt at the latest
         if self._wakeup is not None:
             db.remove_waiter(self.queue, self._wakeup)
-        queue, owner = self.queue, self.owner
+        queue, owner, suspect = self.queue, self.owner, self._alone
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.settings.close_timeout_seconds
 
         def leave(conn: sqlite3.Connection) -> None:
+            if suspect is not None:  # its handling did not finish: it stays a suspect (handed out alone again)
+                schema.leave_with_suspect(conn, queue, owner, suspect)
+                return
             schema.give_back(conn, owner, None, 0.0)
             schema.leave(conn, queue, owner)
 

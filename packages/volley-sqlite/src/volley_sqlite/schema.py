@@ -370,6 +370,17 @@ def leave(db: sqlite3.Connection, queue: str, owner: str) -> None:
     db.execute("DELETE FROM volley_consumers WHERE queue = ? AND owner = ?", (queue, owner))
 
 
+def leave_with_suspect(db: sqlite3.Connection, queue: str, owner: str, suspect: int) -> None:
+    """Leave while a suspect (``recovery``) was being handled alone and did not finish: everything else is given
+    back, and the suspect stays leased to this owner, registered as dead, with its lease lapsed: it is a suspect
+    again for the next consumer (handed out alone), not a message given back (which would come in a batch)."""
+    db.execute("UPDATE volley_messages SET owner = NULL, visible_at = ? WHERE owner = ? AND acked_at IS NULL "
+               "AND id != ?", (time.time(), owner, suspect))
+    db.execute("UPDATE volley_messages SET visible_at = ? WHERE owner = ? AND id = ? AND acked_at IS NULL",
+               (time.time(), owner, suspect))
+    db.execute(_REGISTER, (queue, owner, 0.0))  # dead from now: compaction forgets it once it owns nothing
+
+
 def is_drained(db: sqlite3.Connection, queue: str, owner: str) -> bool:
     """Nothing ready or delayed, and nothing held by ``owner``; messages other live consumers hold do not count."""
     row = db.execute("SELECT 1 FROM volley_messages WHERE queue = ? AND acked_at IS NULL "
