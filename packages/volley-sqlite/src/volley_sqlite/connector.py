@@ -107,9 +107,7 @@ class SqliteConsumer:
         def abandoned(taken: schema.Taken) -> None:
             """A consume cancelled while its take ran: those messages are leased to us; give them back now."""
             if taken.envelopes and self._db is db:
-                ids = [e.position for e in taken.envelopes]
-                db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, 0.0, undelivered=True),
-                                              lambda _r, _e: None, wakes=queue))
+                self._give_back_behind(db, [e.position for e in taken.envelopes], 0.0, undelivered=True)
 
         while True:
             self._wakeup.clear()
@@ -168,12 +166,13 @@ class SqliteConsumer:
         finally:
             self._settled(ids)
 
-    def _give_back_behind(self, db: Database, ids: Sequence[int], delay: float) -> None:
-        """Queue a give-back of deliveries whose settle failed, without waiting for it (the database may be what
-        failed: it runs when it can, and if it cannot, the leases lapse once the heartbeat stops)."""
+    def _give_back_behind(self, db: Database, ids: Sequence[int], delay: float, undelivered: bool = False) -> None:
+        """Queue a give-back without waiting for it: of deliveries whose settle failed (the database may be what
+        failed: it runs when it can, and if it cannot, the leases lapse once the heartbeat stops), or, with
+        ``undelivered``, of a take a cancelled consume never handed out."""
         owner = self.owner
         with contextlib.suppress(RuntimeError):  # closed meanwhile: close gives back everything
-            db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, delay),
+            db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, delay, undelivered),
                                           lambda _r, _e: None, wakes=self.queue))
 
     def _settled(self, ids: Sequence[int]) -> None:
