@@ -339,7 +339,10 @@ class Run:
         batch_size = engine.consume_batch_size
         bound = engine.max_buffered
         if self.transactional:
-            bound = min(bound, engine.transaction_max_messages)
+            # What is handled while a transaction commits stays unsettled until the next one begins, so the
+            # default bound would stall the worker at every commit: by default, a whole transaction's inputs.
+            bound = min(bound, engine.transaction_max_messages) if engine.max_buffered_given \
+                else engine.transaction_max_messages
         poll = engine.poll_interval_seconds
         assert self._wake is not None
         while not self.stop.is_stopping:
