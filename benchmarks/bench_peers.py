@@ -25,7 +25,10 @@ check, prints ``kafka.<peer>: skipped (<why>)`` and the bench goes on. The slow 
 a smaller topic, ``SMALL_N`` messages, and Volley is measured on the same topic for them.
 
 Prints ``kafka.<peer>_msgs_per_s`` and ``kafka.vs_<peer>`` (Volley / peer; targets: vs_quix >= 2.5,
-vs_quix_eos >= 2.0) for quix, quix_eos, quix_eos_defaults, faststream and faust. ``PEERS_ROUNDS`` and
+vs_quix_eos >= 2.0) for quix, quix_eos, quix_eos_defaults, faststream and faust. Each round also runs the
+pipelined hand-written ceiling of ``bench_kafka`` on the same topic first: ``kafka.peers_ceiling_pipelined_msgs_per_s``
+(median) and ``kafka.ceiling_vs_quix`` (ceiling / Quix at-least-once), the most ``vs_quix`` can reach in that run
+unless Volley outruns the hand loop (on a quiet machine it is about 2, under the 2.5 target). ``PEERS_ROUNDS`` and
 ``PEERS_SMALL_N`` in the environment change the rounds (3) and the slow peers' topic (20,000 messages).
 """
 
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _kafka_ceilings
 import bench_kafka
 from _kafka import HERE, Cluster, N, kafka_address, write_model
 from _venvs import ensure_venv, venv_python
@@ -210,7 +214,9 @@ def main() -> None:
             except (OSError, subprocess.CalledProcessError) as exc:
                 peer.skipped = f"install failed: {exc}"
         volley_eos: list[bench_kafka.EosResult] = []
+        ceiling: list[float] = []  # the pipelined hand loop on the same topic, once a round, before the peers
         for _ in range(ROUNDS):
+            ceiling.append(_kafka_ceilings.pipelined(cluster, sources[N], N))
             volley_cache: dict[tuple[int, bool], float] = {}
             for peer in PEERS:
                 if peer.skipped:
@@ -240,6 +246,8 @@ def main() -> None:
         if volley_eos:
             print(f"kafka.peers_volley_eos_transaction_ms: "
                   f"{statistics.median(result.transaction_ms for result in volley_eos):.1f}")
+        ceiling_rate = statistics.median(ceiling)
+        print(f"kafka.peers_ceiling_pipelined_msgs_per_s: {ceiling_rate:.0f}")
         for peer in PEERS:
             if peer.skipped:
                 print(f"kafka.{peer.label}: skipped ({peer.skipped})")
@@ -251,6 +259,10 @@ def main() -> None:
             print(f"kafka.{peer.label}_msgs_per_s: {peer_rate:.0f}")
             print(f"kafka.{peer.label}_volley_msgs_per_s: {volley_rate:.0f}")
             print(f"kafka.vs_{peer.label}: {volley_rate / peer_rate:.2f}")
+            if peer.messages == N and not peer.exactly_once:
+                # How far above this peer any client-side program got in this run: the most vs_<peer> can be
+                # without Volley outrunning the hand-written loop.
+                print(f"kafka.ceiling_vs_{peer.label}: {ceiling_rate / peer_rate:.2f}")
         print(f"kafka.peers_seconds: {time.monotonic() - started:.0f}")
 
 
