@@ -32,6 +32,18 @@ def is_fatal(error: KafkaError) -> bool:
     return bool(error.fatal()) or error.code() == KafkaError._FATAL
 
 
+def log_client_error(what: str, error: KafkaError) -> bool:
+    """librdkafka's error callback, logged at the level it deserves; True when the client's error is fatal."""
+    if is_fatal(error):
+        logger.error("%s: fatal error: %s", what, error.str())
+        return True
+    if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+        logger.warning("%s: %s", what, error.str())
+    else:
+        logger.info("%s: %s", what, error.str())
+    return False
+
+
 def with_callbacks(config: dict[str, Any], **ours: Callable[..., None]) -> dict[str, Any]:
     """``config`` for librdkafka with Volley's callbacks (``error_cb``, ``on_commit``) and its logger.
 

@@ -22,7 +22,7 @@ import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from volley.errors import BrokerUnavailableError, ConfigurationError
-from volley_kafka.clients import is_fatal, make_client, with_callbacks
+from volley_kafka.clients import is_fatal, log_client_error, make_client, with_callbacks
 from volley_kafka.offsets import TopicPartitionKey
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
@@ -61,13 +61,8 @@ class KafkaErrors:
         self.fatal: KafkaError | None = None
 
     def client_error(self, error: KafkaError) -> None:
-        if is_fatal(error):
+        if log_client_error(self._what, error):
             self.fatal = error
-            logger.error("%s: fatal error: %s", self._what, error.str())
-        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            logger.warning("%s: %s", self._what, error.str())
-        else:
-            logger.info("%s: %s", self._what, error.str())
 
     def message_error(self, message: Any, error: KafkaError) -> None:
         code = error.code()

@@ -53,7 +53,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 from volley.errors import BrokerUnavailableError, ConfigurationError, ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import QueueSpec
-from volley_kafka.clients import is_fatal, make_client, with_callbacks
+from volley_kafka.clients import is_fatal, log_client_error, make_client, with_callbacks
 from volley_kafka.share_settings import ShareSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -466,13 +466,8 @@ class ShareKafkaConsumer:
     # ================================================================== reporting
 
     def _on_error(self, error: KafkaError) -> None:
-        if is_fatal(error):
+        if log_client_error(self._what, error):
             self._fatal = error
-            logger.error("%s: fatal error: %s", self._what, error.str())
-        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            logger.warning("%s: %s", self._what, error.str())
-        else:
-            logger.info("%s: %s", self._what, error.str())
 
     def _log_once(self, kind: str, message: str, *args: Any) -> None:
         """At most one line per kind and LOG_INTERVAL: a flood of failures must not flood the log."""
