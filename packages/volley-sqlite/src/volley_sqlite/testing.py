@@ -17,26 +17,23 @@ temporary file is made (and removed by :meth:`SqliteHarness.close`).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from volley.message import Envelope, to_bytes
-from volley.testing import AppResult, rehome
+from volley.message import Envelope
+from volley.testing import BaseHarness, rehome
 from volley_sqlite import admin
 
 if TYPE_CHECKING:  # only for annotations: the engine's modules are free to move things around
     from volley.engine import StreamApp
-    from volley.run import RunReport
 
 __all__ = ["SqliteHarness", "sqlite_harness"]
 
 
-class SqliteHarness:
+class SqliteHarness(BaseHarness):
     """A stream app wired to a sqlite database file, fed and drained by the test."""
 
     def __init__(self, app: StreamApp, path: str | os.PathLike[str] | None = None, partitions: int = 1,
@@ -50,42 +47,18 @@ class SqliteHarness:
         # Short polls and leases: tests should not wait for a production-sized visibility timeout.
         self.app = rehome(app, "sqlite", {"path": self.path, "partitions": partitions, "poll_interval_seconds": 0.01,
                                           "vt": 5.0}, **engine_overrides)
-        self.engine = self.app.engine
 
-    def send(self, message: Any, *, key: str | bytes | None = None, headers: Mapping[str, Any] | None = None,
-             raw: bool = False) -> None:
-        """Put a message on the input queue, encoded with its codec (or as given, with ``raw=True``)."""
-        queue = self.engine.input
-        value = message if raw else queue.encode(message)
-        encoded_headers = {str(k): to_bytes(v) or b"" for k, v in (headers or {}).items()} or None
-        admin.publish(self.path, queue.value, [value], key=to_bytes(key), headers=encoded_headers,
-                      partitions=self.partitions)
-
-    def send_many(self, messages: Iterable[Any], **kwargs: Any) -> None:
-        for message in messages:
-            self.send(message, **kwargs)
-
-    def run(self, timeout: float = 30.0, drain_idle_seconds: float = 0.05) -> AppResult:
-        """Run the app until its input is drained; return what it produced."""
-        return self._result(self.app.run_until_drained(timeout=timeout, drain_idle_seconds=drain_idle_seconds))
-
-    async def run_async(self, timeout: float = 30.0, drain_idle_seconds: float = 0.05) -> AppResult:
-        report = await asyncio.wait_for(
-            self.app.run_async(stop_when_drained=True, drain_idle_seconds=drain_idle_seconds), timeout
-        )
-        return self._result(report)
+    def _publish(self, queue: str, value: bytes, key: bytes | None, headers: dict[str, bytes] | None) -> None:
+        admin.publish(self.path, queue, [value], key=key, headers=headers, partitions=self.partitions)
 
     def pending(self, queue: str) -> list[bytes]:
         """Values still unacknowledged in one of the app's queues (by the app's name for it)."""
         return [m.value for m in admin.messages(self.path, self.engine.queues[queue].value, include_acked=False)]
 
-    def _result(self, report: RunReport) -> AppResult:
-        outputs: dict[str, list[Envelope]] = {}
-        for name, queue in self.engine.queues.items():
-            if name != self.engine.input_queue:
-                outputs[name] = [Envelope(m.value, m.key, m.headers, m.queue, m.partition, m.id, None, m.attempts)
-                                 for m in admin.messages(self.path, queue.value)]
-        return AppResult(report=report, harness=self, raw_outputs=outputs)  # type: ignore[arg-type]
+    def _outputs(self) -> dict[str, list[Envelope]]:
+        return {name: [Envelope(m.value, m.key, m.headers, m.queue, m.partition, m.id, None, m.attempts)
+                       for m in admin.messages(self.path, queue.value)]
+                for name, queue in self.engine.queues.items() if name != self.engine.input_queue}
 
     def close(self) -> None:
         """Remove the temporary database this harness made (a path given by the test is left alone)."""

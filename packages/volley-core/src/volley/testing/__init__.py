@@ -23,12 +23,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from volley.engine import StreamApp
+from volley.engine import Engine, StreamApp
 from volley.memory import MemoryBroker
 from volley.message import Envelope, to_bytes
 from volley.run import RunReport
 
-__all__ = ["AppResult", "Harness", "harness", "rehome", "run_until_idle"]
+__all__ = ["AppResult", "BaseHarness", "Harness", "harness", "rehome", "run_until_idle"]
 
 
 def rehome(app: StreamApp, connector: str, config: Mapping[str, Any], **engine_overrides: Any) -> StreamApp:
@@ -51,7 +51,7 @@ class AppResult:
     """What one harness run produced."""
 
     report: RunReport
-    harness: Harness
+    harness: BaseHarness
     raw_outputs: dict[str, list[Envelope]] = field(default_factory=dict)
 
     def raw(self, queue: str) -> list[Envelope]:
@@ -70,13 +70,15 @@ class AppResult:
         return self.raw(dlq) if dlq else []
 
 
-class Harness:
-    """A stream app wired to a private memory broker, fed and drained by the test."""
+class BaseHarness:
+    """What every harness shares: ``send`` encodes with the input queue's codec, ``run`` drains the app and gives
+    what that run produced. A harness for another broker provides ``_publish`` and ``_outputs``."""
 
-    def __init__(self, app: StreamApp, partitions: int = 1, **engine_overrides: Any) -> None:
-        self.broker = MemoryBroker(partitions=partitions)
-        self.app = rehome(app, "memory", {"broker": self.broker}, **engine_overrides)
-        self.engine = self.app.engine
+    app: StreamApp
+
+    @property
+    def engine(self) -> Engine:
+        return self.app.engine
 
     def send(self, message: Any, *, key: str | bytes | None = None, headers: Mapping[str, Any] | None = None,
              raw: bool = False) -> None:
@@ -84,7 +86,7 @@ class Harness:
         queue = self.engine.input
         value = message if raw else queue.encode(message)
         encoded_headers = {str(k): to_bytes(v) or b"" for k, v in (headers or {}).items()} or None
-        self.broker.publish(queue.value, value, to_bytes(key), encoded_headers)
+        self._publish(queue.value, value, to_bytes(key), encoded_headers)
 
     def send_many(self, messages: Iterable[Any], **kwargs: Any) -> None:
         for message in messages:
@@ -103,18 +105,36 @@ class Harness:
         )
         return self._result(report, marks)
 
+    def _publish(self, queue: str, value: bytes, key: bytes | None, headers: dict[str, bytes] | None) -> None:
+        raise NotImplementedError
+
     def _outputs(self) -> dict[str, list[Envelope]]:
-        return {name: self.broker.produced_records(queue.value) for name, queue in self.engine.queues.items()
-                if name != self.engine.input_queue}
+        """Every record of each output queue (by the app's name for it), oldest first; ``position`` grows."""
+        raise NotImplementedError
 
     def _marks(self) -> dict[str, Any]:
-        """The position of the latest record of each output queue before a run (the broker's positions grow)."""
+        """The position of the latest record of each output queue before a run."""
         return {name: records[-1].position if records else -1 for name, records in self._outputs().items()}
 
     def _result(self, report: RunReport, marks: dict[str, Any]) -> AppResult:
         outputs = {name: [r for r in records if r.position > marks.get(name, -1)]
                    for name, records in self._outputs().items()}
         return AppResult(report=report, harness=self, raw_outputs=outputs)
+
+
+class Harness(BaseHarness):
+    """A stream app wired to a private memory broker, fed and drained by the test."""
+
+    def __init__(self, app: StreamApp, partitions: int = 1, **engine_overrides: Any) -> None:
+        self.broker = MemoryBroker(partitions=partitions)
+        self.app = rehome(app, "memory", {"broker": self.broker}, **engine_overrides)
+
+    def _publish(self, queue: str, value: bytes, key: bytes | None, headers: dict[str, bytes] | None) -> None:
+        self.broker.publish(queue, value, key, headers)
+
+    def _outputs(self) -> dict[str, list[Envelope]]:
+        return {name: self.broker.produced_records(queue.value) for name, queue in self.engine.queues.items()
+                if name != self.engine.input_queue}
 
 
 def harness(app: StreamApp, partitions: int = 1, **engine_overrides: Any) -> Harness:
