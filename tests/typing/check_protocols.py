@@ -83,6 +83,14 @@ if TYPE_CHECKING:
                        parser: PydanticParserModelHandler, many: PydanticListModelHandler) -> list[ModelHandler]:
         return [dataclass, none, pydantic, parser, many]
 
+    from volley.ports import DeclaresDumpMode, FusedEncodeBinder, UncheckedDeserializer, UncheckedSerializer
+
+    def codec_abilities(
+        orjson: OrjsonSerializer, msgpack: MsgpackSerializer, pydantic: PydanticModelHandler,
+        parser: PydanticParserModelHandler, many: PydanticListModelHandler,
+    ) -> tuple[list[UncheckedSerializer], list[UncheckedDeserializer], DeclaresDumpMode, list[FusedEncodeBinder]]:
+        return [orjson, msgpack], [orjson, msgpack], msgpack, [pydantic, parser, many]
+
     def observers(prometheus: PrometheusObserver, multi: MultiObserver) -> list[Observer]:
         return [prometheus, multi]
 

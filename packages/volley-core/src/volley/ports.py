@@ -301,6 +301,21 @@ class UncheckedSerializer(Protocol):
     def unchecked_serialize(self, message: Any) -> bytes: ...
 
 
+DUMP_MODES = ("json", "python")
+"""The values of ``DeclaresDumpMode.dump_mode``; the engine refuses any other when it resolves the queue."""
+
+
+@runtime_checkable
+class DeclaresDumpMode(Protocol):
+    """A serializer that says in which form it wants a model handler's dumps: ``"json"`` (plain JSON data:
+    datetimes as strings, bytes as text; what a serializer that declares nothing gets) or ``"python"`` (Python
+    values: bytes stay bytes; msgpack). A ``"python"`` serializer may also be handed models themselves (a
+    subclass of the queue's model, a list of models) to dump as it sees fit. A ``FusedEncodeBinder`` reads it
+    once per queue."""
+
+    dump_mode: str
+
+
 @runtime_checkable
 class ValidatorBinder(Protocol):
     """A model handler that binds a checked validator for one data model once (``construct`` pre-bound)."""
@@ -329,6 +344,16 @@ class FastEncodeBinder(Protocol):
 
     def bind_fast_encode(self, model: Any, unchecked_serialize: Callable[[Any], bytes],
                          checked: Callable[[Any], bytes]) -> Callable[[Any], bytes]: ...
+
+
+@runtime_checkable
+class FusedEncodeBinder(Protocol):
+    """A model handler that fuses dump and a serializer's unchecked encode, given the serializer itself so that it
+    can ask, once, for the serializer's other declared abilities (``DeclaresDumpMode``, ``UncheckedDeserializer``).
+    The engine prefers it to ``FastEncodeBinder``; ``checked`` and a None result mean what they mean there."""
+
+    def bind_fused_encode(self, model: Any, serializer: UncheckedSerializer,
+                          checked: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None: ...
 
 
 @runtime_checkable

@@ -19,13 +19,16 @@ from volley.config import ORDERINGS, import_dotted, is_none_name, resolve_env
 from volley.errors import ConfigurationError, DataValidationError, MessageError, SerializationError
 from volley.plugins import Registry
 from volley.ports import (
+    DUMP_MODES,
     Connector,
     Consumer,
     ConsumerFactory,
     DeclaresDeliveryTerms,
+    DeclaresDumpMode,
     DeconstructBinder,
     DeliveryTerms,
     FastEncodeBinder,
+    FusedEncodeBinder,
     ModelHandler,
     OutputChecker,
     Producer,
@@ -202,12 +205,15 @@ def _bind_dump_encode(queue: str, serializer: Serializer, handler: DeconstructBi
         return serialize(dump(message))
 
     # Optionally, the handler fuses dump and the serializer's unchecked function into one call, falling
-    # back to encode_bound (which explains failures) for anything unusual.
-    if isinstance(serializer, UncheckedSerializer) and isinstance(handler, FastEncodeBinder):
-        fused = handler.bind_fast_encode(model, serializer.unchecked_serialize, encode_bound)
-        if callable(fused):
-            return fused
-    return encode_bound
+    # back to encode_bound (which explains failures) for anything unusual. A FusedEncodeBinder gets the
+    # serializer itself (to read its declared abilities); one written for the older port, the function.
+    fused: Encoder | None = None
+    if isinstance(serializer, UncheckedSerializer):
+        if isinstance(handler, FusedEncodeBinder):
+            fused = handler.bind_fused_encode(model, serializer, encode_bound)
+        elif isinstance(handler, FastEncodeBinder):
+            fused = handler.bind_fast_encode(model, serializer.unchecked_serialize, encode_bound)
+    return fused if callable(fused) else encode_bound
 
 
 def _wrong_type(queue: str, model: type) -> Callable[[Any], TypeError]:
@@ -364,6 +370,11 @@ def _codec_parts(registry: Registry, name: str, merged: Mapping[str, Any]) -> tu
         missing = [m for m in methods if not callable(getattr(part, m, None))]
         if missing:
             raise ConfigurationError(f"{part_name} {part!r} of queue {name!r} lacks {', '.join(missing)}()")
+    if isinstance(serializer, DeclaresDumpMode) and serializer.dump_mode not in DUMP_MODES:
+        raise ConfigurationError(
+            f"serializer {serializer!r} of queue {name!r} has dump_mode {serializer.dump_mode!r}: it must be "
+            "'json' or 'python' (volley.ports.DeclaresDumpMode)"
+        )
     return serializer, handler, data_model
 
 

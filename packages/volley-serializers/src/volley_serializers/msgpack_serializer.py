@@ -9,8 +9,9 @@ Behaviour worth knowing:
   are written as their JSON-style form through :func:`volley_serializers.to_plain`
   (ISO 8601 strings, ...). msgpack's own Timestamp extension is read back as a
   ``msgpack.Timestamp``.
-- Pydantic models are dumped in Python mode (``dump_mode = "python"``: the
-  Pydantic handlers hand this serializer the model itself), so ``bytes`` fields
+- Pydantic models are dumped in Python mode (``dump_mode = "python"``, the
+  ``volley.ports.DeclaresDumpMode`` ability: the Pydantic handlers dump in
+  Python mode for it, or hand it the model itself), so ``bytes`` fields
   stay ``bytes``; only what msgpack cannot carry is converted: the values
   above as ``to_plain`` does, ``timedelta`` as an ISO 8601 duration, map keys
   other than ``str`` / ``bytes`` as strings (msgpack readers refuse them), and
@@ -97,7 +98,8 @@ class MsgpackSerializer:
     __slots__ = ("_local", "deserialize", "serialize", "unchecked_deserialize")
 
     dump_mode = "python"
-    """What a model handler should hand over: the model itself (or its Python-mode dump), not JSON-mode data."""
+    """``volley.ports.DeclaresDumpMode``: what a model handler should hand over is the model itself (or its
+    Python-mode dump), not JSON-mode data."""
 
     serialize: Callable[[Any], bytes]
     deserialize: Callable[[bytes], Any]
@@ -129,7 +131,7 @@ class MsgpackSerializer:
 
     def unchecked_serialize(self, message: Any) -> bytes:
         """msgpack's own packing, errors as the library raises them: for the engine's fused encode, whose
-        fallback explains failures. A method, so that a model handler finds ``dump_mode`` through it."""
+        fallback explains failures."""
         return self._local.pack(message)
 
     def __repr__(self) -> str:

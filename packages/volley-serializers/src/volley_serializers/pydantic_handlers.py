@@ -15,9 +15,11 @@ about the same as Python mode followed by orjson (orjson then has no
 datetimes to format) and less with msgpack, which would otherwise need a
 conversion hook per datetime. ``bytes`` fields follow the model's
 ``ser_json_bytes`` setting (UTF-8 by default; set ``"base64"`` for binary).
-The exception is a serializer whose ``dump_mode`` is ``"python"`` (msgpack):
-the engine's fused encode (``bind_fast_encode``) dumps in Python mode for it,
-so bytes stay bytes (see ``volley_serializers.msgpack_serializer``).
+The exception is a serializer that declares ``dump_mode = "python"``
+(:class:`volley.ports.DeclaresDumpMode`; msgpack does): the engine's fused
+encode (``bind_fused_encode``, handed the serializer once per queue) dumps in
+Python mode for it, so bytes stay bytes (see
+``volley_serializers.msgpack_serializer``).
 
 Errors: data that does not fit the model raises
 :class:`volley.errors.DataValidationError`; bytes that are not JSON at all
@@ -42,6 +44,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic_core import to_json, to_jsonable_python
 
 from volley.errors import ConfigurationError, DataValidationError
+from volley.ports import DeclaresDumpMode, UncheckedDeserializer, UncheckedSerializer
 from volley_serializers._plain import plain_tree
 from volley_serializers._pydantic_errors import (
     dump_failed,
@@ -86,12 +89,6 @@ def _adapter(schema: Any) -> TypeAdapter[Any]:
 
 def _identity(message: Any) -> Any:
     return message
-
-
-def wants_python_mode(serialize: Callable[[Any], bytes]) -> bool:
-    """Whether ``serialize`` (a serializer's bound ``unchecked_serialize``) belongs to a serializer that takes
-    models in Python mode: one whose ``dump_mode`` is ``"python"`` (msgpack)."""
-    return getattr(getattr(serialize, "__self__", None), "dump_mode", "json") == "python"
 
 
 class PydanticModelHandler:
@@ -147,17 +144,20 @@ class PydanticModelHandler:
             return self.bind(schema)
         return self._validator(schema).validate_python  # type: ignore[no-any-return]
 
-    def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
-                         fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
-        """One call that dumps an output of exactly ``schema`` (JSON mode) and serializes it with ``serialize``.
+    def bind_fused_encode(self, schema: Any, serializer: UncheckedSerializer,
+                          fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
+        """One call that dumps an output of exactly ``schema`` (JSON mode) and serializes it with the serializer's
+        unchecked function (the library's own).
 
-        ``serialize`` is a serializer's unchecked function (the library's own); anything but an instance of
-        ``schema`` itself (a subclass, a list), and any failure, goes to ``fallback``: the checked encoder,
-        which handles those and raises the error that says what is wrong. None when ``schema`` is not a model
-        class.
+        Anything but an instance of ``schema`` itself (a subclass, a list), and any failure, goes to
+        ``fallback``: the checked encoder, which handles those and raises the error that says what is wrong.
+        None when ``schema`` is not a model class. A serializer that declares ``dump_mode = "python"``
+        (msgpack) gets Python-mode dumps instead, for every schema (``_python_mode_encode``).
         """
-        if wants_python_mode(serialize):
-            return self._python_mode_encode(schema, serialize, fallback)
+        serialize = serializer.unchecked_serialize
+        if isinstance(serializer, DeclaresDumpMode) and serializer.dump_mode == "python":
+            reread = serializer.unchecked_deserialize if isinstance(serializer, UncheckedDeserializer) else None
+            return self._python_mode_encode(schema, serialize, reread, fallback)
         if not _is_model_class(schema):
             return None
         to_python = _complete(schema).__pydantic_serializer__.to_python
@@ -173,11 +173,14 @@ class PydanticModelHandler:
         return encode
 
     def _python_mode_encode(self, schema: Any, serialize: Callable[[Any], bytes],
+                            reread: Callable[[bytes], Any] | None,
                             fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
         """For a serializer that carries Python values (msgpack): outputs are dumped in Python mode (bytes stay
-        bytes), made readable where the schema says they may not be (``plain_tree_need``). Anything that fails
-        goes to ``fallback``, the checked JSON-mode encoder: it refuses a wrong output with the error that says
-        so, and still encodes a model that only JSON mode can dump (a custom type with a JSON-only serializer).
+        bytes), made readable where the schema says they may not be (``plain_tree_need``): content typed at run
+        time is packed, then read back through the serializer's unchecked decode (``reread``) to check it, or,
+        without one, always made plain. Anything that fails goes to ``fallback``, the checked JSON-mode encoder:
+        it refuses a wrong output with the error that says so, and still encodes a model that only JSON mode can
+        dump (a custom type with a JSON-only serializer).
         """
         model_class = _is_model_class(schema)
         if model_class:
@@ -186,10 +189,9 @@ class PydanticModelHandler:
         else:
             adapter = _adapter(schema)
             to_python, need = adapter.serializer.to_python, plain_tree_need(adapter.core_schema)
-        found = getattr(getattr(serialize, "__self__", None), "unchecked_deserialize", None)
-        reread: Callable[[bytes], Any] = found if callable(found) else _identity
-        if need == CHECK_TREE and not callable(found):
-            need = PLAIN_TREE
+        if reread is None and need == CHECK_TREE:
+            need = PLAIN_TREE  # nothing to check with: made plain, always
+        read_back: Callable[[bytes], Any] = _identity if reread is None else reread
         accepts = self._accepts
 
         def dump_and_pack(dumped: Any) -> bytes:
@@ -198,7 +200,7 @@ class PydanticModelHandler:
             packed = serialize(dumped)
             if need == CHECK_TREE:
                 try:
-                    reread(packed)
+                    read_back(packed)
                 except ValueError:  # a map key msgpack readers refuse: written as a string instead
                     return serialize(plain_tree(dumped))
             return packed
@@ -348,8 +350,8 @@ class PydanticParserModelHandler(PydanticModelHandler):
             return self.bind(schema)  # validated once: see PydanticModelHandler.bind_unchecked
         return self._validator(schema).validate_json  # type: ignore[no-any-return]
 
-    def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
-                         fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
+    def bind_fused_encode(self, schema: Any, serializer: UncheckedSerializer,
+                          fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
         return None  # the model writes its own JSON bytes: nothing to fuse
 
     def _make_validate(self, schema: Any) -> Validate:
