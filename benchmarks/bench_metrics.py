@@ -55,6 +55,7 @@ def _observer_cost_per_message(batch: int = 500, batches: int = 2000) -> float:
         observer.on_data_model_time("construct", 0.001, batch)
         observer.on_data_model_time("deconstruct", 0.001, batch)
         observer.on_produced("bench", "bench.in", "bench.out", batch)
+        observer.on_delivery("bench", "success", batch)
     return (time.perf_counter() - started) / (batch * batches) * 1e6
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from volley.errors import ConfigurationError
 from volley.observe import MultiObserver
-from volley.ports import ConsumedObserver, Observer, ReadyObserver, StartObserver
+from volley.ports import ConsumedObserver, DeliveryObserver, Observer, ReadyObserver, StartObserver
 
 
 class Partial:
@@ -44,6 +44,28 @@ def test_each_event_reaches_the_observers_that_declare_it() -> None:
     multi.on_stop("app")
     assert partial.calls == [("consumed", "app", "success", 3), ("ready", "app", True)]
     assert isinstance(multi, Observer)
+
+
+class Deliveries:
+    """Takes on_delivery only (py-volley's delivery_report_status)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def on_delivery(self, app_name: str, status: str, count: int) -> None:
+        self.calls.append(("delivery", app_name, status, count))
+
+
+def test_the_delivery_event_reaches_only_the_observers_that_declare_it() -> None:
+    deliveries, partial = Deliveries(), Partial()
+    assert isinstance(deliveries, DeliveryObserver) and not isinstance(partial, DeliveryObserver)
+    assert not isinstance(deliveries, ConsumedObserver)
+    multi = MultiObserver([deliveries, partial])
+    multi.on_delivery("app", "success", 5)
+    multi.on_delivery("app", "fail", 1)
+    multi.on_consumed("app", "success", 5)
+    assert deliveries.calls == [("delivery", "app", "success", 5), ("delivery", "app", "fail", 1)]
+    assert partial.calls == [("consumed", "app", "success", 5)]
 
 
 def test_which_observer_takes_which_event_is_decided_when_they_are_bound() -> None:

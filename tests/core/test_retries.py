@@ -13,16 +13,16 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from engine_fakes import FlakyProducer
 
 from volley import DeliveryError, Engine, MemoryBroker
 from volley.memory import MemoryProducer
-from volley.message import Envelope, OutgoingMessage
-from volley.ports import DeliveryCallback
+from volley.message import Envelope
 
 BASE = 0.05  # retry_backoff_seconds
 SLACK = 0.005  # timer and clock granularity: a delay never ends earlier than this before its due time
@@ -37,49 +37,6 @@ class Item:
 @dataclass
 class Doubled:
     n: int
-
-
-class FlakyProducer(MemoryProducer):
-    """A memory producer that fails the first ``failures(message)`` deliveries of a message, then delivers it.
-
-    ``how``: "report" reports the failure through the delivery callback (from a thread, as a broker's client
-    does); "raise" refuses the whole produce() call, as a producer whose local queue is full does.
-    """
-
-    def __init__(self, broker: MemoryBroker, failures: Callable[[OutgoingMessage], int], how: str = "report") -> None:
-        super().__init__(broker)
-        self.failures = failures
-        self.how = how
-        self.lock = threading.Lock()
-        self.attempts: dict[tuple[str, bytes], list[float]] = {}  # (topic, value) -> monotonic time of each attempt
-        self.threads: list[threading.Thread] = []
-
-    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
-        now = time.monotonic()
-        failing: list[OutgoingMessage] = []
-        passing: list[OutgoingMessage] = []
-        with self.lock:
-            for m in messages:
-                times = self.attempts.setdefault((m.topic, m.value), [])
-                times.append(now)
-                (failing if len(times) <= self.failures(m) else passing).append(m)
-        if failing and self.how == "raise":
-            raise BufferError("local queue full")
-        if passing:
-            super().produce(passing, on_delivery)
-        if failing:
-            error = RuntimeError("broker unavailable")
-            thread = threading.Thread(target=on_delivery, args=((), [(m, error) for m in failing]), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    async def flush(self, timeout: float) -> None:
-        for thread in self.threads:
-            thread.join(timeout)
-
-    def times(self, topic: str, value: bytes) -> list[float]:
-        with self.lock:
-            return list(self.attempts.get((topic, value), []))
 
 
 def make_engine(broker: MemoryBroker, *, dlq: bool = True, producer: MemoryProducer | None = None,

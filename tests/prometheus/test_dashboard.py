@@ -27,6 +27,8 @@ def exercised(metrics: VolleyMetrics) -> VolleyMetrics:
     obs.on_consumed("app", "success", 1)
     obs.on_consumed("app", "fail", 1)
     obs.on_produced("app", "in", "out", 1)
+    obs.on_delivery("app", "success", 1)
+    obs.on_delivery("app", "fail", 1)
     obs.on_process_time("app", "component", 0.1, 1)
     obs.on_process_time("app", "cycle", 0.2, 1)
     obs.on_data_model_time("construct", 0.1, 1)

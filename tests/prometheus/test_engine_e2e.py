@@ -69,6 +69,10 @@ async def test_engine_serves_metrics_and_probes(get: Get) -> None:
                 f"{float(N)}") in lines
         assert f'process_time_seconds_count{{process_name="cycle",volley_app="prom-e2e"}} {float(N)}' in lines
         assert 'volley_dead_letter_count_total{reason="deserialize",volley_app="prom-e2e"} 1.0' in lines
+        # Every output and the dead letter confirmed by the broker (the acks came after their reports).
+        assert f'delivery_report_status_total{{status="success",volley_app="prom-e2e"}} {float(N + 1)}' in lines
+        assert not [line for line in lines if line.startswith('delivery_report_status_total{status="fail",'
+                                                              'volley_app="prom-e2e"}')]
         assert 'volley_ready{volley_app="prom-e2e"} 1.0' in lines
 
         ready = await asyncio.to_thread(get, base + "/readyz")

@@ -25,6 +25,8 @@ WRITER = textwrap.dedent("""
     observer = PrometheusObserver("mp")          # no port: this worker only writes
     observer.on_start("mp")
     observer.on_consumed("mp", "success", consumed)
+    observer.on_delivery("mp", "success", consumed)
+    observer.on_delivery("mp", "fail", 1)
     observer.on_process_time("mp", "cycle", 0.5 * consumed, consumed)
     observer.on_in_flight("mp", in_flight)
     observer.on_ready("mp", True)
@@ -67,6 +69,8 @@ def test_two_writers_one_reader_aggregate(tmp_path: Path) -> None:
     lines = sample_lines(run(READER, env))
     # Counters and summaries add up over processes.
     assert 'messages_consumed_count_total{status="success",volley_app="mp"} 15.0' in lines
+    assert 'delivery_report_status_total{status="success",volley_app="mp"} 15.0' in lines
+    assert 'delivery_report_status_total{status="fail",volley_app="mp"} 2.0' in lines
     assert 'process_time_seconds_count{process_name="cycle",volley_app="mp"} 15.0' in lines
     assert 'process_time_seconds_sum{process_name="cycle",volley_app="mp"} 7.5' in lines
     assert "heartbeats_total 2.0" in lines

@@ -60,7 +60,26 @@ def test_types_match_py_volley(metrics: VolleyMetrics) -> None:
     assert types["process_time_seconds"] == "summary"
     assert types["data_model_process_seconds"] == "summary"
     assert types["heartbeats"] == "counter"
+    assert types["delivery_report_status"] == "counter"
     assert {spec.name: spec.kind for spec in SPECS} == {name: types[name] for name in types}
+
+
+def test_delivery_reports_are_counted_by_status_as_py_volley_did_with_the_app_added(metrics: VolleyMetrics) -> None:
+    obs = PrometheusObserver("orders", metrics=metrics)
+    obs.on_start("orders")
+    obs.on_delivery("orders", "success", 5)
+    obs.on_delivery("orders", "fail", 1)
+    obs.on_delivery("orders", "success", 2)
+    obs.on_delivery("refunds", "fail", 3)  # another app of the process: labelled apart
+
+    assert value(metrics, "delivery_report_status_total", volley_app="orders", status="success") == 7
+    assert value(metrics, "delivery_report_status_total", volley_app="orders", status="fail") == 1
+    assert value(metrics, "delivery_report_status_total", volley_app="refunds", status="fail") == 3
+    [family] = [f for f in metrics.registry.collect() if f.name == "delivery_report_status"]
+    assert family.type == "counter"
+    assert {frozenset(s.labels) for s in family.samples} == {frozenset({"volley_app", "status"})}
+    [spec] = [spec for spec in SPECS if spec.name == "delivery_report_status"]
+    assert spec.labels == ("volley_app", "status")
 
 
 def test_volley_additions(metrics: VolleyMetrics) -> None:

@@ -12,6 +12,7 @@ from volley.ports import (
     ConsumedObserver,
     DataModelTimeObserver,
     DeadLetterCountObserver,
+    DeliveryObserver,
     DepthObserver,
     HeartbeatObserver,
     InFlightObserver,
@@ -45,6 +46,7 @@ class MultiObserver:
         self._start: _Calls = [(o, o.on_start) for o in each if isinstance(o, StartObserver)]
         self._consumed: _Calls = [(o, o.on_consumed) for o in each if isinstance(o, ConsumedObserver)]
         self._produced: _Calls = [(o, o.on_produced) for o in each if isinstance(o, ProducedObserver)]
+        self._delivery: _Calls = [(o, o.on_delivery) for o in each if isinstance(o, DeliveryObserver)]
         self._process_time: _Calls = [(o, o.on_process_time) for o in each if isinstance(o, ProcessTimeObserver)]
         self._data_model_time: _Calls = [
             (o, o.on_data_model_time) for o in each if isinstance(o, DataModelTimeObserver)
@@ -82,6 +84,9 @@ class MultiObserver:
 
     def on_produced(self, app_name: str, source: str, destination: str, count: int) -> None:
         self._each("on_produced", self._produced, app_name, source, destination, count)
+
+    def on_delivery(self, app_name: str, status: str, count: int) -> None:
+        self._each("on_delivery", self._delivery, app_name, status, count)
 
     def on_process_time(self, app_name: str, process_name: str, seconds: float, count: int) -> None:
         self._each("on_process_time", self._process_time, app_name, process_name, seconds, count)

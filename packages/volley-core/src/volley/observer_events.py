@@ -38,6 +38,14 @@ class ProcessTimeObserver(Protocol):
 
 
 @runtime_checkable
+class DeliveryObserver(Protocol):
+    def on_delivery(self, app_name: str, status: str, count: int) -> None:
+        """A producer's delivery report: ``count`` records confirmed by their broker ("success", outputs and dead
+        letters alike) or failed ("fail": every failed attempt, also one produced again later). Once per report
+        and status, never per record."""
+
+
+@runtime_checkable
 class DataModelTimeObserver(Protocol):
     def on_data_model_time(self, process: str, seconds: float, count: int) -> None: ...
 
@@ -91,7 +99,7 @@ class StopObserver(Protocol):
 
 @runtime_checkable
 class Observer(
-    StartObserver, ConsumedObserver, ProducedObserver, ProcessTimeObserver, DataModelTimeObserver,
+    StartObserver, ConsumedObserver, ProducedObserver, DeliveryObserver, ProcessTimeObserver, DataModelTimeObserver,
     DeadLetterCountObserver, RetryObserver, InFlightObserver, HeartbeatObserver, ReadyObserver, LagObserver,
     CommitObserver, DepthObserver, StopObserver, Protocol,
 ):

@@ -21,6 +21,7 @@ from volley.observer_events import CommitObserver as CommitObserver
 from volley.observer_events import ConsumedObserver as ConsumedObserver
 from volley.observer_events import DataModelTimeObserver as DataModelTimeObserver
 from volley.observer_events import DeadLetterCountObserver as DeadLetterCountObserver
+from volley.observer_events import DeliveryObserver as DeliveryObserver
 from volley.observer_events import DepthObserver as DepthObserver
 from volley.observer_events import HeartbeatObserver as HeartbeatObserver
 from volley.observer_events import InFlightObserver as InFlightObserver

@@ -60,6 +60,11 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
     MetricSpec("data_model_process_seconds", "summary", ("process",),
                "Time spent per message turning bytes into a data model and back, by step"),
     MetricSpec("heartbeats", "counter", (), "Application liveliness: about one per second while the loop runs"),
+    # py-volley's Kafka delivery_report_status{status}, for every producer, with volley_app added (queries by
+    # status alone keep working).
+    MetricSpec("delivery_report_status", "counter", ("volley_app", "status"),
+               "Delivery reports from the producers, by status: success (the broker confirmed the record, output or "
+               "dead letter) or fail (each failed attempt, also one produced again later)"),
     # Volley's additions.
     MetricSpec("volley_messages_in_flight", "gauge", ("volley_app",),
                "Messages consumed and not yet settled (acked, nacked or dead-lettered)"),
@@ -103,6 +108,8 @@ class VolleyMetrics:
         self.data_model_time = Summary("data_model_process_seconds", _help("data_model_process_seconds"),
                                        ["process"], registry=r)
         self.heartbeats = Counter("heartbeats", _help("heartbeats"), registry=r)
+        self.delivery_reports = Counter("delivery_report_status", _help("delivery_report_status"),
+                                        ["volley_app", "status"], registry=r)
         self.in_flight = Gauge("volley_messages_in_flight", _help("volley_messages_in_flight"),
                                ["volley_app"], registry=r, multiprocess_mode="livesum")
         self.dead_letters = Counter("volley_dead_letter_count", _help("volley_dead_letter_count"),

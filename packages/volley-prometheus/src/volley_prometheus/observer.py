@@ -100,14 +100,15 @@ def _value_incs(child: Summary) -> tuple[Callable[[float], None] | None, Callabl
 class _App:
     """The children of one application, bound lazily per label value and then reused."""
 
-    __slots__ = ("commit", "consumed", "depth", "dlq", "in_flight", "lag", "m", "name", "process", "produced",
-                 "ready", "retries")
+    __slots__ = ("commit", "consumed", "delivery", "depth", "dlq", "in_flight", "lag", "m", "name", "process",
+                 "produced", "ready", "retries")
 
     def __init__(self, m: VolleyMetrics, name: str) -> None:
         self.m = m
         self.name = name
         self.consumed: dict[str, Callable[[float], None]] = {}
         self.produced: dict[tuple[str, str], Callable[[float], None]] = {}
+        self.delivery: dict[str, Callable[[float], None]] = {}
         self.process: dict[str, ObserveTotal] = {}
         self.dlq: dict[str, Callable[[float], None]] = {}
         self.lag: dict[PartitionId, Gauge] = {}
@@ -123,6 +124,10 @@ class _App:
 
     def bind_produced(self, source: str, destination: str) -> Callable[[float], None]:
         inc = self.produced[source, destination] = self.m.produced.labels(self.name, source, destination).inc
+        return inc
+
+    def bind_delivery(self, status: str) -> Callable[[float], None]:
+        inc = self.delivery[status] = self.m.delivery_reports.labels(self.name, status).inc
         return inc
 
     def bind_process(self, process_name: str) -> ObserveTotal:
@@ -252,6 +257,11 @@ class PrometheusObserver:
     def on_produced(self, app_name: str, source: str, destination: str, count: int) -> None:
         app = self._apps.get(app_name) or self._app(app_name)
         inc = app.produced.get((source, destination)) or app.bind_produced(source, destination)
+        inc(count)
+
+    def on_delivery(self, app_name: str, status: str, count: int) -> None:
+        app = self._apps.get(app_name) or self._app(app_name)
+        inc = app.delivery.get(status) or app.bind_delivery(status)
         inc(count)
 
     def on_process_time(self, app_name: str, process_name: str, seconds: float, count: int) -> None:

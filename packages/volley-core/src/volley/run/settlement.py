@@ -218,6 +218,15 @@ class Settlement:
                        failed: Sequence[DeliveryFailure]) -> None:
         if self.closed:
             return
+        if self.timed:
+            self._observe_reports(delivered, failed)
+        if delivered:
+            self._confirmed(delivered)
+        for message, exc in failed:
+            self._delivery_failed(slot, message, exc)
+
+    def _confirmed(self, delivered: Sequence[OutgoingMessage]) -> None:
+        """Records of one report that their broker confirmed: an input whose last record is among them is settled."""
         if self._retrying:
             self._no_longer_retrying(delivered)
         done: list[Envelope] = []  # inputs whose last record this report confirmed: settled together
@@ -237,8 +246,14 @@ class Settlement:
                 self.settle_ok(token)
         if done:
             self._acked(done)
-        for message, exc in failed:
-            self._delivery_failed(slot, message, exc)
+
+    def _observe_reports(self, delivered: Sequence[OutgoingMessage], failed: Sequence[DeliveryFailure]) -> None:
+        """py-volley's delivery_report_status, once per report and status: every record confirmed (outputs and
+        dead letters) and every failed attempt (also one produced again later, or refused by ``produce``)."""
+        if delivered:
+            self.observer.on_delivery(self.app_name, "success", len(delivered))
+        if failed:
+            self.observer.on_delivery(self.app_name, "fail", len(failed))
 
     def _no_longer_retrying(self, delivered: Sequence[OutgoingMessage]) -> None:
         """Records produced again after a failed delivery: delivered now (looked up once per report)."""
