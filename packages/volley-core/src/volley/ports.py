@@ -1,4 +1,5 @@
-"""The ports: what the engine needs from a broker, a serializer and a model handler.
+"""The ports: what the engine needs from a broker, a serializer and a model handler (the codec ones are defined in
+volley.codec_ports and the observer events in volley.observer_events; every name is exported here).
 
 Adapters satisfy these structurally; they import nothing from the engine and
 inherit nothing. Everything on the per-message path works on batches
@@ -16,6 +17,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from volley.codec_ports import DUMP_MODES as DUMP_MODES
+from volley.codec_ports import DeclaresDumpMode as DeclaresDumpMode
+from volley.codec_ports import DeconstructBinder as DeconstructBinder
+from volley.codec_ports import FastEncodeBinder as FastEncodeBinder
+from volley.codec_ports import FusedEncodeBinder as FusedEncodeBinder
+from volley.codec_ports import ModelHandler as ModelHandler
+from volley.codec_ports import OutputChecker as OutputChecker
+from volley.codec_ports import Serializer as Serializer
+from volley.codec_ports import UncheckedDeserializer as UncheckedDeserializer
+from volley.codec_ports import UncheckedSerializer as UncheckedSerializer
+from volley.codec_ports import UncheckedValidatorBinder as UncheckedValidatorBinder
+from volley.codec_ports import ValidatorBinder as ValidatorBinder
 from volley.message import Envelope, Headers, OutgoingMessage
 from volley.observer_events import CommitObserver as CommitObserver
 from volley.observer_events import ConsumedObserver as ConsumedObserver
@@ -264,104 +277,8 @@ class CheckedConnector(Protocol):
         """Raise ``ConfigurationError`` (saying what to change) for settings that cannot work."""
 
 
-@runtime_checkable
-class Serializer(Protocol):
-    """Bytes to plain Python data and back (json, orjson, msgpack)."""
-
-    def serialize(self, message: Any) -> bytes: ...
-
-    def deserialize(self, message: bytes) -> Any: ...
-
-
-@runtime_checkable
-class ModelHandler(Protocol):
-    """Plain data (or raw bytes, when no serializer is configured) to the user's data model and back."""
-
-    def construct(self, message: Any, schema: Any) -> Any:
-        """Build an instance of ``schema`` from deserialized data; raise on invalid data."""
-
-    def deconstruct(self, model: Any) -> Any:
-        """Turn a model instance back into data the serializer (or the broker, as bytes) accepts."""
-
-
-# Optional codec abilities: faster bound functions for the per-message path. The engine binds them once per
-# queue (volley.queues) and falls back to the plain methods above.
-
-
-@runtime_checkable
-class UncheckedDeserializer(Protocol):
-    """A serializer exposing its library's raw decode: whatever it raises becomes a ``SerializationError``."""
-
-    def unchecked_deserialize(self, message: bytes) -> Any: ...
-
-
-@runtime_checkable
-class UncheckedSerializer(Protocol):
-    """A serializer exposing its library's raw encode, for ``FastEncodeBinder`` to fuse with a model dump."""
-
-    def unchecked_serialize(self, message: Any) -> bytes: ...
-
-
-DUMP_MODES = ("json", "python")
-"""The values of ``DeclaresDumpMode.dump_mode``; the engine refuses any other when it resolves the queue."""
-
-
-@runtime_checkable
-class DeclaresDumpMode(Protocol):
-    """A serializer that says in which form it wants a model handler's dumps: ``"json"`` (plain JSON data:
-    datetimes as strings, bytes as text; what a serializer that declares nothing gets) or ``"python"`` (Python
-    values: bytes stay bytes; msgpack). A ``"python"`` serializer may also be handed models themselves (a
-    subclass of the queue's model, a list of models) to dump as it sees fit. A ``FusedEncodeBinder`` reads it
-    once per queue."""
-
-    dump_mode: str
-
-
-@runtime_checkable
-class ValidatorBinder(Protocol):
-    """A model handler that binds a checked validator for one data model once (``construct`` pre-bound)."""
-
-    def bind(self, model: Any) -> Callable[[Any], Any]: ...
-
-
-@runtime_checkable
-class UncheckedValidatorBinder(Protocol):
-    """A model handler with an unchecked validator: when it raises, the checked one explains the failure."""
-
-    def bind_unchecked(self, model: Any) -> Callable[[Any], Any]: ...
-
-
-@runtime_checkable
-class DeconstructBinder(Protocol):
-    """A model handler that binds type check and dump of one data model into one call."""
-
-    def bind_deconstruct(self, model: Any, queue: str) -> Callable[[Any], Any]: ...
-
-
-@runtime_checkable
-class FastEncodeBinder(Protocol):
-    """A model handler that fuses dump and a serializer's unchecked encode, falling back to ``checked`` for
-    anything unusual (which explains failures)."""
-
-    def bind_fast_encode(self, model: Any, unchecked_serialize: Callable[[Any], bytes],
-                         checked: Callable[[Any], bytes]) -> Callable[[Any], bytes]: ...
-
-
-@runtime_checkable
-class FusedEncodeBinder(Protocol):
-    """A model handler that fuses dump and a serializer's unchecked encode, given the serializer itself so that it
-    can ask, once, for the serializer's other declared abilities (``DeclaresDumpMode``, ``UncheckedDeserializer``).
-    The engine prefers it to ``FastEncodeBinder``; ``checked`` and a None result mean what they mean there."""
-
-    def bind_fused_encode(self, model: Any, serializer: UncheckedSerializer,
-                          checked: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None: ...
-
-
-@runtime_checkable
-class OutputChecker(Protocol):
-    """A model handler that checks an output message against the queue's data model before it is encoded."""
-
-    def check_output(self, message: Any, model: Any) -> None: ...
+# The codec ports (Serializer, ModelHandler and their optional abilities) are in volley.codec_ports, imported
+# above: part of the ports.
 
 
 # The observers' events (StartObserver ... StopObserver, and Observer, all of them) are in volley.observer_events,
