@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,23 +59,67 @@ def test_identical_letters_in_different_batches_are_not_replays_of_each_other(
     assert (summary.moved, summary.left_by_loop_guard, counts) == (4, 0, [b"1"] * 4), summary.as_dict()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: bounding the replay counts needs a retention decision (a count is needed while a letter of that "
-    "content may come back with its headers dropped); see session 31's note"))
-def test_the_journal_does_not_keep_a_replay_count_for_every_letter_ever_replayed(
-        app: StreamApp, broker: MemoryBroker, tmp_path: Path) -> None:
-    """DESIGN.md: "memory stays bounded whatever the input rate, and so does everything else that grows with
-    traffic"; the docs: "After each run it keeps only what a later run may still need". ``Journal.rewrite``
-    drops sent and intent entries but writes ``self.replays`` back whole, and nothing ever removes a digest: every
-    letter ever replayed keeps a line item for ever, re-read (and held in memory) by every inspect and replay.
-    Here 300 letters are replayed and handled successfully; the DLQ is empty; a later complete run still carries
-    300 counts (the count is only needed while a letter with that content may come back)."""
-    for n in range(300):
+class Clock:
+    """Seconds since the epoch, moved by the test (each reading a millisecond later, so sends are ordered)."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        self.now += 0.001
+        return self.now
+
+
+def replay_and_fix(app: StreamApp, broker: MemoryBroker, journal: Journal, letters: int) -> None:
+    """``letters`` different letters replayed (each recorded with its count), then handled successfully."""
+    for n in range(letters):
         broker.publish(DLQ_NAME, json.dumps({"order_id": n, "amount": 1}).encode(), f"k{n}".encode(),
                        {"volley-error-stage": b"handler", "volley-source-queue": SOURCE.encode()})
-    path = tmp_path / "j.jsonl"
-    assert asyncio.run(replay(DeadLetterQueue(app), Journal(path), ReplayOptions())).moved == 300
+    assert asyncio.run(replay(DeadLetterQueue(app), journal, ReplayOptions())).moved == letters
     app.run_until_drained(timeout=30, drain_idle_seconds=0.05)  # the fix is in: every replayed order succeeds
     assert broker.depth(DLQ_NAME) == 0
-    assert asyncio.run(replay(DeadLetterQueue(app), Journal(path), ReplayOptions())).moved == 0
-    assert len(Journal(path).replays) == 0, f"{len(Journal(path).replays)} replay counts kept, the DLQ is empty"
+
+
+def test_the_journal_forgets_replay_counts_past_their_retention(
+        app: StreamApp, broker: MemoryBroker, tmp_path: Path) -> None:
+    """DESIGN.md: "memory stays bounded whatever the input rate, and so does everything else that grows with
+    traffic". ``Journal.rewrite`` wrote ``self.replays`` back whole and nothing ever removed a digest: every letter
+    ever replayed kept a line item for ever, re-read (and held in memory) by every inspect and replay (a strict
+    xfail until now). A count is kept for ``count_retention_seconds`` (7 days by default) after its last send."""
+    clock = Clock()
+    path = tmp_path / "j.jsonl"
+    replay_and_fix(app, broker, Journal(path, clock=clock), 300)
+    clock.now += 86400.0  # a day later: a complete run keeps them (a letter of that content may still come back)
+    assert asyncio.run(replay(DeadLetterQueue(app), Journal(path, clock=clock), ReplayOptions())).moved == 0
+    assert len(Journal(path, clock=clock).replays) == 300
+    clock.now += 7 * 86400.0  # past the retention: the next complete run forgets them
+    assert asyncio.run(replay(DeadLetterQueue(app), Journal(path, clock=clock), ReplayOptions())).moved == 0
+    assert len(Journal(path, clock=clock).replays) == 0, "replay counts kept past their retention"
+
+
+def test_the_journal_keeps_at_most_max_counts_the_most_recent(
+        app: StreamApp, broker: MemoryBroker, tmp_path: Path) -> None:
+    """However many letters a week brings, the journal keeps at most ``max_counts`` counts: the latest sent. Here
+    120 letters go in two batches (100, then 20 later); 50 are kept, every one of the second batch among them."""
+    clock = Clock()
+    path = tmp_path / "j.jsonl"
+    replay_and_fix(app, broker, Journal(path, clock=clock, max_counts=50), 120)
+    kept = Journal(path, clock=clock).replayed_at
+    assert len(kept) == 50
+    times = sorted(set(kept.values()))
+    assert len(times) == 2 and sum(at == times[1] for at in kept.values()) == 20, times
+
+
+def test_counts_written_before_times_were_kept_for_one_more_retention(tmp_path: Path) -> None:
+    """A journal of an earlier version has counts without times: they are read as sent now, not dropped at once."""
+    path = tmp_path / "j.jsonl"
+    path.write_text(json.dumps({"op": "replays", "counts": {"abc": 2}}) + "\n"
+                    + json.dumps({"op": "sent", "ids": ["1"], "digests": ["def"], "replays": [1]}) + "\n")
+    clock = Clock()
+    journal = Journal(path, clock=clock)
+    journal.rewrite([])
+    assert Journal(path, clock=clock).replays == Counter({"abc": 2, "def": 1})
+    clock.now += 8 * 86400.0
+    journal = Journal(path, clock=clock)
+    journal.rewrite([])
+    assert Journal(path, clock=clock).replays == Counter()

@@ -10,9 +10,9 @@ from datetime import datetime
 from pathlib import Path
 
 from volley.apps import load_app
-from volley.dlq.filters import LetterFilter, parse_time
+from volley.dlq.filters import LetterFilter, parse_duration, parse_time
 from volley.dlq.inspect import inspect
-from volley.dlq.journal import Journal, default_path
+from volley.dlq.journal import COUNT_RETENTION_SECONDS, Journal, default_path
 from volley.dlq.progress import Progress
 from volley.dlq.purge import purge, purge_before, removing_browser
 from volley.dlq.replay import ReplayOptions, replay
@@ -60,6 +60,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     replay_cmd.add_argument("--batch-size", type=int, default=100, help="letters per confirmed batch (default 100)")
     replay_cmd.add_argument("--dry-run", action="store_true", help="say what would be moved, move nothing")
     replay_cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
+    replay_cmd.add_argument("--keep-counts", default="7d", metavar="DURATION",
+                            help="how long the journal keeps a letter content's replay count after its last replay, "
+                                 "for the loop guard where headers are dropped (default 7d)")
     replay_cmd.set_defaults(func=cmd_replay)
 
     purge_cmd = sub.add_parser("purge", help="delete dead letters for good")
@@ -80,9 +83,10 @@ def _letter_filter(args: argparse.Namespace) -> LetterFilter:
                         until=parse_time(args.until, "--until") if args.until else None)
 
 
-def _journal(args: argparse.Namespace, dlq: DeadLetterQueue) -> Journal:
+def _journal(args: argparse.Namespace, dlq: DeadLetterQueue,
+             count_retention_seconds: float = COUNT_RETENTION_SECONDS) -> Journal:
     path = args.journal or default_path(dlq.app_name, dlq.queue.spec.connector, dlq.name)
-    return Journal(path)
+    return Journal(path, count_retention_seconds=count_retention_seconds)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -106,8 +110,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--batch-size must be 1 or more, got {args.batch_size}")
     options = ReplayOptions(filter=_letter_filter(args), to=args.to, max_replays=args.max_replays, limit=args.limit,
                             rate=args.rate, dry_run=args.dry_run, batch_size=args.batch_size)
+    keep_counts = parse_duration(args.keep_counts, "--keep-counts")
     dlq = DeadLetterQueue(load_app(args.app))
-    journal = _journal(args, dlq)
+    journal = _journal(args, dlq, keep_counts)
     progress = None
     if sys.stderr.isatty() and not args.json:  # a bar needs a total: count first (reading is cheap next to sending)
         progress = Progress(asyncio.run(inspect(dlq, LetterFilter(), journal, samples=0)).total)

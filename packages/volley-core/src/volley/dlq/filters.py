@@ -30,6 +30,14 @@ def parse_time(text: str, option: str, now: float | None = None) -> float:
             "duration ago (30m, 2h, 1d)") from None
 
 
+def parse_duration(text: str, option: str) -> float:
+    """``30m``, ``2h``, ``7d``: seconds."""
+    match = _RELATIVE.match(text.strip())
+    if not match:
+        raise ConfigurationError(f"{option} {text!r} is not a duration (90s, 30m, 2h, 7d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
 @dataclass(frozen=True)
 class LetterFilter:
     stages: Sequence[str] = ()

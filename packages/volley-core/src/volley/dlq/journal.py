@@ -12,9 +12,13 @@ an id can name another letter later (a Kafka topic deleted and created again sta
 of the same key and value (the replayed message failed again), and that letter was never sent.
 
 It also keeps, per digest, the replay count the letter carried when it was last sent, for the loop guard where a
-destination drops headers. On Kafka, whose topics cannot drop single records, ``sent`` entries past the replay
-group's committed offset are the only record that a letter was moved, so keep the journal until the commit has
-passed them. After each run the journal keeps only what a later run may still need (see ``_Replay.compact``).
+destination drops headers: for ``count_retention_seconds`` after that send (7 days by default: a letter of that
+content coming back later counts from 0 again), and only the ``max_counts`` most recent (100,000), so that the
+journal stays bounded however many letters are replayed.
+
+On Kafka, whose topics cannot drop single records, ``sent`` entries past the replay group's committed offset are
+the only record that a letter was moved, so keep the journal until the commit has passed them. After each run
+the journal keeps only what a later run may still need (see ``_Replay.compact``).
 Each write is flushed and fsynced before the step it guards. The journal is read again once its lock is held:
 what another replay wrote until then counts.
 """
@@ -24,8 +28,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,6 +42,11 @@ except ImportError:  # pragma: no cover - not POSIX: no lock, one replay at a ti
     fcntl = None  # type: ignore[assignment]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+COUNT_RETENTION_SECONDS = 7 * 86400.0
+"""How long the journal keeps a content's replay count after its last send (``volley dlq replay --keep-counts``)."""
+MAX_COUNTS = 100_000
+"""The most replay counts a journal keeps (the most recently sent): about 10 MB of journal at the most."""
 
 
 def default_path(app_name: str, connector: str, queue: str) -> Path:
@@ -60,52 +70,62 @@ class Journal:
     letter was replayed: the loop guard's memory where a destination drops headers (an RSMQ queue with
     ``headers: drop``), so that ``volley-replay-count`` cannot come back with the letter."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, count_retention_seconds: float = COUNT_RETENTION_SECONDS,
+                 max_counts: int = MAX_COUNTS, clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self.count_retention_seconds = count_retention_seconds
+        self.max_counts = max_counts
+        self._clock = clock
         self.intended: set[str] = set()
         self.sent: dict[str, str | None] = {}
         """Confirmed at their destination: id -> the fingerprint of the letter sent under that id."""
         self.replays: Counter[str] = Counter()
         """Per digest, the replay count a letter with that content carried when it was last sent."""
+        self.replayed_at: dict[str, float] = {}
+        """Per digest, when that count was last sent (seconds since the epoch): what ``rewrite`` forgets by."""
         self._file: TextIO | None = None
         self._lock: TextIO | None = None
         self.reload()
 
     def reload(self) -> None:
         """Read the file (a line that is not whole JSON, or not UTF-8, is one a kill cut short: skipped)."""
-        self.intended, self.sent, self.replays = set(), {}, Counter()
+        self.intended, self.sent, self.replays, self.replayed_at = set(), {}, Counter(), {}
+        now = self._clock()  # the time of entries written before times were (they are kept one retention more)
         try:
             if self.path.exists():
                 with self.path.open(encoding="utf-8", errors="replace") as lines:
                     for line in lines:
-                        self._load(line)
+                        self._load(line, now)
         except OSError as exc:
             raise ConfigurationError(f"cannot read the replay journal {self.path}: {exc}; pass --journal or set "
                                      "VOLLEY_DLQ_JOURNAL_DIR to a readable place") from exc
 
-    def _count(self, digest: str, replays: int) -> None:
+    def _count(self, digest: str, replays: int, at: float) -> None:
         if replays > 0:
             self.replays[digest] = max(self.replays[digest], replays)
+            self.replayed_at[digest] = max(self.replayed_at.get(digest, at), at)
 
-    def _load(self, line: str) -> None:
+    def _load(self, line: str, now: float) -> None:
         try:
             entry = json.loads(line)
             op = entry["op"]
             if op == "replays":
+                times = entry.get("at") or {}
                 for digest, count in entry["counts"].items():
-                    self._count(str(digest), int(count))
+                    self._count(str(digest), int(count), float(times.get(digest, now)))
                 return
             ids = [str(i) for i in entry["ids"]]
             digests = [str(d) for d in entry.get("digests", ())]
             counts = [int(n) for n in entry.get("replays", [1] * len(digests))]
             prints = [str(f) for f in entry.get("prints", ())]
+            at = float(entry.get("at", now))
         except (ValueError, KeyError, TypeError, AttributeError):
             return  # a line cut short by the kill that left it: its step did not happen
         if op == "sent":
             known: list[str | None] = list(prints) if len(prints) == len(ids) else [None] * len(ids)
             self.sent.update(zip(ids, known, strict=True))
             for digest, count in zip(digests, counts, strict=False):
-                self._count(digest, count)
+                self._count(digest, count, at)
         else:
             self.intended.update(ids)
 
@@ -158,10 +178,12 @@ class Journal:
         (by content digest)."""
         listed, printed, named, counts = list(ids), list(prints), list(digests), list(replays)
         if listed:
-            self._write({"op": "sent", "ids": listed, "prints": printed, "digests": named, "replays": counts})
+            at = self._clock()
+            self._write({"op": "sent", "ids": listed, "prints": printed, "digests": named, "replays": counts,
+                         "at": at})
             self.sent.update(zip(listed, printed, strict=True))
             for digest, count in zip(named, counts, strict=True):
-                self._count(digest, count)
+                self._count(digest, count, at)
 
     def in_doubt(self, letter_id: str) -> bool:
         """Its republish began in a run that was killed before the broker confirmed it."""
@@ -169,8 +191,9 @@ class Journal:
 
     def rewrite(self, keep_sent: Iterable[str], keep_intended: Iterable[str] = ()) -> None:
         """After a run: keep only the ``sent`` and in-doubt ``intent`` entries a later run may still need, and the
-        replay counts."""
+        replay counts sent within ``count_retention_seconds`` (the ``max_counts`` most recent)."""
         self.close_file()
+        self._forget_counts()
         sent = {i: self.sent[i] for i in sorted(set(keep_sent)) if i in self.sent}
         doubt = sorted(set(keep_intended) - set(sent))
         self.intended, self.sent = set(doubt), sent
@@ -185,10 +208,19 @@ class Journal:
             if unknown:
                 out.write(json.dumps({"op": "sent", "ids": unknown}) + "\n")
             if self.replays:
-                out.write(json.dumps({"op": "replays", "counts": dict(self.replays)}) + "\n")
+                out.write(json.dumps({"op": "replays", "counts": dict(self.replays),
+                                      "at": {digest: self.replayed_at[digest] for digest in self.replays}}) + "\n")
             out.flush()
             os.fsync(out.fileno())
         temporary.replace(self.path)
+
+    def _forget_counts(self) -> None:
+        """Drop the counts last sent before the retention, then all but the ``max_counts`` most recent."""
+        oldest = self._clock() - self.count_retention_seconds
+        kept = sorted(((at, digest) for digest, at in self.replayed_at.items() if at >= oldest), reverse=True)
+        kept = kept[:max(self.max_counts, 0)]
+        self.replayed_at = {digest: at for at, digest in kept}
+        self.replays = Counter({digest: self.replays[digest] for digest in self.replayed_at})
 
     def close_file(self) -> None:
         if self._file is not None:
