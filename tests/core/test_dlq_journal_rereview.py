@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from volley.dlq import DeadLetterQueue, Journal, ReplayOptions, replay
+from volley.dlq.filters import parse_duration
 from volley.dlq.letter import REPLAY_COUNT
 from volley.engine import StreamApp
+from volley.errors import ConfigurationError
 from volley.memory import MemoryBroker
 from volley.testing.deadletters import DLQ, INPUT, OUTPUT, Fix, scenario_app
 
@@ -123,3 +125,10 @@ def test_counts_written_before_times_were_kept_for_one_more_retention(tmp_path: 
     journal = Journal(path, clock=clock)
     journal.rewrite([])
     assert Journal(path, clock=clock).replays == Counter()
+
+
+def test_keep_counts_takes_a_duration_and_says_what_it_wants_otherwise() -> None:
+    assert parse_duration("7d", "--keep-counts") == 7 * 86400.0
+    assert parse_duration(" 90s", "--keep-counts") == 90.0
+    with pytest.raises(ConfigurationError, match=r"--keep-counts '7x' is not a duration \(90s, 30m, 2h, 7d\)"):
+        parse_duration("7x", "--keep-counts")
