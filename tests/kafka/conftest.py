@@ -41,15 +41,16 @@ class KafkaKit:
     def unique(label: str) -> str:
         return unique(label)
 
-    def topic(self, label: str, partitions: int = 1) -> str:
+    def topic(self, label: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
         name = unique(label)
-        self.create_topics([name], partitions)
+        self.create_topics([name], partitions, config)
         return name
 
-    def create_topics(self, names: Iterable[str], partitions: int = 1) -> None:
+    def create_topics(self, names: Iterable[str], partitions: int = 1, config: dict[str, str] | None = None) -> None:
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         futures = admin.create_topics(
-            [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names], operation_timeout=30)
+            [NewTopic(n, num_partitions=partitions, replication_factor=1, config=config or {}) for n in names],
+            operation_timeout=30)
         for future in futures.values():
             future.result(30)
         wanted = set(futures)

@@ -40,7 +40,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from volley.errors import BrokerUnavailableError, DeliveryError, TransactionAbortedError
+from volley.errors import BrokerUnavailableError, DeliveryError, InvalidRecordError, TransactionAbortedError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 from volley_kafka.clients import USER_CALLBACKS, is_fatal, make_client, with_callbacks
@@ -85,14 +85,32 @@ def _reporter(delivered: Callable[[OutgoingMessage], None],
 
 
 PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+INVALID = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._UNKNOWN_PARTITION})
+"""What ``produce`` refuses a record for (larger than the client's ``message.max.bytes``, a partition its topic
+lacks): producing it again cannot help (``InvalidRecordError``). The same code in a delivery report is not the
+record's own: the broker refuses a whole batch when one record of it is above the topic's ``max.message.bytes``,
+so there it stays a failure that is retried (the record is sent again, most likely in another batch)."""
 
 
 def _failure(message: OutgoingMessage, error: Any) -> DeliveryFailure:
+    """A delivery report's error, or what ``produce`` raised, as the engine's failure for ``message``."""
+    if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError) \
+            and error.args[0].code() in INVALID:
+        return (message, InvalidRecordError(
+            f"Kafka refused the record for {message.topic!r} ({len(message.value or b'')} bytes of value): "
+            f"{error.args[0].str()}; producing it again cannot help"))
+    if isinstance(error, (TypeError, ValueError)):  # produce() refused an argument: the record is malformed
+        return (message, InvalidRecordError(f"the record for {message.topic!r} is malformed: {error}"))
     if isinstance(error, BaseException):
         return (message, error)
     if isinstance(error, KafkaError) and error.code() in PURGED:
         return (message, TransactionAbortedError(f"the record for {message.topic!r} was purged before it was sent "
                                                  f"(transaction aborted, or producer closed): {error.str()}"))
+    if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        return (message, DeliveryError(
+            f"Kafka refused the record for {message.topic!r}: {error.str()} (it, or a record sent in the same batch, "
+            "is above the topic's max.message.bytes; set the producer's message.max.bytes to at most the topic's, "
+            "and a record too large is refused on its own and its input dead-lettered)"))
     return (message, DeliveryError(f"Kafka refused the record for {message.topic!r}: {error}"))
 
 

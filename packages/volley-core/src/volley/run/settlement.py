@@ -275,13 +275,16 @@ class Settlement:
             self.transaction_failed = True
             self.abandon(len(members_of(token.failed if type(token) is DeadLetter else token)))
             return
-        if isinstance(exc, InvalidRecordError) and type(token) is not DeadLetter:
+        # Not in a transaction: the input's other records may be in it already, and its dead letter beside them
+        # would make them visible with it; the transaction aborts instead (below), as for any failed record.
+        if isinstance(exc, InvalidRecordError) and type(token) is not DeadLetter and not self.transactional:
             token.pending = -1  # the record itself is wrong (a partition the topic lacks): the message's fault
             self.fail(token, "output", exc)  # type: ignore[arg-type]
             return
         # In a transaction a failed record cannot be sent again on its own: the whole batch is aborted (the
-        # consumer rewinds) and processed again, so no retry here and no stop.
-        if attempts <= self.max_retries and not self.transactional:
+        # consumer rewinds) and processed again, so no retry here and no stop. A dead letter the DLQ's broker refused
+        # for itself (too large for it) is not produced again either: it would be refused again.
+        if attempts <= self.max_retries and not self.transactional and not isinstance(exc, InvalidRecordError):
             if self.stop.is_stopping:  # no retry now, and not a failure for good: it is handled again later
                 token.pending = -1
                 logger.warning("%s: delivery to %s failed while shutting down (%s); %s is not acknowledged and will "

@@ -130,13 +130,23 @@ def describe(token: AnyToken) -> str:
     return f"batch of {len(members)} ({members[0].describe()} .. {members[-1].describe()})"
 
 
+MAX_REASON = 4000
+"""The most characters of a reason kept (a dead letter's ``volley-error-reason`` header, log lines): the errors
+of a large invalid input (Pydantic lists every one) must not make its dead letter too large for the DLQ."""
+
+
 def reason_of(exc: BaseException) -> str:
-    """A one-line reason; never raises, even for an exception whose ``__str__`` does."""
+    """A one-line reason of at most about ``MAX_REASON`` characters; never raises, even for an exception whose
+    ``__str__`` does."""
     try:
         if isinstance(exc, MessageError):
-            return str(exc.reason)
-        text = str(exc)
+            text = str(exc.reason)
+        else:
+            text = str(exc)
+            name = type(exc).__name__
+            text = f"{name}: {text}" if text else name
     except Exception:
-        text = "<the exception's str() raised>"
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
+        text = f"{type(exc).__name__}: <the exception's str() raised>"
+    if len(text) > MAX_REASON:
+        text = f"{text[:MAX_REASON]}... ({len(text) - MAX_REASON} more characters)"
+    return text

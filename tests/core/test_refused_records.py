@@ -1,0 +1,79 @@
+"""Records a broker refuses for what they are, and reasons too long to carry.
+
+A dead letter the DLQ's broker refused for itself (``InvalidRecordError``: too large for it) was produced again
+``max_retries`` times, to be refused each time, before the input was given back; and the ``volley-error-reason``
+of a large invalid input (Pydantic lists every error) had no bound, which is what made such letters too large.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from engine_fakes import Connector, Item, publish
+
+from volley import Engine, MemoryBroker
+from volley.errors import DeliveryError, InvalidRecordError
+from volley.memory import MemoryProducer
+from volley.message import OutgoingMessage
+from volley.plugins import build_registry
+from volley.ports import DeliveryCallback
+from volley.run.tokens import MAX_REASON
+from volley.testing import harness
+
+
+class RefusingDlq(MemoryProducer):
+    """A DLQ producer whose broker refuses every record as too large; counts the attempts."""
+
+    attempts = 0
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        RefusingDlq.attempts += len(messages)
+        on_delivery((), [(m, InvalidRecordError("Broker: Message size too large")) for m in messages])
+
+
+def test_a_dead_letter_refused_for_itself_is_not_produced_again() -> None:
+    broker = MemoryBroker()
+    publish(broker, 1)
+    registry = build_registry()
+    registry.entries["observer"] = {}
+    where = {"broker": broker}
+    engine = Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+                    queue_config={"in": {"value": "in", "profile": "memory", "data_model": Item, "config": where},
+                                  "out": {"value": "out", "profile": "memory", "data_model": Item, "config": where},
+                                  "dlq": {"value": "dlq", "profile": "memory-dlq", "config": where,
+                                          "producer": Connector(broker, producer=RefusingDlq)}},
+                    metrics_port=None, poll_interval_seconds=0.02, retry_backoff_seconds=0.0, max_retries=3,
+                    shutdown_timeout_seconds=2.0, registry=registry)
+    RefusingDlq.attempts = 0
+
+    @engine.stream_app
+    def handler(item: Item) -> Any:
+        raise ValueError("cannot handle it")
+
+    with pytest.raises(DeliveryError, match=r"could not be written to 'dlq'.*Message size too large"):
+        handler.run_until_drained(timeout=20, drain_idle_seconds=0.1)
+    assert RefusingDlq.attempts == 1  # before: 1 + max_retries, each refused the same way
+    assert broker.acked("in") == 0  # not lost: given back, it comes again
+
+
+def test_a_huge_error_reason_is_cut_in_the_dead_letter_and_says_how_much() -> None:
+    engine = Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+                    queue_config={"in": {"value": "in", "profile": "memory", "data_model": Item},
+                                  "out": {"value": "out", "profile": "memory", "data_model": Item},
+                                  "dlq": {"value": "dlq", "profile": "memory-dlq"}},
+                    metrics_port=None)
+
+    @engine.stream_app
+    def handler(item: Item) -> Any:
+        raise ValueError("x" * 100_000)
+
+    h = harness(handler)
+    h.send(Item(n=1))
+    letters = h.run().dead_letters
+    assert len(letters) == 1 and letters[0].headers is not None
+    reason = letters[0].headers["volley-error-reason"]
+    assert reason.startswith(b"ValueError: xxx")
+    assert len(reason) <= MAX_REASON + 40, len(reason)
+    assert reason.endswith(b"... (%d more characters)" % (len("ValueError: ") + 100_000 - MAX_REASON))

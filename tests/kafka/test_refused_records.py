@@ -1,0 +1,79 @@
+"""Records Kafka refuses for what they are: larger than the producer's ``message.max.bytes``.
+
+librdkafka's ``produce`` raises MSG_SIZE_TOO_LARGE for such a record. Producing it again cannot help, yet it was
+retried ``max_retries`` times as if the broker were away: an output then failed for good and stopped the app
+instead of dead-lettering its input, and a dead letter too large for the DLQ was produced again three times.
+(A record above the topic's ``max.message.bytes`` but not the client's is refused by the broker with its whole
+batch, good records too, so that one is still retried: see volley_kafka.producer.INVALID.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from volley import Engine
+from volley.errors import DeliveryError
+
+pytestmark = pytest.mark.kafka
+
+JSON_DICT = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+def app_config(kit: Any, source: str, sink: str, dlq: str, *, small: str) -> dict[str, Any]:
+    producer = {"bootstrap.servers": kit.bootstrap}
+    return {
+        "input": {"value": source, "profile": "confluent", **JSON_DICT,
+                  "config": {**producer, "group.id": kit.unique("g"), "volley.commit.interval.seconds": 0.1}},
+        "out": {"value": sink, "profile": "confluent", **JSON_DICT,
+                "config": {**producer, "message.max.bytes": 1000} if small == "out" else producer},
+        "dlq": {"value": dlq, "profile": "confluent-dlq",
+                "config": {**producer, "message.max.bytes": 1000} if small == "dlq" else producer},
+    }
+
+
+async def test_an_output_too_large_for_its_topic_dead_letters_its_input_without_retries(
+        kit: Any, caplog: pytest.LogCaptureFixture) -> None:
+    source, sink, dlq = kit.topic("big-out-in"), kit.topic("big-out-out"), kit.topic("big-out-dlq")
+    kit.produce(source, [json.dumps({"id": 1, "size": 5000}).encode(), json.dumps({"id": 2, "size": 10}).encode()])
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    metrics_port=None, queue_config=app_config(kit, source, sink, dlq, small="out"), max_retries=3,
+                    retry_backoff_seconds=0.5)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
+
+    caplog.set_level(logging.WARNING)
+    report = await asyncio.wait_for(handler.run_async(max_messages=2), 60)
+    assert (report.acked, report.dead_lettered, report.retries) == (1, 1, 0), report
+    letters = kit.read_topic(dlq)
+    assert [json.loads(m.value())["id"] for m in letters] == [1]
+    headers = dict(letters[0].headers())
+    assert headers["volley-error-stage"] == b"output"
+    assert b"Message size too large" in headers["volley-error-reason"]
+    assert [json.loads(m.value())["id"] for m in kit.read_topic(sink)] == [2]
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+async def test_a_dead_letter_too_large_for_the_dlq_is_refused_once_and_its_input_kept(
+        kit: Any, caplog: pytest.LogCaptureFixture) -> None:
+    source, sink, dlq = kit.topic("big-dl-in"), kit.topic("big-dl-out"), kit.topic("big-dl-dlq")
+    group_config = app_config(kit, source, sink, dlq, small="dlq")
+    group = group_config["input"]["config"]["group.id"]
+    kit.produce(source, [json.dumps({"id": 1, "padding": "x" * 2000}).encode()])
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    metrics_port=None, queue_config=group_config, max_retries=3, retry_backoff_seconds=0.5)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> Any:
+        raise ValueError("cannot handle it")
+
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(DeliveryError, match=r"dead letter .* could not be written .*Message size too large"):
+        await asyncio.wait_for(handler.run_async(max_messages=1), 60)
+    assert kit.read_topic(dlq) == []
+    assert not [r for r in caplog.records if "delivery to" in r.getMessage() and "retrying" in r.getMessage()]
+    assert kit.committed(group, source) == {0: -1001}  # nothing committed: the input comes again
