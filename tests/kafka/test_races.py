@@ -22,6 +22,7 @@ from kafka_fakes import FakeConsumerBase, FakeMessage, Key, producer_clients
 
 from volley.errors import DeliveryError
 from volley.message import Envelope, OutgoingMessage
+from volley.observe import MultiObserver
 from volley.ports import DeliveryFailure, PartitionId, QueueSpec
 from volley_kafka import KafkaConnector, KafkaConsumer, TransactionalKafkaConsumer
 from volley_kafka import consumer as consumer_module
@@ -989,3 +990,38 @@ def test_an_idempotent_producers_fatal_error_fails_every_later_record(fake_produ
     assert fake.sent == [], "nothing handed to the dead client"
     assert isinstance(reports.failed.get(1), DeliveryError), reports.failed
     assert "must be restarted" in str(reports.failed[1])
+
+
+class LagLog:
+    """An observer taking only the lag event (volley.ports.LagObserver)."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[PartitionId, int]] = []
+
+    def on_lag(self, app_name: str, lag: Any) -> None:
+        self.reports.append(dict(lag))
+
+
+async def test_no_lag_is_reported_while_a_rebalance_is_in_progress(fakes: None) -> None:
+    """lag() answers {} while a rebalance callback waits for the loop (its assignment is changing), and the
+    consumer reported that {} to its observer: volley-prometheus withdrew every lag series and the next report
+    brought them back, so dashboards flickered at each rebalance. Nothing is reported then; the report is due
+    again as soon as the rebalance is over."""
+    consumer, fake = await consumer_of()
+    p0 = ("in", 0)
+    fake.add("in", 0, [b"m0", b"m1", b"m2"])
+    fake.rebalance("assign", [p0])
+    log = LagLog()
+    consumer.instrument(MultiObserver([log]), "app")
+    try:
+        await take(consumer, 1)
+        log.reports.clear()  # what consuming reported
+        consumer._fetcher.rebalancing = True
+        consumer._next_lag = 0.0  # a report is due
+        consumer._commit_async(time.monotonic())
+        assert log.reports == [], "a lag report during a rebalance"
+        consumer._fetcher.rebalancing = False
+        consumer._commit_async(time.monotonic())
+        assert len(log.reports) == 1, "due again once the rebalance is over"
+    finally:
+        await consumer.close()

@@ -357,7 +357,9 @@ class KafkaConsumer(RebalanceMixin):
     def _commit_async(self, now: float) -> None:
         """On the loop: decide what to commit; the fetch thread sends it (asynchronously) on its next round."""
         self._next_commit = now + self._settings.commit_interval
-        if now >= self._next_lag and self._observer is not None:
+        # Not while a rebalance is changing the assignment: lag() has nothing to say then, and an empty report
+        # would withdraw every partition's series until the next one (flicker). Due again once it is over.
+        if now >= self._next_lag and self._observer is not None and not self._fetcher.rebalancing:
             self._next_lag = now + LAG_INTERVAL
             self._observer.on_lag(self._app_name, self.lag())
         if self.transactional or self._fetcher.closing:
