@@ -108,14 +108,14 @@ class Run:
         self.last_empty_poll = -1.0
         self.last_poll = 0.0
         self.still_running: str | None = None  # a handler call that outlived shutdown, named for app()
-        self._stop_error: BaseException | None = None
-        self._crashed: BaseException | None = None  # the first task failure seen before the shutdown
+        self.stop_error: BaseException | None = None
+        self.crashed: BaseException | None = None  # the first task failure seen before the shutdown
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._finished = threading.Event()
         self._poll_failures = 0
-        self._started = 0.0
+        self.started_at = 0.0
 
     # ------------------------------------------------------------------ what drain detection reads
 
@@ -135,7 +135,7 @@ class Run:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> RunReport:
-        started = self._started = time.monotonic()
+        started = self.started_at = time.monotonic()
         loop = self._loop = asyncio.get_running_loop()
         self.stop.bind(loop)
         self.settlement.bind(loop)
@@ -176,7 +176,7 @@ class Run:
                 self._finished.set()
         if cancelled is not None:
             raise cancelled
-        error = crashed or self._stop_error
+        error = crashed or self.stop_error
         if error is not None:
             raise error
         return self.report
@@ -195,7 +195,7 @@ class Run:
             if task in done:
                 error = unexpected_end(self.name, name, task)
                 if error is not None:  # said now, not only when the shutdown is over
-                    self._crashed = self._crashed or error
+                    self.crashed = self.crashed or error
                     logger.error("%s: the %s task failed: %s: %s; stopping", self.name, name,
                                  type(error).__qualname__, error, exc_info=error)
                 crashed = crashed or error
@@ -248,8 +248,8 @@ class Run:
 
     def request_stop(self, error: BaseException | None = None) -> None:
         """On the loop. ``error``: the run ends by raising it (the first one wins)."""
-        if error is not None and self._stop_error is None:
-            self._stop_error = error
+        if error is not None and self.stop_error is None:
+            self.stop_error = error
         self.stop.stop()
         if self._stopped is not None:
             self._stopped.set()

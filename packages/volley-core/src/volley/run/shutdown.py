@@ -64,7 +64,7 @@ async def shut_down(run: Run, tasks: dict[str, asyncio.Task[None]]) -> None:
         run.executor.close()
     run.observer.on_ready(run.name, False)  # again: a consumer may have reported ready while it closed
     run.observer.on_stop(run.name)
-    run.report.elapsed_seconds = time.monotonic() - run._started
+    run.report.elapsed_seconds = time.monotonic() - run.started_at
     logger.info("%s: stopped (%s)", run.name, run.report)
 
 
@@ -85,11 +85,11 @@ async def _finish_in_flight(run: Run, process: asyncio.Task[None], deadline: flo
 def _raise_late_crash(run: Run, process: asyncio.Task[None]) -> None:
     """A process task that failed once the shutdown had begun: said, and the run ends by raising it."""
     error = None if process.cancelled() else process.exception()
-    if error is not None and error is not run._crashed:
+    if error is not None and error is not run.crashed:
         logger.error("%s: the process task failed while shutting down: %s: %s", run.name,
                      type(error).__qualname__, error, exc_info=error)
-        if run._stop_error is None:
-            run._stop_error = error
+        if run.stop_error is None:
+            run.stop_error = error
 
 
 async def _flush_outputs(run: Run, deadline: float) -> None:
