@@ -8,26 +8,18 @@ waits for, or does, at that instant what another thread would do."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from typing import Any
 
 import pytest
 import redis
+from rsmq_parts import seed
 
 from volley.ports import QueueSpec
-from volley_rsmq import RsmqClient, RsmqConnector, RsmqConsumer, parse_settings
+from volley_rsmq import RsmqConnector, RsmqConsumer
 
 pytestmark = pytest.mark.redis
-
-
-def seed(config: dict[str, Any], qname: str, count: int) -> None:
-    client = RsmqClient(parse_settings(config, qname, "output"))
-    try:
-        client.send(qname, [(None, json.dumps({"id": i}).encode()) for i in range(count)])
-    finally:
-        client.close()
 
 
 async def started(config: dict[str, Any], qname: str) -> RsmqConsumer:

@@ -7,25 +7,17 @@ call (no sleeps): the wrapped call does, at that instant, what the other thread 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from typing import Any
 
 import pytest
 import redis
+from rsmq_parts import seed
 
 from volley.ports import QueueSpec
-from volley_rsmq import RsmqClient, RsmqConnector, parse_settings
+from volley_rsmq import RsmqConnector
 
 pytestmark = pytest.mark.redis
-
-
-def seed(config: dict[str, Any], qname: str, count: int) -> None:
-    client = RsmqClient(parse_settings(config, qname, "output"))
-    try:
-        client.send(qname, [(None, json.dumps({"id": i}).encode()) for i in range(count)])
-    finally:
-        client.close()
 
 
 async def consume_one(consumer: Any) -> Any:
