@@ -7,11 +7,13 @@ of a large invalid input (Pydantic lists every error) had no bound, which is wha
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from engine_fakes import Connector, Item, publish
+from engine_fakes import Connector, Item, make_engine, publish
 
 from volley import Engine, MemoryBroker
 from volley.errors import DeliveryError, InvalidRecordError
@@ -77,3 +79,38 @@ def test_a_huge_error_reason_is_cut_in_the_dead_letter_and_says_how_much() -> No
     assert reason.startswith(b"ValueError: xxx")
     assert len(reason) <= MAX_REASON + 40, len(reason)
     assert reason.endswith(b"... (%d more characters)" % (len("ValueError: ") + 100_000 - MAX_REASON))
+
+
+class AcceptsFirstThenRaises(MemoryProducer):
+    """Its first call accepts the first record (delivered a moment later, as a broker's client reports it) and
+    then raises for the call; later calls store and report normally."""
+
+    calls = 0
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        AcceptsFirstThenRaises.calls += 1
+        if AcceptsFirstThenRaises.calls > 1:
+            super().produce(messages, on_delivery)
+            return
+        first = messages[0]
+        asyncio.get_running_loop().call_later(0.05, super().produce, [first], on_delivery)
+        raise OverflowError("Python int too large to convert to C int")
+
+
+def test_a_record_accepted_before_its_call_raised_is_not_produced_again_once_delivered() -> None:
+    """The engine counts every record of a call that raised as failed and schedules their retries; the record
+    the producer had accepted is then reported delivered. Its retry must be cancelled: it was produced again
+    (a duplicate output) because a delivered record's pending timer was left to fire."""
+    broker = MemoryBroker()
+    publish(broker, 2)
+    AcceptsFirstThenRaises.calls = 0
+    engine = make_engine(broker, Connector(broker, producer=AcceptsFirstThenRaises), retry_backoff_seconds=0.2,
+                         consume_batch_size=2)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.5)
+    assert sorted(json.loads(v)["n"] for v in broker.produced("out")) == [0, 1]
+    assert report.acked == 2, report

@@ -77,3 +77,25 @@ async def test_a_dead_letter_too_large_for_the_dlq_is_refused_once_and_its_input
     assert kit.read_topic(dlq) == []
     assert not [r for r in caplog.records if "delivery to" in r.getMessage() and "retrying" in r.getMessage()]
     assert kit.committed(group, source) == {0: -1001}  # nothing committed: the input comes again
+
+
+async def test_a_partition_produce_cannot_take_dead_letters_its_input_and_nothing_is_doubled(kit: Any) -> None:
+    """A partition past 2**31 makes librdkafka's produce() raise OverflowError, which escaped the Kafka producer:
+    every record of the call counted as failed, those it had accepted too, which were then produced again (a
+    duplicate output), and the bad one was retried until the app stopped. It is an InvalidRecordError now."""
+    source, sink, dlq = kit.topic("ovf-in"), kit.topic("ovf-out"), kit.topic("ovf-dlq")
+    kit.produce(source, [json.dumps({"id": i}).encode() for i in range(2)])
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    metrics_port=None, queue_config=app_config(kit, source, sink, dlq, small=""), max_retries=2,
+                    retry_backoff_seconds=0.2)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        return [("out", message, {"partition": 2**31} if message["id"] == 1 else {})]
+
+    report = await asyncio.wait_for(handler.run_async(max_messages=2), 60)
+    assert (report.acked, report.dead_lettered, report.retries) == (1, 1, 0), report
+    assert [json.loads(m.value())["id"] for m in kit.read_topic(sink)] == [0]
+    letters = kit.read_topic(dlq)
+    assert [json.loads(m.value())["id"] for m in letters] == [1]
+    assert dict(letters[0].headers())["volley-error-stage"] == b"output"

@@ -99,7 +99,8 @@ def _failure(message: OutgoingMessage, error: Any) -> DeliveryFailure:
         return (message, InvalidRecordError(
             f"Kafka refused the record for {message.topic!r} ({len(message.value or b'')} bytes of value): "
             f"{error.args[0].str()}; producing it again cannot help"))
-    if isinstance(error, (TypeError, ValueError)):  # produce() refused an argument: the record is malformed
+    if isinstance(error, (TypeError, ValueError, OverflowError)):  # produce() refused an argument (a partition
+        # past 2**31, a header of the wrong type): the record is malformed
         return (message, InvalidRecordError(f"the record for {message.topic!r} is malformed: {error}"))
     if isinstance(error, BaseException):
         return (message, error)
@@ -259,7 +260,7 @@ class ProducerClient:
                 sent += 1
         except BufferError:
             self._produce_carefully(messages, sent, bucket)
-        except (KafkaException, TypeError, ValueError) as exc:
+        except (KafkaException, TypeError, ValueError, OverflowError) as exc:
             bucket.failed.append(_failure(messages[sent], exc))
             self._wake.set()
             self._produce_carefully(messages, sent + 1, bucket)
@@ -290,7 +291,7 @@ class ProducerClient:
                     continue
                 self._to_backlog(messages, index, bucket)
                 return
-            except (KafkaException, TypeError, ValueError) as exc:
+            except (KafkaException, TypeError, ValueError, OverflowError) as exc:
                 bucket.failed.append(_failure(m, exc))
                 self._wake.set()
             index += 1
@@ -323,7 +324,7 @@ class ProducerClient:
                     self.producer.poll(POLL_SLICE)
                     self.dispatch()
                     continue
-                except (KafkaException, TypeError, ValueError) as exc:
+                except (KafkaException, TypeError, ValueError, OverflowError) as exc:
                     bucket.failed.append(_failure(message, exc))
                 with self._backlog_lock:
                     backlog.popleft()

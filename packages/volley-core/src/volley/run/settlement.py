@@ -256,10 +256,14 @@ class Settlement:
             self.observer.on_delivery(self.app_name, "fail", len(failed))
 
     def _no_longer_retrying(self, delivered: Sequence[OutgoingMessage]) -> None:
-        """Records produced again after a failed delivery: delivered now (looked up once per report)."""
+        """Records produced again after a failed delivery, or waiting to be: delivered now (looked up once per
+        report). A retry still waiting is cancelled: a producer whose call raised after it had accepted some of
+        the records reports those as delivered after the engine counted them failed."""
         retrying = self._retrying
         for message in delivered:
-            retrying.pop(message, None)
+            entry = retrying.pop(message, None)
+            if entry is not None and entry[1] is not None:
+                entry[1].cancel()
 
     def _delivery_failed(self, slot: int, message: OutgoingMessage, exc: BaseException) -> None:
         token: AnyToken | None = message.token
@@ -309,7 +313,9 @@ class Settlement:
             self._failed_for_good(token, error)  # type: ignore[arg-type]
 
     def _produce_again(self, slot: int, message: OutgoingMessage) -> None:
-        attempts, _ = self._retrying.get(message, (0, None))
+        if message not in self._retrying:  # delivered meanwhile (see _no_longer_retrying)
+            return
+        attempts, _ = self._retrying[message]
         token = message.token
         if token is None or token.pending < 0 or self.closed:
             self._retrying.pop(message, None)
