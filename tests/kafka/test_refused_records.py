@@ -99,3 +99,41 @@ async def test_a_partition_produce_cannot_take_dead_letters_its_input_and_nothin
     letters = kit.read_topic(dlq)
     assert [json.loads(m.value())["id"] for m in letters] == [1]
     assert dict(letters[0].headers())["volley-error-stage"] == b"output"
+
+
+async def test_exactly_once_an_output_refused_for_itself_aborts_once_then_its_input_is_dead_lettered(
+        kit: Any) -> None:
+    """In a transaction the input's other records may be sent already, so a record refused for itself aborts the
+    transaction (nothing of it becomes visible) and the inputs come again. Before, the same input was handled and
+    refused again after every abort, for ever: the partition made no progress and nothing reached the DLQ. Now
+    the engine remembers it, and when it comes again it goes to the DLQ at stage output, unhandled."""
+    source, sink, dlq = kit.topic("eos-big-in"), kit.topic("eos-big-out"), kit.topic("eos-big-dlq")
+    group = kit.unique("g")
+    kit.produce(source, [json.dumps({"id": i}).encode() for i in range(3)])
+    producer = {"bootstrap.servers": kit.bootstrap}
+    config = {
+        "input": {"value": source, "profile": "confluent-eos", **JSON_DICT, "config": {**producer, "group.id": group}},
+        "out": {"value": sink, "profile": "confluent", **JSON_DICT, "config": producer},
+        "dlq": {"value": dlq, "profile": "confluent-dlq", "config": producer},
+    }
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    metrics_port=None, queue_config=config, poll_interval_seconds=0.1)
+    handled: list[int] = []
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        handled.append(message["id"])
+        # 1.1 MB: above librdkafka's default message.max.bytes (1 MB), refused by produce() itself
+        return [("out", {"id": message["id"], "pad": "x" * 1_100_000 if message["id"] == 1 else ""})]
+
+    task = asyncio.ensure_future(handler.run_async())
+    try:
+        await kit.eventually(lambda: kit.committed(group, source) == {0: 3}, within=60, what="every input committed")
+    finally:
+        handler.stop()
+        await asyncio.wait_for(task, 60)
+    assert sorted(json.loads(m.value())["id"] for m in kit.read_topic(sink)) == [0, 2]
+    letters = kit.read_topic(dlq)
+    assert [json.loads(m.value())["id"] for m in letters] == [1]
+    assert dict(letters[0].headers())["volley-error-stage"] == b"output"
+    assert handled.count(1) == 1, handled  # the second time it came, it went to the DLQ without its handler

@@ -92,7 +92,8 @@ class Engine:
             if max_buffered is not None
             else max(4 * self.consume_batch_size, 4 * self.max_in_flight)
         )
-        # Whether max_buffered was given: an exactly-once input's default bound is a whole transaction instead.
+        # Whether max_buffered was given: an exactly-once input's default bound is transaction_max_messages instead
+        # (max_buffered keeps the at-least-once default; the run decides, once it knows the input is transactional).
         self.max_buffered_given = max_buffered is not None
         self.max_retries = _non_negative(max_retries, "max_retries")
         self.retry_backoff_seconds = _positive(retry_backoff_seconds, "retry_backoff_seconds", allow_zero=True)

@@ -61,8 +61,10 @@ class DeliveryError(VolleyError):
 
 class InvalidRecordError(DeliveryError):
     """A producer refused a record because of the record itself (a partition its topic lacks, an option the
-    broker cannot honour): producing it again cannot help. The engine sends the input to the dead-letter queue
-    at stage ``output``, as for any other malformed output."""
+    broker cannot honour, a record larger than the client takes): producing it again cannot help. The engine sends
+    the input to the dead-letter queue at stage ``output``, as for any other malformed output. In exactly-once
+    mode the input's other records may be in the transaction already: it aborts, and when the input comes again
+    it goes to the dead-letter queue unhandled. A dead letter refused this way stops the app."""
 
 
 class TransactionAbortedError(DeliveryError):

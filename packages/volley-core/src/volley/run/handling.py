@@ -21,7 +21,7 @@ from volley.queues import ResolvedQueue
 from volley.run.app import RunnableApp
 from volley.run.retry import RetryPolicy
 from volley.run.routing import Router
-from volley.run.tokens import FAILED, Group, Outcome, Token
+from volley.run.tokens import FAILED, Group, Outcome, Poison, Token
 from volley.run.tracing import Tracing
 
 
@@ -45,12 +45,13 @@ class Handling:
     """The steps of the message path for one run, each bound once (see the module docstring)."""
 
     def __init__(self, app: RunnableApp, queue: ResolvedQueue, router: Router, retry: RetryPolicy, *,
-                 max_deliveries: int, timed: bool, tracing: Tracing | None = None) -> None:
+                 max_deliveries: int, timed: bool, tracing: Tracing | None = None,
+                 poisoned: dict[Poison, BaseException] | None = None) -> None:
         self.timed = timed
         self.is_async = app.is_async
         self.batch_size = queue.batch_size
         context = _contexts(queue.name, app.engine.app_name)
-        self.decode = _decoder(queue, max_deliveries)
+        self.decode = _decoder(queue, max_deliveries, {} if poisoned is None else poisoned)
         self.interpret = router.bind()
         retried = _retrier(app, context, retry)
         self.handle = _handler(app, context, self.decode, self.interpret, retried, timed)
@@ -71,13 +72,18 @@ class Handling:
             handle(group, out, True, chunk)
 
 
-def _decoder(queue: ResolvedQueue, max_deliveries: int) -> Callable[[Envelope, Outcome], Any]:
+def _decoder(queue: ResolvedQueue, max_deliveries: int,
+             poisoned: dict[Poison, BaseException]) -> Callable[[Envelope, Outcome], Any]:
     deserialize, validate, fast_validate = queue.fast_deserialize, queue.validate, queue.fast_validate
 
     def decode(env: Envelope, out: Outcome) -> Any:
-        """The envelope's message, or FAILED once ``out`` has the failure (redelivery, deserialize, validate)."""
+        """The envelope's message, or FAILED once ``out`` has the failure (redelivery, an output its last handling
+        made that was refused for itself, deserialize, validate)."""
         if env.attempt > max_deliveries:
             out.failures.append((env, "redelivery", redelivered(env, max_deliveries)))
+            return FAILED
+        if poisoned and (key := (env.source, env.partition, env.position)) in poisoned:
+            out.failures.append((env, "output", poisoned.pop(key)))
             return FAILED
         try:
             data = deserialize(env.value)

@@ -86,7 +86,7 @@ class Run:
             on_failure=engine.on_failure, transactional=self.transactional, stop=self.stop,
             request_stop=self.request_stop, tracing=self.tracing, slot_topics=slot_topics(routes, len(producers)))
         self.handling = Handling(app, self.input, Router(routes), retry, max_deliveries=engine.max_deliveries,
-                                 timed=timed, tracing=self.tracing)
+                                 timed=timed, tracing=self.tracing, poisoned=self.settlement.poisoned)
         self.inbox: deque[list[Envelope]] = deque()
         self.rebalance = Rebalance(self.settlement, self.inbox, timeout_seconds=engine.shutdown_timeout_seconds,
                                    wait_released=self.wait_revoked)

@@ -27,7 +27,18 @@ from volley.run.acking import Acker
 from volley.run.deadletters import announce, letters
 from volley.run.report import RunReport
 from volley.run.stopping import StopSignal
-from volley.run.tokens import AnyToken, DeadLetter, Group, Outcome, Token, any_revoked, describe, members_of, reason_of
+from volley.run.tokens import (
+    AnyToken,
+    DeadLetter,
+    Group,
+    Outcome,
+    Poison,
+    Token,
+    any_revoked,
+    describe,
+    members_of,
+    reason_of,
+)
 from volley.run.tracing import Tracing
 
 logger = logging.getLogger("volley")
@@ -73,6 +84,9 @@ class Settlement:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self.open_letters: list[DeadLetter] = []  # of the open transaction: dropped with it when it aborts
+        # Exactly-once: inputs whose output was refused for itself (InvalidRecordError). Their transaction aborts
+        # (their other outputs are in it); when one comes again, decode sends it to the DLQ unhandled (handling.py).
+        self.poisoned: dict[Poison, BaseException] = {}
         # Exactly-once: while a transaction settles and commits, the next one's outcomes wait here (its outputs
         # may not be produced before it begins); an abort drops them and moves the generation on, so that work
         # it gave up, still running, settles nothing (see Outcome.generation and transactions.py).
@@ -303,11 +317,20 @@ class Settlement:
             self._retrying[message] = (attempts, timer)
             return
         token.pending = -1  # later reports of its other records must not settle it
+        self._undeliverable(token, message, exc)
+
+    def _undeliverable(self, token: AnyToken, message: OutgoingMessage, exc: BaseException) -> None:
+        """``message`` failed for good: its input is given back (and the app stops, or the transaction aborts)."""
         if type(token) is DeadLetter:
             error = DeliveryError(f"the dead letter of {describe(token.failed)} could not be written to "
                                   f"{message.topic!r}: {reason_of(exc)}")
             self._failed_for_good(token.failed, error)
+            if isinstance(exc, InvalidRecordError):  # it would be refused again however often it came back
+                self.request_stop(error)
         else:
+            if isinstance(exc, InvalidRecordError):  # exactly-once (see above): it comes again after the abort
+                for env in members_of(token):
+                    self.poisoned[(env.source, env.partition, env.position)] = exc
             error = DeliveryError(f"output to {message.topic!r} of input {describe(token)} could not be delivered: "
                                   f"{reason_of(exc)}")
             self._failed_for_good(token, error)  # type: ignore[arg-type]

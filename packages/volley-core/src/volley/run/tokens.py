@@ -37,6 +37,9 @@ class DeadLetter:
 
 
 Token = Envelope | Group
+Poison = tuple[str, int | None, object]
+"""An input by where it is (source, partition, position): exactly-once, one whose output was refused for itself;
+the transaction aborted, and when the input comes again it goes to the DLQ at stage ``output`` unhandled."""
 AnyToken = Envelope | Group | DeadLetter
 
 
