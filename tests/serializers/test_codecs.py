@@ -383,14 +383,17 @@ def test_unencodable_values_are_serialization_errors(serializer: str) -> None:
 # ------------------------------------------------------------------ the engine's fast paths
 
 
+FUSED = "PydanticModelHandler.bind_fast_encode"  # bind_fused_encode hands JSON mode to it: its encode
+
+
 @pytest.mark.parametrize("handler", ["pydantic", "pydantic-list"])
 def test_the_fused_orjson_encoder_writes_what_the_checked_one_writes(handler: str) -> None:
     queue = resolve("orjson", handler, Order, role="output")
-    assert "bind_fused_encode" in queue.encode.__qualname__, "orjson + pydantic should get the fused encoder"
+    assert FUSED in queue.encode.__qualname__, "orjson + pydantic should get the fused encoder"
     checked = queue.serializer.serialize(queue.model_handler.bind_deconstruct(Order, "q")(EXAMPLE))
     assert queue.encode(EXAMPLE) == checked
     # no unchecked serializer: no fusion, the plain chain
-    assert "bind_fused_encode" not in resolve("json", handler, Order, role="output").encode.__qualname__
+    assert FUSED not in resolve("json", handler, Order, role="output").encode.__qualname__
 
 
 def test_the_fused_encoder_explains_failures_through_the_checked_path() -> None:
@@ -401,7 +404,7 @@ def test_the_fused_encoder_explains_failures_through_the_checked_path() -> None:
         thing: Opaque
 
     queue = resolve("orjson", "pydantic", Holder, role="output")
-    assert "bind_fused_encode" in queue.encode.__qualname__
+    assert FUSED in queue.encode.__qualname__
     with pytest.raises(SerializationError) as caught:
         queue.encode(Holder(thing=Opaque()))
     assert "Holder" in caught.value.reason and "\n" not in caught.value.reason

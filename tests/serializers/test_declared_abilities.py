@@ -10,6 +10,7 @@ DeclaresDumpMode)`` / ``UncheckedDeserializer`` once per queue.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -134,3 +135,26 @@ def test_msgpack_and_orjson_declare_what_they_want() -> None:
     assert not isinstance(orjson, DeclaresDumpMode)
     assert isinstance(msgpack, UncheckedDeserializer) and isinstance(orjson, UncheckedDeserializer)
     assert isinstance(PydanticModelHandler(), FusedEncodeBinder)
+
+
+class Secretive(BaseModel):
+    n: int
+    secret: str
+
+
+class NoSecrets(PydanticModelHandler):
+    """A subclass written for the older port: its own dump leaves a field out, and its bind_fast_encode turns the
+    fused path off so that the engine uses that dump."""
+
+    def bind_deconstruct(self, schema: Any, queue: str | None = None) -> Any:
+        return lambda model: model.model_dump(mode="json", exclude={"secret"})
+
+    def bind_fast_encode(self, schema: Any, serialize: Any, fallback: Any) -> Any:
+        return None
+
+
+def test_a_subclass_overriding_the_older_bind_fast_encode_still_decides() -> None:
+    """The engine prefers bind_fused_encode, which every subclass inherits: a subclass's bind_fast_encode was
+    never called any more, and the fused path dumped the field its own dump leaves out (a leak)."""
+    queue = output_queue("orjson", Secretive, NoSecrets())
+    assert json.loads(queue.encode(Secretive(n=1, secret="s"))) == {"n": 1}

@@ -155,9 +155,19 @@ class PydanticModelHandler:
         (msgpack) gets Python-mode dumps instead, for every schema (``_python_mode_encode``).
         """
         serialize = serializer.unchecked_serialize
+        if type(self).bind_fast_encode is not PydanticModelHandler.bind_fast_encode:
+            # A subclass written for the older port overrides bind_fast_encode (to turn fusing off, or to fuse its
+            # own way): it decides, as it did when the engine called it.
+            return self.bind_fast_encode(schema, serialize, fallback)
         if isinstance(serializer, DeclaresDumpMode) and serializer.dump_mode == "python":
             reread = serializer.unchecked_deserialize if isinstance(serializer, UncheckedDeserializer) else None
             return self._python_mode_encode(schema, serialize, reread, fallback)
+        return self.bind_fast_encode(schema, serialize, fallback)
+
+    def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
+                         fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
+        """The older port (``volley.ports.FastEncodeBinder``), given the serializer's function only: JSON-mode dumps
+        fused with it. The engine calls ``bind_fused_encode``, which calls this one (or a subclass's override)."""
         if not _is_model_class(schema):
             return None
         to_python = _complete(schema).__pydantic_serializer__.to_python
@@ -353,6 +363,10 @@ class PydanticParserModelHandler(PydanticModelHandler):
     def bind_fused_encode(self, schema: Any, serializer: UncheckedSerializer,
                           fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
         return None  # the model writes its own JSON bytes: nothing to fuse
+
+    def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
+                         fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
+        return None  # the same, by the older port
 
     def _make_validate(self, schema: Any) -> Validate:
         validate_json = self._validator(schema).validate_json
