@@ -114,3 +114,41 @@ def test_a_record_accepted_before_its_call_raised_is_not_produced_again_once_del
     report = handler.run_until_drained(timeout=20, drain_idle_seconds=0.5)
     assert sorted(json.loads(v)["n"] for v in broker.produced("out")) == [0, 1]
     assert report.acked == 2, report
+
+
+class AcceptsFirstThenRaisesThenFailsIt(MemoryProducer):
+    """First call: accepts the first record, raises for the call, and a moment later reports that accepted record
+    failed (a transient broker error). Later calls store at once and confirm after 0.5 s (a slow broker)."""
+
+    calls = 0
+
+    def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
+        cls = AcceptsFirstThenRaisesThenFailsIt
+        cls.calls += 1
+        loop = asyncio.get_running_loop()
+        if cls.calls > 1:
+            self._broker.publish_many(messages)
+            loop.call_later(0.5, on_delivery, list(messages), ())
+            return
+        first = messages[0]
+        loop.call_later(0.05, on_delivery, (), [(first, DeliveryError("Broker: request timed out"))])
+        raise RuntimeError("the producer's call raised after accepting the first record")
+
+
+def test_a_record_failed_twice_is_not_produced_twice() -> None:
+    """The call raised (every record counted failed, a retry scheduled), then the accepted record was reported
+    failed too: a second retry was scheduled beside the first, and both sent it (a review found it)."""
+    broker = MemoryBroker()
+    publish(broker, 1)
+    AcceptsFirstThenRaisesThenFailsIt.calls = 0
+    engine = make_engine(broker, Connector(broker, producer=AcceptsFirstThenRaisesThenFailsIt),
+                         retry_backoff_seconds=0.2, max_retries=3)
+
+    @engine.stream_app
+    def handler(item: Item) -> list[tuple[str, Item]]:
+        return [("out", item)]
+
+    report = handler.run_until_drained(timeout=20, drain_idle_seconds=1.5)
+    produced = [json.loads(v)["n"] for v in broker.produced("out")]
+    assert produced == [0], produced
+    assert report.acked == 1, report

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -137,3 +138,66 @@ async def test_exactly_once_an_output_refused_for_itself_aborts_once_then_its_in
     assert [json.loads(m.value())["id"] for m in letters] == [1]
     assert dict(letters[0].headers())["volley-error-stage"] == b"output"
     assert handled.count(1) == 1, handled  # the second time it came, it went to the DLQ without its handler
+
+
+async def test_two_refused_inputs_first_refused_in_different_transactions_are_both_dead_lettered(kit: Any) -> None:
+    """X (id 0) is refused in a transaction that Y (id 1) did not make it into; after the rewind both land in one
+    transaction. When decode used up an input's mark, each aborted transaction consumed the mark of the input it
+    dead-lettered, and the other one was handled and refused again: they alternated for ever (a review found it).
+    A mark now lasts until the transaction holding its dead letter commits."""
+    source, sink, dlq = kit.topic("eos2-in"), kit.topic("eos2-out"), kit.topic("eos2-dlq")
+    group = kit.unique("g")
+    kit.produce(source, [json.dumps({"id": 0}).encode()])
+    producer = {"bootstrap.servers": kit.bootstrap}
+    config = {
+        "input": {"value": source, "profile": "confluent-eos", **JSON_DICT, "config": {**producer, "group.id": group}},
+        "out": {"value": sink, "profile": "confluent", **JSON_DICT, "config": producer},
+        "dlq": {"value": dlq, "profile": "confluent-dlq", "config": producer},
+    }
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    metrics_port=None, queue_config=config, poll_interval_seconds=0.1)
+    handled: list[int] = []
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        handled.append(message["id"])
+        if message["id"] == 0 and handled.count(0) == 1:
+            kit.produce(source, [json.dumps({"id": 1}).encode()])  # Y arrives while X's transaction is open
+            time.sleep(0.5)  # X's transaction is due (interval 0.1 s) before Y joins it
+        return [("out", {"id": message["id"], "pad": "x" * 1_100_000})]  # every one refused by produce()
+
+    task = asyncio.ensure_future(handler.run_async())
+    try:
+        await kit.eventually(lambda: kit.committed(group, source) == {0: 2}, within=30, what="both committed")
+    finally:
+        handler.stop()
+        await asyncio.wait_for(task, 60)
+    assert sorted(json.loads(m.value())["id"] for m in kit.read_topic(dlq)) == [0, 1]
+    assert kit.read_topic(sink) == []
+
+
+async def test_exactly_once_without_a_dlq_an_output_refused_for_itself_stops_the_app_whatever_on_failure(
+        kit: Any) -> None:
+    """Without a DLQ the input can neither be dead-lettered nor committed with its outputs. Given back with
+    on_failure="continue", its transaction committed the later inputs' outputs with offsets only up to it, and the
+    rewind of the next abort produced those outputs again (read_committed saw [0, 2, 2, 3, 3]; a review found it).
+    The app stops instead; nothing of the transaction becomes visible."""
+    source, sink = kit.topic("eos-nodlq-in"), kit.topic("eos-nodlq-out")
+    group = kit.unique("g")
+    kit.produce(source, [json.dumps({"id": i}).encode() for i in range(4)])
+    producer = {"bootstrap.servers": kit.bootstrap}
+    config = {
+        "input": {"value": source, "profile": "confluent-eos", **JSON_DICT, "config": {**producer, "group.id": group}},
+        "out": {"value": sink, "profile": "confluent", **JSON_DICT, "config": producer},
+    }
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], metrics_port=None,
+                    queue_config=config, poll_interval_seconds=0.1, on_failure="continue")
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [("out", {"id": message["id"], "pad": "x" * 1_100_000 if message["id"] == 1 else ""})]
+
+    with pytest.raises(DeliveryError, match=r"could not be delivered.*Message size too large"):
+        await asyncio.wait_for(handler.run_async(), 60)
+    seen = [json.loads(m.value())["id"] for m in kit.read_topic(sink)]
+    assert 1 not in seen and len(seen) == len(set(seen)), seen

@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import pytest
 from pydantic import BaseModel
 
@@ -158,3 +159,21 @@ def test_a_subclass_overriding_the_older_bind_fast_encode_still_decides() -> Non
     never called any more, and the fused path dumped the field its own dump leaves out (a leak)."""
     queue = output_queue("orjson", Secretive, NoSecrets())
     assert json.loads(queue.encode(Secretive(n=1, secret="s"))) == {"n": 1}
+
+
+class Wrapping(PydanticModelHandler):
+    """A subclass of the older port that only special-cases one schema and leaves the rest to super()."""
+
+    def bind_fast_encode(self, schema: Any, serialize: Any, fallback: Any) -> Any:
+        if schema is None:
+            return None
+        return super().bind_fast_encode(schema, serialize, fallback)
+
+
+def test_a_subclass_delegating_to_super_keeps_python_mode_for_msgpack() -> None:
+    """Its super() call reached a JSON-mode-only bind_fast_encode: msgpack outputs went out with bytes as text, and
+    bytes that are not UTF-8 failed (a review found it)."""
+    part = Part(name="p", raw=b"\x00\xff")
+    base = output_queue("msgpack", Part, PydanticModelHandler()).encode(part)
+    assert output_queue("msgpack", Part, Wrapping()).encode(part) == base
+    assert msgpack.unpackb(base) == {"name": "p", "raw": b"\x00\xff"}

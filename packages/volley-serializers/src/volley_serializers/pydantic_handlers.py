@@ -37,6 +37,7 @@ Fast paths for the engine (all optional, built once per queue):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,10 @@ def _adapter(schema: Any) -> TypeAdapter[Any]:
 
 def _identity(message: Any) -> Any:
     return message
+
+
+_BINDING = threading.local()
+"""The serializer ``bind_fused_encode`` is binding for, on this thread, for the ``bind_fast_encode`` it calls."""
 
 
 class PydanticModelHandler:
@@ -154,20 +159,24 @@ class PydanticModelHandler:
         None when ``schema`` is not a model class. A serializer that declares ``dump_mode = "python"``
         (msgpack) gets Python-mode dumps instead, for every schema (``_python_mode_encode``).
         """
-        serialize = serializer.unchecked_serialize
-        if type(self).bind_fast_encode is not PydanticModelHandler.bind_fast_encode:
-            # A subclass written for the older port overrides bind_fast_encode (to turn fusing off, or to fuse its
-            # own way): it decides, as it did when the engine called it.
-            return self.bind_fast_encode(schema, serialize, fallback)
-        if isinstance(serializer, DeclaresDumpMode) and serializer.dump_mode == "python":
-            reread = serializer.unchecked_deserialize if isinstance(serializer, UncheckedDeserializer) else None
-            return self._python_mode_encode(schema, serialize, reread, fallback)
-        return self.bind_fast_encode(schema, serialize, fallback)
+        # Through bind_fast_encode, which a subclass written for the older port may override (to turn fusing off,
+        # or to fuse its own way, calling super() for the rest): it decides, as it did when the engine called it,
+        # and ours learns the serializer from _BINDING (set for this call, on this thread).
+        _BINDING.serializer = serializer
+        try:
+            return self.bind_fast_encode(schema, serializer.unchecked_serialize, fallback)
+        finally:
+            _BINDING.serializer = None
 
     def bind_fast_encode(self, schema: Any, serialize: Callable[[Any], bytes],
                          fallback: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None:
-        """The older port (``volley.ports.FastEncodeBinder``), given the serializer's function only: JSON-mode dumps
-        fused with it. The engine calls ``bind_fused_encode``, which calls this one (or a subclass's override)."""
+        """The older port (``volley.ports.FastEncodeBinder``): called with the serializer's function only, JSON-mode
+        dumps fused with it; called by ``bind_fused_encode``, what the serializer declares decides (Python mode for
+        msgpack)."""
+        serializer = getattr(_BINDING, "serializer", None)
+        if isinstance(serializer, DeclaresDumpMode) and serializer.dump_mode == "python":
+            reread = serializer.unchecked_deserialize if isinstance(serializer, UncheckedDeserializer) else None
+            return self._python_mode_encode(schema, serialize, reread, fallback)
         if not _is_model_class(schema):
             return None
         to_python = _complete(schema).__pydantic_serializer__.to_python

@@ -82,8 +82,8 @@ def _decoder(queue: ResolvedQueue, max_deliveries: int,
         if env.attempt > max_deliveries:
             out.failures.append((env, "redelivery", redelivered(env, max_deliveries)))
             return FAILED
-        if poisoned and (key := (env.source, env.partition, env.position)) in poisoned:
-            out.failures.append((env, "output", poisoned.pop(key)))
+        if poisoned and (refused := poisoned.get((env.source, env.partition, env.position))) is not None:
+            out.failures.append((env, "output", refused))  # kept until its dead letter commits (Settlement)
             return FAILED
         try:
             data = deserialize(env.value)

@@ -85,7 +85,8 @@ class Settlement:
         self._loop_thread = 0
         self.open_letters: list[DeadLetter] = []  # of the open transaction: dropped with it when it aborts
         # Exactly-once: inputs whose output was refused for itself (InvalidRecordError). Their transaction aborts
-        # (their other outputs are in it); when one comes again, decode sends it to the DLQ unhandled (handling.py).
+        # (their other outputs are in it); whenever one comes again, decode sends it to the DLQ unhandled
+        # (handling.py), until the transaction holding its dead letter commits (letters_committed).
         self.poisoned: dict[Poison, BaseException] = {}
         # Exactly-once: while a transaction settles and commits, the next one's outcomes wait here (its outputs
         # may not be produced before it begins); an abort drops them and moves the generation on, so that work
@@ -281,7 +282,10 @@ class Settlement:
 
     def _delivery_failed(self, slot: int, message: OutgoingMessage, exc: BaseException) -> None:
         token: AnyToken | None = message.token
-        attempts = self._retrying.pop(message, (0, None))[0] + 1
+        previous = self._retrying.pop(message, None)
+        if previous is not None and previous[1] is not None:  # a retry still waiting is replaced, not doubled
+            previous[1].cancel()
+        attempts = (previous[0] if previous is not None else 0) + 1
         if token is None or token.pending < 0:
             return
         if type(token) is Group and all(m.pending == -1 for m in token.members):
@@ -328,12 +332,23 @@ class Settlement:
             if isinstance(exc, InvalidRecordError):  # it would be refused again however often it came back
                 self.request_stop(error)
         else:
-            if isinstance(exc, InvalidRecordError):  # exactly-once (see above): it comes again after the abort
-                for env in members_of(token):
-                    self.poisoned[(env.source, env.partition, env.position)] = exc
             error = DeliveryError(f"output to {message.topic!r} of input {describe(token)} could not be delivered: "
                                   f"{reason_of(exc)}")
+            if isinstance(exc, InvalidRecordError):  # exactly-once (see above): it comes again after the abort
+                if self.dlq is None:  # it can neither be committed nor dead-lettered: stop, whatever on_failure says
+                    self.request_stop(error)
+                else:
+                    for env in members_of(token):
+                        self.poisoned[(env.source, env.partition, env.position)] = exc
             self._failed_for_good(token, error)  # type: ignore[arg-type]
+
+    def letters_committed(self, letters: Sequence[DeadLetter]) -> None:
+        """Exactly-once: the transaction holding these dead letters committed; their inputs are poisoned no more."""
+        poisoned = self.poisoned
+        if poisoned:
+            for letter in letters:
+                for env in letter.members:
+                    poisoned.pop((env.source, env.partition, env.position), None)
 
     def _produce_again(self, slot: int, message: OutgoingMessage) -> None:
         if message not in self._retrying:  # delivered meanwhile (see _no_longer_retrying)

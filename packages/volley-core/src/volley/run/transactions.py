@@ -170,6 +170,7 @@ class TransactionBarrier:
                 self._aborting = True
                 await self._forget(batch, letters, counts)
                 return
+            settlement.letters_committed(letters)
             await acker.flush()
             if self.open:  # the next transaction took inputs meanwhile: it begins before their outputs go out
                 # Counted from here: what this one settled (its reports came in after the next one opened) is
