@@ -152,3 +152,13 @@ def publish(broker: MemoryBroker, count: int) -> None:
 
 def outputs(broker: MemoryBroker) -> list[int]:
     return sorted(json.loads(value)["n"] for value in broker.produced("out"))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``condition()`` came true within ``timeout`` seconds (checked every 5 ms)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

@@ -9,12 +9,11 @@ after the shutdown closed settlement count nothing.
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
-from engine_fakes import Connector, FlakyProducer, Item, make_engine, outputs, publish
+from engine_fakes import Connector, FlakyProducer, Item, make_engine, outputs, publish, wait_for
 
 from volley import MemoryBroker
 from volley.memory import MemoryProducer
@@ -47,15 +46,6 @@ def flaky(failures: Callable[[OutgoingMessage], int], how: str = "report",
         return producer
 
     return make
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_confirmed_outputs_and_dead_letters_count_as_success_and_each_failed_report_as_fail() -> None:

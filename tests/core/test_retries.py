@@ -13,12 +13,11 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from engine_fakes import FlakyProducer
+from engine_fakes import FlakyProducer, wait_for
 
 from volley import DeliveryError, Engine, MemoryBroker
 from volley.memory import MemoryProducer
@@ -73,15 +72,6 @@ def assert_backoff(times: list[float], retries: int, cap: float = float("inf")) 
     for n, (gap, due) in enumerate(zip(observed, nominal, strict=True)):
         assert gap >= due - SLACK, f"retry {n + 1} came after {gap:.3f} s, before its backoff of {due} s: {observed}"
         assert gap <= due + 0.5, f"retry {n + 1} came after {gap:.3f} s, far past its backoff of {due} s: {observed}"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def given_back(broker: MemoryBroker) -> list[Envelope]:

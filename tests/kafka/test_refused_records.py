@@ -102,6 +102,18 @@ async def test_a_partition_produce_cannot_take_dead_letters_its_input_and_nothin
     assert dict(letters[0].headers())["volley-error-stage"] == b"output"
 
 
+def eos_engine(kit: Any, source: str, sink: str, dlq: str, group: str) -> Engine:
+    """An exactly-once app: input (group ``group``) -> out, with a dead-letter queue."""
+    producer = {"bootstrap.servers": kit.bootstrap}
+    config = {
+        "input": {"value": source, "profile": "confluent-eos", **JSON_DICT, "config": {**producer, "group.id": group}},
+        "out": {"value": sink, "profile": "confluent", **JSON_DICT, "config": producer},
+        "dlq": {"value": dlq, "profile": "confluent-dlq", "config": producer},
+    }
+    return Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                  metrics_port=None, queue_config=config, poll_interval_seconds=0.1)
+
+
 async def test_exactly_once_an_output_refused_for_itself_aborts_once_then_its_input_is_dead_lettered(
         kit: Any) -> None:
     """In a transaction the input's other records may be sent already, so a record refused for itself aborts the
@@ -111,14 +123,7 @@ async def test_exactly_once_an_output_refused_for_itself_aborts_once_then_its_in
     source, sink, dlq = kit.topic("eos-big-in"), kit.topic("eos-big-out"), kit.topic("eos-big-dlq")
     group = kit.unique("g")
     kit.produce(source, [json.dumps({"id": i}).encode() for i in range(3)])
-    producer = {"bootstrap.servers": kit.bootstrap}
-    config = {
-        "input": {"value": source, "profile": "confluent-eos", **JSON_DICT, "config": {**producer, "group.id": group}},
-        "out": {"value": sink, "profile": "confluent", **JSON_DICT, "config": producer},
-        "dlq": {"value": dlq, "profile": "confluent-dlq", "config": producer},
-    }
-    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
-                    metrics_port=None, queue_config=config, poll_interval_seconds=0.1)
+    engine = eos_engine(kit, source, sink, dlq, group)
     handled: list[int] = []
 
     @engine.stream_app
@@ -148,14 +153,7 @@ async def test_two_refused_inputs_first_refused_in_different_transactions_are_bo
     source, sink, dlq = kit.topic("eos2-in"), kit.topic("eos2-out"), kit.topic("eos2-dlq")
     group = kit.unique("g")
     kit.produce(source, [json.dumps({"id": 0}).encode()])
-    producer = {"bootstrap.servers": kit.bootstrap}
-    config = {
-        "input": {"value": source, "profile": "confluent-eos", **JSON_DICT, "config": {**producer, "group.id": group}},
-        "out": {"value": sink, "profile": "confluent", **JSON_DICT, "config": producer},
-        "dlq": {"value": dlq, "profile": "confluent-dlq", "config": producer},
-    }
-    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
-                    metrics_port=None, queue_config=config, poll_interval_seconds=0.1)
+    engine = eos_engine(kit, source, sink, dlq, group)
     handled: list[int] = []
 
     @engine.stream_app
