@@ -128,7 +128,7 @@ class Connector(MemoryConnector):
 
 
 def make_engine(broker: MemoryBroker, connector: Connector, *, profile: str = "memory", ordering: str = "partition",
-                batch_size: int | None = None, **settings: Any) -> Engine:
+                batch_size: int | None = None, dead_letter_queue: str | None = "dlq", **settings: Any) -> Engine:
     registry = build_registry()
     registry.entries["observer"] = {}
     queues = {"in": {"value": "in", "profile": profile, "data_model": Item, "consumer": connector,
@@ -141,7 +141,7 @@ def make_engine(broker: MemoryBroker, connector: Connector, *, profile: str = "m
     options: dict[str, Any] = {"metrics_port": None, "poll_interval_seconds": 0.02, "retry_backoff_seconds": 0.0,
                                "shutdown_timeout_seconds": 1.0, "registry": registry}
     options.update(settings)
-    return Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+    return Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue=dead_letter_queue,
                   queue_config=queues, **options)
 
 

@@ -73,3 +73,54 @@ async def test_an_aborted_transaction_mid_stream_is_invisible_to_read_committed_
     uncommitted = Counter(json.loads(m.value())["n"] for m in kit.read_topic(sink, isolation="read_uncommitted"))
     assert poisoned <= set(uncommitted), "the poisoned inputs' outputs are in the log, in aborted transactions only"
     assert {n for n, c in uncommitted.items() if c > 1}, "the aborted batches' other records are in the log twice"
+
+
+async def test_an_input_given_back_never_lets_the_outputs_after_it_commit_without_it(
+    kit: Any, group_protocol: str
+) -> None:
+    """The handler gives input 4 back (returns False). Its offset cannot be committed, so a transaction that
+    committed the outputs of 5..9 beside it left a gap: the restart below (like an abort) reads from 4 again and
+    5..9's outputs became visible twice. The transaction holding a given-back input aborts instead."""
+    source, sink = kit.topic("eos-nack-in"), kit.topic("eos-nack-out")
+    group = kit.unique("g")
+    kit.produce(source, [json.dumps({"n": i}).encode() for i in range(10)])
+    codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+    config = {
+        "input": {"value": source, "profile": "confluent-eos", **codec,
+                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group, "group.protocol": group_protocol}},
+        "out": {"value": sink, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
+    }
+    given_back: list[int] = []
+
+    def app(accept_all: bool) -> Any:
+        engine = Engine(app_name=kit.unique("eos-nack"), input_queue="input", output_queues=["out"],
+                        queue_config=config, metrics_port=None, poll_interval_seconds=0.1,
+                        redelivery_delay_seconds=0.2, transaction_interval_seconds=0.1)
+
+        @engine.stream_app
+        def handler(message: dict[str, Any]) -> Any:
+            if message["n"] == 4 and not accept_all:
+                given_back.append(4)
+                return False
+            return [("out", message)]
+
+        return handler
+
+    first = app(accept_all=False)
+    task = asyncio.ensure_future(first.run_async())
+    try:
+        await kit.eventually(lambda: len(given_back) >= 2, within=60, what="input 4 given back twice")
+    finally:
+        first.stop()
+        await asyncio.wait_for(task, 60)
+    second = app(accept_all=True)
+    task = asyncio.ensure_future(second.run_async())
+    try:
+        await kit.eventually(lambda: kit.committed(group, source) == kit.end_offsets(source), within=60,
+                             what="every input committed")
+    finally:
+        second.stop()
+        await asyncio.wait_for(task, 60)
+    visible = Counter(json.loads(m.value())["n"] for m in kit.read_topic(sink))
+    assert sorted(visible) == list(range(10)), visible
+    assert max(visible.values()) == 1, f"outputs visible twice: {visible}"

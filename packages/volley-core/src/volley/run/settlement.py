@@ -365,8 +365,7 @@ class Settlement:
     def _failed_for_good(self, token: Token, error: DeliveryError) -> None:
         logger.error("%s: %s; the input is not acknowledged and will be delivered again", self.app_name, error)
         self.report.add_error(str(error))
-        self.give_back(token, f"output: DeliveryError: {error}", failed=True)
-        self.transaction_failed = True
+        self.give_back(token, f"output: DeliveryError: {error}", failed=True)  # exactly-once: it aborts
         if self.on_failure == "stop" and not self.transactional:
             self.request_stop(error)
 
@@ -405,7 +404,15 @@ class Settlement:
         self.notify()
 
     def give_back(self, token: Token, reason: str, *, failed: bool = False) -> None:
+        """``token``'s inputs are not done: delivered again later (the consumer's nack, with a delay).
+
+        Exactly-once: its transaction aborts. Its partition's offset cannot move past the input, yet the inputs
+        after it in the transaction would commit their outputs: an abort, or a restart, rewinds to the input and
+        those outputs would become visible twice. The nack goes to the consumer before the abort (``_end``), so the
+        delivery still counts against max_deliveries and the input's partition waits out the delay."""
         members = members_of(token)
+        if self.transactional:
+            self.transaction_failed = True
         self.acker.nacks.extend((env, reason) for env in members)
         self.in_flight -= len(members)
         if failed:

@@ -159,6 +159,7 @@ class TransactionBarrier:
                 logger.error("%s: aborting the transaction (%d unsettled); its inputs will be processed again",
                              self.app_name, unsettled)
                 self._aborting = True
+                await acker.flush()  # the give-backs first: their attempts and delays outlive the rewind
                 await consumer.abort()
                 await self._forget(batch, letters, counts)
                 return
