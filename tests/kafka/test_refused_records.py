@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from volley import Engine
-from volley.errors import DeliveryError
+from volley.errors import ConfigurationError, DeliveryError
 
 pytestmark = pytest.mark.kafka
 
@@ -199,3 +199,47 @@ async def test_exactly_once_without_a_dlq_an_output_refused_for_itself_stops_the
         await asyncio.wait_for(handler.run_async(), 60)
     seen = [json.loads(m.value())["id"] for m in kit.read_topic(sink)]
     assert 1 not in seen and len(seen) == len(set(seen)), seen
+
+
+async def test_a_topic_that_refuses_the_producers_batches_fails_the_start_saying_what_to_set(kit: Any) -> None:
+    """The topic's max.message.bytes (10,000) bounds a whole batch. With the producer's default message.max.bytes
+    (1,000,000) a burst of small outputs went out in batches the broker refused whole: every output failed, was
+    retried, and the app stopped with a DeliveryError. Now the start fails, naming the setting."""
+    source, dlq = kit.topic("limit-in"), kit.topic("limit-dlq")
+    sink = kit.topic("limit-out", config={"max.message.bytes": "10000"})
+    kit.produce(source, [json.dumps({"id": i, "size": 500}).encode() for i in range(200)])
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    metrics_port=None, queue_config=app_config(kit, source, sink, dlq, small=""), max_retries=1,
+                    retry_backoff_seconds=0.05)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
+
+    with pytest.raises(ConfigurationError, match=r"topic '.*limit-out.*' accepts record batches of at most 10000 "
+                                                 r"bytes.*Set \"message.max.bytes\": 10000 in the config of queue 'out'"):
+        await asyncio.wait_for(handler.run_async(max_messages=200), 60)
+    assert kit.read_topic(sink, timeout=2) == []
+
+
+async def test_with_message_max_bytes_at_the_topics_limit_only_the_record_too_large_is_dead_lettered(
+        kit: Any) -> None:
+    """What the start-up error says to do: librdkafka then keeps batches within the topic's limit, and refuses
+    a record above it on its own."""
+    source, dlq = kit.topic("fit-in"), kit.topic("fit-dlq")
+    sink = kit.topic("fit-out", config={"max.message.bytes": "10000"})
+    sizes = [500] * 100 + [20_000] + [500] * 99
+    kit.produce(source, [json.dumps({"id": i, "size": size}).encode() for i, size in enumerate(sizes)])
+    config = app_config(kit, source, sink, dlq, small="")
+    config["out"]["config"]["message.max.bytes"] = 10000
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    metrics_port=None, queue_config=config, max_retries=1, retry_backoff_seconds=0.05)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
+
+    report = await asyncio.wait_for(handler.run_async(max_messages=200), 60)
+    assert (report.acked, report.dead_lettered, report.retries) == (199, 1, 0), report
+    assert [json.loads(m.value())["id"] for m in kit.read_topic(dlq)] == [100]
+    assert sorted(json.loads(m.value())["id"] for m in kit.read_topic(sink)) == [i for i in range(200) if i != 100]

@@ -14,6 +14,10 @@ from volley.errors import ConfigurationError
 logger = logging.getLogger("volley_kafka")
 rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
 
+CONNECTION_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "broker.", "client.")
+"""The settings an admin client built beside a consumer or producer takes from its config: where the brokers are
+and how to reach them."""
+
 USER_CALLBACKS = ("error_cb", "oauth_cb", "stats_cb", "throttle_cb")
 """Callbacks a user may give librdkafka in the queue's config. librdkafka runs them inside ``poll()``, next to the
 delivery reports, so on the event loop if the loop served the producer's reports. One may block (a token fetched
@@ -82,3 +86,8 @@ def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, 
         ) from None
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"{what}: invalid Kafka configuration: {exc}") from None
+
+
+def admin_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of an admin client for the cluster of a consumer's or producer's ``config``."""
+    return {k: v for k, v in config.items() if k.startswith(CONNECTION_PREFIXES)}

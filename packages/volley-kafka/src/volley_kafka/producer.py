@@ -40,10 +40,11 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from volley.errors import BrokerUnavailableError, DeliveryError, InvalidRecordError, TransactionAbortedError
+from volley.errors import DeliveryError, InvalidRecordError, TransactionAbortedError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 from volley_kafka.clients import USER_CALLBACKS, is_fatal, make_client, with_callbacks
+from volley_kafka.producer_checks import check_batch_limit, check_reachable
 from volley_kafka.settings import ProducerSettings, brokers_of
 
 logger = logging.getLogger("volley_kafka")
@@ -477,7 +478,10 @@ class KafkaProducer:
         self._client = client
         timeout = self._settings.startup_timeout
         if timeout > 0:
-            await asyncio.to_thread(_check_reachable, client.producer, client.brokers, timeout, self._queue)
+            await asyncio.to_thread(check_reachable, client.producer, client.brokers, timeout, self._queue)
+            owner = "the input queue (exactly-once: its producer writes every output)" if client.transactional \
+                else f"queue {self._queue.name!r}"
+            await asyncio.to_thread(check_batch_limit, client.config, self._queue, timeout, owner=owner)
 
     def produce(self, messages: Sequence[OutgoingMessage], on_delivery: DeliveryCallback) -> None:
         client = self._client
@@ -500,14 +504,3 @@ class KafkaProducer:
     def __repr__(self) -> str:
         return f"KafkaProducer({self._queue.name!r} -> {self._queue.value!r})"
 
-
-def _check_reachable(client: Any, brokers: frozenset[str], timeout: float, queue: QueueSpec) -> None:
-    """Fail at start-up, not on the first message, when no broker answers."""
-    try:
-        client.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise BrokerUnavailableError(
-            f"queue {queue.name!r}: no Kafka broker of {', '.join(sorted(brokers))} answered within {timeout:.0f} s "
-            f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
-            "volley.startup.timeout.seconds"
-        ) from None

@@ -53,7 +53,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 from volley.errors import BrokerUnavailableError, ConfigurationError, ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import QueueSpec
-from volley_kafka.clients import is_fatal, log_client_error, make_client, with_callbacks
+from volley_kafka.clients import admin_config, is_fatal, log_client_error, make_client, with_callbacks
 from volley_kafka.share_settings import ShareSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -64,8 +64,6 @@ POLL_SLICE = 0.2
 LOG_INTERVAL = 30.0
 CLOSE_TIMEOUT = 4.0
 """How long close waits for one member's librdkafka close (it runs for every member at once)."""
-CONNECTION_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "broker.", "client.")
-
 RecordKey = tuple[str, int, int]
 
 
@@ -137,8 +135,7 @@ class ShareKafkaConsumer:
     def _check_brokers(self, timeout: float) -> None:
         """A throwaway admin client: no broker answering is a start-up error, a missing topic a warning; then the
         group's own settings (see _check_group)."""
-        config = {k: v for k, v in self._settings.librdkafka.items() if k.startswith(CONNECTION_PREFIXES)}
-        admin = make_client(with_callbacks(config), self._what, AdminClient)
+        admin = make_client(with_callbacks(admin_config(self._settings.librdkafka)), self._what, AdminClient)
         try:
             metadata = admin.list_topics(timeout=timeout)
         except KafkaException as exc:
