@@ -10,7 +10,6 @@ redelivery delay before the rewind's inputs come again.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 

@@ -216,8 +216,8 @@ async def test_a_topic_that_refuses_the_producers_batches_fails_the_start_saying
     def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
 
-    with pytest.raises(ConfigurationError, match=r"topic '.*limit-out.*' accepts record batches of at most 10000 "
-                                                 r"bytes.*Set \"message.max.bytes\": 10000 in the config of queue 'out'"):
+    expected = r"at most 10000 bytes.*Set \"message.max.bytes\": 10000 in the config of queue 'out'"
+    with pytest.raises(ConfigurationError, match=expected):
         await asyncio.wait_for(handler.run_async(max_messages=200), 60)
     assert kit.read_topic(sink, timeout=2) == []
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from volley.errors import ConfigurationError
+from volley.errors import BrokerUnavailableError, ConfigurationError
 
 logger = logging.getLogger("volley_kafka")
 rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
@@ -91,3 +91,16 @@ def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, 
 def admin_config(config: dict[str, Any]) -> dict[str, Any]:
     """The settings of an admin client for the cluster of a consumer's or producer's ``config``."""
     return {k: v for k, v in config.items() if k.startswith(CONNECTION_PREFIXES)}
+
+
+def cluster_metadata(client: Any, what: str, brokers: object, timeout: float) -> Any:
+    """The start-up check: ``client``'s cluster metadata; a BrokerUnavailableError naming ``brokers`` (and what to
+    change) when none answers within ``timeout``."""
+    try:
+        return client.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise BrokerUnavailableError(
+            f"{what}: no Kafka broker of {brokers} answered within {timeout:.0f} s "
+            f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
+            "volley.startup.timeout.seconds"
+        ) from None

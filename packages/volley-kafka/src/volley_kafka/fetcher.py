@@ -21,8 +21,8 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from volley.errors import BrokerUnavailableError, ConfigurationError
-from volley_kafka.clients import is_fatal, log_client_error, make_client, with_callbacks
+from volley.errors import ConfigurationError
+from volley_kafka.clients import cluster_metadata, is_fatal, log_client_error, make_client, with_callbacks
 from volley_kafka.offsets import TopicPartitionKey
 from volley_kafka.settings import ConsumerSettings
 from volley_kafka.worker import BlockingWorker
@@ -157,14 +157,7 @@ class Fetcher:
         notice a topic created later only at its periodic metadata refresh (five minutes by default)."""
         probe: Any = make_client(with_callbacks(self._settings.librdkafka), self._what, confluent_kafka.Consumer)
         try:
-            return probe.list_topics(timeout=timeout)
-        except KafkaException as exc:
-            brokers = self._settings.librdkafka.get("bootstrap.servers")
-            raise BrokerUnavailableError(
-                f"{self._what}: no Kafka broker of {brokers} answered within {timeout:.0f} s "
-                f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
-                "volley.startup.timeout.seconds"
-            ) from None
+            return cluster_metadata(probe, self._what, self._settings.librdkafka.get("bootstrap.servers"), timeout)
         finally:
             try:
                 probe.close()

@@ -21,9 +21,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     ResourceType,
 )
 
-from volley.errors import BrokerUnavailableError, ConfigurationError
+from volley.errors import ConfigurationError
 from volley.ports import QueueSpec
-from volley_kafka.clients import admin_config, make_client, with_callbacks
+from volley_kafka.clients import admin_config, cluster_metadata, make_client, with_callbacks
 
 logger = logging.getLogger("volley_kafka")
 
@@ -33,14 +33,7 @@ MESSAGE_MAX_BYTES = 1_000_000
 
 def check_reachable(client: Any, brokers: frozenset[str], timeout: float, queue: QueueSpec) -> None:
     """Fail at start-up, not on the first message, when no broker answers."""
-    try:
-        client.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise BrokerUnavailableError(
-            f"queue {queue.name!r}: no Kafka broker of {', '.join(sorted(brokers))} answered within {timeout:.0f} s "
-            f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
-            "volley.startup.timeout.seconds"
-        ) from None
+    cluster_metadata(client, f"queue {queue.name!r}", ", ".join(sorted(brokers)), timeout)
 
 
 def check_batch_limit(config: dict[str, Any], queue: QueueSpec, timeout: float, *, owner: str) -> None:

@@ -50,10 +50,10 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     ResourceType,
 )
 
-from volley.errors import BrokerUnavailableError, ConfigurationError, ConsumerFailedError
+from volley.errors import ConfigurationError, ConsumerFailedError
 from volley.message import Envelope
 from volley.ports import QueueSpec
-from volley_kafka.clients import admin_config, is_fatal, log_client_error, make_client, with_callbacks
+from volley_kafka.clients import admin_config, cluster_metadata, is_fatal, log_client_error, make_client, with_callbacks
 from volley_kafka.share_settings import ShareSettings
 from volley_kafka.worker import BlockingWorker
 
@@ -136,15 +136,7 @@ class ShareKafkaConsumer:
         """A throwaway admin client: no broker answering is a start-up error, a missing topic a warning; then the
         group's own settings (see _check_group)."""
         admin = make_client(with_callbacks(admin_config(self._settings.librdkafka)), self._what, AdminClient)
-        try:
-            metadata = admin.list_topics(timeout=timeout)
-        except KafkaException as exc:
-            brokers = self._settings.librdkafka.get("bootstrap.servers")
-            raise BrokerUnavailableError(
-                f"{self._what}: no Kafka broker of {brokers} answered within {timeout:.0f} s "
-                f"({exc.args[0] if exc.args else exc}); check bootstrap.servers / KAFKA_BROKERS, or raise "
-                "volley.startup.timeout.seconds"
-            ) from None
+        metadata = cluster_metadata(admin, self._what, self._settings.librdkafka.get("bootstrap.servers"), timeout)
         missing = [t for t in self._settings.topics if t not in metadata.topics or metadata.topics[t].error]
         if missing:
             logger.warning("%s: topic(s) %s do not exist (yet); consuming will start once they are created",
