@@ -216,7 +216,7 @@ async def test_a_topic_that_refuses_the_producers_batches_fails_the_start_saying
     def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
 
-    expected = r"at most 10000 bytes.*Set \"message.max.bytes\": 10000 in the config of queue 'out'"
+    expected = r"at most 10000 bytes.*Set \"message.max.bytes\": 9488 in the config of queue 'out'"
     with pytest.raises(ConfigurationError, match=expected):
         await asyncio.wait_for(handler.run_async(max_messages=200), 60)
     assert kit.read_topic(sink, timeout=2) == []
@@ -228,10 +228,10 @@ async def test_with_message_max_bytes_at_the_topics_limit_only_the_record_too_la
     a record above it on its own."""
     source, dlq = kit.topic("fit-in"), kit.topic("fit-dlq")
     sink = kit.topic("fit-out", config={"max.message.bytes": "10000"})
-    sizes = [500] * 100 + [20_000] + [500] * 99
+    sizes = [500] * 100 + [9_500] + [500] * 99  # 9,500: below the topic's limit, not with its batch's framing
     kit.produce(source, [json.dumps({"id": i, "size": size}).encode() for i, size in enumerate(sizes)])
     config = app_config(kit, source, sink, dlq, small="")
-    config["out"]["config"]["message.max.bytes"] = 10000
+    config["out"]["config"]["message.max.bytes"] = 9488
     engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
                     metrics_port=None, queue_config=config, max_retries=1, retry_backoff_seconds=0.05)
 
@@ -243,3 +243,25 @@ async def test_with_message_max_bytes_at_the_topics_limit_only_the_record_too_la
     assert (report.acked, report.dead_lettered, report.retries) == (199, 1, 0), report
     assert [json.loads(m.value())["id"] for m in kit.read_topic(dlq)] == [100]
     assert sorted(json.loads(m.value())["id"] for m in kit.read_topic(sink)) == [i for i in range(200) if i != 100]
+
+
+async def test_a_compressed_producer_above_its_topics_limit_starts_with_a_warning(
+        kit: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker checks a compressed batch compressed: a higher message.max.bytes may be meant (a review found a
+    zstd producer sending 3 MB records of JSON to a 1 MB topic refused at start)."""
+    source, dlq = kit.topic("zstd-in"), kit.topic("zstd-dlq")
+    sink = kit.topic("zstd-out", config={"max.message.bytes": "10000"})
+    kit.produce(source, [json.dumps({"id": 1, "size": 30_000}).encode()])
+    config = app_config(kit, source, sink, dlq, small="")
+    config["out"]["config"].update({"message.max.bytes": 100_000, "compression.type": "zstd"})
+    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
+                    metrics_port=None, queue_config=config)
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
+
+    caplog.set_level(logging.WARNING)
+    report = await asyncio.wait_for(handler.run_async(max_messages=1), 60)
+    assert report.acked == 1, report
+    assert any("accepts record batches of at most 10000 bytes" in r.getMessage() for r in caplog.records)

@@ -10,13 +10,13 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from volley.errors import BrokerUnavailableError, ConfigurationError
+from volley_kafka.settings import CONSUMER_ONLY, PRODUCER_ONLY
 
 logger = logging.getLogger("volley_kafka")
 rdkafka_logger = logging.getLogger("volley_kafka.librdkafka")
 
-CONNECTION_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "broker.", "client.")
-"""The settings an admin client built beside a consumer or producer takes from its config: where the brokers are
-and how to reach them."""
+SHARE_ONLY = ("share.", "max.poll.records")
+"""Settings of a share consumer that an admin client has no use for (librdkafka would warn about each)."""
 
 USER_CALLBACKS = ("error_cb", "oauth_cb", "stats_cb", "throttle_cb")
 """Callbacks a user may give librdkafka in the queue's config. librdkafka runs them inside ``poll()``, next to the
@@ -89,8 +89,10 @@ def make_client(config: dict[str, Any], what: str, factory: Callable[[dict[str, 
 
 
 def admin_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings of an admin client for the cluster of a consumer's or producer's ``config``."""
-    return {k: v for k, v in config.items() if k.startswith(CONNECTION_PREFIXES)}
+    """The settings of an admin client for the cluster of a consumer's or producer's ``config``: all but what only a
+    consumer or a producer takes. Whatever reaching the brokers needs (credentials, TLS, an ``oauth_cb``) is kept."""
+    return {k: v for k, v in config.items()
+            if k not in CONSUMER_ONLY and k not in PRODUCER_ONLY and not k.startswith(SHARE_ONLY)}
 
 
 def cluster_metadata(client: Any, what: str, brokers: object, timeout: float) -> Any:

@@ -44,7 +44,7 @@ from volley.errors import DeliveryError, InvalidRecordError, TransactionAbortedE
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 from volley_kafka.clients import USER_CALLBACKS, is_fatal, make_client, with_callbacks
-from volley_kafka.producer_checks import check_batch_limit, check_reachable
+from volley_kafka.producer_checks import BATCH_MARGIN, check_batch_limit, check_reachable
 from volley_kafka.settings import ProducerSettings, brokers_of
 
 logger = logging.getLogger("volley_kafka")
@@ -111,8 +111,8 @@ def _failure(message: OutgoingMessage, error: Any) -> DeliveryFailure:
     if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
         return (message, DeliveryError(
             f"Kafka refused the record for {message.topic!r}: {error.str()} (it, or a record sent in the same batch, "
-            "is above the topic's max.message.bytes; set the producer's message.max.bytes to at most the topic's, "
-            "and a record too large is refused on its own and its input dead-lettered)"))
+            "is above the topic's max.message.bytes; set the producer's message.max.bytes to at most the topic's less "
+            f"{BATCH_MARGIN}, and a record too large is refused on its own and its input dead-lettered)"))
     return (message, DeliveryError(f"Kafka refused the record for {message.topic!r}: {error}"))
 
 
