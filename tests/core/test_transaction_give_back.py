@@ -30,7 +30,7 @@ class Recording(TxConsumer):
 
 
 @pytest.mark.parametrize("how", ["returns False", "fails without a DLQ"])
-def test_an_input_given_back_aborts_its_transaction_after_the_nack(how: str) -> None:
+def test_an_input_given_back_aborts_its_transaction_after_the_nack(how: str, caplog: pytest.LogCaptureFixture) -> None:
     broker = MemoryBroker()
     publish(broker, 6)
     log: list[Any] = []
@@ -58,3 +58,6 @@ def test_an_input_given_back_aborts_its_transaction_after_the_nack(how: str) -> 
     assert "commit-start" not in events[:events.index("abort")], f"nothing committed before the abort: {log}"
     assert sorted(set(seen)) == list(range(6)) and seen.count(2) >= 2
     assert report.acked == 6, report
+    # The give-back reached the consumer and aborted the transaction: counted as what it was, not as abandoned.
+    assert (report.nacked, report.failed) == ((1, 0) if how == "returns False" else (0, 1)), report
+    assert any("aborting the transaction: in[0]@2 was given back" in r.getMessage() for r in caplog.records)

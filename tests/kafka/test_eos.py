@@ -124,3 +124,45 @@ async def test_an_input_given_back_never_lets_the_outputs_after_it_commit_withou
     visible = Counter(json.loads(m.value())["n"] for m in kit.read_topic(sink))
     assert sorted(visible) == list(range(10)), visible
     assert max(visible.values()) == 1, f"outputs visible twice: {visible}"
+
+
+
+async def test_the_inputs_before_one_given_back_over_and_over_are_committed(kit: Any) -> None:
+    """Input 50 is given back on every delivery. Each give-back aborts its transaction (above); a review found that
+    every transaction after the rewind held 50 again, with the inputs before it, so none of them was ever committed
+    (and with a random give-back in one delivery of a hundred, no transaction of hundreds of inputs committed in
+    30 s). The given-back input's partition is now handed out only up to it until what came before it is committed:
+    each abort is followed by progress."""
+    source, sink = kit.topic("eos-again-in"), kit.topic("eos-again-out")
+    group = kit.unique("g")
+    kit.produce(source, [json.dumps({"n": i}).encode() for i in range(100)])
+    codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+    config = {
+        "input": {"value": source, "profile": "confluent-eos", **codec,
+                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group}},
+        "out": {"value": sink, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
+    }
+    engine = Engine(app_name=kit.unique("eos-again"), input_queue="input", output_queues=["out"],
+                    queue_config=config, metrics_port=None, redelivery_delay_seconds=0.05,
+                    retry_backoff_max_seconds=0.2, max_deliveries=1000)
+    given_back = 0
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> Any:
+        nonlocal given_back
+        if message["n"] == 50:
+            given_back += 1
+            return False
+        return [("out", message)]
+
+    task = asyncio.ensure_future(handler.run_async())
+    try:
+        await kit.eventually(lambda: kit.committed(group, source) == {0: 50}, within=30,
+                             what="the inputs before 50 committed")
+        await kit.eventually(lambda: given_back >= 3, within=30, what="50 given back three times")
+    finally:
+        handler.stop()
+        await asyncio.wait_for(task, 60)
+    assert kit.committed(group, source) == {0: 50}, "never past the input given back"
+    visible = Counter(json.loads(m.value())["n"] for m in kit.read_topic(sink))
+    assert sorted(visible) == list(range(50)) and max(visible.values()) == 1, visible

@@ -231,3 +231,19 @@ def test_watermark_is_always_the_lowest_unfinished_offset(count: int, start: int
         previous = state.watermark
     assert not state.done
     assert not state.outstanding
+
+
+def test_a_fence_lifts_once_its_delay_is_over_and_what_came_before_it_is_committed_or_being_committed() -> None:
+    state = PartitionOffsets()
+    for offset in range(10, 20):
+        state.consumed(offset)
+    state.fenced_at(15, until=5.0)
+    state.fenced_at(17, until=3.0)  # a later one neither moves the fence up nor shortens its delay
+    assert (state.fence, state.fence_until) == (15, 5.0)
+    state.fenced_at(12, until=4.0)
+    assert (state.fence, state.fence_until) == (12, 5.0), "an earlier input given back moves the fence down"
+    assert not state.fence_passable(6.0), "10 and 11 are neither committed nor being committed"
+    assert not state.fence_passable(4.0, committing=12), "the delay is not over"
+    assert state.fence_passable(6.0, committing=12)
+    state.committed = 12
+    assert state.fence_passable(6.0)

@@ -168,6 +168,12 @@ class Transactional(Protocol):
     ``commit`` or ``abort`` runs, the engine goes on calling ``consume`` and
     handling what it returns; it produces nothing before the next ``begin``,
     which it calls only once the commit has returned.
+
+    An input given back (``nack``) aborts its transaction: the engine calls
+    ``nack`` first, then ``abort``. The consumer keeps the delivery count and
+    the delay across the rewind, and hands out nothing of the input's partition
+    from the input on until what came before it is committed (or being
+    committed), so that each abort is followed by progress.
     """
 
     @property

@@ -124,6 +124,7 @@ class KafkaConsumer(RebalanceMixin):
         self._paused_at = 0.0
         self._hard_paused = False  # ... and it lasted long enough to pause the partitions in librdkafka
         self._delayed: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
+        self._held: set[TopicPartitionKey] = set()  # paused at their fence (exactly-once give-backs, offsets.py)
         self._releasing: asyncio.Task[Any] | None = None  # the loop half of a revoke, while it runs
         self._next_commit = 0.0
         self._next_lag = 0.0
@@ -268,6 +269,11 @@ class KafkaConsumer(RebalanceMixin):
                         continue
                     if state.sought_epoch > epoch:
                         last_partition = -1  # still pending: check the next message too
+                if state.fence >= 0:
+                    last_partition = -1  # every record of the partition is checked against its fence
+                    if offset >= state.fence:
+                        self._hold((topic, partition))
+                        continue
             if offset < expected:
                 # Read again after a seek for a nacked message: only what was nacked goes out again.
                 if offset not in state.redeliver:
@@ -403,7 +409,11 @@ class KafkaConsumer(RebalanceMixin):
                 self._want_pauses()
 
     def _want_pauses(self) -> None:
-        self._fetcher.want_pauses(self._hard_paused, frozenset(self._delayed))
+        self._fetcher.want_pauses(self._hard_paused, frozenset(self._delayed) | self._held)
+
+    def _hold(self, key: TopicPartitionKey) -> None:
+        """A record at or past its partition's fence was fetched: only the exactly-once consumer fences partitions
+        (transactional.py)."""
 
     def _pause_for(self, key: TopicPartitionKey, delay: float) -> None:
         loop = self._loop
@@ -464,8 +474,9 @@ class KafkaConsumer(RebalanceMixin):
         """On the loop: what the tracker says, then the broker's ends through the fetch thread."""
         fetcher = self._fetcher
         assigned = fetcher.assigned
-        if (not self._ever_assigned or not assigned or self._tracker.pending() or self._delayed
-                or fetcher.rebalancing or not fetcher.started):
+        if (not self._ever_assigned or not assigned or self._tracker.pending() or self._delayed or self._held
+                or fetcher.rebalancing or not fetcher.started
+                or any(state.fence >= 0 for state in self._tracker.partitions.values())):
             return False
         positions: dict[TopicPartitionKey, int] = {}
         for key in assigned:

@@ -30,8 +30,8 @@ TopicPartitionKey = tuple[str, int]
 class PartitionOffsets:
     """One partition: offsets handed out and not yet passed by the watermark, attempts, a pending rewind."""
 
-    __slots__ = ("attempts", "committed", "done", "first", "next", "outstanding", "redeliver", "sought",
-                 "sought_epoch")
+    __slots__ = ("attempts", "committed", "done", "fence", "fence_until", "first", "next", "outstanding", "redeliver",
+                 "sought", "sought_epoch")
 
     def __init__(self) -> None:
         self.outstanding: deque[int] = deque()  # consumed, in order; the head is the lowest unfinished one
@@ -43,6 +43,10 @@ class PartitionOffsets:
         self.attempts: dict[int, int] = {}  # nacked offset -> the attempt number of its next delivery
         self.sought = -1  # a rewind (aborted transaction) sought back to this offset ...
         self.sought_epoch = 0  # ... in this seek epoch; 0: none pending
+        # Exactly-once: an input given back at this offset (-1: none). Records from it on are not handed out until
+        # what came before it is committed and its redelivery delay (until ``fence_until``, loop time) is over.
+        self.fence = -1
+        self.fence_until = 0.0
 
     def register(self, offsets: list[int]) -> None:
         """Offsets consumed for the first time, in order (``consumed`` for a run of new offsets at once)."""
@@ -128,6 +132,18 @@ class PartitionOffsets:
             self.sought_epoch = 0
             return False
         return offset > self.sought
+
+    def fenced_at(self, offset: int, until: float) -> None:
+        """An input at ``offset`` was given back, to come again no earlier than ``until`` (see ``fence``)."""
+        if self.fence < 0 or offset < self.fence:
+            self.fence = offset
+        self.fence_until = max(self.fence_until, until)
+
+    def fence_passable(self, now: float, committing: int = -1) -> bool:
+        """Whether the fence may be lifted: its delay is over, and everything before it is committed or in the
+        transaction being committed (``committing``: the offset it sends). What is read past the fence then belongs
+        to a later transaction; if this one aborts, the rewind goes back before the fence anyway."""
+        return now >= self.fence_until and max(self.restart, committing) >= self.fence
 
     @property
     def restart(self) -> int:

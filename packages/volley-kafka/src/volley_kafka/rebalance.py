@@ -56,6 +56,7 @@ class RebalanceMixin:
     _app_name: str
     _hard_paused: bool
     _delayed: dict[TopicPartitionKey, asyncio.TimerHandle]
+    _held: set[TopicPartitionKey]
     # Written only here (KafkaConsumer.__init__ gives them their first values):
     _ever_assigned: bool  # the group assigned this member partitions at least once (is_drained)
     _releasing: asyncio.Task[Any] | None  # the loop half of a revoke, while it runs
@@ -63,6 +64,8 @@ class RebalanceMixin:
     if TYPE_CHECKING:
         @property
         def transactional(self) -> bool: ...  # KafkaConsumer's capability: offsets commit with a transaction
+
+        def _want_pauses(self) -> None: ...  # KafkaConsumer's: tells the fetch thread the pause state wanted
 
     # ================================================================== fetch thread
 
@@ -169,8 +172,11 @@ class RebalanceMixin:
             if handle is not None:
                 handle.cancel()
                 dropped = True
+        if self._held.intersection(keys):
+            self._held.difference_update(keys)
+            dropped = True
         if dropped:
-            self._fetcher.want_pauses(self._hard_paused, frozenset(self._delayed))
+            self._want_pauses()
 
     async def _before_release(self, timeout: float) -> None:
         return None

@@ -98,6 +98,57 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         assert self._idle is not None
         self._idle.clear()
 
+    async def nack(self, envelopes: Sequence[Envelope], delay: float) -> None:
+        """Given back: the engine aborts the transaction next (ports.Transactional), and the rewind reads every
+        partition from its last commit again. The input's offset cannot be committed, so neither can the outputs of
+        the inputs after it: its partition is fenced there (offsets.PartitionOffsets.fence). It is handed out up to
+        the fence, so that the next transaction commits what came before the input, and from the fence on once that
+        commit is made and the delay is over. However often inputs are given back, each abort is followed by
+        progress; without the fence a random give-back in every transaction would abort all of them."""
+        loop = asyncio.get_running_loop()
+        partitions = self._tracker.partitions
+        until = loop.time() + delay
+        fenced: set[TopicPartitionKey] = set()
+        for e in envelopes:
+            key = (e.source, int(e.partition or 0))
+            state = partitions.get(key)
+            if state is None:
+                continue
+            offset = int(e.position)
+            state.attempts[offset] = e.attempt + 1
+            state.fenced_at(offset, until)
+            fenced.add(key)
+        for key in fenced:
+            loop.call_later(delay, self._lift_fence, key)
+
+    def _hold(self, key: TopicPartitionKey) -> None:
+        """A record at or past the partition's fence was fetched: dropped, and the partition paused until the fence
+        lifts (then it is read again from the fence)."""
+        if key not in self._held:
+            self._held.add(key)
+            self._want_pauses()
+            self._lift_fence(key)
+
+    def _lift_fence(self, key: TopicPartitionKey, committing: int = -1) -> None:
+        """Lift the partition's fence if it may be (offsets.PartitionOffsets.fence_passable); called when a record
+        hits it, when a commit sends the partition's offset (``committing``), and when its delay is over."""
+        state = self._tracker.partitions.get(key)
+        if state is None or state.fence < 0:  # forgotten (revoked), or lifted already
+            if key in self._held:
+                self._held.discard(key)
+                self._want_pauses()
+            return
+        if self._loop is None or self._closed or not state.fence_passable(self._loop.time(), committing):
+            return
+        fence, state.fence = state.fence, -1
+        if key in self._held:  # records from the fence on were dropped: read them again
+            self._held.discard(key)
+            fetcher = self._fetcher
+            fetcher.epoch += 1
+            state.rewound(fence, fetcher.epoch)
+            fetcher.ask_seek(TopicPartition(key[0], key[1], fence))
+            self._want_pauses()
+
     async def commit(self, envelopes: Sequence[Envelope]) -> None:
         """Send the finished inputs' watermarks with the transaction and commit it."""
         assert self._txn_worker is not None
@@ -130,6 +181,10 @@ class TransactionalKafkaConsumer(KafkaConsumer):
                         continue
                     raise
 
+        partitions = self._tracker.partitions
+        for topic, partition, offset in offsets:  # fences this commit passes: read on for the next transaction
+            if partitions[(topic, partition)].fence >= 0:
+                self._lift_fence((topic, partition), offset)
         started = time.monotonic()
         self._committing = True
         try:
@@ -259,6 +314,8 @@ class TransactionalKafkaConsumer(KafkaConsumer):
                 continue  # no longer ours: its new owner starts from the last commit
             state.rewound(offset, epoch)
             fetcher.ask_seek(TopicPartition(key[0], key[1], offset))
+            self._held.discard(key)  # read again from before its fence (if any): it stops there again
+        self._want_pauses()
 
     def _closed_transaction(self) -> None:
         self._open = False

@@ -36,14 +36,17 @@ class RunReport:
     def settled(self) -> int:
         return self.acked + self.nacked + self.dead_lettered + self.failed + self.abandoned
 
-    def settled_counts(self) -> tuple[int, int, int, int]:
-        """The final states an aborted transaction takes back (see ``void_since``)."""
-        return self.acked, self.nacked, self.dead_lettered, self.failed
+    def settled_counts(self) -> tuple[int, int]:
+        """The final states an aborted transaction takes back (see ``void_since``): acked, dead-lettered."""
+        return self.acked, self.dead_lettered
 
-    def void_since(self, counts: tuple[int, int, int, int]) -> None:
-        """An aborted transaction settled nothing: inputs settled since ``counts`` come again (abandoned)."""
-        self.abandoned += sum(now - then for now, then in zip(self.settled_counts(), counts, strict=True))
-        self.acked, self.nacked, self.dead_lettered, self.failed = counts
+    def void_since(self, counts: tuple[int, int]) -> None:
+        """An aborted transaction settled nothing: inputs acked or dead-lettered since ``counts`` come again
+        (abandoned). Those given back (nacked, failed) stay counted so: their give-back reached the consumer (their
+        delivery counts against max_deliveries), and it is what aborted the transaction."""
+        acked, dead_lettered = counts
+        self.abandoned += self.acked - acked + self.dead_lettered - dead_lettered
+        self.acked, self.dead_lettered = counts
 
     def add_error(self, line: str) -> None:
         if len(self.errors) < MAX_ERRORS:

@@ -71,7 +71,7 @@ class Settlement:
         self._slot_topics = list(slot_topics)
         self.in_flight = 0
         self.last_activity = time.monotonic()
-        self.transaction_failed = False
+        self.abort_reason = ""  # exactly-once: why the open transaction must abort ("" while it may commit)
         self.closed = False  # past shutdown's last flush: late results and reports change nothing
         self.settled = asyncio.Event()
         self._out: list[list[OutgoingMessage]] = [[] for _ in self.producers]
@@ -294,7 +294,7 @@ class Settlement:
             # Its transaction is over, and the abort rewinds the input to the last commit: not the record's fault,
             # so neither a retry nor a give-back (that would count a delivery against max_deliveries).
             token.pending = -1
-            self.transaction_failed = True
+            self.abort_reason = self.abort_reason or f"a record of {describe(token)} was unsent: {reason_of(exc)}"
             self.abandon(len(members_of(token.failed if type(token) is DeadLetter else token)))
             return
         # Not in a transaction: the input's other records may be in it already, and its dead letter beside them
@@ -412,7 +412,7 @@ class Settlement:
         delivery still counts against max_deliveries and the input's partition waits out the delay."""
         members = members_of(token)
         if self.transactional:
-            self.transaction_failed = True
+            self.abort_reason = self.abort_reason or f"{describe(token)} was given back ({reason})"
         self.acker.nacks.extend((env, reason) for env in members)
         self.in_flight -= len(members)
         if failed:

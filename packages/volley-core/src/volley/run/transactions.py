@@ -32,7 +32,7 @@ from volley.run.tokens import DeadLetter
 
 logger = logging.getLogger("volley")
 
-Counts = tuple[int, int, int, int]
+Counts = tuple[int, int]  # RunReport.settled_counts
 
 
 class TransactionBarrier:
@@ -92,8 +92,9 @@ class TransactionBarrier:
         return True
 
     def due(self) -> bool:
-        """Whether the open transaction is full or old enough to commit."""
-        return self.count >= self.max_messages or time.monotonic() - self._started >= self.interval_seconds
+        """Whether the open transaction is full or old enough to commit, or must abort (no use filling it)."""
+        return (self.count >= self.max_messages or time.monotonic() - self._started >= self.interval_seconds
+                or bool(self.settlement.abort_reason))
 
     def remaining(self) -> float:
         """Seconds until the open transaction is due by time."""
@@ -151,13 +152,17 @@ class TransactionBarrier:
         settlement, consumer = self.settlement, self.consumer
         try:
             await self.wait_until(lambda: self._unsettled() > 0, deadline)
-            failed, settlement.transaction_failed = settlement.transaction_failed, False
+            reason, settlement.abort_reason = settlement.abort_reason, ""
             acker = settlement.acker
             acks, acker.acks = acker.acks, []
             unsettled = self._unsettled()
-            if unsettled or failed:
-                logger.error("%s: aborting the transaction (%d unsettled); its inputs will be processed again",
-                             self.app_name, unsettled)
+            if unsettled or reason:
+                if reason:
+                    logger.warning("%s: aborting the transaction: %s; its inputs will be processed again",
+                                   self.app_name, reason)
+                else:
+                    logger.error("%s: aborting the transaction: %d input(s) did not settle within %g s; its inputs "
+                                 "will be processed again", self.app_name, unsettled, self.timeout_seconds)
                 self._aborting = True
                 await acker.flush()  # the give-backs first: their attempts and delays outlive the rewind
                 await consumer.abort()
