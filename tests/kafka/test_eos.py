@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from typing import Any
 
+import confluent_kafka
 import pytest
 
 from volley import Engine
@@ -166,3 +167,46 @@ async def test_the_inputs_before_one_given_back_over_and_over_are_committed(kit:
     assert kit.committed(group, source) == {0: 50}, "never past the input given back"
     visible = Counter(json.loads(m.value())["n"] for m in kit.read_topic(sink))
     assert sorted(visible) == list(range(50)) and max(visible.values()) == 1, visible
+
+
+async def test_an_input_given_back_right_after_a_transaction_marker_is_handled_again(kit: Any) -> None:
+    """The input comes from another exactly-once app: its offsets have gaps (each transaction's commit marker).
+    Given back right after a marker, its fence stood one past what came before it, which a commit can never
+    reach: the partition stayed paused for good (a review found it)."""
+    source, sink = kit.topic("eos-marker-in"), kit.topic("eos-marker-out")
+    group = kit.unique("g")
+    upstream = confluent_kafka.Producer({"bootstrap.servers": kit.bootstrap, "transactional.id": kit.unique("up")})
+    upstream.init_transactions(30)
+    for batch in (range(5), range(5, 10)):  # offsets 0-4, a marker at 5, then 6-10 and a marker at 11
+        upstream.begin_transaction()
+        for n in batch:
+            upstream.produce(source, json.dumps({"n": n}).encode())
+        upstream.commit_transaction(30)
+    codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+    config = {
+        "input": {"value": source, "profile": "confluent-eos", **codec,
+                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group}},
+        "out": {"value": sink, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
+    }
+    engine = Engine(app_name=kit.unique("eos-marker"), input_queue="input", output_queues=["out"],
+                    queue_config=config, metrics_port=None, redelivery_delay_seconds=0.05)
+    seen: list[int] = []
+
+    @engine.stream_app
+    def handler(message: dict[str, Any]) -> Any:
+        seen.append(message["n"])
+        if message["n"] == 5 and seen.count(5) == 1:
+            return False
+        return [("out", message)]
+
+    task = asyncio.ensure_future(handler.run_async())
+    try:
+        # One past the last record: the marker after it is never read (the end offset is one further on).
+        await kit.eventually(lambda: kit.committed(group, source) == {0: 11}, within=30,
+                             what="every input committed")
+    finally:
+        handler.stop()
+        await asyncio.wait_for(task, 60)
+        del upstream
+    visible = Counter(json.loads(m.value())["n"] for m in kit.read_topic(sink))
+    assert sorted(visible) == list(range(10)) and max(visible.values()) == 1, visible

@@ -27,10 +27,12 @@ mailbox: queued commits and seeks       loop appends,       deques: the loop app
                                         fetch thread takes  fetch thread takes from the left and drops
                                                             those of partitions given up
 mailbox: wanted pause state (hard       loop                ``Fetcher.want_pauses`` sets it and a dirty
-pause, delayed partitions' frozenset)                       flag; the fetch thread applies it
-seek epoch (``Fetcher.epoch``)          loop                an int the fetch thread reads at fetch start
+pause, delayed and fenced partitions'                       flag; the fetch thread applies it
+frozenset)
+seek epoch (``Fetcher.epoch``)          loop                bumped with its seeks, read by the fetch thread
+                                                            as it applies them, under one lock (``serve``)
 engine pause (``_paused``), delay       loop                only as the wanted pause state above
-timers (``_delayed``)
+timers (``_delayed``), fences (held)
 assignment (``Fetcher.assigned``)       fetch thread        a frozenset the rebalance callbacks replace
                                         (rebalance.py)      whole; each fetch returns it with its records,
                                                             and the loop drops records of partitions not

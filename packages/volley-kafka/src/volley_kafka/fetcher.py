@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -111,7 +112,10 @@ class Fetcher:
         self.rebalancing = False  # a rebalance callback is waiting for the loop: no consumer calls from there
         # written by the loop, read by the fetch thread
         self.closing = False
-        self.epoch = 0  # the seek epoch: bumped by the loop before it asks for a rewind's seeks
+        # The seek epoch: bumped with a rewind's seeks (``ask_rewind``), read by the fetch thread as it applies them
+        # (``serve``), both under ``_seek_lock``: a record read after a rewind's seek always carries its epoch.
+        self.epoch = 0
+        self._seek_lock = threading.Lock()
         # the mailbox: the loop appends (or sets), the fetch thread takes
         self._commits: deque[tuple[Offsets, float]] = deque()
         self._seeks: deque[TopicPartition] = deque()
@@ -197,6 +201,14 @@ class Fetcher:
     def ask_seek(self, partition: TopicPartition) -> None:
         self._seeks.append(partition)
 
+    def ask_rewind(self, partitions: list[TopicPartition]) -> int:
+        """Seek these partitions back in a new seek epoch, returned: records fetched before the seeks carry an
+        earlier one (``PartitionOffsets.stale``)."""
+        with self._seek_lock:
+            self.epoch += 1
+            self._seeks.extend(partitions)
+            return self.epoch
+
     def want_pauses(self, hard: bool, delayed: frozenset[TopicPartitionKey]) -> None:
         """The pause state the loop wants: every partition (hard), else the delayed ones."""
         self._hard_paused = hard
@@ -208,9 +220,8 @@ class Fetcher:
     def fetch(self, count: int, timeout: float) -> Fetched:
         """What is ready now, else wait for the first message and take what followed it."""
         consumer = self.client
-        epoch = self.epoch
-        releases = self.releases  # at the start, like the epoch: a release during this call counts as after it
-        self.serve()
+        releases = self.releases  # at the start: a release during this call counts as after it
+        epoch = self.serve()  # the seek epoch of the records read from here on
         messages: list[Any] = consumer.consume(count, 0)
         if not messages and timeout > 0:
             deadline = time.monotonic() + timeout
@@ -223,7 +234,10 @@ class Fetcher:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     break
-                self.serve()  # e.g. a resume while waiting
+                # e.g. a resume while waiting; a rewind's seeks too: nothing is read yet, and what comes next is
+                # read after them (tagged with the earlier epoch, records past a rewind target that has no record
+                # of its own, a transaction marker, were dropped as stale for good)
+                epoch = self.serve()
         self.serve()
         now = time.monotonic()
         if now >= self._next_watermarks:
@@ -245,24 +259,28 @@ class Fetcher:
                 highs[(topic, partition)] = high
         self.high_watermarks = highs  # replaced whole: the loop reads it without a lock
 
-    def serve(self) -> None:
-        """Carry out what the loop asked for (commits, seeks, pause state)."""
+    def serve(self) -> int:
+        """Carry out what the loop asked for (commits, seeks, pause state); returns the seek epoch of what is read
+        next."""
         self.send_commits()
-        if self._seeks:
-            failed: list[TopicPartition] = []
-            while self._seeks:
-                partition = self._seeks.popleft()
-                if (partition.topic, partition.partition) not in self.assigned:
-                    continue
-                try:
-                    self.client.seek(partition)
-                except KafkaException as exc:  # e.g. not yet fetching after an assignment: try again
-                    logger.debug("%s: seek %s deferred: %s", self._what, partition, exc)
-                    failed.append(partition)
-            self._seeks.extend(failed)
+        with self._seek_lock:
+            epoch = self.epoch
+            if self._seeks:
+                failed: list[TopicPartition] = []
+                while self._seeks:
+                    partition = self._seeks.popleft()
+                    if (partition.topic, partition.partition) not in self.assigned:
+                        continue
+                    try:
+                        self.client.seek(partition)
+                    except KafkaException as exc:  # e.g. not yet fetching after an assignment: try again
+                        logger.debug("%s: seek %s deferred: %s", self._what, partition, exc)
+                        failed.append(partition)
+                self._seeks.extend(failed)
         if self._pause_dirty:
             self._pause_dirty = False
             self._apply_pauses()
+        return epoch
 
     def send_commits(self) -> None:
         while self._commits:

@@ -103,7 +103,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         partition from its last commit again. The input's offset cannot be committed, so neither can the outputs of
         the inputs after it: its partition is fenced there (offsets.PartitionOffsets.fence). It is handed out up to
         the fence, so that the next transaction commits what came before the input, and from the fence on once that
-        commit is made and the delay is over. However often inputs are given back, each abort is followed by
+        commit is under way and the delay is over. However often inputs are given back, each abort is followed by
         progress; without the fence a random give-back in every transaction would abort all of them."""
         loop = asyncio.get_running_loop()
         partitions = self._tracker.partitions
@@ -112,26 +112,44 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         for e in envelopes:
             key = (e.source, int(e.partition or 0))
             state = partitions.get(key)
-            if state is None:
-                continue
             offset = int(e.position)
+            if state is None or not state.restart <= offset < state.next:
+                continue  # not handed out in this assignment (a late nack of an earlier one)
             state.attempts[offset] = e.attempt + 1
             state.fenced_at(offset, until)
             fenced.add(key)
         for key in fenced:
-            loop.call_later(delay, self._lift_fence, key)
+            loop.call_later(delay, self._fence_timer, key)
 
     def _hold(self, key: TopicPartitionKey) -> None:
         """A record at or past the partition's fence was fetched: dropped, and the partition paused until the fence
-        lifts (then it is read again from the fence)."""
+        lifts (then it is read again from the fence). No record lies between what was handed out and that record
+        (records come in offset order), so the fence comes down to ``next``: offsets missing before it (transaction
+        markers, compaction) must not keep what came before it from counting as committed. The lift is tried
+        after this fetch's records are dealt with: a seek in the middle of them would let the rest through."""
+        state = self._tracker.partitions.get(key)
+        if state is not None and 0 <= state.next < state.fence:
+            state.fence = state.next
         if key not in self._held:
             self._held.add(key)
             self._want_pauses()
-            self._lift_fence(key)
+            if self._loop is not None:
+                self._loop.call_soon(self._lift_fence, key)
+
+    def _fence_timer(self, key: TopicPartitionKey) -> None:
+        """A fence's delay is over (a timer may fire a little early: then it waits the rest)."""
+        state = self._tracker.partitions.get(key)
+        if self._loop is not None and state is not None and state.fence >= 0:
+            remaining = state.fence_until - self._loop.time()
+            if remaining > 0:
+                self._loop.call_later(remaining, self._fence_timer, key)
+                return
+        self._lift_fence(key)
 
     def _lift_fence(self, key: TopicPartitionKey, committing: int = -1) -> None:
-        """Lift the partition's fence if it may be (offsets.PartitionOffsets.fence_passable); called when a record
-        hits it, when a commit sends the partition's offset (``committing``), and when its delay is over."""
+        """Lift the partition's fence if it may be (offsets.PartitionOffsets.fence_passable): tried when a record
+        hits it, when a commit sends the partition's offset (``committing``) and once it is done, and when its
+        delay is over."""
         state = self._tracker.partitions.get(key)
         if state is None or state.fence < 0:  # forgotten (revoked), or lifted already
             if key in self._held:
@@ -143,10 +161,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         fence, state.fence = state.fence, -1
         if key in self._held:  # records from the fence on were dropped: read them again
             self._held.discard(key)
-            fetcher = self._fetcher
-            fetcher.epoch += 1
-            state.rewound(fence, fetcher.epoch)
-            fetcher.ask_seek(TopicPartition(key[0], key[1], fence))
+            state.rewound(fence, self._fetcher.ask_rewind([TopicPartition(key[0], key[1], fence)]))
             self._want_pauses()
 
     async def commit(self, envelopes: Sequence[Envelope]) -> None:
@@ -203,6 +218,10 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             self._committing = False
         self._tracker.mark_committed(offsets)
         self._closed_transaction()
+        for topic, partition, _ in offsets:  # a fence whose delay ended while this commit was sent
+            state = partitions.get((topic, partition))  # (or forgotten meanwhile: revoked)
+            if state is not None and state.fence >= 0:
+                self._lift_fence((topic, partition))
         if self._observer is not None:
             self._observer.on_commit(self._app_name, time.monotonic() - started)
 
@@ -305,15 +324,12 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         if not targets:
             return
         fetcher = self._fetcher
-        epoch = fetcher.epoch + 1
-        fetcher.epoch = epoch
         assigned = fetcher.assigned
-        for key, offset in targets.items():
-            state = self._tracker.partitions.get(key)
-            if state is None or key not in assigned:
-                continue  # no longer ours: its new owner starts from the last commit
-            state.rewound(offset, epoch)
-            fetcher.ask_seek(TopicPartition(key[0], key[1], offset))
+        ours = {key: offset for key, offset in targets.items()
+                if key in assigned and key in self._tracker.partitions}  # else its new owner starts from the commit
+        epoch = fetcher.ask_rewind([TopicPartition(key[0], key[1], offset) for key, offset in ours.items()])
+        for key, offset in ours.items():
+            self._tracker.partitions[key].rewound(offset, epoch)
             self._held.discard(key)  # read again from before its fence (if any): it stops there again
         self._want_pauses()
 

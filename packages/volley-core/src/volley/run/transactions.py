@@ -205,6 +205,7 @@ class TransactionBarrier:
         self.drop_queued()
         settlement = self.settlement
         settlement.give_up_work()
+        settlement.abort_reason = ""  # set meanwhile by reports of the aborted records: the next one owes it nothing
         for group in (batch, self._batch):
             for env in group:
                 env.pending = -1
