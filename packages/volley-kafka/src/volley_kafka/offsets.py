@@ -124,8 +124,11 @@ class PartitionOffsets:
         self.sought_epoch = epoch
 
     def stale(self, offset: int, epoch: int) -> bool:
-        """A record fetched in seek epoch ``epoch``, before the pending rewind's seek, that librdkafka could
-        not purge: after a seek to X the partition restarts at X, so records above X come before X itself."""
+        """A record fetched in seek epoch ``epoch``, read before the pending rewind's seek was applied (a fetch tags
+        its records with the epoch of the seeks it applied before reading them: Fetcher.serve). Records above X, the
+        rewind's target, are dropped; one at X starts a contiguous run (what follows it is read again, and skipped as
+        below ``next``), so it goes out and the rewind counts as seen. ``sought_epoch`` may stay set when X has no
+        record (a transaction marker): harmless, no later fetch carries an earlier epoch."""
         if self.sought_epoch <= epoch:
             return False
         if offset == self.sought:
