@@ -16,6 +16,18 @@ from volley import Engine
 pytestmark = pytest.mark.kafka
 
 
+CODEC = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
+
+
+def eos_config(kit: Any, source: str, sink: str, group: str, **input_config: Any) -> dict[str, Any]:
+    """An exactly-once input and one output, both JSON dicts."""
+    return {
+        "input": {"value": source, "profile": "confluent-eos", **CODEC,
+                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group, **input_config}},
+        "out": {"value": sink, "profile": "confluent", **CODEC, "config": {"bootstrap.servers": kit.bootstrap}},
+    }
+
+
 async def test_an_aborted_transaction_mid_stream_is_invisible_to_read_committed_readers(
     kit: Any, group_protocol: str
 ) -> None:
@@ -85,12 +97,7 @@ async def test_an_input_given_back_never_lets_the_outputs_after_it_commit_withou
     source, sink = kit.topic("eos-nack-in"), kit.topic("eos-nack-out")
     group = kit.unique("g")
     kit.produce(source, [json.dumps({"n": i}).encode() for i in range(10)])
-    codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
-    config = {
-        "input": {"value": source, "profile": "confluent-eos", **codec,
-                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group, "group.protocol": group_protocol}},
-        "out": {"value": sink, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
-    }
+    config = eos_config(kit, source, sink, group, **{"group.protocol": group_protocol})
     given_back: list[int] = []
 
     def app(accept_all: bool) -> Any:
@@ -137,12 +144,7 @@ async def test_the_inputs_before_one_given_back_over_and_over_are_committed(kit:
     source, sink = kit.topic("eos-again-in"), kit.topic("eos-again-out")
     group = kit.unique("g")
     kit.produce(source, [json.dumps({"n": i}).encode() for i in range(100)])
-    codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
-    config = {
-        "input": {"value": source, "profile": "confluent-eos", **codec,
-                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group}},
-        "out": {"value": sink, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
-    }
+    config = eos_config(kit, source, sink, group)
     engine = Engine(app_name=kit.unique("eos-again"), input_queue="input", output_queues=["out"],
                     queue_config=config, metrics_port=None, redelivery_delay_seconds=0.05,
                     retry_backoff_max_seconds=0.2, max_deliveries=1000)
@@ -182,12 +184,7 @@ async def test_an_input_given_back_right_after_a_transaction_marker_is_handled_a
         for n in batch:
             upstream.produce(source, json.dumps({"n": n}).encode())
         upstream.commit_transaction(30)
-    codec = {"serializer": "json", "model_handler": "dataclass", "data_model": dict}
-    config = {
-        "input": {"value": source, "profile": "confluent-eos", **codec,
-                  "config": {"bootstrap.servers": kit.bootstrap, "group.id": group}},
-        "out": {"value": sink, "profile": "confluent", **codec, "config": {"bootstrap.servers": kit.bootstrap}},
-    }
+    config = eos_config(kit, source, sink, group)
     engine = Engine(app_name=kit.unique("eos-marker"), input_queue="input", output_queues=["out"],
                     queue_config=config, metrics_port=None, redelivery_delay_seconds=0.05)
     seen: list[int] = []
