@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from test_races import FakeProducer, fakes, take, transactional  # noqa: F401  (fakes: a fixture, used below)
 
+from volley.errors import DeliveryError
 from volley.message import Envelope
 
 pytestmark = pytest.mark.usefixtures("fakes")
@@ -66,5 +67,32 @@ async def test_a_fence_lifted_as_its_record_arrives_hands_out_that_record_first(
         state.fenced_at(5, until=0.0)  # given back at 5 (rewound to the commit), its delay over
         fake.add(*KEY, [b"%d" % i for i in range(5, 10)])
         assert await handed_out(consumer, 5) == [5, 6, 7, 8, 9]
+    finally:
+        await consumer.close()
+
+
+async def test_a_commit_that_starts_after_its_partition_was_released_is_refused() -> None:
+    """A commit can outlive a revoke's deadline and start sending late: the group metadata it then takes is the
+    next generation's, so the broker took the offsets of a partition this member no longer owned, while its next
+    owner (this member again, in the failing run) had read the old offset and handled the inputs again: their
+    outputs were visible twice (test_rebalance's zombie test, under load). The commit is now refused (aborted)."""
+    consumer, fake, _, producer = await transactional()
+    fake.add(*KEY, [b"a", b"b"])
+    fake.rebalance("assign", [KEY])
+    try:
+        inputs = await take(consumer, 2)
+        await consumer.begin()
+        metadata = fake.consumer_group_metadata
+
+        def after_a_rebalance() -> str:
+            consumer._fetcher.release({KEY})  # the revoke gave the partition up while the commit waited
+            fake.generation = 2
+            return metadata()
+
+        fake.consumer_group_metadata = after_a_rebalance  # type: ignore[method-assign]
+        with pytest.raises(DeliveryError, match="revoked before it committed"):
+            await consumer.commit(inputs)
+        assert not [call for call in producer.transaction_calls if call.startswith("offsets:")]
+        assert producer.transaction_calls[-1] == "abort"
     finally:
         await consumer.close()

@@ -37,6 +37,10 @@ ABORT_BACKOFF = 0.1
 ABORT_BACKOFF_MAX = 5.0
 
 
+class _ReleasedDuringCommitError(Exception):
+    """Partitions whose offsets a commit was to send were released before it sent them (see commit)."""
+
+
 class TransactionalKafkaConsumer(KafkaConsumer):
     """Exactly-once: inputs' offsets are committed in the same transaction as the outputs they caused.
 
@@ -178,14 +182,28 @@ class TransactionalKafkaConsumer(KafkaConsumer):
             await self._refuse()
         offsets = self._tracker.committable(assigned)
         producer = self._client.producer
-        group_metadata = self._fetcher.client.consumer_group_metadata
+        fetcher = self._fetcher
+        group_metadata = fetcher.client.consumer_group_metadata
         timeout = self._settings.revoke_timeout
+        releases = fetcher.releases
+        keys = {(t, p) for t, p, _ in offsets}
 
         def work() -> None:
             if offsets:
                 # The member's current generation / epoch, not the one of the assignment: see consumer.py's docstring.
+                metadata = group_metadata()
+                # Unless the partitions were released since the commit began (a commit can outlive a revoke's
+                # deadline, and start late on this thread): the metadata of the next generation would make the
+                # broker take offsets this member no longer owns, while their next owner (this one again, maybe)
+                # already read the old ones: their outputs would be visible twice. Read after the metadata: a
+                # generation that began after a release shows the release counted (Fetcher.release).
+                now = fetcher.releases
+                if now != releases:
+                    gone = fetcher.released_since(releases, now)
+                    if gone is None or gone & keys:
+                        raise _ReleasedDuringCommitError
                 producer.send_offsets_to_transaction([TopicPartition(t, p, o) for t, p, o in offsets],
-                                                     group_metadata(), timeout)
+                                                     metadata, timeout)
             for attempt in range(5):
                 try:
                     producer.commit_transaction(timeout)
@@ -204,6 +222,9 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         self._committing = True
         try:
             await self._txn_worker.submit(work)
+        except _ReleasedDuringCommitError:
+            self._committing = False
+            await self._refuse()
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.fatal():
