@@ -35,17 +35,24 @@ def app_config(kit: Any, source: str, sink: str, dlq: str, *, small: str) -> dic
     }
 
 
-async def test_an_output_too_large_for_its_topic_dead_letters_its_input_without_retries(
-        kit: Any, caplog: pytest.LogCaptureFixture) -> None:
-    source, sink, dlq = kit.topic("big-out-in"), kit.topic("big-out-out"), kit.topic("big-out-dlq")
-    kit.produce(source, [json.dumps({"id": 1, "size": 5000}).encode(), json.dumps({"id": 2, "size": 10}).encode()])
+def padding_app(kit: Any, config: dict[str, Any], **settings: Any) -> Any:
+    """An app writing each input's id, with ``size`` characters of padding, to "out"."""
     engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
-                    metrics_port=None, queue_config=app_config(kit, source, sink, dlq, small="out"), max_retries=3,
-                    retry_backoff_seconds=0.5)
+                    metrics_port=None, queue_config=config, **settings)
 
     @engine.stream_app
     def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
+
+    return handler
+
+
+async def test_an_output_too_large_for_its_topic_dead_letters_its_input_without_retries(
+        kit: Any, caplog: pytest.LogCaptureFixture) -> None:
+    source, sink, dlq = kit.topic("big-out-in"), kit.topic("big-out-out"), kit.topic("big-out-dlq")
+    kit.produce(source, [json.dumps({"id": 1, "size": 5000}).encode(), json.dumps({"id": 2, "size": 10}).encode()])
+    handler = padding_app(kit, app_config(kit, source, sink, dlq, small="out"), max_retries=3,
+                          retry_backoff_seconds=0.5)
 
     caplog.set_level(logging.WARNING)
     report = await asyncio.wait_for(handler.run_async(max_messages=2), 60)
@@ -208,13 +215,8 @@ async def test_a_topic_that_refuses_the_producers_batches_fails_the_start_saying
     source, dlq = kit.topic("limit-in"), kit.topic("limit-dlq")
     sink = kit.topic("limit-out", config={"max.message.bytes": "10000"})
     kit.produce(source, [json.dumps({"id": i, "size": 500}).encode() for i in range(200)])
-    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
-                    metrics_port=None, queue_config=app_config(kit, source, sink, dlq, small=""), max_retries=1,
-                    retry_backoff_seconds=0.05)
-
-    @engine.stream_app
-    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
+    handler = padding_app(kit, app_config(kit, source, sink, dlq, small=""), max_retries=1,
+                          retry_backoff_seconds=0.05)
 
     expected = r"at most 10000 bytes.*Set \"message.max.bytes\": 9488 in the config of queue 'out'"
     with pytest.raises(ConfigurationError, match=expected):
@@ -232,12 +234,7 @@ async def test_with_message_max_bytes_at_the_topics_limit_only_the_record_too_la
     kit.produce(source, [json.dumps({"id": i, "size": size}).encode() for i, size in enumerate(sizes)])
     config = app_config(kit, source, sink, dlq, small="")
     config["out"]["config"]["message.max.bytes"] = 9488
-    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
-                    metrics_port=None, queue_config=config, max_retries=1, retry_backoff_seconds=0.05)
-
-    @engine.stream_app
-    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
+    handler = padding_app(kit, config, max_retries=1, retry_backoff_seconds=0.05)
 
     report = await asyncio.wait_for(handler.run_async(max_messages=200), 60)
     assert (report.acked, report.dead_lettered, report.retries) == (199, 1, 0), report
@@ -254,12 +251,7 @@ async def test_a_compressed_producer_above_its_topics_limit_starts_with_a_warnin
     kit.produce(source, [json.dumps({"id": 1, "size": 30_000}).encode()])
     config = app_config(kit, source, sink, dlq, small="")
     config["out"]["config"].update({"message.max.bytes": 100_000, "compression.type": "zstd"})
-    engine = Engine(app_name=kit.unique("app"), input_queue="input", output_queues=["out"], dead_letter_queue="dlq",
-                    metrics_port=None, queue_config=config)
-
-    @engine.stream_app
-    def handler(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        return [("out", {"id": message["id"], "padding": "x" * message["size"]})]
+    handler = padding_app(kit, config)
 
     caplog.set_level(logging.WARNING)
     report = await asyncio.wait_for(handler.run_async(max_messages=1), 60)

@@ -223,7 +223,7 @@ class TransactionalKafkaConsumer(KafkaConsumer):
         try:
             await self._txn_worker.submit(work)
         except _ReleasedDuringCommitError:
-            self._committing = False
+            self._committing = False  # nothing was sent: a revoke meanwhile must not wait for it as for a commit
             await self._refuse()
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
