@@ -62,6 +62,21 @@ class DeclaresDumpMode(Protocol):
     dump_mode: str
 
 
+WIRE_FORMATS = ("json",)
+"""The values of ``DeclaresWireFormat.wire_format`` a model handler may act on; any other is ignored."""
+
+
+@runtime_checkable
+class DeclaresWireFormat(Protocol):
+    """A serializer that says its bytes are a standard format, so that a model handler may read and write them
+    itself, without plain data in between (``FusedDecodeBinder``, ``FusedEncodeBinder``). ``"json"``: it reads
+    any RFC 8259 JSON text, and writes compact UTF-8 JSON (no spaces, keys in the order given, NaN and
+    infinities as ``null``). A serializer whose bytes differ (sorted keys, indentation, other options) must not
+    declare it: the handler's own encoder would not write what it writes."""
+
+    wire_format: str
+
+
 @runtime_checkable
 class ValidatorBinder(Protocol):
     """A model handler that binds a checked validator for one data model once (``construct`` pre-bound)."""
@@ -100,6 +115,17 @@ class FusedEncodeBinder(Protocol):
 
     def bind_fused_encode(self, model: Any, serializer: UncheckedSerializer,
                           checked: Callable[[Any], bytes]) -> Callable[[Any], bytes] | None: ...
+
+
+@runtime_checkable
+class FusedDecodeBinder(Protocol):
+    """A model handler that reads a serializer's bytes straight into the data model in one call, given the
+    serializer so that it can ask, once, what the serializer declares (``DeclaresWireFormat``). Unchecked, like
+    ``UncheckedValidatorBinder``: when it raises, the engine runs the serializer's decode and the checked
+    validation on the same bytes, which say what is wrong; so a handler must not fuse validation that runs code
+    of the application's (it would run twice). None: no fused decode for this model and serializer."""
+
+    def bind_fused_decode(self, model: Any, serializer: Serializer) -> Callable[[bytes], Any] | None: ...
 
 
 @runtime_checkable

@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from volley.codec_ports import DUMP_MODES as DUMP_MODES
+from volley.codec_ports import WIRE_FORMATS as WIRE_FORMATS
 from volley.codec_ports import DeclaresDumpMode as DeclaresDumpMode
+from volley.codec_ports import DeclaresWireFormat as DeclaresWireFormat
 from volley.codec_ports import DeconstructBinder as DeconstructBinder
 from volley.codec_ports import FastEncodeBinder as FastEncodeBinder
+from volley.codec_ports import FusedDecodeBinder as FusedDecodeBinder
 from volley.codec_ports import FusedEncodeBinder as FusedEncodeBinder
 from volley.codec_ports import ModelHandler as ModelHandler
 from volley.codec_ports import OutputChecker as OutputChecker

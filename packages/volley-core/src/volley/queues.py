@@ -28,6 +28,7 @@ from volley.ports import (
     DeconstructBinder,
     DeliveryTerms,
     FastEncodeBinder,
+    FusedDecodeBinder,
     FusedEncodeBinder,
     ModelHandler,
     OutputChecker,
@@ -69,6 +70,9 @@ class ResolvedQueue:
     # The handler's unchecked validation (or ``validate``): when it raises, ``validate`` explains the failure.
     fast_validate: Callable[[Any], Any]
     encode: Encoder
+    # Bytes to the data model in one call (the handler's ``bind_fused_decode``), tried first; when it raises,
+    # ``fast_deserialize`` and the validations above run on the same bytes and say what is wrong. None: no fusion.
+    fused_decode: Decoder | None = None
     # The broker gives up on a record after this many deliveries (DeliveryTerms.delivery_limit), if it does.
     delivery_limit: int | None = None
 
@@ -162,6 +166,13 @@ def _bind_unchecked(handler: ModelHandler, model: Any, validate: Callable[[Any],
         return validate
     unchecked = handler.bind_unchecked(model)
     return unchecked if callable(unchecked) else validate
+
+
+def _bind_fused_decode(serializer: Serializer, handler: ModelHandler, model: Any) -> Decoder | None:
+    if model is None or not isinstance(handler, FusedDecodeBinder):
+        return None
+    fused = handler.bind_fused_decode(model, serializer)
+    return fused if callable(fused) else None
 
 
 def _bind_encode(queue: str, serializer: Serializer, handler: ModelHandler, model: Any) -> Encoder:
@@ -272,6 +283,7 @@ def resolve_queue(
         validate=(validate := _bind_validate(handler, data_model)),
         fast_validate=_bind_unchecked(handler, data_model, validate),
         encode=_bind_encode(name, serializer, handler, data_model),
+        fused_decode=_bind_fused_decode(serializer, handler, data_model),
         delivery_limit=terms.delivery_limit if terms is not None else None,
     )
 

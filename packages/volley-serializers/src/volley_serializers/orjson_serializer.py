@@ -12,6 +12,9 @@ Behaviour worth knowing:
 - On input, integers beyond 64 bits are read as floats (orjson's rule) and
   numbers beyond the range of a double are rejected.
 - Nesting deeper than 1024 levels is rejected on both sides.
+- With a Pydantic model handler and a data model (profiles ``confluent``, ``rsmq``...), the bytes are read and
+  written by Pydantic itself (``wire_format = "json"``, see ``volley_serializers.pydantic_handlers``): integers
+  beyond 64 bits are then kept exactly, both ways.
 
 Every failure is a :class:`volley.errors.SerializationError` carrying the payload.
 """
@@ -35,6 +38,11 @@ class OrjsonSerializer:
     """
 
     __slots__ = ("deserialize", "serialize", "unchecked_deserialize", "unchecked_serialize")
+
+    # volley.ports.DeclaresWireFormat: plain compact JSON, so a model handler may read and write the bytes itself
+    # (Pydantic's parser and encoder: no dict in between). A subclass that writes other bytes (orjson options such
+    # as OPT_SORT_KEYS or OPT_INDENT_2) must set it to "" (no declaration).
+    wire_format: str = "json"
 
     serialize: Callable[[Any], bytes]
     deserialize: Callable[[bytes], Any]

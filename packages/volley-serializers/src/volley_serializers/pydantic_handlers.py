@@ -45,7 +45,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic_core import to_json, to_jsonable_python
 
 from volley.errors import ConfigurationError, DataValidationError
-from volley.ports import DeclaresDumpMode, UncheckedDeserializer, UncheckedSerializer
+from volley.ports import DeclaresDumpMode, DeclaresWireFormat, Serializer, UncheckedDeserializer, UncheckedSerializer
 from volley_serializers._plain import plain_tree
 from volley_serializers._pydantic_errors import (
     dump_failed,
@@ -179,7 +179,22 @@ class PydanticModelHandler:
             return self._python_mode_encode(schema, serialize, reread, fallback)
         if not _is_model_class(schema):
             return None
-        to_python = _complete(schema).__pydantic_serializer__.to_python
+        model_serializer = _complete(schema).__pydantic_serializer__
+        if isinstance(serializer, DeclaresWireFormat) and serializer.wire_format == "json":
+            # Pydantic's JSON encoder writes what serialize would (compact JSON of the JSON-mode dump) without the
+            # dict in between, and integers beyond 64 bits too (orjson refuses them).
+            to_json = model_serializer.to_json
+
+            def encode_json(message: Any) -> bytes:
+                if type(message) is schema:
+                    try:
+                        return to_json(message)  # type: ignore[no-any-return]
+                    except Exception:  # noqa: S110 - the checked path below explains it
+                        pass
+                return fallback(message)
+
+            return encode_json
+        to_python = model_serializer.to_python
 
         def encode(message: Any) -> bytes:
             if type(message) is schema:
@@ -273,6 +288,25 @@ class PydanticModelHandler:
             return self._dump_other(model)
         self._to_python[type(model)] = serializer.to_python
         return self.deconstruct(model)
+
+    def bind_fused_decode(self, schema: Any, serializer: Serializer) -> Validate | None:
+        """Bytes of a serializer that declares JSON (``wire_format = "json"``: orjson) straight into ``schema``,
+        with Pydantic's own parser, in JSON mode (``validate_json``): no plain data in between.
+
+        Unchecked, for the engine's hot loop (``volley.ports.FusedDecodeBinder``): when it raises, the engine runs
+        the serializer and the checked validation on the same bytes, which say what is wrong (and accept what
+        JSON mode alone would refuse). Only where the unchecked validation is Pydantic's own
+        (``bind_unchecked``): a schema with validators of the application's, or a subclass validating its own
+        way, is not fused. JSON mode reads what JSON carries as JSON readers expect (integers beyond 64 bits,
+        ``val_json_bytes``, strict fields given strings); it also accepts ``NaN`` and ``Infinity``, as Python's
+        ``json`` writes them.
+        """
+        if schema is None or not isinstance(serializer, DeclaresWireFormat) or serializer.wire_format != "json":
+            return None
+        validator = self._validator(schema)
+        if self.bind_unchecked(schema) != validator.validate_python:
+            return None
+        return validator.validate_json  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ building the bound functions
 

@@ -75,16 +75,23 @@ class Handling:
 def _decoder(queue: ResolvedQueue, max_deliveries: int,
              poisoned: dict[Poison, BaseException]) -> Callable[[Envelope, Outcome], Any]:
     deserialize, validate, fast_validate = queue.fast_deserialize, queue.validate, queue.fast_validate
+    fused = queue.fused_decode
 
     def decode(env: Envelope, out: Outcome) -> Any:
         """The envelope's message, or FAILED once ``out`` has the failure (redelivery, an output its last handling
-        made that was refused for itself, deserialize, validate)."""
+        made that was refused for itself, deserialize, validate). The queue's fused decode first, when it has one:
+        what it refuses is read again by the two steps, which name the stage and the reason."""
         if env.attempt > max_deliveries:
             out.failures.append((env, "redelivery", redelivered(env, max_deliveries)))
             return FAILED
         if poisoned and (refused := poisoned.get((env.source, env.partition, env.position))) is not None:
             out.failures.append((env, "output", refused))  # kept until its dead letter commits (Settlement)
             return FAILED
+        if fused is not None:
+            try:
+                return fused(env.value)
+            except Exception:  # noqa: S110 - the two steps below say what is wrong
+                pass
         try:
             data = deserialize(env.value)
         except Exception as exc:

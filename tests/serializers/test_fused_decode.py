@@ -1,0 +1,138 @@
+"""orjson + Pydantic read and write JSON bytes in one call (``bind_fused_decode``, JSON-mode ``to_json``).
+
+The two-step path (orjson to plain data, then Pydantic's Python-mode validation) refused an integer beyond 64
+bits on both sides: read, orjson makes it a float that no ``int`` field accepts (the input was dead-lettered);
+written, orjson refuses it (the output failed). The fused path reads the bytes with Pydantic's own parser in JSON
+mode and writes them with Pydantic's JSON encoder (the same bytes orjson writes, wherever orjson can); anything
+the fused decode refuses still goes through the two steps, which say what is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from volley import Engine, MemoryBroker
+from volley.plugins import get_registry
+from volley.queues import ResolvedQueue, resolve_queue
+from volley_serializers import OrjsonSerializer, PydanticModelHandler
+
+BIG = 2**70 + 1
+
+
+class Ledger(BaseModel):
+    account: int
+    note: str = ""
+
+
+class Blob(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+    name: str
+    raw: bytes
+
+
+class Checked(BaseModel):
+    n: int
+
+    @field_validator("n")
+    @classmethod
+    def positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+
+def resolve(model: Any, *, handler: Any = "pydantic", serializer: Any = "orjson", role: str = "input") -> ResolvedQueue:
+    settings = {"value": "q", "connector": "memory", "serializer": serializer, "model_handler": handler,
+                "data_model": model}
+    return resolve_queue(get_registry(), "q", settings, "t", role)
+
+
+def run_one(model: type[BaseModel], payload: bytes, output: Any = None) -> tuple[list[Any], list[bytes], MemoryBroker]:
+    broker = MemoryBroker()
+    profile = {"profile": "memory-orjson-pydantic", "config": {"broker": broker}}
+    engine = Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+                    queue_config={"in": {"value": "in", "data_model": model, **profile},
+                                  "out": {"value": "out", "data_model": model, **profile},
+                                  "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}}},
+                    metrics_port=None, poll_interval_seconds=0.02)
+    seen: list[Any] = []
+    broker.publish("in", payload)
+
+    @engine.stream_app
+    def handle(message: Any) -> list[tuple[str, Any]]:
+        seen.append(message)
+        return [("out", message if output is None else output)]
+
+    handle.run_until_drained(timeout=20)
+    return seen, broker.produced("out"), broker
+
+
+def test_an_integer_beyond_64_bits_reaches_the_handler_exactly() -> None:
+    seen, written, _ = run_one(Ledger, orjson.dumps({"account": 1}).replace(b"1", str(BIG).encode()))
+    assert [m.account for m in seen] == [BIG]  # dead-lettered before: "exceeded maximum size"
+    assert orjson.loads(written[0].replace(str(BIG).encode(), b"0")) == {"account": 0, "note": ""}
+    assert str(BIG).encode() in written[0]
+
+
+def test_an_integer_beyond_64_bits_is_written_not_refused() -> None:
+    seen, written, broker = run_one(Ledger, b'{"account": 1}', output=Ledger(account=BIG))
+    assert broker.produced("dlq") == []  # "Integer exceeds 64-bit range" before
+    assert written == [b'{"account":' + str(BIG).encode() + b',"note":""}']
+
+
+def test_base64_bytes_come_back_as_they_were_written() -> None:
+    blob = Blob(name="b", raw=b"\x00\xff binary")
+    payload = resolve(Blob, role="output").encode(blob)
+    assert orjson.loads(payload)["raw"] == "AP8gYmluYXJ5"
+    seen, written, _ = run_one(Blob, payload)
+    assert seen == [blob]
+    assert written == [payload]
+
+
+def test_orjson_declares_json_and_the_pydantic_handler_fuses_with_it() -> None:
+    from volley.ports import DeclaresWireFormat, FusedDecodeBinder
+
+    assert isinstance(OrjsonSerializer(), DeclaresWireFormat) and OrjsonSerializer().wire_format == "json"
+    assert isinstance(PydanticModelHandler(), FusedDecodeBinder)
+    queue = resolve(Ledger)
+    assert queue.fused_decode is not None
+    assert queue.fused_decode(b'{"account": 3}') == Ledger(account=3)
+    assert resolve(Ledger, serializer="json").fused_decode is None  # no declaration: the two steps
+    assert resolve(Ledger, serializer="msgpack").fused_decode is None
+    assert resolve(None).fused_decode is None
+
+
+def test_a_model_with_validators_of_its_own_is_not_fused() -> None:
+    """A refused input is read again by the two steps, to say why: validators would run twice."""
+    assert resolve(Checked).fused_decode is None
+
+
+class OwnUnchecked(PydanticModelHandler):
+    """A subclass that validates its own way: fusing would skip it."""
+
+    def bind_unchecked(self, schema: Any) -> Any:
+        return self.bind(schema)
+
+
+def test_a_subclass_with_its_own_validation_is_not_fused() -> None:
+    assert resolve(Ledger, handler=OwnUnchecked()).fused_decode is None
+
+
+def test_what_the_fused_decode_refuses_is_explained_by_the_two_steps() -> None:
+    for payload, stage, reason in [(b'{"account": "x"}', b"validate", b"account: Input should be a valid integer"),
+                                   (b'{"account": ', b"deserialize", b"JSONDecodeError: unexpected end of data")]:
+        _, _, broker = run_one(Ledger, payload)
+        [letter] = [env.headers or {} for env in broker.produced_records("dlq")]
+        assert letter["volley-error-stage"] == stage and reason in letter["volley-error-reason"]
+
+
+@pytest.mark.parametrize("text", [b'{"account": 7}', b'{"account": 7.0}', b'{"account": "7"}',
+                                  b'{"account": 7, "account": 8}', b' {"account": 7} '])
+def test_the_fused_decode_agrees_with_the_two_steps(text: bytes) -> None:
+    queue = resolve(Ledger)
+    assert queue.fused_decode is not None
+    assert queue.fused_decode(text) == queue.validate(queue.deserialize(text))
