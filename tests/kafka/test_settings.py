@@ -80,6 +80,9 @@ def test_defaults_commit_handling_and_volley_keys(caplog: pytest.LogCaptureFixtu
     assert "poll_interval" not in config, "py-volley's own keys are not librdkafka settings"
     assert not any(k.startswith("volley.") for k in config)
     assert settings.commit_interval == 0.25
+    assert config["fetch.queue.backoff.ms"] == 50, "librdkafka's 1,000 ms stalls a worker that outruns its fetches"
+    assert consumer_settings(spec({"bootstrap.servers": "x:1", "group.id": "g", "fetch.queue.backoff.ms": 7})
+                             ).librdkafka["fetch.queue.backoff.ms"] == 7
     assert settings.topics == ("topic-a",)
     assert consumer_settings(spec({"bootstrap.servers": "x:1", "group.id": "g"}, value="a, b,c")).topics == (
         "a", "b", "c")

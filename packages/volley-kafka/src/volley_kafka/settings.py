@@ -23,6 +23,9 @@ logger = logging.getLogger("volley_kafka")
 
 VOLLEY_PREFIX = "volley."
 
+FETCH_QUEUE_BACKOFF_MS = 50
+"""Volley's default for librdkafka's ``fetch.queue.backoff.ms`` (librdkafka's: 1,000): see ``consumer_settings``."""
+
 # Volley's own settings (stripped before the rest goes to librdkafka), with their defaults.
 COMMIT_INTERVAL = "volley.commit.interval.seconds"
 REVOKE_TIMEOUT = "volley.revoke.timeout.seconds"
@@ -54,7 +57,8 @@ CONSUMER_ONLY = frozenset({
     "enable.auto.commit", "enable.auto.offset.store", "auto.commit.interval.ms", "isolation.level",
     "session.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms", "partition.assignment.strategy",
     "enable.partition.eof", "fetch.min.bytes", "fetch.max.bytes", "fetch.wait.max.ms", "fetch.error.backoff.ms",
-    "fetch.message.max.bytes", "max.partition.fetch.bytes", "queued.min.messages", "queued.max.messages.kbytes",
+    "fetch.queue.backoff.ms", "fetch.message.max.bytes", "max.partition.fetch.bytes", "queued.min.messages",
+    "queued.max.messages.kbytes",
     "check.crcs", "consume.callback.max.messages", "coordinator.query.interval.ms", "on_commit",
 })
 PRODUCER_ONLY = frozenset({
@@ -222,6 +226,12 @@ def consumer_settings(queue: QueueSpec) -> ConsumerSettings:
     consumer_side["enable.auto.offset.store"] = False
     consumer_side.setdefault("auto.offset.reset", "earliest")  # py-volley's default
     consumer_side.setdefault("enable.partition.eof", False)
+    # librdkafka postpones a partition's next fetch by this much once its prefetch queue is past queued.min.messages
+    # (or queued.max.messages.kbytes): 1,000 ms by default, and a worker that empties the queue sooner waits out
+    # the rest of it with nothing to do (a third of the Kafka bench's throughput; up to a second per refill). The
+    # queue is refilled within 50 ms of falling below the threshold instead; what it costs is a check per 50 ms
+    # per partition while the queue is full, no request to the broker.
+    consumer_side.setdefault("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
     consumer_side.pop("auto.commit.interval.ms", None)
     _check_group_protocol(consumer_side, queue)
 
