@@ -131,8 +131,7 @@ class Queues:
 
 def sequential(queues: Queues, host: str, port: int, bodies: list[bytes]) -> float:
     """(a) One message at a time with PyRSMQ: receive, process, send, delete."""
-    import orjson
-    from bench_rsmq_model import Order, handle
+    from bench_rsmq_model import work
 
     from rsmq import RedisSMQ
 
@@ -140,13 +139,12 @@ def sequential(queues: Queues, host: str, port: int, bodies: list[bytes]) -> flo
     queues.seed(source, bodies)
     rsmq = RedisSMQ(host=host, port=port, options={"decode_responses": False})
     rsmq.createQueue(qname=output).exceptions(enabled=False).execute()
-    validate, loads, dumps = Order.model_validate, orjson.loads, orjson.dumps
     started = time.perf_counter()
     while True:
         message = rsmq.receiveMessage(qname=source, vt=30, quiet=True).exceptions(enabled=False).execute()
         if not message:
             break
-        body = dumps(handle(validate(loads(message["message"]))).model_dump())
+        body = work(message["message"])
         rsmq.sendMessage(qname=output, message=body).execute()
         rsmq.deleteMessage(qname=source, id=message["id"]).execute()
     elapsed = time.perf_counter() - started

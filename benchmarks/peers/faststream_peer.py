@@ -14,14 +14,12 @@ import sys
 import time
 from importlib.metadata import version
 
-import orjson
-from bench_kafka_model import Order, handle
+from bench_kafka_model import work as do_work
 from faststream import AckPolicy
 from faststream.confluent import KafkaBroker
 from faststream.confluent.annotations import KafkaMessage
 
 brokers, source, output, group, count = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-validate, loads, dumps = Order.model_validate, orjson.loads, orjson.dumps
 
 
 async def main() -> None:
@@ -36,7 +34,7 @@ async def main() -> None:
         nonlocal handled
         if not first:
             first.append(time.perf_counter())
-        body = dumps(handle(validate(loads(message.body))).model_dump(mode="json"))
+        body = do_work(message.body)
         await publisher.publish(body, key=message.raw_message.key())
         handled += 1
         if handled >= count:

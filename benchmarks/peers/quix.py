@@ -1,8 +1,9 @@
 """Quix Streams doing the Kafka benchmark's work; run by ``bench_peers.py`` in Quix's own venv.
 
 Arguments: brokers, input topic, output topic, consumer group, message count, and a JSON object of options
-(``processing_guarantee``, and ``commit_interval`` in seconds when given; Quix's defaults otherwise). Prints one
-JSON line: the seconds from the first message handled to the run's end (its last checkpoint committed).
+(``processing_guarantee``, ``commit_interval`` in seconds, ``consumer_extra_config``, when given; Quix's defaults
+otherwise). Prints one JSON line: the seconds from the first message handled to the run's end (its last
+checkpoint committed).
 """
 
 import json
@@ -11,8 +12,7 @@ import sys
 import time
 from importlib.metadata import version
 
-import orjson
-from bench_kafka_model import Order, handle
+from bench_kafka_model import work as do_work
 from quixstreams import Application
 
 brokers, source, output, group, count = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -21,14 +21,13 @@ app = Application(broker_address=brokers, consumer_group=group, auto_offset_rese
                   use_changelog_topics=False, **options)
 inputs = app.topic(source, key_deserializer="bytes", value_deserializer="bytes")
 outputs = app.topic(output, key_serializer="bytes", value_serializer="bytes")
-validate, loads, dumps = Order.model_validate, orjson.loads, orjson.dumps
 first: list[float] = []
 
 
 def work(value: bytes) -> bytes:
     if not first:
         first.append(time.perf_counter())
-    return dumps(handle(validate(loads(value))).model_dump(mode="json"))
+    return do_work(value)
 
 
 app.dataframe(inputs).apply(work).to_topic(outputs)

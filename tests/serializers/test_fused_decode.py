@@ -79,7 +79,7 @@ def test_an_integer_beyond_64_bits_reaches_the_handler_exactly() -> None:
 
 
 def test_an_integer_beyond_64_bits_is_written_not_refused() -> None:
-    seen, written, broker = run_one(Ledger, b'{"account": 1}', output=Ledger(account=BIG))
+    _, written, broker = run_one(Ledger, b'{"account": 1}', output=Ledger(account=BIG))
     assert broker.produced("dlq") == []  # "Integer exceeds 64-bit range" before
     assert written == [b'{"account":' + str(BIG).encode() + b',"note":""}']
 

@@ -188,7 +188,7 @@ class PydanticModelHandler:
             def encode_json(message: Any) -> bytes:
                 if type(message) is schema:
                     try:
-                        return to_json(message)  # type: ignore[no-any-return]
+                        return to_json(message)
                     except Exception:  # noqa: S110 - the checked path below explains it
                         pass
                 return fallback(message)
