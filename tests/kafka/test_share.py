@@ -360,3 +360,20 @@ def test_kill_9_three_times_loses_nothing(kit: Any, tmp_path: Path, worker_proce
     duplicates = sum(n - 1 for n in copies.values())
     print(f"share crash test: {count} inputs, {sum(copies.values())} outputs, {duplicates} duplicates after 3 kills")
     assert set(copies) == set(range(count)), f"lost: {sorted(set(range(count)) - set(copies))[:10]}"
+
+
+def test_consumer_group_fetch_settings_are_left_out_of_a_share_consumer() -> None:
+    """librdkafka refuses fetch.queue.backoff.ms on a share consumer ("not applicable"), and py-volley users share
+    one config dict between queues: it is dropped like queued.min.messages (a review found the consumer failing
+    to start with it)."""
+    from confluent_kafka import ShareConsumer
+
+    from volley.ports import QueueSpec
+    from volley_kafka.share_settings import share_settings
+
+    config = {"bootstrap.servers": "127.0.0.1:1", "group.id": "g", "fetch.queue.backoff.ms": 50,
+              "queued.min.messages": 10}
+    settings = share_settings(QueueSpec("in", "topic-a", "confluent-share", config))
+    assert "fetch.queue.backoff.ms" not in settings.librdkafka
+    assert "queued.min.messages" not in settings.librdkafka
+    ShareConsumer(settings.librdkafka).close()  # librdkafka takes what is left

@@ -9,7 +9,9 @@ the fused decode refuses still goes through the two steps, which say what is wro
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import orjson
 import pytest
@@ -136,3 +138,73 @@ def test_the_fused_decode_agrees_with_the_two_steps(text: bytes) -> None:
     queue = resolve(Ledger)
     assert queue.fused_decode is not None
     assert queue.fused_decode(text) == queue.validate(queue.deserialize(text))
+
+
+# ------------------------------------------------------------------ where the fused path must step aside (review)
+
+
+class SortedKeys(OrjsonSerializer):
+    """A subclass that writes other bytes (the class's own comment told it to change both encode functions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.serialize = self.unchecked_serialize = lambda message: orjson.dumps(message,
+                                                                                option=orjson.OPT_SORT_KEYS)
+
+
+class Pair(BaseModel):
+    z: int
+    a: int
+
+
+def test_a_subclass_of_orjson_keeps_its_own_bytes() -> None:
+    """A subclass inherited wire_format = "json": Pydantic wrote the bytes instead, and {"a":2,"z":1} came out as
+    {"z":1,"a":2}. A subclass declares JSON itself, or is not fused."""
+    queue = resolve(Pair, serializer=SortedKeys(), role="output")
+    assert queue.encode(Pair(z=1, a=2)) == b'{"a":2,"z":1}'
+    assert resolve(Pair, serializer=SortedKeys()).fused_decode is None
+
+
+class Ref(BaseModel):
+    ref: UUID | str
+    body: bytes | str
+    at: datetime | str
+
+
+def test_a_model_with_a_union_reads_what_the_two_steps_read() -> None:
+    """In JSON mode a smart union takes a string for a UUID, bytes or a datetime as readily as for a str: the
+    handler got UUID / bytes / datetime where it had always got str."""
+    text = b'{"ref": "12345678-1234-5678-1234-567812345678", "body": "hello", "at": "2026-12-07T10:00:00Z"}'
+    seen, _, _ = run_one(Ref, text)
+    assert [(type(m.ref), type(m.body), type(m.at)) for m in seen] == [(str, str, str)]
+    assert resolve(Ref).fused_decode is None
+
+    class Optional(BaseModel):  # nullable is no union: fused
+        ref: str | None = None
+
+    assert resolve(Optional).fused_decode is not None
+
+
+class Reading(BaseModel):
+    value: float
+
+
+@pytest.mark.parametrize("text", [b'{"value": NaN}', b'{"value": -Infinity}', b'{"value": Infinity}'])
+def test_nan_and_infinity_are_still_refused_as_orjson_refuses_them(text: bytes) -> None:
+    """Pydantic's parser reads them; the output then said null, which the next hop's same model refused. They go
+    to the dead-letter queue at the first hop, as before."""
+    seen, _, broker = run_one(Reading, text)
+    assert seen == []
+    [letter] = [env.headers or {} for env in broker.produced_records("dlq")]
+    assert letter["volley-error-stage"] == b"deserialize"
+    assert run_one(Reading, b'{"value": 1.5, "note": "NaN Infinity"}')[0] == [Reading(value=1.5)]
+
+
+class Constants(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    value: float
+
+
+def test_a_model_writing_nan_as_a_constant_still_gets_json() -> None:
+    """to_json honours ser_json_inf_nan="constants" and wrote NaN, which is not JSON; orjson wrote null."""
+    assert resolve(Constants, role="output").encode(Constants(value=float("nan"))) == b'{"value":null}'

@@ -62,17 +62,13 @@ class DeclaresDumpMode(Protocol):
     dump_mode: str
 
 
-WIRE_FORMATS = ("json",)
-"""The values of ``DeclaresWireFormat.wire_format`` a model handler may act on; any other is ignored."""
-
-
 @runtime_checkable
 class DeclaresWireFormat(Protocol):
     """A serializer that says its bytes are a standard format, so that a model handler may read and write them
     itself, without plain data in between (``FusedDecodeBinder``, ``FusedEncodeBinder``). ``"json"``: it reads
     any RFC 8259 JSON text, and writes compact UTF-8 JSON (no spaces, keys in the order given, NaN and
     infinities as ``null``). A serializer whose bytes differ (sorted keys, indentation, other options) must not
-    declare it: the handler's own encoder would not write what it writes."""
+    declare it: the handler's own encoder would not write what it writes. Any other value declares nothing."""
 
     wire_format: str
 

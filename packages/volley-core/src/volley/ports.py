@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from volley.codec_ports import DUMP_MODES as DUMP_MODES
-from volley.codec_ports import WIRE_FORMATS as WIRE_FORMATS
 from volley.codec_ports import DeclaresDumpMode as DeclaresDumpMode
 from volley.codec_ports import DeclaresWireFormat as DeclaresWireFormat
 from volley.codec_ports import DeconstructBinder as DeconstructBinder

@@ -49,7 +49,7 @@ BROKER_SIDE = {
 NOT_FOR_SHARE = frozenset({
     "enable.auto.commit", "enable.auto.offset.store", "auto.commit.interval.ms", "enable.partition.eof",
     "partition.assignment.strategy", "group.instance.id", "group.protocol", "group.remote.assignor",
-    "queued.max.messages.kbytes", "queued.min.messages", "on_commit", "transactional.id",
+    "queued.max.messages.kbytes", "queued.min.messages", "fetch.queue.backoff.ms", "on_commit", "transactional.id",
     "transaction.timeout.ms", *BROKER_SIDE,
 })
 

@@ -1,7 +1,9 @@
-"""What a Pydantic core schema says about validation: whether it runs code of the application's own."""
+"""What a Pydantic core schema says about validation and dumps: whether it runs code of the application's own,
+whether JSON mode reads it otherwise than Python mode, what a dump needs before msgpack."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 _CODE_TYPES = frozenset({"function-before", "function-after", "function-wrap", "function-plain", "call"})
@@ -18,6 +20,30 @@ def runs_own_code(core_schema: Any) -> bool:
     it, a post-init hook, a custom ``__init__``. Such validation may have side effects or cost, and may answer
     differently when called again, so it must not be repeated. Conservative: Pydantic's own function-based
     types (``EmailStr``, say) count as well."""
+    return _any_node(core_schema, lambda node: node.get("type") in _CODE_TYPES
+                     or any(node.get(flag) for flag in _CODE_FLAGS), _NOT_VALIDATION)
+
+
+_READ_OTHERWISE_IN_JSON = frozenset({"union", "json-or-python"})
+"""Core schema types that may validate the same JSON data into other values in JSON mode than in Python mode: a
+smart union picks the member the input fits most exactly, and in JSON mode a string fits a UUID, a datetime or
+bytes as exactly as a str; a json-or-python schema has a branch of its own for JSON."""
+
+
+def reads_json_otherwise(core_schema: Any) -> bool:
+    """Whether validating JSON bytes (JSON mode) may give other values than validating orjson's data (Python
+    mode) with ``core_schema``: a union or a json-or-python schema anywhere in it."""
+    return _any_node(core_schema, lambda node: node.get("type") in _READ_OTHERWISE_IN_JSON, _NOT_VALIDATION)
+
+
+def writes_json_constants(core_schema: Any) -> bool:
+    """Whether some model in ``core_schema`` dumps NaN and infinities as JSON constants (``ser_json_inf_nan =
+    "constants"``), which Pydantic's JSON encoder writes as ``NaN`` (not JSON) where orjson writes ``null``."""
+    return _any_node(core_schema, lambda node: isinstance(node.get("config"), dict)
+                     and node["config"].get("ser_json_inf_nan") == "constants", frozenset())
+
+
+def _any_node(core_schema: Any, test: Callable[[dict[str, Any]], bool], skipped: frozenset[str]) -> bool:
     pending: list[Any] = [core_schema]
     seen: set[int] = set()
     while pending:
@@ -26,9 +52,9 @@ def runs_own_code(core_schema: Any) -> bool:
             continue
         seen.add(id(node))
         if isinstance(node, dict):
-            if node.get("type") in _CODE_TYPES or any(node.get(flag) for flag in _CODE_FLAGS):
+            if test(node):
                 return True
-            pending.extend(value for key, value in node.items() if key not in _NOT_VALIDATION)
+            pending.extend(value for key, value in node.items() if key not in skipped)
         elif isinstance(node, (list, tuple)):
             pending.extend(node)
     return False

@@ -40,9 +40,14 @@ class OrjsonSerializer:
     __slots__ = ("deserialize", "serialize", "unchecked_deserialize", "unchecked_serialize")
 
     # volley.ports.DeclaresWireFormat: plain compact JSON, so a model handler may read and write the bytes itself
-    # (Pydantic's parser and encoder: no dict in between). A subclass that writes other bytes (orjson options such
-    # as OPT_SORT_KEYS or OPT_INDENT_2) must set it to "" (no declaration).
+    # (Pydantic's parser and encoder: no dict in between). Not inherited (__init_subclass__): a subclass may write
+    # other bytes (orjson options, a framing prefix), so it declares JSON itself when it writes plain JSON.
     wire_format: str = "json"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "wire_format" not in cls.__dict__:
+            cls.wire_format = ""
 
     serialize: Callable[[Any], bytes]
     deserialize: Callable[[bytes], Any]
