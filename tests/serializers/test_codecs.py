@@ -155,8 +155,12 @@ def test_models_round_trip_through_every_pair(serializer: str, handler: str, ord
     assert type(back) is Order
     assert back == order
     if queue.fused_decode is not None:  # orjson: Pydantic reads the bytes itself, to the same model
-        fused = queue.fused_decode(encoded)
-        assert type(fused) is Order and fused == order
+        if b"NaN" in encoded or b"Infinity" in encoded:  # left to the two steps (orjson refuses those literals)
+            with pytest.raises(ValueError, match="NaN or Infinity"):
+                queue.fused_decode(encoded)
+        else:
+            fused = queue.fused_decode(encoded)
+            assert type(fused) is Order and fused == order
 
 
 @pytest.mark.parametrize(("serializer", "handler"), PAIRS, ids=PAIR_IDS)
