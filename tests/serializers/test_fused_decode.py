@@ -10,12 +10,13 @@ the fused decode refuses still goes through the two steps, which say what is wro
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 import orjson
 import pytest
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from volley import Engine, MemoryBroker
 from volley.plugins import get_registry
@@ -208,3 +209,63 @@ class Constants(BaseModel):
 def test_a_model_writing_nan_as_a_constant_still_gets_json() -> None:
     """to_json honours ser_json_inf_nan="constants" and wrote NaN, which is not JSON; orjson wrote null."""
     assert resolve(Constants, role="output").encode(Constants(value=float("nan"))) == b'{"value":null}'
+
+
+# ------------------------------------------------------------------ second review
+
+
+class Strings(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+    value: float
+
+
+class Holder(BaseModel):
+    inner: Strings
+
+
+def test_nan_dumped_as_a_string_is_still_written_as_orjson_wrote_it() -> None:
+    """to_json wrote "Infinity" where the JSON-mode dump and orjson wrote null (a nested model's config too)."""
+    assert resolve(Strings, role="output").encode(Strings(value=float("inf"))) == b'{"value":null}'
+    assert resolve(Holder, role="output").encode(Holder(inner=Strings(value=float("nan")))) == (
+        b'{"inner":{"value":null}}')
+
+
+class Keyed(BaseModel):
+    counts: dict[int | str, int]
+
+
+def test_dict_keys_that_become_one_string_are_written_once() -> None:
+    assert resolve(Keyed, role="output").encode(Keyed(counts={1: 5, "1": 7})) == b'{"counts":{"1":7}}'
+
+
+class Money(BaseModel):
+    amount: Decimal
+
+
+class Coerced(BaseModel):
+    code: str = Field(coerce_numbers_to_str=True)
+
+
+def next_number() -> int:
+    return 1
+
+
+class Numbered(BaseModel):
+    n: int = Field(default_factory=next_number)
+    tags: list[str] = Field(default_factory=list)
+
+
+def test_models_json_mode_reads_otherwise_keep_the_two_steps() -> None:
+    """Decimal('10.0') came out as Decimal('10'), '1.0' as '1'; an own default factory ran a third time."""
+    seen, written, _ = run_one(Money, b'{"amount": 10.0}')
+    assert [str(m.amount) for m in seen] == ["10.0"] and written == [b'{"amount":"10.0"}']
+    assert [m.code for m in run_one(Coerced, b'{"code": 1.0}')[0]] == ["1.0"]
+    assert resolve(Money).fused_decode is None and resolve(Coerced).fused_decode is None
+    assert resolve(Numbered).fused_decode is None
+    assert resolve(Pair).fused_decode is not None  # builtin factories and plain fields are fused
+
+
+def test_a_model_that_cannot_keep_nan_is_read_without_the_check() -> None:
+    fused = resolve(Pair).fused_decode
+    assert fused is not None and not hasattr(fused, "__code__")  # Pydantic's own function, no wrapper
+    assert resolve(Reading).fused_decode is not resolve(Pair).fused_decode

@@ -24,23 +24,58 @@ def runs_own_code(core_schema: Any) -> bool:
                      or any(node.get(flag) for flag in _CODE_FLAGS), _NOT_VALIDATION)
 
 
-_READ_OTHERWISE_IN_JSON = frozenset({"union", "json-or-python"})
+_READ_OTHERWISE_IN_JSON = frozenset({"union", "json-or-python", "decimal", "fraction"})
 """Core schema types that may validate the same JSON data into other values in JSON mode than in Python mode: a
 smart union picks the member the input fits most exactly, and in JSON mode a string fits a UUID, a datetime or
-bytes as exactly as a str; a json-or-python schema has a branch of its own for JSON."""
+bytes as exactly as a str; a json-or-python schema has a branch of its own for JSON; Decimal and Fraction are
+made from JSON numbers otherwise (10.0 gave Decimal('10.0') through orjson, Decimal('10') in JSON mode)."""
+
+
+def _reads_otherwise(node: dict[str, Any]) -> bool:
+    if node.get("type") in _READ_OTHERWISE_IN_JSON or node.get("coerce_numbers_to_str"):  # a node or a config
+        return True
+    factory = node.get("default_factory")  # code of the application's: a third run on a refused message
+    if factory is not None and not (isinstance(factory, type) and factory.__module__ == "builtins"):
+        return True
+    return node.get("type") == "tagged-union" and callable(node.get("discriminator"))
 
 
 def reads_json_otherwise(core_schema: Any) -> bool:
     """Whether validating JSON bytes (JSON mode) may give other values than validating orjson's data (Python
-    mode) with ``core_schema``: a union or a json-or-python schema anywhere in it."""
-    return _any_node(core_schema, lambda node: node.get("type") in _READ_OTHERWISE_IN_JSON, _NOT_VALIDATION)
+    mode) with ``core_schema`` (a union, a json-or-python type, Decimal, Fraction, numbers coerced to strings), or
+    runs code of the application's that ``runs_own_code`` lets the unchecked path repeat (a default factory
+    other than a builtin type, a callable discriminator): the fused decode would add a third run."""
+    return _any_node(core_schema, _reads_otherwise, _NOT_VALIDATION)
 
 
-def writes_json_constants(core_schema: Any) -> bool:
-    """Whether some model in ``core_schema`` dumps NaN and infinities as JSON constants (``ser_json_inf_nan =
-    "constants"``), which Pydantic's JSON encoder writes as ``NaN`` (not JSON) where orjson writes ``null``."""
-    return _any_node(core_schema, lambda node: isinstance(node.get("config"), dict)
-                     and node["config"].get("ser_json_inf_nan") == "constants", frozenset())
+def _writes_otherwise(node: dict[str, Any]) -> bool:
+    config = node.get("config")
+    if isinstance(config, dict) and config.get("ser_json_inf_nan", "null") != "null":
+        return True
+    keys = node.get("keys_schema") if node.get("type") == "dict" else None
+    return isinstance(keys, dict) and keys.get("type") != "str"
+
+
+def writes_json_otherwise(core_schema: Any) -> bool:
+    """Whether Pydantic's JSON encoder may write other bytes than orjson does with the JSON-mode dump: NaN and
+    infinities dumped as constants or strings (orjson writes ``null`` for the floats a JSON-mode dump leaves), and
+    dicts with keys other than ``str`` (two keys that become the same string: orjson keeps the last, Pydantic
+    writes both)."""
+    return _any_node(core_schema, _writes_otherwise, frozenset())
+
+
+def _holds_non_finite(node: dict[str, Any]) -> bool:
+    kind = node.get("type")
+    config = node.get("config")
+    return ((kind in ("float", "complex") and node.get("allow_inf_nan") is not False) or kind == "any"
+            or node.get("extra_behavior") == "allow"
+            or (isinstance(config, dict) and config.get("extra_fields_behavior") == "allow"))
+
+
+def holds_non_finite(core_schema: Any) -> bool:
+    """Whether validating with ``core_schema`` may keep a NaN or an infinity that JSON text carried (a float, a
+    complex, content typed only at run time)."""
+    return _any_node(core_schema, _holds_non_finite, _NOT_VALIDATION)
 
 
 def _any_node(core_schema: Any, test: Callable[[dict[str, Any]], bool], skipped: frozenset[str]) -> bool:

@@ -58,10 +58,11 @@ from volley_serializers._pydantic_errors import (
 from volley_serializers._pydantic_schema import (
     CHECK_TREE,
     PLAIN_TREE,
+    holds_non_finite,
     plain_tree_need,
     reads_json_otherwise,
     runs_own_code,
-    writes_json_constants,
+    writes_json_otherwise,
 )
 
 Validate = Callable[[Any], Any]
@@ -188,10 +189,10 @@ class PydanticModelHandler:
             return None
         model_serializer = _complete(schema).__pydantic_serializer__
         if (isinstance(serializer, DeclaresWireFormat) and serializer.wire_format == "json"
-                and not writes_json_constants(schema.__pydantic_core_schema__)):
+                and not writes_json_otherwise(schema.__pydantic_core_schema__)):
             # Pydantic's JSON encoder writes what serialize would (compact JSON of the JSON-mode dump) without the
             # dict in between, and integers beyond 64 bits too (orjson refuses them); not for a model that dumps
-            # NaN as a constant (Pydantic would write NaN, orjson writes null).
+            # NaN otherwise than as null, or has dicts keyed by other than str (writes_json_otherwise).
             to_json = model_serializer.to_json
 
             def encode_json(message: Any) -> bytes:
@@ -308,10 +309,12 @@ class PydanticModelHandler:
         (``bind_unchecked``: a model with validators of the application's, or a subclass validating its own way,
         is not fused) and that JSON mode reads as Python mode does (no union, no json-or-python type: a smart
         union takes a string for a UUID or a datetime in JSON mode). What differs is what JSON carries beyond
-        orjson: integers beyond 64 bits are kept, ``Decimal`` fields read the number's text exactly, strict fields
-        accept what strict JSON mode accepts, numbers beyond a double's range are infinities (orjson refused
-        them). ``NaN`` and ``Infinity``, which orjson refuses and Pydantic's parser reads, are left to the two
-        steps (bytes that contain them anywhere), so they are refused as before.
+        orjson: integers beyond 64 bits are kept, strict fields accept what strict JSON mode accepts, numbers
+        beyond a double's range are infinities (orjson refused them). Models with ``Decimal`` or ``Fraction``
+        fields, numbers coerced to strings, default factories of their own or callable discriminators are not
+        fused (``reads_json_otherwise``). ``NaN`` and ``Infinity``, which orjson refuses and Pydantic's parser
+        reads, are left to the two steps (bytes that contain them anywhere, for a model that could keep one), so
+        they are refused as before.
         """
         if (not _is_model_class(schema) or not isinstance(serializer, DeclaresWireFormat)
                 or serializer.wire_format != "json"):
@@ -322,6 +325,8 @@ class PydanticModelHandler:
         if reads_json_otherwise(schema.__pydantic_core_schema__):
             return None
         validate_json = validator.validate_json
+        if not holds_non_finite(schema.__pydantic_core_schema__):
+            return validate_json  # nothing to keep NaN in: no check needed
 
         def fused_decode(payload: bytes) -> Any:
             # memchr for "N" and "I" first (tens of ns; a substring search costs about 0.2 us per message)
