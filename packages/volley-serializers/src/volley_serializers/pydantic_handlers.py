@@ -100,6 +100,12 @@ def _identity(message: Any) -> Any:
     return message
 
 
+def _plain_json(serializer: Any) -> bool:
+    """Whether ``serializer`` declares its bytes plain JSON (``DeclaresWireFormat``): Pydantic may read and write
+    them itself."""
+    return isinstance(serializer, DeclaresWireFormat) and serializer.wire_format == "json"
+
+
 _BINDING = threading.local()
 """The serializer ``bind_fused_encode`` is binding for, on this thread, for the ``bind_fast_encode`` it calls."""
 
@@ -188,28 +194,22 @@ class PydanticModelHandler:
         if not _is_model_class(schema):
             return None
         model_serializer = _complete(schema).__pydantic_serializer__
-        if (isinstance(serializer, DeclaresWireFormat) and serializer.wire_format == "json"
-                and not writes_json_otherwise(schema.__pydantic_core_schema__)):
+        write: Callable[[Any], bytes]
+        if _plain_json(serializer) and not writes_json_otherwise(schema.__pydantic_core_schema__):
             # Pydantic's JSON encoder writes what serialize would (compact JSON of the JSON-mode dump) without the
             # dict in between, and integers beyond 64 bits too (orjson refuses them); not for a model that dumps
             # NaN otherwise than as null, or has dicts keyed by other than str (writes_json_otherwise).
-            to_json = model_serializer.to_json
+            write = model_serializer.to_json
+        else:
+            to_python = model_serializer.to_python
 
-            def encode_json(message: Any) -> bytes:
-                if type(message) is schema:
-                    try:
-                        return to_json(message)
-                    except Exception:  # noqa: S110 - the checked path below explains it
-                        pass
-                return fallback(message)
-
-            return encode_json
-        to_python = model_serializer.to_python
+            def write(message: Any) -> bytes:
+                return serialize(to_python(message, mode="json"))
 
         def encode(message: Any) -> bytes:
             if type(message) is schema:
                 try:
-                    return serialize(to_python(message, mode="json"))
+                    return write(message)
                 except Exception:  # noqa: S110 - the checked path below explains it
                     pass
             return fallback(message)
@@ -316,8 +316,7 @@ class PydanticModelHandler:
         reads, are left to the two steps (bytes that contain them anywhere, for a model that could keep one), so
         they are refused as before.
         """
-        if (not _is_model_class(schema) or not isinstance(serializer, DeclaresWireFormat)
-                or serializer.wire_format != "json"):
+        if not _is_model_class(schema) or not _plain_json(serializer):
             return None
         validator = _complete(schema).__pydantic_validator__
         if self.bind_unchecked(schema) != validator.validate_python:
