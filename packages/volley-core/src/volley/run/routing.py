@@ -42,12 +42,12 @@ class Router:
                 if len(result) == 1:
                     # The common case, one (queue, message) output, without the general path's checks.
                     item, = result
-                    if type(item) is tuple and len(item) == 2:
-                        name, payload = item
+                    if type(item) is tuple:
                         try:
+                            name, payload = item
                             bound = single(name)
-                        except TypeError:  # an unhashable name: the general path makes it a failure at output
-                            bound = None
+                        except (ValueError, TypeError):  # not two items (options given), or an unhashable name:
+                            bound = None  # the general path takes it (and makes what is wrong a failure at output)
                         if bound is not None:
                             encode, topic, slot = bound
                             try:

@@ -136,9 +136,11 @@ class Settlement:
             observer.on_consumed(name, "success", ok)
         if out.failures:
             observer.on_consumed(name, "fail", len(out.failures))
-        timed = out.timed
-        if timed:
-            construct, component, deconstruct = out.construct, out.component, out.deconstruct
+        timed, sampled = out.timed, out.sampled
+        if timed and sampled:
+            # The clocked calls' seconds, scaled to every call counted (handling.SAMPLE_SPREAD)
+            scale = timed / sampled
+            construct, component, deconstruct = out.construct * scale, out.component * scale, out.deconstruct * scale
             observer.on_process_time(name, "component", component, timed)
             observer.on_process_time(name, "cycle", construct + component + deconstruct, timed)
             if construct:

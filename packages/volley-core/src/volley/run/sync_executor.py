@@ -156,15 +156,16 @@ class SyncExecutor:
         try:
             for index in range(start, len(batch)):
                 now = perf()  # one clock read: the slice deadline, and the previous message's time
-                # Only _slow_inline can move the handler to the thread while this loop runs, so it sees every
-                # slow message first (a message slower than SLOW_CALL_SECONDS is past the deadline too). The
-                # OS's part of the slice is not the handler's (at most a slice's worth too much is taken off).
-                if now - previous > SLOW_CALL_SECONDS:
-                    took = now - previous - (waited() - waited_before)
-                    if took > SLOW_CALL_SECONDS and not self._slow_inline(now, took):
-                        out.handled = index - start
-                        return index, None
                 if now > deadline:
+                    # A message slower than SLOW_CALL_SECONDS is past the deadline too (it began at or after the
+                    # slice did, and the slice is shorter), so only an ending slice asks whether its last message
+                    # was slow. Only _slow_inline can move the handler to the thread while this loop runs, so it
+                    # sees every slow message. The OS's part of the slice is not the handler's (at most a slice's
+                    # worth too much is taken off).
+                    if now - previous > SLOW_CALL_SECONDS:
+                        took = now - previous - (waited() - waited_before)
+                        if took > SLOW_CALL_SECONDS:
+                            self._slow_inline(now, took)
                     out.handled = index - start
                     return index, None
                 previous = now

@@ -66,7 +66,7 @@ class Outcome:
     """
 
     __slots__ = ("abandoned", "acks", "component", "construct", "deconstruct", "failures", "generation", "handled",
-                 "nacks", "outs", "retries", "slow_calls", "slowest", "timed")
+                 "nacks", "outs", "retries", "sampled", "slow_calls", "slowest", "timed")
 
     def __init__(self, slots: int, handled: int = 0, generation: int = 0) -> None:
         self.handled = handled
@@ -79,11 +79,12 @@ class Outcome:
         self.failures: list[tuple[Token, str, BaseException]] = []
         self.outs: list[list[OutgoingMessage]] = [[] for _ in range(slots)]
         self.retries = 0
-        # Only when an observer is installed: how many messages were timed, and their seconds in total per step,
-        # added up as each message ends (settlement reports them per outcome). Running totals cost more bytecodes
-        # per message than appending the four clock readings for settlement to add up, but keep no float, tuple
-        # or list alive per message: about 800 fewer instructions a message, counted by valgrind.
+        # Only when an observer is installed: how many calls were counted for the step timings (``timed``), how
+        # many of them were clocked (``sampled``: about one in eight, handling.SAMPLE_SPREAD), and the clocked ones'
+        # seconds in total per step, added up as each call ends (settlement scales them to ``timed``). Running
+        # totals keep no float, tuple or list alive per message.
         self.timed = 0
+        self.sampled = 0
         self.construct = 0.0  # decoding
         self.component = 0.0  # the handler call
         self.deconstruct = 0.0  # interpreting the result (encoding the outputs)
@@ -101,6 +102,7 @@ class Outcome:
         for mine, theirs in zip(self.outs, later.outs, strict=True):
             mine.extend(theirs)
         self.timed += later.timed
+        self.sampled += later.sampled
         self.construct += later.construct
         self.component += later.component
         self.deconstruct += later.deconstruct
