@@ -813,3 +813,30 @@ def test_msg_ctx_reaches_a_sync_handler_running_inline(caplog: pytest.LogCapture
     assert "running them inline" in caplog.text
     assert seen == [(n, "in", 1) for n in range(50)]
     assert report.acked == 50
+
+
+class _NameThatCannotBeHashed:
+    def __hash__(self) -> int:
+        raise RuntimeError("no hash for this name")
+
+
+def test_an_output_name_that_cannot_be_looked_up_is_a_failure_at_output() -> None:
+    """A queue name whose __hash__ raises (anything, not only TypeError) goes to the DLQ at stage output; the run
+    goes on. Before, the one-output path let the error out of the run: the input stayed unacked, nothing
+    dead-lettered."""
+    broker = MemoryBroker()
+    engine = make_engine(broker)
+    seed(broker, engine, [Item(1), Item(2)])
+
+    @engine.stream_app
+    def handler(item: Item) -> Any:
+        if item.n == 1:
+            return [(_NameThatCannotBeHashed(), Doubled(item.n))]
+        return [("out", Doubled(item.n))]
+
+    report = handler.run_until_drained(timeout=30, drain_idle_seconds=0.0)
+    stages = [d.headers["volley-error-stage"] for d in broker.produced_records("dlq") if d.headers]
+    assert stages == [b"output"]
+    assert [json.loads(v)["n"] for v in broker.produced("out")] == [2]
+    assert report.dead_lettered == 1 and report.acked == 1
+    assert broker.depth("in") == 0 and broker.unacked("in") == 0

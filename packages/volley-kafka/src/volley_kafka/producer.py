@@ -93,14 +93,6 @@ record's own: the broker refuses a whole batch when one record of it is above th
 so there it stays a failure that is retried (the record is sent again, most likely in another batch)."""
 
 
-def _index_of(messages: Sequence[OutgoingMessage], message: OutgoingMessage | None) -> int:
-    """Where ``message`` (the one ``produce`` raised for) is in ``messages``, by identity: a record is one object."""
-    for index, candidate in enumerate(messages):
-        if candidate is message:
-            return index
-    raise ValueError("the refused record is not in the batch")  # cannot happen: the loop gave it
-
-
 def _failure(message: OutgoingMessage, error: Any) -> DeliveryFailure:
     """A delivery report's error, or what ``produce`` raised, as the engine's failure for ``message``."""
     if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError) \
@@ -260,19 +252,19 @@ class ProducerClient:
             return
         produce = self.producer.produce
         report = bucket.report
-        record: OutgoingMessage | None = None  # the one being produced: where the batch stopped, if it did
+        sent = 0
         try:
-            for record in messages:  # the fast path: no checks that a C call makes anyway, no count kept
-                partition = record.partition
-                produce(record.topic, record.value, record.key, -1 if partition is None else partition,
-                        partial(report, record), None, 0, record.headers)
+            for m in messages:  # the fast path: no checks that a C call makes anyway
+                partition = m.partition
+                produce(m.topic, m.value, m.key, -1 if partition is None else partition, partial(report, m), None, 0,
+                        m.headers)
+                sent += 1
         except BufferError:
-            self._produce_carefully(messages, _index_of(messages, record), bucket)
+            self._produce_carefully(messages, sent, bucket)
         except (KafkaException, TypeError, ValueError, OverflowError) as exc:
-            refused = _index_of(messages, record)
-            bucket.failed.append(_failure(messages[refused], exc))
+            bucket.failed.append(_failure(messages[sent], exc))
             self._wake.set()
-            self._produce_carefully(messages, refused + 1, bucket)
+            self._produce_carefully(messages, sent + 1, bucket)
 
     def _produce_carefully(self, messages: Sequence[OutgoingMessage], start: int, bucket: _Bucket) -> None:
         """The rest of a batch after a refusal: one record at a time, handing over to the poller when full."""

@@ -10,9 +10,10 @@ into an ``Outcome`` that settlement applies on the loop.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from random import random
 from typing import Any
 
 from volley.errors import MessageError
@@ -156,12 +157,15 @@ def _retrier(app: RunnableApp, context: Callable[[Token], MessageContext], retry
     return retried
 
 
-SAMPLE_SPREAD = 15
-"""Stage timing is sampled: after a clocked call, the next ``int(random() * SAMPLE_SPREAD)`` calls (0 to 14, seven
-on average) are only counted, so about one call in eight is clocked, at a random spacing that no periodic pattern
-of the input can line up with. The first call of every outcome is clocked, so every outcome that counts calls
-has clocked some: settlement scales the clocked seconds to the calls counted (``Outcome.sampled``). Four clock
-reads and the running totals cost about 4 % of a Kafka message's instructions when made for every call."""
+SAMPLE_ONE_IN = 8
+"""Inline calls (``wait`` false: a fast handler on the event loop) are clocked for the step timings about one in
+``SAMPLE_ONE_IN``: each independently with probability 1/8 (geometric gaps drawn from a private generator), its
+seconds weighted by 8, plus the first call of every outcome, weighted 1, so that an outcome that counts calls has
+clocked one. The weighted sums are unbiased estimates of the totals; the count (``Outcome.timed``) is exact. Calls
+on the handler thread and batch groups (``wait`` true: slow or blocking handlers, whose call dwarfs the clock) are
+clocked every time, weighted 1. Four clock reads and the running totals on every inline call cost about 4 % of a
+Kafka message's instructions."""
+_GAP_SCALE = 1.0 / math.log(1.0 - 1.0 / SAMPLE_ONE_IN)  # geometric gap: int(log(1 - u) * _GAP_SCALE)
 
 
 def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decode: Callable[[Envelope, Outcome], Any],
@@ -169,8 +173,9 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
              timed: bool) -> Callable[..., Moved | None]:
     call, wants_context = app.call, app.wants_context
     perf = time.perf_counter
-    spread = SAMPLE_SPREAD
-    skip = 0  # calls to count without clocking them before the next clocked one (shared by the loop and the thread)
+    draw, log = random.Random().random, math.log  # not the module's generator: a handler may seed that one
+    gap_scale, sampled_weight = _GAP_SCALE, float(SAMPLE_ONE_IN)
+    skip = 0  # inline calls to count without clocking them before the next clocked one
 
     def handle(token: Token, out: Outcome, wait: bool = True, message: Any = UNDECODED,
                t0: float = 0.0) -> Moved | None:
@@ -178,12 +183,15 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
         the result into ``out``. ``Moved``: a call failed, a retry is due and ``wait`` is false; the caller goes
         on where waiting is allowed (``resume``). ``t0``: the clock read just now by the caller, if it did."""
         nonlocal skip
-        if timed and not (skip and out.timed):  # clocked: an outcome's first call, then one in eight or so
-            skip = int(random() * spread)
-            t0 = t0 or perf()
-        else:
-            skip -= 1  # counted, not clocked (SAMPLE_SPREAD); without an observer, a count nobody reads
+        if not timed:
             t0 = 0.0
+        elif skip > 0 and out.timed and not wait:
+            skip -= 1  # counted, not clocked (SAMPLE_ONE_IN)
+            t0 = 0.0
+        else:  # clocked: weighted 1 when it had to be, else it stands for SAMPLE_ONE_IN calls
+            weight = 1.0 if wait or not out.timed else sampled_weight
+            skip = int(log(1.0 - draw()) * gap_scale)
+            t0 = t0 or perf()
         if message is UNDECODED and (message := decode(token, out)) is FAILED:  # type: ignore[arg-type]
             return None
         if t0:
@@ -197,14 +205,12 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
         if t0:
             t2 = perf()
         interpret(token, result, out)
-        if timed:  # the steps' running totals (Outcome.timed)
-            out.timed += 1
-            if t0:
-                t3 = perf()
-                out.sampled += 1
-                out.construct += t1 - t0
-                out.component += t2 - t1
-                out.deconstruct += t3 - t2
+        out.timed += 1  # (read only when timed)
+        if t0:  # the steps' weighted running totals (Outcome.timed)
+            t3 = perf()
+            out.construct += (t1 - t0) * weight
+            out.component += (t2 - t1) * weight
+            out.deconstruct += (t3 - t2) * weight
         return None
 
     return handle
@@ -248,7 +254,6 @@ def _async_processor(app: RunnableApp, context: Callable[[Token], MessageContext
             else:
                 if timed:  # the call alone: no decoding step here, and interpreting is not timed
                     out.timed += 1
-                    out.sampled += 1
                     out.component += perf() - started
                 interpret(token, result, out)
                 return

@@ -46,7 +46,7 @@ class Router:
                         try:
                             name, payload = item
                             bound = single(name)
-                        except (ValueError, TypeError):  # not two items (options given), or an unhashable name:
+                        except Exception:  # not two items (options given), or a name that cannot be looked up
                             bound = None  # the general path takes it (and makes what is wrong a failure at output)
                         if bound is not None:
                             encode, topic, slot = bound

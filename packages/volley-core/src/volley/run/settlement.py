@@ -136,11 +136,9 @@ class Settlement:
             observer.on_consumed(name, "success", ok)
         if out.failures:
             observer.on_consumed(name, "fail", len(out.failures))
-        timed, sampled = out.timed, out.sampled
-        if timed and sampled:
-            # The clocked calls' seconds, scaled to every call counted (handling.SAMPLE_SPREAD)
-            scale = timed / sampled
-            construct, component, deconstruct = out.construct * scale, out.component * scale, out.deconstruct * scale
+        timed = out.timed
+        if timed:  # (the seconds of sampled calls are weighted already: handling.SAMPLE_ONE_IN)
+            construct, component, deconstruct = out.construct, out.component, out.deconstruct
             observer.on_process_time(name, "component", component, timed)
             observer.on_process_time(name, "cycle", construct + component + deconstruct, timed)
             if construct:

@@ -66,7 +66,7 @@ class Outcome:
     """
 
     __slots__ = ("abandoned", "acks", "component", "construct", "deconstruct", "failures", "generation", "handled",
-                 "nacks", "outs", "retries", "sampled", "slow_calls", "slowest", "timed")
+                 "nacks", "outs", "retries", "slow_calls", "slowest", "timed")
 
     def __init__(self, slots: int, handled: int = 0, generation: int = 0) -> None:
         self.handled = handled
@@ -79,12 +79,10 @@ class Outcome:
         self.failures: list[tuple[Token, str, BaseException]] = []
         self.outs: list[list[OutgoingMessage]] = [[] for _ in range(slots)]
         self.retries = 0
-        # Only when an observer is installed: how many calls were counted for the step timings (``timed``), how
-        # many of them were clocked (``sampled``: about one in eight, handling.SAMPLE_SPREAD), and the clocked ones'
-        # seconds in total per step, added up as each call ends (settlement scales them to ``timed``). Running
-        # totals keep no float, tuple or list alive per message.
+        # Only when an observer is installed: how many calls were counted for the step timings (``timed``, exact),
+        # and the seconds per step in total, added up as each clocked call ends (inline calls are sampled and
+        # weighted: handling.SAMPLE_ONE_IN). Running totals keep no float, tuple or list alive per message.
         self.timed = 0
-        self.sampled = 0
         self.construct = 0.0  # decoding
         self.component = 0.0  # the handler call
         self.deconstruct = 0.0  # interpreting the result (encoding the outputs)
@@ -102,7 +100,6 @@ class Outcome:
         for mine, theirs in zip(self.outs, later.outs, strict=True):
             mine.extend(theirs)
         self.timed += later.timed
-        self.sampled += later.sampled
         self.construct += later.construct
         self.component += later.component
         self.deconstruct += later.deconstruct
