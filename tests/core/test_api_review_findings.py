@@ -18,7 +18,7 @@ class Item:
     n: int
 
 
-def make_engine() -> Engine:
+def make_engine(**settings: Any) -> Engine:
     broker = MemoryBroker()
     queues: dict[str, Any] = {
         "in": {"value": "in", "profile": "memory", "data_model": Item, "config": {"broker": broker}},
@@ -26,7 +26,8 @@ def make_engine() -> Engine:
         "dlq": {"value": "dlq", "profile": "memory-dlq", "config": {"broker": broker}},
     }
     return Engine(app_name="t", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
-                  queue_config=queues, metrics_port=None, poll_interval_seconds=0.02, retry_backoff_seconds=0.0)
+                  queue_config=queues, metrics_port=None, poll_interval_seconds=0.02, retry_backoff_seconds=0.0,
+                  **settings)
 
 
 def test_a_second_parameter_with_a_default_is_not_given_the_context() -> None:
@@ -217,3 +218,40 @@ def test_an_object_with_an_async_call_is_awaited() -> None:
     result = h.run()
     assert handler.seen == [Item(3)]
     assert result.outputs("out") == [Item(3)] and result.dead_letters == []
+
+
+@pytest.mark.parametrize("max_retries", [0, 1])
+@pytest.mark.parametrize("with_context", [False, True])
+def test_a_handler_that_yields_its_outputs_fails_as_a_handler(max_retries: int, with_context: bool) -> None:
+    """What the body of a generator handler raises is the handler's failure: retried (max_retries), then dead-lettered
+    at stage ``handler``. Before, the generator ran only when its outputs were routed: at stage ``output``, with no
+    retry."""
+    engine = make_engine(max_retries=max_retries)
+    calls: list[int] = []
+
+    def outputs(item: Item) -> Iterator[tuple[str, Item]]:
+        calls.append(item.n)
+        yield ("out", item)
+        if len(calls) == 1:
+            raise RuntimeError("the first run of the body fails after one output")
+        yield ("out", Item(item.n + 1))
+
+    if with_context:
+        @engine.stream_app
+        def handler(item: Item, msg_ctx: MessageContext) -> Iterator[tuple[str, Item]]:
+            yield from outputs(item)
+    else:
+        @engine.stream_app
+        def handler(item: Item) -> Iterator[tuple[str, Item]]:
+            yield from outputs(item)
+
+    h = harness(handler)
+    h.send(Item(1))
+    result = h.run()
+    if max_retries:
+        assert result.dead_letters == [] and calls == [1, 1]
+        assert result.outputs("out") == [Item(1), Item(2)]  # the failed run's first output was never sent
+    else:
+        [dead] = result.dead_letters
+        assert dead.headers is not None and dead.headers["volley-error-stage"] == b"handler"
+        assert result.outputs("out") == [] and calls == [1]

@@ -206,6 +206,20 @@ class Engine:
         return StreamApp(self, func)
 
 
+def _run_generator(produce: Callable[..., Any], wants_context: bool) -> Callable[..., Any]:
+    """``produce`` (a generator function, or its msg_ctx adapter) called and run to its end: its outputs as a list."""
+    if wants_context:
+        def call_generator_with_context(message: Any, context: Any) -> list[Any]:
+            return list(produce(message, context))
+
+        return call_generator_with_context
+
+    def call_generator(message: Any) -> list[Any]:
+        return list(produce(message))
+
+    return call_generator
+
+
 class StreamApp:
     """A handler bound to its Engine: run it forever, until drained, or inside your own event loop."""
 
@@ -229,6 +243,11 @@ class StreamApp:
                     return func(message, msg_ctx=context)
 
                 self.call = call_sync
+        if not self.is_async and (inspect.isgeneratorfunction(func)
+                                  or inspect.isgeneratorfunction(type(func).__call__)):
+            # A handler that yields its outputs runs within the call: what its body raises is the handler's
+            # failure (retried, then dead-lettered at stage "handler"), as for one that returns them.
+            self.call = _run_generator(self.call, self.wants_context)
         self._run: Run | None = None
         self._stop_requested = threading.Event()
         self._still_running: str | None = None
