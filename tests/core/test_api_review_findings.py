@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -255,3 +256,55 @@ def test_a_handler_that_yields_its_outputs_fails_as_a_handler(max_retries: int, 
         [dead] = result.dead_letters
         assert dead.headers is not None and dead.headers["volley-error-stage"] == b"handler"
         assert result.outputs("out") == [] and calls == [1]
+
+
+def test_a_decorated_generator_handler_runs_within_the_call() -> None:
+    """A decorator with functools.wraps around a generator handler: found through __wrapped__, run within the call
+    (a failure is the handler's); a decorator that returns a list instead is left alone."""
+    engine = make_engine(max_retries=0)
+
+    def logged(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(*args: Any) -> Any:
+            return func(*args)
+        return wrapper
+
+    @engine.stream_app
+    @logged
+    def handler(item: Item) -> Iterator[tuple[str, Item]]:
+        yield ("out", item)
+        raise RuntimeError("fails after one output")
+
+    h = harness(handler)
+    h.send(Item(1))
+    [dead] = h.run().dead_letters
+    assert dead.headers is not None and dead.headers["volley-error-stage"] == b"handler"
+
+    def as_list(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(*args: Any) -> Any:
+            return list(func(*args))
+        return wrapper
+
+    listing = make_engine(max_retries=0)
+
+    @listing.stream_app
+    @as_list
+    def handler2(item: Item) -> Iterator[tuple[str, Item]]:
+        yield ("out", item)
+
+    h2 = harness(handler2)
+    h2.send(Item(2))
+    assert h2.run().outputs("out") == [Item(2)]
+
+
+def test_an_async_generator_handler_is_refused_when_the_app_is_built() -> None:
+    """Every message of an async generator handler went to the DLQ at stage output (an async generator is not a
+    list of outputs); it is a configuration error now."""
+    engine = make_engine()
+
+    async def handler(item: Item) -> Any:
+        yield ("out", item)
+
+    with pytest.raises(ConfigurationError, match="async generator"):
+        engine.stream_app(handler)

@@ -16,6 +16,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from types import GeneratorType
 from typing import Any
 
 from volley.config import QueueConfig, is_none_name, load_yaml, normalize_queue_config
@@ -206,16 +207,26 @@ class Engine:
         return StreamApp(self, func)
 
 
+def _is_generator(func: Callable[..., Any], test: Callable[[Any], bool]) -> bool:
+    """Whether ``func`` (or what it wraps: a decorator with functools.wraps, a partial, its ``__call__``) is a
+    generator function of the kind ``test`` finds."""
+    unwrapped = inspect.unwrap(func)
+    return test(unwrapped) or test(inspect.unwrap(type(unwrapped).__call__))
+
+
 def _run_generator(produce: Callable[..., Any], wants_context: bool) -> Callable[..., Any]:
-    """``produce`` (a generator function, or its msg_ctx adapter) called and run to its end: its outputs as a list."""
+    """``produce`` (a generator handler, or its msg_ctx adapter) called and, when it returns a generator (a
+    decorator around one may return something else), run to its end: its outputs as a list."""
     if wants_context:
-        def call_generator_with_context(message: Any, context: Any) -> list[Any]:
-            return list(produce(message, context))
+        def call_generator_with_context(message: Any, context: Any) -> Any:
+            result = produce(message, context)
+            return list(result) if type(result) is GeneratorType else result
 
         return call_generator_with_context
 
-    def call_generator(message: Any) -> list[Any]:
-        return list(produce(message))
+    def call_generator(message: Any) -> Any:
+        result = produce(message)
+        return list(result) if type(result) is GeneratorType else result
 
     return call_generator
 
@@ -243,8 +254,10 @@ class StreamApp:
                     return func(message, msg_ctx=context)
 
                 self.call = call_sync
-        if not self.is_async and (inspect.isgeneratorfunction(func)
-                                  or inspect.isgeneratorfunction(type(func).__call__)):
+        if _is_generator(func, inspect.isasyncgenfunction):
+            raise ConfigurationError(f"handler {getattr(func, '__name__', func)!r} is an async generator (async def "
+                                     "with yield): make it return its outputs as a list, or a sync generator")
+        if not self.is_async and _is_generator(func, inspect.isgeneratorfunction):
             # A handler that yields its outputs runs within the call: what its body raises is the handler's
             # failure (retried, then dead-lettered at stage "handler"), as for one that returns them.
             self.call = _run_generator(self.call, self.wants_context)

@@ -177,11 +177,10 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
     gap_scale, sampled_weight = _GAP_SCALE, float(SAMPLE_ONE_IN)
     skip = 0  # inline calls to count without clocking them before the next clocked one
 
-    def handle(token: Token, out: Outcome, wait: bool = True, message: Any = UNDECODED,
-               t0: float = 0.0) -> Moved | None:
+    def handle(token: Token, out: Outcome, wait: bool = True, message: Any = UNDECODED) -> Moved | None:
         """Decode (unless ``message`` is given: a batch's group), call the sync handler (with retries), interpret
         the result into ``out``. ``Moved``: a call failed, a retry is due and ``wait`` is false; the caller goes
-        on where waiting is allowed (``resume``). ``t0``: the clock read just now by the caller, if it did."""
+        on where waiting is allowed (``resume``)."""
         nonlocal skip
         if not timed:
             t0 = 0.0
@@ -191,7 +190,7 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
         else:  # clocked: weighted 1 when it had to be, else it stands for SAMPLE_ONE_IN calls
             weight = 1.0 if wait or not out.timed else sampled_weight
             skip = int(log(1.0 - draw()) * gap_scale)
-            t0 = t0 or perf()
+            t0 = perf()  # after the draw: the sampler's own work is no step's
         if message is UNDECODED and (message := decode(token, out)) is FAILED:  # type: ignore[arg-type]
             return None
         if t0:

@@ -42,12 +42,12 @@ class Router:
                 if len(result) == 1:
                     # The common case, one (queue, message) output, without the general path's checks.
                     item, = result
-                    if type(item) is tuple:
+                    if type(item) is tuple and len(item) == 2:
+                        name, payload = item
                         try:
-                            name, payload = item
                             bound = single(name)
-                        except Exception:  # not two items (options given), or a name that cannot be looked up
-                            bound = None  # the general path takes it (and makes what is wrong a failure at output)
+                        except Exception:  # a name that cannot be looked up (unhashable, or its hash raises): the
+                            bound = None  # general path makes it a failure at output
                         if bound is not None:
                             encode, topic, slot = bound
                             try:

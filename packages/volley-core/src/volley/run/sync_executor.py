@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from volley.message import Envelope
-from volley.run.handling import UNDECODED, Handling, Moved
+from volley.run.handling import Handling, Moved
 from volley.run.preemption import RunQueueWait
 from volley.run.settlement import Settlement
 from volley.run.stopping import StopSignal
@@ -155,7 +155,7 @@ class SyncExecutor:
         deadline = previous + INLINE_SLICE_SECONDS
         try:
             for index in range(start, len(batch)):
-                now = perf()  # one clock read: the slice deadline, and the previous message's time
+                now = perf()  # one clock read per message: the slice deadline, and the previous message's time
                 if now > deadline:
                     # A message slower than SLOW_CALL_SECONDS is past the deadline too (it began at or after the
                     # slice did, and the slice is shorter), so only an ending slice asks whether its last message
@@ -172,7 +172,7 @@ class SyncExecutor:
                 if revoked and is_revoked(batch[index], revoked):
                     out.abandoned += 1
                     continue
-                moved = handle(batch[index], out, False, UNDECODED, now)
+                moved = handle(batch[index], out, False)
                 if moved is not None:
                     self._go_threaded(f"the handler raised {type(moved.error).__name__}")
                     out.handled = index - start

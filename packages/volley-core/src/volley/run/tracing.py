@@ -159,8 +159,7 @@ class Tracing:
         """``Handling.handle`` inside a trace: decode, call (with retries), interpret."""
         tracer_start, finish, live = self.tracer.start, self.finish, self.live
 
-        def handle_traced(token: Token, out: Outcome, wait: bool = True, message: Any = _NOT_GIVEN,
-                          t0: float = 0.0) -> Any:  # t0 is not passed on: the trace's start is not decoding
+        def handle_traced(token: Token, out: Outcome, wait: bool = True, message: Any = _NOT_GIVEN) -> Any:
             trace = (tracer_start((token,), False) if isinstance(token, Envelope)
                      else tracer_start(token.members, True))
             if trace is None:  # nothing to trace for this input
