@@ -214,18 +214,12 @@ def _is_generator(func: Callable[..., Any], test: Callable[[Any], bool]) -> bool
     return test(unwrapped) or test(inspect.unwrap(type(unwrapped).__call__))
 
 
-def _run_generator(produce: Callable[..., Any], wants_context: bool) -> Callable[..., Any]:
-    """``produce`` (a generator handler, or its msg_ctx adapter) called and, when it returns a generator (a
-    decorator around one may return something else), run to its end: its outputs as a list."""
-    if wants_context:
-        def call_generator_with_context(message: Any, context: Any) -> Any:
-            result = produce(message, context)
-            return list(result) if type(result) is GeneratorType else result
-
-        return call_generator_with_context
-
-    def call_generator(message: Any) -> Any:
-        result = produce(message)
+def _run_generator(produce: Callable[..., Any]) -> Callable[..., Any]:
+    """``produce`` (a generator handler, or its msg_ctx adapter) called with what the run passes (the message,
+    and the context when it wants one) and, when it returns a generator (a decorator around one may return
+    something else), run to its end: its outputs as a list."""
+    def call_generator(*args: Any) -> Any:
+        result = produce(*args)
         return list(result) if type(result) is GeneratorType else result
 
     return call_generator
@@ -260,7 +254,7 @@ class StreamApp:
         if not self.is_async and _is_generator(func, inspect.isgeneratorfunction):
             # A handler that yields its outputs runs within the call: what its body raises is the handler's
             # failure (retried, then dead-lettered at stage "handler"), as for one that returns them.
-            self.call = _run_generator(self.call, self.wants_context)
+            self.call = _run_generator(self.call)
         self._run: Run | None = None
         self._stop_requested = threading.Event()
         self._still_running: str | None = None
