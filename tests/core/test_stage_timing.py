@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -164,3 +165,36 @@ def test_reported_counts_are_exact_and_seconds_cover_every_call() -> None:
     assert recorder.counts["component"] == recorder.counts["cycle"] == n
     assert recorder.seconds["component"] >= n * 0.002
     assert recorder.seconds["cycle"] >= recorder.seconds["component"]
+
+
+def test_a_call_retried_on_the_thread_after_failing_inline_is_counted() -> None:
+    """A fast handler runs inline; a message whose first inline call raises moves to the handler thread for its
+    retries (``resume``). It is handled and acknowledged like the others, so it counts in the step timings too:
+    the component and cycle counts are every handled message (one was missing before)."""
+    broker = MemoryBroker()
+    registry = build_registry()
+    registry.entries["observer"] = {}
+    recorder = Recorder()
+    engine = Engine(app_name="t", input_queue="in", output_queues=[], metrics_port=None, registry=registry,
+                    observers=[recorder], consume_batch_size=50, poll_interval_seconds=0.02, max_retries=2,
+                    retry_backoff_seconds=0.0,
+                    queue_config={"in": {"value": "in", "profile": "memory", "data_model": Item,
+                                         "config": {"broker": broker}}})
+    n = 400
+    for i in range(n):
+        broker.publish("in", engine.input.encode(Item(i)))
+    failed_once: set[int] = set()
+    inline_failures: list[bool] = []
+
+    @engine.stream_app
+    def handler(item: Item) -> bool:
+        if item.n % 97 == 96 and item.n not in failed_once:  # after the calibration batches: inline by then
+            failed_once.add(item.n)
+            inline_failures.append(threading.current_thread() is threading.main_thread())
+            raise RuntimeError("a first call that fails")
+        return True
+
+    report = handler.run_until_drained(timeout=30, drain_idle_seconds=0.0)
+    assert report.acked == n
+    assert any(inline_failures)  # at least one first failure was inline, so it went through resume
+    assert recorder.counts["component"] == recorder.counts["cycle"] == n

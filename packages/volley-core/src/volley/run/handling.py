@@ -57,7 +57,7 @@ class Handling:
         self.interpret = router.bind()
         retried = _retrier(app, context, retry)
         self.handle = _handler(app, context, self.decode, self.interpret, retried, timed)
-        self.resume = _resumer(self.interpret, retried)
+        self.resume = _resumer(self.interpret, retried, timed)
         self.process_async = _async_processor(app, context, retry, self.interpret, timed)
         self.decode_groups = _grouper(self.decode, queue.batch_size)
         if tracing is not None:  # bound once: without a tracer the steps above run unwrapped
@@ -215,13 +215,24 @@ def _handler(app: RunnableApp, context: Callable[[Token], MessageContext], decod
     return handle
 
 
-def _resumer(interpret: Callable[[Token, Any, Outcome], None],
-             retried: Retried) -> Callable[[Envelope, Outcome, Moved], None]:
+def _resumer(interpret: Callable[[Token, Any, Outcome], None], retried: Retried,
+             timed: bool) -> Callable[[Envelope, Outcome, Moved], None]:
+    perf = time.perf_counter
+
     def resume(env: Envelope, out: Outcome, moved: Moved) -> None:
-        """Go on with a message whose first call failed inline: its retries (waiting allowed), then interpret."""
+        """Go on with a message whose first call failed inline: its retries (waiting allowed), then interpret.
+        Counted in the step timings like any handled message, clocked (weight 1) from its retries on: its decoding
+        and first call, inline, were not clocked."""
+        t1 = perf() if timed else 0.0
         result = retried(env, moved.message, out, moved.error, True, True)
-        if result is not FAILED:
-            interpret(env, result, out)
+        if result is FAILED:
+            return
+        t2 = perf() if timed else 0.0
+        interpret(env, result, out)
+        if timed:
+            out.timed += 1
+            out.component += t2 - t1
+            out.deconstruct += perf() - t2
 
     return resume
 
