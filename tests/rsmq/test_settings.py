@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -151,3 +153,26 @@ def test_settings_name_the_redis_password_without_showing_it() -> None:
     assert "hunter2" not in text, text
     assert "password=" in text and "socket_keepalive" in text, "the settings are named, their values redacted"
     assert settings.redis_kwargs()["password"] == "hunter2-option", "redis-py gets the real one (options win)"
+
+
+def test_an_app_that_uses_no_rsmq_queue_does_not_import_redis() -> None:
+    """Building the plugin registry (every ``volley`` command and every app does) loads each installed plugin:
+    volley-rsmq's must not import redis-py and PyRSMQ (about 0.3 s) until an RSMQ queue is built. The connector,
+    its settings check and the package's names stay where they were."""
+    script = (
+        "import sys\n"
+        "from volley.plugins import build_registry\n"
+        "registry = build_registry()\n"
+        "assert 'rsmq' in registry.entries['connector'], registry.entries['connector']\n"
+        "import volley_rsmq\n"
+        "from volley_rsmq import RsmqConnector, parse_settings\n"
+        "RsmqConnector().check(type('Q', (), {'config': {'host': '127.0.0.1'}, 'value': 'q', 'role': 'input'})())\n"
+        "print(sorted(name for name in ('redis', 'rsmq') if name in sys.modules))\n"
+        "from volley_rsmq import RsmqClient, RsmqConsumer, LAST_ERROR_HEADER\n"
+        "print('redis' in sys.modules, RsmqClient.__name__, RsmqConsumer.__name__, LAST_ERROR_HEADER)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == "[]"  # nothing of redis or PyRSMQ imported
+    assert second.startswith("True RsmqClient RsmqConsumer")  # the names are still there, imported when asked

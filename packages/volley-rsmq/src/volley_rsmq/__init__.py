@@ -6,11 +6,33 @@ visibility-timeout policy, ``envelope`` for how dead letters keep their
 error headers.
 """
 
-from volley_rsmq.client import RsmqClient
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from volley_rsmq.connector import RsmqConnector
-from volley_rsmq.consumer import LAST_ERROR_HEADER, RsmqConsumer
-from volley_rsmq.producer import RsmqProducer
 from volley_rsmq.settings import RsmqSettings, parse_settings
+
+if TYPE_CHECKING:
+    from volley_rsmq.client import RsmqClient
+    from volley_rsmq.consumer import LAST_ERROR_HEADER, RsmqConsumer
+    from volley_rsmq.producer import RsmqProducer
+
+# Imported when first asked for: they import redis-py and PyRSMQ, which an app without RSMQ queues never needs
+# (the plugin registry imports this package in every app and every volley command).
+_LAZY = {"RsmqClient": "volley_rsmq.client", "LAST_ERROR_HEADER": "volley_rsmq.consumer",
+         "RsmqConsumer": "volley_rsmq.consumer", "RsmqProducer": "volley_rsmq.producer"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'volley_rsmq' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "LAST_ERROR_HEADER",
