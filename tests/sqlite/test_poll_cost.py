@@ -6,10 +6,12 @@ results, which do not depend on the machine.)
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlite_parts import open_consumer
@@ -93,5 +95,39 @@ async def test_a_file_made_before_the_ready_index_gets_it_when_a_consumer_opens_
         assert "volley_messages_ready" in names, names
         got = await consumer.consume(100, 1.0)
         assert sorted(e.value for e in got) == sorted(f"m-{i}".encode() for i in range(10))
+    finally:
+        await consumer.close()
+
+
+async def test_asking_whether_a_queue_is_drained_or_how_deep_it_is_takes_no_write_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``is_drained`` (asked every poll while an app waits to stop when drained) and ``depth`` (for the queue depth
+    metric) only read: before, each ran in a write transaction (BEGIN IMMEDIATE), so a worker waiting to drain
+    took the file's write lock every poll, in the way of every other process's writes."""
+    statements: list[str] = []
+    opened = schema.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db = opened(*args, **kwargs)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(schema, "connect", traced)
+    backlog(tmp_path / "q.sqlite3", delayed=3, ready=2).close()
+    consumer = await open_consumer(tmp_path / "q.sqlite3", QUEUE, heartbeat=False,
+                                   compaction_interval_seconds=3600)
+    try:
+        await consumer.consume(1, 1.0)
+        deadline = time.monotonic() + 10.0  # the first compaction runs at the start: wait until it is over
+        while not any("wal_checkpoint" in s for s in statements):
+            assert time.monotonic() < deadline, statements
+            await asyncio.sleep(0.01)
+        before = len(statements)
+        drained = [await asyncio.to_thread(consumer.is_drained) for _ in range(5)]
+        depth = await consumer.depth()
+        asked = statements[before:]
+        assert (drained, depth) == ([False] * 5, 1)  # the answers are still right: 1 ready, 1 held, 3 delayed
+        assert any("volley_messages" in s for s in asked), asked  # they did read
+        assert not [s for s in asked if s.lstrip().upper().startswith("BEGIN")], asked
     finally:
         await consumer.close()

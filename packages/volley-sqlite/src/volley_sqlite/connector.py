@@ -218,7 +218,7 @@ class SqliteConsumer:
 
     async def depth(self) -> int:
         queue = self.queue
-        return await self._require().call(lambda conn: schema.depth(conn, queue))
+        return await self._require().call(lambda conn: schema.depth(conn, queue), read_only=True)
 
     def is_drained(self) -> bool:
         """Asked off the event loop: nothing ready or delayed, nothing held by this consumer."""
@@ -226,7 +226,7 @@ class SqliteConsumer:
         if db is None:
             return True
         queue, owner = self.queue, self.owner
-        return db.call_blocking(lambda conn: schema.is_drained(conn, queue, owner), timeout=30.0)
+        return db.call_blocking(lambda conn: schema.is_drained(conn, queue, owner), timeout=30.0, read_only=True)
 
 
 class SqliteProducer:

@@ -5,7 +5,9 @@ the thread takes everything queued at once and runs it in a single write
 transaction (one savepoint per operation, so one bad operation does not undo
 the others), commits, and only then reports the results: a producer's delivery
 report therefore means the rows are committed (fsynced, with
-``synchronous=full``). Grouping the operations of a burst into one commit is
+``synchronous=full``). Operations that only read with one statement (a queue's
+depth, whether it is drained) run outside that transaction, taking no write
+lock. Grouping the operations of a burst into one commit is
 what makes a durable broker on one disk fast (group commit).
 
 Between operations the thread renews the leases of the messages its consumers
@@ -48,6 +50,8 @@ class Operation:
     """The result when the probe says there is nothing to do."""
     wakes: str | None = None
     """A queue whose waiting consumers should look again once this operation committed."""
+    read_only: bool = False
+    """Only reads (one statement: a consistent snapshot): run outside any transaction, so no write lock."""
 
 
 @dataclass(slots=True)
@@ -108,11 +112,12 @@ class Database:
             self._cv.notify()
 
     def call(self, run: Callable[[sqlite3.Connection], T], *, probe: Callable[[sqlite3.Connection], bool] | None = None,
-             empty: Any = None, wakes: str | None = None,
-             abandoned: Callable[[T], None] | None = None) -> asyncio.Future[T]:
+             empty: Any = None, wakes: str | None = None, abandoned: Callable[[T], None] | None = None,
+             read_only: bool = False) -> asyncio.Future[T]:
         """Queue ``run``; the returned future (of the running loop) resolves once its transaction committed.
 
         ``abandoned(result)`` is called on the loop when the future was cancelled before the result arrived.
+        ``read_only``: ``run`` only reads, with one statement; it runs outside any transaction (no write lock).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -121,10 +126,11 @@ class Database:
             with contextlib.suppress(RuntimeError):  # that loop is closed
                 loop.call_soon_threadsafe(_resolve_future, future, result, error, abandoned)
 
-        self.submit(Operation(run, done, probe, empty, wakes))
+        self.submit(Operation(run, done, probe, empty, wakes, read_only))
         return future
 
-    def call_blocking(self, run: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T:
+    def call_blocking(self, run: Callable[[sqlite3.Connection], T], timeout: float | None = None, *,
+                      read_only: bool = False) -> T:
         """Run ``run`` on the database thread and wait for it: for callers off the event loop."""
         finished = threading.Event()
         box: list[Any] = [None, None]
@@ -133,7 +139,7 @@ class Database:
             box[0], box[1] = result, error
             finished.set()
 
-        self.submit(Operation(run, done))
+        self.submit(Operation(run, done, read_only=read_only))
         if not finished.wait(timeout):
             raise TimeoutError(f"the sqlite database {self.path!r} did not answer within {timeout} s")
         if box[1] is not None:
@@ -231,6 +237,12 @@ class Database:
         results: list[tuple[Operation, Any, BaseException | None]] = []
         writes: list[Operation] = []
         for op in ops:
+            if op.read_only:
+                try:
+                    results.append((op, op.run(db), None))
+                except Exception as exc:
+                    results.append((op, None, exc))
+                continue
             if op.probe is not None:
                 try:
                     if not op.probe(db):
