@@ -20,6 +20,7 @@ from collections import defaultdict, deque
 from typing import Any
 
 import confluent_kafka
+import confluent_kafka.admin
 from confluent_kafka import Message, TopicPartition
 
 RUN = 125  # records of one partition handed out in a row
@@ -166,9 +167,34 @@ class FakeProducer:
         pass
 
 
+class _Answered:
+    """A describe_configs future, answered already."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.value
+
+
+class FakeAdmin:
+    """What Volley's start-up check asks (a topic's max.message.bytes): the broker's default. Without it the check
+    waited for its 5 s timeout on every start."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def describe_configs(self, resources: list[Any], **kwargs: Any) -> dict[Any, _Answered]:
+        return {resource: _Answered({"max.message.bytes": _Answered("1048588")}) for resource in resources}
+
+
 def install() -> None:
+    import volley_kafka.producer_checks
+
     confluent_kafka.Consumer = FakeConsumer  # type: ignore[misc,assignment]
     confluent_kafka.Producer = FakeProducer  # type: ignore[misc,assignment]
+    confluent_kafka.admin.AdminClient = FakeAdmin  # type: ignore[misc,assignment]
+    volley_kafka.producer_checks.AdminClient = FakeAdmin  # type: ignore[misc,assignment]  # bound at its import
 
 
 class FakeCluster:
