@@ -67,6 +67,30 @@ def test_a_yaml_queue_giving_a_setting_twice_is_refused(tmp_path: Path) -> None:
         Engine(input_queue="in", output_queues=["out"], yaml_config_path=path, metrics_port=None)
 
 
+def test_yaml_merge_keys_are_read_as_safe_load_reads_them(tmp_path: Path) -> None:
+    """Shared defaults through an anchor and merge keys (``<<: *defaults``), which safe_load (and py-volley) read,
+    were refused as "not valid YAML" by the duplicate-key check (found by a review, session 38). A key given both
+    by the merge and in the mapping itself is an override, not a duplicate; one given twice in the mapping still
+    is."""
+    import yaml
+
+    from volley.config import load_yaml
+
+    document = ("x-defaults: &defaults\n  profile: memory\n  serializer: json\n"
+                "queues:\n"
+                "  orders:\n    <<: *defaults\n    value: shop.orders\n"
+                "  dlq:\n    <<: *defaults\n    value: shop.dlq\n    serializer: orjson\n")
+    path = tmp_path / "volley_config.yml"
+    path.write_text(document)
+    expected = yaml.safe_load(document)["queues"]
+    queues = load_yaml(path)
+    assert queues["orders"] == {"profile": "memory", "serializer": "json", "value": "shop.orders", "name": "orders"}
+    assert queues["dlq"] == {**expected["dlq"], "name": "dlq"} and queues["dlq"]["serializer"] == "orjson"
+    path.write_text(document + "    value: shop.dlq.v2\n")
+    with pytest.raises(ConfigurationError, match=r"value.*(more than once|twice|duplicate)"):
+        load_yaml(path)
+
+
 # ---------------------------------------------------------------- wrong types: ConfigurationError, not a traceback
 
 
