@@ -76,3 +76,15 @@ def test_volley_plugins_into_a_closed_pipe_ends_quietly() -> None:
         os.close(write_end)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 141  # 128 + SIGPIPE, what a shell reports for a command its pipe cut short
+
+
+@pytest.mark.parametrize(("level", "code"), [("verbose", 2), ("10", 0), ("warning", 0)])
+def test_an_unknown_log_level_is_a_configuration_error_not_a_traceback(level: str, code: int) -> None:
+    """--log-level / VOLLEY_LOG_LEVEL went to logging.basicConfig outside main's error handling: a typo ended in a
+    ValueError traceback (exit 1). Names in any case and numbers are accepted (found by a review, session 38)."""
+    done = subprocess.run([sys.executable, "-m", "volley.cli", "--log-level", level, "plugins"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in done.stderr, done.stderr[-500:]
+    assert done.returncode == code, done.stderr[-500:]
+    if code:
+        assert "unknown log level 'verbose'" in done.stderr

@@ -118,6 +118,15 @@ def version_line() -> str:
     return f"volley-core {version} (Python {sys.version.split()[0]})"
 
 
+def _log_level(text: str) -> int | None:
+    """A level name (any case) or number; None when logging knows no such level."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    level = logging.getLevelName(text.upper())
+    return level if isinstance(level, int) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="volley", description="Run Volley stream apps.")
     parser.add_argument("--version", action="version", version=version_line())
@@ -132,7 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("demo", help="run the two-node demo on in-memory queues").set_defaults(func=cmd_demo)
     add_dlq_commands(commands)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = _log_level(args.log_level)
+    if level is None:
+        print(f"volley: configuration error: unknown log level {args.log_level!r} (--log-level or VOLLEY_LOG_LEVEL): "
+              "use DEBUG, INFO, WARNING, ERROR or CRITICAL, or a number", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return int(args.func(args))
     except BrokerUnavailableError as exc:  # not answering yet, or an outage: a supervisor restarts the process
