@@ -237,6 +237,17 @@ def test_cli_inspect_json(command: StreamApp, capsys: pytest.CaptureFixture[str]
     assert document["total"] == 12 and document["matching"] == 5 and document["by_stage"] == {"handler": 5}
 
 
+def test_cli_inspect_limit_counts_at_most_that_many_letters(command: StreamApp,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """--limit was accepted and checked, then ignored: the counts were of every letter (found by a review, session
+    38). Now the breakdown is of the first N matching letters; the total is still every letter."""
+    assert cli.main(["dlq", "inspect", "x:app", "--json", "--stage", "handler", "--limit", "2"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["total"], document["matching"], document["by_stage"]) == (12, 2, {"handler": 2})
+    assert cli.main(["dlq", "inspect", "x:app", "--limit", "3"]) == 0
+    assert "12 letter(s), the first 3 matching" in capsys.readouterr().out
+
+
 def test_cli_inspect_text(command: StreamApp, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["dlq", "inspect", "x:app"]) == 0
     out = capsys.readouterr().out

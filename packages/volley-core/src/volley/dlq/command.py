@@ -93,7 +93,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     letter_filter = _letter_filter(args)
     dlq = DeadLetterQueue(load_app(args.app))
     journal = _journal(args, dlq)
-    result = asyncio.run(inspect(dlq, letter_filter, journal, samples=args.samples))
+    result = asyncio.run(inspect(dlq, letter_filter, journal, samples=args.samples, limit=args.limit))
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

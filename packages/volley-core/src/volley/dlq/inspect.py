@@ -25,6 +25,7 @@ class Inspection:
     first: float | None = None
     last: float | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)
+    limit: int | None = None  # --limit: the breakdown is of the first this many matching letters
 
     def add(self, letter: DeadLetter, sample_count: int) -> None:
         self.matching += 1
@@ -42,10 +43,11 @@ class Inspection:
         return {"queue": self.queue, "total": self.total, "matching": self.matching,
                 "already_replayed": self.already_replayed, "by_stage": dict(self.by_stage),
                 "by_error_type": dict(self.by_error_type), "by_source_queue": dict(self.by_source_queue),
-                "first": self.first, "last": self.last, "samples": self.samples}
+                "first": self.first, "last": self.last, "samples": self.samples, "limit": self.limit}
 
     def lines(self) -> list[str]:
-        out = [f"dead-letter queue {self.queue}: {self.total} letter(s), {self.matching} matching"]
+        matching = f"{self.matching} matching" if self.limit is None else f"the first {self.matching} matching"
+        out = [f"dead-letter queue {self.queue}: {self.total} letter(s), {matching}"]
         if self.already_replayed:
             out.append(f"  already replayed (journal), not counted: {self.already_replayed}")
         if self.first is not None and self.last is not None:
@@ -69,8 +71,10 @@ def _when(stamp: float) -> str:
 
 
 async def inspect(dlq: DeadLetterQueue, letter_filter: LetterFilter, journal: Journal | None = None,
-                  samples: int = 5, batch_size: int = 500) -> Inspection:
-    result = Inspection(queue=dlq.name)
+                  samples: int = 5, batch_size: int = 500, limit: int | None = None) -> Inspection:
+    """Every letter counted in ``total``; the matching ones (at most ``limit``, the first in queue order) broken
+    down."""
+    result = Inspection(queue=dlq.name, limit=limit)
     browser = dlq.open_browser()
     await browser.start()
     try:
@@ -84,7 +88,7 @@ async def inspect(dlq: DeadLetterQueue, letter_filter: LetterFilter, journal: Jo
                     result.already_replayed += 1
                     continue
                 result.total += 1
-                if letter_filter.matches(letter):
+                if (limit is None or result.matching < limit) and letter_filter.matches(letter):
                     result.add(letter, samples)
     finally:
         await browser.close()
