@@ -250,3 +250,20 @@ def test_the_letters_confirmed_in_a_batch_that_partly_failed_are_not_sent_again(
     # h1 counts as a possible duplicate: a refusal can be ambiguous (a Kafka message timeout may have been stored)
     assert (again.moved, again.finished_from_journal, again.possible_duplicates) == (1, 2, 1)
     assert broker.depth(DLQ_NAME) == 0
+
+
+def test_an_entry_appended_after_a_line_a_kill_cut_short_is_not_lost(tmp_path: Path) -> None:
+    """A run killed while writing leaves half a line without its newline. The next run appended its first entry
+    straight after it, so the two made one unreadable line and that entry (an intent) was lost: a third run did
+    not count the letters in flight as possible duplicates (found by a review, session 38)."""
+    from volley.dlq import Journal
+
+    path = tmp_path / "j.jsonl"
+    path.write_text('{"op": "intent", "ids": ["0:1"]}\n{"op": "sent", "ids": ["0:1"], "pri')
+    rerun = Journal(path)
+    rerun.lock()
+    assert rerun.in_doubt("0:1")
+    rerun.record_intent(["0:2"])  # the rerun starts sending letter 0:2, and is killed before it is confirmed
+    rerun.close()
+    third = Journal(path)
+    assert third.in_doubt("0:1") and third.in_doubt("0:2"), path.read_text()

@@ -161,7 +161,10 @@ class Journal:
     def _write(self, entry: dict[str, Any]) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = _ends_unfinished(self.path)
             self._file = self.path.open("a", encoding="utf-8")
+            if torn:  # a run killed while writing left half a line: end it, or this entry would join it and be lost
+                self._file.write("\n")
         self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -233,3 +236,15 @@ class Journal:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _ends_unfinished(path: Path) -> bool:
+    """Whether the file's last line has no newline (what a kill while writing leaves); False for no file."""
+    try:
+        with path.open("rb") as file:
+            if file.seek(0, os.SEEK_END) == 0:
+                return False
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
