@@ -8,6 +8,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -177,6 +178,34 @@ def test_rate_bounds_letters_per_second(app: StreamApp, tmp_path: Path) -> None:
     summary = run(replay(DeadLetterQueue(app), Journal(tmp_path / "j"), ReplayOptions(rate=20.0)))
     assert summary.moved == 12
     assert time.monotonic() - began >= 10 / 20  # six batches of two, one every 0.1 s
+
+
+def test_a_pause_earns_the_rate_no_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rate was an average since the first send: after a minute with nothing to send (browsing past letters the
+    filter skips), 600 letters could go out at once at --rate 10 (found by a review, session 38)."""
+    import importlib
+
+    replay_module = importlib.import_module("volley.dlq.replay")
+    clock = [1000.0]
+
+    async def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(replay_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # the pacer's clock
+    monkeypatch.setattr(replay_module, "asyncio", SimpleNamespace(sleep=sleep))
+    pacer = replay_module._Pacer(10.0)
+
+    async def go() -> int:
+        await pacer.wait_for(1)  # one early letter
+        clock[0] += 60.0  # a minute with nothing to send
+        began, sent = clock[0], 0
+        while True:
+            await pacer.wait_for(1)
+            if clock[0] >= began + 0.95:  # sent at 0.0, 0.1, ... 0.9 s after the pause: ten in its first second
+                return sent
+            sent += 1
+
+    assert run(go()) == 10  # one at once, then one every 0.1 s (600 at once before)
 
 
 def test_limit_and_to(app: StreamApp, broker: MemoryBroker, tmp_path: Path) -> None:

@@ -104,23 +104,22 @@ class _Confirmations:
 
 
 class _Pacer:
-    """``--rate``: at most ``rate`` letters per second on average, measured from the first send."""
+    """``--rate``: at most ``rate`` letters per second, a batch at a time. A pause (browsing past letters the filter
+    skips, a slow destination) earns no credit: the next batch goes at once and the one after it waits its turn."""
 
     def __init__(self, rate: float | None) -> None:
         self.rate = rate
-        self.started: float | None = None
-        self.sent = 0
+        self.due = 0.0  # when the next batch may go
 
     async def wait_for(self, count: int) -> None:
         if self.rate is None:
             return
         now = time.monotonic()
-        if self.started is None:
-            self.started = now
-        due = self.started + self.sent / self.rate
-        if due > now:
-            await asyncio.sleep(due - now)
-        self.sent += count
+        if self.due > now:
+            await asyncio.sleep(self.due - now)
+        else:
+            self.due = now
+        self.due += count / self.rate
 
 
 def _kill_hook() -> Callable[[int, str], None]:
