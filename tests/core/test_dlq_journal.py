@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from volley.dlq import DeadLetterQueue, Journal, LetterFilter, ReplayOptions, re
 from volley.dlq import command as dlq_command
 from volley.dlq.letter import REPLAY_COUNT
 from volley.engine import StreamApp
-from volley.errors import DeliveryError
+from volley.errors import ConfigurationError, DeliveryError
 from volley.memory import MemoryBroker
 from volley.testing.deadletters import DLQ, INPUT, OUTPUT, Fix, scenario_app
 
@@ -267,3 +268,52 @@ def test_an_entry_appended_after_a_line_a_kill_cut_short_is_not_lost(tmp_path: P
     rerun.close()
     third = Journal(path)
     assert third.in_doubt("0:1") and third.in_doubt("0:2"), path.read_text()
+
+
+class _KilledError(Exception):
+    pass
+
+
+def test_apps_sharing_a_dead_letter_queue_share_its_journal_and_lock(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal and its lock were named after the app too: a replay through a second app that dead-letters to
+    the same queue could run beside the first, and after the first was killed with three letters confirmed and
+    not yet taken out, it sent them again without counting them as possible duplicates (found by a review,
+    session 38)."""
+    monkeypatch.setenv("VOLLEY_DLQ_JOURNAL_DIR", str(tmp_path))
+    broker = MemoryBroker()
+
+    def app(source: str, name: str) -> StreamApp:
+        where = {"broker": broker}
+        return scenario_app({INPUT: {"value": source, "profile": "memory", "data_model": ORDER, "config": where},
+                             OUTPUT: {"value": f"{source}.out", "profile": "memory", "data_model": ORDER,
+                                      "config": where},
+                             DLQ: {"value": "shared.dlq", "profile": "memory-dlq", "config": where}}, Fix(),
+                            app_name=name)
+
+    orders, payments = DeadLetterQueue(app("shop.orders", "orders")), DeadLetterQueue(app("shop.payments", "payments"))
+    for n in range(3):
+        broker.publish("shared.dlq", json.dumps({"order_id": n, "amount": 1}).encode(), f"k{n}".encode(),
+                       {"volley-error-stage": b"handler", "volley-source-queue": b"shop.orders"})
+    args = SimpleNamespace(journal=None)
+    first, second = dlq_command._journal(args, orders), dlq_command._journal(args, payments)
+    assert first.path == second.path
+    first.lock()
+    try:
+        with pytest.raises(ConfigurationError, match="another volley dlq replay"):
+            second.lock()
+    finally:
+        first.close()
+        second.close()
+
+    def killed(count: int, at: str) -> None:
+        if at == "journaled" and count >= 3:
+            raise _KilledError  # after the journal recorded all three as sent, before they left the queue
+
+    with pytest.raises(_KilledError):
+        asyncio.run(replay(orders, dlq_command._journal(args, orders),
+                           ReplayOptions(batch_size=3), on_confirmed=killed))
+    summary = asyncio.run(replay(payments, dlq_command._journal(args, payments),
+                                 ReplayOptions()))
+    assert Counter(e.key for e in broker.produced_records("shop.orders")) == {b"k0": 1, b"k1": 1, b"k2": 1}
+    assert broker.depth("shared.dlq") == 0 and summary.possible_duplicates == 0  # sent before, taken out now

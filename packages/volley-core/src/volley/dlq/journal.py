@@ -49,15 +49,16 @@ MAX_COUNTS = 100_000
 """The most replay counts a journal keeps (the most recently sent): about 10 MB of journal at the most."""
 
 
-def default_path(app_name: str, connector: str, queue: str) -> Path:
+def default_path(connector: str, queue: str) -> Path:
     """``$VOLLEY_DLQ_JOURNAL_DIR`` or ``$XDG_STATE_HOME/volley/dlq`` (``~/.local/state/volley/dlq``), one file per
-    app and dead-letter queue."""
+    dead-letter queue (connector and queue name): apps that dead-letter to the same queue share it and its lock, so
+    a replay through one sees what a replay through another did."""
     base = os.environ.get("VOLLEY_DLQ_JOURNAL_DIR")
     if base:
         directory = Path(base)
     else:
         directory = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "volley" / "dlq"
-    name = _UNSAFE.sub("_", f"{app_name}.{connector}.{queue}")
+    name = _UNSAFE.sub("_", f"{connector}.{queue}")
     return directory / f"{name}.jsonl"
 
 
