@@ -364,3 +364,35 @@ async def test_an_ack_of_a_message_another_consumer_took_meanwhile_is_reported(
         assert "1 acknowledged message(s) were no longer held by this consumer" in caplog.text
     finally:
         await consumer.close()
+
+
+async def test_a_message_whose_ack_and_give_back_both_failed_comes_back(tmp_path: Path) -> None:
+    """An ack that fails (another process holds the write lock past busy_timeout) queues a give-back behind it;
+    when that failed too, nothing tried again: the row stayed leased to the live consumer, its heartbeat renewing
+    it, and no consumer ever took it again until the process stopped (found by a review, session 38)."""
+    path = tmp_path / "q.sqlite3"
+    await produce(path, records("jobs", 1), partitions=1)
+    a = await open_consumer(path, partitions=1, vt=0.6, busy_timeout_seconds=0.2)
+    b = await open_consumer(path, partitions=1, vt=0.6, busy_timeout_seconds=0.3)
+    blocker = sqlite3.connect(path, isolation_level=None, timeout=5)
+    try:
+        got = await a.consume(1, 1.0)
+        assert len(got) == 1
+        blocker.execute("BEGIN IMMEDIATE")  # a long compaction or backup in another process
+        with pytest.raises(sqlite3.OperationalError):
+            await a.ack(got)  # the engine then says the message will be delivered again
+        db = a._db
+        assert db is not None
+        with contextlib.suppress(sqlite3.OperationalError):  # queued after the give-back: that one was tried too
+            await db.call(lambda conn: None)
+        blocker.execute("ROLLBACK")  # the lock comes free
+        deadline = time.monotonic() + 10.0
+        again: list[Any] = []
+        while not again:
+            assert time.monotonic() < deadline, "the message never came back"
+            again = [*await b.consume(1, 0.1), *await a.consume(1, 0.1)]
+        assert [e.value for e in again] == [got[0].value]
+    finally:
+        blocker.close()
+        await a.close()
+        await b.close()

@@ -28,6 +28,7 @@ from volley_sqlite.settings import SqliteSettings, parse_settings
 
 logger = logging.getLogger("volley_sqlite")
 _position = operator.attrgetter("position")
+GIVE_BACK_RETRY_SECONDS = 1.0  # a give-back that failed (the write lock held elsewhere) is tried again this soon
 _NOTHING = schema.Taken([])  # what a take gives when the probe found nothing ready (its list is never handed out)
 
 
@@ -167,13 +168,28 @@ class SqliteConsumer:
             self._settled(ids)
 
     def _give_back_behind(self, db: Database, ids: Sequence[int], delay: float, undelivered: bool = False) -> None:
-        """Queue a give-back without waiting for it: of deliveries whose settle failed (the database may be what
-        failed: it runs when it can, and if it cannot, the leases lapse once the heartbeat stops), or, with
-        ``undelivered``, of a take a cancelled consume never handed out."""
+        """On the loop: queue a give-back without waiting for it: of deliveries whose settle failed, or, with
+        ``undelivered``, of a take a cancelled consume never handed out. The database may be what failed (its write
+        lock held elsewhere): a give-back that fails too is tried again every GIVE_BACK_RETRY_SECONDS while this
+        consumer is open, since its heartbeat renews whatever it holds (and close gives back everything)."""
         owner = self.owner
+        loop = asyncio.get_running_loop()
+
+        def again() -> None:
+            if self._db is db:
+                self._give_back_behind(db, ids, delay, undelivered)
+
+        def done(_result: Any, error: BaseException | None) -> None:
+            if error is None:
+                return
+            logger.warning("sqlite queue %r: giving back %d message(s) failed (%s); trying again in %.0f s",
+                           self.queue, len(ids), error, GIVE_BACK_RETRY_SECONDS)
+            with contextlib.suppress(RuntimeError):  # that loop is closed: so is this consumer
+                loop.call_soon_threadsafe(loop.call_later, GIVE_BACK_RETRY_SECONDS, again)
+
         with contextlib.suppress(RuntimeError):  # closed meanwhile: close gives back everything
             db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, delay, undelivered),
-                                          lambda _r, _e: None, wakes=self.queue))
+                                          done, wakes=self.queue))
 
     def _settled(self, ids: Sequence[int]) -> None:
         """While suspects are about, a settle may let this consumer take the next one: its consume looks again now."""
