@@ -396,3 +396,55 @@ async def test_a_message_whose_ack_and_give_back_both_failed_comes_back(tmp_path
         blocker.close()
         await a.close()
         await b.close()
+
+
+async def test_a_record_the_queue_cannot_take_fails_alone_as_an_invalid_record(tmp_path: Path) -> None:
+    """One record with a partition its queue lacks (or a header name over 64 KiB) failed every record of the
+    produce call, as ValueError: the engine retried them all, then gave the input back and stopped the app. The
+    memory and Kafka producers report the bad record alone, as InvalidRecordError (found by a review, session 38)."""
+    path = tmp_path / "q.sqlite3"
+    producer = SqliteConnector().create_producer(spec(path, role="output", partitions=2))
+    await producer.start()
+    try:
+        batch = [OutgoingMessage("jobs", b"good-1", None, token=1),
+                 OutgoingMessage("jobs", b"bad", None, partition=9, token=2),
+                 OutgoingMessage("jobs", b"good-2", None, token=3),
+                 OutgoingMessage("jobs", b"long", None, {"x" * 70_000: b"1"}, token=4)]
+        recorder = DeliveryRecorder()
+        producer.produce(batch, recorder)
+        assert await recorder.wait_for(4, deadline_in(5))
+        assert {m.token: type(exc).__name__ for m, exc in recorder.failed} == {2: "InvalidRecordError",
+                                                                               4: "InvalidRecordError"}
+        assert sorted(m.token for m in recorder.delivered) == [1, 3]
+    finally:
+        await producer.close()
+    assert sorted(m.value for m in admin.messages(str(path), "jobs")) == [b"good-1", b"good-2"]
+
+
+def test_the_engine_dead_letters_an_output_to_a_partition_its_queue_lacks(tmp_path: Path) -> None:
+    """As on the memory broker: that input goes to the DLQ at stage output, the others are handled."""
+    from volley import Engine
+
+    database = str(tmp_path / "app.sqlite3")
+    config = {"path": database, "partitions": 2}
+    app = Engine(
+        app_name="router", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+        queue_config={"in": {"value": "in", "profile": "sqlite", "config": config},
+                      "out": {"value": "out", "profile": "sqlite", "config": config},
+                      "dlq": {"value": "in-dlq", "profile": "sqlite-dlq", "config": config}},
+        metrics_port=None, poll_interval_seconds=0.02, redelivery_delay_seconds=0.0,
+        retry_backoff_seconds=0.01, retry_backoff_max_seconds=0.02,
+    )
+
+    @app.stream_app
+    def route(message: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        return [("out", message, {"partition": 7 if message["n"] == 3 else 0})]
+
+    admin.publish(database, "in", [f'{{"n": {i}}}'.encode() for i in range(6)], partitions=2)
+    report = route.run_until_drained(timeout=30, drain_idle_seconds=0.2)
+    dead = admin.messages(database, "in-dlq")
+    assert [m.value for m in dead] == [b'{"n": 3}']
+    assert dead[0].headers is not None and dead[0].headers.get("volley-error-stage") == b"output", dead[0].headers
+    assert dead[0].headers["volley-error-reason"].endswith(b"sqlite queue 'out' refused a record: it has 2 "
+                                                           b"partition(s), not 7")
+    assert report.acked == 5 and report.dead_lettered == 1, report

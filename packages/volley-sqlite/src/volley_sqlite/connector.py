@@ -12,12 +12,14 @@ import contextlib
 import logging
 import operator
 import sqlite3
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from volley.errors import InvalidRecordError
 from volley.message import Envelope, OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure, QueueSpec
 from volley_sqlite import database as databases
@@ -28,6 +30,9 @@ from volley_sqlite.settings import SqliteSettings, parse_settings
 
 logger = logging.getLogger("volley_sqlite")
 _position = operator.attrgetter("position")
+# What a record itself can make SQLite or the row encoding refuse (a partition out of range, a header name or value
+# over 64 KiB, a blob over SQLite's limit, a value of a type it cannot store): that record fails alone.
+RECORD_ERRORS = (ValueError, TypeError, OverflowError, struct.error, sqlite3.DataError, sqlite3.InterfaceError)
 GIVE_BACK_RETRY_SECONDS = 1.0  # a give-back that failed (the write lock held elsewhere) is tried again this soon
 _NOTHING = schema.Taken([])  # what a take gives when the probe found nothing ready (its list is never handed out)
 
@@ -273,30 +278,43 @@ class SqliteProducer:
         batch = list(messages)
         create_with, default_delay = self.settings.partitions, self.settings.delay
 
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: sqlite3.Connection) -> tuple[list[OutgoingMessage], list[DeliveryFailure]]:
+            """Store the records; one the queue cannot take (a partition it lacks, a header too long, a value
+            SQLite refuses) fails alone, as ``InvalidRecordError`` (producing it again cannot help)."""
             now = time.time()
             rows = []
+            stored: list[OutgoingMessage] = []
+            refused: list[DeliveryFailure] = []
             counts: dict[str, int] = {}
             for message in batch:
                 topic = message.topic
-                count = counts.get(topic)
-                if count is None:
-                    count = counts[topic] = db.partitions_of(conn, topic, create_with)
-                if message.partition is not None:
-                    if not 0 <= message.partition < count:
-                        raise ValueError(f"sqlite queue {topic!r} has {count} partition(s), not {message.partition}")
-                    partition = message.partition
-                elif message.key is not None:
-                    partition = schema.partition_for(message.key, count)
-                else:
-                    partition = db.next_partition(topic, count)
-                rows.append(schema.row_for(message, partition, now, default_delay))
-            schema.insert(conn, rows)
+                try:
+                    count = counts.get(topic)
+                    if count is None:
+                        count = counts[topic] = db.partitions_of(conn, topic, create_with)
+                    if message.partition is not None:
+                        if not 0 <= message.partition < count:
+                            raise _NoSuchPartitionError(f"it has {count} partition(s), not {message.partition}")
+                        partition = message.partition
+                    elif message.key is not None:
+                        partition = schema.partition_for(message.key, count)
+                    else:
+                        partition = db.next_partition(topic, count)
+                    rows.append(schema.row_for(message, partition, now, default_delay))
+                except RECORD_ERRORS as exc:
+                    refused.append((message, _refused(topic, exc)))
+                    continue
+                stored.append(message)
+            try:
+                schema.insert(conn, rows)
+            except RECORD_ERRORS:  # one of them SQLite refuses (too big, a type it cannot store): find which
+                stored, refused = _insert_one_by_one(conn, stored, rows, refused)
+            return stored, refused
 
-        def done(_result: Any, error: BaseException | None) -> None:
+        def done(result: Any, error: BaseException | None) -> None:
             try:
                 if error is None:
-                    on_delivery(batch, ())
+                    on_delivery(*result)
                 else:
                     failures: list[DeliveryFailure] = [(m, error) for m in batch]
                     on_delivery((), failures)
@@ -375,3 +393,30 @@ if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: noth
     ) -> tuple[Consumer, Producer, Connector, DepthReporter, Drainable, BrowsableConnector, QueueBrowser,
                SettlingBrowser]:
         return consumer, producer, connector, consumer, consumer, connector, browser, browser
+
+
+def _insert_one_by_one(conn: sqlite3.Connection, messages: list[OutgoingMessage], rows: list[tuple[Any, ...]],
+                       refused: list[DeliveryFailure]) -> tuple[list[OutgoingMessage], list[DeliveryFailure]]:
+    """The rows of a batch whose insert failed on a record's account, each in a savepoint of its own: those SQLite
+    takes are stored, the others fail alone."""
+    stored: list[OutgoingMessage] = []
+    for message, row in zip(messages, rows, strict=True):
+        conn.execute("SAVEPOINT record")
+        try:
+            schema.insert(conn, [row])
+        except RECORD_ERRORS as exc:
+            conn.execute("ROLLBACK TO record")
+            refused.append((message, _refused(message.topic, exc)))
+        else:
+            stored.append(message)
+        conn.execute("RELEASE record")
+    return stored, refused
+
+
+class _NoSuchPartitionError(ValueError):
+    pass
+
+
+def _refused(queue: str, exc: BaseException) -> InvalidRecordError:
+    reason = str(exc) if isinstance(exc, _NoSuchPartitionError) else f"{type(exc).__name__}: {exc}"
+    return InvalidRecordError(f"sqlite queue {queue!r} refused a record: {reason}")
