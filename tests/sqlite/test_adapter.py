@@ -250,6 +250,10 @@ def test_settings_defaults_environment_and_mistakes(monkeypatch: pytest.MonkeyPa
         ({"vt": "soon"}, "vt must be a number of seconds"),
         ({"synchronous": "extra"}, "synchronous must be one of full, normal, off"),
         ({"heartbeat": "maybe"}, "heartbeat must be true or false"),
+        # found by a review, session 38: accepted before, and each did something else than asked
+        ({"vt": True}, "vt must be a number of seconds"),  # read as 1 s
+        ({"busy_timeout_seconds": 5_000_000}, "busy_timeout_seconds must be at most 2147483"),  # became 0 ms
+        ({"delay": -1}, "delay must be 0 or more"),
     ):
         with pytest.raises(ConfigurationError, match=message):
             parse_settings(config, "q")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -448,3 +449,58 @@ def test_the_engine_dead_letters_an_output_to_a_partition_its_queue_lacks(tmp_pa
     assert dead[0].headers["volley-error-reason"].endswith(b"sqlite queue 'out' refused a record: it has 2 "
                                                            b"partition(s), not 7")
     assert report.acked == 5 and report.dead_lettered == 1, report
+
+
+async def test_a_chore_set_practically_never_does_not_kill_the_database_thread(tmp_path: Path) -> None:
+    """compaction_interval_seconds 1e10 with the heartbeat off: the idle wait was longer than a condition takes,
+    the OverflowError killed the database thread, and every later operation on the file hung (found by a review,
+    session 38)."""
+    path = tmp_path / "q.sqlite3"
+    consumer = await open_consumer(path, partitions=1, heartbeat=False, compaction_interval_seconds=1e10)
+    try:
+        await asyncio.wait_for(consumer.consume(1, 0.1), 5.0)  # idle: the thread now waits for its next chore
+        await produce(path, records("jobs", 1), partitions=1)
+        got = await asyncio.wait_for(consumer.consume(1, 2.0), 5.0)
+        assert len(got) == 1
+        assert consumer._db is not None and consumer._db._thread.is_alive()
+    finally:
+        await asyncio.wait_for(consumer.close(), 15.0)
+
+
+async def test_an_operations_own_fault_does_not_fail_the_others_committed_with_it(tmp_path: Path) -> None:
+    """Only some exceptions undid the one operation that raised them; any other (struct.error, sqlite3.DataError)
+    failed the whole group, other consumers' acks with it (found by a review, session 38)."""
+    from volley_sqlite import database as databases
+
+    path = tmp_path / "q.sqlite3"
+    await produce(path, records("jobs", 1), partitions=1)
+    consumer = await open_consumer(path, partitions=1)
+    gate, busy = threading.Event(), threading.Event()
+    try:
+        got = await consumer.consume(1, 1.0)
+        db = consumer._db
+        assert db is not None and len(got) == 1
+
+        def hold(_conn: object) -> None:
+            busy.set()
+            gate.wait(10)
+
+        def broken(_conn: object) -> None:
+            raise struct.error("argument out of range")
+
+        db.submit(databases.Operation(hold, lambda _r, _e: None))
+        deadline = time.monotonic() + 5.0
+        while not busy.is_set():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        ack = asyncio.ensure_future(consumer.ack(got))
+        await asyncio.sleep(0)  # the ack is queued behind the busy thread
+        failing = db.call(broken)  # in the same group as the ack
+        gate.set()
+        with pytest.raises(struct.error):
+            await failing
+        await ack  # it raised with the other operation's error before
+        assert admin.messages(str(path), "jobs") == []
+    finally:
+        gate.set()
+        await consumer.close()

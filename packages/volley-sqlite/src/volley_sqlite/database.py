@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import struct
 import threading
 import time
 from collections import deque
@@ -212,7 +213,9 @@ class Database:
             with self._cv:
                 while not self._ops and not self._stopping:
                     due = self._next_chore()
-                    wait = None if due is None else max(0.0, due - time.monotonic())
+                    # At most an hour: a chore set "practically never" (an interval of 1e10 s) made the wait longer
+                    # than the condition takes, and the OverflowError killed this thread (every operation hung).
+                    wait = None if due is None else min(max(0.0, due - time.monotonic()), 3600.0)
                     if wait is not None and wait <= 0:
                         break
                     self._cv.wait(wait)
@@ -282,7 +285,8 @@ class Database:
             db.execute("SAVEPOINT op")
             try:
                 result = op.run(db)
-            except (ValueError, TypeError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError) as exc:
+            except (ValueError, TypeError, OverflowError, struct.error, sqlite3.IntegrityError, sqlite3.InterfaceError,
+                    sqlite3.DataError) as exc:
                 # This operation's own fault (a partition out of range, a value SQLite cannot store): undo it
                 # alone. Anything else (I/O, a full disk, a lock) fails the whole group below.
                 db.execute("ROLLBACK TO op")

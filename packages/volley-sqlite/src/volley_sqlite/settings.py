@@ -69,6 +69,7 @@ _NUMBERS: dict[str, tuple[str, bool]] = {
     "compaction_interval_seconds": ("compaction_interval_seconds", False),
     "close_timeout_seconds": ("close_timeout_seconds", False),  # 0 would give up on every close at once
 }
+MAX_BUSY_TIMEOUT_SECONDS = 2_147_483  # SQLite's busy timeout is a C int of milliseconds
 _BOOLEANS = ("heartbeat", "ordered")
 KNOWN_KEYS = ("path", "partitions", "synchronous", *_NUMBERS, *_BOOLEANS)
 
@@ -109,13 +110,21 @@ def parse_settings(config: Mapping[str, Any], queue: str) -> SqliteSettings:
         if key not in config:
             continue
         try:
+            if isinstance(config[key], bool):  # float(True) is 1.0: a flag where seconds belong is a mistake
+                raise TypeError
             number = float(config[key])
         except (TypeError, ValueError):
             raise ConfigurationError(
                 f"sqlite queue {queue!r}: {key} must be a number of seconds, got {config[key]!r}"
             ) from None
         if not math.isfinite(number) or number < 0 or (number == 0 and not zero_allowed):
-            raise ConfigurationError(f"sqlite queue {queue!r}: {key} must be positive, got {config[key]!r}")
+            wanted = "0 or more" if zero_allowed else "positive"
+            raise ConfigurationError(f"sqlite queue {queue!r}: {key} must be {wanted}, got {config[key]!r}")
+        if attribute == "busy_timeout_seconds" and number > MAX_BUSY_TIMEOUT_SECONDS:
+            raise ConfigurationError(
+                f"sqlite queue {queue!r}: {key} must be at most {MAX_BUSY_TIMEOUT_SECONDS} (about 24 days: SQLite "
+                f"takes it in milliseconds as a 32-bit number, and a larger one would become 0, no waiting at "
+                f"all), got {config[key]!r}")
         values[attribute] = number
     for key in _BOOLEANS:
         if key in config:
