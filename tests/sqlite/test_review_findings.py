@@ -504,3 +504,37 @@ async def test_an_operations_own_fault_does_not_fail_the_others_committed_with_i
     finally:
         gate.set()
         await consumer.close()
+
+
+async def test_a_consume_cancelled_as_its_result_arrives_gives_the_messages_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled after the take's future had its result and before the consume resumed: the result was dropped
+    and, the future not being cancelled, nothing gave the messages back: they stayed leased to the consumer, its
+    heartbeat renewing them, their delivery counted (found by a review, session 38)."""
+    from volley_sqlite import database as databases
+
+    path = tmp_path / "q.sqlite3"
+    await produce(path, records("jobs", 3), partitions=1)
+    consumer = await open_consumer(path, partitions=1, vt=0.6)
+    task: asyncio.Task[Any] | None = None
+    resolve = databases._resolve_future
+
+    def resolve_then_cancel(future: Any, result: Any, error: Any, abandoned: Any = None) -> None:
+        resolve(future, result, error, abandoned)
+        if abandoned is not None and task is not None and not task.done():
+            task.cancel()  # shutdown, or a wait_for around consume timing out, at this very moment
+
+    monkeypatch.setattr(databases, "_resolve_future", resolve_then_cancel)
+    try:
+        task = asyncio.ensure_future(consumer.consume(3, 1.0))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(databases, "_resolve_future", resolve)
+        deadline = time.monotonic() + 3.0  # five visibility timeouts
+        got: list[Any] = []
+        while len(got) < 3:
+            assert time.monotonic() < deadline, f"got {len(got)} of 3 back"
+            got += await consumer.consume(3, 0.1)
+        assert [e.attempt for e in got] == [1, 1, 1]  # handed out once, never handled: not counted
+    finally:
+        await consumer.close()

@@ -118,7 +118,15 @@ class SqliteConsumer:
         while True:
             self._wakeup.clear()
             if self._alone is None:
-                taken = await db.call(run, probe=probe, empty=_NOTHING, abandoned=abandoned)
+                pending = db.call(run, probe=probe, empty=_NOTHING, abandoned=abandoned)
+                try:
+                    taken = await pending
+                except asyncio.CancelledError:
+                    # Cancelled after the take's result arrived and before this task resumed: the future was not
+                    # cancelled (so ``abandoned`` did not run), and the messages are leased to us. Give them back.
+                    if pending.done() and not pending.cancelled() and pending.exception() is None:
+                        abandoned(pending.result())
+                    raise
                 if taken.suspects and not self._suspects and loop.time() >= self._next_suspects_log:
                     self._next_suspects_log = loop.time() + 60.0
                     logger.warning("sqlite queue %r: a consumer died holding messages; any of them may be what killed "
