@@ -166,3 +166,17 @@ def test_metrics_port_without_observer_warns_naming_the_package() -> None:
     with pytest.warns(UserWarning, match="pip install volley-prometheus"):
         Engine(input_queue="in", metrics_port=3000, registry=registry,
                queue_config={"in": {"value": "t", "profile": "memory"}})
+
+
+def test_env_var_defaults_follow_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``${VAR:-default}`` also covers a variable set to nothing, as in the shell (``TOPIC=`` gave an empty topic
+    name, and the error then told the user to write the default they had written); ``${VAR-default}`` covers only
+    an unset one. Tuples are resolved like lists (found by a review, session 38)."""
+    monkeypatch.setenv("EMPTY_ONE", "")
+    monkeypatch.delenv("UNSET_ONE", raising=False)
+    assert resolve_env("${EMPTY_ONE:-shop.orders}") == "shop.orders"
+    assert resolve_env("${UNSET_ONE:-shop.orders}") == "shop.orders"
+    assert resolve_env("${EMPTY_ONE-shop.orders}") == ""
+    assert resolve_env("${UNSET_ONE-shop.orders}") == "shop.orders"
+    assert resolve_env("${EMPTY_ONE}") == ""
+    assert resolve_env(("${UNSET_ONE:-a}", ["${UNSET_ONE:-b}"])) == ("a", ["b"])

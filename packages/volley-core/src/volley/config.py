@@ -91,17 +91,18 @@ class QueueConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
-_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
 
 
 def resolve_env(value: Any) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in strings, recursively; an unset VAR without default fails."""
+    """Replace ``${VAR}``, ``${VAR:-default}`` (VAR unset or empty) and ``${VAR-default}`` (VAR unset) in strings,
+    as the shell does, recursively; an unset VAR without default fails."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
-            var, default = match.group(1), match.group(2)
+            var, form, default = match.group(1), match.group(2), match.group(3)
             found = os.environ.get(var)
-            if found is not None:
+            if found is not None and not (found == "" and form == ":-"):
                 return found
             if default is not None:
                 return default
@@ -115,6 +116,8 @@ def resolve_env(value: Any) -> Any:
         return {k: resolve_env(v) for k, v in value.items()}
     if isinstance(value, list):
         return [resolve_env(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(resolve_env(v) for v in value)
     return value
 
 
