@@ -538,3 +538,42 @@ async def test_a_consume_cancelled_as_its_result_arrives_gives_the_messages_back
         assert [e.attempt for e in got] == [1, 1, 1]  # handed out once, never handled: not counted
     finally:
         await consumer.close()
+
+
+async def test_a_large_compaction_is_done_in_parts_with_other_work_between(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer's compaction deleted every retained row past its retention in one transaction on the database
+    thread (millions at a high rate with retention on): takes, acks and produces of the process, and every other
+    process's writes, waited seconds for it. Now at most COMPACT_ROWS per transaction, and the next part right
+    after the work queued meanwhile (found by a review, session 38)."""
+    monkeypatch.setattr(schema, "COMPACT_ROWS", 100)
+    path = tmp_path / "q.sqlite3"
+    db = schema.connect(str(path), "off")
+    schema.ensure_queue(db, "jobs", 1)
+    old = time.time() - 3600
+    db.executemany("INSERT INTO volley_messages (queue, partition, value, created_at, visible_at, acked_at) "
+                   "VALUES ('jobs', 0, ?, ?, ?, ?)", [(b"x", old, old, old + i * 0.001) for i in range(350)])
+    db.close()
+    statements: list[str] = []
+    opened = schema.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = opened(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(schema, "connect", traced)
+    consumer = await open_consumer(path, partitions=1, retention_seconds=60, compaction_interval_seconds=3600)
+    try:
+        deadline = time.monotonic() + 10.0
+        while True:
+            with sqlite3.connect(path) as check:
+                left = check.execute("SELECT count(*) FROM volley_messages").fetchone()[0]
+            if left == 0:
+                break
+            assert time.monotonic() < deadline, f"{left} retained rows left after the compaction at the start"
+            await asyncio.sleep(0.02)
+        parts = [s for s in statements if s.startswith("DELETE FROM volley_messages WHERE id IN")]
+        assert len(parts) == 4, parts  # 100, 100, 100, 50
+    finally:
+        await consumer.close()

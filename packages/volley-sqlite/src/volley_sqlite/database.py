@@ -314,13 +314,16 @@ class Database:
             for lessee in beating:
                 lessee.next_beat = now + lessee.visibility_timeout / 3
         if compacting:
+            unfinished: set[str] = set()  # queues with more to delete than one compaction does: again at once
             try:
                 for lessee in compacting:
-                    schema.compact(db, lessee.queue, lessee.retention)
+                    limit = schema.COMPACT_ROWS
+                    if schema.compact(db, lessee.queue, lessee.retention, limit=limit) >= limit:
+                        unfinished.add(lessee.owner)
             except sqlite3.Error as exc:
                 logger.warning("sqlite compaction on %s failed (retried): %s", self.path, exc)
             for lessee in compacting:
-                lessee.next_compaction = now + lessee.compaction_interval
+                lessee.next_compaction = now if lessee.owner in unfinished else now + lessee.compaction_interval
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the queued operations and close, waiting ``timeout`` seconds at most. A thread still waiting then

@@ -396,9 +396,16 @@ def depth(db: sqlite3.Connection, queue: str) -> int:
     return int(row[0])
 
 
-def compact(db: sqlite3.Connection, queue: str | None, retention: float, vacuum_pages: int = 2000) -> int:
-    """Delete acked rows older than ``retention`` seconds and consumers dead for an hour that own nothing, then
-    give free pages back.
+COMPACT_ROWS = 20_000
+"""The most acked rows one compaction of a queue deletes in one transaction: a consumer's compaction runs on the
+database thread, whose other work (takes, acks, produces) waits for it, and other processes' writes wait for its
+lock. What is left is deleted by the next one, right after the work queued meanwhile."""
+
+
+def compact(db: sqlite3.Connection, queue: str | None, retention: float, vacuum_pages: int = 2000,
+            limit: int | None = None) -> int:
+    """Delete acked rows older than ``retention`` seconds (of ``queue``: at most ``limit``, the oldest) and
+    consumers dead for an hour that own nothing, then give free pages back.
 
     Returns the number of rows deleted. Runs in short transactions of its own.
     """
@@ -408,9 +415,13 @@ def compact(db: sqlite3.Connection, queue: str | None, retention: float, vacuum_
         if queue is None:
             deleted = db.execute("DELETE FROM volley_messages WHERE acked_at IS NOT NULL AND acked_at <= ?",
                                  (cutoff,)).rowcount
-        else:
+        elif limit is None:
             deleted = db.execute("DELETE FROM volley_messages WHERE queue = ? AND acked_at IS NOT NULL "
                                  "AND acked_at <= ?", (queue, cutoff)).rowcount
+        else:
+            deleted = db.execute("DELETE FROM volley_messages WHERE id IN (SELECT id FROM volley_messages "
+                                 "INDEXED BY volley_messages_acked WHERE queue = ? AND acked_at IS NOT NULL "
+                                 "AND acked_at <= ? ORDER BY acked_at LIMIT ?)", (queue, cutoff, limit)).rowcount
         db.execute(recovery.FORGET_DEAD_CONSUMERS, (time.time() - 3600,))
     except BaseException:
         db.execute("ROLLBACK")
