@@ -317,3 +317,24 @@ def test_apps_sharing_a_dead_letter_queue_share_its_journal_and_lock(tmp_path: P
                                  ReplayOptions()))
     assert Counter(e.key for e in broker.produced_records("shop.orders")) == {b"k0": 1, b"k1": 1, b"k2": 1}
     assert broker.depth("shared.dlq") == 0 and summary.possible_duplicates == 0  # sent before, taken out now
+
+
+def test_a_replay_that_stops_still_says_what_it_did(app: StreamApp, broker: MemoryBroker, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A replay stopped by a letter its destination refused printed the error only: how many letters had been
+    moved before it was not said, with or without --json (found by a review, session 38)."""
+    from volley.dlq import target
+
+    for key in ("h0", "h1", "h2", "h3"):
+        letter(broker, key, "handler")
+    monkeypatch.setattr(dlq_command, "load_app", lambda _target: app)
+    monkeypatch.setenv("VOLLEY_DLQ_JOURNAL_DIR", str(tmp_path))
+    refusing = PartlyFailing(broker)  # refuses h1
+    monkeypatch.setattr(target.DeadLetterQueue, "make_producer", lambda self, queue, name: refusing)
+    assert cli.main(["dlq", "replay", "x:app", "--batch-size", "1", "--json"]) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["moved"] == 1 and "not confirmed" in document["stopped"], document  # h0, then h1 refused
+    assert cli.main(["dlq", "replay", "x:app", "--batch-size", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "stopped:" in out and "moved 0 letter(s)" in out, out  # h1 first again: refused again

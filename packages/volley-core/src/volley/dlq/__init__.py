@@ -12,7 +12,7 @@ from volley.dlq.inspect import Inspection, inspect
 from volley.dlq.journal import Journal
 from volley.dlq.letter import REPLAY_COUNT, DeadLetter
 from volley.dlq.purge import CannotPurgeSingleLettersError, purge, purge_before
-from volley.dlq.replay import ReplayOptions, ReplaySummary, replay
+from volley.dlq.replay import ReplayOptions, ReplayStoppedError, ReplaySummary, replay
 from volley.dlq.target import DeadLetterQueue
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Journal",
     "LetterFilter",
     "ReplayOptions",
+    "ReplayStoppedError",
     "ReplaySummary",
     "inspect",
     "parse_time",

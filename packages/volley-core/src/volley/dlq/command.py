@@ -15,7 +15,7 @@ from volley.dlq.inspect import inspect
 from volley.dlq.journal import COUNT_RETENTION_SECONDS, Journal, default_path
 from volley.dlq.progress import Progress
 from volley.dlq.purge import purge, purge_before, removing_browser
-from volley.dlq.replay import ReplayOptions, replay
+from volley.dlq.replay import ReplayOptions, ReplayStoppedError, ReplaySummary, replay
 from volley.dlq.target import DeadLetterQueue
 from volley.errors import ConfigurationError
 
@@ -118,14 +118,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
         progress = Progress(asyncio.run(inspect(dlq, LetterFilter(), journal, samples=0)).total)
     try:
         summary = asyncio.run(replay(dlq, journal, options, progress))
+    except ReplayStoppedError as exc:  # what it did before it stopped, then the error (exit 1)
+        _print_summary(args, f"replay of {dlq.name} ({options.filter.describe()}), stopped:", exc.summary, str(exc))
+        raise
     finally:
         journal.close()
-    if args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
-    else:
-        print(f"replay of {dlq.name} ({options.filter.describe()}):")
-        print("\n".join("  " + line for line in summary.lines()))
+    _print_summary(args, f"replay of {dlq.name} ({options.filter.describe()}):", summary)
     return 0
+
+
+def _print_summary(args: argparse.Namespace, title: str, summary: ReplaySummary, stopped: str | None = None) -> None:
+    if args.json:
+        document = summary.as_dict()
+        if stopped is not None:
+            document["stopped"] = stopped
+        print(json.dumps(document, indent=2))
+    else:
+        print(title)
+        print("\n".join("  " + line for line in summary.lines()))
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

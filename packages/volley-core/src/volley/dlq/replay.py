@@ -103,6 +103,14 @@ class _Confirmations:
         self.failed.extend(failed)
 
 
+class ReplayStoppedError(DeliveryError):
+    """A replay stopped part-way (a letter its destination did not confirm): ``summary`` is what it did before."""
+
+    def __init__(self, message: str, summary: ReplaySummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 class _Pacer:
     """``--rate``: at most ``rate`` letters per second, a batch at a time. A pause (browsing past letters the filter
     skips, a slow destination) earns no credit: the next batch goes at once and the one after it waits its turn."""
@@ -187,28 +195,34 @@ class _Replay:
         browser = self.dlq.open_browser()
         settling = self._settling(browser)
         try:
-            await browser.start()
-            while self.remaining is None or self.remaining > 0:
-                asked = self.batch_size if self.remaining is None else min(self.batch_size, self.remaining)
-                batch = await browser.browse(asked)
-                if not batch:
-                    self.read_to_end = True
-                    break
-                chosen, finished = self.choose(batch)
-                if settling is None:
-                    self.summary.moved += len(chosen)
-                    self.summary.by_destination.update(name for _, _, name in chosen)
-                else:
-                    await self.move(*settling, chosen, finished)
-                if self.progress is not None:
-                    self.progress.update(self.summary, len(batch))
-            if settling is not None:
-                self.compact(*settling)
+            await self._run(browser, settling)
+        except DeliveryError as exc:  # what was moved before the stop is worth knowing too
+            raise ReplayStoppedError(str(exc), self.summary) from exc
         finally:
             await self._close(browser)
         if self.progress is not None:
             self.progress.done()
         return self.summary
+
+    async def _run(self, browser: QueueBrowser, settling: tuple[SettlingBrowser, Journal] | None) -> None:
+        """Browse, choose and move (settle) every batch; on a real run, then keep in the journal what is needed."""
+        await browser.start()
+        while self.remaining is None or self.remaining > 0:
+            asked = self.batch_size if self.remaining is None else min(self.batch_size, self.remaining)
+            batch = await browser.browse(asked)
+            if not batch:
+                self.read_to_end = True
+                break
+            chosen, finished = self.choose(batch)
+            if settling is None:
+                self.summary.moved += len(chosen)
+                self.summary.by_destination.update(name for _, _, name in chosen)
+            else:
+                await self.move(*settling, chosen, finished)
+            if self.progress is not None:
+                self.progress.update(self.summary, len(batch))
+        if settling is not None:
+            self.compact(*settling)
 
     def compact(self, browser: SettlingBrowser, journal: Journal) -> None:
         """Keep in the journal what a later run may still need: a ``sent`` entry while its letter may still be in
