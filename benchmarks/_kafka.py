@@ -106,6 +106,13 @@ class Cluster:
                 time.sleep(0.1)
         raise AssertionError("unreachable")
 
+    def close(self) -> None:
+        """Close the client this keeps (before the broker stops: left open, it retries its connection, logging
+        each refusal, until the process ends)."""
+        if self._counter is not None:
+            self._counter.close()
+            self._counter = None
+
     def lag(self, group: str, topic: str) -> int:
         from confluent_kafka import Consumer, TopicPartition
 

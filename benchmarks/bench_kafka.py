@@ -368,6 +368,7 @@ def main() -> None:
         print(f"kafka.latency_p99_with_warmup_ms: {result['with_warmup_p99']:.1f}")
         print(f"kafka.latency_from_send_p50_ms: {result['from_send_p50']:.1f}")
         print(f"kafka.latency_from_send_p99_ms: {result['from_send_p99']:.1f}")
+        cluster.close()  # before the broker stops
 
 
 if __name__ == "__main__":

@@ -229,6 +229,7 @@ def measure(brokers: str, workdir: Path) -> None:
         print(f"kafka.rebalance_pause_ms_{protocol}: {pause:.0f}")
         print(f"kafka.rebalance_gap_ms_before_{protocol}: {before:.0f}", flush=True)
     print(f"kafka.rebalance_pause_ms: {pauses['classic']:.0f}")
+    cluster.close()
 
 
 def main() -> None:

@@ -271,6 +271,7 @@ def main() -> None:
                 # without Volley outrunning the hand-written loop.
                 print(f"kafka.ceiling_vs_{peer.label}: {ceiling_rate / peer_rate:.2f}")
         print(f"kafka.peers_seconds: {time.monotonic() - started:.0f}")
+        cluster.close()  # before the broker stops
 
 
 if __name__ == "__main__":
