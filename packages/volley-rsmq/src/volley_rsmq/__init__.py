@@ -34,6 +34,10 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 __all__ = [
     "LAST_ERROR_HEADER",
     "RsmqClient",

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import operator
 import sqlite3
-import struct
 import threading
 import time
 import uuid
@@ -31,8 +30,9 @@ from volley_sqlite.settings import SqliteSettings, parse_settings
 logger = logging.getLogger("volley_sqlite")
 _position = operator.attrgetter("position")
 # What a record itself can make SQLite or the row encoding refuse (a partition out of range, a header name or value
-# over 64 KiB, a blob over SQLite's limit, a value of a type it cannot store): that record fails alone.
-RECORD_ERRORS = (ValueError, TypeError, OverflowError, struct.error, sqlite3.DataError, sqlite3.InterfaceError)
+# over 64 KiB, a blob over SQLite's limit, text that is not UTF-8, a value of a type it cannot bind): that record
+# fails alone. (ProgrammingError is what binding an unsupported type raises; the insert is the only statement here.)
+RECORD_ERRORS = (*databases.OWN_FAULTS, sqlite3.ProgrammingError)
 GIVE_BACK_RETRY_SECONDS = 1.0  # a give-back that failed (the write lock held elsewhere) is tried again this soon
 _NOTHING = schema.Taken([])  # what a take gives when the probe found nothing ready (its list is never handed out)
 
@@ -59,6 +59,7 @@ class SqliteConsumer:
         # Handed to the engine and not settled by it yet (an ack or nack, even one that failed): while suspects are
         # about, a suspect is taken only when this is empty.
         self._outstanding: set[int] = set()
+        self._opened = 0  # starts so far: a give-back retried behind a close does not outlive it
         """The suspect this consumer holds: nothing else is leased to it until that one is settled (the take
         cannot tell: once the last suspect is handed out, there are none left to see)."""
 
@@ -67,6 +68,7 @@ class SqliteConsumer:
             return
         db = await open_database(self.settings)
         self._db = db
+        self._opened += 1
         settings = self.settings
         try:
             def join(conn: sqlite3.Connection) -> int:
@@ -180,25 +182,27 @@ class SqliteConsumer:
         finally:
             self._settled(ids)
 
-    def _give_back_behind(self, db: Database, ids: Sequence[int], delay: float, undelivered: bool = False) -> None:
+    def _give_back_behind(self, db: Database, ids: Sequence[int], delay: float, undelivered: bool = False,
+                          failures: int = 0) -> None:
         """On the loop: queue a give-back without waiting for it: of deliveries whose settle failed, or, with
         ``undelivered``, of a take a cancelled consume never handed out. The database may be what failed (its write
-        lock held elsewhere): a give-back that fails too is tried again every GIVE_BACK_RETRY_SECONDS while this
-        consumer is open, since its heartbeat renews whatever it holds (and close gives back everything)."""
-        owner = self.owner
+        lock held elsewhere): a give-back that fails too is tried again, after GIVE_BACK_RETRY_SECONDS doubling up to
+        a minute, until this consumer closes (its heartbeat renews whatever it holds; close gives back all of it)."""
+        owner, opened = self.owner, self._opened
         loop = asyncio.get_running_loop()
+        wait = min(GIVE_BACK_RETRY_SECONDS * 2 ** failures, 60.0)
 
         def again() -> None:
-            if self._db is db:
-                self._give_back_behind(db, ids, delay, undelivered)
+            if self._db is db and self._opened == opened:  # not closed (and started again) meanwhile
+                self._give_back_behind(db, ids, delay, undelivered, failures + 1)
 
         def done(_result: Any, error: BaseException | None) -> None:
             if error is None:
                 return
             logger.warning("sqlite queue %r: giving back %d message(s) failed (%s); trying again in %.0f s",
-                           self.queue, len(ids), error, GIVE_BACK_RETRY_SECONDS)
+                           self.queue, len(ids), error, wait)
             with contextlib.suppress(RuntimeError):  # that loop is closed: so is this consumer
-                loop.call_soon_threadsafe(loop.call_later, GIVE_BACK_RETRY_SECONDS, again)
+                loop.call_soon_threadsafe(loop.call_later, wait, again)
 
         with contextlib.suppress(RuntimeError):  # closed meanwhile: close gives back everything
             db.submit(databases.Operation(lambda conn: schema.give_back(conn, owner, ids, delay, undelivered),
@@ -313,10 +317,14 @@ class SqliteProducer:
                     refused.append((message, _refused(topic, exc)))
                     continue
                 stored.append(message)
+            conn.execute("SAVEPOINT batch")
             try:
                 schema.insert(conn, rows)
             except RECORD_ERRORS:  # one of them SQLite refuses (too big, a type it cannot store): find which
+                conn.execute("ROLLBACK TO batch")  # the rows before it were inserted already
                 stored, refused = _insert_one_by_one(conn, stored, rows, refused)
+            finally:
+                conn.execute("RELEASE batch")
             return stored, refused
 
         def done(result: Any, error: BaseException | None) -> None:

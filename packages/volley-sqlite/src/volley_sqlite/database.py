@@ -6,8 +6,8 @@ transaction (one savepoint per operation, so one bad operation does not undo
 the others), commits, and only then reports the results: a producer's delivery
 report therefore means the rows are committed (fsynced, with
 ``synchronous=full``). Operations that only read with one statement (a queue's
-depth, whether it is drained) run outside that transaction, taking no write
-lock. Grouping the operations of a burst into one commit is
+depth, whether it is drained) run after that transaction, outside any, taking
+no write lock. Grouping the operations of a burst into one commit is
 what makes a durable broker on one disk fast (group commit).
 
 Between operations the thread renews the leases of the messages its consumers
@@ -35,6 +35,11 @@ if TYPE_CHECKING:
     from volley_sqlite.settings import SqliteSettings
 
 T = TypeVar("T")
+
+OWN_FAULTS = (ValueError, TypeError, OverflowError, struct.error, sqlite3.IntegrityError, sqlite3.InterfaceError,
+              sqlite3.DataError)
+"""What an operation raises on its own account (a partition out of range, a value SQLite cannot store, a header too
+long to encode): only that operation is undone. Anything else (I/O, a full disk, a lock) fails its whole group."""
 logger = logging.getLogger("volley_sqlite")
 
 Done = Callable[[Any, BaseException | None], None]
@@ -239,12 +244,10 @@ class Database:
     def _run(self, db: sqlite3.Connection, ops: list[Operation]) -> None:
         results: list[tuple[Operation, Any, BaseException | None]] = []
         writes: list[Operation] = []
+        reads: list[Operation] = []  # read-only: after the group's commit, so that they see what was queued first
         for op in ops:
             if op.read_only:
-                try:
-                    results.append((op, op.run(db), None))
-                except Exception as exc:
-                    results.append((op, None, exc))
+                reads.append(op)
                 continue
             if op.probe is not None:
                 try:
@@ -265,6 +268,11 @@ class Database:
                         db.execute("ROLLBACK")
                 results.extend((op, None, exc) for op in writes)
                 woken = []
+        for op in reads:
+            try:
+                results.append((op, op.run(db), None))
+            except Exception as exc:
+                results.append((op, None, exc))
         if any(error is not None for _op, _result, error in results):
             self._partitions.clear()  # a rolled-back savepoint or group may have created a queue: read them again
         for op, result, error in results:
@@ -285,8 +293,7 @@ class Database:
             db.execute("SAVEPOINT op")
             try:
                 result = op.run(db)
-            except (ValueError, TypeError, OverflowError, struct.error, sqlite3.IntegrityError, sqlite3.InterfaceError,
-                    sqlite3.DataError) as exc:
+            except OWN_FAULTS as exc:
                 # This operation's own fault (a partition out of range, a value SQLite cannot store): undo it
                 # alone. Anything else (I/O, a full disk, a lock) fails the whole group below.
                 db.execute("ROLLBACK TO op")

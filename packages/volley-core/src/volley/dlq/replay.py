@@ -200,8 +200,8 @@ class _Replay:
             raise ReplayStoppedError(str(exc), self.summary) from exc
         finally:
             await self._close(browser)
-        if self.progress is not None:
-            self.progress.done()
+            if self.progress is not None:
+                self.progress.done()
         return self.summary
 
     async def _run(self, browser: QueueBrowser, settling: tuple[SettlingBrowser, Journal] | None) -> None:
