@@ -338,3 +338,40 @@ def test_a_replay_that_stops_still_says_what_it_did(app: StreamApp, broker: Memo
     assert cli.main(["dlq", "replay", "x:app", "--batch-size", "1"]) == 1
     out = capsys.readouterr().out
     assert "stopped:" in out and "moved 0 letter(s)" in out, out  # h1 first again: refused again
+
+
+def test_queues_of_one_name_on_two_brokers_keep_journals_of_their_own(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One journal per connector and queue name (the fix above, first form) merged a prod and a staging queue of
+    one name: a full replay of staging's forgot what a killed replay of prod's had confirmed, and prod's rerun
+    sent it again, silently (review 38). The journal is named after where the queue lives too
+    (volley.ports.LocatingConnector)."""
+    monkeypatch.setenv("VOLLEY_DLQ_JOURNAL_DIR", str(tmp_path))
+    prod, staging = MemoryBroker(partitions=1), MemoryBroker(partitions=1)
+
+    def app(broker: MemoryBroker, name: str) -> StreamApp:
+        where = {"broker": broker}
+        return scenario_app({INPUT: {"value": "shop.orders", "profile": "memory", "data_model": ORDER,
+                                     "config": where},
+                             OUTPUT: {"value": "shop.out", "profile": "memory", "data_model": ORDER, "config": where},
+                             DLQ: {"value": "orders.dlq", "profile": "memory-dlq", "config": where}}, Fix(),
+                            app_name=name)
+
+    for broker in (prod, staging):
+        for n in range(3):
+            broker.publish("orders.dlq", json.dumps({"order_id": n, "amount": 1}).encode(), f"k{n}".encode(),
+                           {"volley-error-stage": b"handler", "volley-source-queue": b"shop.orders"})
+    a, b = DeadLetterQueue(app(prod, "orders-prod")), DeadLetterQueue(app(staging, "orders-staging"))
+    args = SimpleNamespace(journal=None)
+    assert dlq_command._journal(args, a).path != dlq_command._journal(args, b).path
+
+    def killed(count: int, at: str) -> None:
+        if at == "journaled" and count >= 3:
+            raise _KilledError  # prod's replay killed: three letters confirmed, journaled, still in its queue
+
+    with pytest.raises(_KilledError):
+        asyncio.run(replay(a, dlq_command._journal(args, a), ReplayOptions(batch_size=3), on_confirmed=killed))
+    asyncio.run(replay(b, dlq_command._journal(args, b), ReplayOptions()))  # staging's, read to its end
+    again = asyncio.run(replay(a, dlq_command._journal(args, a), ReplayOptions()))
+    assert Counter(e.key for e in prod.produced_records("shop.orders")) == {b"k0": 1, b"k1": 1, b"k2": 1}
+    assert again.finished_from_journal == 3

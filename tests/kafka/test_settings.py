@@ -175,3 +175,13 @@ def test_volley_defaults_build_a_consumer_protocol_client(exactly_once: bool) ->
     assert not {"session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"} & set(
         settings.librdkafka)
     Consumer(dict(settings.librdkafka)).close()  # librdkafka validates settings when the client is built
+
+
+def test_a_queue_is_located_by_its_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """volley.ports.LocatingConnector: what names a queue's dead-letter journal besides its name (review 38)."""
+    monkeypatch.delenv("KAFKA_BROKERS", raising=False)
+    connector = KafkaConnector()
+    one = connector.locate(spec({"bootstrap.servers": "b:9092, a:9092"}, role="dlq"))
+    assert one == connector.locate(spec({"bootstrap.servers": "a:9092,b:9092", "acks": "all"}, role="dlq"))
+    assert one == "kafka:a:9092,b:9092"
+    assert connector.locate(spec({"bootstrap.servers": "c:9092"}, role="dlq")) != one

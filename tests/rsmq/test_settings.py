@@ -176,3 +176,15 @@ def test_an_app_that_uses_no_rsmq_queue_does_not_import_redis() -> None:
     first, second = done.stdout.splitlines()
     assert first == "[]"  # nothing of redis or PyRSMQ imported
     assert second.startswith("True RsmqClient RsmqConsumer")  # the names are still there, imported when asked
+
+
+def test_a_queue_is_located_by_its_server_database_and_namespace() -> None:
+    """volley.ports.LocatingConnector: what names a queue's dead-letter journal besides its name (review 38)."""
+    connector = RsmqConnector()
+
+    def at(**config: Any) -> str:
+        return connector.locate(QueueSpec(name="q", value="q", connector="rsmq", config={**HOST, **config},
+                                          role="dlq"))
+
+    assert at() == at(vt=5) == "rsmq:127.0.0.1:6379/0/rsmq"
+    assert len({at(), at(port=6380), at(db=1), at(ns="other")}) == 4

@@ -309,3 +309,11 @@ async def test_a_cancelled_consume_gives_its_messages_back(tmp_path: Path) -> No
         await consumer.ack(again)
     finally:
         await consumer.close()
+
+
+def test_a_queue_is_located_by_its_database_file(tmp_path: Path) -> None:
+    """volley.ports.LocatingConnector: what names a queue's dead-letter journal besides its name (review 38)."""
+    connector = SqliteConnector()
+    here = connector.locate(spec(tmp_path / "a.sqlite3"))
+    assert here == connector.locate(spec(tmp_path / "." / "a.sqlite3", partitions=3))
+    assert here != connector.locate(spec(tmp_path / "b.sqlite3"))

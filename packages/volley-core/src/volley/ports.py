@@ -384,6 +384,16 @@ class BrowsableConnector(Protocol):
 
 
 @runtime_checkable
+class LocatingConnector(Protocol):
+    """A connector that can say where one of its queues lives (its cluster, server or file), as text that is the
+    same for every app that names that queue there. What Volley keeps per queue outside the broker (the dead-letter
+    replay journal and its lock) is kept per location, so that two queues of one name on two brokers stay apart.
+    Without it, the connector's name and the queue's stand for the queue."""
+
+    def locate(self, queue: QueueSpec) -> str: ...
+
+
+@runtime_checkable
 class SettlingBrowser(Protocol):
     """A browser that can take browsed messages out of the queue once they are dealt with (replayed and confirmed,
     or purged). Called only after a republish was confirmed, so that a crash in between duplicates, never loses.

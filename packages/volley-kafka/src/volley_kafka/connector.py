@@ -48,6 +48,10 @@ class KafkaConnector:
         """For ``volley dlq``: read the topic by offsets, commit only what a replay dealt with."""
         return KafkaBrowser(queue)
 
+    def locate(self, queue: QueueSpec) -> str:
+        """The cluster: its bootstrap servers, as resolved for the queue (config, or KAFKA_BROKERS)."""
+        return "kafka:" + ",".join(sorted(brokers_of(producer_settings(queue).librdkafka)))
+
     def _acquire(self, queue: QueueSpec, settings: ProducerSettings) -> ProducerClient:
         with self._lock:
             transactional = self._transactional.get(queue.app_name)

@@ -34,6 +34,11 @@ class RsmqConnector:
 
         return RsmqProducer(parse_settings(queue.config, queue.value, queue.role))
 
+    def locate(self, queue: QueueSpec) -> str:
+        """The Redis server, database and RSMQ namespace of the queue."""
+        settings = parse_settings(queue.config, queue.value, queue.role)
+        return f"rsmq:{settings.host}:{settings.port}/{settings.db}/{settings.namespace}"
+
     def create_browser(self, queue: QueueSpec) -> RsmqBrowser:
         """For ``volley dlq``: read the queue without receiving, delete what a replay or purge dealt with."""
         from volley_rsmq.browse import RsmqBrowser
@@ -49,6 +54,7 @@ if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: noth
         Consumer,
         DepthReporter,
         Instrumented,
+        LocatingConnector,
         Producer,
         QueueBrowser,
         SettlingBrowser,
@@ -57,5 +63,5 @@ if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: noth
     def _satisfies_ports(
         consumer: RsmqConsumer, producer: RsmqProducer, connector: RsmqConnector, browser: RsmqBrowser
     ) -> tuple[Consumer, Producer, Connector, Instrumented, DepthReporter, BrowsableConnector, QueueBrowser,
-               SettlingBrowser]:
-        return consumer, producer, connector, consumer, consumer, connector, browser, browser
+               SettlingBrowser, LocatingConnector]:
+        return consumer, producer, connector, consumer, consumer, connector, browser, browser, connector

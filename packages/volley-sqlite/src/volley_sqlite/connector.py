@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import operator
+import os
 import sqlite3
 import threading
 import time
@@ -390,6 +391,10 @@ class SqliteConnector:
         """For ``volley dlq``: read the queue in place, delete what a replay or purge dealt with."""
         return SqliteBrowser(queue.value, parse_settings(queue.config, queue.value))
 
+    def locate(self, queue: QueueSpec) -> str:
+        """The database file (its real path)."""
+        return "sqlite:" + os.path.realpath(parse_settings(queue.config, queue.value).path)
+
 
 if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: nothing is inherited)
 
@@ -399,6 +404,7 @@ if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: noth
         Consumer,
         DepthReporter,
         Drainable,
+        LocatingConnector,
         Producer,
         QueueBrowser,
         SettlingBrowser,
@@ -407,8 +413,8 @@ if TYPE_CHECKING:  # mypy proves the parts satisfy the ports (structurally: noth
     def _satisfies_ports(
         consumer: SqliteConsumer, producer: SqliteProducer, connector: SqliteConnector, browser: SqliteBrowser
     ) -> tuple[Consumer, Producer, Connector, DepthReporter, Drainable, BrowsableConnector, QueueBrowser,
-               SettlingBrowser]:
-        return consumer, producer, connector, consumer, consumer, connector, browser, browser
+               SettlingBrowser, LocatingConnector]:
+        return consumer, producer, connector, consumer, consumer, connector, browser, browser, connector
 
 
 def _insert_one_by_one(conn: sqlite3.Connection, messages: list[OutgoingMessage], rows: list[tuple[Any, ...]],

@@ -85,7 +85,7 @@ def _letter_filter(args: argparse.Namespace) -> LetterFilter:
 
 def _journal(args: argparse.Namespace, dlq: DeadLetterQueue,
              count_retention_seconds: float = COUNT_RETENTION_SECONDS) -> Journal:
-    path = args.journal or default_path(dlq.queue.spec.connector, dlq.name)
+    path = args.journal or default_path(dlq.queue.spec.connector, dlq.name, dlq.location)
     return Journal(path, count_retention_seconds=count_retention_seconds)
 
 

@@ -25,6 +25,7 @@ what another replay wrote until then counts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -49,16 +50,19 @@ MAX_COUNTS = 100_000
 """The most replay counts a journal keeps (the most recently sent): about 10 MB of journal at the most."""
 
 
-def default_path(connector: str, queue: str) -> Path:
+def default_path(connector: str, queue: str, location: str = "") -> Path:
     """``$VOLLEY_DLQ_JOURNAL_DIR`` or ``$XDG_STATE_HOME/volley/dlq`` (``~/.local/state/volley/dlq``), one file per
-    dead-letter queue (connector and queue name): apps that dead-letter to the same queue share it and its lock, so
-    a replay through one sees what a replay through another did."""
+    dead-letter queue: its connector, name and location (where it lives: volley.ports.LocatingConnector; a digest of
+    it in the file name). Apps that dead-letter to the same queue share it and its lock, so a replay through one
+    sees what a replay through another did; a queue of the same name elsewhere has its own."""
     base = os.environ.get("VOLLEY_DLQ_JOURNAL_DIR")
     if base:
         directory = Path(base)
     else:
         directory = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "volley" / "dlq"
     name = _UNSAFE.sub("_", f"{connector}.{queue}")
+    if location:
+        name += "." + hashlib.sha256(location.encode()).hexdigest()[:12]
     return directory / f"{name}.jsonl"
 
 

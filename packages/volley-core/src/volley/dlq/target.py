@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from volley.dlq.letter import DeadLetter
 from volley.engine import StreamApp
 from volley.errors import ConfigurationError
-from volley.ports import BrowsableConnector, DeadLetterObserver, Producer, QueueBrowser, QueueSpec
+from volley.ports import (
+    BrowsableConnector,
+    DeadLetterObserver,
+    LocatingConnector,
+    Producer,
+    QueueBrowser,
+    QueueSpec,
+)
 from volley.queues import ResolvedQueue
 
 logger = logging.getLogger("volley")
@@ -40,6 +47,13 @@ class DeadLetterQueue:
     def name(self) -> str:
         """The dead-letter queue's name on its broker."""
         return self.queue.value
+
+    @property
+    def location(self) -> str:
+        """Where the queue lives (its connector's ``locate``, volley.ports.LocatingConnector), "" when the connector
+        cannot say."""
+        connector = self.queue.connector
+        return connector.locate(self.queue.spec) if isinstance(connector, LocatingConnector) else ""
 
     def open_browser(self) -> QueueBrowser:
         return self._connector.create_browser(self.queue.spec)

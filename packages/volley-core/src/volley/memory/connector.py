@@ -153,3 +153,7 @@ class MemoryConnector:
 
     def create_browser(self, queue: QueueSpec) -> MemoryBrowser:
         return MemoryBrowser(broker_from_config(queue.config), queue.value)
+
+    def locate(self, queue: QueueSpec) -> str:
+        """The broker object (it lives as long as this process)."""
+        return f"memory:{id(broker_from_config(queue.config))}"
