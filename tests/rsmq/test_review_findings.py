@@ -243,3 +243,103 @@ async def test_messages_of_a_receive_that_finishes_during_close_are_released_not
     finally:
         await other.close()
     assert len(got) == 3, f"{3 - len(got)} of 3 messages stay hidden for vt=60 s after the consumer closed"
+
+
+# ---------------------------------------------------------------- found by a bug hunt, session 38
+
+
+def _raw(config: dict[str, Any], value: str, **extra: Any) -> dict[str, Any]:
+    return {"value": value, "connector": "rsmq", "serializer": "none", "model_handler": "none",
+            "config": {**config, **extra}}
+
+
+async def test_a_handler_error_text_that_is_not_utf8_does_not_stop_settling(
+        rsmq_config: dict[str, Any], qname: str, raw_redis: redis.Redis) -> None:
+    """The give-back reason is the handler's error text; one holding a lone surrogate (bytes decoded with
+    surrogateescape) made redis-py raise UnicodeEncodeError, which killed the settler thread: no delete, give-back
+    or heartbeat any more (the worker stalled once its pending deletes filled up)."""
+    client = RsmqClient(parse_settings(rsmq_config, qname, "output"))
+    client.send(qname, [(None, b"a"), (None, b"b")])
+    client.close()
+    consumer = RsmqConnector().create_consumer(QueueSpec("in", qname, "rsmq", {**rsmq_config, "vt": 30},
+                                                         role="input"))
+    await consumer.start()
+    try:
+        batch = await consumer.consume(10, 1.0)
+        assert len(batch) == 2
+        await consumer.nack_with_reason([batch[0]], 0, "ValueError: cannot parse " +
+                                        b"\xff".decode("utf-8", "surrogateescape"))
+        await consumer.ack([batch[1]])
+        deadline = time.monotonic() + 10
+        while raw_redis.zcard(f"rsmq:{qname}") != 1:  # the acked one deleted
+            assert time.monotonic() < deadline and consumer._settler.is_alive(), "the settler stopped settling"
+            await asyncio.sleep(0.02)
+        again = await consumer.consume(10, 2.0)  # the one given back is visible at once, its reason kept
+        assert [e.value for e in again] == [b"a"]
+        assert again[0].headers is not None and b"cannot parse \\udcff" in again[0].headers["volley-last-error"]
+    finally:
+        await consumer.close()
+
+
+async def test_a_record_the_envelope_cannot_write_fails_alone(rsmq_config: dict[str, Any], qname: str) -> None:
+    """headers: envelope. A header name with a lone surrogate raised UnicodeEncodeError in the sender thread, which
+    died: that record and every later one were never reported, and flush and close timed out."""
+    producer = RsmqConnector().create_producer(QueueSpec("out", qname, "rsmq", {**rsmq_config, "headers": "envelope"},
+                                                         role="output"))
+    await producer.start()
+    reports: list[tuple[Any, Any]] = []
+    try:
+        producer.produce([OutgoingMessage(qname, b"v", None, {"n\udcff": b"x"})],
+                         lambda ok, bad: reports.append((ok, bad)))
+        producer.produce([OutgoingMessage(qname, b"fine")], lambda ok, bad: reports.append((ok, bad)))
+        await producer.flush(10)
+        assert [type(exc).__name__ for _, bad in reports for _, exc in bad] == ["InvalidRecordError"]
+        assert [m.value for ok, _ in reports for m in ok] == [b"fine"]
+    finally:
+        await producer.close()
+
+
+def test_an_output_over_maxsize_sends_its_input_to_the_dlq_at_stage_output(rsmq_config: dict[str, Any], qname: str,
+                                                                          raw_redis: redis.Redis) -> None:
+    """A record over the queue's maxsize was refused with a plain DeliveryError: produced again, then its input
+    given back and handled again and again (or the app stopped), instead of dead-lettered at stage output as a
+    record refused for itself (InvalidRecordError) is on the other brokers."""
+    source, out, dlq = qname + "-in", qname + "-out", qname + "-dlq"
+    client = RsmqClient(parse_settings(rsmq_config, source, "output"))
+    client.send(source, [(None, b"one")])
+    client.close()
+    app = Engine(app_name="oversize", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+                 queue_config={"in": _raw(rsmq_config, source), "out": _raw(rsmq_config, out, maxsize=1024),
+                               "dlq": {"value": dlq, "profile": "rsmq-dlq", "config": rsmq_config}},
+                 metrics_port=None, poll_interval_seconds=0.05, max_retries=1, retry_backoff_seconds=0.01,
+                 redelivery_delay_seconds=0.05, max_deliveries=4, on_failure="continue")
+    calls: list[bytes] = []
+
+    @app.stream_app
+    def handler(message: bytes) -> list[tuple[str, bytes]]:
+        calls.append(message)
+        return [("out", b"x" * 2000)]
+
+    handler.run_until_drained(timeout=60, drain_idle_seconds=0.5)
+    letters = [json.loads(raw_redis.hget(f"rsmq:{dlq}:Q", m)) for m in raw_redis.zrange(f"rsmq:{dlq}", 0, -1)]
+    assert len(calls) == 1
+    assert [letter.get("headers", {}).get("volley-error-stage") for letter in letters] == ["output"]
+
+
+async def test_a_body_nested_too_deep_for_the_envelope_reader_does_not_lose_its_batch(
+        rsmq_config: dict[str, Any], qname: str) -> None:
+    """headers: envelope. A body that starts like an envelope and is nested deeper than json can read raised
+    RecursionError out of consume after the receive had hidden the whole batch: every message of it stayed hidden
+    for vt, held by nobody, its receive count raised, again every vt."""
+    client = RsmqClient(parse_settings(rsmq_config, qname, "output"))
+    poison = b'{"volley-envelope":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    client.send(qname, [(None, b"good-1"), (None, poison), (None, b"good-2")])
+    client.close()
+    consumer = RsmqConnector().create_consumer(
+        QueueSpec("in", qname, "rsmq", {**rsmq_config, "headers": "envelope", "vt": 30}, role="input"))
+    await consumer.start()
+    try:
+        batch = await consumer.consume(10, 1.0)
+        assert sorted(e.value[:10] for e in batch) == [b"good-1", b"good-2", b'{"volley-e']  # the poison as it is
+    finally:
+        await consumer.close()

@@ -194,7 +194,9 @@ class RsmqClient:
         """Make held messages (id, receive count) visible in ``vt_ms``; return the deliveries no longer held."""
         if not held:
             return []
-        args: list[Any] = [vt_ms, reason]
+        # The reason is the handler's error text: it may hold what is not UTF-8 (a lone surrogate from bytes decoded
+        # with surrogateescape), which redis-py cannot encode.
+        args: list[Any] = [vt_ms, reason.encode("utf-8", "backslashreplace")]
         for message_id, rc in held:
             args.extend((message_id, rc))
         lost = self._evalsha(_CHANGE_VISIBILITY, self.keys(qname), args)

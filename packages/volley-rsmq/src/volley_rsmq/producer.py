@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import redis
 
-from volley.errors import DeliveryError
+from volley.errors import DeliveryError, InvalidRecordError
 from volley.message import OutgoingMessage
 from volley.ports import DeliveryCallback, DeliveryFailure
 from volley_rsmq import envelope as envelope_codec
@@ -121,7 +121,11 @@ class RsmqProducer:
                     return
                 count = min(limit, len(self._pending))
                 batch = [self._pending.popleft() for _ in range(count)]
-            delivered, failed = self._send_batch(batch)
+            try:
+                delivered, failed = self._send_batch(batch)
+            except Exception as exc:  # not Redis's answer (that is handled inside): the batch fails, the thread lives
+                logger.exception("sending %d message(s) to RSMQ failed", len(batch))
+                delivered, failed = [], [(item, DeliveryError(f"sending to RSMQ failed: {exc!r}")) for item in batch]
             self._report(delivered, failed)
 
     def _send_batch(self, batch: list[_Pending]) -> tuple[list[_Pending], list[tuple[_Pending, BaseException]]]:
@@ -133,7 +137,7 @@ class RsmqProducer:
                 try:
                     validate_qname(topic, "RSMQ output queue")
                 except ValueError as exc:
-                    failed.append((item, exc))
+                    failed.append((item, InvalidRecordError(str(exc))))
                     continue
                 self._valid_topics.add(topic)
             by_topic.setdefault(topic, []).append(item)
@@ -142,10 +146,15 @@ class RsmqProducer:
             bodies: list[tuple[int | None, bytes]] = []
             sendable: list[_Pending] = []
             for item in items:
-                body = self._body(item[0])
+                try:
+                    body = self._body(item[0])
+                except Exception as exc:  # a header the envelope cannot write (not UTF-8): this record's fault
+                    failed.append((item, InvalidRecordError(f"RSMQ queue {topic!r}: the record cannot be written: "
+                                                            f"{exc!r}")))
+                    continue
                 maxsize = self.settings.maxsize
                 if maxsize is not None and maxsize != -1 and len(body) > maxsize:
-                    failed.append((item, DeliveryError(
+                    failed.append((item, InvalidRecordError(
                         f"message of {len(body)} bytes is larger than the RSMQ config 'maxsize' ({maxsize}) of "
                         f"queue {topic!r}")))
                     continue

@@ -131,8 +131,8 @@ class Settler:
                         self._given_back(chunk, client.change_visibility(self.qname, vt_ms, chunk, reason))
                     releases.pop(0)
                 backoff = self.settings.retry_backoff_seconds
-            except redis.RedisError as exc:
-                if not is_transient(exc):
+            except Exception as exc:  # anything but a transient Redis error is given up on: the thread goes on
+                if not (isinstance(exc, redis.RedisError) and is_transient(exc)):
                     logger.exception(
                         "settling messages of RSMQ queue %r failed for good; %d message(s) will be delivered again "
                         "when their visibility timeout expires", self.qname,
