@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from volley.message import OutgoingMessage
 from volley.ports import QueueSpec
 from volley.testing.contract import DeliveryRecorder
-from volley_sqlite import SqliteConnector, SqliteConsumer
+from volley_sqlite import SqliteConnector, SqliteConsumer, schema
 
 
 def spec(path: Path, name: str = "jobs", role: str = "input", **config: Any) -> QueueSpec:
@@ -36,3 +39,17 @@ async def produce(path: Path, messages: Sequence[OutgoingMessage], **config: Any
 
 def records(name: str, count: int, *, start: int = 0, key: bytes | None = None) -> list[OutgoingMessage]:
     return [OutgoingMessage(name, f"m-{i:05d}".encode(), key, token=i) for i in range(start, start + count)]
+
+
+def trace_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every SQL statement of the connections opened from now on (the database threads' among them), in order."""
+    statements: list[str] = []
+    opened = schema.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = opened(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(schema, "connect", traced)
+    return statements

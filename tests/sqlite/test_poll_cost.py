@@ -11,10 +11,9 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlite_parts import open_consumer
+from sqlite_parts import open_consumer, trace_statements
 
 from volley_sqlite import schema
 
@@ -104,15 +103,7 @@ async def test_asking_whether_a_queue_is_drained_or_how_deep_it_is_takes_no_writ
     """``is_drained`` (asked every poll while an app waits to stop when drained) and ``depth`` (for the queue depth
     metric) only read: before, each ran in a write transaction (BEGIN IMMEDIATE), so a worker waiting to drain
     took the file's write lock every poll, in the way of every other process's writes."""
-    statements: list[str] = []
-    opened = schema.connect
-
-    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        db = opened(*args, **kwargs)
-        db.set_trace_callback(statements.append)
-        return db
-
-    monkeypatch.setattr(schema, "connect", traced)
+    statements = trace_statements(monkeypatch)
     backlog(tmp_path / "q.sqlite3", delayed=3, ready=2).close()
     consumer = await open_consumer(tmp_path / "q.sqlite3", QUEUE, heartbeat=False,
                                    compaction_interval_seconds=3600)

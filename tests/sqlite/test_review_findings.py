@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlite_parts import open_consumer, produce, records, spec
+from sqlite_parts import open_consumer, produce, records, spec, trace_statements
 
 from volley.errors import ConfigurationError
 from volley.message import OutgoingMessage
@@ -559,15 +559,7 @@ async def test_a_large_compaction_is_done_in_parts_with_other_work_between(
     db.executemany("INSERT INTO volley_messages (queue, partition, value, created_at, visible_at, acked_at) "
                    "VALUES ('jobs', 0, ?, ?, ?, ?)", [(b"x", old, old, old + i * 0.001) for i in range(350)])
     db.close()
-    statements: list[str] = []
-    opened = schema.connect
-
-    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = opened(*args, **kwargs)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    monkeypatch.setattr(schema, "connect", traced)
+    statements = trace_statements(monkeypatch)
     consumer = await open_consumer(path, partitions=1, retention_seconds=60, compaction_interval_seconds=3600)
     try:
         deadline = time.monotonic() + 10.0
