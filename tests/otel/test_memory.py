@@ -299,3 +299,38 @@ def test_bad_settings_fail_when_the_engine_is_built(recorder: Any) -> None:
         make_app(broker, recorder, "x", "y", settings={"sampler": 1})
     with pytest.raises(ConfigurationError, match="TracerProvider"):
         make_app(broker, recorder, "x", "y", settings={"tracer_provider": "global"})
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
+async def test_a_call_that_outlives_the_shutdown_deadline_still_ends_its_span(recorder: Any, fails: bool) -> None:
+    """A failed call's span stays open until settlement dead-letters or gives back its input; a call that outlived
+    the shutdown deadline and then failed was dropped by settlement (closed), and its span never ended nor was
+    exported (found by a bug hunt, session 38). A late success was exported already."""
+    import threading
+    import time
+
+    broker = MemoryBroker()
+    app = make_app(broker, recorder, "late", "late.out", dlq="late.dlq", max_retries=0, shutdown_timeout_seconds=0.2,
+                   sync_handler_mode="thread")
+    broker.publish("late", b"1", headers={"traceparent": UPSTREAM.encode()})
+    entered, release = threading.Event(), threading.Event()
+
+    def handler(message: bytes) -> list[tuple[str, bytes]]:
+        entered.set()
+        release.wait(10)
+        if fails:
+            raise RuntimeError("late failure")
+        return [("out", message)]
+
+    stream = app.stream_app(handler)
+    task = asyncio.ensure_future(stream.run_async())
+    assert await asyncio.to_thread(entered.wait, 10)
+    stream.stop()
+    await asyncio.wait_for(task, 10)  # gave up on the call after 0.2 s
+    release.set()
+    deadline = time.monotonic() + 5.0
+    while not recorder.named("process late"):
+        assert time.monotonic() < deadline, "the span of the late call was never ended"
+        await asyncio.sleep(0.02)
+    span = recorder.one("process late")
+    assert (span.status.status_code == StatusCode.ERROR) is fails

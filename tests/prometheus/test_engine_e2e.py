@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from volley import Engine
 from volley.memory import MemoryBroker
 from volley_prometheus import PrometheusObserver
@@ -87,3 +89,40 @@ async def test_engine_serves_metrics_and_probes(get: Get) -> None:
     assert observer.port is None
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "the endpoint closes when the app stops"
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_failed_batch_counts_every_input_it_held_as_failed(use_async: bool) -> None:
+    """messages_consumed_count counted a failed batch handler's group as one failure and its other inputs as
+    successes: a batch of three, all dead-lettered, read success=2, fail=1 (found by a bug hunt, session 38)."""
+    from prometheus_client import CollectorRegistry
+
+    from volley_prometheus import VolleyMetrics
+
+    broker = MemoryBroker()
+    metrics = VolleyMetrics(CollectorRegistry())
+
+    def raw(value: str, **settings: Any) -> dict[str, Any]:
+        return {"value": value, "profile": "memory", "serializer": "none", "model_handler": "none",
+                "config": {"broker": broker}, **settings}
+
+    app = Engine(app_name="batchy", input_queue="in", output_queues=["out"], dead_letter_queue="dlq",
+                 queue_config={"in": raw("b-in", batch_size=3), "out": raw("b-out"),
+                               "dlq": raw("b-dlq", profile="memory-dlq")},
+                 metrics_port=None, metrics_settings={"prometheus_metrics": metrics}, poll_interval_seconds=0.01,
+                 max_retries=0)
+    for n in range(3):
+        broker.publish("b-in", str(n).encode())
+
+    if use_async:
+        async def handler(messages: list[bytes]) -> list[tuple[str, bytes]]:
+            raise RuntimeError("boom")
+    else:
+        def handler(messages: list[bytes]) -> list[tuple[str, bytes]]:  # type: ignore[misc]
+            raise RuntimeError("boom")
+
+    report = app.stream_app(handler).run_until_drained(timeout=10)
+    assert report.dead_lettered == 3
+    sample = metrics.registry.get_sample_value
+    assert sample("messages_consumed_count_total", {"volley_app": "batchy", "status": "fail"}) == 3.0
+    assert sample("messages_consumed_count_total", {"volley_app": "batchy", "status": "success"}) is None

@@ -103,6 +103,7 @@ class Settlement:
 
     def apply(self, out: Outcome) -> None:
         if self.closed or out.generation != self.generation:
+            self._drop(out)
             return
         if self.staged is not None:
             self.staged.append(out)
@@ -131,11 +132,13 @@ class Settlement:
 
     def _observe(self, out: Outcome) -> None:
         observer, name = self.observer, self.app_name
-        ok = out.handled - len(out.failures) - out.abandoned
+        # A failure is of a token: an input, or a batch handler's group of them (each counts).
+        failed = sum(len(members_of(token)) for token, _, _ in out.failures) if out.failures else 0
+        ok = out.handled - failed - out.abandoned
         if ok > 0:
             observer.on_consumed(name, "success", ok)
-        if out.failures:
-            observer.on_consumed(name, "fail", len(out.failures))
+        if failed:
+            observer.on_consumed(name, "fail", failed)
         timed = out.timed
         if timed:  # (the seconds of sampled calls are weighted already: handling.SAMPLE_ONE_IN)
             construct, component, deconstruct = out.construct, out.component, out.deconstruct
@@ -159,8 +162,17 @@ class Settlement:
 
     def give_up_work(self) -> None:
         """An aborted transaction: outcomes waiting, and those of work still running, settle nothing."""
-        self.staged = None
+        staged, self.staged = self.staged, None
+        for out in staged or ():
+            self._drop(out)
         self.generation += 1
+
+    def _drop(self, out: Outcome) -> None:
+        """An outcome given up on (a call that outlived the shutdown deadline, work of an aborted transaction): its
+        inputs come again. The traces of its failures, kept open for settlement, end here."""
+        if self.tracing is not None:
+            for token, stage, exc in out.failures:
+                self.tracing.given_back(token, stage, exc)
 
     def call_threadsafe(self, callback: Callable[[], None]) -> None:
         """From the handler thread: call ``callback`` on the loop (it applies what the thread finished), in order

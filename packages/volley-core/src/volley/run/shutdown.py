@@ -45,6 +45,8 @@ async def shut_down(run: Run, tasks: dict[str, asyncio.Task[None]]) -> None:
                        "delivered again", run.name, settlement.in_flight)
         settlement.abandon(settlement.in_flight)
     settlement.closed = True  # late results of a hung handler call and late reports change nothing now
+    if run.tracing is not None:
+        run.tracing.close()
     # 5. Acknowledge what is finished (an ack in progress completes).
     await run.acker.close(tasks["ack"], max(1.0, deadline - time.monotonic()))
     await run.drain.close(tasks["monitor"])

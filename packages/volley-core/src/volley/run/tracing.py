@@ -129,6 +129,7 @@ class Tracing:
         self.tracer = GuardedTracer(tracer, app_name, report)
         self.live: dict[Token, MessageTrace] = {}  # being handled: retries find their trace here
         self.failed: dict[Token, MessageTrace] = {}  # failed, not yet settled (dead letter or give-back)
+        self.closed = False  # settlement is over (shutdown): nothing settles a failure any more
 
     # ------------------------------------------------------------------ around handling (per message)
 
@@ -153,7 +154,18 @@ class Tracing:
             return
         for failed, stage, error in out.failures[failures:]:
             trace.fail(stage, error)
-            self.failed[failed] = trace
+            if not self.closed:
+                self.failed[failed] = trace
+        if self.closed:  # a call that outlived the shutdown: nothing will settle its input, so it ends here
+            trace.end()
+
+    def close(self) -> None:
+        """Settlement is over (shutdown): the traces of failures still waiting for it end now, later ones as they
+        happen (their inputs come again)."""
+        self.closed = True
+        failed, self.failed = self.failed, {}
+        for trace in {id(trace): trace for trace in failed.values()}.values():
+            trace.end()
 
     def traced_handle(self, handle: Callable[..., Any]) -> Callable[..., Any]:
         """``Handling.handle`` inside a trace: decode, call (with retries), interpret."""
