@@ -179,9 +179,14 @@ def test_volley_defaults_build_a_consumer_protocol_client(exactly_once: bool) ->
 
 def test_a_queue_is_located_by_its_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     """volley.ports.LocatingConnector: what names a queue's dead-letter journal besides its name (review 38)."""
-    monkeypatch.delenv("KAFKA_BROKERS", raising=False)
+    for name in ("KAFKA_BROKERS", "KAFKA_CONSUMER_BROKERS", "KAFKA_PRODUCER_BROKERS"):
+        monkeypatch.delenv(name, raising=False)
     connector = KafkaConnector()
     one = connector.locate(spec({"bootstrap.servers": "b:9092, a:9092"}, role="dlq"))
-    assert one == connector.locate(spec({"bootstrap.servers": "a:9092,b:9092", "acks": "all"}, role="dlq"))
+    assert one == connector.locate(spec({"bootstrap.servers": "a:9092,B:9092", "acks": "all"}, role="dlq"))
+    assert one == connector.locate(spec({"bootstrap.servers": "PLAINTEXT://a,b:9092"}, role="dlq"))
     assert one == "kafka:a:9092,b:9092"
     assert connector.locate(spec({"bootstrap.servers": "c:9092"}, role="dlq")) != one
+    # where the dead-letter tools' reader finds its brokers (review 38: the producer's variable was read instead)
+    monkeypatch.setenv("KAFKA_CONSUMER_BROKERS", "a:9092,b:9092")
+    assert connector.locate(spec({}, role="dlq")) == one

@@ -187,4 +187,15 @@ def test_a_queue_is_located_by_its_server_database_and_namespace() -> None:
                                           role="dlq"))
 
     assert at() == at(vt=5) == "rsmq:127.0.0.1:6379/0/rsmq"
-    assert len({at(), at(port=6380), at(db=1), at(ns="other")}) == 4
+    assert len({at(), at(port=6380), at(db=1), at(ns="other"), at(options={"db": 2})}) == 5
+    assert at(host="Redis.Local") == at(host="redis.local")
+
+
+def test_the_envelope_writes_a_header_name_that_is_not_utf8() -> None:
+    """An input whose envelope holds a header name with a lone surrogate (valid JSON any producer can write) is read;
+    its dead letter copies the headers, and writing them raised UnicodeEncodeError: the app stopped, and stopped
+    again on the same message after each restart (review 38). It is written escaped, as JSON allows."""
+    name = "x-\udcff"
+    body = wrap(b"v", None, {name: b"1", "ok": b"2"})
+    assert unwrap(body) == (b"v", None, {name: b"1", "ok": b"2"})
+    assert unwrap(wrap(b"v", None, {"caf\u00e9": b"1"})) == (b"v", None, {"caf\u00e9": b"1"})

@@ -15,7 +15,13 @@ from volley.ports import QueueSpec
 from volley_kafka.consumer import KafkaConsumer
 from volley_kafka.dlq import KafkaBrowser
 from volley_kafka.producer import KafkaProducer, ProducerClient
-from volley_kafka.settings import ProducerSettings, brokers_of, consumer_settings, producer_settings
+from volley_kafka.settings import (
+    ProducerSettings,
+    brokers_of,
+    browser_settings,
+    consumer_settings,
+    producer_settings,
+)
 from volley_kafka.transactional import TransactionalKafkaConsumer
 
 
@@ -49,8 +55,10 @@ class KafkaConnector:
         return KafkaBrowser(queue)
 
     def locate(self, queue: QueueSpec) -> str:
-        """The cluster: its bootstrap servers, as resolved for the queue (config, or KAFKA_BROKERS)."""
-        return "kafka:" + ",".join(sorted(brokers_of(producer_settings(queue).librdkafka)))
+        """The cluster: its bootstrap servers as the dead-letter tools' reader finds them (the queue's config, else
+        KAFKA_CONSUMER_BROKERS or KAFKA_BROKERS), each without a scheme, lower-case, with the default port. Two apps
+        that list different brokers of one cluster are told apart (a limit: docs/dead-letters-replay.md)."""
+        return "kafka:" + ",".join(sorted({_server(s) for s in brokers_of(browser_settings(queue))}))
 
     def _acquire(self, queue: QueueSpec, settings: ProducerSettings) -> ProducerClient:
         with self._lock:
@@ -74,3 +82,9 @@ class KafkaConnector:
                 self._clients[key] = client
                 client.acquire()
             return client
+
+
+def _server(address: str) -> str:
+    """``PLAINTEXT://Broker-1`` -> ``broker-1:9092``: one spelling of one bootstrap server."""
+    address = address.split("://", 1)[-1].strip().lower()
+    return address if address.rsplit(":", 1)[-1].isdigit() else f"{address}:9092"

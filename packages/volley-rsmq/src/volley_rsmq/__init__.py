@@ -38,6 +38,7 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
+
 __all__ = [
     "LAST_ERROR_HEADER",
     "RsmqClient",

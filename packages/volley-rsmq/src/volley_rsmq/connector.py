@@ -35,9 +35,11 @@ class RsmqConnector:
         return RsmqProducer(parse_settings(queue.config, queue.value, queue.role))
 
     def locate(self, queue: QueueSpec) -> str:
-        """The Redis server, database and RSMQ namespace of the queue."""
+        """The Redis server (as the client connects to it: ``options`` included), database and RSMQ namespace."""
         settings = parse_settings(queue.config, queue.value, queue.role)
-        return f"rsmq:{settings.host}:{settings.port}/{settings.db}/{settings.namespace}"
+        kwargs = settings.redis_kwargs()
+        server = kwargs.get("unix_socket_path") or f"{str(kwargs.get('host')).lower()}:{kwargs.get('port')}"
+        return f"rsmq:{server}/{kwargs.get('db')}/{settings.namespace}"
 
     def create_browser(self, queue: QueueSpec) -> RsmqBrowser:
         """For ``volley dlq``: read the queue without receiving, delete what a replay or purge dealt with."""

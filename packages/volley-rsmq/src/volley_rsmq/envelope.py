@@ -52,7 +52,10 @@ def wrap(value: bytes, key: bytes | None, headers: dict[str, bytes] | None) -> b
         document["headers"] = text
         if binary:
             document["headers_base64"] = binary
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a header name that is not UTF-8 (a lone surrogate): escaped, as JSON allows
+        return json.dumps(document, separators=(",", ":")).encode()
 
 
 def _field(document: dict[str, Any], name: str) -> bytes | None:

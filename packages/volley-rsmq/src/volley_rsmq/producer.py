@@ -148,7 +148,7 @@ class RsmqProducer:
             for item in items:
                 try:
                     body = self._body(item[0])
-                except Exception as exc:  # a header the envelope cannot write (not UTF-8): this record's fault
+                except (UnicodeError, ValueError, TypeError, AttributeError) as exc:  # the record's own fault
                     failed.append((item, InvalidRecordError(f"RSMQ queue {topic!r}: the record cannot be written: "
                                                             f"{exc!r}")))
                     continue

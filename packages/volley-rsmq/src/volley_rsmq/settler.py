@@ -116,8 +116,8 @@ class Settler:
                     next_beat = time.monotonic() + heartbeat
                     try:
                         self._watch_visibility(client)
-                    except redis.RedisError as exc:
-                        if is_transient(exc):
+                    except Exception as exc:  # only a transient Redis error is retried with the turn's work
+                        if isinstance(exc, redis.RedisError) and is_transient(exc):
                             raise
                         logger.exception("extending the visibility of messages of RSMQ queue %r failed", self.qname)
                 if deletes:

@@ -191,7 +191,7 @@ class SqliteConsumer:
         a minute, until this consumer closes (its heartbeat renews whatever it holds; close gives back all of it)."""
         owner, opened = self.owner, self._opened
         loop = asyncio.get_running_loop()
-        wait = min(GIVE_BACK_RETRY_SECONDS * 2 ** failures, 60.0)
+        wait = min(GIVE_BACK_RETRY_SECONDS * 2 ** min(failures, 6), 60.0)
 
         def again() -> None:
             if self._db is db and self._opened == opened:  # not closed (and started again) meanwhile
@@ -324,8 +324,9 @@ class SqliteProducer:
             except RECORD_ERRORS:  # one of them SQLite refuses (too big, a type it cannot store): find which
                 conn.execute("ROLLBACK TO batch")  # the rows before it were inserted already
                 stored, refused = _insert_one_by_one(conn, stored, rows, refused)
-            finally:
-                conn.execute("RELEASE batch")
+            # Released only here: any other error goes to the group's rollback as it is (a RELEASE after SQLite
+            # rolled the transaction back itself would raise, in its place).
+            conn.execute("RELEASE batch")
             return stored, refused
 
         def done(result: Any, error: BaseException | None) -> None:
