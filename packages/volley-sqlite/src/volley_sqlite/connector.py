@@ -57,12 +57,12 @@ class SqliteConsumer:
         nothing else, so its settles wake its waiting consume at once (not at the next poll)."""
         self._next_suspects_log = 0.0  # said at most once a minute
         self._alone: int | None = None
+        """The suspect this consumer holds: nothing else is leased to it until that one is settled (the take
+        cannot tell: once the last suspect is handed out, there are none left to see)."""
         # Handed to the engine and not settled by it yet (an ack or nack, even one that failed): while suspects are
         # about, a suspect is taken only when this is empty.
         self._outstanding: set[int] = set()
         self._opened = 0  # starts so far: a give-back retried behind a close does not outlive it
-        """The suspect this consumer holds: nothing else is leased to it until that one is settled (the take
-        cannot tell: once the last suspect is handed out, there are none left to see)."""
 
     async def start(self) -> None:
         if self._db is not None:
