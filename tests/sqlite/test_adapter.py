@@ -254,6 +254,7 @@ def test_settings_defaults_environment_and_mistakes(monkeypatch: pytest.MonkeyPa
         ({"vt": True}, "vt must be a number of seconds"),  # read as 1 s
         ({"busy_timeout_seconds": 5_000_000}, "busy_timeout_seconds must be at most 2147483"),  # became 0 ms
         ({"delay": -1}, "delay must be 0 or more"),
+        ({"vt": 5, "visibility_timeout_seconds": 60}, "the same setting"),  # one of them won silently
     ):
         with pytest.raises(ConfigurationError, match=message):
             parse_settings(config, "q")

@@ -106,6 +106,9 @@ def parse_settings(config: Mapping[str, Any], queue: str) -> SqliteSettings:
             )
         values["partitions"] = count
         values["partitions_explicit"] = True
+    if "vt" in config and "visibility_timeout_seconds" in config:
+        raise ConfigurationError(f"sqlite queue {queue!r}: vt and visibility_timeout_seconds are the same setting; "
+                                 "give one of them")
     for key, (attribute, zero_allowed) in _NUMBERS.items():
         if key not in config:
             continue
