@@ -229,7 +229,7 @@ class Database:
                 stopping = self._stopping
                 lessees = list(self._lessees.values())
             if ops:
-                self._run(db, ops)
+                self._run(db, ops, lessees)
             self._chores(db, lessees)
             if stopping and not ops:
                 with self._cv:
@@ -241,7 +241,7 @@ class Database:
         times += [lessee.next_compaction for lessee in self._lessees.values()]
         return min(times) if times else None
 
-    def _run(self, db: sqlite3.Connection, ops: list[Operation]) -> None:
+    def _run(self, db: sqlite3.Connection, ops: list[Operation], lessees: list[Lessee]) -> None:
         results: list[tuple[Operation, Any, BaseException | None]] = []
         writes: list[Operation] = []
         reads: list[Operation] = []  # read-only: after the group's commit, so that they see what was queued first
@@ -275,6 +275,9 @@ class Database:
                 results.append((op, None, exc))
         if any(error is not None for _op, _result, error in results):
             self._partitions.clear()  # a rolled-back savepoint or group may have created a queue: read them again
+        # A heartbeat that fell due while these waited (another process held the write lock past vt) renews first:
+        # once the results are out, other consumers act on what they see, and lapsed leases would look dead.
+        self._heartbeat(db, lessees)
         for op, result, error in results:
             try:
                 op.done(result, error)
@@ -307,19 +310,25 @@ class Database:
         db.execute("COMMIT")
         return done
 
-    def _chores(self, db: sqlite3.Connection, lessees: list[Lessee]) -> None:
+    def _heartbeat(self, db: sqlite3.Connection, lessees: list[Lessee]) -> None:
+        """Renew the leases of the consumers whose heartbeat is due."""
         now = time.monotonic()
         beating = [lessee for lessee in lessees if lessee.heartbeat and lessee.next_beat <= now]
+        if not beating:
+            return
+        try:
+            with _transaction(db):
+                for lessee in beating:
+                    schema.renew(db, lessee.queue, lessee.owner, lessee.visibility_timeout)
+        except sqlite3.Error as exc:
+            logger.warning("sqlite heartbeat on %s failed (retried): %s", self.path, exc)
+        for lessee in beating:
+            lessee.next_beat = now + lessee.visibility_timeout / 3
+
+    def _chores(self, db: sqlite3.Connection, lessees: list[Lessee]) -> None:
+        self._heartbeat(db, lessees)
+        now = time.monotonic()
         compacting = [lessee for lessee in lessees if lessee.next_compaction <= now]
-        if beating:
-            try:
-                with _transaction(db):
-                    for lessee in beating:
-                        schema.renew(db, lessee.queue, lessee.owner, lessee.visibility_timeout)
-            except sqlite3.Error as exc:
-                logger.warning("sqlite heartbeat on %s failed (retried): %s", self.path, exc)
-            for lessee in beating:
-                lessee.next_beat = now + lessee.visibility_timeout / 3
         if compacting:
             unfinished: set[str] = set()  # queues with more to delete than one compaction does: again at once
             try:
